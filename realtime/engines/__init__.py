@@ -1,0 +1,1 @@
+"""Engines turn one utterance's text stream into audio, in a worker thread."""

@@ -1,0 +1,79 @@
+"""A trivial engine: one short tone per word.  Used by tests and the service-overhead benchmark,
+where the cost of a real model would hide what the service itself costs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import numpy as np
+
+from .base import AudioChunk, End, Engine, Flush, Flushed, SynthesisOptions, TextStream, VoiceInfo
+
+_WORD = re.compile(r"\S+\s")
+
+
+class ToneEngine(Engine):
+    """Each complete word (a run of non-space followed by a space) becomes ``word_ms`` of a sine
+    whose pitch depends on the voice, so tests can tell the audio of two sessions apart.
+    ``step_delay`` simulates model time per word (seconds)."""
+
+    name = "tone"
+    modes = ("sft",)
+
+    def __init__(self, sample_rate: int = 24000, word_ms: int = 200, step_delay: float = 0.0) -> None:
+        self.sample_rate = sample_rate
+        self.word_ms = word_ms
+        self.step_delay = step_delay
+        self.default_voice = "a"
+        self._pitch = {"a": 440.0, "b": 660.0}
+        self.active = 0  # syntheses running now: tests assert it drops to zero
+
+    def voices(self) -> list[VoiceInfo]:
+        return [VoiceInfo(id=v, name=f"tone {hz:.0f} Hz", language="en") for v, hz in self._pitch.items()]
+
+    def _word(self, hz: float, phase: int) -> np.ndarray:
+        n = self.sample_rate * self.word_ms // 1000
+        t = (np.arange(n) + phase) / self.sample_rate
+        env = np.minimum(1.0, np.minimum(np.arange(n), n - 1 - np.arange(n)) / (0.005 * self.sample_rate))
+        return (0.3 * env * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+    def synthesize(self, text: TextStream, options: SynthesisOptions) -> Iterator[AudioChunk | Flushed]:
+        import time
+
+        hz = self._pitch[options.voice or self.default_voice]
+        self.active += 1
+        try:
+            pending = ""
+            consumed = 0  # characters of raw text already spoken
+            phase = 0
+            done = False
+            while not done:
+                item = text.get()
+                force = False
+                if isinstance(item, str):
+                    pending += item
+                elif isinstance(item, Flush):
+                    force = True
+                elif isinstance(item, End):
+                    force = done = True
+                words = _WORD.findall(pending)
+                spoken = sum(len(w) for w in words)
+                if force and pending[spoken:].strip():
+                    words.append(pending[spoken:])
+                    spoken = len(pending)
+                elif force:
+                    spoken = len(pending)
+                for w in words:
+                    text.check()
+                    if self.step_delay:
+                        time.sleep(self.step_delay)
+                    consumed += len(w)
+                    yield AudioChunk(self._word(hz, phase), text_offset=consumed)
+                    phase += self.sample_rate * self.word_ms // 1000
+                consumed += spoken - sum(len(w) for w in words)
+                pending = pending[spoken:]
+                if isinstance(item, Flush):
+                    yield Flushed()
+        finally:
+            self.active -= 1

@@ -1,0 +1,1 @@
+"""The browser client's static files, installed as the package ``realtime.web``."""
