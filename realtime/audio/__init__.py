@@ -1,0 +1,1 @@
+"""Audio encoding (PCM, G.711, Opus/Ogg via PyAV) and resampling (soxr)."""
