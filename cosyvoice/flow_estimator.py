@@ -1,0 +1,342 @@
+"""The flow-matching vector field of CosyVoice2: a causal 1-D U-Net with transformer blocks.
+
+Submodule names follow the official `CausalConditionalDecoder` so that `flow.pt`'s
+`decoder.estimator.*` tensors load unchanged.
+
+Two ways to run it:
+- `forward` evaluates whole sequences (what the official solver does every chunk);
+- `forward_chunk` evaluates only new frames against an `EstimatorCache`. In streaming mode every
+  layer is causal at chunk granularity (left-padded convolutions, block-causal attention with 50-frame
+  chunks), so frames of a finished chunk never change when more frames arrive; the cache keeps what
+  later frames still need: the last k-1 inputs of every convolution and the attention keys/values of
+  every transformer block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class EstimatorConfig:
+    in_channels: int = 320  # x, mu, spks, cond: 4 x 80
+    out_channels: int = 80
+    channels: tuple[int, ...] = (256,)
+    attention_head_dim: int = 64
+    num_heads: int = 8
+    n_blocks: int = 4
+    num_mid_blocks: int = 12
+    act_fn: str = "gelu"
+    static_chunk_size: int = 50
+    num_decoding_left_chunks: int = -1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EstimatorConfig:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "channels" in kwargs:
+            kwargs["channels"] = tuple(kwargs["channels"])
+        return cls(**kwargs)
+
+
+class SinusoidalPosEmb(nn.Module):
+    def __init__(self, dim: int, scale: float = 1000.0):
+        super().__init__()
+        self.dim = dim
+        self.scale = scale
+
+    def forward(self, t: Tensor) -> Tensor:  # [B] -> [B, dim]
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))
+        angle = self.scale * t.unsqueeze(1) * freqs.unsqueeze(0)
+        return torch.cat([angle.sin(), angle.cos()], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class EstimatorCache:
+    """Per-request state of one estimator evaluation sequence (one Euler step of one stream).
+
+    `frames` counts the frames already evaluated; `kv_start` is the absolute frame index of the first
+    cached key (it moves forward only when `left_chunks` limits the attention window)."""
+
+    def __init__(self, left_chunks: int | None = None):
+        if left_chunks is not None and left_chunks < 0:
+            raise ValueError("left_chunks must be >= 0 or None (unbounded)")
+        self.left_chunks = left_chunks
+        self.frames = 0
+        self.kv_start = 0
+        self.closed = False
+        self.conv: dict[nn.Module, Tensor] = {}
+        self.kv: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self.conv.values())
+        return total + sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values())
+
+    def clear(self) -> None:
+        self.conv.clear()
+        self.kv.clear()
+        self.closed = True
+
+
+class CausalConv1d(nn.Conv1d):
+    """Conv1d that sees only the current and earlier frames (left padding of k-1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__(in_channels, out_channels, kernel_size)
+        self.context = kernel_size - 1
+
+    def forward(self, x: Tensor, cache: EstimatorCache | None = None) -> Tensor:  # [B, C, T]
+        if cache is None:
+            return super().forward(F.pad(x, (self.context, 0)))
+        past = cache.conv.get(self)
+        if past is None:
+            past = x.new_zeros(x.shape[0], x.shape[1], self.context)
+        x = torch.cat([past, x], dim=2)
+        cache.conv[self] = x[:, :, x.shape[2] - self.context :]
+        return super().forward(x)
+
+
+class Transpose(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.transpose(1, 2)
+
+
+class CausalBlock1D(nn.Module):
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        # indices match the checkpoint: conv at block.0, LayerNorm at block.2
+        self.block = nn.Sequential(CausalConv1d(dim, dim_out, 3), Transpose(), nn.LayerNorm(dim_out), Transpose(), nn.Mish())
+
+    def forward(self, x: Tensor, mask: Tensor | None, cache: EstimatorCache | None = None) -> Tensor:
+        if mask is not None:
+            x = x * mask
+        conv, _, norm, _, act = self.block
+        y = act(norm(conv(x, cache).transpose(1, 2)).transpose(1, 2))
+        return y if mask is None else y * mask
+
+
+class CausalResnetBlock1D(nn.Module):
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_emb_dim, dim_out))
+        self.block1 = CausalBlock1D(dim, dim_out)
+        self.block2 = CausalBlock1D(dim_out, dim_out)
+        self.res_conv = nn.Conv1d(dim, dim_out, 1)
+
+    def forward(self, x: Tensor, mask: Tensor | None, t_emb: Tensor, cache: EstimatorCache | None = None) -> Tensor:
+        h = self.block1(x, mask, cache)
+        h = h + self.mlp(t_emb).unsqueeze(-1)
+        h = self.block2(h, mask, cache)
+        return h + self.res_conv(x if mask is None else x * mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+
+    def _split(self, x: Tensor) -> Tensor:  # [B, T, H*D] -> [B, H, T, D]
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x: Tensor, bias: Tensor, cache: EstimatorCache | None = None, keep_from: int = 0) -> Tensor:
+        """bias: additive [B or 1, 1, T_q, T_k] (0 allowed, -1e10 not). With a cache, keys/values of
+        the new frames are appended after the cached ones; `keep_from` is how many of the combined
+        keys the cache may drop afterwards (they fall out of every later query's window)."""
+        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(x)), self._split(self.to_v(x))
+        if cache is not None:
+            past = cache.kv.get(self)
+            if past is not None:
+                k = torch.cat([past[0], k], dim=2)
+                v = torch.cat([past[1], v], dim=2)
+            cache.kv[self] = (k[:, :, keep_from:], v[:, :, keep_from:])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class GELU(nn.Module):
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GELU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, act_fn: str = "gelu"):
+        super().__init__()
+        if act_fn != "gelu":
+            raise ValueError(f"unsupported act_fn {act_fn!r} (CosyVoice2 uses exact gelu)")
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, bias: Tensor, cache: EstimatorCache | None = None, keep_from: int = 0) -> Tensor:
+        x = x + self.attn1(self.norm1(x), bias, cache, keep_from)
+        return x + self.ff(self.norm3(x))
+
+
+def chunk_allowed(q_pos: Tensor, k_pos: Tensor, chunk: int, left_chunks: int | None) -> Tensor:
+    """[Tq, Tk] bool: a query sees every key up to the end of its own chunk (and, with a window,
+    only `left_chunks` chunks before its own)."""
+    q_chunk = torch.div(q_pos, chunk, rounding_mode="floor").unsqueeze(1)
+    allowed = k_pos.unsqueeze(0) < (q_chunk + 1) * chunk
+    if left_chunks is not None and left_chunks >= 0:
+        allowed &= k_pos.unsqueeze(0) >= (q_chunk - left_chunks) * chunk
+    return allowed
+
+
+def _bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    return (1.0 - allowed.to(dtype)) * -1.0e10
+
+
+class CausalConditionalDecoder(nn.Module):
+    def __init__(self, cfg: EstimatorConfig):
+        super().__init__()
+        if len(cfg.channels) != 1:
+            raise ValueError("only the single-stage layout of CosyVoice2 (one channel entry) is supported")
+        self.cfg = cfg
+        ch = cfg.channels[0]
+        time_dim = ch * 4
+        block = lambda: BasicTransformerBlock(ch, cfg.num_heads, cfg.attention_head_dim, cfg.act_fn)  # noqa: E731
+        self.time_embeddings = SinusoidalPosEmb(cfg.in_channels)
+        self.time_mlp = TimestepEmbedding(cfg.in_channels, time_dim)
+        # one stage each; the last stage's "down/upsample" is a plain causal conv (no resampling)
+        self.down_blocks = nn.ModuleList(
+            [nn.ModuleList([CausalResnetBlock1D(cfg.in_channels, ch, time_dim),
+                            nn.ModuleList([block() for _ in range(cfg.n_blocks)]),
+                            CausalConv1d(ch, ch, 3)])]
+        )
+        self.mid_blocks = nn.ModuleList(
+            [nn.ModuleList([CausalResnetBlock1D(ch, ch, time_dim), nn.ModuleList([block() for _ in range(cfg.n_blocks)])])
+             for _ in range(cfg.num_mid_blocks)]
+        )
+        self.up_blocks = nn.ModuleList(
+            [nn.ModuleList([CausalResnetBlock1D(2 * ch, ch, time_dim),
+                            nn.ModuleList([block() for _ in range(cfg.n_blocks)]),
+                            CausalConv1d(ch, ch, 3)])]
+        )
+        self.final_block = CausalBlock1D(ch, ch)
+        self.final_proj = nn.Conv1d(ch, cfg.out_channels, 1)
+
+    def time_embedding(self, t: Tensor) -> Tensor:  # [B] -> [B, 4*ch]
+        return self.time_mlp(self.time_embeddings(t).to(t.dtype))
+
+    def _stages(self):
+        (res, blocks, down), = self.down_blocks
+        (up_res, up_blocks_, up), = self.up_blocks
+        return res, blocks, down, up_res, up_blocks_, up
+
+    def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
+                streaming: bool = False, left_chunks: int | None = None) -> Tensor:
+        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> [B, 80, T].
+        `left_chunks` (streaming only) limits attention to that many earlier chunks, like the
+        official `num_decoding_left_chunks`; None means the config's value (-1: unlimited)."""
+        if left_chunks is None and self.cfg.num_decoding_left_chunks >= 0:
+            left_chunks = self.cfg.num_decoding_left_chunks
+        t_emb = self.time_embedding(t)
+        T = x.shape[-1]
+        h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, T), cond], dim=1)
+        valid = mask[:, 0].bool()  # [B, T]
+        pos = torch.arange(T, device=x.device)
+        allowed = valid.unsqueeze(1)  # [B, 1, T_k]: padding mask only
+        if streaming:
+            allowed = allowed & chunk_allowed(pos, pos, self.cfg.static_chunk_size, left_chunks).unsqueeze(0)
+        else:
+            allowed = allowed.expand(-1, T, -1)
+        bias = _bias(allowed, h.dtype).unsqueeze(1)  # [B, 1, T, T]
+
+        res, blocks, down, up_res, up_blocks_, up = self._stages()
+        h = self._transformers(res(h, mask, t_emb), blocks, bias)
+        skip = h
+        h = down(h * mask)
+        for mid_res, mid_tr in self.mid_blocks:
+            h = self._transformers(mid_res(h, mask, t_emb), mid_tr, bias)
+        h = torch.cat([h[:, :, : skip.shape[-1]], skip], dim=1)
+        h = self._transformers(up_res(h, mask, t_emb), up_blocks_, bias)
+        h = up(h * mask)
+        h = self.final_block(h, mask)
+        return self.final_proj(h * mask) * mask
+
+    @staticmethod
+    def _transformers(h: Tensor, blocks: nn.ModuleList, bias: Tensor, cache: EstimatorCache | None = None,
+                      keep_from: int = 0) -> Tensor:
+        h = h.transpose(1, 2)
+        for block in blocks:
+            h = block(h, bias, cache, keep_from)
+        return h.transpose(1, 2)
+
+    def forward_chunk(self, x_new: Tensor, mu_new: Tensor, t: Tensor, spks: Tensor, cond_new: Tensor,
+                      cache: EstimatorCache, t_emb: Tensor | None = None) -> Tensor:
+        """Streaming evaluation of the next frames only: equal to `forward(..., streaming=True)` on
+        the whole sequence, restricted to these frames (all-ones mask, i.e. one unpadded utterance
+        per batch row). The previous call must have ended on a chunk boundary; a call whose length
+        is not a multiple of the chunk size is the last one for this cache. `t_emb` may be passed
+        precomputed (it depends only on t)."""
+        if cache.closed:
+            raise RuntimeError("this EstimatorCache is closed (its last chunk was partial or it was cleared)")
+        chunk = self.cfg.static_chunk_size
+        n = x_new.shape[-1]
+        if n == 0:
+            return x_new.new_zeros(x_new.shape[0], self.cfg.out_channels, 0)
+        start, end = cache.frames, cache.frames + n
+        if t_emb is None:
+            t_emb = self.time_embedding(t)
+        h = torch.cat([x_new, mu_new, spks.unsqueeze(-1).expand(-1, -1, n), cond_new], dim=1)
+        q_pos = torch.arange(start, end, device=x_new.device)
+        k_pos = torch.arange(cache.kv_start, end, device=x_new.device)
+        bias = _bias(chunk_allowed(q_pos, k_pos, chunk, cache.left_chunks), h.dtype)  # [n, T_k]
+        # keys that no later query can see (sliding window) are dropped after this call
+        keep_from = 0
+        if cache.left_chunks is not None:
+            first_needed = max((end // chunk - cache.left_chunks) * chunk, 0)
+            keep_from = max(first_needed - cache.kv_start, 0)
+
+        res, blocks, down, up_res, up_blocks_, up = self._stages()
+        h = self._transformers(res(h, None, t_emb, cache), blocks, bias, cache, keep_from)
+        skip = h
+        h = down(h, cache)
+        for mid_res, mid_tr in self.mid_blocks:
+            h = self._transformers(mid_res(h, None, t_emb, cache), mid_tr, bias, cache, keep_from)
+        h = torch.cat([h, skip], dim=1)
+        h = self._transformers(up_res(h, None, t_emb, cache), up_blocks_, bias, cache, keep_from)
+        h = up(h, cache)
+        h = self.final_block(h, None, cache)
+        out = self.final_proj(h)
+
+        cache.frames = end
+        cache.kv_start += keep_from
+        if end % chunk:
+            cache.closed = True
+        return out
+
