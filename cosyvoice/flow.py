@@ -1,0 +1,344 @@
+"""Speech tokens -> mel: CosyVoice2's `CausalMaskedDiffWithXvec` and a constant-cost streaming front.
+
+`CausalMaskedDiffWithXvec.inference` is the official algorithm (FACTS 5.1/5.4): embed prompt+new
+tokens, run the upsampling conformer encoder, project to 80-d `mu`, and integrate the flow-matching
+ODE with 10 Euler steps on a cosine time grid, classifier-free guidance 0.7 (batch of 2, the second
+row unconditioned), starting from a fixed noise tensor.
+
+`FlowStream` produces the same mel as the official streaming chunk loop (which re-runs the whole
+prefix for every chunk) by evaluating each frame once: in streaming mode the encoder and estimator
+are causal at chunk granularity, the Euler update is frame-wise, and the noise is a fixed tensor
+sliced by absolute frame index, so a finished chunk never changes; only convolution tails and
+attention keys/values of finished frames are kept, per request.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .flow_encoder import EncoderCache, EncoderConfig, UpsampleConformerEncoder
+from .flow_estimator import CausalConditionalDecoder, EstimatorCache, EstimatorConfig
+
+NOISE_FRAMES = 15000  # 300 s of mel at 50 Hz: the longest utterance the official noise covers
+
+
+@functools.lru_cache(maxsize=1)
+def cfm_noise() -> Tensor:
+    """The official initial noise: `torch.randn([1, 80, 15000])` right after `torch.manual_seed(0)`.
+    A private generator seeded with 0 draws the same values without touching the global RNG.
+    Shared read-only by every request (callers slice it, never write to it)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn([1, 80, NOISE_FRAMES], generator=gen, dtype=torch.float32)
+
+
+def euler_schedule(n_timesteps: int, dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
+    """(t, dt) per Euler step on the cosine grid t_k = 1 - cos(k/n * pi/2), accumulated exactly as
+    the official solver does (t += dt; dt = t_grid[k+1] - t) so that every float matches."""
+    if n_timesteps < 1:
+        raise ValueError("n_timesteps must be >= 1")
+    grid = torch.linspace(0, 1, n_timesteps + 1, dtype=dtype)
+    grid = 1 - torch.cos(grid * 0.5 * torch.pi)
+    t, dt = grid[0], grid[1] - grid[0]
+    steps = []
+    for k in range(1, n_timesteps + 1):
+        steps.append((t, dt))
+        t = t + dt
+        if k < n_timesteps:
+            dt = grid[k + 1] - t
+    return steps
+
+
+@dataclass
+class FlowConfig:
+    input_size: int = 512
+    output_size: int = 80
+    spk_embed_dim: int = 192
+    vocab_size: int = 6561
+    input_frame_rate: int = 25
+    token_mel_ratio: int = 2
+    pre_lookahead_len: int = 3
+    n_timesteps: int = 10
+    inference_cfg_rate: float = 0.7
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FlowConfig:
+        """Accepts the `flow` section of config_tiny.json (nested encoder / decoder.estimator)."""
+        known = {f.name for f in fields(cls)} - {"encoder", "estimator"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        decoder = d.get("decoder", {})
+        if "inference_cfg_rate" in decoder.get("cfm_params", {}):
+            kwargs["inference_cfg_rate"] = decoder["cfm_params"]["inference_cfg_rate"]
+        if "encoder" in d:
+            kwargs["encoder"] = EncoderConfig.from_dict(d["encoder"])
+        if "estimator" in decoder:
+            kwargs["estimator"] = EstimatorConfig.from_dict(decoder["estimator"])
+        return cls(**kwargs)
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per attention chunk (the estimator's chunk is in mel frames)."""
+        return self.estimator.static_chunk_size // self.token_mel_ratio
+
+
+class CausalConditionalCFM(nn.Module):
+    """Owns the estimator (checkpoint prefix `decoder.estimator`) and the Euler/CFG solver."""
+
+    def __init__(self, estimator_cfg: EstimatorConfig, inference_cfg_rate: float = 0.7):
+        super().__init__()
+        self.inference_cfg_rate = inference_cfg_rate
+        self.estimator = CausalConditionalDecoder(estimator_cfg)
+
+    def guided(self, out: Tensor) -> Tensor:
+        """Row 0 conditioned, row 1 unconditioned -> guided velocity [1, 80, T]."""
+        rate = self.inference_cfg_rate
+        return (1.0 + rate) * out[:1] - rate * out[1:]
+
+    def forward(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,
+                streaming: bool = False, trace: list | None = None) -> Tensor:
+        """mu, cond [1, 80, T]; mask [1, 1, T]; spks [1, 80] -> mel [1, 80, T].
+        `trace`, when given, receives (x, t, raw estimator output) of every step (for tests)."""
+        T = mu.shape[2]
+        if T > NOISE_FRAMES:
+            raise ValueError(f"{T} mel frames exceed the {NOISE_FRAMES}-frame noise tensor (300 s)")
+        x = cfm_noise()[:, :, :T].to(device=mu.device, dtype=mu.dtype)
+        zeros_like = torch.zeros_like
+        mask_in = torch.cat([mask, mask])
+        mu_in = torch.cat([mu, zeros_like(mu)])
+        spks_in = torch.cat([spks, zeros_like(spks)])
+        cond_in = torch.cat([cond, zeros_like(cond)])
+        for t, dt in euler_schedule(n_timesteps, mu.dtype):
+            t_in = t.to(mu.device).expand(2)
+            out = self.estimator(torch.cat([x, x]), mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming)
+            if trace is not None:
+                trace.append((x, t, out))
+            x = x + dt * self.guided(out)
+        return x.float()
+
+
+class CausalMaskedDiffWithXvec(nn.Module):
+    def __init__(self, cfg: FlowConfig | None = None):
+        super().__init__()
+        cfg = cfg or FlowConfig()
+        self.cfg = cfg
+        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
+        self.encoder = UpsampleConformerEncoder(cfg.encoder)
+        self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
+        self.decoder = CausalConditionalCFM(cfg.estimator, cfg.inference_cfg_rate)
+
+    def speaker(self, embedding: Tensor) -> Tensor:
+        """[1, 192] x-vector -> [1, 80] `spks` (projection of the L2-normalised embedding)."""
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:  # [1, T] int -> [1, T, input_size]
+        return self.input_embedding(torch.clamp(tokens, min=0))
+
+    @torch.inference_mode()
+    def inference(self, token: Tensor, token_len: Tensor, prompt_token: Tensor, prompt_token_len: Tensor,
+                  prompt_feat: Tensor, prompt_feat_len: Tensor, embedding: Tensor, streaming: bool,
+                  finalize: bool, n_timesteps: int | None = None) -> Tensor:
+        """token [1, N], prompt_token [1, P], prompt_feat [1, F, 80], embedding [1, 192] ->
+        mel [1, 80, T_new] for the new tokens (the prompt's F frames removed). With
+        finalize=False the last `pre_lookahead_len` tokens are lookahead only.
+
+        `n_timesteps` (default 10, the official value) trades quality for time: cost is linear in
+        it, and anything but 10 no longer matches the official output."""
+        if token.shape[0] != 1:
+            raise ValueError("batch size 1 only (as the official inference)")
+        n_timesteps = self.cfg.n_timesteps if n_timesteps is None else n_timesteps
+        spks = self.speaker(embedding)
+        tokens = torch.cat([prompt_token, token], dim=1)
+        lens = prompt_token_len + token_len
+        xs = self.embed_tokens(tokens)
+        if finalize:
+            h, _ = self.encoder(xs, lens, streaming=streaming)
+        else:
+            la = self.cfg.pre_lookahead_len
+            if xs.shape[1] <= la:
+                raise ValueError("finalize=False needs more tokens than the lookahead")
+            h, _ = self.encoder(xs[:, :-la], lens, context=xs[:, -la:], streaming=streaming)
+        n_prompt = prompt_feat.shape[1]
+        mu = self.encoder_proj(h).transpose(1, 2).contiguous()  # [1, 80, T]
+        T = mu.shape[2]
+        cond = torch.zeros(1, self.cfg.output_size, T, dtype=mu.dtype, device=mu.device)
+        cond[:, :, :n_prompt] = prompt_feat.transpose(1, 2)
+        mask = torch.ones(1, 1, T, dtype=mu.dtype, device=mu.device)
+        mel = self.decoder(mu, mask, spks, cond, n_timesteps=n_timesteps, streaming=streaming)
+        return mel[:, :, n_prompt:].float()
+
+
+class FlowStream:
+    """One request's incremental token -> mel stream with constant cost per chunk.
+
+    Equals the official streaming loop's mel (`inference(prefix, streaming=True, finalize=False)`
+    per chunk, keeping the new frames) to float round-off, and for the end `finish()` equals
+    `inference(all, streaming=True, finalize=True)`'s tail: chunk-causal to the end, unlike the
+    official final call, which re-runs everything with full attention (see the report/tests for the
+    measured difference). Every state lives on this object, nothing on the module; `close()` frees it.
+
+    `left_chunks` bounds the estimator's attention to that many 50-frame chunks before the current
+    one (memory and per-chunk cost then stop growing; output then equals the official estimator with
+    `num_decoding_left_chunks = left_chunks`, not the default unbounded one).
+    """
+
+    def __init__(self, flow: CausalMaskedDiffWithXvec, prompt_token: Tensor, prompt_feat: Tensor,
+                 embedding: Tensor, left_chunks: int | None = None, n_timesteps: int | None = None,
+                 precompute_prompt: bool = True):
+        cfg = flow.cfg
+        if prompt_token.dim() != 2 or prompt_token.shape[0] != 1:
+            raise ValueError("prompt_token must be [1, P]")
+        if prompt_feat.shape[0] != 1 or prompt_feat.shape[2] != cfg.output_size:
+            raise ValueError(f"prompt_feat must be [1, F, {cfg.output_size}]")
+        if prompt_feat.shape[1] != cfg.token_mel_ratio * prompt_token.shape[1]:
+            raise ValueError(f"prompt_feat has {prompt_feat.shape[1]} frames; expected "
+                             f"{cfg.token_mel_ratio} per prompt token ({cfg.token_mel_ratio * prompt_token.shape[1]})")
+        self.flow = flow
+        self.cfg = cfg
+        self.estimator = flow.decoder.estimator
+        self.n_timesteps = cfg.n_timesteps if n_timesteps is None else n_timesteps
+        self.left_chunks = left_chunks
+        self.prompt_token = prompt_token
+        self.prompt_feat = prompt_feat.transpose(1, 2)  # [1, 80, F]
+        self.generated: list[Tensor] = []  # pushed token tensors [n]
+        self._n_generated = 0
+        self.emitted = 0  # generated tokens whose mel has been returned
+        self.done_tokens = 0  # tokens (prompt + generated) already through the encoder
+        self.closed = False
+        self.finished = False
+        with torch.inference_mode():
+            spks = flow.speaker(embedding)
+            self.spks_in = torch.cat([spks, torch.zeros_like(spks)])  # CFG rows
+            self.schedule = euler_schedule(self.n_timesteps)
+            self.t_embs = [self.estimator.time_embedding(t.expand(2)) for t, _ in self.schedule]
+        self.enc_cache = EncoderCache()
+        self.est_caches = [EstimatorCache(left_chunks) for _ in range(self.n_timesteps)]
+        if precompute_prompt:
+            self._precompute_prompt()
+
+    # --- token bookkeeping -------------------------------------------------------------------
+    @property
+    def n_prompt(self) -> int:
+        return self.prompt_token.shape[1]
+
+    def push(self, tokens: Tensor | list[int]) -> None:
+        """Append generated speech tokens ([n], [1, n] tensor or list of ids)."""
+        self._check_open()
+        t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        if t.numel():
+            self.generated.append(t)
+            self._n_generated += t.numel()
+
+    def _all_tokens(self) -> Tensor:  # [1, P + n]
+        if len(self.generated) > 1:
+            self.generated = [torch.cat(self.generated)]
+        gen = self.generated[0] if self.generated else torch.zeros(0, dtype=torch.long)
+        return torch.cat([self.prompt_token.reshape(-1).cpu(), gen]).unsqueeze(0)
+
+    def ready(self, hop: int) -> bool:
+        """Enough tokens for `hop` more plus the lookahead."""
+        return self._n_generated - self.emitted >= hop + self.cfg.pre_lookahead_len
+
+    # --- incremental work -------------------------------------------------------------------
+    def _precompute_prompt(self) -> None:
+        """Run the prompt's complete chunks (those whose lookahead is still inside the prompt) now,
+        before any token is generated, so the first emit only pays for the rest."""
+        chunk, la = self.cfg.chunk_tokens, self.cfg.pre_lookahead_len
+        q = (self.n_prompt - la) // chunk * chunk if self.n_prompt >= la else 0
+        if q > 0:
+            self._advance(context_end=q + la, n_tokens=q)
+
+    def _advance(self, context_end: int | None, n_tokens: int) -> Tensor:
+        """Push tokens [done_tokens, done_tokens + n_tokens) (prompt + generated numbering) through
+        encoder and all Euler steps; context = tokens up to `context_end` (None: end of utterance,
+        zero lookahead). Returns the mel of those frames [1, 80, 2 n_tokens]."""
+        flow, cfg = self.flow, self.cfg
+        a, b = self.done_tokens, self.done_tokens + n_tokens
+        tokens = self._all_tokens()
+        with torch.inference_mode():
+            xs = flow.embed_tokens(tokens[:, a:b])
+            ctx = None if context_end is None else flow.embed_tokens(tokens[:, b:context_end])
+            h = flow.encoder.forward_chunk(xs, ctx, self.enc_cache)  # [1, 2n, C]
+            mu = flow.encoder_proj(h).transpose(1, 2)  # [1, 80, 2n]
+            f0, f1 = cfg.token_mel_ratio * a, cfg.token_mel_ratio * b
+            if f1 > NOISE_FRAMES:
+                raise ValueError(f"utterance exceeds {NOISE_FRAMES} mel frames (300 s)")
+            cond = torch.zeros_like(mu)
+            n_pf = self.prompt_feat.shape[2]
+            if f0 < n_pf:
+                cond[:, :, : min(f1, n_pf) - f0] = self.prompt_feat[:, :, f0 : min(f1, n_pf)]
+            mu_in = torch.cat([mu, torch.zeros_like(mu)])
+            cond_in = torch.cat([cond, torch.zeros_like(cond)])
+            x = cfm_noise()[:, :, f0:f1].to(mu.dtype)
+            for (t, dt), t_emb, cache in zip(self.schedule, self.t_embs, self.est_caches, strict=True):
+                out = self.estimator.forward_chunk(torch.cat([x, x]), mu_in, t.expand(2), self.spks_in,
+                                                   cond_in, cache, t_emb=t_emb)
+                x = x + dt * flow.decoder.guided(out)
+        self.done_tokens = b
+        return x.float()
+
+    def emit(self, hop: int) -> Tensor:
+        """Mel [1, 80, 2*hop] of the next `hop` generated tokens (needs `ready(hop)`). Prompt plus
+        emitted tokens must stay a multiple of the 25-token chunk, as the official schedule keeps
+        it (first hop 25 + prompt_token_pad, then 50, 100, ...)."""
+        self._check_open()
+        if hop <= 0:
+            raise ValueError("hop must be positive")
+        if not self.ready(hop):
+            raise RuntimeError(f"not ready: {self._n_generated - self.emitted} tokens pending, need {hop} + lookahead")
+        end = self.n_prompt + self.emitted + hop
+        if end % self.cfg.chunk_tokens:
+            raise ValueError(f"prompt + emitted tokens ({end}) must be a multiple of {self.cfg.chunk_tokens}")
+        mel = self._advance(context_end=end + self.cfg.pre_lookahead_len, n_tokens=end - self.done_tokens)
+        self.emitted += hop
+        return mel[:, :, mel.shape[2] - self.cfg.token_mel_ratio * hop :]
+
+    def finish(self) -> Tensor:
+        """Mel of every remaining token (streaming-causal, zero lookahead at the end); closes the
+        stream's work (caches are freed)."""
+        self._check_open()
+        remaining = self._n_generated - self.emitted
+        n = self.n_prompt + self._n_generated - self.done_tokens
+        if n > 0:
+            mel = self._advance(context_end=None, n_tokens=n)
+            mel = mel[:, :, mel.shape[2] - self.cfg.token_mel_ratio * remaining :]
+        else:
+            mel = torch.zeros(1, self.cfg.output_size, 0)
+        self.emitted = self._n_generated
+        self.finished = True
+        self.close()
+        return mel
+
+    def nbytes(self) -> int:
+        """Bytes of cached state (encoder + every Euler step's estimator cache)."""
+        enc = self.enc_cache.nbytes() if hasattr(self.enc_cache, "nbytes") else _tensor_bytes(vars(self.enc_cache))
+        return enc + sum(c.nbytes() for c in self.est_caches)
+
+    def close(self) -> None:
+        """Drop every cache (idempotent); the stream can no longer be used."""
+        for c in self.est_caches:
+            c.clear()
+        self.est_caches = []
+        self.enc_cache = None
+        self.generated = []
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("FlowStream is closed")
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
