@@ -58,14 +58,16 @@ def describe_mismatch(expected: dict[str, torch.Size], state: dict[str, torch.Te
     return problems
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
     """Load ``state`` into ``module`` only if keys and shapes match exactly.
 
-    Values are copied into the module's existing parameters, so the module keeps its dtype and
-    device (cast the module first, then load).
+    By default values are copied into the module's existing parameters, so the module keeps its
+    dtype and device (cast the module first, then load).  ``assign=True`` makes the checkpoint
+    tensors the parameters instead, which is how a module built on the ``meta`` device is
+    materialised without allocating (and randomly initialising) it first.
     """
     expected = {k: v.shape for k, v in module.state_dict().items()}
     problems = describe_mismatch(expected, state)
     if problems:
         raise CheckpointMismatch(f"{what}: checkpoint does not match the model: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)

@@ -313,6 +313,8 @@ class LLMConfig:
 
         cfg = Qwen2Config(**{k: v for k, v in self.qwen.items() if k not in ("architectures",)})
         cfg._attn_implementation = "sdpa"
+        if not cfg.use_sliding_window:
+            cfg.sliding_window = None  # unused; avoids transformers' sdpa sliding-window warning
         if cfg.hidden_size != self.llm_input_size or cfg.hidden_size != self.llm_output_size:
             raise ConfigError(
                 f"Qwen2 hidden_size {cfg.hidden_size} != llm_input_size/llm_output_size "
