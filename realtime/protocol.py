@@ -1,0 +1,488 @@
+"""Wire protocol v1 of ``/v1/tts/stream`` as a pure state machine (no I/O, no asyncio).
+
+The glue hands every frame the client sent to :meth:`Protocol.receive_text` /
+:meth:`Protocol.receive_bytes` and gets back a list of events: things to do (open a context, push
+text, flush, end, cancel), frames to send, or a close.  When the engine side has something to say
+(audio, a mark, a flush acknowledgement, the end of a context) the glue asks the protocol for the
+frame to send, so that the protocol alone decides what a client can see and in which state.
+
+Keeping this pure is what lets the tests drive every message sequence (including hostile ones)
+through it exhaustively without a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+FORMATS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw", "opus")
+CONTAINERS = {"pcm_s16le": ("raw", "wav"), "pcm_f32le": ("raw", "wav"), "mulaw": ("raw", "wav"),
+              "alaw": ("raw", "wav"), "opus": ("raw", "ogg")}
+MODES = ("sft", "zero_shot", "cross_lingual", "instruct2")
+TRANSPORTS = ("binary", "json")
+PACINGS = ("asap", "realtime")
+
+# error code -> WebSocket close code used when the error is fatal
+CLOSE_CODES = {
+    "bad_request": 1008,
+    "unauthorized": 1008,
+    "unknown_voice": 1008,
+    "too_large": 1009,
+    "overloaded": 1013,
+    "internal": 1011,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one socket may send; everything a client controls is bounded."""
+
+    max_frame_bytes: int = 4 << 20  # a start frame may carry a base64 prompt WAV
+    max_text_frame_chars: int = 20_000  # one text delta
+    max_context_chars: int = 100_000  # all text of one context
+    max_open_contexts: int = 8  # contexts not yet done/cancelled on one socket
+    max_context_id_chars: int = 128
+    max_prompt_audio_bytes: int = 3 << 20  # decoded prompt WAV
+
+
+@dataclass(frozen=True)
+class VoiceOptions:
+    """Per-context synthesis options; a context inherits the session's and may override them."""
+
+    voice: str | None = None
+    mode: str = "sft"
+    prompt_text: str | None = None
+    prompt_audio: bytes | None = None
+    instruct_text: str | None = None
+    speed: float = 1.0
+    token_hop_len: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Session-wide options: binary frames carry no context id, so these cannot vary per context."""
+
+    format: str = "pcm_s16le"
+    sample_rate: int | None = None  # None: the format's default (see realtime.audio)
+    container: str = "raw"
+    audio_transport: str = "binary"
+    pacing: str = "asap"
+
+
+# option name -> (accepted JSON types, group) ; group "voice" may appear on a context's first message
+_OPTION_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "voice": ((str,), "voice"),
+    "mode": ((str,), "voice"),
+    "prompt_text": ((str,), "voice"),
+    "prompt_audio": ((str,), "voice"),
+    "instruct_text": ((str,), "voice"),
+    "speed": ((int, float), "voice"),
+    "token_hop_len": ((int,), "voice"),
+    "seed": ((int,), "voice"),
+    "format": ((str,), "output"),
+    "sample_rate": ((int,), "output"),
+    "container": ((str,), "output"),
+    "audio_transport": ((str,), "output"),
+    "pacing": ((str,), "output"),
+}
+_VOICE_KEYS = {k for k, (_, g) in _OPTION_TYPES.items() if g == "voice"}
+_COMMON_KEYS = {"type", "context_id"}
+_MESSAGE_KEYS = {
+    "start": _COMMON_KEYS | set(_OPTION_TYPES),
+    "text": _COMMON_KEYS | {"text"} | _VOICE_KEYS,
+    "flush": _COMMON_KEYS | _VOICE_KEYS,
+    "end": _COMMON_KEYS | _VOICE_KEYS,
+    "cancel": _COMMON_KEYS,
+}
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, context_id: str | None = None, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.context_id = context_id
+        self.fatal = fatal
+
+
+# ---- events handed to the glue ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Send:
+    """A frame to send as is (str → text frame, bytes → binary frame); ``error`` names the error
+    code when the frame is an error report (for metrics)."""
+
+    data: str | bytes
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Close:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class OpenContext:
+    context_id: str
+    options: VoiceOptions
+
+
+@dataclass(frozen=True)
+class PushText:
+    context_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class FlushContext:
+    context_id: str
+
+
+@dataclass(frozen=True)
+class EndContext:
+    context_id: str
+
+
+@dataclass(frozen=True)
+class CancelContext:
+    context_id: str
+
+
+Event = Send | Close | OpenContext | PushText | FlushContext | EndContext | CancelContext
+
+
+class ContextState(Enum):
+    OPEN = "open"  # accepting text
+    ENDED = "ended"  # end received, audio may still be coming
+    CANCELLING = "cancelling"  # cancel received, waiting for the engine to let go
+
+
+@dataclass
+class _Context:
+    id: str
+    state: ContextState = ContextState.OPEN
+    chars: int = 0
+    seq: int = 0
+    pending_flushes: int = 0
+
+
+@dataclass
+class SessionInfo:
+    """What the glue knows of the engine, handed to the protocol so it can validate options."""
+
+    native_rate: int
+    default_voice: str | None
+    voices: frozenset[str]
+    modes: tuple[str, ...] = ("sft",)
+    output_check: Callable[[OutputOptions, int], str | None] | None = None  # → error message
+    engine_name: str = "engine"
+
+
+@dataclass
+class Protocol:
+    """State of one socket.  ``session_id`` is the UUID all of the session's model state lives under."""
+
+    info: SessionInfo
+    limits: Limits = field(default_factory=Limits)
+    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        self.voice_defaults = VoiceOptions(voice=self.info.default_voice)
+        self.output = OutputOptions()
+        self.started = False  # `ready` sent
+        self.closed = False
+        self.contexts: OrderedDict[str, _Context] = OrderedDict()
+        self.current: str | None = None  # context that id-less text goes to
+        self._finished: OrderedDict[str, None] = OrderedDict()  # recently finished ids (bounded)
+
+    # ---- inbound ---------------------------------------------------------------------------
+    def receive_text(self, data: str) -> list[Event]:
+        if self.closed:
+            return []
+        try:
+            if len(data) > self.limits.max_frame_bytes or len(data.encode("utf-8", "surrogatepass")) > self.limits.max_frame_bytes:
+                raise ProtocolError("too_large", f"frame exceeds {self.limits.max_frame_bytes} bytes", fatal=True)
+            try:
+                msg = json.loads(data)
+            except (json.JSONDecodeError, RecursionError):
+                raise ProtocolError("bad_request", "frame is not valid JSON") from None
+            if not isinstance(msg, dict):
+                raise ProtocolError("bad_request", "a message must be a JSON object")
+            return self._dispatch(msg)
+        except ProtocolError as e:
+            return self._error_events(e)
+
+    def receive_bytes(self, data: bytes) -> list[Event]:
+        if self.closed:
+            return []
+        if len(data) > self.limits.max_frame_bytes:
+            return self._error_events(ProtocolError("too_large", "frame too large", fatal=True))
+        return self._error_events(
+            ProtocolError("bad_request", "binary frames are not accepted: send JSON text frames")
+        )
+
+    def _dispatch(self, msg: dict) -> list[Event]:
+        kind = msg.get("type")
+        if not isinstance(kind, str) or kind not in _MESSAGE_KEYS:
+            raise ProtocolError("bad_request", f"unknown message type {kind!r}; expected one of {sorted(_MESSAGE_KEYS)}")
+        unknown = set(msg) - _MESSAGE_KEYS[kind]
+        if unknown:
+            raise ProtocolError("bad_request", f"unknown key(s) for {kind!r}: {sorted(unknown)}")
+        cid = msg.get("context_id")
+        if cid is not None and (not isinstance(cid, str) or not cid or len(cid) > self.limits.max_context_id_chars):
+            raise ProtocolError("bad_request", f"context_id must be a non-empty string of at most {self.limits.max_context_id_chars} characters")
+        if kind == "start":
+            return self._start(msg)
+        if kind == "cancel":
+            return self._cancel(cid)
+        return self._context_message(kind, msg, cid)
+
+    def _start(self, msg: dict) -> list[Event]:
+        if self.started or self.contexts:
+            raise ProtocolError("bad_request", "start must be the first message of a session and may be sent once")
+        voice = self._voice_options(msg, self.voice_defaults)
+        self.output = parse_output_options(msg, self.info)
+        self.voice_defaults = voice
+        return [self._ready()]
+
+    def _ready(self) -> Send:
+        self.started = True
+        return Send(_json({
+            "type": "ready",
+            "session_id": self.session_id,
+            "format": self.output.format,
+            "sample_rate": self.sample_rate,
+            "container": self.output.container,
+            "audio_transport": self.output.audio_transport,
+            "pacing": self.output.pacing,
+            "voice": self.voice_defaults.voice,
+            "engine": self.info.engine_name,
+        }))
+
+    @property
+    def sample_rate(self) -> int:
+        if self.output.sample_rate:
+            return self.output.sample_rate
+        return default_sample_rate(self.output.format, self.info.native_rate)
+
+    def _voice_options(self, msg: dict, base: VoiceOptions) -> VoiceOptions:
+        return parse_voice_options(msg, base, self.info, self.limits)
+
+    def _context_message(self, kind: str, msg: dict, cid: str | None) -> list[Event]:
+        events: list[Event] = []
+        text = msg.get("text")
+        if kind == "text":
+            if not isinstance(text, str):
+                raise ProtocolError("bad_request", "text must be a string", cid)
+            if len(text) > self.limits.max_text_frame_chars:
+                raise ProtocolError("too_large", f"a text delta may hold at most {self.limits.max_text_frame_chars} characters", cid)
+        explicit = cid is not None
+        if cid is None:
+            cid = self.current if self.current in self.contexts else None
+        ctx = self.contexts.get(cid) if cid is not None else None
+        if ctx is None:
+            if kind != "text" and not explicit:
+                raise ProtocolError("bad_request", f"no open context to {kind}: send text first")
+            if cid is not None and cid in self._finished:
+                raise ProtocolError("bad_request", f"context {cid!r} is finished; use a new context_id", cid)
+            if len(self.contexts) >= self.limits.max_open_contexts:
+                raise ProtocolError("overloaded", f"at most {self.limits.max_open_contexts} contexts may be open on one socket", cid)
+            options = self._voice_options(msg, self.voice_defaults)
+            if not self.started:
+                events.append(self._ready())
+            cid = cid or str(uuid.uuid4())
+            ctx = self.contexts[cid] = _Context(cid)
+            events.append(OpenContext(cid, options))
+        else:
+            if _VOICE_KEYS & set(msg):
+                raise ProtocolError("bad_request", "voice options may only be set on a context's first message", cid)
+            if ctx.state is not ContextState.OPEN:
+                raise ProtocolError("bad_request", f"context {cid!r} has ended; no more {kind} for it", cid)
+        self.current = cid
+        if kind == "text":
+            assert isinstance(text, str)
+            if ctx.chars + len(text) > self.limits.max_context_chars:
+                raise ProtocolError("too_large", f"a context may hold at most {self.limits.max_context_chars} characters", cid)
+            ctx.chars += len(text)
+            if text:
+                events.append(PushText(cid, text))
+        elif kind == "flush":
+            ctx.pending_flushes += 1
+            events.append(FlushContext(cid))
+        elif kind == "end":
+            ctx.state = ContextState.ENDED
+            self.current = None
+            events.append(EndContext(cid))
+        return events
+
+    def _cancel(self, cid: str | None) -> list[Event]:
+        if cid is None:  # barge-in: stop everything this socket has going
+            targets = [c for c in self.contexts.values() if c.state is not ContextState.CANCELLING]
+        elif cid in self.contexts:
+            targets = [self.contexts[cid]] if self.contexts[cid].state is not ContextState.CANCELLING else []
+        elif cid in self._finished:
+            return []  # raced with done/cancelled: nothing left to stop
+        else:
+            raise ProtocolError("bad_request", f"unknown context {cid!r}", cid)
+        for ctx in targets:
+            ctx.state = ContextState.CANCELLING
+            if self.current == ctx.id:
+                self.current = None
+        return [CancelContext(c.id) for c in targets]
+
+    def _error_events(self, e: ProtocolError) -> list[Event]:
+        events: list[Event] = [Send(self.error_frame(e.code, e.message, e.fatal, e.context_id), e.code)]
+        if e.fatal:
+            self.closed = True
+            events.append(Close(CLOSE_CODES[e.code], e.message[:120]))
+        return events
+
+    # ---- outbound ----------------------------------------------------------------------------
+    def audio(self, context_id: str, data: bytes) -> str | bytes | None:
+        """The frame that carries ``data`` for ``context_id``; None once the context is cancelling."""
+        ctx = self.contexts.get(context_id)
+        if ctx is None or ctx.state is ContextState.CANCELLING:
+            return None
+        ctx.seq += 1
+        if self.output.audio_transport == "binary":
+            return data
+        return _json({"type": "audio", "context_id": context_id, "seq": ctx.seq,
+                      "data": base64.b64encode(data).decode("ascii")})
+
+    def mark(self, context_id: str, text_offset: int, audio_ms: float) -> str | None:
+        ctx = self.contexts.get(context_id)
+        if ctx is None or ctx.state is ContextState.CANCELLING:
+            return None
+        return _json({"type": "mark", "context_id": context_id, "text_offset": text_offset,
+                      "audio_ms": round(audio_ms, 1)})
+
+    def flushed(self, context_id: str) -> str | None:
+        ctx = self.contexts.get(context_id)
+        if ctx is None or ctx.state is ContextState.CANCELLING or ctx.pending_flushes == 0:
+            return None
+        ctx.pending_flushes -= 1
+        return _json({"type": "flushed", "context_id": context_id})
+
+    def done(self, context_id: str, stats: dict) -> str | None:
+        ctx = self.contexts.get(context_id)
+        if ctx is None or ctx.state is ContextState.CANCELLING:
+            return None
+        self._finish(context_id)
+        return _json({"type": "done", "context_id": context_id, "stats": stats})
+
+    def cancelled(self, context_id: str) -> str | None:
+        if context_id not in self.contexts:
+            return None
+        self._finish(context_id)
+        return _json({"type": "cancelled", "context_id": context_id})
+
+    def failed(self, context_id: str, code: str, message: str) -> str | None:
+        """The engine gave up on a context (unknown voice found late, model error): report, finish it."""
+        if context_id not in self.contexts:
+            return None
+        self._finish(context_id)
+        return self.error_frame(code, message, False, context_id)
+
+    def _finish(self, context_id: str) -> None:
+        self.contexts.pop(context_id, None)
+        if self.current == context_id:
+            self.current = None
+        self._finished[context_id] = None
+        while len(self._finished) > 256:
+            self._finished.popitem(last=False)
+
+    @staticmethod
+    def error_frame(code: str, message: str, fatal: bool = False, context_id: str | None = None) -> str:
+        body: dict[str, object] = {"type": "error", "code": code, "message": message, "fatal": fatal}
+        if context_id is not None:
+            body["context_id"] = context_id
+        return _json(body)
+
+    def open_contexts(self) -> list[str]:
+        return list(self.contexts)
+
+
+def parse_voice_options(msg: dict, base: VoiceOptions, info: SessionInfo, limits: Limits) -> VoiceOptions:
+    """Validate the voice options in ``msg`` on top of ``base``; raises :class:`ProtocolError`."""
+    changes: dict[str, object] = {}
+    for key in _VOICE_KEYS & set(msg):
+        value = msg[key]
+        _check_type(key, value)
+        changes[key] = value
+    opts = replace(base, **changes)
+    if "prompt_audio" in changes:
+        raw = changes["prompt_audio"]
+        assert isinstance(raw, str)
+        if len(raw) > limits.max_prompt_audio_bytes * 4 // 3 + 4:
+            raise ProtocolError("too_large", "prompt_audio is too large")
+        try:
+            audio = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("bad_request", "prompt_audio must be base64 (a WAV file)") from None
+        opts = replace(opts, prompt_audio=audio)
+    if opts.mode not in MODES:
+        raise ProtocolError("bad_request", f"mode must be one of {list(MODES)}")
+    if opts.mode not in info.modes:
+        raise ProtocolError("bad_request", f"mode {opts.mode!r} is not supported by engine {info.engine_name!r} (supported: {list(info.modes)})")
+    if not 0.25 <= float(opts.speed) <= 4.0:
+        raise ProtocolError("bad_request", "speed must be between 0.25 and 4.0")
+    if opts.token_hop_len is not None and not 1 <= opts.token_hop_len <= 200:
+        raise ProtocolError("bad_request", "token_hop_len must be between 1 and 200")
+    if opts.voice is not None and opts.voice not in info.voices and opts.mode == "sft":
+        raise ProtocolError("unknown_voice", f"unknown voice {opts.voice!r}; see GET /v1/voices")
+    if opts.mode in ("zero_shot", "cross_lingual", "instruct2") and opts.prompt_audio is None and opts.voice not in info.voices:
+        raise ProtocolError("bad_request", f"mode {opts.mode} needs prompt_audio (or a registered voice)")
+    if opts.mode == "zero_shot" and opts.prompt_audio is not None and not opts.prompt_text:
+        raise ProtocolError("bad_request", "zero_shot with prompt_audio needs prompt_text (the words spoken in it)")
+    if opts.mode == "instruct2" and not opts.instruct_text:
+        raise ProtocolError("bad_request", "instruct2 needs instruct_text")
+    return opts
+
+
+def parse_output_options(msg: dict, info: SessionInfo) -> OutputOptions:
+    """Validate the output options in ``msg`` (format, rate, container, transport, pacing)."""
+    out = OutputOptions()
+    for key in ("format", "sample_rate", "container", "audio_transport", "pacing"):
+        if key in msg:
+            _check_type(key, msg[key])
+            out = replace(out, **{key: msg[key]})
+    if out.format not in FORMATS:
+        raise ProtocolError("bad_request", f"format must be one of {list(FORMATS)}")
+    if out.audio_transport not in TRANSPORTS:
+        raise ProtocolError("bad_request", f"audio_transport must be one of {list(TRANSPORTS)}")
+    if out.pacing not in PACINGS:
+        raise ProtocolError("bad_request", f"pacing must be one of {list(PACINGS)}")
+    if out.container not in CONTAINERS[out.format]:
+        raise ProtocolError("bad_request", f"container for {out.format} must be one of {list(CONTAINERS[out.format])}")
+    if info.output_check is not None:
+        problem = info.output_check(out, info.native_rate)
+        if problem:
+            raise ProtocolError("bad_request", problem)
+    return out
+
+
+def default_sample_rate(fmt: str, native_rate: int) -> int:
+    """Opus runs at 48 kHz, G.711 at telephone rate; PCM at the engine's own rate (no resampling)."""
+    if fmt == "opus":
+        return 48000
+    if fmt in ("mulaw", "alaw"):
+        return 8000
+    return native_rate
+
+
+def _check_type(key: str, value: object) -> None:
+    types, _ = _OPTION_TYPES[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        names = "number" if float in types else {"str": "string", "int": "integer"}[types[0].__name__]
+        raise ProtocolError("bad_request", f"{key} must be a {names}")
+
+
+def _json(obj: dict) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
