@@ -1,0 +1,208 @@
+"""``realtime serve`` runs the service; ``realtime say`` is a streaming client for it that sends its
+text the way an LLM would (deltas at a given tokens/s) and reports time to first audio."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+
+from . import __version__
+
+log = logging.getLogger("realtime")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .engines import create_engine
+    from .protocol import Limits
+    from .server import ServerConfig, create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = args.token or os.environ.get("REALTIME_TOKEN") or None
+    if not token and not _is_loopback(args.host):
+        log.warning("serving on %s WITHOUT an API token: anyone who can reach this address can use it "
+                    "(set --token or REALTIME_TOKEN)", args.host)
+    engine_name = args.engine or ("cosyvoice2" if args.model_dir else "piper")
+    engine_kwargs: dict[str, object] = {}
+    if engine_name == "cosyvoice2":
+        engine_kwargs.update(device=args.device, dtype=args.dtype)
+    try:
+        engine = create_engine(engine_name, args.model_dir, **engine_kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"realtime serve: {e}", file=sys.stderr)
+        return 2
+    limits = Limits(max_frame_bytes=args.max_frame_bytes, max_context_chars=args.max_text_chars,
+                    max_open_contexts=args.max_contexts)
+    config = ServerConfig(token=token, limits=limits, max_sessions=args.max_sessions,
+                          max_concurrent_syntheses=args.workers, send_timeout=args.send_timeout,
+                          idle_timeout=args.idle_timeout, buffer_seconds=args.buffer_ms / 1000)
+    app = create_app(engine, config)
+    log.info("engine %s (%d Hz), voices: %s", engine.name, engine.sample_rate, ", ".join(v.id for v in engine.voices()))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets-sansio",
+                ws_max_size=args.max_frame_bytes * 2 + 65536, ws_ping_interval=20, ws_ping_timeout=20)
+    return 0
+
+
+def _deltas(text: str, chars_per_token: int = 4) -> list[str]:
+    """Split text like an LLM streams it: short pieces that do not respect word boundaries."""
+    return [text[i:i + chars_per_token] for i in range(0, len(text), chars_per_token)]
+
+
+async def _say(args: argparse.Namespace, text: str) -> int:
+    import websockets
+
+    url = args.url.rstrip("/")
+    if not url.endswith("/v1/tts/stream"):
+        url += "/v1/tts/stream"
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    fmt = args.format
+    container = args.container
+    out_path = args.output
+    if container is None:
+        container = "raw"
+        if out_path and out_path.endswith(".wav") and fmt != "opus":
+            container = "wav"
+        elif out_path and (out_path.endswith(".ogg") or out_path.endswith(".opus")) and fmt == "opus":
+            container = "ogg"
+    start: dict[str, object] = {"type": "start", "format": fmt, "container": container}
+    if args.voice:
+        start["voice"] = args.voice
+    if args.sample_rate:
+        start["sample_rate"] = args.sample_rate
+    if args.speed != 1.0:
+        start["speed"] = args.speed
+    audio = bytearray()
+    t_first_text = t_first_audio = None
+    async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
+        await ws.send(json.dumps(start))
+        ready = json.loads(await ws.recv())
+        if ready.get("type") == "error":
+            print(f"error: {ready['code']}: {ready['message']}", file=sys.stderr)
+            return 1
+        rate = ready["sample_rate"]
+
+        async def feed() -> None:
+            nonlocal t_first_text
+            delay = 1.0 / args.tokens_per_second if args.tokens_per_second > 0 else 0
+            for piece in _deltas(text):
+                if t_first_text is None:
+                    t_first_text = time.perf_counter()
+                await ws.send(json.dumps({"type": "text", "text": piece}))
+                if delay:
+                    await asyncio.sleep(delay)
+            await ws.send(json.dumps({"type": "end"}))
+
+        feeder = asyncio.create_task(feed())
+        stats: dict = {}
+        async for msg in ws:
+            if isinstance(msg, bytes):
+                if t_first_audio is None:
+                    t_first_audio = time.perf_counter()
+                audio += msg
+                continue
+            m = json.loads(msg)
+            if m["type"] == "error":
+                print(f"error: {m['code']}: {m['message']}", file=sys.stderr)
+                if m.get("fatal"):
+                    return 1
+            elif m["type"] == "done":
+                stats = m.get("stats", {})
+                break
+        await feeder
+    t_end = time.perf_counter()
+    bytes_per_sample = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}.get(fmt)
+    duration = stats.get("audio_ms", 0) / 1000
+    if bytes_per_sample and container == "raw":
+        duration = len(audio) / bytes_per_sample / rate
+    if out_path == "-":
+        sys.stdout.buffer.write(audio)
+    elif out_path:
+        with open(out_path, "wb") as f:
+            f.write(audio)
+    ttfa = (t_first_audio - t_first_text) * 1000 if t_first_audio and t_first_text else float("nan")
+    wall = t_end - (t_first_text or t_end)
+    report = (f"time to first audio: {ttfa:.0f} ms | audio: {duration:.2f} s at {rate} Hz ({fmt}/{container}) | "
+              f"wall: {wall:.2f} s | real-time factor: {stats.get('rtf', float('nan'))} (server) "
+              f"{(wall / duration) if duration else float('nan'):.3f} (client)")
+    print(report, file=sys.stderr)
+    return 0
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        print("realtime say: no text", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_say(args, text))
+    except OSError as e:
+        print(f"realtime say: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="realtime", description="Real-time streaming TTS service (CosyVoice2 bistream, embedded default voice).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the service", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Serve WebSocket /v1/tts/stream, POST /v1/tts, the official CosyVoice HTTP routes, "
+                                   "/health, /v1/voices, /metrics and the web client at /.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback address without a token logs a warning)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--engine", choices=("piper", "cosyvoice2", "tone"), default=None,
+                   help="synthesis engine (default: cosyvoice2 when --model-dir is given, else the embedded piper voice)")
+    s.add_argument("--model-dir", default=None, help="official CosyVoice2-0.5B model directory (for --engine cosyvoice2)")
+    s.add_argument("--device", default="cpu", help="cosyvoice2: cpu or cuda")
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="cosyvoice2: model precision")
+    s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
+    s.add_argument("--workers", type=int, default=4, help="maximum concurrent syntheses (worker threads)")
+    s.add_argument("--max-sessions", type=int, default=200, help="maximum open WebSocket sessions")
+    s.add_argument("--max-contexts", type=int, default=8, help="maximum open contexts per WebSocket")
+    s.add_argument("--max-text-chars", type=int, default=100_000, help="maximum characters of text per context")
+    s.add_argument("--max-frame-bytes", type=int, default=4 << 20, help="maximum size of one client frame")
+    s.add_argument("--send-timeout", type=float, default=10.0, help="close a client that does not read a frame for this many seconds")
+    s.add_argument("--idle-timeout", type=float, default=300.0, help="close a session with no message and no audio for this many seconds")
+    s.add_argument("--buffer-ms", type=int, default=1000, help="audio buffered per context before the engine is paused")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("say", help="stream text to a server and save the audio", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Stream TEXT (or stdin with '-') in LLM-sized deltas and write the audio.")
+    c.add_argument("text", help="text to speak, or - to read stdin")
+    c.add_argument("--url", default="ws://127.0.0.1:8000", help="server WebSocket URL")
+    c.add_argument("--token", default=os.environ.get("REALTIME_TOKEN"), help="API token (env REALTIME_TOKEN)")
+    c.add_argument("--voice", default=None)
+    c.add_argument("--format", default="pcm_s16le", choices=("pcm_s16le", "pcm_f32le", "mulaw", "alaw", "opus"))
+    c.add_argument("--container", default=None, choices=("raw", "wav", "ogg"), help="default: from the output file's extension")
+    c.add_argument("--sample-rate", type=int, default=None)
+    c.add_argument("--speed", type=float, default=1.0)
+    c.add_argument("--tokens-per-second", type=float, default=30.0, help="LLM-like pacing of the text deltas (0: all at once)")
+    c.add_argument("-o", "--output", default=None, help="output file (.wav, .ogg, .raw) or - for stdout")
+    c.set_defaults(func=cmd_say)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

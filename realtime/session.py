@@ -1,0 +1,323 @@
+"""asyncio glue for one WebSocket: frames in → :class:`Protocol` → engine syntheses → frames out.
+
+Everything protocol-shaped is decided by :mod:`realtime.protocol`; this module only moves bytes,
+owns the tasks, and makes sure that whatever happens (end, cancel, disconnect, a client that stops
+reading) every context's engine thread is stopped and its buffers are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .audio.encoders import make_encoder
+from .engines.base import AudioChunk, Engine, Flushed, SynthesisOptions
+from .metrics import METRICS
+from .protocol import (
+    CancelContext,
+    Close,
+    EndContext,
+    FlushContext,
+    OpenContext,
+    OutputOptions,
+    Protocol,
+    PushText,
+    Send,
+)
+from .synthesis import Failed, Finished, Synthesis, synthesis_options
+
+log = logging.getLogger("realtime.session")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What every session shares: the engine, the worker pool and the service limits."""
+
+    engine: Engine
+    executor: object  # concurrent.futures.Executor
+    synth_slots: asyncio.Semaphore
+    buffer_seconds: float = 1.0
+    frame_ms: int = 20
+    send_timeout: float = 10.0  # a client that takes longer than this to accept a frame is dropped
+    idle_timeout: float = 300.0  # no message and nothing playing for this long → close
+    queue_timeout: float = 5.0  # wait this long for a free synthesis slot before `overloaded`
+    realtime_lead_ms: int = 300
+
+
+class ClientGone(Exception):
+    """The client disconnected or stopped reading; the session ends."""
+
+
+class ContextRunner:
+    """One context: its synthesis and the task that encodes and sends its audio."""
+
+    def __init__(self, session: Session, context_id: str, options: SynthesisOptions,
+                 previous: ContextRunner | None) -> None:
+        self.session = session
+        self.id = context_id
+        rt = session.rt
+        self.synthesis = Synthesis(rt.engine, options, session.loop, rt.buffer_seconds)
+        self.previous = previous  # binary transport: speak after this one
+        self.finished = asyncio.Event()  # done/cancelled/error frame sent (or abandoned)
+        self.first_text_at: float | None = None
+        self.first_audio_at: float | None = None
+        self.samples_in = 0
+        self.pending: list[str] = []  # text that arrived before a synthesis slot was free
+        self._slot = False
+        self.task = session.loop.create_task(self._run(), name=f"context-{context_id}")
+
+    # called from the session's receive loop
+    def push(self, text: str) -> None:
+        if self.first_text_at is None:
+            self.first_text_at = time.perf_counter()
+        self.synthesis.text.push(text)
+
+    def flush(self) -> None:
+        self.synthesis.text.flush()
+
+    def end(self) -> None:
+        self.synthesis.text.end()
+
+    async def cancel(self) -> None:
+        self.synthesis.cancel()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+
+    async def _run(self) -> None:
+        s = self.session
+        rt = s.rt
+        outcome = "error"
+        try:
+            try:
+                await asyncio.wait_for(rt.synth_slots.acquire(), rt.queue_timeout)
+            except asyncio.TimeoutError:
+                if self.previous is not None:
+                    await self.previous.finished.wait()
+                await s.send_text(s.protocol.failed(self.id, "overloaded", "no synthesis capacity free; try again"))
+                outcome = "overloaded"
+                return
+            self._slot = True
+            self.synthesis.start(rt.executor)
+            if self.previous is not None:  # binary frames carry no context id: one context speaks at a time
+                await self.previous.finished.wait()
+            outcome = await self._pump()
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except ClientGone:
+            outcome = "disconnected"
+        finally:
+            self.synthesis.cancel()
+            self.finished.set()
+            METRICS.contexts.inc(outcome)
+            if self._slot:
+                # the slot is released when the engine's thread really let go, not when sending stopped
+                s.loop.create_task(self._release_slot())
+
+    async def _release_slot(self) -> None:
+        await self.synthesis.wait_stopped()
+        self.session.rt.synth_slots.release()
+
+    async def _pump(self) -> str:
+        s = self.session
+        out = s.protocol.output
+        rate_in = s.rt.engine.sample_rate
+        encoder = make_encoder(out.format, s.protocol.sample_rate, out.container, rate_in)
+        piece = max(1, rate_in * s.rt.frame_ms // 1000)
+        pacer = _Pacer(out.pacing == "realtime", s.rt.realtime_lead_ms / 1000)
+        while True:
+            item = await self.synthesis.get()
+            if isinstance(item, AudioChunk):
+                samples = np.asarray(item.samples, dtype=np.float32).reshape(-1)
+                for start in range(0, len(samples), piece):
+                    chunk = samples[start:start + piece]
+                    for frame in encoder.encode(chunk):
+                        await pacer.wait(encoder.samples_out / encoder.sample_rate)
+                        await self._send_audio(frame)
+                    self.samples_in += len(chunk)
+                if item.text_offset is not None:
+                    await s.send_text(s.protocol.mark(self.id, item.text_offset, self.samples_in * 1000 / rate_in))
+            elif isinstance(item, Flushed):
+                await s.send_text(s.protocol.flushed(self.id))
+            elif isinstance(item, Finished):
+                for frame in encoder.finish():
+                    await self._send_audio(frame)
+                await s.send_text(s.protocol.done(self.id, self._stats()))
+                METRICS.audio_seconds.inc(value=self.samples_in / rate_in)
+                return "done"
+            elif isinstance(item, Failed):
+                await s.send_text(s.protocol.failed(self.id, item.code, item.message))
+                METRICS.errors.inc(item.code)
+                return "error"
+
+    async def _send_audio(self, frame: bytes) -> None:
+        data = self.session.protocol.audio(self.id, frame)
+        if data is None:
+            return
+        if self.first_audio_at is None:
+            self.first_audio_at = time.perf_counter()
+            if self.first_text_at is not None:
+                METRICS.ttfa.observe(self.first_audio_at - self.first_text_at)
+        await self.session.send(data)
+
+    def _stats(self) -> dict:
+        rate = self.session.rt.engine.sample_rate
+        audio_ms = self.samples_in * 1000 / rate
+        synth_ms = self.synthesis.synth_seconds * 1000 or (time.perf_counter() - (self.first_text_at or time.perf_counter())) * 1000
+        ttfa = None
+        if self.first_audio_at is not None and self.first_text_at is not None:
+            ttfa = round((self.first_audio_at - self.first_text_at) * 1000, 1)
+        return {
+            "ttfa_ms": ttfa,
+            "audio_ms": round(audio_ms, 1),
+            "synth_ms": round(synth_ms, 1),
+            "rtf": round(synth_ms / audio_ms, 3) if audio_ms else None,
+        }
+
+
+class _Pacer:
+    """``realtime`` pacing: hold each frame until ``lead`` seconds before its playback time."""
+
+    def __init__(self, enabled: bool, lead: float) -> None:
+        self.enabled = enabled
+        self.lead = lead
+        self.t0: float | None = None
+
+    async def wait(self, audio_end_s: float) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        delay = self.t0 + audio_end_s - self.lead - now
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class Session:
+    """One WebSocket.  ``receive`` and ``send_raw`` are the only I/O it does, so tests and other
+    transports can drive it with plain callables."""
+
+    def __init__(self, rt: Runtime, protocol: Protocol,
+                 receive: Callable[[], Awaitable[str | bytes | None]],
+                 send_raw: Callable[[str | bytes], Awaitable[None]],
+                 close: Callable[[int, str], Awaitable[None]]) -> None:
+        self.rt = rt
+        self.protocol = protocol
+        self.loop = asyncio.get_running_loop()
+        self._receive = receive
+        self._send_raw = send_raw
+        self._close = close
+        self._send_lock = asyncio.Lock()
+        self.runners: dict[str, ContextRunner] = {}
+        self._last_runner: ContextRunner | None = None
+        self._closing = False
+        self.closed = asyncio.Event()
+
+    @property
+    def output(self) -> OutputOptions:
+        return self.protocol.output
+
+    async def send(self, data: str | bytes) -> None:
+        """Send one frame, failing the session if the client does not take it in time."""
+        if self._closing:
+            raise ClientGone()
+        async with self._send_lock:
+            try:
+                await asyncio.wait_for(self._send_raw(data), self.rt.send_timeout)
+            except asyncio.TimeoutError:
+                log.warning("session %s: client did not read for %.1fs; closing", self.protocol.session_id, self.rt.send_timeout)
+                self._closing = True
+                self._abort_task = self.loop.create_task(self._abort(1008, "client is not reading"))
+                raise ClientGone() from None
+            except Exception:
+                self._closing = True
+                raise ClientGone() from None
+
+    async def send_text(self, frame: str | None) -> None:
+        if frame is not None:
+            await self.send(frame)
+
+    async def run(self) -> None:
+        METRICS.sessions_active.inc()
+        METRICS.sessions_total.inc()
+        try:
+            while not self._closing:
+                try:
+                    msg = await asyncio.wait_for(self._receive(), self._idle_wait())
+                except asyncio.TimeoutError:
+                    if self.runners:
+                        continue
+                    await self._abort(1000, "idle timeout")
+                    return
+                if msg is None:  # disconnected
+                    return
+                events = (self.protocol.receive_bytes(msg) if isinstance(msg, bytes)
+                          else self.protocol.receive_text(msg))
+                for ev in events:
+                    if not await self._apply(ev):
+                        return
+        except ClientGone:
+            return
+        finally:
+            await self._teardown()
+            METRICS.sessions_active.dec()
+
+    def _idle_wait(self) -> float:
+        return self.rt.idle_timeout
+
+    async def _apply(self, ev) -> bool:
+        if isinstance(ev, Send):
+            if ev.error is not None:
+                METRICS.errors.inc(ev.error)
+            await self.send(ev.data)
+        elif isinstance(ev, Close):
+            await self._abort(ev.code, ev.reason)
+            return False
+        elif isinstance(ev, OpenContext):
+            options = synthesis_options(ev.options)
+            previous = self._last_runner if self.output.audio_transport == "binary" else None
+            if previous is not None and previous.finished.is_set():
+                previous = None
+            runner = ContextRunner(self, ev.context_id, options, previous)
+            self.runners[ev.context_id] = runner
+            self._last_runner = runner
+            runner.task.add_done_callback(lambda _t, cid=ev.context_id: self.runners.pop(cid, None))
+        elif isinstance(ev, PushText):
+            self.runners[ev.context_id].push(ev.text)
+        elif isinstance(ev, FlushContext):
+            self.runners[ev.context_id].flush()
+        elif isinstance(ev, EndContext):
+            self.runners[ev.context_id].end()
+        elif isinstance(ev, CancelContext):
+            runner = self.runners.get(ev.context_id)
+            if runner is not None:
+                await runner.cancel()
+            await self.send_text(self.protocol.cancelled(ev.context_id))
+        return True
+
+    async def _abort(self, code: int, reason: str) -> None:
+        self._closing = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._close(code, reason), 2.0)
+
+    async def _teardown(self) -> None:
+        self._closing = True
+        runners = list(self.runners.values())
+        for r in runners:
+            r.synthesis.cancel()
+            r.task.cancel()
+        for r in runners:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await r.task
+        self.runners.clear()
+        self._last_runner = None
+        self.closed.set()
+
