@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flow_encoder import EncoderCache, EncoderConfig, UpsampleConformerEncoder
+from .flow_encoder import EncoderConfig, UpsampleConformerEncoder
 from .flow_estimator import CausalConditionalDecoder, EstimatorCache, EstimatorConfig
 
 NOISE_FRAMES = 15000  # 300 s of mel at 50 Hz: the longest utterance the official noise covers
@@ -101,7 +101,7 @@ class CausalConditionalCFM(nn.Module):
         return (1.0 + rate) * out[:1] - rate * out[1:]
 
     def forward(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,
-                streaming: bool = False, trace: list | None = None) -> Tensor:
+                streaming: bool = False, trace: list | None = None, left_chunks: int | None = None) -> Tensor:
         """mu, cond [1, 80, T]; mask [1, 1, T]; spks [1, 80] -> mel [1, 80, T].
         `trace`, when given, receives (x, t, raw estimator output) of every step (for tests)."""
         T = mu.shape[2]
@@ -115,7 +115,8 @@ class CausalConditionalCFM(nn.Module):
         cond_in = torch.cat([cond, zeros_like(cond)])
         for t, dt in euler_schedule(n_timesteps, mu.dtype):
             t_in = t.to(mu.device).expand(2)
-            out = self.estimator(torch.cat([x, x]), mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming)
+            out = self.estimator(torch.cat([x, x]), mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming,
+                                 left_chunks=left_chunks)
             if trace is not None:
                 trace.append((x, t, out))
             x = x + dt * self.guided(out)
@@ -143,13 +144,15 @@ class CausalMaskedDiffWithXvec(nn.Module):
     @torch.inference_mode()
     def inference(self, token: Tensor, token_len: Tensor, prompt_token: Tensor, prompt_token_len: Tensor,
                   prompt_feat: Tensor, prompt_feat_len: Tensor, embedding: Tensor, streaming: bool,
-                  finalize: bool, n_timesteps: int | None = None) -> Tensor:
+                  finalize: bool, n_timesteps: int | None = None, left_chunks: int | None = None) -> Tensor:
         """token [1, N], prompt_token [1, P], prompt_feat [1, F, 80], embedding [1, 192] ->
         mel [1, 80, T_new] for the new tokens (the prompt's F frames removed). With
         finalize=False the last `pre_lookahead_len` tokens are lookahead only.
 
         `n_timesteps` (default 10, the official value) trades quality for time: cost is linear in
-        it, and anything but 10 no longer matches the official output."""
+        it, and anything but 10 no longer matches the official output. `left_chunks` (streaming
+        only, not official) limits encoder and estimator attention to that many earlier chunks: the
+        full-recompute reference for `FlowStream(left_chunks=...)`."""
         if token.shape[0] != 1:
             raise ValueError("batch size 1 only (as the official inference)")
         n_timesteps = self.cfg.n_timesteps if n_timesteps is None else n_timesteps
@@ -158,19 +161,19 @@ class CausalMaskedDiffWithXvec(nn.Module):
         lens = prompt_token_len + token_len
         xs = self.embed_tokens(tokens)
         if finalize:
-            h, _ = self.encoder(xs, lens, streaming=streaming)
+            h, _ = self.encoder(xs, lens, streaming=streaming, left_chunks=left_chunks)
         else:
             la = self.cfg.pre_lookahead_len
             if xs.shape[1] <= la:
                 raise ValueError("finalize=False needs more tokens than the lookahead")
-            h, _ = self.encoder(xs[:, :-la], lens, context=xs[:, -la:], streaming=streaming)
+            h, _ = self.encoder(xs[:, :-la], lens, context=xs[:, -la:], streaming=streaming, left_chunks=left_chunks)
         n_prompt = prompt_feat.shape[1]
         mu = self.encoder_proj(h).transpose(1, 2).contiguous()  # [1, 80, T]
         T = mu.shape[2]
         cond = torch.zeros(1, self.cfg.output_size, T, dtype=mu.dtype, device=mu.device)
         cond[:, :, :n_prompt] = prompt_feat.transpose(1, 2)
         mask = torch.ones(1, 1, T, dtype=mu.dtype, device=mu.device)
-        mel = self.decoder(mu, mask, spks, cond, n_timesteps=n_timesteps, streaming=streaming)
+        mel = self.decoder(mu, mask, spks, cond, n_timesteps=n_timesteps, streaming=streaming, left_chunks=left_chunks)
         return mel[:, :, n_prompt:].float()
 
 
@@ -183,9 +186,10 @@ class FlowStream:
     official final call, which re-runs everything with full attention (see the report/tests for the
     measured difference). Every state lives on this object, nothing on the module; `close()` frees it.
 
-    `left_chunks` bounds the estimator's attention to that many 50-frame chunks before the current
-    one (memory and per-chunk cost then stop growing; output then equals the official estimator with
-    `num_decoding_left_chunks = left_chunks`, not the default unbounded one).
+    `left_chunks` bounds encoder and estimator attention to that many chunks (25 tokens / 50
+    frames) before the current one: memory and per-chunk cost then stop growing, and the output
+    equals `inference(..., left_chunks=left_chunks)` (like the official `num_decoding_left_chunks`),
+    no longer the default unbounded model.
     """
 
     def __init__(self, flow: CausalMaskedDiffWithXvec, prompt_token: Tensor, prompt_feat: Tensor,
@@ -217,7 +221,7 @@ class FlowStream:
             self.spks_in = torch.cat([spks, torch.zeros_like(spks)])  # CFG rows
             self.schedule = euler_schedule(self.n_timesteps)
             self.t_embs = [self.estimator.time_embedding(t.expand(2)) for t, _ in self.schedule]
-        self.enc_cache = EncoderCache()
+        self.enc_cache = flow.encoder.new_cache(left_chunks)
         self.est_caches = [EstimatorCache(left_chunks) for _ in range(self.n_timesteps)]
         if precompute_prompt:
             self._precompute_prompt()
@@ -317,7 +321,7 @@ class FlowStream:
 
     def nbytes(self) -> int:
         """Bytes of cached state (encoder + every Euler step's estimator cache)."""
-        enc = self.enc_cache.nbytes() if hasattr(self.enc_cache, "nbytes") else _tensor_bytes(vars(self.enc_cache))
+        enc = self.enc_cache.nbytes() if self.enc_cache is not None else 0
         return enc + sum(c.nbytes() for c in self.est_caches)
 
     def close(self) -> None:
@@ -333,12 +337,3 @@ class FlowStream:
         if self.closed:
             raise RuntimeError("FlowStream is closed")
 
-
-def _tensor_bytes(obj) -> int:
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0

@@ -1,0 +1,375 @@
+"""Flow matching: estimator, CFM solver, CausalMaskedDiffWithXvec and the constant-cost FlowStream.
+
+Parity against the official fixtures (TINY config), plus the property the streaming design rests
+on: evaluating only new frames against caches gives the chunk-causal full recompute."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice.checkpoint import load_state_dict, load_strict
+from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowConfig, FlowStream, cfm_noise, euler_schedule
+from cosyvoice.flow_estimator import CausalConditionalDecoder, EstimatorCache, EstimatorConfig
+from tests.conftest import load_npz, reference_file
+
+torch.set_num_threads(1)
+TOL = 1e-4
+NOISE_SHA256 = "584a26e6eaad944407a96c5999aaa5cd0a6a359309a841eade68bf805c072322"
+
+
+def t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def maxdiff(a: torch.Tensor, b) -> float:
+    return (a.detach().float() - (t(b) if isinstance(b, np.ndarray) else b)).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg() -> FlowConfig:
+    return FlowConfig.from_dict(json.loads(reference_file("config_tiny.json").read_text())["flow"])
+
+
+@pytest.fixture(scope="module")
+def flow(tiny_cfg) -> CausalMaskedDiffWithXvec:
+    model = CausalMaskedDiffWithXvec(tiny_cfg).eval()
+    load_strict(model, load_state_dict(reference_file("tiny_flow.safetensors")), "tiny flow")
+    return model
+
+
+@pytest.fixture(scope="module")
+def estimator(flow) -> CausalConditionalDecoder:
+    return flow.decoder.estimator
+
+
+@pytest.fixture(scope="module")
+def est_fx() -> dict[str, torch.Tensor]:
+    return {k: t(v) for k, v in load_npz("flow_estimator.npz").items()}
+
+
+# --- noise ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parity
+def test_noise_matches_official_seed0_tensor_without_touching_global_rng():
+    fx = load_npz("flow_inference.npz")
+    cfm_noise.cache_clear()
+    rng_before = torch.get_rng_state()
+    noise = cfm_noise()
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert noise.shape == (1, 80, 15000) and noise.dtype == torch.float32
+    assert hashlib.sha256(noise.numpy().tobytes()).hexdigest() == NOISE_SHA256
+    assert torch.equal(noise[0, :, :1024], t(fx["rand_noise_head"]))
+
+
+def test_euler_schedule_is_cosine_grid():
+    steps = euler_schedule(10)
+    assert len(steps) == 10
+    ts = torch.stack([s[0] for s in steps])
+    grid = 1 - torch.cos(torch.linspace(0, 1, 11) * 0.5 * torch.pi)
+    assert torch.allclose(ts, grid[:10], atol=1e-7)
+    assert abs(sum(float(dt) for _, dt in steps) - 1.0) < 1e-6
+    with pytest.raises(ValueError):
+        euler_schedule(0)
+
+
+# --- estimator --------------------------------------------------------------------------------
+
+
+@pytest.mark.parity
+def test_estimator_time_embedding(estimator, est_fx):
+    with torch.no_grad():
+        assert maxdiff(estimator.time_embeddings(est_fx["t"]), est_fx["sinusoidal_t"]) <= TOL
+        assert maxdiff(estimator.time_embedding(est_fx["t"]), est_fx["time_emb"]) <= TOL
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize(
+    "key,mask,streaming",
+    [("out_nonstream", "mask", False), ("out_stream", "mask", True), ("out_padded_nonstream", "mask_padded", False)],
+)
+def test_estimator_parity(estimator, est_fx, key, mask, streaming):
+    f = est_fx
+    with torch.no_grad():
+        out = estimator(f["x"], f[mask], f["mu"], f["t"], f["spks"], f["cond"], streaming=streaming)
+    assert maxdiff(out, f[key]) <= TOL
+
+
+def test_estimator_streaming_differs_from_full_attention(estimator, est_fx):
+    """Guards the parity cases above against a mask that is silently ignored."""
+    assert maxdiff(est_fx["out_stream"], est_fx["out_nonstream"]) > 1e-3
+
+
+def _random_inputs(T: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 80, T, generator=g)
+    mu = torch.randn(2, 80, T, generator=g)
+    cond = torch.randn(2, 80, T, generator=g)
+    spks = torch.randn(2, 80, generator=g)
+    mu[1] = 0
+    cond[1] = 0
+    spks[1] = 0
+    return x, mu, spks, cond, torch.tensor([0.42, 0.42])
+
+
+@pytest.mark.parametrize("splits,left_chunks", [([50, 26], None), ([100, 50, 17], None), ([150, 50, 33], 1), ([50, 50, 50, 10], 0)])
+def test_estimator_forward_chunk_equals_full_streaming(estimator, splits, left_chunks):
+    T = sum(splits)
+    x, mu, spks, cond, tt = _random_inputs(T)
+    with torch.no_grad():
+        full = estimator(x, torch.ones(2, 1, T), mu, tt, spks, cond, streaming=True, left_chunks=left_chunks)
+        cache = EstimatorCache(left_chunks)
+        outs, a = [], 0
+        for n in splits:
+            outs.append(estimator.forward_chunk(x[..., a : a + n], mu[..., a : a + n], tt, spks, cond[..., a : a + n], cache))
+            a += n
+    assert maxdiff(torch.cat(outs, -1), full) <= TOL
+    if left_chunks is not None:
+        # the window bounds what is kept: at most left_chunks chunks of keys survive
+        (k, _), *_ = cache.kv.values()
+        assert k.shape[2] <= (left_chunks + 1) * 50
+
+
+def test_estimator_window_changes_output_only_beyond_window(estimator):
+    T = 200
+    x, mu, spks, cond, tt = _random_inputs(T, seed=1)
+    ones = torch.ones(2, 1, T)
+    with torch.no_grad():
+        full = estimator(x, ones, mu, tt, spks, cond, streaming=True)
+        win = estimator(x, ones, mu, tt, spks, cond, streaming=True, left_chunks=1)
+    assert maxdiff(win[..., :100], full[..., :100]) <= TOL  # chunks 0 and 1 see everything anyway
+    assert maxdiff(win[..., 100:], full[..., 100:]) > 1e-4
+
+
+def test_estimator_cache_bad_paths(estimator):
+    x, mu, spks, cond, tt = _random_inputs(60)
+    with pytest.raises(ValueError):
+        EstimatorCache(left_chunks=-1)
+    cache = EstimatorCache()
+    with torch.no_grad():
+        estimator.forward_chunk(x[..., :30], mu[..., :30], tt, spks, cond[..., :30], cache)  # partial: last call
+        assert cache.closed and cache.nbytes() > 0
+        with pytest.raises(RuntimeError):
+            estimator.forward_chunk(x[..., 30:], mu[..., 30:], tt, spks, cond[..., 30:], cache)
+    cache.clear()
+    assert cache.nbytes() == 0
+
+
+def test_estimator_config_from_dict_and_rejects_unknown_layouts():
+    cfg = EstimatorConfig.from_dict({"channels": [64], "num_heads": 2, "attention_head_dim": 16, "dropout": 0.0})
+    assert cfg.channels == (64,) and cfg.num_heads == 2 and cfg.n_blocks == 4
+    with pytest.raises(ValueError):
+        CausalConditionalDecoder(EstimatorConfig(channels=(64, 64)))
+    with pytest.raises(ValueError):
+        CausalConditionalDecoder(EstimatorConfig(channels=(64,), act_fn="snakebeta"))
+
+
+# --- CFM solver and full inference ------------------------------------------------------------
+
+
+def _solver_inputs(flow, mu_np: np.ndarray):
+    fx = load_npz("flow_inference.npz")
+    mu = t(mu_np).T.unsqueeze(0)
+    T = mu.shape[2]
+    cond = torch.zeros(1, 80, T)
+    cond[:, :, :20] = t(fx["prompt_feat"]).T
+    with torch.no_grad():
+        spks = flow.speaker(t(fx["embedding"])[None])
+    return fx, mu, torch.ones(1, 1, T), spks, cond
+
+
+@pytest.mark.parity
+def test_cfm_solver_every_euler_step(flow):
+    """Fed the encoder output recorded in flow_encoder.npz (same tokens), so this isolates the solver."""
+    enc = load_npz("flow_encoder.npz")
+    fx, mu, mask, spks, cond = _solver_inputs(flow, enc["full_h_proj"])
+    assert maxdiff(spks[0], fx["spk_proj"]) <= TOL
+    trace: list = []
+    with torch.no_grad():
+        mel = flow.decoder(mu, mask, spks, cond, n_timesteps=10, streaming=False, trace=trace)
+    assert len(trace) == 10
+    for k, (x, tk, out) in enumerate(trace):
+        assert maxdiff(x[0], fx["nonstream_final_step_x"][k]) <= TOL, k
+        assert abs(float(tk) - float(fx["nonstream_final_step_t"][k])) <= 1e-7, k
+        assert maxdiff(out, fx["nonstream_final_step_est_out"][k]) <= TOL, k
+    assert maxdiff(mel[0, :, 20:], fx["nonstream_final_mel"]) <= TOL
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("key,enc_key", [("stream_final_mel", "stream_h_proj"), ("stream_chunk_mel", "stream_ctx_h_proj")])
+def test_cfm_solver_streaming(flow, key, enc_key):
+    fx, mu, mask, spks, cond = _solver_inputs(flow, load_npz("flow_encoder.npz")[enc_key])
+    with torch.no_grad():
+        mel = flow.decoder(mu, mask, spks, cond, n_timesteps=10, streaming=True)
+    assert maxdiff(mel[0, :, 20:], fx[key]) <= TOL
+
+
+def _inference(flow, fx, streaming, finalize, token=None, n_timesteps=None):
+    token = t(fx["token"])[None] if token is None else token
+    prompt = t(fx["prompt_token"])[None]
+    return flow.inference(token, torch.tensor([token.shape[1]]), prompt, torch.tensor([prompt.shape[1]]),
+                          t(fx["prompt_feat"])[None], torch.tensor([fx["prompt_feat"].shape[0]]),
+                          t(fx["embedding"])[None], streaming=streaming, finalize=finalize, n_timesteps=n_timesteps)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize(
+    "key,streaming,finalize",
+    [("nonstream_final_mel", False, True), ("stream_final_mel", True, True), ("stream_chunk_mel", True, False)],
+)
+def test_flow_inference_parity(flow, key, streaming, finalize):
+    fx = load_npz("flow_inference.npz")
+    mel = _inference(flow, fx, streaming, finalize)
+    assert mel.shape == (1, 80, fx[key].shape[1])
+    assert maxdiff(mel[0], fx[key]) <= TOL
+
+
+def test_flow_inference_fewer_steps_is_a_different_but_close_solution(flow):
+    fx = load_npz("flow_inference.npz")
+    ref = _inference(flow, fx, False, True)
+    few = _inference(flow, fx, False, True, n_timesteps=5)
+    assert few.shape == ref.shape
+    assert 1e-3 < maxdiff(few, ref)
+    with pytest.raises(ValueError):
+        _inference(flow, fx, False, True, n_timesteps=0)
+
+
+# --- FlowStream --------------------------------------------------------------------------------
+
+
+def _official_hops(n_prompt: int, n_tokens: int, first: int = 25, max_hop: int = 100, lookahead: int = 3):
+    """The official chunk schedule: (hop per emitted chunk, tokens left for the final call)."""
+    pad = -(-n_prompt // 25) * 25 - n_prompt
+    hops, offset, hop = [], 0, first
+    while n_tokens - offset >= (hop if hops else hop + pad) + lookahead:
+        hops.append(hop if hops else hop + pad)
+        offset += hops[-1]
+        hop = min(max_hop, hop * 2)
+    return hops, n_tokens - offset
+
+
+def _stream_case(n_tokens: int, seed: int, n_prompt: int = 10):
+    fx = load_npz("flow_inference.npz")
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 6561, (1, n_tokens), generator=g)
+    prompt = torch.randint(0, 6561, (1, n_prompt), generator=g)
+    prompt_feat = torch.randn(1, 2 * n_prompt, 80, generator=g) * 2 - 5
+    emb = t(fx["embedding"])[None]
+    return tokens, prompt, prompt_feat, emb
+
+
+def _recompute(flow, tokens, prompt, prompt_feat, emb, streaming, finalize, n_timesteps=None):
+    return flow.inference(tokens, torch.tensor([tokens.shape[1]]), prompt, torch.tensor([prompt.shape[1]]),
+                          prompt_feat, torch.tensor([prompt_feat.shape[1]]), emb, streaming=streaming,
+                          finalize=finalize, n_timesteps=n_timesteps)
+
+
+def _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, push_step=7, **kw):
+    stream = FlowStream(flow, prompt, prompt_feat, emb, **kw)
+    mels, pushed = [], 0
+    for hop in hops:
+        while not stream.ready(hop):
+            stream.push(tokens[0, pushed : pushed + push_step])
+            pushed += push_step
+        mels.append(stream.emit(hop))
+        assert mels[-1].shape == (1, 80, 2 * hop)
+    stream.push(tokens[0, pushed:])
+    mels.append(stream.finish())
+    return stream, mels
+
+
+@pytest.mark.parametrize("n_tokens,n_prompt", [(400, 10), (140, 75)])
+def test_flow_stream_equals_chunk_causal_recompute(flow, n_tokens, n_prompt):
+    """The issue's proof: constant-cost streaming == official-style prefix recompute with streaming
+    attention, chunk by chunk (final chunk: streaming=True, finalize=True)."""
+    tokens, prompt, prompt_feat, emb = _stream_case(n_tokens, seed=n_tokens, n_prompt=n_prompt)
+    hops, _ = _official_hops(n_prompt, n_tokens)
+    assert len(hops) >= 2
+    stream, mels = _run_stream(flow, tokens, prompt, prompt_feat, emb, hops)
+    offset = 0
+    for hop, mel in zip(hops, mels, strict=False):
+        ref = _recompute(flow, tokens[:, : offset + hop + 3], prompt, prompt_feat, emb, True, False)
+        assert maxdiff(mel, ref[:, :, 2 * offset :]) <= TOL
+        offset += hop
+    ref = _recompute(flow, tokens, prompt, prompt_feat, emb, True, True)
+    assert mels[-1].shape[2] == 2 * (n_tokens - offset)
+    assert maxdiff(mels[-1], ref[:, :, 2 * offset :]) <= TOL
+    assert sum(m.shape[2] for m in mels) == 2 * n_tokens
+    assert stream.closed and stream.nbytes() == 0
+
+
+def test_flow_stream_final_chunk_vs_official_full_attention_final_pass(flow):
+    """finish() is chunk-causal to the end; the official final call uses full attention. They are
+    different computations: record that the difference exists and stays bounded (it is measured and
+    reported by benchmarks/flow_chunk_cost.py)."""
+    tokens, prompt, prompt_feat, emb = _stream_case(160, seed=3)
+    hops, _ = _official_hops(10, 160)
+    _, mels = _run_stream(flow, tokens, prompt, prompt_feat, emb, hops)
+    offset = sum(hops)
+    official = _recompute(flow, tokens, prompt, prompt_feat, emb, False, True)[:, :, 2 * offset :]
+    diff = maxdiff(mels[-1], official)
+    assert 1e-4 < diff < 10 * official.abs().max().item()
+
+
+def test_flow_stream_prompt_precompute_is_equivalent(flow):
+    tokens, prompt, prompt_feat, emb = _stream_case(90, seed=5, n_prompt=60)
+    hops, _ = _official_hops(60, 90)
+    _, a = _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, precompute_prompt=True)
+    _, b = _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, precompute_prompt=False)
+    assert maxdiff(torch.cat(a, -1), torch.cat(b, -1)) <= TOL
+
+
+def test_flow_stream_window_bounds_memory(flow):
+    tokens, prompt, prompt_feat, emb = _stream_case(200, seed=7)
+    hops = [15, 25, 25, 25, 25, 25, 25]
+    sizes = {}
+    for lc in (None, 1):
+        stream = FlowStream(flow, prompt, prompt_feat, emb, left_chunks=lc)
+        stream.push(tokens[0])
+        sizes[lc] = []
+        for hop in hops:
+            stream.emit(hop)
+            sizes[lc].append(stream.nbytes())
+        stream.close()
+    grow = {lc: s[-1] - s[-2] for lc, s in sizes.items()}
+    assert sizes[None][-1] > sizes[None][1] and grow[None] > 0  # unbounded: grows with the utterance
+    assert sizes[1][-1] < sizes[None][-1] and grow[1] < grow[None] / 2  # window: only the encoder still grows
+
+
+def test_flow_stream_n_timesteps_matches_recompute_with_same_steps(flow):
+    tokens, prompt, prompt_feat, emb = _stream_case(60, seed=9)
+    stream = FlowStream(flow, prompt, prompt_feat, emb, n_timesteps=4)
+    stream.push(tokens[0])
+    mel = torch.cat([stream.emit(15), stream.finish()], -1)
+    ref = _recompute(flow, tokens, prompt, prompt_feat, emb, True, True, n_timesteps=4)
+    assert maxdiff(mel, ref) <= TOL
+
+
+def test_flow_stream_bad_paths(flow):
+    tokens, prompt, prompt_feat, emb = _stream_case(60, seed=11)
+    with pytest.raises(ValueError):
+        FlowStream(flow, prompt, prompt_feat[:, :-1], emb)  # prompt mel must be 2 frames per token
+    with pytest.raises(ValueError):
+        FlowStream(flow, prompt[0], prompt_feat, emb)
+    stream = FlowStream(flow, prompt, prompt_feat, emb)
+    stream.push(tokens[0, :17])
+    assert not stream.ready(15)  # 15 + 3 lookahead > 17
+    with pytest.raises(RuntimeError):
+        stream.emit(15)
+    stream.push(tokens[0, 17:])
+    assert stream.ready(15)
+    with pytest.raises(ValueError):
+        stream.emit(20)  # 10 prompt + 20 is not on a 25-token chunk boundary
+    with pytest.raises(ValueError):
+        stream.emit(0)
+    stream.emit(15)
+    stream.close()
+    with pytest.raises(RuntimeError):
+        stream.push([1, 2, 3])
+    with pytest.raises(RuntimeError):
+        stream.finish()
