@@ -67,8 +67,16 @@ class EncoderConfig:
         "layer_norm_eps_embed_and_after_norm": "embed_norm_eps",
     }
     # Training-only knobs of the official yaml that do not change inference.
-    _IGNORED = {"dropout_rate", "positional_dropout_rate", "attention_dropout_rate", "use_dynamic_chunk",
-                "use_dynamic_left_chunk", "global_cmvn", "key_bias", "gradient_checkpointing"}
+    _IGNORED = {
+        "dropout_rate",
+        "positional_dropout_rate",
+        "attention_dropout_rate",
+        "use_dynamic_chunk",
+        "use_dynamic_left_chunk",
+        "global_cmvn",
+        "key_bias",
+        "gradient_checkpointing",
+    }
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
@@ -80,7 +88,9 @@ class EncoderConfig:
                 kwargs[name] = value
             elif key in cls._FIXED:
                 if value != cls._FIXED[key]:
-                    raise ValueError(f"encoder option {key}={value!r} is not supported (only {cls._FIXED[key]!r})")
+                    raise ValueError(
+                        f"encoder option {key}={value!r} is not supported (only {cls._FIXED[key]!r})"
+                    )
             elif key not in cls._IGNORED:
                 raise ValueError(f"unknown encoder option {key!r}")
         return cls(**kwargs)
@@ -98,7 +108,8 @@ def rel_position_table(distances: Tensor, d_model: int) -> Tensor:
     elementwise from the distance gives the same float32 values for any subset of distances.
     """
     div_term = torch.exp(
-        torch.arange(0, d_model, 2, dtype=torch.float32, device=distances.device) * -(math.log(10000.0) / d_model)
+        torch.arange(0, d_model, 2, dtype=torch.float32, device=distances.device)
+        * -(math.log(10000.0) / d_model)
     )
     angle = distances.to(torch.float32).unsqueeze(1) * div_term
     pe = torch.zeros(distances.numel(), d_model, dtype=torch.float32, device=distances.device)
@@ -107,8 +118,15 @@ def rel_position_table(distances: Tensor, d_model: int) -> Tensor:
     return pe
 
 
-def chunk_mask(n_query: int, n_key: int, chunk: int, q_start: int = 0, k_start: int = 0,
-               left_chunks: int | None = None, device: torch.device | None = None) -> Tensor:
+def chunk_mask(
+    n_query: int,
+    n_key: int,
+    chunk: int,
+    q_start: int = 0,
+    k_start: int = 0,
+    left_chunks: int | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
     """Block-causal mask [n_query, n_key] over absolute positions: a query sees every key of its own
     chunk and of earlier chunks (the last `left_chunks` of them when set)."""
     q = torch.arange(q_start, q_start + n_query, device=device)
@@ -295,7 +313,9 @@ class RelPositionMultiHeadedAttention(nn.Module):
         """x [1, n, C] new positions q_start.. ; their keys are appended to kv first; mask [n, kv.length]."""
         n = x.size(1)
         q = self._split(self.linear_q(x))[0]  # [n, H, d_k]
-        kv.append(self._split(self.linear_k(x))[0].transpose(0, 1), self._split(self.linear_v(x))[0].transpose(0, 1))
+        kv.append(
+            self._split(self.linear_k(x))[0].transpose(0, 1), self._split(self.linear_v(x))[0].transpose(0, 1)
+        )
         k, v = kv.keys()  # [H, L, d_k]
         L = k.size(1)
         matrix_ac = torch.matmul((q + self.pos_bias_u).transpose(0, 1), k.transpose(-2, -1))  # [H, n, L]
@@ -398,7 +418,8 @@ class UpsampleConformerEncoder(nn.Module):
         self.after_norm = nn.LayerNorm(d, eps=cfg.embed_norm_eps)
         self.pre_lookahead_layer = PreLookaheadLayer(d, cfg.pre_lookahead_channels, cfg.pre_lookahead_len)
         self.encoders = nn.ModuleList(
-            ConformerBlock(d, cfg.attention_heads, cfg.linear_units, cfg.layer_norm_eps) for _ in range(cfg.num_blocks)
+            ConformerBlock(d, cfg.attention_heads, cfg.linear_units, cfg.layer_norm_eps)
+            for _ in range(cfg.num_blocks)
         )
         self.up_layer = Upsample1D(d, d, cfg.up_stride)
         self.up_embed = LinearEmbed(d, d, cfg.embed_norm_eps)
@@ -487,6 +508,8 @@ class UpsampleConformerEncoder(nn.Module):
         if cache.finished:
             raise RuntimeError("encoder cache is finished (its last chunk had no context)")
         n = xs_chunk.size(1)
+        if context is not None and context.size(1) > cfg.pre_lookahead_len:
+            raise ValueError(f"context has {context.size(1)} tokens, at most {cfg.pre_lookahead_len} allowed")
         if context is not None and n % cfg.static_chunk_size != 0:
             raise ValueError(
                 f"a non-final chunk must be a multiple of {cfg.static_chunk_size} tokens, got {n} "
@@ -514,20 +537,28 @@ class UpsampleConformerEncoder(nn.Module):
             cache.up_state = y.new_zeros(1, d, 2 * stride)
         up, cache.up_state = self.up_layer.forward_chunk(y.transpose(1, 2), cache.up_state)
         z = self.up_embed.embed(up.transpose(1, 2))
-        z = self._blocks_chunk(self.up_encoders, cache.up_layers, z, f, cfg.static_chunk_size * stride,
-                               cache.left_chunks)
+        z = self._blocks_chunk(
+            self.up_encoders, cache.up_layers, z, f, cfg.static_chunk_size * stride, cache.left_chunks
+        )
         cache.tokens_done, cache.frames_done = s + n, f + stride * n
         cache.finished = context is None
         return self.after_norm(z)
 
     @staticmethod
-    def _blocks_chunk(blocks: nn.ModuleList, kvs: list[_KVBuffer], x: Tensor, start: int, chunk: int,
-                      left_chunks: int | None) -> Tensor:
+    def _blocks_chunk(
+        blocks: nn.ModuleList,
+        kvs: list[_KVBuffer],
+        x: Tensor,
+        start: int,
+        chunk: int,
+        left_chunks: int | None,
+    ) -> Tensor:
         n = x.size(1)
         kv0 = kvs[0]
         k_start = kv0.start
-        mask = chunk_mask(n, kv0.length + n, chunk, q_start=start, k_start=k_start, left_chunks=left_chunks,
-                          device=x.device)
+        mask = chunk_mask(
+            n, kv0.length + n, chunk, q_start=start, k_start=k_start, left_chunks=left_chunks, device=x.device
+        )
         for block, kv in zip(blocks, kvs, strict=True):
             x = block.forward_chunk(x, kv, start, mask)
         if left_chunks is not None:

@@ -1,0 +1,294 @@
+"""UpsampleConformerEncoder: parity with the official encoder, REAL key layout, and the incremental
+(constant cost per chunk) path against the full streaming recompute."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cosyvoice.checkpoint import CheckpointMismatch, load_strict
+from cosyvoice.flow_encoder import (
+    EncoderCache,
+    EncoderConfig,
+    UpsampleConformerEncoder,
+    chunk_mask,
+    rel_position_table,
+)
+from tests.conftest import load_npz, reference_file
+
+torch.set_num_threads(1)
+
+
+def tiny_config() -> EncoderConfig:
+    return EncoderConfig.from_dict(
+        json.loads(reference_file("config_tiny.json").read_text())["flow"]["encoder"]
+    )
+
+
+def small_config() -> EncoderConfig:
+    """A random-weight encoder small enough for bookkeeping tests."""
+    return EncoderConfig(
+        input_size=16,
+        output_size=16,
+        attention_heads=2,
+        linear_units=32,
+        num_blocks=1,
+        num_up_blocks=1,
+        pre_lookahead_channels=16,
+    )
+
+
+def encoder_state(path) -> dict[str, torch.Tensor]:
+    return {
+        k.removeprefix("encoder."): v for k, v in load_file(str(path)).items() if k.startswith("encoder.")
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny() -> UpsampleConformerEncoder:
+    enc = UpsampleConformerEncoder(tiny_config()).eval()
+    load_strict(enc, encoder_state(reference_file("tiny_flow.safetensors")), "tiny flow encoder")
+    return enc
+
+
+@pytest.fixture(scope="module")
+def xs_random() -> torch.Tensor:
+    return torch.randn(1, 203, 64, generator=torch.Generator().manual_seed(0))
+
+
+def streaming_reference(enc, xs, end: int, final: bool, left_chunks=None) -> torch.Tensor:
+    """What the official chunk loop computes for tokens [0, end): full recompute with the next 3
+    tokens as context (none on the final chunk)."""
+    ctx = None if final else xs[:, end : end + 3]
+    with torch.no_grad():
+        h, _ = enc(xs[:, :end], torch.tensor([end]), context=ctx, streaming=True, left_chunks=left_chunks)
+    return h
+
+
+def run_chunks(enc, xs, sizes, left_chunks=None):
+    """Feed xs chunk by chunk (true next 3 tokens as context, none on the last); returns the
+    per-chunk outputs and the cache."""
+    cache = enc.new_cache(left_chunks=left_chunks)
+    outs, s = [], 0
+    for i, n in enumerate(sizes):
+        final = i == len(sizes) - 1
+        ctx = None if final else xs[:, s + n : s + n + 3]
+        outs.append(enc.forward_chunk(xs[:, s : s + n], ctx, cache))
+        s += n
+    return outs, cache
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_real_model():
+    cfg = EncoderConfig()
+    assert (cfg.input_size, cfg.output_size, cfg.attention_heads, cfg.linear_units) == (512, 512, 8, 2048)
+    assert (cfg.num_blocks, cfg.num_up_blocks, cfg.static_chunk_size, cfg.pre_lookahead_len) == (6, 4, 25, 3)
+    assert (cfg.up_stride, cfg.layer_norm_eps, cfg.embed_norm_eps) == (2, 1e-12, 1e-5)
+
+
+@pytest.mark.parity
+def test_config_from_tiny_dict():
+    cfg = tiny_config()
+    assert (cfg.output_size, cfg.attention_heads, cfg.linear_units, cfg.num_blocks) == (64, 4, 128, 2)
+    assert cfg.pre_lookahead_channels == 64 and cfg.layer_norm_eps == 1e-12 and cfg.embed_norm_eps == 1e-5
+
+
+def test_config_rejects_unsupported_and_unknown_options():
+    with pytest.raises(ValueError, match="use_cnn_module"):
+        EncoderConfig.from_dict({"use_cnn_module": True})
+    with pytest.raises(ValueError, match="unknown"):
+        EncoderConfig.from_dict({"output_sise": 64})
+    assert EncoderConfig.from_dict({"dropout_rate": 0.1, "macaron_style": False}) == EncoderConfig()
+
+
+# --- layout and parity --------------------------------------------------------------------------
+
+
+@pytest.mark.parity
+def test_real_config_has_flow_pt_encoder_keys_and_shapes():
+    shapes = json.loads(reference_file("real_state_dict_shapes.json").read_text())["flow.pt"]
+    expected = {k.removeprefix("encoder."): tuple(v) for k, v in shapes.items() if k.startswith("encoder.")}
+    with torch.device("meta"):
+        enc = UpsampleConformerEncoder(EncoderConfig())
+    ours = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+    assert ours == expected
+    # 10 blocks x 19 + embed 4 + pre_lookahead 4 + up_layer 2 + up_embed 4 + after_norm 2
+    assert len(ours) == 206
+
+
+@pytest.mark.parity
+def test_tiny_checkpoint_rejects_missing_key():
+    state = encoder_state(reference_file("tiny_flow.safetensors"))
+    del state["up_encoders.3.self_attn.pos_bias_v"]
+    with pytest.raises(CheckpointMismatch, match="pos_bias_v"):
+        load_strict(UpsampleConformerEncoder(tiny_config()), state, "tiny flow encoder")
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("mode", ["full", "stream", "stream_ctx"])
+def test_taps_match_official(tiny, mode):
+    ref = load_npz("flow_encoder.npz")
+    xs = torch.from_numpy(ref["xs"]).unsqueeze(0)
+    lens = torch.tensor([int(ref["token_len"])])
+    kwargs = {
+        "full": dict(xs=xs),
+        "stream": dict(xs=xs, streaming=True),
+        "stream_ctx": dict(xs=xs[:, :38], context=xs[:, 38:], streaming=True),
+    }[mode]
+    taps: dict = {}
+    with torch.no_grad():
+        h, h_lens = tiny(xs_lens=lens, taps=taps, **kwargs)
+    names = [
+        "embed_x",
+        "embed_posemb",
+        "pre_lookahead",
+        "encoders_out",
+        "up_layer_out",
+        "up_embed_x",
+        "up_embed_posemb",
+        "up_encoders_out",
+        "h",
+    ] + (["context_embed_x"] if mode == "stream_ctx" else [])
+    assert sorted(taps) == sorted(names)
+    for name in names:
+        want = ref[f"{mode}_{name}"]
+        got = taps[name][0].numpy()
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=name)
+    assert torch.equal(h, taps["h"]) and int(h_lens) == 82
+    assert h.shape[1] == 2 * kwargs["xs"].shape[1]
+
+
+@pytest.mark.parity
+def test_streaming_differs_from_full_attention():
+    ref = load_npz("flow_encoder.npz")
+    # The first chunk (25 tokens = 50 frames) sees the same keys either way except the lookahead;
+    # later frames see more in full mode. Guards against a mask that is silently ignored.
+    assert np.abs(ref["full_h"] - ref["stream_h"]).max() > 1e-2
+
+
+def test_rel_position_table_rows_are_per_distance():
+    table = rel_position_table(torch.arange(40, -41, -1), 64)
+    ref_rows = rel_position_table(torch.tensor([40, 0, -7]), 64)
+    assert torch.equal(table[[0, 40, 47]], ref_rows)
+    assert torch.equal(table[40, 0::2], torch.zeros(32)) and torch.equal(table[40, 1::2], torch.ones(32))
+
+
+def test_projected_positions_equal_linear_pos_of_the_full_table(tiny):
+    attn = tiny.encoders[0].self_attn
+    T = 30
+    full = attn.linear_pos(rel_position_table(torch.arange(T - 1, -T, -1), 64))  # distances 29..-29
+    got = attn.projected_positions(29, 29)  # [H, 59, d_k]
+    torch.testing.assert_close(got.transpose(0, 1).reshape(59, 64), full, atol=1e-5, rtol=0)
+    part = attn.projected_positions(5, 2)  # distances 5..-2
+    torch.testing.assert_close(
+        part.transpose(0, 1).reshape(8, 64), full[T - 1 - 5 : T - 1 + 3], atol=1e-5, rtol=0
+    )
+
+
+def test_chunk_mask_rules():
+    m = chunk_mask(6, 6, 2)
+    assert m.tolist()[2] == [True, True, True, True, False, False]
+    left = chunk_mask(2, 6, 2, q_start=4, left_chunks=1)
+    assert left.tolist() == [[False, False, True, True, True, True]] * 2
+
+
+# --- incremental path ---------------------------------------------------------------------------
+
+
+@pytest.mark.parity
+def test_incremental_equals_streaming_recompute(tiny, xs_random):
+    sizes = [25, 50, 100, 28]
+    outs, cache = run_chunks(tiny, xs_random, sizes)
+    s = 0
+    for i, (n, h) in enumerate(zip(sizes, outs, strict=True)):
+        assert h.shape == (1, 2 * n, 64)
+        ref = streaming_reference(tiny, xs_random, s + n, final=i == len(sizes) - 1)
+        torch.testing.assert_close(h, ref[:, 2 * s :], atol=1e-4, rtol=0)
+        s += n
+    assert (cache.tokens_done, cache.frames_done, cache.finished) == (203, 406, True)
+    # With true contexts, the chunks together are the streaming encoding of the whole utterance.
+    whole = streaming_reference(tiny, xs_random, 203, final=True)
+    torch.testing.assert_close(torch.cat(outs, dim=1), whole, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parity
+def test_incremental_final_chunk_can_be_empty_or_short(tiny, xs_random):
+    xs = xs_random[:, :53]
+    outs, cache = run_chunks(tiny, xs, [25, 25, 3])
+    torch.testing.assert_close(
+        torch.cat(outs, dim=1), streaming_reference(tiny, xs, 53, final=True), atol=1e-4, rtol=0
+    )
+    cache = tiny.new_cache()
+    first = tiny.forward_chunk(xs[:, :25], xs[:, 25:28], cache)
+    empty = tiny.forward_chunk(xs[:, :0], None, cache)
+    assert empty.shape == (1, 0, 64) and cache.finished and cache.tokens_done == 25
+    torch.testing.assert_close(first, streaming_reference(tiny, xs, 25, final=False), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parity
+def test_left_chunks_only_changes_results_when_the_window_truncates(tiny, xs_random):
+    sizes = [25, 50, 100, 28]
+    unbounded, _ = run_chunks(tiny, xs_random, sizes)
+    unbounded = torch.cat(unbounded, dim=1)
+    # 9 chunks of 25 tokens: with 8 left chunks no query ever loses a key.
+    wide, _ = run_chunks(tiny, xs_random, sizes, left_chunks=8)
+    torch.testing.assert_close(torch.cat(wide, dim=1), unbounded, atol=1e-5, rtol=0)
+    # 2 left chunks: tokens 0..74 (chunks 0-2, frames 0..149) see everything, later ones do not.
+    narrow, cache = run_chunks(tiny, xs_random, sizes, left_chunks=2)
+    narrow = torch.cat(narrow, dim=1)
+    torch.testing.assert_close(narrow[:, :150], unbounded[:, :150], atol=1e-5, rtol=0)
+    assert (narrow[:, 150:] - unbounded[:, 150:]).abs().max() > 1e-3
+    # ... and it is exactly the windowed full recompute.
+    ref = streaming_reference(tiny, xs_random, 203, final=True, left_chunks=2)
+    torch.testing.assert_close(narrow, ref, atol=1e-4, rtol=0)
+    # Only the window (at most 3 chunks incl. the current one) stays cached.
+    assert cache.layers[0].length <= 3 * 25 and cache.up_layers[0].length <= 3 * 50
+
+
+def test_cache_memory_per_token():
+    assert EncoderConfig().cache_bytes_per_token() == (6 * 2 * 512 + 4 * 2 * 2 * 512) * 4 == 57344
+    cfg = small_config()
+    enc = UpsampleConformerEncoder(cfg).eval()
+    xs = torch.randn(1, 78, 16)
+    _, cache = run_chunks(enc, xs, [25, 50, 3])
+    assert cache.live_nbytes() == 78 * cfg.cache_bytes_per_token()
+    assert cache.nbytes() >= cache.live_nbytes()
+
+
+def test_cache_survives_switching_inference_mode():
+    cfg = small_config()
+    enc = UpsampleConformerEncoder(cfg).eval()
+    xs = torch.randn(1, 53, 16)
+    cache = enc.new_cache()
+    with torch.inference_mode():
+        a = enc.forward_chunk(xs[:, :25], xs[:, 25:28], cache)
+    b = enc.forward_chunk(xs[:, 25:50], xs[:, 50:53], cache)
+    c = enc.forward_chunk(xs[:, 50:], None, cache)
+    with torch.no_grad():
+        ref, _ = enc(xs, torch.tensor([53]), streaming=True)
+    torch.testing.assert_close(torch.cat([a, b, c], dim=1), ref, atol=1e-5, rtol=0)
+
+
+def test_forward_chunk_rejects_bad_input():
+    cfg = small_config()
+    enc = UpsampleConformerEncoder(cfg).eval()
+    xs = torch.randn(1, 60, 16)
+    cache = enc.new_cache()
+    with pytest.raises(ValueError, match="multiple of 25"):
+        enc.forward_chunk(xs[:, :20], xs[:, 20:23], cache)
+    with pytest.raises(ValueError, match="one request"):
+        enc.forward_chunk(torch.randn(2, 25, 16), None, cache)
+    with pytest.raises(ValueError, match="at most 3"):
+        enc.forward_chunk(xs[:, :25], xs[:, 25:29], cache)
+    enc.forward_chunk(xs[:, :10], None, cache)
+    with pytest.raises(RuntimeError, match="finished"):
+        enc.forward_chunk(xs[:, 10:35], xs[:, 35:38], cache)
+    with pytest.raises(ValueError, match="left_chunks"):
+        EncoderCache(left_chunks=-1)
