@@ -1,0 +1,339 @@
+"""Turn engine audio (mono float32 at the engine's rate) into the frames a client asked for.
+
+One encoder per utterance: it owns a :class:`StreamResampler` to the output rate and returns frames
+that are ready to send as soon as they exist.  PCM and G.711 hold nothing back (beyond the
+resampler's filter tail); Opus holds at most one unfinished 20 ms frame.
+
+Opus notes (libopus through PyAV):
+
+* raw: every returned frame is exactly one 20 ms Opus packet.  The encoder's lookahead ("pre-skip",
+  312 samples at 48 kHz = 6.5 ms, see :attr:`OpusEncoder.pre_skip`) means the first 6.5 ms a decoder
+  produces are warm-up, and the real audio ends 6.5 ms later than the input did; so :meth:`finish`
+  pads the last partial frame with zeros and adds packets until the padded stream covers
+  ``real audio + pre-skip``: ``ceil((n + pre_skip) / frame)`` packets in all.
+* ogg: we write the Ogg pages ourselves (RFC 3533 / RFC 7845), one packet per page, each page as
+  soon as its packet exists.  FFmpeg's Ogg muxer (through PyAV 18.1) keeps the newest page until the
+  next packet arrives, so that it can flag the last one, and PyAV offers no muxer flush; that would
+  hold 20 ms more than a packet.  The last page carries the end-of-stream flag and a granule position
+  that trims the padding, so decoders return exactly the real audio.
+* application "audio" (libopus: "as close as possible to the input") rather than "voip" (favours
+  intelligibility, adds speech-only processing): synthetic speech is clean and we want it unaltered;
+  "lowdelay" would drop the pre-skip to 2.5 ms but disables the speech (SILK) layer.
+
+``samples_out`` counts output-rate samples of real audio (never padding) carried by the frames
+returned so far; after :meth:`AudioEncoder.finish` it is ``round(n_in * sample_rate / source_rate)``.
+"""
+
+from __future__ import annotations
+
+import fractions
+import random
+import struct
+import zlib
+from abc import ABC, abstractmethod
+
+import av
+import numpy as np
+
+from .g711 import linear_to_alaw, linear_to_ulaw
+from .resample import StreamResampler
+
+FORMATS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw", "opus")
+CONTAINERS = {
+    "pcm_s16le": ("raw", "wav"),
+    "pcm_f32le": ("raw", "wav"),
+    "mulaw": ("raw", "wav"),
+    "alaw": ("raw", "wav"),
+    "opus": ("raw", "ogg"),
+}
+COMMON_RATES = (8000, 16000, 24000, 48000)
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # the only rates libopus encodes at
+OPUS_FRAME_MS = 20
+DEFAULT_OPUS_BITRATE = 32_000
+DEFAULT_OPUS_APPLICATION = "audio"
+
+
+def allowed_sample_rates(format: str, native_rate: int) -> tuple[int, ...]:
+    """Output rates a client may ask for with this format, given the engine's native rate."""
+    if format == "opus":
+        return OPUS_RATES
+    return tuple(sorted(set(COMMON_RATES) | {int(native_rate)}))
+
+
+def default_sample_rate(format: str, native_rate: int) -> int:
+    """Rate used when the client names none: native for PCM, 48 kHz for Opus, 8 kHz for G.711."""
+    if format == "opus":
+        return 48000
+    if format in ("mulaw", "alaw"):
+        return 8000
+    return int(native_rate)
+
+
+def validate_audio_format(format: str, sample_rate: int | None, container: str, native_rate: int) -> str | None:
+    """Error message for a client's audio options, or None when they are usable.
+
+    ``sample_rate`` None is valid (the caller applies :func:`default_sample_rate`).
+    """
+    if format not in CONTAINERS:
+        return f"unknown format {format!r}; expected one of {', '.join(FORMATS)}"
+    if container not in CONTAINERS[format]:
+        return f"container {container!r} is not available for {format}; expected one of {', '.join(CONTAINERS[format])}"
+    if sample_rate is None:
+        return None
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int):
+        return f"sample_rate must be an integer, got {sample_rate!r}"
+    rates = allowed_sample_rates(format, native_rate)
+    if sample_rate not in rates:
+        return f"sample_rate {sample_rate} is not supported for {format}; expected one of {', '.join(map(str, rates))}"
+    return None
+
+
+def to_int16(x: np.ndarray) -> np.ndarray:
+    """float [-1, 1] -> int16, clipped and rounded (NaN becomes silence)."""
+    x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
+    return np.rint(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+class AudioEncoder(ABC):
+    """Engine-rate float32 in, ready-to-send frames out.  Subclasses see output-rate audio only."""
+
+    content_type: str
+
+    def __init__(self, format: str, sample_rate: int, container: str, source_rate: int) -> None:
+        self.format = format
+        self.sample_rate = int(sample_rate)
+        self.container = container
+        self.source_rate = int(source_rate)
+        self.samples_out = 0
+        self._resampler = StreamResampler(self.source_rate, self.sample_rate)
+        self._finished = False
+
+    def encode(self, samples: np.ndarray) -> list[bytes]:
+        """Frames for the next chunk of engine audio (possibly none while a frame fills up)."""
+        if self._finished:
+            raise RuntimeError("encode() after finish()")
+        samples = np.asarray(samples, dtype=np.float32)
+        if samples.ndim > 1 and samples.size != samples.shape[0]:
+            raise ValueError(f"expected mono audio, got shape {samples.shape}")
+        return self._encode(self._resampler.process(samples.reshape(-1)))
+
+    def finish(self) -> list[bytes]:
+        """Everything still held: resampler tail, the last (padded) frame, end-of-stream markers."""
+        if self._finished:
+            return []
+        self._finished = True
+        return self._finish(self._resampler.flush())
+
+    @abstractmethod
+    def _encode(self, y: np.ndarray) -> list[bytes]: ...
+
+    @abstractmethod
+    def _finish(self, y: np.ndarray) -> list[bytes]: ...
+
+
+# -- PCM and G.711 --------------------------------------------------------------------------------
+
+# format -> (WAVE format tag, bits per sample, sample packer)
+_SAMPLE_CODECS = {
+    "pcm_s16le": (1, 16, lambda y: to_int16(y).astype("<i2").tobytes()),
+    "pcm_f32le": (3, 32, lambda y: np.clip(np.nan_to_num(y, nan=0.0), -1.0, 1.0).astype("<f4").tobytes()),
+    "mulaw": (7, 8, lambda y: linear_to_ulaw(to_int16(y)).tobytes()),
+    "alaw": (6, 8, lambda y: linear_to_alaw(to_int16(y)).tobytes()),
+}
+_UNKNOWN_SIZE = 0xFFFFFFFF
+
+
+def wav_header(format_tag: int, sample_rate: int, bits: int) -> bytes:
+    """Mono WAV header for a stream of unknown length (RIFF and data sizes 0xFFFFFFFF).
+
+    PCM gets the classic 44 bytes; IEEE float and G.711 are "non-PCM" in the WAVE spec, which asks
+    for the 18-byte fmt chunk (cbSize = 0) and a ``fact`` chunk (sample count, also unknown): 58 bytes.
+    soundfile (libsndfile), PyAV (FFmpeg's wav demuxer) read all four until the end of the data;
+    Python's ``wave`` reads the PCM one and refuses the others (it knows only PCM).
+    """
+    block = bits // 8
+    fields = (format_tag, 1, sample_rate, sample_rate * block, block, bits)
+    if format_tag == 1:
+        chunks = struct.pack("<4sIHHIIHH", b"fmt ", 16, *fields)
+    else:
+        chunks = struct.pack("<4sIHHIIHHH", b"fmt ", 18, *fields, 0)
+        chunks += struct.pack("<4sII", b"fact", 4, _UNKNOWN_SIZE)
+    chunks += struct.pack("<4sI", b"data", _UNKNOWN_SIZE)
+    return struct.pack("<4sI4s", b"RIFF", _UNKNOWN_SIZE, b"WAVE") + chunks
+
+
+class SampleEncoder(AudioEncoder):
+    """Little-endian PCM or 8-bit G.711, raw or after a streaming WAV header; holds nothing."""
+
+    def __init__(self, format: str, sample_rate: int, container: str, source_rate: int) -> None:
+        super().__init__(format, sample_rate, container, source_rate)
+        tag, bits, self._pack = _SAMPLE_CODECS[format]
+        self._header = wav_header(tag, self.sample_rate, bits) if container == "wav" else None
+        if container == "wav":
+            self.content_type = "audio/wav"
+        elif format == "mulaw":
+            self.content_type = "audio/basic" if self.sample_rate == 8000 else f"audio/PCMU;rate={self.sample_rate}"
+        elif format == "alaw":
+            self.content_type = f"audio/PCMA;rate={self.sample_rate}"
+        else:
+            # audio/L16 is big-endian by definition (RFC 2586), so it would mislabel our samples.
+            self.content_type = f"audio/pcm;rate={self.sample_rate};channels=1;format={format[4:]}"
+
+    def _frames(self, y: np.ndarray) -> list[bytes]:
+        frames = []
+        if self._header is not None:
+            frames.append(self._header)
+            self._header = None
+        if y.size:
+            frames.append(self._pack(y))
+            self.samples_out += y.size
+        return frames
+
+    _encode = _frames
+    _finish = _frames
+
+
+# -- Opus -----------------------------------------------------------------------------------------
+
+_CRC_REFLECT = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
+
+
+def ogg_crc(data: bytes) -> int:
+    """Ogg's CRC-32 (poly 0x04C11DB7, MSB first, no init/xor), computed with zlib's reflected CRC.
+
+    A reflected CRC of bit-reversed bytes is the bit-reversed plain CRC, and subtracting the CRC of as
+    many zero bytes cancels zlib's 0xFFFFFFFF init and final xor; both run in C.
+    """
+    crc = zlib.crc32(data.translate(_CRC_REFLECT)) ^ zlib.crc32(bytes(len(data)))
+    return int(f"{crc:032b}"[::-1], 2)
+
+
+class OggPageWriter:
+    """One logical Ogg stream, one packet per page (packets < 64 KiB, as Opus packets are)."""
+
+    BOS, EOS = 0x02, 0x04
+
+    def __init__(self, serial: int | None = None) -> None:
+        self.serial = random.getrandbits(32) if serial is None else serial
+        self.sequence = 0
+
+    def page(self, packet: bytes, granule: int, flags: int = 0) -> bytes:
+        if len(packet) >= 255 * 255:
+            raise ValueError("packet too large for a single Ogg page")
+        n_full, last = divmod(len(packet), 255)
+        lacing = bytes([255] * n_full + [last])
+        header = struct.pack("<4sBBqIIIB", b"OggS", 0, flags, granule, self.serial, self.sequence, 0, len(lacing))
+        page = header + lacing + packet
+        self.sequence += 1
+        return page[:22] + struct.pack("<I", ogg_crc(page)) + page[26:]
+
+
+def opus_tags(vendor: str = "cosyvoice-realtime") -> bytes:
+    v = vendor.encode()
+    return b"OpusTags" + struct.pack("<I", len(v)) + v + struct.pack("<I", 0)
+
+
+class OpusEncoder(AudioEncoder):
+    """20 ms Opus packets (raw) or an Ogg Opus stream paged per packet (ogg)."""
+
+    def __init__(
+        self,
+        sample_rate: int,
+        container: str,
+        source_rate: int,
+        bitrate: int = DEFAULT_OPUS_BITRATE,
+        application: str = DEFAULT_OPUS_APPLICATION,
+    ) -> None:
+        super().__init__("opus", sample_rate, container, source_rate)
+        codec = av.CodecContext.create("libopus", "w")
+        codec.sample_rate = self.sample_rate
+        codec.layout = "mono"
+        codec.format = "flt"
+        codec.bit_rate = int(bitrate)
+        codec.time_base = fractions.Fraction(1, self.sample_rate)
+        codec.options = {"application": application, "frame_duration": str(OPUS_FRAME_MS)}
+        codec.open()
+        self._codec = codec
+        self.frame_size = self.sample_rate * OPUS_FRAME_MS // 1000  # samples per packet at our rate
+        self.opus_head = bytes(codec.extradata)  # RFC 7845 identification header, from libopus
+        self.pre_skip = struct.unpack_from("<H", self.opus_head, 10)[0]  # always in 48 kHz samples
+        self._to_48k = 48000 // self.sample_rate
+        self._pre_skip_here = -(-self.pre_skip // self._to_48k)  # at our rate, rounded up
+        self._pending = np.zeros(0, dtype=np.float32)  # < one frame, waiting for more audio
+        self._real = 0  # real (not padding) samples handed to libopus
+        self._packets = 0
+        self._ogg = OggPageWriter() if container == "ogg" else None
+        self._headers_sent = False
+        self.content_type = "audio/ogg; codecs=opus" if container == "ogg" else "audio/opus"
+
+    def _packet(self, frame: np.ndarray, real: int) -> bytes:
+        f = av.AudioFrame.from_ndarray(frame[None, :], format="flt", layout="mono")
+        f.sample_rate = self.sample_rate
+        f.pts = self._packets * self.frame_size
+        packets = self._codec.encode(f)
+        if len(packets) != 1:  # libopus emits one packet per frame at once; anything else is a bug
+            raise RuntimeError(f"libopus returned {len(packets)} packets for one frame")
+        self._packets += 1
+        self._real += real
+        self.samples_out = self._real
+        return bytes(packets[0])
+
+    def _headers(self) -> list[bytes]:
+        if self._ogg is None or self._headers_sent:
+            return []
+        self._headers_sent = True
+        return [self._ogg.page(self.opus_head, 0, OggPageWriter.BOS) + self._ogg.page(opus_tags(), 0)]
+
+    def _wrap(self, packet: bytes, last: bool) -> bytes:
+        if self._ogg is None:
+            return packet
+        if last:  # end trimming: the granule says where the real audio stops
+            return self._ogg.page(packet, self.pre_skip + self._real * self._to_48k, OggPageWriter.EOS)
+        return self._ogg.page(packet, self._packets * OPUS_FRAME_MS * 48)
+
+    def _encode(self, y: np.ndarray) -> list[bytes]:
+        frames = self._headers()
+        buf = np.concatenate([self._pending, np.clip(np.nan_to_num(y, nan=0.0), -1.0, 1.0)])
+        n_full = buf.size // self.frame_size * self.frame_size
+        for i in range(0, n_full, self.frame_size):
+            frames.append(self._wrap(self._packet(buf[i : i + self.frame_size], self.frame_size), last=False))
+        self._pending = buf[n_full:].copy()
+        return frames
+
+    def _finish(self, y: np.ndarray) -> list[bytes]:
+        frames = self._encode(y)
+        real_total = self._real + self._pending.size
+        if real_total == 0 and self._ogg is None:
+            return frames  # raw: no audio, no packets
+        # (An Ogg stream without audio still gets one silent packet, trimmed away by its granule:
+        # FFmpeg refuses to open an Ogg Opus stream that has headers only.)
+        n_packets = -(-(real_total + self._pre_skip_here) // self.frame_size)
+        tail = [self._pending] + [np.zeros(0, np.float32)] * (n_packets - self._packets - 1)
+        self._pending = np.zeros(0, dtype=np.float32)
+        for k, chunk in enumerate(tail):
+            frame = np.zeros(self.frame_size, dtype=np.float32)
+            frame[: chunk.size] = chunk
+            packet = self._packet(frame, chunk.size)
+            frames.append(self._wrap(packet, last=k == len(tail) - 1))
+        return frames
+
+
+def make_encoder(
+    format: str,
+    sample_rate: int,
+    container: str,
+    source_rate: int,
+    *,
+    bitrate: int = DEFAULT_OPUS_BITRATE,
+    application: str = DEFAULT_OPUS_APPLICATION,
+) -> AudioEncoder:
+    """Encoder for validated options (see :func:`validate_audio_format`); raises ValueError otherwise.
+
+    ``bitrate`` and ``application`` apply to Opus only.
+    """
+    error = validate_audio_format(format, sample_rate, container, source_rate)
+    if error is not None or sample_rate is None:
+        raise ValueError(error or "sample_rate is required (apply default_sample_rate first)")
+    if format == "opus":
+        return OpusEncoder(sample_rate, container, source_rate, bitrate=bitrate, application=application)
+    return SampleEncoder(format, sample_rate, container, source_rate)
