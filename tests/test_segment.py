@@ -5,7 +5,9 @@ from hypothesis import strategies as st
 from realtime.text.segment import ClauseSegmenter, Segment, SegmenterConfig
 
 
-def segments_of(text: str, parts: list[str] | None = None, config: SegmenterConfig | None = None) -> list[Segment]:
+def segments_of(
+    text: str, parts: list[str] | None = None, config: SegmenterConfig | None = None
+) -> list[Segment]:
     seg = ClauseSegmenter(config)
     out = []
     for p in parts if parts is not None else [text]:
@@ -85,7 +87,10 @@ def test_dashes_semicolons_colons_are_clause_breaks():
 
 
 def test_ellipsis_is_a_clause_break_not_a_sentence_end():
-    assert texts("Well... I think that maybe... we should go.") == ["Well... I think that maybe...", "we should go."]
+    assert texts("Well... I think that maybe... we should go.") == [
+        "Well... I think that maybe...",
+        "we should go.",
+    ]
 
 
 def test_boundary_waits_for_the_following_whitespace():
@@ -195,7 +200,10 @@ def test_cuts_do_not_depend_on_how_deltas_split_the_text(text, cuts):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.text(st.sampled_from(list("ab1. ,;:!?\n—-U.S$")), max_size=120), st.lists(st.integers(0, 200), max_size=20))
+@given(
+    st.text(st.sampled_from(list("ab1. ,;:!?\n—-U.S$")), max_size=120),
+    st.lists(st.integers(0, 200), max_size=20),
+)
 def test_random_text_any_split_same_segments(text, cuts):
     points = sorted({c % (len(text) + 1) for c in cuts})
     parts = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]

@@ -23,8 +23,13 @@ _ONES = (
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand"))
 _ORDINAL_WORDS = {
-    "one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
-    "nine": "ninth", "twelve": "twelfth",
+    "one": "first",
+    "two": "second",
+    "three": "third",
+    "five": "fifth",
+    "eight": "eighth",
+    "nine": "ninth",
+    "twelve": "twelfth",
 }
 
 
@@ -123,9 +128,7 @@ def _drop_symbols(text: str) -> str:
     # Emoji, dingbats, variation selectors and joiners have no reading; accented letters survive
     # because we compose first and only drop combining marks that are left over.
     text = unicodedata.normalize("NFC", text)
-    return "".join(
-        " " if unicodedata.category(c) in _DROP_CATEGORIES and c not in "°^" else c for c in text
-    )
+    return "".join(" " if unicodedata.category(c) in _DROP_CATEGORIES and c not in "°^" else c for c in text)
 
 
 def strip_markup(text: str) -> str:
@@ -173,15 +176,47 @@ _ABBREV = [
 _ABBREV_RE = [(re.compile(p), r) for p, r in _ABBREV]
 
 _UNITS = {
-    "km/h": "kilometers per hour", "mph": "miles per hour", "km": "kilometers", "cm": "centimeters",
-    "mm": "millimeters", "m": "meters", "mi": "miles", "kg": "kilograms", "mg": "milligrams",
-    "g": "grams", "lb": "pounds", "lbs": "pounds", "oz": "ounces", "ml": "milliliters",
-    "l": "liters", "L": "liters", "ft": "feet", "in": "inches", "kWh": "kilowatt hours",
-    "kW": "kilowatts", "W": "watts", "V": "volts", "Hz": "hertz", "kHz": "kilohertz",
-    "MHz": "megahertz", "GHz": "gigahertz", "KB": "kilobytes", "kB": "kilobytes", "MB": "megabytes",
-    "GB": "gigabytes", "TB": "terabytes", "ms": "milliseconds", "sec": "seconds", "min": "minutes",
-    "hrs": "hours", "hr": "hours", "h": "hours",
-    "°C": "degrees Celsius", "°F": "degrees Fahrenheit", "°": "degrees", "x": "times",
+    "km/h": "kilometers per hour",
+    "mph": "miles per hour",
+    "km": "kilometers",
+    "cm": "centimeters",
+    "mm": "millimeters",
+    "m": "meters",
+    "mi": "miles",
+    "kg": "kilograms",
+    "mg": "milligrams",
+    "g": "grams",
+    "lb": "pounds",
+    "lbs": "pounds",
+    "oz": "ounces",
+    "ml": "milliliters",
+    "l": "liters",
+    "L": "liters",
+    "ft": "feet",
+    "in": "inches",
+    "kWh": "kilowatt hours",
+    "kW": "kilowatts",
+    "W": "watts",
+    "V": "volts",
+    "Hz": "hertz",
+    "kHz": "kilohertz",
+    "MHz": "megahertz",
+    "GHz": "gigahertz",
+    "KB": "kilobytes",
+    "kB": "kilobytes",
+    "MB": "megabytes",
+    "GB": "gigabytes",
+    "TB": "terabytes",
+    "ms": "milliseconds",
+    "sec": "seconds",
+    "min": "minutes",
+    "hrs": "hours",
+    "hr": "hours",
+    "h": "hours",
+    "°C": "degrees Celsius",
+    "°F": "degrees Fahrenheit",
+    "°": "degrees",
+    "x": "times",
 }
 _SINGULAR = {"feet": "foot", "inches": "inch", "hours": "hour", "times": "time"}
 _NUM = r"-?\d[\d,]*(?:\.\d+)?"
@@ -209,9 +244,7 @@ _MAGNITUDE = {"k": "thousand", "m": "million", "b": "billion", "bn": "billion", 
 _MONEY = re.compile(
     r"(-?)([$€£¥])\s?(\d[\d,]*(?:\.\d+)?)(?:\s?(thousand|million|billion|trillion|bn|[kKmMbBtT])\b)?"
 )
-_MONTHS = (
-    "January February March April May June July August September October November December".split()
-)
+_MONTHS = "January February March April May June July August September October November December".split()
 _MONTH_RE = "|".join(_MONTHS + [m[:3] + r"\.?" for m in _MONTHS])
 _ISO_DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
 _MONTH_DAY = re.compile(rf"\b({_MONTH_RE})\s+(\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(\d{{4}})\b)?")
@@ -319,16 +352,34 @@ def _numbers(text: str) -> str:
     text = _DECIMAL.sub(lambda m: number_words(m[1]), text)
     # Whatever is left: every digit run is a cardinal, every leading minus is "minus".
     return _NUMBER.sub(
-        lambda m: "minus " if m[0] in "-−" else f" {number_words(m[0])} " if m[0][0] != "0" or len(m[0]) == 1
-        else f" {_digits(m[0])} ",
+        lambda m: (
+            "minus "
+            if m[0] in "-−"
+            else f" {number_words(m[0])} "
+            if m[0][0] != "0" or len(m[0]) == 1
+            else f" {_digits(m[0])} "
+        ),
         text,
     )
 
 
 # -- the whole pipeline --------------------------------------------------------------------------
 
-_SYMBOLS = {"&": " and ", "@": " at ", "+": " plus ", "=": " equals ", "/": " ", "\\": " ", "^": " ",
-            "<": " ", ">": " ", "{": " ", "}": " ", "_": " ", "°": " degrees "}
+_SYMBOLS = {
+    "&": " and ",
+    "@": " at ",
+    "+": " plus ",
+    "=": " equals ",
+    "/": " ",
+    "\\": " ",
+    "^": " ",
+    "<": " ",
+    ">": " ",
+    "{": " ",
+    "}": " ",
+    "_": " ",
+    "°": " degrees ",
+}
 _LINE_BREAK = re.compile(r"([^\s.,;:!?])[ \t]*\n\s*(?=\S)")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
 _REPEATED_PUNCT = re.compile(r"([,;:])(?:\s*[,;:])+")
