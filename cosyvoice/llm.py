@@ -284,9 +284,10 @@ class Qwen2LM(nn.Module):
                         return
                     rows = [(ROW_SPEECH, token)]
 
-            # End of text.  Quirk kept for numerical equality with the official code: ``rows``
-            # still holds what the last decode call fed, so those rows are fed a second time.
-            rows = rows + text_cache + [(ROW_TASK, cfg.task_id)] + prompt_speech
+            # End of text.  Quirks kept for numerical equality with the official code: ``rows``
+            # still holds what the last decode call fed, so those rows are fed a second time; and
+            # prompt speech not yet interleaved (text shorter than the prompt needs) is dropped.
+            rows = rows + text_cache + [(ROW_TASK, cfg.task_id)]
             while True:
                 logp = run.step(rows)
                 token = int(sample(logp, out))

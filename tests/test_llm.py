@@ -1,0 +1,437 @@
+"""Qwen2LM and sampling: parity with the official implementation (TINY fixtures) and the
+behaviour the service relies on (blocking text input, cancellation, caps, concurrency)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import queue
+import threading
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import cosyvoice.llm as llm_mod
+from cosyvoice.checkpoint import CheckpointMismatch, load_state_dict
+from cosyvoice.config import LLMConfig
+from cosyvoice.llm import LM_HEAD_KEY, ROW_SPEECH, ROW_TASK, ROW_TEXT, Qwen2LM
+from cosyvoice.sampling import RasSampler, nucleus_candidates, ras_sampling
+from tests.conftest import load_npz, reference_file
+
+torch.set_num_threads(1)
+
+EOS, UNUSED, FILL = 6561, 6562, 6563
+
+
+@pytest.fixture(scope="module")
+def tiny_config() -> LLMConfig:
+    return LLMConfig.from_tiny_json(json.loads(reference_file("config_tiny.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def tiny_state() -> dict[str, torch.Tensor]:
+    return load_state_dict(reference_file("tiny_llm.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_config, tiny_state) -> Qwen2LM:
+    return Qwen2LM.from_state_dict(tiny_config, tiny_state)
+
+
+class Recorder:
+    """Trace callback: what the backbone was fed, call by call."""
+
+    def __init__(self, text_received=None):
+        self.rows, self.calls, self.cache_len, self.num_rows, self.logits, self.text = [], [], [], [], [], []
+        self.text_received = text_received
+
+    def __call__(self, rows, cache_len, n_rows, logits):
+        self.rows += rows
+        self.calls += [len(self.cache_len)] * len(rows)
+        self.cache_len.append(cache_len)
+        self.num_rows.append(n_rows)
+        self.logits.append(logits.numpy().copy())
+        if self.text_received is not None:
+            self.text.append(self.text_received())
+
+
+def forced(choices, then=None):
+    it = iter(list(choices))
+
+    def sampler(logp, decoded):
+        try:
+            return next(it)
+        except StopIteration:
+            if then is None:
+                raise AssertionError("sampler consulted more often than the reference") from None
+            return then(logp, decoded)
+
+    return sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# parity
+
+
+@pytest.mark.parity
+def test_forward_matches_reference(lm):
+    ref = load_npz("lm_forward.npz")
+    rows = (
+        [(0, 0)] + [(ROW_TEXT, int(t)) for t in ref["text_ids"]] + [(ROW_TASK, 1)]
+        + [(ROW_SPEECH, int(s)) for s in ref["speech_ids"]]
+    )
+    with torch.inference_mode():
+        xs = lm.embed_rows(rows)
+        hidden, cache = lm.forward_one_step(xs, None)
+        logits = lm.llm_decoder(hidden[0])
+        full = lm(xs)[0]
+    np.testing.assert_array_equal(xs[0].numpy(), ref["lm_input"])
+    assert cache.get_seq_length() == len(rows)
+    assert np.abs(hidden[0].numpy() - ref["hidden"]).max() <= 1e-4
+    assert np.abs(logits.numpy() - ref["logits"]).max() <= 1e-4
+    assert np.abs(logits.log_softmax(-1).numpy() - ref["logp"]).max() <= 1e-4
+    assert np.abs(full.numpy() - ref["logits"]).max() <= 1e-4
+
+
+@pytest.mark.parity
+def test_incremental_steps_match_full_forward(lm):
+    """Feeding rows in pieces through the KV cache gives the same hidden states as one call."""
+    ref = load_npz("lm_forward.npz")
+    xs = torch.from_numpy(ref["lm_input"])[None]
+    with torch.inference_mode():
+        cache, outs = None, []
+        for a, b in [(0, 14), (14, 15), (15, 30), (30, 34)]:
+            h, cache = lm.forward_one_step(xs[:, a:b], cache)
+            outs.append(h[0])
+    assert np.abs(torch.cat(outs).numpy() - ref["hidden"]).max() <= 1e-4
+
+
+@pytest.mark.parity
+def test_unistream_inference_matches_reference(lm):
+    ref = load_npz("lm_inference.npz")
+    masked = []
+
+    def record_mask(logp, decoded):
+        masked.append(bool(torch.isneginf(logp[EOS])))
+        return choose(logp, decoded)
+
+    choose = forced(ref["forced_choices"].tolist())
+    rec = Recorder()
+    tokens = list(lm.inference(ref["text"], ref["prompt_text"], ref["prompt_speech_token"],
+                               sampler=record_mask, trace=rec))
+    assert tokens == ref["out_tokens"].tolist()
+    np.testing.assert_array_equal(np.array(rec.rows), ref["feed_rows"])
+    assert rec.calls == ref["feed_call"].tolist()
+    assert rec.cache_len == ref["call_cache_len"].tolist()
+    assert rec.num_rows == ref["call_num_rows"].tolist()
+    assert masked == ref["eos_masked"].tolist()
+    assert np.abs(np.stack(rec.logits) - ref["step_logits"]).max() <= 1e-4
+
+
+@pytest.mark.parity
+def test_bistream_matches_reference(lm):
+    ref = load_npz("lm_bistream.npz")
+    received = [0]
+
+    def text_one_at_a_time():
+        for i, t in enumerate(ref["text"].tolist()):
+            received[0] = i + 1
+            yield t
+        received[0] = -1
+
+    def eos_after_text(logp, decoded):
+        assert received[0] == -1, "the reference samples eos only after the text ended"
+        return EOS
+
+    rec = Recorder(lambda: received[0])
+    tokens = list(lm.inference_bistream(
+        text_one_at_a_time(), ref["prompt_text"], ref["prompt_speech_token"],
+        sampler=forced(ref["sampler_choices"].tolist(), then=eos_after_text), trace=rec,
+    ))
+    assert tokens == ref["yielded_tokens"].tolist()
+    np.testing.assert_array_equal(np.array(rec.rows), ref["feed_rows"])
+    assert rec.calls == ref["feed_call"].tolist()
+    assert rec.cache_len == ref["call_cache_len"].tolist()
+    assert rec.num_rows == ref["call_num_rows"].tolist()
+    assert rec.text == ref["call_text_received"].tolist()
+    assert np.abs(np.stack(rec.logits) - ref["step_logits"]).max() <= 1e-4
+
+
+@pytest.mark.parity
+def test_nucleus_candidates_match_reference():
+    fwd, ref = load_npz("lm_forward.npz"), load_npz("sampling_nucleus.npz")
+    for i, r in enumerate(ref["logits_rows"]):
+        logp = torch.from_numpy(fwd["logits"][r]).log_softmax(-1)
+        probs, ids = nucleus_candidates(logp, top_p=0.8, top_k=25)
+        n = int(ref["candidate_count"][i])
+        assert len(ids) == n
+        assert ids.tolist() == ref["sorted_top30_idx"][i, :n].tolist()
+        np.testing.assert_allclose(probs.numpy(), ref["candidate_probs_padded"][i, :n], atol=1e-6)
+        assert probs[:-1].sum() < 0.8 <= probs.sum() + 1e-6  # the crossing candidate is included
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_nucleus_respects_top_k_and_ties_are_stable():
+    logp = torch.zeros(100).log_softmax(-1)  # all equal: top_p never reached before top_k
+    probs, ids = nucleus_candidates(logp, top_p=0.8, top_k=25)
+    assert ids.tolist() == list(range(25))
+
+
+def test_ras_sampling_is_reproducible_with_a_seeded_generator():
+    logp = torch.linspace(0, 3, 200).log_softmax(-1)
+
+    def draws(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [ras_sampling(logp, [], gen) for _ in range(30)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+    sampler_a, sampler_b = RasSampler.seeded(3), RasSampler.seeded(3)
+    assert [sampler_a(logp, []) for _ in range(20)] == [sampler_b(logp, []) for _ in range(20)]
+
+
+def test_ras_repetition_rule_bans_recent_token_and_draws_from_full_distribution():
+    logits = torch.zeros(100)
+    logits[7] = 20.0  # the nucleus is just {7}
+    logp = logits.log_softmax(-1)
+    before = logp.clone()
+    gen = torch.Generator().manual_seed(0)
+    assert ras_sampling(logp, [1, 2, 3], gen) == 7
+    assert ras_sampling(logp, [7] + [1] * 10, gen) == 7  # outside the window of 10
+    repeats = [ras_sampling(logp, [1] * 9 + [7], gen) for _ in range(300)]
+    assert 7 not in repeats
+    # The fallback is the full remaining distribution, not a nucleus: ids beyond the first 25 occur.
+    assert max(repeats) >= 25
+    assert torch.equal(logp, before)  # the caller's tensor is not modified
+
+
+# ----------------------------------------------------------------------------------------------
+# bistream behaviour
+
+
+def test_bistream_pulls_from_a_blocking_iterator_fed_by_another_thread(lm):
+    """Text arrives from a producer thread; speech comes out before the text has ended."""
+    ref = load_npz("lm_bistream.npz")
+    text = ref["text"].tolist()
+    q: queue.Queue = queue.Queue()
+    first_token = threading.Event()
+
+    def queue_iter():
+        while (item := q.get()) is not None:
+            yield item
+
+    def producer():
+        for t in text[:8]:
+            q.put(t)
+        assert first_token.wait(30), "no speech token while the text was still streaming"
+        for i in range(8, len(text), 2):
+            q.put(text[i:i + 2])  # lists of ids are accepted too
+        q.put(None)
+
+    worker = threading.Thread(target=producer)
+    worker.start()
+    tokens = []
+    choose = forced(ref["sampler_choices"].tolist(), then=lambda lp, d: EOS)
+    for tok in lm.inference_bistream(queue_iter(), ref["prompt_text"], ref["prompt_speech_token"],
+                                     sampler=choose):
+        tokens.append(tok)
+        first_token.set()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert tokens == ref["yielded_tokens"].tolist()
+
+
+class _TrackedCache(llm_mod.DynamicCache):
+    instances: list = []
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        _TrackedCache.instances.append(weakref.ref(self))
+
+
+@pytest.fixture
+def tracked_caches(monkeypatch):
+    _TrackedCache.instances = []
+    monkeypatch.setattr(llm_mod, "DynamicCache", _TrackedCache)
+    return _TrackedCache.instances
+
+
+def _alive(refs):
+    gc.collect()
+    return [r for r in refs if r() is not None]
+
+
+def _never_eos(logp, decoded):
+    return 100 + len(decoded) % 50
+
+
+def test_stop_from_another_thread_ends_within_one_step_and_frees_the_cache(lm, tracked_caches):
+    stop = threading.Event()
+    rec = Recorder()
+    gen = lm.inference_bistream(iter(range(40)), sampler=_never_eos, should_stop=stop, trace=rec)
+    got = [next(gen) for _ in range(5)]
+    assert len(got) == 5 and len(_alive(tracked_caches)) == 1
+    calls_before = len(rec.cache_len)
+    setter = threading.Thread(target=stop.set)
+    setter.start()
+    setter.join()
+    assert list(gen) == []  # the generator returns; no more tokens
+    assert len(rec.cache_len) == calls_before  # no backbone call after the stop was seen
+    assert _alive(tracked_caches) == []  # released while the caller still holds the generator
+    del gen
+
+
+def test_callable_stop_condition_and_close_release_the_cache(lm, tracked_caches):
+    n = [0]
+
+    def should_stop():
+        n[0] += 1
+        return n[0] > 3
+
+    assert len(list(lm.inference([5, 6, 7], sampler=_never_eos, should_stop=should_stop))) == 3
+    gen = lm.inference([5, 6, 7, 8], sampler=_never_eos)
+    next(gen)
+    gen.close()  # GeneratorExit mid-stream
+    assert _alive(tracked_caches) == []
+
+
+def test_max_tokens_caps_a_model_that_never_emits_eos(lm, tracked_caches):
+    rec = Recorder()
+    tokens = list(lm.inference_bistream(iter(range(12)), sampler=_never_eos, max_tokens=40, trace=rec))
+    assert len(tokens) == 40
+    assert len(rec.cache_len) == 40 + 2  # 40 yielded + 2 forced fills, no extra backbone call
+    assert list(lm.inference_bistream(iter(range(12)), sampler=_never_eos, max_tokens=0)) == []
+    assert len(list(lm.inference([1, 2, 3], sampler=_never_eos, max_tokens=4))) == 4
+    assert _alive(tracked_caches) == []
+
+
+def test_unistream_stops_at_max_len_and_masks_eos_until_min_len(lm):
+    seen = []
+
+    def sampler(logp, decoded):
+        seen.append(bool(torch.isneginf(logp[EOS])))
+        return 5
+
+    assert len(list(lm.inference([9, 8], sampler=sampler, min_token_text_ratio=2,
+                                 max_token_text_ratio=3))) == 6
+    assert seen == [True] * 4 + [False] * 2
+    assert list(lm.inference([9, 8], sampler=lambda lp, d: FILL)) == []  # any stop id ends it
+
+
+@pytest.mark.parametrize("bad", [EOS, UNUSED])
+def test_bistream_rejects_stop_tokens_before_the_text_ends(lm, bad):
+    seen = []
+
+    def sampler(logp, decoded):
+        seen.append(bool(torch.isneginf(logp[EOS])))
+        return bad if len(decoded) == 3 else 11
+
+    with pytest.raises(ValueError, match=str(bad)):
+        list(lm.inference_bistream(iter(range(10)), sampler=sampler))
+    assert seen and all(seen)  # eos is masked while text is streaming
+
+
+def test_bistream_final_phase_rejects_fill_and_allows_eos_at_once(lm):
+    seen = []
+
+    def sampler(logp, decoded):
+        seen.append(bool(torch.isneginf(logp[EOS])))
+        return EOS
+
+    assert list(lm.inference_bistream(iter([1, 2]), sampler=sampler)) == []
+    assert seen == [False]
+    with pytest.raises(ValueError, match=str(FILL)):
+        list(lm.inference_bistream(iter([1, 2]), sampler=lambda lp, d: FILL))
+
+
+def test_bistream_short_text_feeds_unconsumed_prefix_once(lm):
+    """Text too short to interleave the prompt: nothing is duplicated, leftover prompt speech is
+    dropped (official behaviour), text and task_id follow the fed prefix."""
+    rec = Recorder()
+    list(lm.inference_bistream(iter([40, 41]), [30, 31, 32, 33, 34, 35], list(range(100, 120)),
+                               sampler=lambda lp, d: EOS, trace=rec))
+    expected = (
+        [(0, 0)] + [(ROW_TEXT, t) for t in [30, 31, 32, 33, 34]]
+        + [(ROW_SPEECH, s) for s in range(100, 115)]
+        + [(ROW_TEXT, t) for t in [35, 40, 41]] + [(ROW_TASK, 1)]
+    )
+    assert rec.rows == expected and rec.cache_len == [0]
+
+
+def test_forced_fill_schedule_without_prompt(lm):
+    """P = 0: 15 tokens, forced fill, wait for 5 more text rows, which replace the fill."""
+    rec = Recorder()
+    gen = lm.inference_bistream(iter(range(200, 211)), sampler=_never_eos, max_tokens=32, trace=rec)
+    tokens = list(gen)
+    assert len(tokens) == 32
+    assert rec.num_rows[:18] == [6] + [1] * 15 + [5] + [1]
+    assert rec.rows[:6] == [(0, 0)] + [(ROW_TEXT, t) for t in range(200, 205)]
+    assert rec.rows[21:26] == [(ROW_TEXT, t) for t in range(205, 210)]  # after the forced fill
+    # end of text after the 2nd fill: last fed speech row again, then text 210 and task_id
+    end = rec.num_rows.index(3, 17)
+    assert rec.num_rows[end] == 3
+    start = sum(rec.num_rows[:end])
+    assert rec.rows[start:start + 3] == [rec.rows[start - 1], (ROW_TEXT, 210), (ROW_TASK, 1)]
+
+
+def test_concurrent_requests_on_a_shared_model_match_solo_runs(lm):
+    texts = [list(range(300, 317)), list(range(500, 509))]
+
+    def run(i):
+        ras = RasSampler.seeded(i)
+
+        def sampler(logp, decoded):  # random weights: keep the ids that would raise out of reach
+            logp = logp.clone()
+            logp[UNUSED] = logp[FILL] = float("-inf")
+            return ras(logp, decoded)
+
+        return list(lm.inference_bistream(iter(texts[i]), [7, 8, 9], [1, 2, 3, 4, 5, 6, 7],
+                                          sampler=sampler, max_tokens=45))
+
+    solo = [run(0), run(1)]
+    results = [None, None]
+    barrier = threading.Barrier(2)
+
+    def worker(i):
+        barrier.wait()
+        results[i] = run(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == solo
+    assert solo[0] != solo[1] and min(len(solo[0]), len(solo[1])) > 15
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def test_lm_head_is_dropped_but_other_extra_keys_are_rejected(tiny_config, tiny_state):
+    assert LM_HEAD_KEY in tiny_state
+    model = Qwen2LM(tiny_config)
+    model.load_checkpoint(tiny_state)
+    assert LM_HEAD_KEY not in model.state_dict()
+    bad = dict(tiny_state, **{"llm.model.extra.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointMismatch, match="llm.model.extra.weight"):
+        model.load_checkpoint(bad)
+    missing = {k: v for k, v in tiny_state.items() if k != "speech_embedding.weight"}
+    with pytest.raises(CheckpointMismatch, match="missing keys 1: speech_embedding.weight"):
+        model.load_checkpoint(missing)
+
+
+def test_dtype_option_casts_weights_and_keeps_rotary_in_float32(tiny_config, tiny_state, lm):
+    half = Qwen2LM.from_state_dict(tiny_config, tiny_state, dtype="bf16")
+    assert half.llm_decoder.weight.dtype == torch.bfloat16
+    assert half.backbone.rotary_emb.inv_freq.dtype == torch.float32
+    ref = load_npz("lm_forward.npz")
+    with torch.inference_mode():
+        out = half(torch.from_numpy(ref["lm_input"])[None].bfloat16())[0].float()
+    assert (out - torch.from_numpy(ref["logits"])).abs().max() < 0.5  # bf16: close, not exact
