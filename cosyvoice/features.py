@@ -113,7 +113,9 @@ def mel_to_hz(m: np.ndarray) -> np.ndarray:
     return np.where(m >= _MIN_LOG_MEL, log_part, _F_SP * m)
 
 
-def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+def mel_filterbank(
+    sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
     """Triangular filters on the slaney mel scale with slaney area normalisation -> [n_mels, n_fft//2+1].
 
     Computed in float64, returned as float32: the same matrix as librosa.filters.mel's defaults
