@@ -1,0 +1,247 @@
+"""The embedded default voice end to end: real ONNX model, real G2P, short texts."""
+
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from realtime.engines.base import (
+    AudioChunk,
+    Cancelled,
+    EngineError,
+    Flushed,
+    SynthesisOptions,
+    TextStream,
+)
+from realtime.engines.piper import PiperEngine, phoneme_ids, phonemize, split_phonemes
+from realtime.text.segment import Segment
+
+WAIT = 60.0  # generous: the CI box may be busy; no assertion here is about speed
+
+
+@pytest.fixture(scope="module")
+def engine() -> PiperEngine:
+    return PiperEngine()
+
+
+def run_in_thread(engine: PiperEngine, stream: TextStream, options: SynthesisOptions | None = None):
+    """Consume ``synthesize`` in a worker thread the way the service does; events land in a queue,
+    followed by ("done", None) or ("error", exc)."""
+    events: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        try:
+            for ev in engine.synthesize(stream, options or SynthesisOptions()):
+                events.put(("event", ev))
+            events.put(("done", None))
+        except BaseException as exc:  # handed to the test thread
+            events.put(("error", exc))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return events, thread
+
+
+def drain(events: queue.Queue) -> tuple[list, BaseException | None]:
+    out = []
+    while True:
+        kind, value = events.get(timeout=WAIT)
+        if kind == "event":
+            out.append(value)
+        else:
+            return out, value
+
+
+def voiced_seconds(samples: np.ndarray, sr: int) -> float:
+    frame = sr // 100
+    n = len(samples) // frame
+    rms = np.sqrt(np.mean(samples[: n * frame].reshape(n, frame) ** 2, axis=1))
+    return float((rms > 0.01).sum()) / 100
+
+
+def test_engine_metadata(engine):
+    assert engine.name == "piper"
+    assert engine.sample_rate == 22050
+    assert engine.default_voice == "joe"
+    assert engine.modes == ("sft",)
+    [voice] = engine.voices()
+    assert voice.id == "joe" and voice.language == "en-US"
+
+
+def test_validate_rejects_bad_options(engine):
+    engine.validate(SynthesisOptions())
+    engine.validate(SynthesisOptions(voice="joe", speed=1.5))
+    with pytest.raises(EngineError) as err:
+        engine.validate(SynthesisOptions(voice="nobody"))
+    assert err.value.code == "unknown_voice"
+    with pytest.raises(EngineError) as err:
+        engine.validate(SynthesisOptions(mode="zero_shot"))
+    assert err.value.code == "bad_request"
+    with pytest.raises(EngineError) as err:
+        engine.validate(SynthesisOptions(speed=0.0))
+    assert err.value.code == "bad_request"
+
+
+def test_synthesize_unknown_voice_fails_before_audio(engine):
+    stream = TextStream()
+    stream.push("Hello.")
+    stream.end()
+    with pytest.raises(EngineError):
+        next(engine.synthesize(stream, SynthesisOptions(voice="nobody")))
+
+
+def test_phoneme_id_framing(engine):
+    id_map = engine.config.phoneme_id_map
+    ids = phoneme_ids("hə", id_map)
+    pad = id_map["_"][0]
+    assert ids == [id_map["^"][0], pad, id_map["h"][0], pad, id_map["ə"][0], pad, id_map["$"][0]]
+    assert phoneme_ids("h\u2603", id_map) == phoneme_ids("h", id_map)  # unknown symbols skipped
+
+
+def test_phonemize_gives_ipa_and_empty_for_nothing():
+    assert "h" in phonemize("Hello world") and "w" in phonemize("Hello world")
+    assert phonemize("") == ""
+    assert phonemize("   ") == ""
+
+
+def test_split_phonemes_caps_length_and_keeps_words():
+    ipa = " ".join(["həlˈoʊ", "wˈɜːld,"] * 30)
+    parts = split_phonemes(ipa, 40)
+    assert len(parts) > 1
+    assert all(len(p) <= 40 for p in parts)
+    assert " ".join(parts).split() == ipa.split()
+    assert split_phonemes("hi", 40) == ["hi"]
+
+
+def test_hello_world_through_a_stream(engine):
+    stream = TextStream()
+    text = "Hello world. This is a test."
+    events, thread = run_in_thread(engine, stream)
+    for piece in ["Hel", "lo wor", "ld. Thi", "s is a te", "st."]:
+        stream.push(piece)
+    stream.end()
+    out, err = drain(events)
+    thread.join(WAIT)
+    assert err is None
+    chunks = [e for e in out if isinstance(e, AudioChunk)]
+    assert all(c.samples.dtype == np.float32 and c.samples.ndim == 1 for c in chunks)
+    audio = np.concatenate([c.samples for c in chunks])
+    assert voiced_seconds(audio, engine.sample_rate) >= 1.0
+    assert np.abs(audio).max() <= 1.0
+    offsets = [c.text_offset for c in chunks if c.text_offset is not None]
+    assert offsets == sorted(offsets) and offsets[0] == len("Hello world.") and offsets[-1] == len(text)
+
+
+def test_first_audio_arrives_before_the_rest_of_the_text(engine):
+    stream = TextStream()
+    events, thread = run_in_thread(engine, stream)
+    stream.push("Good morning to you. ")
+    kind, first = events.get(timeout=WAIT)  # nothing else was pushed and the stream is still open
+    assert kind == "event" and isinstance(first, AudioChunk) and len(first.samples) > 0
+    assert first.text_offset == len("Good morning to you.")
+    stream.push("Goodbye.")
+    stream.end()
+    rest, err = drain(events)
+    thread.join(WAIT)
+    assert err is None
+    assert rest[-1].text_offset == len("Good morning to you. Goodbye.")
+
+
+def test_flushed_comes_after_the_audio_of_the_flushed_text(engine):
+    stream = TextStream()
+    events, thread = run_in_thread(engine, stream)
+    stream.push("Thanks for waiting")
+    stream.flush()
+    before = []
+    while True:
+        kind, ev = events.get(timeout=WAIT)
+        assert kind == "event"
+        if isinstance(ev, Flushed):
+            break
+        before.append(ev)
+    assert before and voiced_seconds(np.concatenate([c.samples for c in before]), engine.sample_rate) > 0.3
+    assert before[-1].text_offset == len("Thanks for waiting")
+    stream.push(" again.")
+    stream.end()
+    after, err = drain(events)
+    thread.join(WAIT)
+    assert err is None and not any(isinstance(e, Flushed) for e in after)
+    assert after[-1].text_offset == len("Thanks for waiting again.")
+
+
+def test_cancel_stops_within_one_segment(engine):
+    stream = TextStream()
+    stream.push("One sentence here. Two sentences here. Three sentences here. Four sentences here.")
+    stream.end()
+    gen = engine.synthesize(stream, SynthesisOptions())
+    first = next(gen)
+    assert isinstance(first, AudioChunk) and first.text_offset == len("One sentence here.")
+    stream.cancel()
+    with pytest.raises(Cancelled):
+        next(gen)
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_cancel_while_waiting_for_text_unblocks(engine):
+    stream = TextStream()
+    events, thread = run_in_thread(engine, stream)
+    stream.push("still typing")
+    stream.cancel()
+    out, err = drain(events)
+    thread.join(WAIT)
+    assert isinstance(err, Cancelled)
+    assert not thread.is_alive()
+
+
+def test_speed_changes_duration(engine):
+    seg = Segment("The quick brown fox jumps over the lazy dog.", 0, 44)
+    normal = np.concatenate([c.samples for c in engine.speak(seg, 1.0)])
+    fast = np.concatenate([c.samples for c in engine.speak(seg, 2.0)])
+    assert len(fast) < 0.75 * len(normal)
+
+
+def test_long_segment_is_split_into_several_model_calls(engine, monkeypatch):
+    monkeypatch.setattr(engine, "max_phonemes", 40)
+    text = "This sentence is long enough that it needs more than one call to the model."
+    chunks = list(engine.speak(Segment(text, 0, len(text)), 1.0))
+    assert len(chunks) >= 2
+    assert [c.text_offset for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].text_offset == len(text)
+
+
+def test_markup_only_text_gives_no_audio_but_reaches_the_end(engine):
+    stream = TextStream()
+    stream.push("**  ** --- 🎉\n")
+    stream.end()
+    out = list(engine.synthesize(stream, SynthesisOptions()))
+    assert all(isinstance(e, AudioChunk) for e in out)
+    assert sum(len(e.samples) for e in out) == 0
+    assert out[-1].text_offset == len("**  ** --- 🎉\n")
+
+
+def test_slow_producer_is_not_stalled(engine):
+    # No punctuation and no end: poll() must release the complete words after a short wait.
+    stream = TextStream()
+    events, thread = run_in_thread(engine, stream)
+    stream.push("one two three four five six ")
+    kind, ev = events.get(timeout=WAIT)
+    assert kind == "event" and isinstance(ev, AudioChunk) and len(ev.samples) > 0
+    assert ev.text_offset == len("one two three four five six")
+    stream.end()
+    _, err = drain(events)
+    thread.join(WAIT)
+    assert err is None
+
+
+def test_two_contexts_at_once_share_the_session(engine):
+    streams = [TextStream(), TextStream()]
+    runs = [run_in_thread(engine, s) for s in streams]
+    for s, text in zip(streams, ["First voice here.", "Second one."], strict=True):
+        s.push(text)
+        s.end()
+    for (events, thread), text in zip(runs, ["First voice here.", "Second one."], strict=True):
+        out, err = drain(events)
+        thread.join(WAIT)
+        assert err is None and out[-1].text_offset == len(text)
