@@ -288,11 +288,10 @@ class HiFTGenerator(nn.Module):
         The first S samples of the fresh source are replaced by `cache_source` [B, 1, S] so that a
         streamed chunk continues the previous chunk's excitation.
         """
-        with parametrize.cached():
-            s = self.source(speech_feat, generator=generator, noise=noise)
-            if cache_source is not None and cache_source.shape[-1] > 0:
-                s[:, :, : cache_source.shape[-1]] = cache_source
-            return self.decode(speech_feat, s), s
+        s = self.source(speech_feat, generator=generator, noise=noise)
+        if cache_source is not None and cache_source.shape[-1] > 0:
+            s[:, :, : cache_source.shape[-1]] = cache_source
+        return self.decode(speech_feat, s), s
 
     def remove_weight_norm(self) -> None:
         """Folds g·v/‖v‖ into plain `.weight` tensors (irreversible; state-dict keys change)."""

@@ -1,0 +1,309 @@
+"""Speech tokens -> 24 kHz audio, streamed per request (CosyVoice2Model.tts/token2wav, FACTS 7).
+
+One `Token2Wav` serves many requests: the flow and HiFT modules are shared and only read; every
+mutable thing of a request (its tokens, hop schedule, flow caches, vocoder mel/source/speech caches,
+random generator) lives in a per-UUID `_Stream` and is freed by the final `pull` or by `close`.
+The official code keeps the hop length on the model object and doubles it per chunk without ever
+resetting it, so its second request starts at hop 100; here the schedule belongs to the request.
+
+Modes:
+- "exact": the official chunk loop bit for bit: every chunk re-runs the flow on the whole token
+  prefix (streaming=True, finalize=False) and the end re-runs everything with full attention
+  (streaming=False, finalize=True). Cost per chunk grows with the utterance.
+- "cached" (default): `FlowStream`, which evaluates each frame once; constant cost per chunk,
+  chunk-causal to the end (its last chunk differs from the official full-attention final pass).
+- "recompute": the chunk-causal result by whole-prefix recompute, including the end
+  (streaming=True, finalize=True): the reference that "cached" must equal.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowStream
+from cosyvoice.hift import HiFTGenerator
+
+MODES = ("cached", "exact", "recompute")
+MEL_CACHE_LEN = 8  # mel frames of overlap handed to the vocoder from the previous chunk
+SOURCE_CACHE_LEN = 8 * 480  # 3840 samples: source continuation and cross-fade length
+
+
+@dataclass(frozen=True)
+class HopSchedule:
+    """Tokens per chunk: `first` (+ the prompt pad) for chunk 0, then ×`growth` per chunk up to `max`.
+
+    Small first hops give early audio; larger later hops amortise the per-chunk overhead.
+    """
+
+    first: int = 25
+    growth: int = 2
+    max: int = 100
+
+    def __post_init__(self):
+        if self.first < 1 or self.growth < 1 or self.max < self.first:
+            raise ValueError(f"invalid hop schedule {self}")
+
+    def prompt_pad(self, n_prompt: int) -> int:
+        """Extra tokens on the first hop so that prompt + first hop is a multiple of `first`."""
+        return math.ceil(n_prompt / self.first) * self.first - n_prompt
+
+    def next(self, hop: int) -> int:
+        return min(self.max, hop * self.growth)
+
+
+def hamming_window(n: int = 2 * SOURCE_CACHE_LEN) -> Tensor:
+    """numpy's symmetric Hamming window (float64) stored as float32, as the fixtures record it."""
+    return torch.from_numpy(np.hamming(n).astype(np.float32))
+
+
+def fade_in_out(new: Tensor, old_tail: Tensor, window: Tensor) -> Tensor:
+    """new[..., :n] = new·w[:n] + old_tail·w[n:], n = len(w)/2 (old_tail: the last n samples before)."""
+    n = window.shape[0] // 2
+    out = new.clone()
+    out[..., :n] = new[..., :n] * window[:n] + old_tail[..., -n:] * window[n:]
+    return out
+
+
+@dataclass
+class _Stream:
+    prompt_token: Tensor  # [1, P] int64
+    prompt_feat: Tensor  # [1, F, 80]
+    embedding: Tensor  # [1, 192]
+    schedule: HopSchedule
+    mode: str
+    generator: torch.Generator
+    prompt_pad: int
+    hop: int  # current base hop (before the first chunk's pad)
+    tokens: list[int] = field(default_factory=list)
+    token_offset: int = 0
+    flow_stream: FlowStream | None = None
+    mel_cache: Tensor | None = None  # [1, 80, 8]
+    source_cache: Tensor | None = None  # [1, 1, 3840]
+    speech_cache: Tensor | None = None  # [1, 3840]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+    def free(self) -> None:
+        if self.flow_stream is not None:
+            self.flow_stream.close()
+        self.flow_stream = None
+        self.mel_cache = self.source_cache = self.speech_cache = None
+        self.tokens = []
+        self.closed = True
+
+    def this_hop(self) -> int:
+        return self.hop + self.prompt_pad if self.token_offset == 0 else self.hop
+
+    def nbytes(self) -> int:
+        n = 8 * len(self.tokens)
+        for t in (self.mel_cache, self.source_cache, self.speech_cache):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        if self.flow_stream is not None and not self.flow_stream.closed:
+            n += self.flow_stream.nbytes()
+        return n
+
+
+def _as_batch(x, dims: int, dtype: torch.dtype) -> Tensor:
+    """Adds the batch dim of 1 if missing ([P] -> [1, P], [F, 80] -> [1, F, 80])."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(dtype)
+    if t.dim() == dims - 1:
+        t = t.unsqueeze(0)
+    if t.dim() != dims or t.shape[0] != 1:
+        raise ValueError(f"expected a tensor of {dims - 1} or {dims} dims (batch 1), got shape {tuple(t.shape)}")
+    return t
+
+
+def _len(n: int) -> Tensor:
+    return torch.tensor([n], dtype=torch.int32)
+
+
+class Token2Wav:
+    """Shared flow + HiFT and the per-UUID stream states. Thread-safe across different UUIDs;
+    calls for one UUID are serialised by that stream's lock."""
+
+    def __init__(self, flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator, left_chunks: int | None = None):
+        self.flow = flow
+        self.hift = hift
+        self.left_chunks = left_chunks
+        self.lookahead = flow.cfg.pre_lookahead_len
+        self.token_mel_ratio = flow.cfg.token_mel_ratio
+        self.window = hamming_window()
+        self._streams: dict[Hashable, _Stream] = {}
+        self._lock = threading.Lock()
+
+    # --- per-request lifecycle -----------------------------------------------------------------
+    def open(self, uuid: Hashable, prompt_token, prompt_feat, embedding, schedule: HopSchedule | None = None,
+             mode: str = "cached", seed: int | None = None) -> None:
+        """Starts a stream. prompt_token [P] or [1, P]; prompt_feat [F, 80] or [1, F, 80];
+        embedding [192] or [1, 192]. `seed` fixes the vocoder's noise (random if None)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        schedule = schedule or HopSchedule()
+        prompt_token = _as_batch(prompt_token, 2, torch.long)
+        prompt_feat = _as_batch(prompt_feat, 3, torch.float32)
+        embedding = _as_batch(embedding, 2, torch.float32)
+        pad = schedule.prompt_pad(prompt_token.shape[1])
+        if mode == "cached":
+            chunk = self.flow.cfg.chunk_tokens
+            if schedule.first % chunk or schedule.max % chunk:
+                raise ValueError(f"cached mode needs hops that are multiples of the {chunk}-token chunk: {schedule}")
+        generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+        stream = _Stream(prompt_token, prompt_feat, embedding, schedule, mode, generator, pad, schedule.first)
+        with self._lock:
+            if uuid in self._streams:
+                raise ValueError(f"stream {uuid!r} is already open")
+            self._streams[uuid] = stream
+        if mode == "cached":
+            try:
+                stream.flow_stream = FlowStream(self.flow, prompt_token, prompt_feat, embedding,
+                                                left_chunks=self.left_chunks)
+            except BaseException:
+                self.close(uuid)
+                raise
+
+    def push(self, uuid: Hashable, tokens: Sequence[int] | Tensor | np.ndarray) -> None:
+        """Appends generated speech tokens (cheap: no model work happens here)."""
+        stream = self._get(uuid)
+        ids = [int(t) for t in torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, Tensor)
+                                               else tokens).reshape(-1)]
+        with stream.lock:
+            if stream.closed:
+                raise KeyError(f"stream {uuid!r} was closed")
+            stream.tokens.extend(ids)
+            if stream.flow_stream is not None:
+                stream.flow_stream.push(ids)
+
+    @torch.inference_mode()
+    def pull(self, uuid: Hashable, finished: bool = False) -> list[np.ndarray]:
+        """Audio chunks (1-D float32, 24 kHz) that are ready: one per hop while
+        tokens − offset ≥ hop + lookahead; with `finished`, also the final flush, after which the
+        stream is closed and its state freed."""
+        stream = self._get(uuid)
+        out: list[np.ndarray] = []
+        with stream.lock:
+            if stream.closed:
+                raise KeyError(f"stream {uuid!r} was closed")
+            try:
+                while len(stream.tokens) - stream.token_offset >= stream.this_hop() + self.lookahead:
+                    hop = stream.this_hop()
+                    mel = self._flow_chunk(stream, hop)
+                    out.append(self._vocode_chunk(stream, mel, final=False))
+                    stream.token_offset += hop
+                    stream.hop = stream.schedule.next(stream.hop)
+                if finished:
+                    mel = self._flow_final(stream)
+                    if mel.shape[2] > 0 or stream.mel_cache is not None:
+                        out.append(self._vocode_chunk(stream, mel, final=True))
+            except BaseException:
+                finished = True  # a failed stream is not resumable: free it
+                raise
+            finally:
+                if finished:
+                    self._forget(uuid, stream)
+                    stream.free()
+        return out
+
+    def close(self, uuid: Hashable) -> None:
+        """Frees everything of the stream (idempotent; the cancel path). Waits for a chunk that is
+        being computed for this stream to finish."""
+        with self._lock:
+            stream = self._streams.pop(uuid, None)
+        if stream is not None:
+            with stream.lock:
+                stream.free()
+
+    def _forget(self, uuid: Hashable, stream: _Stream) -> None:
+        with self._lock:
+            if self._streams.get(uuid) is stream:
+                del self._streams[uuid]
+
+    def active_streams(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._streams)
+
+    def stream_nbytes(self, uuid: Hashable) -> int:
+        """Bytes held for this stream (tokens, vocoder caches, flow caches)."""
+        return self._get(uuid).nbytes()
+
+    def _get(self, uuid: Hashable) -> _Stream:
+        with self._lock:
+            try:
+                return self._streams[uuid]
+            except KeyError:
+                raise KeyError(f"no open stream {uuid!r}") from None
+
+    # --- flow ----------------------------------------------------------------------------------
+    def _flow(self, stream: _Stream, tokens: list[int], streaming: bool, finalize: bool) -> Tensor:
+        token = torch.tensor(tokens, dtype=torch.long).unsqueeze(0)
+        return self.flow.inference(
+            token=token, token_len=_len(token.shape[1]),
+            prompt_token=stream.prompt_token, prompt_token_len=_len(stream.prompt_token.shape[1]),
+            prompt_feat=stream.prompt_feat, prompt_feat_len=_len(stream.prompt_feat.shape[1]),
+            embedding=stream.embedding, streaming=streaming, finalize=finalize)
+
+    def _flow_chunk(self, stream: _Stream, hop: int) -> Tensor:
+        """Mel [1, 80, 2·hop] of tokens [offset, offset + hop)."""
+        if stream.mode == "cached":
+            return stream.flow_stream.emit(hop)
+        end = stream.token_offset + hop + self.lookahead
+        mel = self._flow(stream, stream.tokens[:end], streaming=True, finalize=False)
+        return mel[:, :, self.token_mel_ratio * stream.token_offset:]
+
+    def _flow_final(self, stream: _Stream) -> Tensor:
+        """Mel of every token from the offset on (no lookahead left)."""
+        if stream.mode == "cached":
+            return stream.flow_stream.finish()
+        if len(stream.tokens) == 0:
+            return torch.zeros(1, self.flow.cfg.output_size, 0)
+        mel = self._flow(stream, stream.tokens, streaming=stream.mode == "recompute", finalize=True)
+        return mel[:, :, self.token_mel_ratio * stream.token_offset:]
+
+    # --- vocoder -------------------------------------------------------------------------------
+    def _vocode(self, stream: _Stream, mel: Tensor, cache_source: Tensor | None) -> tuple[Tensor, Tensor]:
+        """HiFT on one chunk; a seam for tests that replay recorded sources."""
+        return self.hift.inference(mel, cache_source, generator=stream.generator)
+
+    def _vocode_chunk(self, stream: _Stream, mel: Tensor, final: bool) -> np.ndarray:
+        """Official overlap rule: prepend the previous 8 mel frames, continue the previous source,
+        cross-fade the first 3840 samples with the previous chunk's held-back tail; a non-final
+        chunk holds back its own last 3840 samples."""
+        if stream.mel_cache is not None:
+            mel = torch.cat([stream.mel_cache, mel], dim=2)
+        speech, source = self._vocode(stream, mel, stream.source_cache)
+        if stream.speech_cache is not None:
+            speech = fade_in_out(speech, stream.speech_cache, self.window)
+        if not final:
+            stream.mel_cache = mel[:, :, -MEL_CACHE_LEN:].clone()
+            stream.source_cache = source[:, :, -SOURCE_CACHE_LEN:].clone()
+            stream.speech_cache = speech[:, -SOURCE_CACHE_LEN:].clone()
+            speech = speech[:, :-SOURCE_CACHE_LEN]
+        return speech[0].float().numpy().copy()
+
+    # --- non-streaming -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def token2wav(self, tokens, prompt_token, prompt_feat, embedding, speed: float = 1.0,
+                  seed: int | None = None) -> np.ndarray:
+        """Whole utterance at once (official non-streaming: one full-attention flow call).
+        `speed` ≠ 1 stretches the mel linearly to int(T / speed) frames before the vocoder."""
+        if speed <= 0:
+            raise ValueError("speed must be positive")
+        tokens = [int(t) for t in np.asarray(tokens).reshape(-1)]
+        stream = _Stream(_as_batch(prompt_token, 2, torch.long), _as_batch(prompt_feat, 3, torch.float32),
+                         _as_batch(embedding, 2, torch.float32), HopSchedule(), "exact",
+                         torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed), 0, 0)
+        if not tokens:
+            return np.zeros(0, dtype=np.float32)
+        mel = self._flow(stream, tokens, streaming=False, finalize=True)
+        if speed != 1.0:
+            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
+        return self._vocode_chunk(stream, mel, final=True)
