@@ -431,6 +431,8 @@ def test_validate_accepts_documented_combinations() -> None:
         ("alaw", 11025, "wav", "11025"),
         ("pcm_s16le", 16000.0, "raw", "integer"),
         ("pcm_s16le", True, "raw", "integer"),
+        (["opus"], 48000, "raw", "unknown format"),
+        ("opus", 48000, None, "container"),
     ],
 )
 def test_validate_rejects(fmt: str, rate, container: str, needle: str) -> None:

@@ -74,9 +74,9 @@ def validate_audio_format(format: str, sample_rate: int | None, container: str, 
 
     ``sample_rate`` None is valid (the caller applies :func:`default_sample_rate`).
     """
-    if format not in CONTAINERS:
+    if not isinstance(format, str) or format not in CONTAINERS:  # options come from client JSON
         return f"unknown format {format!r}; expected one of {', '.join(FORMATS)}"
-    if container not in CONTAINERS[format]:
+    if not isinstance(container, str) or container not in CONTAINERS[format]:
         return f"container {container!r} is not available for {format}; expected one of {', '.join(CONTAINERS[format])}"
     if sample_rate is None:
         return None
