@@ -1,0 +1,265 @@
+"""CosyVoice2 frontend: turns text and prompt audio into the model-input dicts of each mode.
+
+Key names and dtypes follow the official CosyVoiceFrontEnd (FACTS §8), so that stored speakers
+(spk2info.pt) and the model code read the same dicts: token tensors are int32 [1, L] with int32 [1]
+lengths, embeddings float32 [1, 192], prompt mel float32 [1, 2N, 80].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import soxr
+import torch
+
+from cosyvoice.features import (
+    WavSource,
+    align_prompt,
+    campplus_input,
+    load_wav,
+    prompt_mel_24k,
+    whisper_log_mel,
+)
+from cosyvoice.text import CosyVoice2Tokenizer, StreamingNormalizer, text_normalize
+
+MAX_PROMPT_SECONDS = 30  # the speech tokenizer's limit (Whisper-style encoder)
+Text = str | Iterable[str]
+
+
+def _session(path: str | Path, device: str) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def _ids(ids: list[int], device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.tensor([ids], dtype=torch.int32, device=device),
+        torch.tensor([len(ids)], dtype=torch.int32, device=device),
+    )
+
+
+class CosyVoiceFrontEnd:
+    """One instance per model, shared by all sessions: the ONNX sessions are created once.
+
+    The ONNX sessions run with one intra-op thread each, as the official frontend does, so that
+    concurrent sessions don't oversubscribe the cores.
+    """
+
+    def __init__(
+        self,
+        tokenizer: CosyVoice2Tokenizer,
+        campplus_onnx_path: str | Path,
+        speech_tokenizer_onnx_path: str | Path,
+        spk2info_path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        normalize: bool = True,
+    ):
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        # campplus stays on CPU in the official code too: it is tiny and runs once per prompt
+        self.campplus = _session(campplus_onnx_path, "cpu")
+        self.speech_tokenizer = _session(speech_tokenizer_onnx_path, str(self.device))
+        self._campplus_in = self.campplus.get_inputs()[0].name
+        self._tokenizer_in = [i.name for i in self.speech_tokenizer.get_inputs()]
+        if len(self._tokenizer_in) != 2:
+            raise ValueError(f"speech tokenizer must take (feats, feats_length), got {self._tokenizer_in}")
+        self.spk2info: dict[str, dict[str, torch.Tensor]] = {}
+        if spk2info_path is not None and Path(spk2info_path).is_file():
+            self.spk2info = torch.load(spk2info_path, map_location=self.device, weights_only=True)
+        self.normalize = normalize
+
+    # ------------------------------------------------------------------------------ text
+
+    def text_normalize(self, text: str, split: bool = True, text_frontend: bool = True) -> list[str] | str:
+        return text_normalize(
+            text, self.tokenizer.encode, split=split, enabled=text_frontend and self.normalize
+        )
+
+    def stream_text_ids(self, chunks: Iterable[str]) -> Iterator[int]:
+        """Token ids of streamed text, one at a time, normalised incrementally.
+
+        Trailing whitespace of each released piece is carried over to the next, so that English
+        words tokenize as they would in the whole text (Qwen2 attaches the space to the next word).
+        """
+        normalizer = StreamingNormalizer() if self.normalize else None
+        carry = ""
+        for chunk in chunks:
+            released = normalizer.push(chunk) if normalizer else chunk
+            text = carry + released
+            body = text.rstrip()
+            carry = text[len(body) :]
+            if body:
+                yield from self.tokenizer.encode(body)
+        tail = carry + (normalizer.flush() if normalizer else "")
+        if tail.strip():
+            yield from self.tokenizer.encode(tail.rstrip())
+
+    def _extract_text_token(self, text: Text) -> tuple[torch.Tensor | Iterator[int], torch.Tensor]:
+        """A string gives [1, L] int32 ids; a stream of strings gives an id generator and length 0
+        (the official bistream convention)."""
+        if isinstance(text, str):
+            return _ids(self.tokenizer.encode(text), self.device)
+        return self.stream_text_ids(text), torch.tensor([0], dtype=torch.int32, device=self.device)
+
+    # ------------------------------------------------------------------------------ audio
+
+    def extract_spk_embedding(self, wav_16k: torch.Tensor) -> torch.Tensor:
+        """campplus speaker embedding -> [1, 192] float32."""
+        feat = campplus_input(wav_16k).numpy()  # [1, frames, 80]
+        embedding = self.campplus.run(None, {self._campplus_in: feat})[0]
+        return torch.from_numpy(np.asarray(embedding, dtype=np.float32).reshape(1, -1)).to(self.device)
+
+    def extract_speech_token(self, wav_16k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """25 Hz speech tokens -> ([1, N] int32, [1] int32)."""
+        n = wav_16k.shape[-1]
+        if n > MAX_PROMPT_SECONDS * 16000:
+            raise ValueError(
+                f"prompt audio is {n / 16000:.1f} s; the speech tokenizer accepts at most {MAX_PROMPT_SECONDS} s"
+            )
+        mel = whisper_log_mel(wav_16k).unsqueeze(0).numpy()  # [1, 128, frames]
+        length = np.array([mel.shape[2]], dtype=np.int32)
+        tokens = self.speech_tokenizer.run(None, {self._tokenizer_in[0]: mel, self._tokenizer_in[1]: length})[
+            0
+        ]
+        return _ids(np.asarray(tokens).reshape(-1).astype(np.int64).tolist(), self.device)
+
+    def extract_speech_feat(self, wav_24k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow prompt mel -> ([1, frames, 80] float32, [1] int32)."""
+        feat = prompt_mel_24k(wav_24k).unsqueeze(0).to(self.device)
+        return feat, torch.tensor([feat.shape[1]], dtype=torch.int32, device=self.device)
+
+    @staticmethod
+    def _load_prompt(
+        prompt_wav: WavSource | torch.Tensor, resample_rate: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(16 kHz, resample_rate) versions of a prompt: a file/bytes, or a [1, T] tensor at 16 kHz
+        (the older official API's prompt_speech_16k)."""
+        if isinstance(prompt_wav, torch.Tensor):
+            wav_16k = prompt_wav.reshape(1, -1).to(torch.float32).cpu()
+            if resample_rate == 16000:
+                return wav_16k, wav_16k
+            resampled = soxr.resample(wav_16k[0].numpy(), 16000, resample_rate, quality="VHQ")
+            return wav_16k, torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32))[None]
+        if hasattr(prompt_wav, "read"):
+            prompt_wav = prompt_wav.read()
+        return load_wav(prompt_wav, 16000), load_wav(prompt_wav, resample_rate)
+
+    # ------------------------------------------------------------------------------ modes
+
+    def frontend_sft(self, tts_text: Text, spk_id: str) -> dict:
+        text, text_len = self._extract_text_token(tts_text)
+        speaker = self._speaker(spk_id)
+        # an SFT speaker stores 'embedding'; a registered zero-shot speaker stores 'flow_embedding'
+        embedding = speaker["embedding"] if "embedding" in speaker else speaker["flow_embedding"]
+        return {"text": text, "text_len": text_len, "llm_embedding": embedding, "flow_embedding": embedding}
+
+    def frontend_zero_shot(
+        self,
+        tts_text: Text,
+        prompt_text: str,
+        prompt_wav: WavSource | torch.Tensor | None,
+        resample_rate: int = 24000,
+        zero_shot_spk_id: str = "",
+    ) -> dict:
+        """prompt_text is used as given (the API normalises it, without splitting)."""
+        text, text_len = self._extract_text_token(tts_text)
+        if zero_shot_spk_id:
+            model_input = dict(self._speaker(zero_shot_spk_id))
+        else:
+            if prompt_wav is None:
+                raise ValueError("zero-shot needs a prompt wav or a zero_shot_spk_id")
+            model_input = self._prompt_features(prompt_wav, resample_rate)
+            prompt_text_ids, prompt_text_len = _ids(self.tokenizer.encode(prompt_text), self.device)
+            model_input = {"prompt_text": prompt_text_ids, "prompt_text_len": prompt_text_len, **model_input}
+        model_input["text"] = text
+        model_input["text_len"] = text_len
+        return model_input
+
+    def frontend_cross_lingual(
+        self, tts_text: Text, prompt_wav: WavSource | torch.Tensor | None, resample_rate: int = 24000,
+        zero_shot_spk_id: str = "",
+    ) -> dict:  # fmt: skip
+        model_input = self.frontend_zero_shot(tts_text, "", prompt_wav, resample_rate, zero_shot_spk_id)
+        for key in (
+            "prompt_text",
+            "prompt_text_len",
+            "llm_prompt_speech_token",
+            "llm_prompt_speech_token_len",
+        ):
+            model_input.pop(key, None)
+        return model_input
+
+    def frontend_instruct2(
+        self, tts_text: Text, instruct_text: str, prompt_wav: WavSource | torch.Tensor | None,
+        resample_rate: int = 24000, zero_shot_spk_id: str = "",
+    ) -> dict:  # fmt: skip
+        """instruct_text is the LM prompt text, raw; it must end with <|endofprompt|>."""
+        model_input = self.frontend_zero_shot(
+            tts_text, instruct_text, prompt_wav, resample_rate, zero_shot_spk_id
+        )
+        if zero_shot_spk_id:  # a stored speaker's prompt text is replaced by the instruction
+            model_input["prompt_text"], model_input["prompt_text_len"] = _ids(
+                self.tokenizer.encode(instruct_text), self.device
+            )
+        model_input.pop("llm_prompt_speech_token", None)
+        model_input.pop("llm_prompt_speech_token_len", None)
+        return model_input
+
+    def frontend_vc(
+        self,
+        source_wav: WavSource | torch.Tensor,
+        prompt_wav: WavSource | torch.Tensor,
+        resample_rate: int = 24000,
+    ) -> dict:
+        """Voice conversion: no LM, the flow re-voices the source's speech tokens. Not trimmed."""
+        prompt_16k, prompt_resampled = self._load_prompt(prompt_wav, resample_rate)
+        prompt_token, prompt_token_len = self.extract_speech_token(prompt_16k)
+        prompt_feat, prompt_feat_len = self.extract_speech_feat(prompt_resampled)
+        embedding = self.extract_spk_embedding(prompt_16k)
+        source_16k, _ = self._load_prompt(source_wav, 16000)
+        source_token, source_token_len = self.extract_speech_token(source_16k)
+        return {
+            "source_speech_token": source_token,
+            "source_speech_token_len": source_token_len,
+            "flow_prompt_speech_token": prompt_token,
+            "flow_prompt_speech_token_len": prompt_token_len,
+            "prompt_speech_feat": prompt_feat,
+            "prompt_speech_feat_len": prompt_feat_len,
+            "flow_embedding": embedding,
+        }
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _speaker(self, spk_id: str) -> dict:
+        if spk_id not in self.spk2info:
+            raise KeyError(f"unknown speaker {spk_id!r}; available: {sorted(self.spk2info)}")
+        return self.spk2info[spk_id]
+
+    def _prompt_features(self, prompt_wav: WavSource | torch.Tensor, resample_rate: int) -> dict:
+        wav_16k, wav_resampled = self._load_prompt(prompt_wav, resample_rate)
+        feat, feat_len = self.extract_speech_feat(wav_resampled)
+        token, token_len = self.extract_speech_token(wav_16k)
+        if resample_rate == 24000:  # CosyVoice2: mel frames = 2 x tokens
+            feat, token = align_prompt(feat, token)
+            feat_len = torch.tensor([feat.shape[1]], dtype=torch.int32, device=self.device)
+            token_len = torch.tensor([token.shape[1]], dtype=torch.int32, device=self.device)
+        embedding = self.extract_spk_embedding(wav_16k)
+        return {
+            "llm_prompt_speech_token": token,
+            "llm_prompt_speech_token_len": token_len,
+            "flow_prompt_speech_token": token,
+            "flow_prompt_speech_token_len": token_len,
+            "prompt_speech_feat": feat,
+            "prompt_speech_feat_len": feat_len,
+            "llm_embedding": embedding,
+            "flow_embedding": embedding,
+        }
