@@ -280,6 +280,67 @@ def test_ogg_without_audio_is_a_valid_empty_stream() -> None:
     assert raw.finish() == [] and raw.samples_out == 0
 
 
+# -- flush(): everything so far out, stream stays open -------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,rate", [("pcm_s16le", 16000), ("mulaw", 8000), ("pcm_f32le", SOURCE_RATE)])
+def test_sample_formats_flush_everything(fmt: str, rate: int) -> None:
+    enc = make_encoder(fmt, rate, "raw", SOURCE_RATE)
+    x = sine()
+    first, second = x[:7000], x[7000:]
+    for c in chunks(first):
+        enc.encode(c)
+    enc.flush()
+    assert abs(enc.samples_out - round(first.size * rate / SOURCE_RATE)) <= 1
+    assert enc.flush() == []
+    for c in chunks(second):
+        enc.encode(c)
+    enc.finish()
+    assert abs(enc.samples_out - round(x.size * rate / SOURCE_RATE)) <= 2
+    with pytest.raises(RuntimeError):
+        enc.flush()
+
+
+def test_opus_raw_flush_makes_all_audio_decodable() -> None:
+    enc = make_encoder("opus", 48000, "raw", 48000)
+    x = sine(48000)
+    dec = av.CodecContext.create("opus", "r")
+    dec.sample_rate, dec.layout, dec.extradata = 48000, "mono", enc.opus_head
+
+    def decode(packets: list[bytes]) -> np.ndarray:
+        out = [f.to_ndarray().reshape(-1) for p in packets for f in dec.decode(av.Packet(p))]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    assert enc.flush() == []  # nothing fed, nothing to say
+    y1 = decode([p for c in chunks(x[:10_000]) for p in enc.encode(c)] + enc.flush())
+    assert enc.samples_out == 10_000 and y1.size >= 10_000
+    assert enc.flush() == []
+    gap = y1.size - 10_000  # inserted silence: the padding and the lookahead, at most a frame more
+    assert gap < 960 + enc.pre_skip
+    y2 = decode([p for c in chunks(x[10_000:]) for p in enc.encode(c)] + enc.finish())
+    assert enc.samples_out == x.size
+    y = np.concatenate([y1[:10_000], y2])
+    assert y.size >= x.size
+    assert_tone(y[: x.size], 48000, rms_tol=0.06)
+
+
+def test_ogg_flush_then_finish() -> None:
+    enc = make_encoder("opus", 48000, "ogg", 48000)
+    x = sine(48000)
+    blob = b"".join(flat([enc.encode(c) for c in chunks(x[:10_000])]) + enc.flush())
+    y, _, _ = av_decode_container(blob)
+    assert y.size >= 10_000
+    blob += b"".join(flat([enc.encode(c) for c in chunks(x[10_000:])]) + enc.flush() + enc.finish())
+    pages = parse_ogg(blob)
+    assert [p["flags"] for p in pages].count(0x04) == 1 and pages[-1]["flags"] == 0x04
+    y, _, _ = av_decode_container(blob)
+    silence = y.size - x.size
+    assert 0 <= silence < 960 + enc.pre_skip  # the first flush's padding; the last one is trimmed
+    y_sf, _ = sf.read(io.BytesIO(blob))
+    assert y_sf.size == y.size
+    assert enc.samples_out == x.size
+
+
 # -- WAV streaming header ------------------------------------------------------------------------
 
 
@@ -480,6 +541,19 @@ def test_resampler_keeps_the_tone() -> None:
     y = np.concatenate([r.process(c) for c in chunks(sine())] + [r.flush()])
     assert y.dtype == np.float32
     assert_tone(y, 8000, rms_tol=0.01)
+
+
+def test_resampler_drain_keeps_going() -> None:
+    r = StreamResampler(SOURCE_RATE, 16000)
+    x = sine()
+    first = np.concatenate([r.process(c) for c in chunks(x[:5000])] + [r.drain()])
+    assert first.size == round(5000 * 16000 / SOURCE_RATE)
+    assert r.drain().size == 0
+    rest = np.concatenate([r.process(c) for c in chunks(x[5000:])] + [r.flush()])
+    assert rest.size == round((x.size - 5000) * 16000 / SOURCE_RATE)
+    assert_tone(np.concatenate([first, rest]), 16000, rms_tol=0.01)
+    with pytest.raises(RuntimeError):
+        r.drain()
 
 
 def test_resampler_passthrough_and_lifecycle() -> None:

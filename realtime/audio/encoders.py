@@ -117,6 +117,17 @@ class AudioEncoder(ABC):
             raise ValueError(f"expected mono audio, got shape {samples.shape}")
         return self._encode(self._resampler.process(samples.reshape(-1)))
 
+    def flush(self) -> list[bytes]:
+        """Everything held so far, keeping the stream open: for the protocol's ``flush``, whose
+        audio must be complete on the client before ``flushed`` is sent.
+
+        Costs a resampler restart (see :meth:`StreamResampler.drain`) and, for Opus, up to one frame
+        plus the lookahead of inserted silence (not counted in ``samples_out``).
+        """
+        if self._finished:
+            raise RuntimeError("flush() after finish()")
+        return self._flush(self._resampler.drain())
+
     def finish(self) -> list[bytes]:
         """Everything still held: resampler tail, the last (padded) frame, end-of-stream markers."""
         if self._finished:
@@ -126,6 +137,9 @@ class AudioEncoder(ABC):
 
     @abstractmethod
     def _encode(self, y: np.ndarray) -> list[bytes]: ...
+
+    @abstractmethod
+    def _flush(self, y: np.ndarray) -> list[bytes]: ...
 
     @abstractmethod
     def _finish(self, y: np.ndarray) -> list[bytes]: ...
@@ -190,6 +204,7 @@ class SampleEncoder(AudioEncoder):
         return frames
 
     _encode = _frames
+    _flush = _frames
     _finish = _frames
 
 
@@ -261,6 +276,7 @@ class OpusEncoder(AudioEncoder):
         self._pre_skip_here = -(-self.pre_skip // self._to_48k)  # at our rate, rounded up
         self._pending = np.zeros(0, dtype=np.float32)  # < one frame, waiting for more audio
         self._real = 0  # real (not padding) samples handed to libopus
+        self._real_end = 0  # where the real audio ends on the codec's timeline (flush() pads)
         self._packets = 0
         self._ogg = OggPageWriter() if container == "ogg" else None
         self._headers_sent = False
@@ -270,6 +286,8 @@ class OpusEncoder(AudioEncoder):
         f = av.AudioFrame.from_ndarray(frame[None, :], format="flt", layout="mono")
         f.sample_rate = self.sample_rate
         f.pts = self._packets * self.frame_size
+        if real:
+            self._real_end = self._packets * self.frame_size + real
         packets = self._codec.encode(f)
         if len(packets) != 1:  # libopus emits one packet per frame at once; anything else is a bug
             raise RuntimeError(f"libopus returned {len(packets)} packets for one frame")
@@ -287,9 +305,11 @@ class OpusEncoder(AudioEncoder):
     def _wrap(self, packet: bytes, last: bool) -> bytes:
         if self._ogg is None:
             return packet
-        if last:  # end trimming: the granule says where the real audio stops
-            return self._ogg.page(packet, self.pre_skip + self._real * self._to_48k, OggPageWriter.EOS)
-        return self._ogg.page(packet, self._packets * OPUS_FRAME_MS * 48)
+        granule = self._packets * OPUS_FRAME_MS * 48
+        if last:  # end trimming (within the last packet only): where the real audio stops
+            end = max(self.pre_skip + self._real_end * self._to_48k, granule - OPUS_FRAME_MS * 48)
+            return self._ogg.page(packet, end, OggPageWriter.EOS)
+        return self._ogg.page(packet, granule)
 
     def _encode(self, y: np.ndarray) -> list[bytes]:
         frames = self._headers()
@@ -300,22 +320,31 @@ class OpusEncoder(AudioEncoder):
         self._pending = buf[n_full:].copy()
         return frames
 
-    def _finish(self, y: np.ndarray) -> list[bytes]:
-        frames = self._encode(y)
-        real_total = self._real + self._pending.size
-        if real_total == 0 and self._ogg is None:
-            return frames  # raw: no audio, no packets
-        # (An Ogg stream without audio still gets one silent packet, trimmed away by its granule:
-        # FFmpeg refuses to open an Ogg Opus stream that has headers only.)
-        n_packets = -(-(real_total + self._pre_skip_here) // self.frame_size)
-        tail = [self._pending] + [np.zeros(0, np.float32)] * (n_packets - self._packets - 1)
-        self._pending = np.zeros(0, dtype=np.float32)
-        for k, chunk in enumerate(tail):
+    def _pad_out(self, final: bool) -> list[bytes]:
+        """Encode the pending partial frame zero-padded, plus what it takes to get the last real
+        sample past the encoder's lookahead, so that a decoder can output all audio fed so far.
+        The final call always writes a packet in Ogg, whose page carries the end-of-stream flag."""
+        pending, self._pending = self._pending, np.zeros(0, dtype=np.float32)
+        start = self._packets * self.frame_size
+        real_end = start + pending.size if pending.size else self._real_end
+        n_new = -(-(real_end + self._pre_skip_here) // self.frame_size) - self._packets if real_end else 0
+        if final and self._ogg is not None:
+            n_new = max(n_new, 1)
+        frames = []
+        for k in range(n_new):
             frame = np.zeros(self.frame_size, dtype=np.float32)
-            frame[: chunk.size] = chunk
-            packet = self._packet(frame, chunk.size)
-            frames.append(self._wrap(packet, last=k == len(tail) - 1))
+            real = pending.size if k == 0 else 0
+            frame[:real] = pending[:real]
+            frames.append(self._wrap(self._packet(frame, real), last=final and k == n_new - 1))
         return frames
+
+    def _flush(self, y: np.ndarray) -> list[bytes]:
+        return self._encode(y) + self._pad_out(final=False)
+
+    def _finish(self, y: np.ndarray) -> list[bytes]:
+        # An Ogg stream without audio still gets one silent packet, trimmed away by its granule:
+        # FFmpeg refuses to open an Ogg Opus stream that has headers only.
+        return self._encode(y) + self._pad_out(final=True)
 
 
 def make_encoder(

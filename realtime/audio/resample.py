@@ -50,6 +50,21 @@ class StreamResampler:
             return np.zeros(0, dtype=np.float32)
         return self._stream.resample_chunk(x)
 
+    def drain(self) -> np.ndarray:
+        """Emit the held tail now and start afresh, keeping the stream usable (protocol ``flush``).
+
+        The tail is filtered as if the input stopped, and what comes next starts with an empty filter
+        history, so a drain in the middle of loud audio leaves a small transient; at the pause that
+        a text flush normally ends on, it is inaudible.  Each drained segment is length-exact.
+        """
+        if self._flushed:
+            raise RuntimeError("StreamResampler.drain() after flush()")
+        if self._stream is None:
+            return np.zeros(0, dtype=np.float32)
+        tail = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._stream.clear()
+        return tail
+
     def flush(self) -> np.ndarray:
         """Emit the held tail; the stream is finished afterwards."""
         if self._flushed:
