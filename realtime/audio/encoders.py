@@ -21,7 +21,12 @@ Opus notes (libopus through PyAV):
   "lowdelay" would drop the pre-skip to 2.5 ms but disables the speech (SILK) layer.
 
 ``samples_out`` counts output-rate samples of real audio (never padding) carried by the frames
-returned so far; after :meth:`AudioEncoder.finish` it is ``round(n_in * sample_rate / source_rate)``.
+returned so far; after :meth:`AudioEncoder.finish` it is ``round(n_in * sample_rate / source_rate)``
+(plus at most a sample per :meth:`AudioEncoder.flush`, which restarts the resampler).
+
+:meth:`AudioEncoder.flush` is for the protocol's ``flush``: it sends out all that is held without
+ending the stream, at the price of a little inserted silence for Opus.  Raw Opus clients should drop
+the first ``pre_skip`` samples (48 kHz units) they decode; :attr:`OpusEncoder.opus_head` has it too.
 """
 
 from __future__ import annotations
