@@ -3,17 +3,21 @@
 Quality is soxr's "HQ" (20-bit precision, flat to -0.01 dB up to 91% of the lower Nyquist).  A
 linear-phase filter has to see some future input before it can emit a sample, so a stream holds back
 a tail of audio until more arrives or :meth:`StreamResampler.flush` is called.  Measured with soxr
-1.1.0, 20 ms input chunks, in milliseconds of audio held (mean / max):
+1.1.0, 20 ms input chunks, milliseconds of audio held, mean / max (benchmarks/codec_cost.py):
 
-    22050 -> 48000, 24000, 16000   HQ 23 / 42    MQ 23 / 43    LQ 1 / 1 (but -22 dB at 10 kHz)
-    22050 -> 8000                  HQ 46 / 80    MQ 47 / 82    LQ 22 / 43 (-8 dB at 3.4 kHz)
-    24000 -> 16000, 48000          HQ 21 / 38    MQ 21 / 39
+    pair            QQ        LQ          MQ          HQ          VHQ
+    22050 -> 48000  0.1/0.1   0.9/0.9    23.5/42.6   23.1/41.7   23.5/40.3
+    22050 -> 16000  0.1/0.1  11.7/21.7   23.1/40.9   23.2/40.0   46.1/83.8
+    22050 -> 8000   0.0/0.0  23.1/43.4   46.6/82.2   46.3/80.4   92.2/168.4
+    24000 -> 48000  0.1/0.1  10.6/20.4   21.4/39.3   21.1/38.3   21.4/36.8
 
-"MQ" costs the same delay as "HQ" for less precision, "LQ" rolls off audibly inside the passband and
-"QQ" (cubic, ~0 delay) does not filter at all (a 5 kHz tone folds into 22050 -> 8000 at -0.5 dB), so
-"HQ" is the trade we take: the first chunk of an utterance still comes out at once, and the held tail
-only eats into the client's playout buffer, never into time-to-first-audio.  Asking for the engine's
-native rate skips resampling entirely and holds nothing.  Numbers: ``python benchmarks/codec_cost.py``.
+"MQ" costs the same delay as "HQ" for less precision, "LQ" rolls off audibly inside the passband
+(-22 dB at 10 kHz for 22050 -> 48000, -8 dB at 3.4 kHz for 22050 -> 8000), "VHQ" doubles the delay
+when downsampling, and "QQ" (cubic, ~0 delay) does not filter at all (a 5 kHz tone folds into
+22050 -> 8000 at -0.5 dB).  So "HQ": what is held is only the end of what the engine has produced so
+far (a chunk is hundreds of ms), so time to first audio does not change; the tail eats into the
+client's playout buffer instead.  Asking for the engine's native rate skips resampling and holds
+nothing.
 """
 
 from __future__ import annotations
