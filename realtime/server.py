@@ -203,8 +203,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
                                 container: str) -> AsyncIterator[bytes]:
         rt = runtime()
         try:
-            await asyncio.wait_for(rt.synth_slots.acquire(), rt.queue_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(rt.queue_timeout):
+                await rt.synth_slots.acquire()
+        except TimeoutError:
             raise ProtocolError("overloaded", "no synthesis capacity free; try again") from None
         synthesis = Synthesis(engine, options, asyncio.get_running_loop(), rt.buffer_seconds)
         synthesis.text.push(text)
@@ -305,10 +306,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         if mode != "sft" and prompt_wav is None:
             return error_response("bad_request", f"/{route} needs the prompt_wav file field")
         try:
-            voice = parse_voice_options(
-                {"voice": fields.get("spk_id") or info.default_voice, "mode": mode,
-                 "prompt_text": fields.get("prompt_text"), "instruct_text": fields.get("instruct_text")},
-                VoiceOptions(), info, config.limits)
+            requested = {"voice": fields.get("spk_id") or info.default_voice, "mode": mode,
+                         "prompt_text": fields.get("prompt_text"), "instruct_text": fields.get("instruct_text")}
+            voice = parse_voice_options({k: v for k, v in requested.items() if v is not None},
+                                        VoiceOptions(), info, config.limits)
             if prompt_wav is not None:
                 voice = VoiceOptions(**{**voice.__dict__, "prompt_audio": prompt_wav})
             stream = await synthesize_stream(text, synthesis_options(voice), "pcm_s16le", engine.sample_rate, "raw")

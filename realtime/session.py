@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .audio.encoders import make_encoder
-from .engines.base import AudioChunk, Engine, Flushed, SynthesisOptions
+from .engines.base import AudioChunk, Cancelled, Engine, Flushed, SynthesisOptions
 from .metrics import METRICS
 from .protocol import (
     CancelContext,
@@ -96,8 +96,9 @@ class ContextRunner:
         outcome = "error"
         try:
             try:
-                await asyncio.wait_for(rt.synth_slots.acquire(), rt.queue_timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(rt.queue_timeout):
+                    await rt.synth_slots.acquire()
+            except TimeoutError:
                 if self.previous is not None:
                     await self.previous.finished.wait()
                 await s.send_text(s.protocol.failed(self.id, "overloaded", "no synthesis capacity free; try again"))
@@ -113,6 +114,8 @@ class ContextRunner:
             raise
         except ClientGone:
             outcome = "disconnected"
+        except Cancelled:
+            outcome = "cancelled"
         finally:
             self.synthesis.cancel()
             self.finished.set()
@@ -219,6 +222,8 @@ class Session:
         self.runners: dict[str, ContextRunner] = {}
         self._last_runner: ContextRunner | None = None
         self._closing = False
+        self._close_with: tuple[int, str] | None = None  # close frame to attempt once torn down
+        self._main: asyncio.Task | None = None
         self.closed = asyncio.Event()
 
     @property
@@ -231,15 +236,24 @@ class Session:
             raise ClientGone()
         async with self._send_lock:
             try:
-                await asyncio.wait_for(self._send_raw(data), self.rt.send_timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: wait_for can swallow a cancellation that races
+                # with the send completing, and a cancelled context must never send again
+                async with asyncio.timeout(self.rt.send_timeout):
+                    await self._send_raw(data)
+            except TimeoutError:
                 log.warning("session %s: client did not read for %.1fs; closing", self.protocol.session_id, self.rt.send_timeout)
-                self._closing = True
-                self._abort_task = self.loop.create_task(self._abort(1008, "client is not reading"))
+                self._fail((1008, "client is not reading"))
                 raise ClientGone() from None
             except Exception:
-                self._closing = True
+                self._fail(None)
                 raise ClientGone() from None
+
+    def _fail(self, close_with: tuple[int, str] | None) -> None:
+        """The client is gone or stuck: stop the receive loop too, wherever it is waiting."""
+        self._closing = True
+        self._close_with = close_with
+        if self._main is not None and self._main is not asyncio.current_task():
+            self._main.cancel()
 
     async def send_text(self, frame: str | None) -> None:
         if frame is not None:
@@ -248,11 +262,13 @@ class Session:
     async def run(self) -> None:
         METRICS.sessions_active.inc()
         METRICS.sessions_total.inc()
+        self._main = asyncio.current_task()
         try:
             while not self._closing:
                 try:
-                    msg = await asyncio.wait_for(self._receive(), self._idle_wait())
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.rt.idle_timeout):
+                        msg = await self._receive()
+                except TimeoutError:
                     if self.runners:
                         continue
                     await self._abort(1000, "idle timeout")
@@ -266,12 +282,15 @@ class Session:
                         return
         except ClientGone:
             return
+        except asyncio.CancelledError:
+            if not self._closing:  # not ours (server shutdown): let it propagate after cleanup
+                raise
+            self._main.uncancel()  # ours: the session ends normally
         finally:
             await self._teardown()
             METRICS.sessions_active.dec()
-
-    def _idle_wait(self) -> float:
-        return self.rt.idle_timeout
+            if self._close_with is not None:
+                await self._abort(*self._close_with)
 
     async def _apply(self, ev) -> bool:
         if isinstance(ev, Send):
@@ -306,7 +325,8 @@ class Session:
     async def _abort(self, code: int, reason: str) -> None:
         self._closing = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._close(code, reason), 2.0)
+            async with asyncio.timeout(2.0):
+                await self._close(code, reason)
 
     async def _teardown(self) -> None:
         self._closing = True

@@ -82,14 +82,18 @@ class AudioBuffer:
         self._loop.call_soon_threadsafe(self._ready.set)
 
     def close(self) -> None:
+        """Drop what is queued and wake both sides: the producer and the consumer get Cancelled."""
         with self._cond:
             self._closed = True
             self._items.clear()
             self._samples = 0
             self._cond.notify_all()
+        self._loop.call_soon_threadsafe(self._ready.set)
 
     def _pop(self) -> Item | None:
         with self._cond:
+            if self._closed:
+                raise Cancelled()
             if not self._items:
                 return None
             item, samples = self._items.popleft()
@@ -98,6 +102,7 @@ class AudioBuffer:
             return item
 
     async def get(self) -> Item:
+        """Next item; raises :class:`Cancelled` once the buffer is closed."""
         while True:
             item = self._pop()
             if item is not None:
@@ -166,7 +171,8 @@ class Synthesis:
         if self.future is None:
             return True
         try:
-            await asyncio.wait_for(self.worker_done.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.worker_done.wait()
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False

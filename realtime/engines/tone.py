@@ -28,6 +28,7 @@ class ToneEngine(Engine):
         self.default_voice = "a"
         self._pitch = {"a": 440.0, "b": 660.0}
         self.active = 0  # syntheses running now: tests assert it drops to zero
+        self.produced_samples = 0  # all audio ever yielded: tests check that backpressure stops it
 
     def voices(self) -> list[VoiceInfo]:
         return [VoiceInfo(id=v, name=f"tone {hz:.0f} Hz", language="en") for v, hz in self._pitch.items()]
@@ -69,7 +70,9 @@ class ToneEngine(Engine):
                     if self.step_delay:
                         time.sleep(self.step_delay)
                     consumed += len(w)
-                    yield AudioChunk(self._word(hz, phase), text_offset=consumed)
+                    audio = self._word(hz, phase)
+                    self.produced_samples += len(audio)
+                    yield AudioChunk(audio, text_offset=consumed)
                     phase += self.sample_rate * self.word_ms // 1000
                 consumed += spoken - sum(len(w) for w in words)
                 pending = pending[spoken:]
