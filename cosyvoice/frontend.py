@@ -23,7 +23,7 @@ from cosyvoice.features import (
     prompt_mel_24k,
     whisper_log_mel,
 )
-from cosyvoice.text import CosyVoice2Tokenizer, StreamingNormalizer, text_normalize
+from cosyvoice.text import CosyVoice2Tokenizer, StreamingNormalizer, text_normalize, warmup
 
 MAX_PROMPT_SECONDS = 30  # the speech tokenizer's limit (Whisper-style encoder)
 Text = str | Iterable[str]
@@ -76,6 +76,8 @@ class CosyVoiceFrontEnd:
         if spk2info_path is not None and Path(spk2info_path).is_file():
             self.spk2info = torch.load(spk2info_path, map_location=self.device, weights_only=True)
         self.normalize = normalize
+        if normalize:
+            warmup()
 
     # ------------------------------------------------------------------------------ text
 

@@ -236,6 +236,12 @@ def _wetext(lang: str):
     return Normalizer(lang=lang, operator="tn", remove_erhua=False)
 
 
+def warmup() -> None:
+    """Load the wetext graphs now (about a second) rather than on the first request."""
+    _wetext_normalize("1", "en")
+    _wetext_normalize("1", "zh")
+
+
 @lru_cache(maxsize=4096)
 def _wetext_normalize(text: str, lang: str) -> str:
     try:

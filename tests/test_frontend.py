@@ -81,7 +81,7 @@ def test_speech_tokens_see_the_official_log_mel(frontend, model_dir, ref):
         None, {"feats": ref["whisper_log_mel"][None], "feats_length": np.array([310], np.int32)}
     )[0]
     # tokens are a rounded projection: allow a rare flip from float round-off at a rounding edge
-    assert (tokens.numpy() != direct).mean() < 0.05
+    assert (tokens.numpy() != direct).sum() <= 1
 
 
 def test_speech_tokenizer_refuses_more_than_30_seconds(frontend):
