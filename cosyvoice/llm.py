@@ -118,7 +118,7 @@ class Qwen2LM(nn.Module):
 
         Needed after building on ``meta`` and after casting to fp16/bf16, which would otherwise
         round the frequencies."""
-        device = torch.device(device) if device is not None else self.llm_decoder.weight.device
+        device = torch.device(device) if device is not None else self.speech_embedding.weight.device
         self.backbone.rotary_emb = Qwen2RotaryEmbedding(config=self.backbone.config, device=device)
 
     # ------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ class Qwen2LM(nn.Module):
             ROW_TEXT: self.backbone.embed_tokens,
             ROW_SPEECH: self.speech_embedding,
         }
-        device = self.llm_decoder.weight.device
+        device = self.speech_embedding.weight.device
         parts, start = [], 0
         for i in range(1, len(rows) + 1):
             if i == len(rows) or rows[i][0] != rows[start][0]:
