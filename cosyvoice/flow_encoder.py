@@ -28,6 +28,7 @@ API (imported by cosyvoice/flow.py; keep stable):
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -244,6 +245,59 @@ class EncoderCache:
         return sum(b.live_nbytes() for b in self.layers + self.up_layers)
 
 
+class _ProjectedPositions:
+    """linear_pos(relative positional table) for the distances incremental attention has needed so far,
+    shared by all requests of one attention module.
+
+    Distances >= 0 and < 0 are kept in two append-only stores ordered by |distance|, so a longer
+    utterance (or a longer chunk) only projects its new distances: constant cost per chunk instead
+    of re-projecting the whole table. Rebuilt when the weights change (load_state_dict, .to).
+    """
+
+    def __init__(self):
+        self.pos: Tensor | None = None  # [capacity, C]; row i is distance i
+        self.neg: Tensor | None = None  # [capacity, C]; row i is distance -(i + 1)
+        self.n_pos = 0
+        self.n_neg = 0
+        self.key: tuple | None = None
+        self.lock = threading.Lock()
+
+    @torch.no_grad()
+    def rows(self, linear_pos: nn.Linear, hi: int, lo: int) -> Tensor:
+        """Rows for distances hi, hi-1, ..., -lo, [hi+lo+1, C] (a fresh tensor)."""
+        w = linear_pos.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, torch.is_inference_mode_enabled())
+        with self.lock:
+            if self.key != key:
+                self.key, self.pos, self.neg, self.n_pos, self.n_neg = key, None, None, 0, 0
+            if hi + 1 > self.n_pos:
+                self.pos = self._extend(linear_pos, self.pos, self.n_pos, hi + 1, sign=1)
+                self.n_pos = hi + 1
+            if lo > self.n_neg:
+                self.neg = self._extend(linear_pos, self.neg, self.n_neg, lo, sign=-1)
+                self.n_neg = lo
+            pos, neg = self.pos, self.neg
+        parts = [pos[: hi + 1].flip(0)] if hi >= 0 else []
+        if lo > 0:
+            parts.append(neg[:lo])
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+    @staticmethod
+    def _extend(linear_pos: nn.Linear, buf: Tensor | None, count: int, new_count: int, sign: int) -> Tensor:
+        """Append rows count..new_count-1 to buf (distance sign*i, or -(i+1) for sign -1), growing it."""
+        w = linear_pos.weight
+        if buf is None or new_count > buf.size(0):
+            grown = w.new_empty(max(2 * new_count, 256), w.size(1))
+            if count:
+                grown[:count] = buf[:count]
+            buf = grown
+        idx = torch.arange(count, new_count, device=w.device)
+        distances = idx if sign > 0 else -(idx + 1)
+        table = rel_position_table(distances, w.size(1)).to(w.dtype)
+        buf[count:new_count] = linear_pos(table)
+        return buf
+
+
 class RelPositionMultiHeadedAttention(nn.Module):
     """Transformer-XL style attention with ESPnet's relative positions and pos_bias_u/v."""
 
@@ -259,10 +313,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(n_head, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(n_head, self.d_k))
-        # linear_pos(table) for distances +M .. -M, shared by all requests, rebuilt when weights change.
-        self._pos_proj: Tensor | None = None
-        self._pos_key: tuple | None = None
-        self._pos_max = 0
+        self._pos_rows = _ProjectedPositions()
 
     def _split(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, H, d_k]
         return x.view(x.size(0), x.size(1), self.h, self.d_k)
@@ -293,20 +344,9 @@ class RelPositionMultiHeadedAttention(nn.Module):
         out = self._attend(scores, mask.unsqueeze(1), v)  # [B, H, T, d_k]
         return self.linear_out(out.transpose(1, 2).reshape(B, T, self.h * self.d_k))
 
-    @torch.no_grad()
     def projected_positions(self, hi: int, lo: int) -> Tensor:
-        """linear_pos rows for distances hi, hi-1, ..., -lo as [H, hi+lo+1, d_k] (cached, grown by doubling)."""
-        w = self.linear_pos.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        need = max(hi, lo)
-        if self._pos_proj is None or self._pos_key != key or self._pos_max < need:
-            grow = 2 * self._pos_max if self._pos_key == key else 0
-            M = max(need, grow, 64)
-            table = rel_position_table(torch.arange(M, -M - 1, -1, device=w.device), w.size(1)).to(w.dtype)
-            self._pos_proj = self.linear_pos(table)  # row r is distance M - r
-            self._pos_key, self._pos_max = key, M
-        M = self._pos_max
-        rows = self._pos_proj[M - hi : M + lo + 1]
+        """linear_pos rows for distances hi, hi-1, ..., -lo as [H, hi+lo+1, d_k] (a copy)."""
+        rows = self._pos_rows.rows(self.linear_pos, hi, lo)
         return rows.view(-1, self.h, self.d_k).transpose(0, 1)
 
     def forward_chunk(self, x: Tensor, kv: _KVBuffer, q_start: int, mask: Tensor) -> Tensor:
@@ -327,8 +367,11 @@ class RelPositionMultiHeadedAttention(nn.Module):
         full_bd = torch.matmul((q + self.pos_bias_v).transpose(0, 1), p.transpose(-2, -1)).contiguous()
         W = full_bd.size(-1)
         matrix_bd = full_bd.as_strided((self.h, n, L), (n * W, W - 1, 1), full_bd.storage_offset() + n - 1)
-        scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)
-        out = self._attend(scores, mask.unsqueeze(0), v)  # [H, n, d_k]
+        scores = matrix_ac.add_(matrix_bd).div_(math.sqrt(self.d_k))  # in place: no grad in forward_chunk
+        if bool(mask.all()):  # one chunk of queries seeing every cached key: nothing to mask
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        else:
+            out = self._attend(scores, mask.unsqueeze(0), v)  # [H, n, d_k]
         return self.linear_out(out.transpose(0, 1).reshape(1, n, self.h * self.d_k))
 
 

@@ -192,6 +192,20 @@ def test_projected_positions_equal_linear_pos_of_the_full_table(tiny):
     )
 
 
+def test_projected_positions_grow_and_follow_weight_changes():
+    attn = UpsampleConformerEncoder(small_config()).encoders[0].self_attn
+
+    def direct(hi, lo):
+        rows = attn.linear_pos(rel_position_table(torch.arange(hi, -lo - 1, -1), 16))
+        return rows.view(-1, 2, 8).transpose(0, 1)
+
+    with torch.no_grad():
+        for hi, lo in [(3, 1), (300, 2), (10, 40), (700, 260), (0, 0)]:
+            torch.testing.assert_close(attn.projected_positions(hi, lo), direct(hi, lo), atol=1e-6, rtol=0)
+        attn.load_state_dict({**attn.state_dict(), "linear_pos.weight": torch.randn(16, 16)})
+        torch.testing.assert_close(attn.projected_positions(50, 5), direct(50, 5), atol=1e-6, rtol=0)
+
+
 def test_chunk_mask_rules():
     m = chunk_mask(6, 6, 2)
     assert m.tolist()[2] == [True, True, True, True, False, False]
