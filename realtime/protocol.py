@@ -21,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-FORMATS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw", "opus")
-CONTAINERS = {"pcm_s16le": ("raw", "wav"), "pcm_f32le": ("raw", "wav"), "mulaw": ("raw", "wav"),
-              "alaw": ("raw", "wav"), "opus": ("raw", "ogg")}
+from .audio.formats import CONTAINERS, FORMATS, default_sample_rate
+
 MODES = ("sft", "zero_shot", "cross_lingual", "instruct2")
 TRANSPORTS = ("binary", "json")
 PACINGS = ("asap", "realtime")
@@ -466,15 +465,6 @@ def parse_output_options(msg: dict, info: SessionInfo) -> OutputOptions:
         if problem:
             raise ProtocolError("bad_request", problem)
     return out
-
-
-def default_sample_rate(fmt: str, native_rate: int) -> int:
-    """Opus runs at 48 kHz, G.711 at telephone rate; PCM at the engine's own rate (no resampling)."""
-    if fmt == "opus":
-        return 48000
-    if fmt in ("mulaw", "alaw"):
-        return 8000
-    return native_rate
 
 
 def _check_type(key: str, value: object) -> None:

@@ -21,7 +21,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .audio.encoders import make_encoder, validate_audio_format
+from .audio.encoders import make_encoder
+from .audio.formats import allowed_sample_rates, default_sample_rate, validate_audio_format
 from .auth import check_token
 from .engines.base import AudioChunk, Engine, SynthesisOptions
 from .metrics import METRICS
@@ -33,7 +34,6 @@ from .protocol import (
     ProtocolError,
     SessionInfo,
     VoiceOptions,
-    default_sample_rate,
     parse_output_options,
     parse_voice_options,
 )
@@ -44,7 +44,6 @@ log = logging.getLogger("realtime.server")
 
 HTTP_STATUS = {"bad_request": 400, "unauthorized": 401, "unknown_voice": 404, "too_large": 413,
                "overloaded": 503, "internal": 500}
-STANDARD_RATES = (8000, 16000, 24000, 48000)
 
 
 @dataclass
@@ -331,7 +330,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
             "modes": list(engine.modes),
             "voices": [v.__dict__ for v in engine.voices()],
             "formats": list(FORMATS),
-            "sample_rates": sorted({*STANDARD_RATES, engine.sample_rate}),
+            "sample_rates": {f: list(allowed_sample_rates(f, engine.sample_rate)) for f in FORMATS},
         })
 
     async def metrics(request: Request) -> Response:

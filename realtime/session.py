@@ -148,6 +148,9 @@ class ContextRunner:
                 if item.text_offset is not None:
                     await s.send_text(s.protocol.mark(self.id, item.text_offset, self.samples_in * 1000 / rate_in))
             elif isinstance(item, Flushed):
+                # make everything so far decodable before acknowledging (Opus holds < 20 ms)
+                for frame in encoder.flush():
+                    await self._send_audio(frame)
                 await s.send_text(s.protocol.flushed(self.id))
             elif isinstance(item, Finished):
                 for frame in encoder.finish():
