@@ -330,7 +330,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
             "modes": list(engine.modes),
             "voices": [v.__dict__ for v in engine.voices()],
             "formats": list(FORMATS),
-            "sample_rates": {f: list(allowed_sample_rates(f, engine.sample_rate)) for f in FORMATS},
+            "sample_rates": sorted({r for f in FORMATS for r in allowed_sample_rates(f, engine.sample_rate)}),
+            "sample_rates_by_format": {f: list(allowed_sample_rates(f, engine.sample_rate)) for f in FORMATS},
         })
 
     async def metrics(request: Request) -> Response:
