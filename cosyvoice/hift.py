@@ -57,8 +57,9 @@ class HiFTConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> HiFTConfig:
-        """Accepts the official yaml/`config_tiny.json` "hift" layout (nested istft_params, f0_predictor)."""
-        d = dict(d)
+        """Accepts the official yaml/`config_tiny.json` "hift" layout (nested istft_params, f0_predictor);
+        tag markers of an inert yaml reading (`__new__`: class name) are ignored."""
+        d = {k: v for k, v in d.items() if not (k.startswith("__") and k.endswith("__"))}
         kw: dict = {}
         istft = d.pop("istft_params", None)
         if istft is not None:

@@ -147,6 +147,17 @@ def test_remove_weight_norm_keeps_output(hift, tiny_state, ref):
     assert_close(fused, plain, atol=1e-5)
 
 
+def test_config_from_yaml_style_dict_gives_real_defaults():
+    tree = {"__new__": "cosyvoice.hifigan.generator.HiFTGenerator", "in_channels": 80, "base_channels": 512,
+            "nb_harmonics": 8, "sampling_rate": 24000, "upsample_rates": [8, 5, 3],
+            "istft_params": {"n_fft": 16, "hop_len": 4},
+            "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+            "f0_predictor": {"__new__": "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor",
+                             "num_class": 1, "in_channels": 80, "cond_channels": 512}}
+    assert HiFTConfig.from_dict(tree) == HiFTConfig()
+    assert HiFTConfig().upsample_scale == 480
+
+
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="bogus"):
         HiFTConfig.from_dict({"bogus": 1})
