@@ -22,5 +22,5 @@ RUN pip install .
 RUN useradd --create-home --uid 10001 app
 USER app
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"
+HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import os,sys,urllib.request as u; r=u.Request('http://127.0.0.1:8000/health', headers={'X-API-TOKEN': os.environ.get('REALTIME_TOKEN', '')}); sys.exit(u.urlopen(r).status != 200)"
 ENTRYPOINT ["realtime", "serve", "--host", "0.0.0.0", "--port", "8000"]
