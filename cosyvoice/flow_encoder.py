@@ -14,6 +14,12 @@ Two ways to run it:
   attention over cached keys; `EncoderCache(left_chunks=N)` bounds that too by dropping keys older
   than N chunks (then the result equals `forward(..., left_chunks=N)`, not the official call).
 
+Memory (REAL config, fp32): the cache holds keys+values of 6 token-level blocks (1 position per token)
+and 4 frame-level blocks (2 frames per token): (6*2*512 + 4*2*2*512) * 4 = 57,344 bytes per token
+(22.9 MB for 400 tokens; buffers grow by doubling, so up to 2x that is allocated), plus 2 embedded
+tokens and 4 upsampled frames. Per attention module, the projected relative positions of every
+distance used so far are shared by all requests (one 512-float row per distance).
+
 API (imported by cosyvoice/flow.py; keep stable):
     EncoderConfig(...), EncoderConfig.from_dict(d)
     UpsampleConformerEncoder(cfg)

@@ -266,6 +266,41 @@ def test_left_chunks_only_changes_results_when_the_window_truncates(tiny, xs_ran
     assert cache.layers[0].length <= 3 * 25 and cache.up_layers[0].length <= 3 * 50
 
 
+@pytest.mark.parity
+def test_incremental_with_prompt_sized_first_chunk(tiny, xs_random):
+    # FlowStream pushes a whole prompt's complete chunks first (e.g. 75 tokens), then the hops.
+    sizes = [75, 25, 100, 3]
+    outs, _ = run_chunks(tiny, xs_random, sizes)
+    s = 0
+    for i, (n, h) in enumerate(zip(sizes, outs, strict=True)):
+        ref = streaming_reference(tiny, xs_random, s + n, final=i == len(sizes) - 1)
+        torch.testing.assert_close(h, ref[:, 2 * s :], atol=1e-4, rtol=0)
+        s += n
+
+
+def test_short_context_is_zero_padded_like_forward():
+    enc = UpsampleConformerEncoder(small_config()).eval()
+    xs = torch.randn(1, 26, 16)
+    h = enc.forward_chunk(xs[:, :25], xs[:, 25:26], enc.new_cache())
+    with torch.no_grad():
+        ref, _ = enc(xs[:, :25], torch.tensor([25]), context=xs[:, 25:26], streaming=True)
+        no_ctx, _ = enc(xs[:, :25], torch.tensor([25]), streaming=True)
+    torch.testing.assert_close(h, ref, atol=1e-5, rtol=0)
+    assert (ref - no_ctx).abs().max() > 1e-4  # the one context token is really used
+
+
+def test_padded_batch_keeps_padding_out_of_earlier_chunks():
+    enc = UpsampleConformerEncoder(small_config()).eval()
+    xs = torch.randn(2, 60, 16)
+    lens = torch.tensor([60, 40])
+    with torch.no_grad():
+        h, h_lens = enc(xs, lens, streaming=True)
+        alone, _ = enc(xs[1:, :40], torch.tensor([40]), streaming=True)
+    assert h_lens.tolist() == [120, 80] and h.shape == (2, 120, 16)
+    # Tokens 0..24 (frames 0..49) never see padding: chunk-causal attention, lookahead inside the row.
+    torch.testing.assert_close(h[1, :50], alone[0, :50], atol=1e-5, rtol=0)
+
+
 def test_cache_memory_per_token():
     assert EncoderConfig().cache_bytes_per_token() == (6 * 2 * 512 + 4 * 2 * 2 * 512) * 4 == 57344
     cfg = small_config()
