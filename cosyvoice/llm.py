@@ -329,7 +329,7 @@ class _Run:
         with torch.inference_mode():
             cache_len = self.cache.get_seq_length() if self.cache is not None else 0
             hidden, self.cache = lm.forward_one_step(lm.embed_rows(rows), self.cache)
-            logits = lm.llm_decoder(hidden[0, -1]).float()
+            logits = lm.llm_decoder(hidden[:, -1])[0].float()  # 2-D input: quantized Linear needs it
             if self.trace is not None:
                 self.trace(list(rows), cache_len, len(rows), logits)
             logp = logits.log_softmax(dim=-1)
