@@ -142,7 +142,7 @@ class ContextRunner:
                 for start in range(0, len(samples), piece):
                     chunk = samples[start:start + piece]
                     for frame in encoder.encode(chunk):
-                        await pacer.wait(encoder.samples_out / encoder.sample_rate)
+                        await pacer.wait(self.samples_in / rate_in)  # this frame's start on the playback clock
                         await self._send_audio(frame)
                     self.samples_in += len(chunk)
                 if item.text_offset is not None:

@@ -1,0 +1,132 @@
+"""What the service itself costs, with a trivial engine (tones) so no model hides it.
+
+Starts ``realtime serve --engine tone`` in a subprocess (so its memory is measured alone), then:
+
+* frame send delay: N concurrent sessions, each speaking ``--seconds`` of audio with ``pacing:
+  realtime`` (20 ms PCM frames sent at playback rate); a frame's delay is how late it arrives
+  against the schedule set by the session's first frame.  p50/p99/max over every frame.
+* memory per idle session: server RSS after opening N idle sessions (start sent, nothing else),
+  minus RSS before, divided by N.
+
+    python benchmarks/service_overhead.py                  # 50 and 200 sessions
+    python benchmarks/service_overhead.py --sessions 50 --seconds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+LEAD_S = 0.3  # the server's realtime lead (ServerConfig.realtime_lead_ms)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def paced_session(url: str, words: int, delays: list[float], errors: list[str]) -> None:
+    from websockets.asyncio.client import connect
+
+    async with connect(url, max_size=None, open_timeout=60) as ws:
+        await ws.send(json.dumps({"type": "start", "pacing": "realtime"}))
+        await ws.recv()
+        await ws.send(json.dumps({"type": "text", "text": "word " * words}))
+        await ws.send(json.dumps({"type": "end"}))
+        t_first = None
+        audio_s = 0.0
+        async for msg in ws:
+            now = time.perf_counter()
+            if isinstance(msg, bytes):
+                if t_first is None:
+                    t_first = now
+                due = t_first + max(0.0, audio_s - LEAD_S)
+                delays.append(max(0.0, now - due))
+                audio_s += len(msg) / 2 / 24000
+                continue
+            m = json.loads(msg)
+            if m["type"] == "error":
+                errors.append(m["code"])
+            if m["type"] in ("done", "error"):
+                break
+
+
+async def idle_sessions(url: str, n: int, pid: int) -> float:
+    from websockets.asyncio.client import connect
+
+    before = rss_kib(pid)
+    sockets = []
+    for _ in range(n):
+        ws = await connect(url, open_timeout=60)
+        await ws.send(json.dumps({"type": "start"}))
+        await ws.recv()
+        sockets.append(ws)
+    await asyncio.sleep(1.0)
+    after = rss_kib(pid)
+    for ws in sockets:
+        await ws.close()
+    return (after - before) / n
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+
+
+async def main_async(args, url: str, pid: int) -> None:
+    print(f"tone engine, PCM s16 24 kHz, 20 ms frames, pacing realtime, {args.seconds:g} s of audio per session")
+    print("| sessions | frames  | delay p50 ms | delay p99 ms | delay max ms | errors | idle KiB/session |")
+    print("|----------|---------|--------------|--------------|--------------|--------|------------------|")
+    words = int(args.seconds / 0.2)
+    for n in args.sessions:
+        delays: list[float] = []
+        errors: list[str] = []
+        await asyncio.gather(*(paced_session(url, words, delays, errors) for _ in range(n)))
+        idle = await idle_sessions(url, n, pid)
+        print(f"| {n:>8} | {len(delays):>7} | {pct(delays, 50) * 1000:>12.1f} | {pct(delays, 99) * 1000:>12.1f} | "
+              f"{max(delays) * 1000 if delays else float('nan'):>12.1f} | {len(errors):>6} | {idle:>16.0f} |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sessions", type=int, nargs="+", default=[50, 200])
+    p.add_argument("--seconds", type=float, default=4.0)
+    args = p.parse_args()
+    port = free_port()
+    cmd = [sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", str(port),
+           "--workers", str(max(args.sessions)), "--max-sessions", str(2 * max(args.sessions) + 10),
+           "--log-level", "warning"]
+    server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        asyncio.run(main_async(args, f"ws://127.0.0.1:{port}/v1/tts/stream", server.pid))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+if __name__ == "__main__":
+    main()
