@@ -36,12 +36,13 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EncoderConfig", "EncoderCache", "UpsampleConformerEncoder", "rel_position_table"]
+__all__ = ["EncoderConfig", "EncoderCache", "UpsampleConformerEncoder", "chunk_mask", "rel_position_table"]
 
 
 @dataclass
@@ -60,7 +61,7 @@ class EncoderConfig:
     embed_norm_eps: float = 1e-5  # embed, up_embed, after_norm
 
     # Structural options of the official yaml that this implementation supports only with these values.
-    _FIXED = {
+    _FIXED: ClassVar[dict] = {
         "normalize_before": True,
         "input_layer": "linear",
         "pos_enc_layer_type": "rel_pos_espnet",
@@ -68,21 +69,26 @@ class EncoderConfig:
         "activation_type": "swish",
         "use_cnn_module": False,
         "macaron_style": False,
+        "key_bias": True,
     }
-    _ALIASES = {
+    _ALIASES: ClassVar[dict] = {
         "layer_norm_eps_in_layers": "layer_norm_eps",
         "layer_norm_eps_embed_and_after_norm": "embed_norm_eps",
     }
     # Training-only knobs of the official yaml that do not change inference.
-    _IGNORED = {
+    _IGNORED: ClassVar[set] = {
         "dropout_rate",
         "positional_dropout_rate",
         "attention_dropout_rate",
         "use_dynamic_chunk",
         "use_dynamic_left_chunk",
         "global_cmvn",
-        "key_bias",
         "gradient_checkpointing",
+        # Only read by the conv module / conv feed-forward, which this config does not have.
+        "positionwise_conv_kernel_size",
+        "cnn_module_kernel",
+        "cnn_module_norm",
+        "causal",
     }
 
     @classmethod

@@ -99,6 +99,19 @@ def test_config_from_tiny_dict():
     assert cfg.pre_lookahead_channels == 64 and cfg.layer_norm_eps == 1e-12 and cfg.embed_norm_eps == 1e-5
 
 
+def test_config_from_official_yaml_block_is_the_default():
+    # The `flow.encoder` arguments of the official cosyvoice2.yaml (FACTS.md section 2).
+    block = dict(
+        output_size=512, attention_heads=8, linear_units=2048, num_blocks=6, dropout_rate=0.1,
+        positional_dropout_rate=0.1, attention_dropout_rate=0.1, normalize_before=True, input_layer="linear",
+        pos_enc_layer_type="rel_pos_espnet", selfattention_layer_type="rel_selfattn", input_size=512,
+        use_cnn_module=False, macaron_style=False, static_chunk_size=25,
+    )  # fmt: skip
+    assert EncoderConfig.from_dict(block) == EncoderConfig()
+    with pytest.raises(ValueError, match="key_bias"):
+        EncoderConfig.from_dict({**block, "key_bias": False})
+
+
 def test_config_rejects_unsupported_and_unknown_options():
     with pytest.raises(ValueError, match="use_cnn_module"):
         EncoderConfig.from_dict({"use_cnn_module": True})
