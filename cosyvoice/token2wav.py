@@ -89,16 +89,20 @@ class _Stream:
     mel_cache: Tensor | None = None  # [1, 80, 8]
     source_cache: Tensor | None = None  # [1, 1, 3840]
     speech_cache: Tensor | None = None  # [1, 3840]
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    flow_pushed: int = 0  # tokens handed to flow_stream so far
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held while computing a pull
+    token_lock: threading.Lock = field(default_factory=threading.Lock)  # guards `tokens` only
     closed: bool = False
+    cancelled: bool = False  # set without the lock so that a running pull stops after its chunk
 
     def free(self) -> None:
+        with self.token_lock:
+            self.closed = True
+            self.tokens = []
         if self.flow_stream is not None:
             self.flow_stream.close()
         self.flow_stream = None
         self.mel_cache = self.source_cache = self.speech_cache = None
-        self.tokens = []
-        self.closed = True
 
     def this_hop(self) -> int:
         return self.hop + self.prompt_pad if self.token_offset == 0 else self.hop
@@ -113,9 +117,9 @@ class _Stream:
         return n
 
 
-def _as_batch(x, dims: int, dtype: torch.dtype) -> Tensor:
+def _as_batch(x, dims: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
     """Adds the batch dim of 1 if missing ([P] -> [1, P], [F, 80] -> [1, F, 80])."""
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(dtype)
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(device=device, dtype=dtype)
     if t.dim() == dims - 1:
         t = t.unsqueeze(0)
     if t.dim() != dims or t.shape[0] != 1:
@@ -123,8 +127,12 @@ def _as_batch(x, dims: int, dtype: torch.dtype) -> Tensor:
     return t
 
 
-def _len(n: int) -> Tensor:
-    return torch.tensor([n], dtype=torch.int32)
+def _len(n: int, device: torch.device) -> Tensor:
+    return torch.tensor([n], dtype=torch.int32, device=device)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 class Token2Wav:
@@ -137,7 +145,9 @@ class Token2Wav:
         self.left_chunks = left_chunks
         self.lookahead = flow.cfg.pre_lookahead_len
         self.token_mel_ratio = flow.cfg.token_mel_ratio
-        self.window = hamming_window()
+        self.flow_device = _device(flow)
+        self.hift_device = _device(hift)
+        self.window = hamming_window().to(self.hift_device)
         self._streams: dict[Hashable, _Stream] = {}
         self._lock = threading.Lock()
 
@@ -149,15 +159,13 @@ class Token2Wav:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         schedule = schedule or HopSchedule()
-        prompt_token = _as_batch(prompt_token, 2, torch.long)
-        prompt_feat = _as_batch(prompt_feat, 3, torch.float32)
-        embedding = _as_batch(embedding, 2, torch.float32)
+        prompt_token, prompt_feat, embedding = self._prompt(prompt_token, prompt_feat, embedding)
         pad = schedule.prompt_pad(prompt_token.shape[1])
         if mode == "cached":
             chunk = self.flow.cfg.chunk_tokens
             if schedule.first % chunk or schedule.max % chunk:
                 raise ValueError(f"cached mode needs hops that are multiples of the {chunk}-token chunk: {schedule}")
-        generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+        generator = self._generator(seed)
         stream = _Stream(prompt_token, prompt_feat, embedding, schedule, mode, generator, pad, schedule.first)
         with self._lock:
             if uuid in self._streams:
@@ -172,16 +180,14 @@ class Token2Wav:
                 raise
 
     def push(self, uuid: Hashable, tokens: Sequence[int] | Tensor | np.ndarray) -> None:
-        """Appends generated speech tokens (cheap: no model work happens here)."""
+        """Appends generated speech tokens (cheap, no model work; safe while another thread pulls)."""
         stream = self._get(uuid)
         ids = [int(t) for t in torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, Tensor)
                                                else tokens).reshape(-1)]
-        with stream.lock:
+        with stream.token_lock:  # never waits for a chunk being computed
             if stream.closed:
                 raise KeyError(f"stream {uuid!r} was closed")
             stream.tokens.extend(ids)
-            if stream.flow_stream is not None:
-                stream.flow_stream.push(ids)
 
     @torch.inference_mode()
     def pull(self, uuid: Hashable, finished: bool = False) -> list[np.ndarray]:
@@ -194,13 +200,15 @@ class Token2Wav:
             if stream.closed:
                 raise KeyError(f"stream {uuid!r} was closed")
             try:
-                while len(stream.tokens) - stream.token_offset >= stream.this_hop() + self.lookahead:
+                while (not stream.cancelled
+                       and self._sync_tokens(stream) - stream.token_offset >= stream.this_hop() + self.lookahead):
                     hop = stream.this_hop()
                     mel = self._flow_chunk(stream, hop)
                     out.append(self._vocode_chunk(stream, mel, final=False))
                     stream.token_offset += hop
                     stream.hop = stream.schedule.next(stream.hop)
-                if finished:
+                if finished and not stream.cancelled:
+                    self._sync_tokens(stream)
                     mel = self._flow_final(stream)
                     if mel.shape[2] > 0 or stream.mel_cache is not None:
                         out.append(self._vocode_chunk(stream, mel, final=True))
@@ -214,11 +222,12 @@ class Token2Wav:
         return out
 
     def close(self, uuid: Hashable) -> None:
-        """Frees everything of the stream (idempotent; the cancel path). Waits for a chunk that is
-        being computed for this stream to finish."""
+        """Frees everything of the stream (idempotent; the cancel path). A `pull` running in another
+        thread stops after the chunk it is computing; this call waits for that chunk."""
         with self._lock:
             stream = self._streams.pop(uuid, None)
         if stream is not None:
+            stream.cancelled = True
             with stream.lock:
                 stream.free()
 
@@ -235,6 +244,16 @@ class Token2Wav:
         """Bytes held for this stream (tokens, vocoder caches, flow caches)."""
         return self._get(uuid).nbytes()
 
+    @staticmethod
+    def _sync_tokens(stream: _Stream) -> int:
+        """Snapshot of the pushed tokens for this pull (handed on to the FlowStream); returns the count."""
+        with stream.token_lock:
+            tokens = stream.tokens[stream.flow_pushed:]
+            stream.flow_pushed = len(stream.tokens)
+        if stream.flow_stream is not None and tokens:
+            stream.flow_stream.push(tokens)
+        return stream.flow_pushed
+
     def _get(self, uuid: Hashable) -> _Stream:
         with self._lock:
             try:
@@ -244,11 +263,12 @@ class Token2Wav:
 
     # --- flow ----------------------------------------------------------------------------------
     def _flow(self, stream: _Stream, tokens: list[int], streaming: bool, finalize: bool) -> Tensor:
-        token = torch.tensor(tokens, dtype=torch.long).unsqueeze(0)
+        dev = self.flow_device
+        token = torch.tensor(tokens, dtype=torch.long, device=dev).unsqueeze(0)
         return self.flow.inference(
-            token=token, token_len=_len(token.shape[1]),
-            prompt_token=stream.prompt_token, prompt_token_len=_len(stream.prompt_token.shape[1]),
-            prompt_feat=stream.prompt_feat, prompt_feat_len=_len(stream.prompt_feat.shape[1]),
+            token=token, token_len=_len(token.shape[1], dev),
+            prompt_token=stream.prompt_token, prompt_token_len=_len(stream.prompt_token.shape[1], dev),
+            prompt_feat=stream.prompt_feat, prompt_feat_len=_len(stream.prompt_feat.shape[1], dev),
             embedding=stream.embedding, streaming=streaming, finalize=finalize)
 
     def _flow_chunk(self, stream: _Stream, hop: int) -> Tensor:
@@ -256,16 +276,20 @@ class Token2Wav:
         if stream.mode == "cached":
             return stream.flow_stream.emit(hop)
         end = stream.token_offset + hop + self.lookahead
-        mel = self._flow(stream, stream.tokens[:end], streaming=True, finalize=False)
+        with stream.token_lock:
+            tokens = stream.tokens[:end]
+        mel = self._flow(stream, tokens, streaming=True, finalize=False)
         return mel[:, :, self.token_mel_ratio * stream.token_offset:]
 
     def _flow_final(self, stream: _Stream) -> Tensor:
         """Mel of every token from the offset on (no lookahead left)."""
         if stream.mode == "cached":
             return stream.flow_stream.finish()
-        if len(stream.tokens) == 0:
-            return torch.zeros(1, self.flow.cfg.output_size, 0)
-        mel = self._flow(stream, stream.tokens, streaming=stream.mode == "recompute", finalize=True)
+        with stream.token_lock:
+            tokens = stream.tokens[: stream.flow_pushed]
+        if not tokens:
+            return torch.zeros(1, self.flow.cfg.output_size, 0, device=self.flow_device)
+        mel = self._flow(stream, tokens, streaming=stream.mode == "recompute", finalize=True)
         return mel[:, :, self.token_mel_ratio * stream.token_offset:]
 
     # --- vocoder -------------------------------------------------------------------------------
@@ -273,10 +297,19 @@ class Token2Wav:
         """HiFT on one chunk; a seam for tests that replay recorded sources."""
         return self.hift.inference(mel, cache_source, generator=stream.generator)
 
+    def _prompt(self, prompt_token, prompt_feat, embedding) -> tuple[Tensor, Tensor, Tensor]:
+        dev = self.flow_device
+        return (_as_batch(prompt_token, 2, torch.long, dev), _as_batch(prompt_feat, 3, torch.float32, dev),
+                _as_batch(embedding, 2, torch.float32, dev))
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        return torch.Generator(device=self.hift_device).manual_seed(secrets.randbits(63) if seed is None else seed)
+
     def _vocode_chunk(self, stream: _Stream, mel: Tensor, final: bool) -> np.ndarray:
         """Official overlap rule: prepend the previous 8 mel frames, continue the previous source,
         cross-fade the first 3840 samples with the previous chunk's held-back tail; a non-final
         chunk holds back its own last 3840 samples."""
+        mel = mel.to(device=self.hift_device, dtype=next(self.hift.parameters()).dtype)
         if stream.mel_cache is not None:
             mel = torch.cat([stream.mel_cache, mel], dim=2)
         speech, source = self._vocode(stream, mel, stream.source_cache)
@@ -287,7 +320,7 @@ class Token2Wav:
             stream.source_cache = source[:, :, -SOURCE_CACHE_LEN:].clone()
             stream.speech_cache = speech[:, -SOURCE_CACHE_LEN:].clone()
             speech = speech[:, :-SOURCE_CACHE_LEN]
-        return speech[0].float().numpy().copy()
+        return speech[0].float().cpu().numpy().copy()
 
     # --- non-streaming -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -298,9 +331,8 @@ class Token2Wav:
         if speed <= 0:
             raise ValueError("speed must be positive")
         tokens = [int(t) for t in np.asarray(tokens).reshape(-1)]
-        stream = _Stream(_as_batch(prompt_token, 2, torch.long), _as_batch(prompt_feat, 3, torch.float32),
-                         _as_batch(embedding, 2, torch.float32), HopSchedule(), "exact",
-                         torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed), 0, 0)
+        stream = _Stream(*self._prompt(prompt_token, prompt_feat, embedding), HopSchedule(), "exact",
+                         self._generator(seed), 0, 0)
         if not tokens:
             return np.zeros(0, dtype=np.float32)
         mel = self._flow(stream, tokens, streaming=False, finalize=True)

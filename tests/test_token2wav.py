@@ -285,3 +285,66 @@ def test_bad_requests(models, fx):
         t2w.open("n", np.zeros((2, 3), dtype=np.int64), *prompt(fx)[1:])
     assert t2w.pull("m", finished=True) == []  # no tokens: nothing to say, stream freed
     assert t2w.active_streams() == []
+
+
+class Gate(Token2Wav):
+    """Blocks inside the vocoder until released, to interleave other threads deterministically."""
+
+    def __init__(self, flow, hift):
+        super().__init__(flow, hift)
+        self.entered, self.release, self.calls = threading.Event(), threading.Event(), 0
+
+    def _vocode(self, stream, mel, cache_source):
+        self.calls += 1
+        self.entered.set()
+        assert self.release.wait(30)
+        return super()._vocode(stream, mel, cache_source)
+
+
+def _pull_in_thread(t2w, uuid, result: dict) -> threading.Thread:
+    def run():
+        try:
+            result["out"] = t2w.pull(uuid)
+        except Exception as exc:  # surfaced by the caller
+            result["error"] = exc
+
+    th = threading.Thread(target=run)
+    th.start()
+    return th
+
+
+def test_push_does_not_wait_for_a_running_pull(models, fx):
+    flow, hift = models
+    t2w = Gate(flow, hift)
+    t2w.open("g", *prompt(fx), seed=0)
+    t2w.push("g", fx["tokens"][:33])
+    result: dict = {}
+    th = _pull_in_thread(t2w, "g", result)
+    assert t2w.entered.wait(30)
+    t2w.push("g", fx["tokens"][33:100])  # would deadlock here if push took the compute lock
+    t2w.release.set()
+    th.join(30)
+    assert "error" not in result
+    # the running pull saw the new tokens too: chunks of 30 and 50 tokens
+    assert [len(o) for o in result["out"]] == [30 * 960 - 3840, 50 * 960]
+    assert len(np.concatenate(result["out"] + t2w.pull("g", finished=True))) == 960 * 100
+
+
+def test_close_during_pull_stops_after_the_current_chunk(models, fx):
+    flow, hift = models
+    t2w = Gate(flow, hift)
+    t2w.open("k", *prompt(fx), seed=0)
+    t2w.push("k", fx["tokens"])  # enough for two chunks
+    result: dict = {}
+    th = _pull_in_thread(t2w, "k", result)
+    assert t2w.entered.wait(30)
+    closer = threading.Thread(target=t2w.close, args=("k",))
+    closer.start()
+    while t2w.active_streams():  # close removes the stream at once, then waits for the chunk
+        threading.Event().wait(0.01)
+    t2w.release.set()
+    th.join(30)
+    closer.join(30)
+    assert "error" not in result and len(result["out"]) == 1 and t2w.calls == 1
+    with pytest.raises(KeyError):
+        t2w.pull("k")
