@@ -1,0 +1,102 @@
+"""The ``realtime`` command line as a user runs it: ``serve`` in a subprocess, ``say`` against it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from realtime.cli import _deltas, _is_loopback, build_parser
+from tests.serving import free_port
+
+
+@pytest.fixture(scope="module")
+def tone_server():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", str(port),
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("realtime serve did not start: " + proc.stdout.read().decode(errors="replace"))
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+def say(base: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    url = base.replace("http://", "ws://")
+    return subprocess.run([sys.executable, "-m", "realtime.cli", "say", *args, "--url", url],
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def test_say_writes_wav_and_reports_latency(tone_server, tmp_path):
+    out = tmp_path / "out.wav"
+    r = say(tone_server, "one two three ", "-o", str(out), "--tokens-per-second", "100")
+    assert r.returncode == 0, r.stderr
+    assert "time to first audio" in r.stderr and "real-time factor" in r.stderr
+    x, sr = sf.read(out)
+    assert sr == 24000 and len(x) == 3 * 4800
+
+
+def test_say_reads_stdin_and_writes_ogg(tone_server, tmp_path):
+    import av
+
+    out = tmp_path / "out.ogg"
+    r = say(tone_server, "-", "--format", "opus", "-o", str(out), "--tokens-per-second", "0", stdin="one two ")
+    assert r.returncode == 0, r.stderr
+    with av.open(str(out)) as c:
+        n = sum(f.samples for f in c.decode(audio=0))
+    assert abs(n / 48000 - 0.4) < 0.03
+
+
+def test_say_reports_server_errors(tone_server):
+    r = say(tone_server, "hello ", "--voice", "nobody")
+    assert r.returncode == 1 and "unknown_voice" in r.stderr
+
+
+def test_say_without_server_fails_cleanly():
+    r = subprocess.run([sys.executable, "-m", "realtime.cli", "say", "hi", "--url", f"ws://127.0.0.1:{free_port()}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_help_documents_every_option():
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for flag in ("--host", "--port", "--engine", "--model-dir", "--token", "--workers", "--max-sessions",
+                 "--max-contexts", "--max-text-chars", "--max-frame-bytes", "--send-timeout", "--idle-timeout"):
+        assert flag in help_text
+
+
+def test_loopback_detection_and_llm_like_deltas():
+    assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")
+    text = "Hello, world. How are you?"
+    pieces = _deltas(text)
+    assert "".join(pieces) == text and max(map(len, pieces)) == 4
+
+
+def test_serve_refuses_cosyvoice2_without_model_dir():
+    r = subprocess.run([sys.executable, "-m", "realtime.cli", "serve", "--engine", "cosyvoice2", "--port", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--model-dir" in r.stderr
+
+
+def test_metrics_count_sessions(tone_server, tmp_path):
+    say(tone_server, "one ", "-o", str(tmp_path / "a.wav"))
+    text = httpx.get(tone_server + "/metrics").text
+    line = next(ln for ln in text.splitlines() if ln.startswith("realtime_sessions_total"))
+    assert float(line.split()[-1]) >= 1
+    assert np.isfinite(float(next(ln for ln in text.splitlines() if ln.startswith("realtime_audio_seconds_total")).split()[-1]))
