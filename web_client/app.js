@@ -133,7 +133,13 @@ function render() {
   $("m-buffered").textContent = st.utterances ? fmtMs(st.buffered_ms) : "—";
   $("m-underruns").textContent = st.utterances ? String(st.underruns) : "—";
   $("m-underruns").classList.toggle("warn", st.underruns > 0);
-  $("m-bitrate").textContent = st.utterances ? `${st.bitrate_kbps.toFixed(1)} kbit/s` : "—";
+  // Live: the last second. Idle: the average over the last utterance's audio.
+  const avgKbps = st.played_ms > 0 ? (st.utterance_bytes * 8) / st.played_ms : 0;
+  $("m-bitrate").textContent = !st.utterances
+    ? "—"
+    : st.speaking
+      ? `${st.bitrate_kbps.toFixed(1)} kbit/s`
+      : `${avgKbps.toFixed(1)} kbit/s avg`;
   $("m-played").textContent = st.utterances ? `${(st.played_ms / 1000).toFixed(2)} s` : "—";
 
   const info = [];
@@ -143,7 +149,7 @@ function render() {
   if (st.audio_context_rate && st.sample_rate && st.audio_context_rate !== st.sample_rate) {
     info.push(`resampled to ${st.audio_context_rate} Hz`);
   }
-  if (st.last_stats?.rtf !== undefined) info.push(`server RTF ${Number(st.last_stats.rtf).toFixed(2)}`);
+  if (!st.speaking && st.last_stats?.rtf !== undefined) info.push(`server RTF ${Number(st.last_stats.rtf).toFixed(2)}`);
   $("stream-info").textContent = info.join(" · ");
 
   for (const id of ["stop", "chat-stop"]) $(id).disabled = !st.speaking;
@@ -250,6 +256,7 @@ window.ttsClient = {
   speak(text, opts = {}) {
     const s = settings();
     beginTranscript();
+    hideError();
     return client.speak(text, {
       voice: opts.voice ?? s.voice,
       format: opts.format ?? s.format,
@@ -259,6 +266,7 @@ window.ttsClient = {
   },
   speakStream: (makeDeltas, opts = {}) => {
     beginTranscript();
+    hideError();
     return client.speakStream(makeDeltas, { ...settings(), ...opts });
   },
   ask: askChat,

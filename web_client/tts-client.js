@@ -194,7 +194,9 @@ export class TtsClient extends EventTarget {
           this.emit();
           resolve();
         } else if (msg.type === "error" && this.state.connection === "connecting") {
+          // `start` was refused (e.g. unknown voice): this socket is no use, the next call reconnects.
           this.setError(msg.code, msg.message, msg.fatal);
+          if (this.ws === ws) this.disconnect();
           reject(new Error(`${msg.code}: ${msg.message}`));
         } else {
           this.onControl(msg);
@@ -421,6 +423,7 @@ export class TtsClient extends EventTarget {
       firstAudioAt: null,
       playStartAt: null,
       stopped: false,
+      opened: false, // the server has seen this context_id
       serverDone: false,
       abort: new AbortController(),
     };
@@ -459,6 +462,7 @@ export class TtsClient extends EventTarget {
         if (!delta) continue;
         if (utt.firstSendAt === null) utt.firstSendAt = performance.now();
         this.send({ type: "text", text: delta, context_id: utt.contextId });
+        utt.opened = true;
         this.sentText += delta;
         this.state.chars_sent = this.sentText.length;
         this.dispatchEvent(new CustomEvent("textsent", { detail: delta }));
@@ -467,16 +471,11 @@ export class TtsClient extends EventTarget {
       if (utt.stopped || utt.settled) return;
       if (utt.firstSendAt === null) utt.firstSendAt = performance.now();
       this.send({ type: "end", context_id: utt.contextId });
+      utt.opened = true;
     } catch (err) {
       if (utt.stopped || utt.settled) return;
-      if (this.contexts.includes(utt) && this.ws) {
-        // The text source failed (e.g. the chat endpoint): cancel what the server has so far.
-        try {
-          this.send({ type: "cancel", context_id: utt.contextId });
-        } catch {
-          this.retire(utt);
-        }
-      }
+      // The text source failed (e.g. the chat endpoint): cancel what the server has so far.
+      this.cancelOnServer(utt);
       this.failUtterance(utt, "text_source", err.message || String(err));
     }
   }
@@ -520,6 +519,17 @@ export class TtsClient extends EventTarget {
     this.settle(utt, error);
   }
 
+  // A context the server has not heard of yet is only dropped here; one it has finished needs nothing.
+  cancelOnServer(utt) {
+    if (utt.serverDone || !this.contexts.includes(utt)) return;
+    if (!utt.opened) return this.retire(utt);
+    try {
+      this.send({ type: "cancel", context_id: utt.contextId });
+    } catch {
+      this.retire(utt);
+    }
+  }
+
   // Barge-in: silence now (the worklet fades out within one render quantum and drops its
   // buffer), and cancel the context on the server if it is still producing audio.
   stop() {
@@ -536,13 +546,7 @@ export class TtsClient extends EventTarget {
     utt.stopped = true;
     utt.abort.abort();
     if (utt.decoder) utt.decoder.close();
-    if (!utt.serverDone && this.contexts.includes(utt)) {
-      try {
-        this.send({ type: "cancel", context_id: utt.contextId });
-      } catch {
-        this.retire(utt);
-      }
-    }
+    this.cancelOnServer(utt);
     if (this.audio) this.audio.node.port.postMessage({ type: "stop" });
     // Settle now rather than on the worklet's reply: a new utterance may begin before that reply.
     this.settle(utt, null, true);

@@ -1,0 +1,233 @@
+"""The web client in a real headless Chromium against a real ``realtime serve`` (embedded voice).
+
+One server and one page for the module: every test speaks on the same long-lived socket, the way
+the page is meant to be used.  Tests run in file order: the stop test saves the screenshot
+(artifacts/browser.png, mid-utterance) and the last one checks that nothing reached the console.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.browser_util import CHROMIUM, free_port, launch_chromium, start_server, stop_process, wait_healthy
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "artifacts"
+
+# One sentence (about 2 s of speech): the engine speaks sentence by sentence, so a single sentence
+# arrives as one burst and any underrun would be the client's fault, not the server's pace.
+SENTENCE = "Hello there, how are you doing today?"
+LONG_TEXT = " ".join(
+    [
+        "Here is a long answer.",
+        "The assistant keeps reading it aloud while new words are still arriving.",
+        "It goes on for several sentences so that there is plenty of time to interrupt it.",
+        "Nobody should ever hear this third sentence, because the test stops the voice first.",
+        "And this fourth one is only here to keep the stream busy for a little longer.",
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """(server URL, page, problems): Chromium starts while the server loads and warms its voice."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (run tests/ensure_chromium.sh as root, or apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    proc = start_server(port, log)
+    try:
+        with sync_api.sync_playwright() as pw:
+            context = launch_chromium(pw, tmp_path_factory.mktemp("chromium-profile"), viewport={"width": 1280, "height": 900})
+            try:
+                wait_healthy(url, proc)
+            except Exception as e:
+                pytest.fail(f"realtime serve did not start: {e}\n{log.read_text(errors='replace')[-3000:]}")
+            page = context.new_page()
+            problems: list[str] = []
+            page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+            page.goto(url + "/")
+            page.wait_for_function("window.ttsClient && window.ttsClient.state.connected", timeout=20_000)
+            yield url, page, problems
+            context.close()
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+def browser(session):
+    _, page, problems = session
+    return page, problems
+
+
+@pytest.fixture
+def server(session):
+    return session[0]
+
+
+def speak(page, text: str, **opts) -> dict:
+    return page.evaluate("([text, opts]) => window.ttsClient.speak(text, opts)", [text, opts])
+
+
+def state(page) -> dict:
+    return page.evaluate("({...window.ttsClient.state})")
+
+
+def test_audio_context_runs_headless(browser):
+    page, _ = browser
+    # The automation hook exists and the page reached the server over the WebSocket.
+    st = state(page)
+    assert st["connection"] == "connected" and st["session_id"]
+    assert page.evaluate("typeof AudioWorkletNode") == "function"
+    assert page.evaluate("typeof AudioDecoder") == "function", "WebCodecs needs a secure context (loopback is one)"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "rate"),
+    [("opus", 48000), ("pcm_s16le", 22050)],
+    ids=["opus-48k", "pcm16-22k"],
+)
+def test_plays_more_than_a_second_without_underrun(browser, fmt, rate):
+    page, _ = browser
+    result = speak(page, SENTENCE, format=fmt, sampleRate=rate)
+    st = state(page)
+    assert result["stopped"] is False
+    assert result["played_ms"] > 1000, result
+    assert result["underruns"] == 0, result
+    assert result["ttfa_ms"] is not None and 0 < result["ttfa_ms"] < 30_000, result
+    assert result["ttfa_play_ms"] >= result["ttfa_ms"], result
+    # The whole utterance played: the server's audio length matches what the worklet consumed.
+    assert abs(result["played_ms"] - result["stats"]["audio_ms"]) < 60, result
+    assert st["format"] == fmt and st["sample_rate"] == rate
+    assert st["decoder"] == ("webcodecs-opus" if fmt == "opus" else "pcm")
+    assert st["audio_context_state"] == "running"
+    assert st["audio_context_rate"] == rate, "the AudioContext runs at the stream's rate: no resampling"
+    assert st["buffered_ms"] == 0 and not st["speaking"]
+    assert result["bytes"] > 0
+
+
+def test_stop_silences_at_once_and_server_acks_cancel(browser):
+    page, _ = browser
+    before = state(page)
+    page.evaluate(
+        "(text) => { window.__utt = window.ttsClient.speak(text, {format: 'opus', sampleRate: 48000, tokensPerSecond: 12}); }",
+        LONG_TEXT,
+    )
+    page.wait_for_function("window.ttsClient.state.speaking && window.ttsClient.state.played_ms > 600", timeout=30_000)
+    session = state(page)["session_id"]
+    # The page mid-utterance, level meter moving, is the screenshot worth looking at.
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
+    page.evaluate("window.ttsClient.stop()")
+    result = page.evaluate("window.__utt")
+    assert result["stopped"] is True
+    # The worklet drops its buffer and its last report says so; nothing more plays.
+    page.wait_for_function("window.ttsClient.state.buffered_ms === 0", timeout=2_000)
+    played = state(page)["played_ms"]
+    assert played - result["played_ms"] < 250, "audio kept playing after stop()"
+    page.wait_for_timeout(400)
+    after = state(page)
+    assert after["played_ms"] == played
+    assert not after["speaking"] and after["playback"] == "idle"
+    # The server stops the context (its synthesis thread too) and acknowledges it.
+    page.wait_for_function(
+        f"window.ttsClient.state.cancelled_acks > {before['cancelled_acks']}", timeout=15_000
+    )
+    assert state(page)["session_id"] == session, "stop must not cost the socket"
+
+
+def test_new_utterance_right_after_stop_on_same_socket(browser):
+    page, _ = browser
+    session = state(page)["session_id"]
+    page.evaluate(
+        "(text) => { window.__utt = window.ttsClient.speak(text, {format: 'opus', sampleRate: 48000}); }", LONG_TEXT
+    )
+    page.wait_for_function("window.ttsClient.state.played_ms > 300", timeout=30_000)
+    acks = state(page)["cancelled_acks"]
+    # Barge in with a new utterance without waiting for the cancel ack: frames of the cancelled
+    # context must not leak into the new one.
+    result = speak(page, "Sorry, go ahead.", format="opus", sampleRate=48000)
+    assert page.evaluate("window.__utt.then(r => r.stopped)") is True
+    assert result["stopped"] is False and result["played_ms"] > 300
+    assert abs(result["played_ms"] - result["stats"]["audio_ms"]) < 60, "audio of the cancelled context leaked in"
+    st = state(page)
+    assert st["session_id"] == session and st["cancelled_acks"] == acks + 1
+
+
+def test_server_error_is_shown_and_page_recovers(browser):
+    page, _ = browser
+    message = page.evaluate(
+        "() => window.ttsClient.speak('Hello.', {voice: 'no-such-voice', format: 'pcm_s16le', sampleRate: 22050})"
+        ".then(() => 'resolved', e => e.message)"
+    )
+    assert "unknown_voice" in message
+    assert state(page)["last_error"]["code"] == "unknown_voice"
+    assert page.is_visible("#error-banner")
+    assert page.inner_text("#error-code") == "unknown_voice"
+    # The next utterance with a real voice works and clears the banner.
+    result = speak(page, "Back again.", format="pcm_s16le", sampleRate=22050)
+    assert result["played_ms"] > 300 and state(page)["last_error"] is None
+
+
+def _sse(*events: str) -> str:
+    return "".join(f"data: {e}\n\n" for e in events)
+
+
+def test_chat_panel_streams_completion_deltas_into_speech(browser, server):
+    page, _ = browser
+    seen: list[dict] = []
+    deltas = ["Streaming", " speech", " starts", " before", " the", " answer", " is", " complete."]
+    body = _sse(
+        json.dumps({"choices": [{"delta": {"role": "assistant"}}]}),
+        *(json.dumps({"choices": [{"delta": {"content": d}}]}) for d in deltas),
+        json.dumps({"choices": [{"delta": {}, "finish_reason": "stop"}]}),
+        "[DONE]",
+    )
+
+    def fake_llm(route):
+        seen.append(route.request.post_data_json)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    url = server + "/fake-llm/v1/chat/completions"
+    page.route(url, fake_llm)
+    before = state(page)
+    page.click("#tab-chat")
+    page.fill("#chat-url", url)
+    page.fill("#chat-model", "test-model")
+    page.fill("#chat-key", "sk-test")
+    page.fill("#chat-prompt", "Why stream?")
+    page.click("#chat-send")
+    page.wait_for_function(
+        f"window.ttsClient.state.done_acks > {before['done_acks']} && !window.ttsClient.state.speaking", timeout=30_000
+    )
+    st = state(page)
+    assert seen and seen[0]["stream"] is True and seen[0]["model"] == "test-model"
+    assert seen[0]["messages"][-1] == {"role": "user", "content": "Why stream?"}
+    assert st["chars_sent"] == len("".join(deltas))
+    assert st["played_ms"] > 500 and st["underruns"] == 0
+    assert page.inner_text("#transcript") == "".join(deltas)
+
+    # A chat endpoint that fails mid-stream: the error is shown, the voice stops.
+    page.unroute(url)
+    page.route(url, lambda r: r.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                                        body=_sse(json.dumps({"error": {"message": "quota exceeded"}}))))
+    page.click("#chat-send")
+    page.wait_for_selector("#error-banner:not([hidden])", timeout=10_000)
+    assert "quota exceeded" in page.inner_text("#error-banner")
+    page.wait_for_function("!window.ttsClient.state.speaking", timeout=10_000)
+    page.unroute(url)
+    page.click("#tab-text")
+
+
+def test_no_console_errors(browser):
+    page, problems = browser
+    assert (ARTIFACTS / "browser.png").is_file()
+    assert problems == []
