@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from cosyvoice.checkpoint import load_strict
+from cosyvoice.checkpoint import load_state_dict, load_strict
 
 
 @dataclass
@@ -318,3 +318,13 @@ def convert_hift_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_hift_state_dict(module: HiFTGenerator, state: Mapping[str, Tensor]) -> None:
     """Strict load (keys and shapes) of a `hift.pt`-style state dict in either weight-norm spelling."""
     load_strict(module, convert_hift_state_dict(state), "hift.pt")
+
+
+def load_hift(path, cfg: HiFTConfig | None = None, fold_weight_norm: bool = False) -> HiFTGenerator:
+    """Builds the vocoder (REAL config by default) and loads `hift.pt` / a safetensors file into it.
+    `fold_weight_norm` bakes g·v/‖v‖ into plain weights once instead of on every call."""
+    model = HiFTGenerator(cfg or HiFTConfig())
+    load_hift_state_dict(model, load_state_dict(path))
+    if fold_weight_norm:
+        model.remove_weight_norm()
+    return model.eval()

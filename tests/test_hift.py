@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from cosyvoice.checkpoint import CheckpointMismatch
-from cosyvoice.hift import HiFTConfig, HiFTGenerator, convert_hift_state_dict, load_hift_state_dict
+from cosyvoice.hift import HiFTConfig, HiFTGenerator, convert_hift_state_dict, load_hift, load_hift_state_dict
 from tests.conftest import load_npz, reference_file
 
 torch.set_num_threads(1)
@@ -116,6 +116,19 @@ def test_legacy_weight_norm_names_load_the_same(tiny_state, hift, ref):
     with torch.no_grad():
         audio = model.decode(ref["mel"][None], ref["source"][None, None])
     assert_close(audio[0], ref["audio"])
+
+
+def test_load_hift_from_a_legacy_pt_file(tiny_state, ref, tmp_path):
+    legacy = {"generator." + k.replace("parametrizations.weight.original0", "weight_g")
+              .replace("parametrizations.weight.original1", "weight_v"): v for k, v in tiny_state.items()}
+    torch.save(legacy, tmp_path / "hift.pt")
+    model = load_hift(tmp_path / "hift.pt", tiny_config(), fold_weight_norm=True)
+    assert not model.training
+    with torch.no_grad():
+        audio = model.decode(ref["mel"][None], ref["source"][None, None])
+    assert_close(audio[0], ref["audio"])
+    with pytest.raises(FileNotFoundError):
+        load_hift(tmp_path / "missing.pt", tiny_config())
 
 
 def test_strict_load_rejects_missing_and_misshapen(tiny_state):
