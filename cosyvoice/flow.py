@@ -141,7 +141,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def embed_tokens(self, tokens: Tensor) -> Tensor:  # [1, T] int -> [1, T, input_size]
         return self.input_embedding(torch.clamp(tokens, min=0))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def inference(self, token: Tensor, token_len: Tensor, prompt_token: Tensor, prompt_token_len: Tensor,
                   prompt_feat: Tensor, prompt_feat_len: Tensor, embedding: Tensor, streaming: bool,
                   finalize: bool, n_timesteps: int | None = None, left_chunks: int | None = None) -> Tensor:
@@ -216,7 +216,7 @@ class FlowStream:
         self.done_tokens = 0  # tokens (prompt + generated) already through the encoder
         self.closed = False
         self.finished = False
-        with torch.inference_mode():
+        with torch.no_grad():
             spks = flow.speaker(embedding)
             self.spks_in = torch.cat([spks, torch.zeros_like(spks)])  # CFG rows
             self.schedule = euler_schedule(self.n_timesteps)
@@ -265,7 +265,7 @@ class FlowStream:
         flow, cfg = self.flow, self.cfg
         a, b = self.done_tokens, self.done_tokens + n_tokens
         tokens = self._all_tokens()
-        with torch.inference_mode():
+        with torch.no_grad():
             xs = flow.embed_tokens(tokens[:, a:b])
             ctx = None if context_end is None else flow.embed_tokens(tokens[:, b:context_end])
             h = flow.encoder.forward_chunk(xs, ctx, self.enc_cache)  # [1, 2n, C]

@@ -263,10 +263,10 @@ def _stream_case(n_tokens: int, seed: int, n_prompt: int = 10):
     return tokens, prompt, prompt_feat, emb
 
 
-def _recompute(flow, tokens, prompt, prompt_feat, emb, streaming, finalize, n_timesteps=None):
+def _recompute(flow, tokens, prompt, prompt_feat, emb, streaming, finalize, n_timesteps=None, left_chunks=None):
     return flow.inference(tokens, torch.tensor([tokens.shape[1]]), prompt, torch.tensor([prompt.shape[1]]),
                           prompt_feat, torch.tensor([prompt_feat.shape[1]]), emb, streaming=streaming,
-                          finalize=finalize, n_timesteps=n_timesteps)
+                          finalize=finalize, n_timesteps=n_timesteps, left_chunks=left_chunks)
 
 
 def _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, push_step=7, **kw):
@@ -324,21 +324,31 @@ def test_flow_stream_prompt_precompute_is_equivalent(flow):
     assert maxdiff(torch.cat(a, -1), torch.cat(b, -1)) <= TOL
 
 
-def test_flow_stream_window_bounds_memory(flow):
-    tokens, prompt, prompt_feat, emb = _stream_case(200, seed=7)
-    hops = [15, 25, 25, 25, 25, 25, 25]
-    sizes = {}
+def test_flow_stream_window_equals_windowed_recompute_and_bounds_memory(flow):
+    tokens, prompt, prompt_feat, emb = _stream_case(130, seed=7)
+    hops = [15, 25, 25, 25, 25]
+    sizes, mels = {}, {}
     for lc in (None, 1):
         stream = FlowStream(flow, prompt, prompt_feat, emb, left_chunks=lc)
         stream.push(tokens[0])
-        sizes[lc] = []
+        sizes[lc], mels[lc] = [], []
         for hop in hops:
-            stream.emit(hop)
+            mels[lc].append(stream.emit(hop))
             sizes[lc].append(stream.nbytes())
-        stream.close()
-    grow = {lc: s[-1] - s[-2] for lc, s in sizes.items()}
-    assert sizes[None][-1] > sizes[None][1] and grow[None] > 0  # unbounded: grows with the utterance
-    assert sizes[1][-1] < sizes[None][-1] and grow[1] < grow[None] / 2  # window: only the encoder still grows
+        mels[lc].append(stream.finish())
+    offset = 0
+    for hop, mel in zip(hops, mels[1], strict=False):
+        ref = _recompute(flow, tokens[:, : offset + hop + 3], prompt, prompt_feat, emb, True, False, left_chunks=1)
+        assert maxdiff(mel, ref[:, :, 2 * offset :]) <= TOL
+        offset += hop
+    ref = _recompute(flow, tokens, prompt, prompt_feat, emb, True, True, left_chunks=1)
+    assert maxdiff(mels[1][-1], ref[:, :, 2 * offset :]) <= TOL
+    # the window changes the model (beyond the first two chunks) ...
+    assert maxdiff(torch.cat(mels[1], -1), torch.cat(mels[None], -1)) > 1e-3
+    # ... and bounds what is kept: unbounded grows with the utterance, windowed stops growing
+    grow = {lc: s[-1] - s[-3] for lc, s in sizes.items()}
+    assert grow[None] > 0
+    assert sizes[1][-1] < sizes[None][-1] and grow[1] < grow[None] / 4
 
 
 def test_flow_stream_n_timesteps_matches_recompute_with_same_steps(flow):
