@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .audio.encoders import make_encoder
 from .audio.formats import allowed_sample_rates, default_sample_rate, validate_audio_format
 from .auth import check_token
-from .engines.base import AudioChunk, Engine, SynthesisOptions
+from .engines.base import AudioChunk, Engine, EngineError, SynthesisOptions
 from .metrics import METRICS
 from .protocol import (
     FORMATS,
@@ -317,6 +317,30 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         return StreamingResponse(stream, media_type="application/octet-stream",
                                  headers={"X-Sample-Rate": str(engine.sample_rate)})
 
+    async def register_voice(request: Request) -> Response:
+        """POST /v1/voices (multipart: voice_id, prompt_text, prompt_wav): a zero-shot voice, for
+        engines that can register one (``engine.register_voice``)."""
+        METRICS.http_requests.inc("/v1/voices")
+        register = getattr(engine, "register_voice", None)
+        if register is None:
+            return error_response("bad_request", f"engine {engine.name!r} cannot register voices", 404)
+        try:
+            form = await request.form(max_part_size=config.limits.max_prompt_audio_bytes + 1024)
+        except Exception as e:
+            return error_response("bad_request", f"could not read form: {e}")
+        voice_id, prompt_text, upload = form.get("voice_id"), form.get("prompt_text"), form.get("prompt_wav")
+        if not isinstance(voice_id, str) or not isinstance(prompt_text, str) or not isinstance(upload, UploadFile):
+            return error_response("bad_request", "multipart fields voice_id, prompt_text and prompt_wav (a file) are required")
+        wav = await upload.read()
+        if len(wav) > config.limits.max_prompt_audio_bytes:
+            return error_response("too_large", "prompt_wav is too large")
+        try:
+            voice = await asyncio.to_thread(register, voice_id, wav, prompt_text)
+        except EngineError as e:
+            return error_response(e.code, e.message, 409 if e.code == "conflict" else None)
+        info.voices = info.voices | {voice.id}  # new sessions may use it at once
+        return JSONResponse({"voice": voice.__dict__}, status_code=201)
+
     # ---- service routes ---------------------------------------------------------------------
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "engine": engine.name, "sample_rate": engine.sample_rate,
@@ -353,6 +377,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         Route("/", static_file),
         Route("/health", health),
         Route("/v1/voices", voices),
+        Route("/v1/voices", register_voice, methods=["POST"]),
         Route("/metrics", metrics),
         Route("/v1/tts", tts, methods=["POST"]),
         WebSocketRoute("/v1/tts/stream", stream),

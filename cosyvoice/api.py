@@ -1,0 +1,225 @@
+"""``CosyVoice2``: the Python API users of the official package know, on our loaders and model.
+
+Same constructor and method names, arguments and results (``{'tts_speech': tensor [1, samples]}``
+dicts at 24 kHz; ``stream=False`` yields one dict per text segment, ``stream=True`` one per audio
+chunk).  Differences that matter:
+
+- Nothing is executed or unpickled from the model directory (inert yaml, ``weights_only`` loads,
+  strict keys).  ``load_jit`` / ``load_trt`` / ``load_vllm`` name accelerations we do not have; they
+  are accepted and ignored with a warning, so scripts written for the official API still run.
+- Every request has its own UUID, LM state, hop schedule, flow/vocoder caches and random generator
+  (``seed=`` makes a request reproducible), so one instance serves concurrent threads.
+- Text given as an iterator (a generator of LLM deltas) goes to bistream in every text mode, and
+  is normalised incrementally (the official code skips normalisation for streamed text).
+- The prompt of a zero-shot request is analysed once, not once per text segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelDir, resolve_device
+from .features import WavSource
+from .frontend import CosyVoiceFrontEnd
+from .model import CosyVoice2Model, TokenCap
+from .text import ENDOFPROMPT, CosyVoice2Tokenizer
+
+__all__ = ["CosyVoice2", "Text"]
+
+log = logging.getLogger("cosyvoice")
+
+Text = str | Iterable[str]
+PromptWav = WavSource | torch.Tensor
+# zero-shot speaker fields that belong to the LM prompt (dropped for cross-lingual / instruct2)
+_LM_PROMPT_SPEECH = ("llm_prompt_speech_token", "llm_prompt_speech_token_len")
+_LM_PROMPT_TEXT = ("prompt_text", "prompt_text_len")
+
+
+class CosyVoice2:
+    """A CosyVoice2-0.5B model directory, loaded once and shared by every request."""
+
+    def __init__(self, model_dir: str | Path, load_jit: bool = False, load_trt: bool = False,
+                 load_vllm: bool = False, fp16: bool = False, trt_concurrent: int = 1,
+                 device: str | torch.device = "cpu", *, seed: int | None = None,
+                 dtype: str | None = None, max_token_ratio: float = 20.0, min_tokens: int = 50,
+                 left_chunks: int | None = None):
+        for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
+            if flag:
+                log.warning("%s=True ignored: this implementation has no JIT/TensorRT/vLLM path", name)
+        self.model_dir = ModelDir(model_dir)
+        missing = self.model_dir.missing()
+        if missing:
+            raise FileNotFoundError(f"{self.model_dir.root} is not a CosyVoice2 model directory: missing {missing}")
+        device = resolve_device(device)
+        self.fp16 = bool(fp16) and device.type == "cuda"
+        if fp16 and not self.fp16:
+            log.warning("fp16=True ignored on %s (half precision is for CUDA)", device)
+        self.seed = seed  # default for requests that pass none; None = fresh randomness per request
+        # ``dtype`` (fp32 / fp16 / bf16, the LM's precision) is ours; ``fp16`` is the official switch.
+        dtype = dtype or ("fp16" if self.fp16 else "fp32")
+        self.model = CosyVoice2Model.from_model_dir(
+            self.model_dir, dtype=dtype, device=device, left_chunks=left_chunks,
+            cap=TokenCap(ratio=max_token_ratio, floor=min_tokens))
+        spk2info = self.model_dir.root / "spk2info.pt"
+        self.frontend = CosyVoiceFrontEnd(
+            CosyVoice2Tokenizer(self.model_dir.qwen_dir), self.model_dir.campplus_onnx,
+            self.model_dir.speech_tokenizer_onnx, spk2info if spk2info.is_file() else None, device=device)
+        self.sample_rate = self.model.sample_rate
+        self._spk_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ speakers
+
+    def list_available_spks(self) -> list[str]:
+        with self._spk_lock:
+            return list(self.frontend.spk2info.keys())
+
+    def add_zero_shot_spk(self, prompt_text: str, prompt_wav: PromptWav, zero_shot_spk_id: str) -> bool:
+        """Analyse a prompt once and keep it under ``zero_shot_spk_id`` (``save_spkinfo`` persists it)."""
+        if not zero_shot_spk_id:
+            raise ValueError("zero_shot_spk_id must not be empty")
+        prompt_text = self.frontend.text_normalize(prompt_text, split=False)
+        entry = self.frontend.frontend_zero_shot("", prompt_text, prompt_wav, self.sample_rate)
+        del entry["text"], entry["text_len"]
+        with self._spk_lock:
+            self.frontend.spk2info[zero_shot_spk_id] = entry
+        return True
+
+    def save_spkinfo(self) -> Path:
+        """Write spk2info.pt atomically: a crash leaves either the old or the new file, never half."""
+        path = self.model_dir.root / "spk2info.pt"
+        with self._spk_lock:
+            snapshot = dict(self.frontend.spk2info)
+            fd, tmp = tempfile.mkstemp(prefix=".spk2info.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(snapshot, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return path
+
+    # ------------------------------------------------------------------------------ modes
+
+    def inference_sft(self, tts_text: Text, spk_id: str, stream: bool = False, speed: float = 1.0,
+                      text_frontend: bool = True, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        for text in self._segments(tts_text, text_frontend):
+            yield from self._run(self.frontend.frontend_sft(text, spk_id), stream, speed, kwargs)
+
+    def inference_zero_shot(self, tts_text: Text, prompt_text: str, prompt_wav: PromptWav | None,
+                            zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
+                            text_frontend: bool = True, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        prompt = self._prompt(prompt_wav, zero_shot_spk_id)
+        if not zero_shot_spk_id:
+            text_ids = self.frontend.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
+            prompt["prompt_text"], prompt["prompt_text_len"] = self._encode(text_ids)
+        for text in self._segments(tts_text, text_frontend):
+            yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
+
+    def inference_cross_lingual(self, tts_text: Text, prompt_wav: PromptWav | None, zero_shot_spk_id: str = "",
+                                stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
+                                **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        prompt = self._prompt(prompt_wav, zero_shot_spk_id)
+        for key in _LM_PROMPT_TEXT + _LM_PROMPT_SPEECH:
+            prompt.pop(key, None)
+        for text in self._segments(tts_text, text_frontend):
+            yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
+
+    def inference_instruct2(self, tts_text: Text, instruct_text: str, prompt_wav: PromptWav | None,
+                            zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
+                            text_frontend: bool = True, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """``instruct_text`` is the LM's prompt text; ``<|endofprompt|>`` is appended if missing."""
+        prompt = self._prompt(prompt_wav, zero_shot_spk_id)
+        for key in _LM_PROMPT_SPEECH:
+            prompt.pop(key, None)
+        prompt["prompt_text"], prompt["prompt_text_len"] = self._encode(instruct_prompt(instruct_text))
+        for text in self._segments(tts_text, text_frontend):
+            yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
+
+    def inference_vc(self, source_wav: PromptWav, prompt_wav: PromptWav, stream: bool = False,
+                     speed: float = 1.0, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        model_input = self.frontend.frontend_vc(source_wav, prompt_wav, self.sample_rate)
+        request = self._request(kwargs)
+        unsupported = set(request) - {"seed", "should_stop", "token_hop_len", "uuid"}
+        if unsupported:
+            raise TypeError(f"inference_vc does not take {sorted(unsupported)}")
+        for speech in self.model.vc(model_input, stream=stream, speed=speed, **request):
+            yield {"tts_speech": speech}
+
+    def inference_sft_chunked(self, text_chunks: Iterable[str], spk_id: str, stream: bool = True,
+                              speed: float = 1.0, text_frontend: bool = True, token_hop_len: int | None = None,
+                              mel_cache_len: int | None = None, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """Text chunks (a list or a generator, e.g. LLM deltas) as ONE utterance under one UUID:
+        bistream underneath, so speech starts before the last chunk arrives."""
+        if isinstance(text_chunks, str):
+            text_chunks = [text_chunks]
+        model_input = self.frontend.frontend_sft(iter(text_chunks), spk_id)
+        kwargs.update(token_hop_len=token_hop_len, mel_cache_len=mel_cache_len)
+        yield from self._run(model_input, stream, speed, kwargs)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _segments(self, tts_text: Text, text_frontend: bool) -> list[Text]:
+        """Whole text: normalised and split into ~60-80 token segments (one request each, as
+        official).  An iterator: one bistream request, normalised as it streams."""
+        if isinstance(tts_text, str):
+            return list(self.frontend.text_normalize(tts_text, split=True, text_frontend=text_frontend))
+        return [iter(tts_text)]
+
+    def _prompt(self, prompt_wav: PromptWav | None, zero_shot_spk_id: str) -> dict[str, Any]:
+        if zero_shot_spk_id:
+            with self._spk_lock:
+                if zero_shot_spk_id not in self.frontend.spk2info:
+                    raise KeyError(f"unknown speaker {zero_shot_spk_id!r}")
+                entry = dict(self.frontend.spk2info[zero_shot_spk_id])
+            if "flow_prompt_speech_token" not in entry:
+                raise ValueError(f"speaker {zero_shot_spk_id!r} is an SFT speaker, not a zero-shot prompt")
+            return entry
+        if prompt_wav is None:
+            raise ValueError("a prompt_wav or a zero_shot_spk_id is needed")
+        return self.frontend.frontend_zero_shot("", "", prompt_wav, self.sample_rate)
+
+    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.frontend.tokenizer.encode(text)
+        return (torch.tensor([ids], dtype=torch.int32), torch.tensor([len(ids)], dtype=torch.int32))
+
+    def _with_text(self, prompt: dict[str, Any], text: Text) -> dict[str, Any]:
+        model_input = dict(prompt)
+        if isinstance(text, str):
+            model_input["text"], model_input["text_len"] = self._encode(text)
+        else:
+            model_input["text"] = self.frontend.stream_text_ids(text)
+            model_input["text_len"] = torch.tensor([0], dtype=torch.int32)
+        return model_input
+
+    def _request(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"seed", "should_stop", "token_hop_len", "mel_cache_len", "max_tokens", "sampler", "uuid"}
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+        out = {k: v for k, v in kwargs.items() if v is not None}
+        if "seed" not in out and self.seed is not None:
+            out["seed"] = self.seed
+        return out
+
+    def _run(self, model_input: dict[str, Any], stream: bool, speed: float,
+             kwargs: dict[str, Any]) -> Iterator[dict[str, torch.Tensor]]:
+        for speech in self.model.tts(model_input, stream=stream, speed=speed, **self._request(kwargs)):
+            yield {"tts_speech": speech}
+
+
+def instruct_prompt(instruct_text: str) -> str:
+    """The LM prompt text of instruct2: the instruction, ending with ``<|endofprompt|>``."""
+    text = instruct_text.strip()
+    return text if text.endswith(ENDOFPROMPT) else text + ENDOFPROMPT
+
