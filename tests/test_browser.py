@@ -231,3 +231,139 @@ def test_no_console_errors(browser):
     page, problems = browser
     assert (ARTIFACTS / "browser.png").is_file()
     assert problems == []
+
+
+# ---- the AudioWorklet processor, driven quantum by quantum --------------------------------------
+# The processor is plain script; these tests load it with a stand-in AudioWorkletGlobalScope and call
+# process() themselves, so the jitter buffer, underrun, fade and stop logic are checked sample-exactly.
+
+_HARNESS = """
+([src, rate]) => {
+  let Processor = null;
+  class AudioWorkletProcessor {
+    constructor() { this.port = { postMessage: (m) => posted.push(m), onmessage: null }; }
+  }
+  const posted = [];
+  new Function("AudioWorkletProcessor", "registerProcessor", "sampleRate", src)(
+    AudioWorkletProcessor, (name, cls) => { Processor = cls; }, rate);
+  const proc = new Processor();
+  const send = (m) => proc.port.onmessage({ data: m });
+  const render = (quanta) => {
+    const out = [];
+    for (let q = 0; q < quanta; q++) {
+      const outputs = [[new Float32Array(128)]];
+      proc.process([], outputs);
+      out.push(...outputs[0][0]);
+    }
+    return out;
+  };
+  const ramp = (n, from) => Float32Array.from({ length: n }, (_, i) => ((from + i) % 1000) / 1000);
+  window.__player = { proc, send, render, posted, ramp };
+  return true;
+}
+"""
+
+
+@pytest.fixture
+def player(browser):
+    page, _ = browser
+    src = (REPO / "web_client" / "player-worklet.js").read_text()
+
+    def make(rate: int = 48000):
+        page.evaluate(_HARNESS, [src, rate])
+        return page
+
+    return make
+
+
+def test_worklet_waits_for_jitter_buffer_then_plays_samples_exactly(player):
+    page = player(48000)
+    r = page.evaluate("""() => {
+      const { send, render, posted, ramp } = window.__player;
+      send({ type: "begin", id: 1, inputRate: 48000, prebufferMs: 80 });
+      send({ type: "push", id: 1, samples: ramp(48 * 50, 0) });          // 50 ms < 80 ms jitter buffer
+      const waiting = render(4);
+      send({ type: "push", id: 1, samples: ramp(48 * 50, 48 * 50) });    // now 100 ms
+      const playing = render(2);
+      send({ type: "push", id: 2, samples: ramp(480, 0) });              // a stale utterance's audio
+      send({ type: "end", id: 1 });
+      const rest = render(40);
+      const finished = posted.filter((m) => m.type === "finished");
+      return { waiting: waiting.some((v) => v !== 0), first: playing.slice(0, 256),
+               started: posted.some((m) => m.type === "started"),
+               tail: rest.slice(4800 - 256).some((v) => v !== 0), finished };
+    }""")
+    assert r["waiting"] is False, "played before the jitter buffer filled"
+    assert r["started"] is True
+    expected = [((i % 1000) / 1000) for i in range(256)]
+    assert r["first"] == pytest.approx(expected, abs=1e-6), "samples must pass untouched when the rates match"
+    assert r["tail"] is False, "audio of a stale utterance id was played"
+    assert len(r["finished"]) == 1 and r["finished"][0]["stopped"] is False
+    assert r["finished"][0]["underruns"] == 0
+    assert r["finished"][0]["playedMs"] == pytest.approx(100, abs=0.1)
+
+
+def test_worklet_counts_underrun_and_fades_back_in(player):
+    page = player(48000)
+    r = page.evaluate("""() => {
+      const { send, render, posted } = window.__player;
+      send({ type: "begin", id: 1, inputRate: 48000, prebufferMs: 10 });
+      send({ type: "push", id: 1, samples: new Float32Array(480 + 64).fill(0.5) });
+      const before = render(5);          // 640 frames wanted, 544 available: starves mid-quantum
+      const starved = render(3);         // rebuffering: silence, not another underrun per quantum
+      send({ type: "push", id: 1, samples: new Float32Array(4800).fill(0.5) });
+      const after = render(4);
+      const stats = posted.filter((m) => m.type === "stats").pop();
+      return { underruns: window.__player.proc.underruns, starvedSilent: starved.every((v) => v === 0),
+               fadeStart: after[0], fadeMid: after[100], fadeDone: after[400], hadFull: before[0] };
+    }""")
+    assert r["hadFull"] == 0.5
+    assert r["underruns"] == 1
+    assert r["starvedSilent"] is True
+    # a 5 ms (240-frame) fade-in after the underrun instead of a click
+    assert r["fadeStart"] < 0.01 and 0.1 < r["fadeMid"] < 0.4 and r["fadeDone"] == 0.5
+
+
+def test_worklet_stop_silences_within_one_quantum_and_drops_buffer(player):
+    page = player(48000)
+    r = page.evaluate("""() => {
+      const { send, render, posted } = window.__player;
+      send({ type: "begin", id: 1, inputRate: 48000, prebufferMs: 20 });
+      send({ type: "push", id: 1, samples: new Float32Array(48000).fill(0.5) });   // 1 s buffered
+      render(2);
+      send({ type: "stop" });
+      const fade = render(1);
+      const after = render(10);
+      const finished = posted.filter((m) => m.type === "finished");
+      return { fade, afterSilent: after.every((v) => v === 0), finished,
+               buffered: posted.filter((m) => m.type === "stats").pop().bufferedMs };
+    }""")
+    fade = r["fade"]
+    assert fade[0] == pytest.approx(0.5, rel=0.02) and fade[-1] == 0.0, "fade-out over exactly one quantum"
+    assert all(a >= b for a, b in zip(fade[:-1], fade[1:], strict=True)), "fade-out must fall monotonically"
+    assert r["afterSilent"] is True
+    assert r["buffered"] == 0
+    assert len(r["finished"]) == 1 and r["finished"][0]["stopped"] is True
+    assert r["finished"][0]["playedMs"] == pytest.approx(384 / 48, abs=0.1)
+
+
+def test_worklet_resamples_when_context_rate_differs(player):
+    page = player(48000)
+    r = page.evaluate("""() => {
+      const { send, render, posted } = window.__player;
+      send({ type: "begin", id: 1, inputRate: 16000, prebufferMs: 0 });
+      // a 16 kHz ramp 0..1 over 1600 samples (100 ms), pushed as many small chunks and one big one
+      const x = Float32Array.from({ length: 1600 }, (_, i) => i / 1600);
+      for (let i = 0; i < 800; i += 80) send({ type: "push", id: 1, samples: x.slice(i, i + 80) });
+      send({ type: "push", id: 1, samples: x.slice(800) });
+      send({ type: "end", id: 1 });
+      const out = render(40);
+      return { out: out.slice(0, 4800), finished: posted.filter((m) => m.type === "finished") };
+    }""")
+    out = r["out"]
+    # 3 output samples per input sample, linearly interpolated: a smooth ramp at a third of the slope
+    assert out[3] == pytest.approx(1 / 1600, abs=1e-6) and out[1] == pytest.approx(1 / 4800, abs=1e-6)
+    steps = [b - a for a, b in zip(out[:4699], out[1:4700], strict=True)]
+    assert max(steps) < 1 / 4800 + 1e-5 and min(steps) > 0, "resampled ramp must be smooth"
+    assert r["finished"][0]["playedMs"] == pytest.approx(100, abs=0.2)
+    assert r["finished"][0]["underruns"] == 0
