@@ -158,8 +158,8 @@ class Attention(nn.Module):
     def _split(self, x: Tensor) -> Tensor:  # [B, T, H*D] -> [B, H, T, D]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x: Tensor, bias: Tensor, cache: EstimatorCache | None = None, keep_from: int = 0) -> Tensor:
-        """bias: additive [B or 1, 1, T_q, T_k] (0 allowed, -1e10 not). With a cache, keys/values of
+    def forward(self, x: Tensor, bias: Tensor | None, cache: EstimatorCache | None = None, keep_from: int = 0) -> Tensor:
+        """bias: None (everything visible) or additive [B or 1, 1, T_q, T_k] (0 allowed, -1e10 not). With a cache, keys/values of
         the new frames are appended after the cached ones; `keep_from` is how many of the combined
         keys the cache may drop afterwards (they fall out of every later query's window)."""
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(x)), self._split(self.to_v(x))
@@ -201,7 +201,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, bias: Tensor, cache: EstimatorCache | None = None, keep_from: int = 0) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None, cache: EstimatorCache | None = None,
+                keep_from: int = 0) -> Tensor:
         x = x + self.attn1(self.norm1(x), bias, cache, keep_from)
         return x + self.ff(self.norm3(x))
 
@@ -289,7 +290,7 @@ class CausalConditionalDecoder(nn.Module):
         return self.final_proj(h * mask) * mask
 
     @staticmethod
-    def _transformers(h: Tensor, blocks: nn.ModuleList, bias: Tensor, cache: EstimatorCache | None = None,
+    def _transformers(h: Tensor, blocks: nn.ModuleList, bias: Tensor | None, cache: EstimatorCache | None = None,
                       keep_from: int = 0) -> Tensor:
         h = h.transpose(1, 2)
         for block in blocks:
@@ -315,7 +316,9 @@ class CausalConditionalDecoder(nn.Module):
         h = torch.cat([x_new, mu_new, spks.unsqueeze(-1).expand(-1, -1, n), cond_new], dim=1)
         q_pos = torch.arange(start, end, device=x_new.device)
         k_pos = torch.arange(cache.kv_start, end, device=x_new.device)
-        bias = _bias(chunk_allowed(q_pos, k_pos, chunk, cache.left_chunks), h.dtype)  # [n, T_k]
+        allowed = chunk_allowed(q_pos, k_pos, chunk, cache.left_chunks)  # [n, T_k]
+        # a one-chunk call sees every cached key: no mask lets SDPA take its faster unmasked path
+        bias = None if bool(allowed.all()) else _bias(allowed, h.dtype)
         # keys that no later query can see (sliding window) are dropped after this call
         keep_from = 0
         if cache.left_chunks is not None:
