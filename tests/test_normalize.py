@@ -85,6 +85,9 @@ def test_number_words_decimals_and_groups():
         ("a loss of -$5", "a loss of minus five dollars"),
         ("Meet at 3:45 pm", "Meet at three forty-five p.m."),
         ("Meet at 3:45", "Meet at three forty-five"),
+        ("Meet at 3.45 pm", "Meet at three forty-five p.m."),
+        ("pi is 3.14159", "pi is three point one four one five nine"),
+        ("it is 3.45 m", "it is three point four five meters"),
         ("at 12:00", "at twelve o'clock"),
         ("at 3:05 a.m.", "at three oh five a.m."),
         ("at 7pm", "at seven p.m."),
@@ -102,6 +105,7 @@ def test_number_words_decimals_and_groups():
         ("2+2=4", "two plus two equals four"),
         ("5 * 3", "five times three"),
         ("#1 fan", "number one fan"),
+        ("a # b", "a b"),
         ("Version 2.0.1", "Version two point zero point one"),
         ("007", "zero zero seven"),
     ],
@@ -248,15 +252,40 @@ TOKENS = st.sampled_from(
         "and",
         "is",
         "a",
+        "St.",
+        "Mr.",
+        "i.e.",
+        "vs.",
+        "$1.2M",
+        "5k",
+        "3:45 pm",
+        "7pm",
+        "#1",
+        "(",
+        ")",
+        '"',
+        "1/2",
+        "-5",
+        "20°C",
+        "2024-03-15",
+        "March",
+        "3rd",
+        "\n\n",
+        "```",
+        "> ",
+        "<b>",
+        "a@b.com",
+        "100",
+        "%",
     ]
 )
 
 
 def _words(s: str) -> list[str]:
-    return re.findall(r"[\w'-]+", s)
+    return re.findall(r"\w[\w'-]*", s)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.lists(TOKENS, max_size=40), st.lists(st.sampled_from([" ", "", "  "]), min_size=40, max_size=40))
 def test_clause_wise_normalisation_speaks_the_same_words(tokens, seps):
     text = "".join(t + s for t, s in zip(tokens, seps, strict=False))

