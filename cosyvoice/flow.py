@@ -320,9 +320,14 @@ class FlowStream:
         return mel
 
     def nbytes(self) -> int:
-        """Bytes of cached state (encoder + every Euler step's estimator cache)."""
+        """Allocated bytes of cached state (encoder + every Euler step's estimator cache)."""
         enc = self.enc_cache.nbytes() if self.enc_cache is not None else 0
         return enc + sum(c.nbytes() for c in self.est_caches)
+
+    def live_nbytes(self) -> int:
+        """Bytes of cached state in use (allocations grow ahead of it by up to ~25 %)."""
+        enc = self.enc_cache.live_nbytes() if self.enc_cache is not None else 0
+        return enc + sum(c.live_nbytes() for c in self.est_caches)
 
     def close(self) -> None:
         """Drop every cache (idempotent); the stream can no longer be used."""

@@ -67,6 +67,50 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class KVBuffer:
+    """Keys and values of one attention layer, [B, H, capacity, D] with a live window [start, end).
+
+    Appending writes in place (amortised growth) instead of concatenating, so a chunk costs O(new
+    frames) to store and not a copy of everything cached; dropping old keys only moves `start`."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.start = 0
+        self.end = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add [B, H, n, D] keys/values; return views of every live key/value (old + new)."""
+        n = k.shape[2]
+        if self.k is None or self.end + n > self.k.shape[2]:
+            live = self.length
+            capacity = live + n + max((live + n) // 4, 100)
+            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            if live:
+                new_k[:, :, :live] = self.k[:, :, self.start : self.end]
+                new_v[:, :, :live] = self.v[:, :, self.start : self.end]
+            self.k, self.v, self.start, self.end = new_k, new_v, 0, live
+        self.k[:, :, self.end : self.end + n] = k
+        self.v[:, :, self.end : self.end + n] = v
+        self.end += n
+        return self.k[:, :, self.start : self.end], self.v[:, :, self.start : self.end]
+
+    def drop_front(self, count: int) -> None:
+        self.start = min(self.start + count, self.end)
+
+    def nbytes(self) -> int:
+        """Allocated bytes (capacity included)."""
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+    def live_nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.length * self.k[:, :, :1].numel() * self.k.element_size()
+
+
 class EstimatorCache:
     """Per-request state of one estimator evaluation sequence (one Euler step of one stream).
 
@@ -81,11 +125,16 @@ class EstimatorCache:
         self.kv_start = 0
         self.closed = False
         self.conv: dict[nn.Module, Tensor] = {}
-        self.kv: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+        self.kv: dict[nn.Module, KVBuffer] = {}
 
     def nbytes(self) -> int:
+        """Allocated bytes of every cached tensor."""
+        return sum(t.numel() * t.element_size() for t in self.conv.values()) + sum(b.nbytes() for b in self.kv.values())
+
+    def live_nbytes(self) -> int:
+        """Bytes actually in use (what a tight allocator would hold)."""
         total = sum(t.numel() * t.element_size() for t in self.conv.values())
-        return total + sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values())
+        return total + sum(b.live_nbytes() for b in self.kv.values())
 
     def clear(self) -> None:
         self.conv.clear()
@@ -164,12 +213,13 @@ class Attention(nn.Module):
         keys the cache may drop afterwards (they fall out of every later query's window)."""
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(x)), self._split(self.to_v(x))
         if cache is not None:
-            past = cache.kv.get(self)
-            if past is not None:
-                k = torch.cat([past[0], k], dim=2)
-                v = torch.cat([past[1], v], dim=2)
-            cache.kv[self] = (k[:, :, keep_from:], v[:, :, keep_from:])
+            buf = cache.kv.get(self)
+            if buf is None:
+                buf = cache.kv[self] = KVBuffer()
+            k, v = buf.append(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if cache is not None and keep_from:
+            buf.drop_front(keep_from)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
