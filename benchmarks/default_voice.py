@@ -1,0 +1,104 @@
+"""Speed of the embedded default voice (Piper joe on onnxruntime, one thread per call).
+
+    OMP_NUM_THREADS=1 python benchmarks/default_voice.py [--repeats 3]
+
+Prints two tables:
+* real-time factor (compute seconds / audio seconds, lower is better) per text length, through the
+  whole engine path: segmenter, normaliser, G2P, model;
+* time to first audio: from the moment the first clause is complete (its terminating whitespace
+  pushed) to the first audio chunk, with the rest of the text still unsent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from realtime.engines.base import AudioChunk, SynthesisOptions, TextStream  # noqa: E402
+from realtime.engines.piper import PiperEngine  # noqa: E402
+
+TEXTS = {
+    "short": "Hello there, how can I help you today?",
+    "medium": (
+        "The weather in Paris is mild this week, with highs around 18°C. "
+        "Expect light rain on Tuesday, so take an umbrella if you go out."
+    ),
+    "long": (
+        "Here is a quick summary of your account. You spent $1,234.56 last month, which is 12% "
+        "more than in March. The largest item was a flight on May 3rd at 7:45 am. "
+        "Your next statement is due on 2024-06-15, and the minimum payment is $35. "
+        "If you have any questions, just ask, and I will do my best to help."
+    ),
+}
+
+
+def rtf(engine: PiperEngine, text: str) -> tuple[float, float]:
+    stream = TextStream()
+    stream.push(text)
+    stream.end()
+    t0 = time.perf_counter()
+    samples = sum(
+        len(e.samples) for e in engine.synthesize(stream, SynthesisOptions()) if isinstance(e, AudioChunk)
+    )
+    compute = time.perf_counter() - t0
+    audio = samples / engine.sample_rate
+    return compute / audio, audio
+
+
+def first_audio(engine: PiperEngine, first: str, rest: str) -> float:
+    stream = TextStream()
+    got = threading.Event()
+    t_first: list[float] = []
+
+    def consume() -> None:
+        for ev in engine.synthesize(stream, SynthesisOptions()):
+            if isinstance(ev, AudioChunk) and len(ev.samples) and not t_first:
+                t_first.append(time.perf_counter())
+                got.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    stream.push(first.rstrip())
+    time.sleep(0.05)  # the engine is now waiting for the boundary to be confirmed
+    t0 = time.perf_counter()
+    stream.push(" ")  # the first clause is complete from here
+    got.wait(60)
+    stream.push(rest)
+    stream.end()
+    thread.join()
+    return t_first[0] - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    engine = PiperEngine()
+    print(f"engine load + warm-up: {time.perf_counter() - t0:.2f} s   (cpu count {os.cpu_count()})\n")
+
+    print(f"{'text':<8} {'audio s':>8} {'RTF median':>11} {'RTF min':>8} {'x real time':>12}")
+    for name, text in TEXTS.items():
+        runs = [rtf(engine, text) for _ in range(args.repeats)]
+        factors = [r for r, _ in runs]
+        med = statistics.median(factors)
+        print(f"{name:<8} {runs[0][1]:>8.2f} {med:>11.3f} {min(factors):>8.3f} {1 / med:>12.1f}")
+
+    print(f"\n{'first clause':<34} {'first audio ms (median)':>24} {'min':>6}")
+    for first, rest in [
+        ("Sure.", "Here is the plan for today."),
+        ("Hello there, how are you?", "I hope you are well."),
+        ("Sure, here is what I found,", "three results in total."),
+    ]:
+        times = [first_audio(engine, first, rest) * 1000 for _ in range(args.repeats)]
+        print(f"{first!r:<34} {statistics.median(times):>24.0f} {min(times):>6.0f}")
+
+
+if __name__ == "__main__":
+    main()
