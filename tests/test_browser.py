@@ -162,6 +162,20 @@ def test_new_utterance_right_after_stop_on_same_socket(browser):
     assert st["session_id"] == session and st["cancelled_acks"] == acks + 1
 
 
+def test_racing_speak_calls_keep_only_the_last(browser):
+    page, _ = browser
+    # The second call supersedes the first while the first is still reconnecting for its format.
+    first, second = page.evaluate("""async () => {
+      const a = window.ttsClient.speak('This one is superseded.', {format: 'pcm_f32le', sampleRate: 16000});
+      const b = window.ttsClient.speak('Second one wins.', {format: 'opus', sampleRate: 24000});
+      return [await a, await b];
+    }""")
+    assert first["stopped"] is True and first["bytes"] == 0
+    assert second["stopped"] is False and second["played_ms"] > 500 and second["underruns"] == 0
+    st = state(page)
+    assert st["format"] == "opus" and st["sample_rate"] == 24000 and st["audio_context_rate"] == 24000
+
+
 def test_server_error_is_shown_and_page_recovers(browser):
     page, _ = browser
     message = page.evaluate(

@@ -241,6 +241,8 @@ $("token").addEventListener("change", () => {
   client.token = $("token").value.trim();
   client.disconnect();
 });
+// Browsers without an autoplay exemption start audio only from a user gesture.
+document.addEventListener("pointerdown", () => client.resumeAudio());
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape") client.stop();
 });

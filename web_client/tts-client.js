@@ -80,9 +80,15 @@ export class TtsClient extends EventTarget {
   // ---- audio --------------------------------------------------------------------------------
 
   // An AudioContext at the stream's rate plays samples untouched; when the browser refuses that
-  // rate the worklet resamples.
-  async ensureAudio(rate) {
-    if (this.audio && this.audio.ctx.sampleRate !== rate) {
+  // rate the worklet resamples. Calls are serialized so that racing speak() calls share one context.
+  ensureAudio(rate) {
+    const run = (this.audioQueue || Promise.resolve()).catch(() => {}).then(() => this.openAudio(rate));
+    this.audioQueue = run;
+    return run;
+  }
+
+  async openAudio(rate) {
+    if (this.audio && this.audio.rate !== rate) {
       const old = this.audio;
       this.audio = null;
       await old.ctx.close().catch(() => {});
@@ -102,7 +108,7 @@ export class TtsClient extends EventTarget {
         this.state.audio_context_state = ctx.state;
         this.emit();
       };
-      this.audio = { ctx, node };
+      this.audio = { ctx, node, rate }; // rate: the one asked for, even if the browser chose another
       this.state.audio_context_rate = ctx.sampleRate;
     }
     const { ctx } = this.audio;
@@ -115,6 +121,11 @@ export class TtsClient extends EventTarget {
       this.setError("audio_blocked", "The browser has not allowed audio yet: click anywhere on the page and try again.");
     }
     return this.audio;
+  }
+
+  // Call from a user gesture (click) when the browser kept the AudioContext suspended.
+  resumeAudio() {
+    if (this.audio && this.audio.ctx.state === "suspended") this.audio.ctx.resume();
   }
 
   onWorklet(msg) {
@@ -168,7 +179,9 @@ export class TtsClient extends EventTarget {
     this.wsKey = key;
     this.state.connection = "connecting";
     this.emit();
+    let rejectConnect;
     const promise = new Promise((resolve, reject) => {
+      rejectConnect = reject;
       ws.onopen = () => {
         const start = { type: "start", format, sample_rate: sampleRate, container: "raw", audio_transport: "binary", pacing: "asap" };
         if (voice) start.voice = voice;
@@ -196,8 +209,8 @@ export class TtsClient extends EventTarget {
         } else if (msg.type === "error" && this.state.connection === "connecting") {
           // `start` was refused (e.g. unknown voice): this socket is no use, the next call reconnects.
           this.setError(msg.code, msg.message, msg.fatal);
-          if (this.ws === ws) this.disconnect();
           reject(new Error(`${msg.code}: ${msg.message}`));
+          if (this.ws === ws) this.disconnect();
         } else {
           this.onControl(msg);
         }
@@ -221,7 +234,7 @@ export class TtsClient extends EventTarget {
         this.emit();
       };
     });
-    this.connecting = { key, promise };
+    this.connecting = { key, promise, reject: rejectConnect };
     try {
       await promise;
     } finally {
@@ -230,6 +243,11 @@ export class TtsClient extends EventTarget {
   }
 
   disconnect() {
+    if (this.connecting) {
+      // A speak() waiting on this handshake must not hang: it was superseded.
+      this.connecting.reject(new Error("connection superseded by a newer one"));
+      this.connecting = null;
+    }
     const ws = this.ws;
     this.ws = null;
     this.wsKey = null;
@@ -392,10 +410,14 @@ export class TtsClient extends EventTarget {
       buffered_ms: 0, played_ms: 0, underruns: 0, utterance_bytes: 0, chars_sent: 0, heard_offset: 0,
       last_error: null, context_id: null });
     this.emit();
+    const stoppedResult = { ttfa_ms: null, ttfa_play_ms: null, played_ms: 0, underruns: 0, stopped: true, bytes: 0, stats: null };
     let resolved, node;
     try {
+      // A request stopped (or superseded) during setup must not go on to touch the socket.
       resolved = await this.resolveFormat(format, sampleRate);
+      if (pending.stopped) return stoppedResult;
       ({ node } = await this.ensureAudio(resolved.sampleRate));
+      if (pending.stopped) return stoppedResult;
       await this.connect({ voice, format: resolved.format, sampleRate: resolved.sampleRate });
     } catch (err) {
       if (this.pending === pending) {
@@ -404,11 +426,9 @@ export class TtsClient extends EventTarget {
         this.state.playback = "idle";
         this.emit();
       }
-      throw err;
+      if (!pending.stopped) throw err;
     }
-    if (pending.stopped || this.pending !== pending) {
-      return { ttfa_ms: null, ttfa_play_ms: null, played_ms: 0, underruns: 0, stopped: true, bytes: 0, stats: null };
-    }
+    if (pending.stopped || this.pending !== pending) return stoppedResult;
     this.pending = null;
 
     const rate = this.state.sample_rate;
