@@ -12,6 +12,7 @@ const FORMAT_LABELS = { opus: "Opus", pcm_s16le: "PCM 16-bit", pcm_f32le: "PCM f
 const params = new URLSearchParams(location.search);
 const client = new TtsClient({ token: params.get("token") || "" });
 let serverRates = FALLBACK_RATES;
+let ratesByFormat = {};
 let nativeRate = null;
 
 // ---- settings -------------------------------------------------------------------------------
@@ -28,7 +29,9 @@ function settings() {
 function fillRates() {
   const select = $("rate");
   const previous = Number(select.value) || 48000;
-  const rates = $("format").value === "opus" ? serverRates.filter((r) => OPUS_RATES.includes(r)) : serverRates;
+  const format = $("format").value;
+  const rates =
+    ratesByFormat[format] || (format === "opus" ? serverRates.filter((r) => OPUS_RATES.includes(r)) : serverRates);
   select.replaceChildren(
     ...rates.map((rate) => {
       const label = `${(rate / 1000).toLocaleString("en")} kHz${rate === nativeRate ? " (native)" : ""}`;
@@ -53,6 +56,9 @@ async function loadVoices() {
     );
     if (info.default_voice) $("voice").value = info.default_voice;
     if (Array.isArray(info.sample_rates) && info.sample_rates.length) serverRates = info.sample_rates;
+    if (info.sample_rates_by_format) ratesByFormat = info.sample_rates_by_format;
+    const pcm = ratesByFormat.pcm_s16le || serverRates;
+    client.pcmRates = [...pcm].sort((a, b) => a - b);
     nativeRate = info.sample_rate || null;
     if (Array.isArray(info.formats)) {
       for (const option of [...$("format").options]) option.disabled = !info.formats.includes(option.value);

@@ -53,6 +53,7 @@ export class TtsClient extends EventTarget {
     super();
     this.token = token;
     this.prebufferMs = prebufferMs;
+    this.pcmRates = null; // sorted PCM rates of the server (from /v1/voices), for the Opus fallback
     this.state = freshState();
     this.ws = null;
     this.wsKey = null;
@@ -390,7 +391,11 @@ export class TtsClient extends EventTarget {
     if (OPUS_RATES.has(sampleRate) && (await opusDecodingSupported(sampleRate))) {
       return { format, sampleRate, fallback: false };
     }
-    return { format: "pcm_s16le", sampleRate, fallback: true };
+    // PCM may not exist at every Opus rate (12 kHz): take the next rate up the server offers.
+    const pcm = this.pcmRates;
+    let rate = sampleRate;
+    if (pcm && pcm.length && !pcm.includes(rate)) rate = pcm.find((r) => r >= sampleRate) ?? pcm[pcm.length - 1];
+    return { format: "pcm_s16le", sampleRate: rate, fallback: true };
   }
 
   // Speak text: all at once, or streamed token by token like an LLM (tokensPerSecond > 0).
