@@ -209,7 +209,9 @@ class FlowStream:
         self.n_timesteps = cfg.n_timesteps if n_timesteps is None else n_timesteps
         self.left_chunks = left_chunks
         self.prompt_token = prompt_token
-        self.prompt_feat = prompt_feat.transpose(1, 2)  # [1, 80, F]
+        weight = flow.input_embedding.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.prompt_feat = prompt_feat.transpose(1, 2).to(self.device, self.dtype)  # [1, 80, F]
         self.generated: list[Tensor] = []  # pushed token tensors [n]
         self._n_generated = 0
         self.emitted = 0  # generated tokens whose mel has been returned
@@ -217,10 +219,11 @@ class FlowStream:
         self.closed = False
         self.finished = False
         with torch.no_grad():
-            spks = flow.speaker(embedding)
+            spks = flow.speaker(embedding.to(self.device, self.dtype))
             self.spks_in = torch.cat([spks, torch.zeros_like(spks)])  # CFG rows
             self.schedule = euler_schedule(self.n_timesteps)
-            self.t_embs = [self.estimator.time_embedding(t.expand(2)) for t, _ in self.schedule]
+            self.t_ins = [t.to(self.device).expand(2) for t, _ in self.schedule]
+            self.t_embs = [self.estimator.time_embedding(t) for t in self.t_ins]
         self.enc_cache = flow.encoder.new_cache(left_chunks)
         self.est_caches = [EstimatorCache(left_chunks) for _ in range(self.n_timesteps)]
         if precompute_prompt:
@@ -266,8 +269,8 @@ class FlowStream:
         a, b = self.done_tokens, self.done_tokens + n_tokens
         tokens = self._all_tokens()
         with torch.no_grad():
-            xs = flow.embed_tokens(tokens[:, a:b])
-            ctx = None if context_end is None else flow.embed_tokens(tokens[:, b:context_end])
+            xs = flow.embed_tokens(tokens[:, a:b].to(self.device))
+            ctx = None if context_end is None else flow.embed_tokens(tokens[:, b:context_end].to(self.device))
             h = flow.encoder.forward_chunk(xs, ctx, self.enc_cache)  # [1, 2n, C]
             mu = flow.encoder_proj(h).transpose(1, 2)  # [1, 80, 2n]
             f0, f1 = cfg.token_mel_ratio * a, cfg.token_mel_ratio * b
@@ -279,10 +282,10 @@ class FlowStream:
                 cond[:, :, : min(f1, n_pf) - f0] = self.prompt_feat[:, :, f0 : min(f1, n_pf)]
             mu_in = torch.cat([mu, torch.zeros_like(mu)])
             cond_in = torch.cat([cond, torch.zeros_like(cond)])
-            x = cfm_noise()[:, :, f0:f1].to(mu.dtype)
-            for (t, dt), t_emb, cache in zip(self.schedule, self.t_embs, self.est_caches, strict=True):
-                out = self.estimator.forward_chunk(torch.cat([x, x]), mu_in, t.expand(2), self.spks_in,
-                                                   cond_in, cache, t_emb=t_emb)
+            x = cfm_noise()[:, :, f0:f1].to(device=mu.device, dtype=mu.dtype)
+            for (_, dt), t_in, t_emb, cache in zip(self.schedule, self.t_ins, self.t_embs, self.est_caches, strict=True):
+                out = self.estimator.forward_chunk(torch.cat([x, x]), mu_in, t_in, self.spks_in, cond_in, cache,
+                                                   t_emb=t_emb)
                 x = x + dt * flow.decoder.guided(out)
         self.done_tokens = b
         return x.float()
@@ -313,7 +316,7 @@ class FlowStream:
             mel = self._advance(context_end=None, n_tokens=n)
             mel = mel[:, :, mel.shape[2] - self.cfg.token_mel_ratio * remaining :]
         else:
-            mel = torch.zeros(1, self.cfg.output_size, 0)
+            mel = torch.zeros(1, self.cfg.output_size, 0, device=self.device)
         self.emitted = self._n_generated
         self.finished = True
         self.close()
