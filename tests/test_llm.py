@@ -435,3 +435,27 @@ def test_dtype_option_casts_weights_and_keeps_rotary_in_float32(tiny_config, tin
     with torch.inference_mode():
         out = half(torch.from_numpy(ref["lm_input"])[None].bfloat16())[0].float()
     assert (out - torch.from_numpy(ref["logits"])).abs().max() < 0.5  # bf16: close, not exact
+
+
+def test_from_model_dir_loads_llm_pt_with_the_yaml_and_blanken_config(tmp_path, tiny_state):
+    """A TINY model directory laid out like the release: yaml + BlankEN config.json + llm.pt."""
+    data = json.loads(reference_file("config_tiny.json").read_text())
+    root = tmp_path / "model"
+    (root / "CosyVoice-BlankEN").mkdir(parents=True)
+    (root / "CosyVoice-BlankEN" / "config.json").write_text(json.dumps(data["qwen2_config"]))
+    (root / "cosyvoice2.yaml").write_text(
+        "__set_seed1: !apply:random.seed [1986]\nllm_input_size: 64\nllm_output_size: 64\n"
+        "qwen_pretrain_path: ''\nllm: !new:cosyvoice.llm.llm.Qwen2LM\n"
+        "    llm_input_size: !ref <llm_input_size>\n    llm_output_size: !ref <llm_output_size>\n"
+        "    speech_token_size: 6561\n    mix_ratio: [5, 15]\n"
+        "    llm: !new:cosyvoice.llm.llm.Qwen2Encoder\n        pretrain_path: !ref <qwen_pretrain_path>\n"
+    )
+    torch.save(tiny_state, root / "llm.pt")
+    model = Qwen2LM.from_model_dir(root)
+    ref = load_npz("lm_forward.npz")
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(ref["lm_input"])[None])[0]
+    assert np.abs(logits.numpy() - ref["logits"]).max() <= 1e-4
+    (root / "llm.pt").unlink()
+    with pytest.raises(ValueError, match="missing llm.pt"):
+        Qwen2LM.from_model_dir(root)
