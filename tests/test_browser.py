@@ -263,6 +263,22 @@ def test_chat_panel_streams_completion_deltas_into_speech(browser, server):
     page.click("#tab-text")
 
 
+def test_token_field_reaches_voices_and_stream(browser):
+    page, _ = browser
+    # This server has no token configured (it ignores one), so only the plumbing is checked here:
+    # /v1/voices gets it as a Bearer header, the WebSocket as ?token= (browsers cannot set headers).
+    with page.expect_websocket() as ws_info, page.expect_request("**/v1/voices") as voices_info:
+        page.click(".token summary")
+        page.fill("#token", "s3cret token")
+        page.dispatch_event("#token", "change")
+    assert voices_info.value.headers.get("authorization") == "Bearer s3cret token"
+    assert "token=s3cret+token" in ws_info.value.url or "token=s3cret%20token" in ws_info.value.url
+    page.wait_for_function("window.ttsClient.state.connected", timeout=10_000)
+    page.fill("#token", "")
+    page.dispatch_event("#token", "change")
+    page.wait_for_function("window.ttsClient.state.connected", timeout=10_000)
+
+
 def test_no_console_errors(browser):
     page, problems = browser
     assert (ARTIFACTS / "browser.png").is_file()

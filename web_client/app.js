@@ -246,6 +246,8 @@ $("token").value = client.token;
 $("token").addEventListener("change", () => {
   client.token = $("token").value.trim();
   client.disconnect();
+  hideError();
+  loadVoices().then(connectNow);
 });
 // Browsers without an autoplay exemption start audio only from a user gesture.
 document.addEventListener("pointerdown", () => client.resumeAudio());
@@ -285,13 +287,15 @@ window.ttsClient = {
   client,
 };
 
-loadVoices().then(() => {
+// Connect up front so the first utterance does not pay for the handshake.
+function connectNow() {
   render();
-  // Connect up front so the first utterance does not pay for the handshake.
   const s = settings();
   client
     .resolveFormat(s.format, s.sampleRate)
     .then((f) => client.connect({ voice: s.voice, format: f.format, sampleRate: f.sampleRate }))
     .catch(() => {});
-});
+}
+
+loadVoices().then(connectNow);
 render();
