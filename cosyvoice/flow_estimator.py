@@ -86,7 +86,9 @@ class KVBuffer:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add [B, H, n, D] keys/values; return views of every live key/value (old + new)."""
         n = k.shape[2]
-        if self.k is None or self.end + n > self.k.shape[2]:
+        # a buffer made under torch.inference_mode cannot be written outside it: copy it out once
+        stale = self.k is not None and self.k.is_inference() and not torch.is_inference_mode_enabled()
+        if self.k is None or stale or self.end + n > self.k.shape[2]:
             live = self.length
             capacity = live + n + max((live + n) // 4, 100)
             new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])

@@ -384,3 +384,18 @@ def test_flow_stream_bad_paths(flow):
         stream.push([1, 2, 3])
     with pytest.raises(RuntimeError):
         stream.finish()
+
+
+def test_flow_stream_survives_switching_inference_mode(flow):
+    """A stream opened inside torch.inference_mode (e.g. by a serving thread) and continued outside
+    it must keep working and give the same mel."""
+    tokens, prompt, prompt_feat, emb = _stream_case(80, seed=13, n_prompt=35)
+    ref = FlowStream(flow, prompt, prompt_feat, emb)
+    ref.push(tokens[0])
+    expected = torch.cat([ref.emit(15), ref.emit(25), ref.finish()], -1)
+    with torch.inference_mode():
+        stream = FlowStream(flow, prompt, prompt_feat, emb)
+        stream.push(tokens[0])
+        first = stream.emit(15)
+    rest = [stream.emit(25), stream.finish()]
+    assert maxdiff(torch.cat([first, *rest], -1), expected) <= TOL
