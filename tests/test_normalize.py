@@ -151,6 +151,8 @@ def test_abbreviations_and_units(raw, spoken):
         ("see [the docs](https://x.org/a) now", "see the docs now"),
         ("visit https://www.example.com/path?q=1 today", "visit example dot com today"),
         ("mail john.doe@example.com", "mail john dot doe at example dot com"),
+        ("go to docs.python.org now", "go to docs dot python dot org now"),
+        ("example.com.", "example dot com."),
         ("Great job! 🎉👍", "Great job!"),
         ("thumbs 👍🏽 up ❤️", "thumbs up"),
         ("<b>bold</b> and <br/> break", "bold and break"),

@@ -107,6 +107,10 @@ _LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\s]*\)")
 _LINK_TAIL = re.compile(r"\]\([^)\s]*\)")  # a link whose "[text" part went to an earlier clause
 _HTML = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>")
 _URL = re.compile(r"\b(?:https?://|www\.)([A-Za-z0-9.-]+)[^\s<>()\[\]—–]*")
+_DOMAIN = re.compile(
+    r"\b(?:[A-Za-z0-9-]+\.)+(?:com|org|net|io|ai|dev|edu|gov|app|co|uk|de|fr|ca|us)\b(?!\.?\w)"
+    r"(?:/\S*[^\s.,;:!?)])?"
+)
 _EMAIL = re.compile(r"\b([\w.+-]+)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)\b")
 _HEADER = re.compile(r"^[ \t]*#{1,6}[ \t]+", re.M)
 _BULLET = re.compile(r"^[ \t]*(?:[-*+•]|\d{1,3}[.)])[ \t]+", re.M)
@@ -141,6 +145,7 @@ def strip_markup(text: str) -> str:
     text = _HTML.sub(" ", text)
     text = _EMAIL.sub(lambda m: f"{m[1].replace('.', ' dot ')} at {_speak_host(m[2])}", text)
     text = _URL.sub(lambda m: _speak_host(m[1]), text)
+    text = _DOMAIN.sub(lambda m: _speak_host(m[0].split("/")[0]), text)
     text = _RULE.sub("", text)
     text = _HEADER.sub("", text)
     text = _QUOTE.sub("", text)
