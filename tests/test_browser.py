@@ -111,7 +111,15 @@ def test_plays_more_than_a_second_without_underrun(browser, fmt, rate):
     assert st["audio_context_state"] == "running"
     assert st["audio_context_rate"] == rate, "the AudioContext runs at the stream's rate: no resampling"
     assert st["buffered_ms"] == 0 and not st["speaking"]
-    assert result["bytes"] > 0
+    # What arrived is the whole utterance, at the bitrate the format implies.
+    assert abs(st["received_audio_ms"] - result["stats"]["audio_ms"]) < 60, st
+    kbps = result["bytes"] * 8 / st["received_audio_ms"]
+    if fmt == "opus":
+        assert 6 < kbps < 128, kbps
+    else:
+        assert kbps == pytest.approx(rate * 16 / 1000, rel=1e-3)
+    shown = page.inner_text("#m-bitrate")
+    assert shown.endswith(" kbit/s") and float(shown.split()[0]) == pytest.approx(kbps, abs=0.051)
 
 
 def test_stop_silences_at_once_and_server_acks_cancel(browser):

@@ -139,13 +139,12 @@ function render() {
   $("m-buffered").textContent = st.utterances ? fmtMs(st.buffered_ms) : "—";
   $("m-underruns").textContent = st.utterances ? String(st.underruns) : "—";
   $("m-underruns").classList.toggle("warn", st.underruns > 0);
-  // Live: the last second. Idle: the average over the last utterance's audio.
-  const avgKbps = st.played_ms > 0 ? (st.utterance_bytes * 8) / st.played_ms : 0;
+  // Live: bytes received over the last second. Idle: the stream's average (bytes per audio second).
+  const avgKbps = st.received_audio_ms > 0 ? (st.utterance_bytes * 8) / st.received_audio_ms : 0;
+  $("m-bitrate-label").textContent = st.speaking || !st.utterances ? "Bitrate" : "Bitrate, average";
   $("m-bitrate").textContent = !st.utterances
     ? "—"
-    : st.speaking
-      ? `${st.bitrate_kbps.toFixed(1)} kbit/s`
-      : `${avgKbps.toFixed(1)} kbit/s avg`;
+    : `${(st.speaking ? st.bitrate_kbps : avgKbps).toFixed(1)} kbit/s`;
   $("m-played").textContent = st.utterances ? `${(st.played_ms / 1000).toFixed(2)} s` : "—";
 
   const info = [];

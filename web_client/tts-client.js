@@ -37,6 +37,7 @@ function freshState() {
     level: 0,
     bytes_received: 0, // all audio bytes on this page, every utterance
     utterance_bytes: 0,
+    received_audio_ms: 0, // audio duration of this utterance's frames (20 ms per Opus packet)
     bitrate_kbps: 0, // over the last second
     chars_sent: 0,
     heard_offset: 0, // characters of the sent text spoken by now (from `mark`)
@@ -290,6 +291,7 @@ export class TtsClient extends EventTarget {
       if (utt.firstSendAt !== null) this.state.ttfa_ms = Math.round(utt.firstAudioAt - utt.firstSendAt);
     }
     if (utt.decoder) {
+      this.state.received_audio_ms += 20;
       try {
         utt.decoder.decode(buffer);
       } catch (err) {
@@ -315,6 +317,7 @@ export class TtsClient extends EventTarget {
     if (whole < data.length) utt.carry = data.slice(whole);
     const view = new DataView(data.buffer, data.byteOffset, whole);
     const samples = new Float32Array(whole / width);
+    this.state.received_audio_ms += (samples.length / this.state.sample_rate) * 1000;
     if (width === 4) for (let i = 0; i < samples.length; i++) samples[i] = view.getFloat32(i * 4, true);
     else for (let i = 0; i < samples.length; i++) samples[i] = view.getInt16(i * 2, true) / 32768;
     this.pushSamples(utt, samples);
@@ -412,7 +415,7 @@ export class TtsClient extends EventTarget {
     this.pending = pending;
     this.playId = null; // ignore the stopped utterance's last worklet reports
     Object.assign(this.state, { speaking: true, playback: "buffering", ttfa_ms: null, ttfa_play_ms: null,
-      buffered_ms: 0, played_ms: 0, underruns: 0, utterance_bytes: 0, chars_sent: 0, heard_offset: 0,
+      buffered_ms: 0, played_ms: 0, underruns: 0, utterance_bytes: 0, received_audio_ms: 0, chars_sent: 0, heard_offset: 0,
       last_error: null, context_id: null });
     this.emit();
     const stoppedResult = { ttfa_ms: null, ttfa_play_ms: null, played_ms: 0, underruns: 0, stopped: true, bytes: 0, stats: null };
