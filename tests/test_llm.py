@@ -459,3 +459,17 @@ def test_from_model_dir_loads_llm_pt_with_the_yaml_and_blanken_config(tmp_path, 
     (root / "llm.pt").unlink()
     with pytest.raises(ValueError, match="missing llm.pt"):
         Qwen2LM.from_model_dir(root)
+
+
+def test_int8_copy_is_close_and_generates(lm):
+    from cosyvoice.llm import quantize_int8
+
+    q = quantize_int8(lm)
+    assert isinstance(lm.llm_decoder.weight, torch.Tensor)  # the original is untouched
+    ref = load_npz("lm_forward.npz")
+    with torch.inference_mode():
+        logits = q(torch.from_numpy(ref["lm_input"])[None])[0]
+    err = np.abs(logits.numpy() - ref["logits"])
+    assert 0 < err.mean() < 0.1 * np.abs(ref["logits"]).mean()
+    tokens = list(q.inference_bistream(iter(range(12)), sampler=_never_eos, max_tokens=20))
+    assert len(tokens) == 20
