@@ -144,7 +144,8 @@ def test_stop_silences_at_once_and_server_acks_cancel(browser):
     page.wait_for_timeout(400)
     after = state(page)
     assert after["played_ms"] == played
-    assert not after["speaking"] and after["playback"] == "idle"
+    assert not after["speaking"] and after["playback"] == "stopped"
+    assert page.inner_text("#playback") == "Stopped" and page.is_disabled("#stop")
     # The server stops the context (its synthesis thread too) and acknowledges it.
     page.wait_for_function(
         f"window.ttsClient.state.cancelled_acks > {before['cancelled_acks']}", timeout=15_000

@@ -129,8 +129,8 @@ function render() {
     st.connection === "connected" ? "Connected" : st.connection === "connecting" ? "Connecting…" : "Disconnected";
   conn.title = st.session_id ? `Session ${st.session_id}` : "WebSocket /v1/tts/stream";
 
-  const playback = st.speaking ? (st.playback === "idle" ? "buffering" : st.playback) : "idle";
-  const labels = { idle: "Idle", buffering: "Buffering", playing: "Speaking", rebuffering: "Rebuffering" };
+  const playback = st.speaking ? (st.playback === "idle" ? "buffering" : st.playback) : st.playback === "stopped" ? "stopped" : "idle";
+  const labels = { idle: "Idle", buffering: "Buffering", playing: "Speaking", rebuffering: "Rebuffering", stopped: "Stopped" };
   $("playback").dataset.state = playback;
   $("playback").textContent = labels[playback] || playback;
 

@@ -27,7 +27,7 @@ function freshState() {
     audio_context_rate: null,
     audio_context_state: null,
     speaking: false,
-    playback: "idle", // idle | buffering | playing | rebuffering (from the worklet)
+    playback: "idle", // idle | buffering | playing | rebuffering (from the worklet) | stopped
     context_id: null,
     ttfa_ms: null, // first text sent -> first audio frame received from the socket
     ttfa_play_ms: null, // first text sent -> first sample handed to the audio output
@@ -139,8 +139,10 @@ export class TtsClient extends EventTarget {
       this.state.played_ms = msg.playedMs;
       this.state.underruns = msg.underruns;
       this.state.level = msg.level;
-      this.state.playback = msg.state;
-      if (utt) this.updateHeard(utt);
+      if (utt) {
+        this.state.playback = msg.state;
+        this.updateHeard(utt);
+      }
       this.emit();
     } else if (!utt) {
       return;
@@ -578,6 +580,8 @@ export class TtsClient extends EventTarget {
     if (this.audio) this.audio.node.port.postMessage({ type: "stop" });
     // Settle now rather than on the worklet's reply: a new utterance may begin before that reply.
     this.settle(utt, null, true);
+    this.state.playback = "stopped";
+    this.emit();
     return true;
   }
 }
