@@ -64,6 +64,10 @@ def test_etc_ends_a_sentence_only_before_a_capital():
     assert texts("Apples, pears, etc. and more.") == ["Apples, pears, etc. and more."]
 
 
+def test_no_is_number_only_before_a_digit():
+    assert texts("See No. 5 below. I said no. Then left.") == ["See No. 5 below.", "I said no.", "Then left."]
+
+
 def test_exclamation_question_and_quotes():
     assert texts('He said "stop!" Then? Yes.') == ['He said "stop!"', "Then?", "Yes."]
 
@@ -181,7 +185,7 @@ def test_empty_end_gives_nothing():
 
 SAMPLES = [
     "Hello world. This is a test.",
-    "Dr. Smith paid $3.50 in the U.S., e.g. at 3:45 pm; then left — fast... OK? Yes!",
+    "Dr. Smith paid $3.50 in the U.S., e.g. at 3:45 pm; then left — fast... OK? Yes! No. 5, etc. and no. Etc.",
     "# Title\n\n1. First item, with a clause that runs on, and on.\n2. Second.\n- bullet *x*",
     "Well, first of all, we need to talk about this: it matters a lot, really, truly, deeply.",
     "word " * 80,

@@ -36,9 +36,11 @@ class SegmenterConfig:
 
 
 # Words after which a period does not end a sentence.
+# Ordinary words that double as abbreviations ("no", "sun") are left out: a missed split only
+# makes a segment longer, a false one breaks a sentence in two.
 _ABBREVIATIONS = frozenset(
-    "dr mr mrs ms prof st jr sr mt vs approx no fig cf ca inc ltd co corp dept est gov jan feb mar "
-    "apr jun jul aug sep sept oct nov dec mon tue wed thu fri sat sun".split()
+    "dr mr mrs ms prof st jr sr mt vs approx fig cf inc ltd corp dept jan feb apr jun jul aug sep "
+    "sept oct nov dec tue thu fri".split()
 )
 _INITIALISM = re.compile(r"(?:[A-Za-z]\.){2,}$")  # U.S. e.g. i.e. a.m.
 _CLOSERS = "\"'”’)]}*_"
@@ -171,12 +173,12 @@ class ClauseSegmenter:
         token = _LAST_TOKEN.search(text, 0, at + 1)
         word = token[0] if token else "."
         bare = _TAIL_WORD.search(word.rstrip("."))[0].lower()  # "(Dr." -> "dr", "😀U.S." -> "u.s"
-        if bare in ("etc",):
-            # "etc." ends a sentence only when a capital follows it.
+        if bare in ("etc", "no"):
+            # "etc." ends a sentence only before a capital; "No." is "number" before a digit.
             rest = text[at + 1 :].lstrip()
             if not rest:
                 return True if final else None
-            return rest[0].isupper()
+            return rest[0].isupper() if bare == "etc" else not rest[0].isdigit()
         if (
             bare.rsplit(".", 1)[-1] in _ABBREVIATIONS
             or _INITIALISM.search(bare + ".")
