@@ -188,8 +188,8 @@ def tiny_accuracy(windows=(1, 2, 4)) -> list[str]:
     emb = torch.randn(1, 192, generator=g)
     hops = [30, 50] + [100] * 3  # official schedule for a 20-token prompt: 25+5, 50, 100, ...
 
-    def run(left_chunks):
-        s = FlowStream(flow, prompt, prompt_feat, emb, left_chunks=left_chunks)
+    def run(left_chunks, kv_dtype=None):
+        s = FlowStream(flow, prompt, prompt_feat, emb, left_chunks=left_chunks, kv_dtype=kv_dtype)
         s.push(tokens[0])
         mels = [s.emit(h) for h in hops]
         peak = s.live_nbytes()
@@ -214,6 +214,10 @@ def tiny_accuracy(windows=(1, 2, 4)) -> list[str]:
         d = (mel - base).abs()
         lines.append(f"left_chunks={lc}: max abs {d.max():.4f}, mean abs {d.mean():.5f} vs unbounded; "
                      f"cached state {nbytes / 1e6:.2f} MB")
+    mel, _, nbytes = run(None, torch.float16)
+    d = (mel - base).abs()
+    lines.append(f"kv_dtype=float16 (no window): max abs {d.max():.5f}, mean abs {d.mean():.6f} vs float32 cache; "
+                 f"cached state {nbytes / 1e6:.2f} MB")
     return lines
 
 
@@ -224,6 +228,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timings per point (minimum); recompute at 200/400 once")
     ap.add_argument("--window", type=int, default=4, help="left_chunks for the windowed run")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--skip-recompute", action="store_true", help="ours only (the real-size recompute takes minutes)")
     ap.add_argument("--skip-estimator-real", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -236,7 +241,10 @@ def main() -> None:
     with torch.no_grad():
         ours, nbytes = time_ours(flow, args.repeats)
         ours_w, nbytes_w = time_ours(flow, args.repeats, left_chunks=args.window)
-        rec = time_recompute(flow, args.repeats if args.config == "reduced" else 1)
+        if args.skip_recompute:
+            rec = dict.fromkeys(POINTS, float("nan"))
+        else:
+            rec = time_recompute(flow, args.repeats if args.config == "reduced" else 1)
     print(f"timing section: {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"{'chunk ends at token':>20} {'ours (s)':>10} {f'ours lc={args.window}':>12} {'recompute (s)':>14} {'speed-up':>9}")
     for n in POINTS:

@@ -73,7 +73,8 @@ class KVBuffer:
     Appending writes in place (amortised growth) instead of concatenating, so a chunk costs O(new
     frames) to store and not a copy of everything cached; dropping old keys only moves `start`."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype | None = None):
+        self.dtype = dtype  # storage dtype (None: as computed); reads are cast back to the query's
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.start = 0
@@ -91,8 +92,9 @@ class KVBuffer:
         if self.k is None or stale or self.end + n > self.k.shape[2]:
             live = self.length
             capacity = live + n + max((live + n) // 4, 100)
-            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
-            new_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            dtype = self.dtype or k.dtype
+            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3], dtype=dtype)
+            new_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3], dtype=dtype)
             if live:
                 new_k[:, :, :live] = self.k[:, :, self.start : self.end]
                 new_v[:, :, :live] = self.v[:, :, self.start : self.end]
@@ -100,7 +102,8 @@ class KVBuffer:
         self.k[:, :, self.end : self.end + n] = k
         self.v[:, :, self.end : self.end + n] = v
         self.end += n
-        return self.k[:, :, self.start : self.end], self.v[:, :, self.start : self.end]
+        keys, values = self.k[:, :, self.start : self.end], self.v[:, :, self.start : self.end]
+        return keys.to(k.dtype), values.to(v.dtype)
 
     def drop_front(self, count: int) -> None:
         self.start = min(self.start + count, self.end)
@@ -117,12 +120,15 @@ class EstimatorCache:
     """Per-request state of one estimator evaluation sequence (one Euler step of one stream).
 
     `frames` counts the frames already evaluated; `kv_start` is the absolute frame index of the first
-    cached key (it moves forward only when `left_chunks` limits the attention window)."""
+    cached key (it moves forward only when `left_chunks` limits the attention window). `kv_dtype`
+    (e.g. torch.float16) stores keys/values at lower precision to halve the memory, at the cost of
+    exactness; None keeps the compute dtype."""
 
-    def __init__(self, left_chunks: int | None = None):
+    def __init__(self, left_chunks: int | None = None, kv_dtype: torch.dtype | None = None):
         if left_chunks is not None and left_chunks < 0:
             raise ValueError("left_chunks must be >= 0 or None (unbounded)")
         self.left_chunks = left_chunks
+        self.kv_dtype = kv_dtype
         self.frames = 0
         self.kv_start = 0
         self.closed = False
@@ -217,7 +223,7 @@ class Attention(nn.Module):
         if cache is not None:
             buf = cache.kv.get(self)
             if buf is None:
-                buf = cache.kv[self] = KVBuffer()
+                buf = cache.kv[self] = KVBuffer(cache.kv_dtype)
             k, v = buf.append(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         if cache is not None and keep_from:

@@ -399,3 +399,17 @@ def test_flow_stream_survives_switching_inference_mode(flow):
         first = stream.emit(15)
     rest = [stream.emit(25), stream.finish()]
     assert maxdiff(torch.cat([first, *rest], -1), expected) <= TOL
+
+
+def test_flow_stream_float16_kv_cache_halves_memory_at_small_error(flow):
+    tokens, prompt, prompt_feat, emb = _stream_case(80, seed=17)
+    out, live = {}, {}
+    for dt in (None, torch.float16):
+        stream = FlowStream(flow, prompt, prompt_feat, emb, kv_dtype=dt)
+        stream.push(tokens[0])
+        mels = [stream.emit(15), stream.emit(25), stream.emit(25)]
+        live[dt] = sum(c.live_nbytes() for c in stream.est_caches)
+        out[dt] = torch.cat([*mels, stream.finish()], -1)
+    assert live[torch.float16] < 0.6 * live[None]  # keys/values halve; conv tails stay float32
+    err = maxdiff(out[torch.float16], out[None])
+    assert 0 < err < 0.05 * out[None].abs().max().item()
