@@ -81,13 +81,24 @@ def state(page) -> dict:
     return page.evaluate("({...window.ttsClient.state})")
 
 
-def test_audio_context_runs_headless(browser):
+def test_page_connects_and_audio_clock_runs_headless(browser):
     page, _ = browser
     # The automation hook exists and the page reached the server over the WebSocket.
     st = state(page)
     assert st["connection"] == "connected" and st["session_id"]
     assert page.evaluate("typeof AudioWorkletNode") == "function"
     assert page.evaluate("typeof AudioDecoder") == "function", "WebCodecs needs a secure context (loopback is one)"
+    # Without a sound card, headless Chromium renders into a fake output: the context must still
+    # be running and its clock advancing, or nothing would ever play.
+    clock = page.evaluate("""async () => {
+      const ctx = new AudioContext({ sampleRate: 22050 });
+      const t0 = ctx.currentTime;
+      await new Promise((r) => setTimeout(r, 300));
+      const out = { state: ctx.state, advanced: ctx.currentTime - t0 };
+      await ctx.close();
+      return out;
+    }""")
+    assert clock["state"] == "running" and clock["advanced"] > 0.1, clock
 
 
 @pytest.mark.parametrize(
