@@ -172,6 +172,9 @@ class ContextRunner:
             if self.first_text_at is not None:
                 METRICS.ttfa.observe(self.first_audio_at - self.first_text_at)
         await self.session.send(data)
+        # a send into a writable socket does not suspend: yield so that a burst of frames cannot
+        # delay other sessions or this socket's own cancel
+        await asyncio.sleep(0)
 
     def _stats(self) -> dict:
         rate = self.session.rt.engine.sample_rate
