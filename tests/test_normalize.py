@@ -108,6 +108,16 @@ def test_number_words_decimals_and_groups():
         ("a # b", "a b"),
         ("Version 2.0.1", "Version two point zero point one"),
         ("007", "zero zero seven"),
+        ("COVID-19 and GPT-4", "COVID nineteen and GPT four"),
+        ("open 24/7", "open twenty-four seven"),
+        ("the 1990s and '80s", "the nineteen nineties and eighties"),
+        ("$5/month", "five dollars per month"),
+        ("5-10%", "five to ten percent"),
+        ("10am-2pm", "ten a.m. to two p.m."),
+        ("$100-$200", "one hundred dollars to two hundred dollars"),
+        ("rated 4.5/5", "rated four point five out of five"),
+        ("a 2:1 ratio", "a two to one ratio"),
+        ("~5 minutes", "about five minutes"),
     ],
 )
 def test_numbers_currency_times(raw, spoken):
@@ -158,6 +168,7 @@ def test_abbreviations_and_units(raw, spoken):
         ("<b>bold</b> and <br/> break", "bold and break"),
         ("snake_case_name", "snake case name"),
         ("| a | b |", "a, b,"),
+        ("• one - two", "one, two"),
         ("café naïve", "café naïve"),
     ],
 )

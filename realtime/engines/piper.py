@@ -125,7 +125,7 @@ def split_phonemes(ipa: str, max_phonemes: int) -> list[str]:
 
 # Pause kept after a segment, by how it ends: long enough to sound like punctuation, short enough
 # that clause-by-clause synthesis does not leave gaps a listener notices.
-_PAUSE_S = {".": 0.30, "!": 0.30, "?": 0.30, ",": 0.12, ";": 0.18, ":": 0.18}
+_PAUSE_S = {".": 0.30, "!": 0.30, "?": 0.30, ",": 0.12, ";": 0.18, ":": 0.18, "—": 0.15, "–": 0.15}
 _DEFAULT_PAUSE_S = 0.06
 _LEAD_S = 0.02  # silence kept before the first sound of a chunk
 

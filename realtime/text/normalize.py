@@ -113,10 +113,14 @@ _DOMAIN = re.compile(
 )
 _EMAIL = re.compile(r"\b([\w.+-]+)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)\b")
 _HEADER = re.compile(r"^[ \t]*#{1,6}[ \t]+", re.M)
-_BULLET = re.compile(r"^[ \t]*(?:[-*+•]|\d{1,3}[.)])[ \t]+", re.M)
+# At the start of the text or of a line.  Not after leading spaces at the very start: a clause the
+# segmenter cut mid-line starts with the space that confirmed its boundary, and "10) " there is
+# not a list marker.
+_BULLET = re.compile(r"(?:\A|(?<=\n)[ \t]*)(?:[-*+•]|\d{1,3}[.)])[ \t]+")
 _QUOTE = re.compile(r"^[ \t]*>+[ \t]?", re.M)
 _RULE = re.compile(r"^[ \t]*(?:[-*_][ \t]*){3,}$", re.M)
 _EMPHASIS = re.compile(r"[*~`]+|(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])")
+_ABOUT = re.compile(r"~(?=\s?[$€£¥]?\d)")
 _HASH_NUMBER = re.compile(r"#(?=\d)")
 _STAR_TIMES = re.compile(r"(?<=\d)\s+\*\s+(?=\d)")
 _DROP_CATEGORIES = {"So", "Sk", "Co", "Cn", "Cs", "Cf", "Mn", "Me"}
@@ -150,6 +154,7 @@ def strip_markup(text: str) -> str:
     text = _HEADER.sub("", text)
     text = _QUOTE.sub("", text)
     text = _BULLET.sub("", text)
+    text = _ABOUT.sub("about ", text)
     text = _EMPHASIS.sub("", text)
     text = (
         _HASH_NUMBER.sub(" number ", text)
@@ -267,8 +272,12 @@ _AMPM = re.compile(r"(?<![\d.,:])\b(\d{1,2})\s*([aApP])\.?[mM]\.?(?![A-Za-z])")
 _PERCENT = re.compile(rf"({_NUM})\s?%")
 _ORDINAL = re.compile(r"\b(\d+)(?:st|nd|rd|th)\b")
 _YEAR = re.compile(r"(?<![\d,.$€£¥-])\b(1[1-9]\d\d|20\d\d)\b(?!\d|[,.]\d)")
-_RANGE = re.compile(r"(?<=\d)\s?[-–]\s?(?=\d)")
-_FRACTION = re.compile(r"(?<![\d/])(\d{1,3})/(\d{1,3})(?![\d/])")
+_RANGE = re.compile(r"(?:(?<=[\d%])|(?<=[aApP][mM]))[ ]?[-–][ ]?(?=[$€£¥]?\d)")  # 3-5, 10am-2pm
+_LETTER_DASH_DIGIT = re.compile(r"(?<=[A-Za-z])-(?=\d)")  # COVID-19, GPT-4, mid-2020s
+_RATIO = re.compile(r"(?<=\d):(?=\d)")  # what _TIME left: 2:1, 16:9
+_DECADE = re.compile(r"(?<![\d.,])'?(\d0|1\d\d0|20\d0)'?s\b")
+_PER = re.compile(r"\s*/\s*(?=(?:month|mo|year|yr|week|day|night|hour|hr|person|user|unit|seat)\b)")
+_FRACTION = re.compile(r"(?<![\d/.])(\d{1,3}(?:\.\d+)?)/(\d{1,3})(?![\d/])")
 _NUMBER = re.compile(r"(?:(?<=\s)|(?<=^)|(?<=[(\[\"']))[-−](?=\d)|\d{1,3}(?:,\d{3})+(?!\d)|\d+")
 _DECIMAL = re.compile(r"(?<![\d.])(-?\d[\d,]*\.\d+|\.\d+)(?![\d.])")
 _ARITH = [
@@ -333,10 +342,20 @@ def _iso_date(m: re.Match[str]) -> str:
     return f"{_MONTHS[mo - 1]} {ordinal(d)}, {year(int(m[1]))}"
 
 
+def _decade(m: re.Match[str]) -> str:
+    n = int(m[1])
+    words = year(n) if n >= 1000 else cardinal(n)
+    return words[:-1] + "ies" if words.endswith("y") else words + ("es" if words.endswith("x") else "s")
+
+
 def _fraction(m: re.Match[str]) -> str:
+    if "." in m[1]:
+        return f"{number_words(m[1])} out of {cardinal(int(m[2]))}"  # a rating: 4.5/5
     a, b = int(m[1]), int(m[2])
-    if b == 0:
-        return f"{cardinal(a)} over zero"
+    if (a, b) == (24, 7):
+        return "twenty-four seven"
+    if a >= b or b > 10:
+        return f"{cardinal(a)} {cardinal(b)}" if a == b else f"{cardinal(a)} over {cardinal(b)}"
     if b == 2:
         den = "half" if a == 1 else "halves"
     elif b == 4:
@@ -350,7 +369,11 @@ def _fraction(m: re.Match[str]) -> str:
 
 def _numbers(text: str) -> str:
     text = _ISO_DATE.sub(_iso_date, text)
+    text = _RANGE.sub(" to ", text)
+    text = _LETTER_DASH_DIGIT.sub(" ", text)
+    text = _DECADE.sub(_decade, text)
     text = _MONEY.sub(_money, text)
+    text = _PER.sub(" per ", text)
     text = _PERCENT.sub(lambda m: f"{number_words(m[1])} percent", text)
     text = _TIME.sub(_clock, text)
     text = _AMPM.sub(lambda m: f"{cardinal(int(m[1]))} {m[2].lower()}.m.", text)
@@ -362,7 +385,7 @@ def _numbers(text: str) -> str:
     text = _YEAR.sub(lambda m: year(int(m[1])), text)
     for pattern, words in _ARITH:
         text = pattern.sub(words, text)
-    text = _RANGE.sub(" to ", text)
+    text = _RATIO.sub(" to ", text)
     text = _DECIMAL.sub(lambda m: number_words(m[1]), text)
     text = _DIGIT_DOT.sub(" point ", text)  # what is left: "2.0.1", "1.2.3.4"
     # Whatever is left: every digit run is a cardinal, every leading minus is "minus".
@@ -394,8 +417,10 @@ _SYMBOLS = {
     "}": " ",
     "_": " ",
     "°": " degrees ",
+    "•": " ",
 }
 _LINE_BREAK = re.compile(r"([^\s.,;:!?])[ \t]*\n\s*(?=\S)")
+_LONE_DASH = re.compile(r"(?<!\S)-+(?!\S)")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
 _REPEATED_PUNCT = re.compile(r"([,;:])(?:\s*[,;:])+")
 _SPACES = re.compile(r"\s+")
@@ -412,6 +437,7 @@ def normalize(text: str) -> str:
         text = pattern.sub(words, text)
     text = _numbers(text)
     text = "".join(_SYMBOLS.get(c, c) for c in text)
+    text = _LONE_DASH.sub(", ", text)
     text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
     text = _REPEATED_PUNCT.sub(r"\1", text)
     text = _SPACES.sub(" ", text).strip()

@@ -48,7 +48,7 @@ _CLOSERS = "\"'”’)]}*_"
 _CANDIDATE = re.compile(
     rf"(?P<stop>[.!?]*[!?][.!?]*|(?<!\.)\.(?!\.))[{re.escape(_CLOSERS)}]*(?=\s)"
     rf"|(?P<clause>[,;:]|\.{{2,}}|…)[{re.escape(_CLOSERS)}]*(?=\s)"
-    r"|(?P<dash>(?<=\S)[ \t][—–-]{1,2}(?=\s)|—|–)"
+    r"|(?P<dash>(?<=\S)[ \t][—–-]{1,2}(?=\s)|[—–](?=[^\W\d_]))"  # "a — b", "word—word"
     r"|(?P<newline>\n)"
 )
 _WORD = re.compile(r"\w+")
