@@ -131,14 +131,15 @@ def test_unistream_inference_matches_reference(lm):
 
 
 @pytest.mark.parity
-def test_bistream_matches_reference(lm):
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor_1x1"])
+def test_bistream_matches_reference(lm, as_tensor):
     ref = load_npz("lm_bistream.npz")
     received = [0]
 
     def text_one_at_a_time():
         for i, t in enumerate(ref["text"].tolist()):
             received[0] = i + 1
-            yield t
+            yield torch.tensor([[t]]) if as_tensor else t  # the official frontend yields [1, 1] tensors
         received[0] = -1
 
     def eos_after_text(logp, decoded):
