@@ -139,6 +139,15 @@ def test_poll_releases_slow_text_after_the_wait():
     assert seg.poll(11.0) == []  # too few words pending
 
 
+def test_poll_takes_a_waiting_sentence_end_as_complete():
+    seg = ClauseSegmenter(SegmenterConfig(poll_after=0.4))
+    assert seg.push("Hello world.", now=0.0) == []  # could still become "world.com"
+    assert seg.poll(0.2) == []
+    assert seg.poll(0.5) == [Segment("Hello world.", 0, 12)]
+    assert seg.push(" Next", now=0.6) == []
+    assert seg.poll(2.0) == []  # one word, not a clause: keep waiting
+
+
 def test_poll_learns_the_time_when_push_gives_none():
     seg = ClauseSegmenter(SegmenterConfig(poll_after=0.4, poll_min_words=2))
     seg.push("alpha beta gamma ")

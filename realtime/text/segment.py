@@ -86,7 +86,12 @@ class ClauseSegmenter:
         return out
 
     def poll(self, now: float) -> list[Segment]:
-        """Release complete words that have waited longer than ``poll_after`` seconds."""
+        """Release text that has waited longer than ``poll_after`` seconds.
+
+        A clause that ends the pending text ("Hello world." with no space yet) is taken as complete:
+        after that long a pause the producer is thinking, not mid-number.  Otherwise the complete
+        words go, if there are enough of them; the word still being written stays.
+        """
         if not self._buf.strip():
             return []
         if self._pending_since is None:
@@ -94,10 +99,12 @@ class ClauseSegmenter:
             return []
         if now - self._pending_since < self.config.poll_after:
             return []
-        cut = _last_space(self._buf)
-        if cut is None or len(_WORD.findall(self._buf[:cut])) < self.config.poll_min_words:
-            return []
-        out = [self._release(cut)]
+        out = self._scan(final=True)
+        if not out:
+            cut = _last_space(self._buf)
+            if cut is None or len(_WORD.findall(self._buf[:cut])) < self.config.poll_min_words:
+                return []
+            out = [self._release(cut)]
         self._touch(now, released=True)
         return out
 
