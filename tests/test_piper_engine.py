@@ -14,7 +14,7 @@ from realtime.engines.base import (
     SynthesisOptions,
     TextStream,
 )
-from realtime.engines.piper import PiperEngine, phoneme_ids, phonemize, split_phonemes
+from realtime.engines.piper import PiperEngine, phoneme_ids, phonemize, split_phonemes, trim_silence
 from realtime.text.segment import Segment
 
 WAIT = 60.0  # generous: the CI box may be busy; no assertion here is about speed
@@ -112,6 +112,27 @@ def test_split_phonemes_caps_length_and_keeps_words():
     assert all(len(p) <= 40 for p in parts)
     assert " ".join(parts).split() == ipa.split()
     assert split_phonemes("hi", 40) == ["hi"]
+
+
+def test_trim_silence_limits_gaps():
+    sr = 22050
+    tone = (0.3 * np.sin(np.arange(sr // 2) * 2 * np.pi * 220 / sr)).astype(np.float32)
+    audio = np.concatenate([np.zeros(sr, np.float32), tone, np.zeros(sr, np.float32)])
+    out = trim_silence(audio, sr, lead_s=0.02, tail_s=0.1)
+    assert abs(len(out) - (0.02 + 0.5 + 0.1) * sr) <= 0.011 * sr
+    assert np.abs(out[int(0.02 * sr) + 50 : int(0.5 * sr)]).max() > 0.25  # the tone survived
+    assert np.abs(out[-int(0.1 * sr) :]).max() == 0.0
+    assert len(trim_silence(np.zeros(sr, np.float32), sr, 0.02, 0.1)) == 0
+
+
+def test_real_chunks_have_no_long_silences(engine):
+    seg = Segment("Hello there, friend.", 0, 20)
+    [chunk] = list(engine.speak(seg, 1.0))
+    frame = engine.sample_rate // 100
+    n = len(chunk.samples) // frame
+    loud = np.flatnonzero(np.sqrt(np.mean(chunk.samples[: n * frame].reshape(n, frame) ** 2, axis=1)) > 0.01)
+    assert loud[0] <= 5  # at most ~50 ms before the voice starts
+    assert n - loud[-1] <= 40  # sentence-end pause kept short (~0.3 s)
 
 
 def test_hello_world_through_a_stream(engine):
