@@ -172,6 +172,51 @@ def estimator_real(repeats: int = 2, with_full: bool = False) -> tuple[float, fl
     return min(first), min(last), full
 
 
+class _StreamingEstimator(torch.nn.Module):
+    def __init__(self, est: CausalConditionalDecoder):
+        super().__init__()
+        self.est = est
+
+    def forward(self, x, mask, mu, t, spks, cond):
+        return self.est(x, mask, mu, t, spks, cond, streaming=True)
+
+
+@torch.no_grad()
+def estimator_onnx(threads: int, T: int = 50, repeats: int = 3) -> tuple[float, float, float]:
+    """onnxruntime vs torch for one streaming evaluation of the REAL estimator on T frames (the
+    whole-sequence estimator, as the official runtime exports it; random weights)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    est = CausalConditionalDecoder(EstimatorConfig()).eval()
+    g = torch.Generator().manual_seed(0)
+    names = ["x", "mask", "mu", "t", "spks", "cond"]
+    args = (torch.randn(2, 80, T, generator=g), torch.ones(2, 1, T), torch.randn(2, 80, T, generator=g),
+            torch.full((2,), 0.5), torch.randn(2, 80, generator=g), torch.randn(2, 80, T, generator=g))
+    timed = {"torch": [], "onnxruntime": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/estimator.onnx"
+        dyn = {n: {2: "T"} for n in ("x", "mask", "mu", "cond", "out")}
+        torch.onnx.export(_StreamingEstimator(est), args, path, input_names=names, output_names=["out"],
+                          dynamic_axes=dyn, opset_version=18, dynamo=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        feed = {n: a.numpy() for n, a in zip(names, args, strict=True)}
+        ref = est(*args, streaming=True)
+        out = torch.from_numpy(sess.run(None, feed)[0])
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            est(*args, streaming=True)
+            timed["torch"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            timed["onnxruntime"].append(time.perf_counter() - t0)
+    return min(timed["torch"]), min(timed["onnxruntime"]), (out - ref).abs().max().item()
+
+
 @torch.no_grad()
 def tiny_accuracy(windows=(1, 2, 4)) -> list[str]:
     """Golden TINY weights: window cost and finish() vs the official final full-attention pass."""
@@ -228,6 +273,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timings per point (minimum); recompute at 200/400 once")
     ap.add_argument("--window", type=int, default=4, help="left_chunks for the windowed run")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--onnx", action="store_true", help="also time the REAL estimator in onnxruntime (exports ~300 MB to a temp dir)")
     ap.add_argument("--skip-recompute", action="store_true", help="ours only (the real-size recompute takes minutes)")
     ap.add_argument("--skip-estimator-real", action="store_true")
     args = ap.parse_args()
@@ -264,6 +310,10 @@ def main() -> None:
         print(f"REAL estimator, one Euler step (CFG batch 2): 50 new frames, first chunk {first:.3f} s; "
               f"chunk ending at frame 800 with cache {last:.3f} s; full streaming pass over 800 frames "
               f"{full:.2f} s  (x10 steps per chunk)", flush=True)
+    if args.onnx:
+        t_torch, t_ort, err = estimator_onnx(args.threads)
+        print(f"REAL estimator, one streaming evaluation of 50 frames (CFG batch 2): torch {t_torch:.3f} s, "
+              f"onnxruntime {t_ort:.3f} s (max abs diff {err:.1e})", flush=True)
     if not args.skip_accuracy:
         for line in tiny_accuracy():
             print(line)
