@@ -18,22 +18,18 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from common import ROOT
+from common import percentile as pct
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.serving import free_port
+
 LEAD_S = 0.3  # the server's realtime lead (ServerConfig.realtime_lead_ms)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int:
@@ -84,11 +80,6 @@ async def idle_sessions(url: str, n: int, pid: int) -> float:
     for ws in sockets:
         await ws.close()
     return (after - before) / n
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
 
 
 async def main_async(args, url: str, pid: int) -> None:

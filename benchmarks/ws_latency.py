@@ -19,12 +19,10 @@ import contextlib
 import json
 import re
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import percentile as pct
 
 ANSWERS = [
     "Sure! The quickest way to get there is by train, which leaves every twenty minutes from the central station.",
@@ -126,14 +124,6 @@ async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, 
         res.wall_s = time.perf_counter() - t0
         res.audio_s = audio_bytes / bytes_per_second
     return res
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(v for v in values if v == v)
-    if not values:
-        return float("nan")
-    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
-    return values[k]
 
 
 async def run_level(url: str, sessions: int, utterances: int, args, whole: bool, headers: dict) -> list[Result]:
