@@ -1,0 +1,279 @@
+"""The cosyvoice2 engine on a TINY random-weight model directory, through the real server on
+loopback: every mode over the WebSocket, text slower and faster than the model, flush, cancel,
+registered voices, the official HTTP routes and POST /v1/tts.  Audio is noise: the checks are
+lengths (960 samples per speech token), protocol behaviour, determinism and freed state."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from websockets.asyncio.client import connect
+
+from cosyvoice.model import SAMPLES_PER_TOKEN
+from cosyvoice.tiny import SFT_SPEAKERS, write_model_dir
+from realtime.engines import create_engine
+from realtime.engines.base import AudioChunk, EngineError, Flushed, SynthesisOptions, TextStream
+from realtime.server import ServerConfig
+from realtime.synthesis import Synthesis
+from tests.serving import serve
+
+torch.set_num_threads(1)
+ZH, EN = SFT_SPEAKERS
+BYTES_PER_TOKEN = SAMPLES_PER_TOKEN * 2  # pcm_s16le at the native 24 kHz
+TEXT = "Hello world, this is a streaming test of the tiny model."
+
+
+def prompt_wav(seconds: float = 2.0, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.3 * np.sin(2 * np.pi * (150 + 60 * t) * t) + 0.01 * np.random.default_rng(0).standard_normal(t.size)
+    buf = io.BytesIO()
+    sf.write(buf, x.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = write_model_dir(tmp_path_factory.mktemp("engine") / "tiny")
+    return create_engine("cosyvoice2", str(root), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with serve(engine, ServerConfig(send_timeout=5.0)) as base:
+        yield base
+
+
+def ws_url(base: str) -> str:
+    return base.replace("http://", "ws://") + "/v1/tts/stream"
+
+
+async def collect(ws, until: str = "done", timeout: float = 60.0):
+    audio, messages = bytearray(), []
+    async with asyncio.timeout(timeout):
+        async for msg in ws:
+            if isinstance(msg, bytes):
+                audio += msg
+                continue
+            m = json.loads(msg)
+            messages.append(m)
+            if m["type"] in (until, "error", "cancelled"):
+                break
+    return bytes(audio), messages
+
+
+async def speak(base: str, start: dict, deltas: list[str], gap: float = 0.0):
+    async with connect(ws_url(base), max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", **start}))
+        ready = json.loads(await ws.recv())
+        assert ready["type"] == "ready", ready
+        for d in deltas:
+            await ws.send(json.dumps({"type": "text", "text": d}))
+            if gap:
+                await asyncio.sleep(gap)
+        await ws.send(json.dumps({"type": "end"}))
+        audio, msgs = await collect(ws)
+    return audio, msgs
+
+
+def words(text: str) -> list[str]:
+    return [w + " " for w in text.split(" ")]
+
+
+def assert_speech(audio: bytes, msgs: list[dict]) -> None:
+    assert msgs[-1]["type"] == "done", msgs[-1]
+    assert len(audio) > 0 and len(audio) % BYTES_PER_TOKEN == 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_engine_contract(engine):
+    assert engine.name == "cosyvoice2" and engine.sample_rate == 24000
+    assert engine.modes == ("sft", "zero_shot", "cross_lingual", "instruct2")
+    assert [(v.id, v.kind) for v in engine.voices()][:2] == [(ZH, "sft"), (EN, "sft")]
+    assert engine.default_voice == ZH
+    with pytest.raises(EngineError) as e:
+        engine.validate(SynthesisOptions(voice="nobody"))
+    assert e.value.code == "unknown_voice"
+
+
+async def test_sft_over_the_websocket_is_deterministic_however_the_text_arrives(server):
+    """Text slower than the LM (the LM waits for it) and all at once give the same bistream input,
+    so the same seed gives the same audio."""
+    slow, msgs = await speak(server, {"voice": EN, "seed": 7}, words(TEXT), gap=0.15)
+    assert_speech(slow, msgs)
+    fast, msgs = await speak(server, {"voice": EN, "seed": 7}, [TEXT])
+    assert_speech(fast, msgs)
+    assert fast == slow
+    marks = [m for m in msgs if m["type"] == "mark"]
+    assert marks and marks[-1]["text_offset"] == len(TEXT)
+
+
+async def test_zero_shot_cross_lingual_instruct2_over_the_websocket(server):
+    b64 = base64.b64encode(prompt_wav()).decode()
+    for start in ({"mode": "zero_shot", "prompt_audio": b64, "prompt_text": "A prompt sentence."},
+                  {"mode": "cross_lingual", "prompt_audio": b64},
+                  {"mode": "instruct2", "prompt_audio": b64, "instruct_text": "Speak slowly."}):
+        audio, msgs = await speak(server, {**start, "seed": 1}, ["Hello there, ", "how are you?"])
+        assert_speech(audio, msgs)
+    bad = base64.b64encode(b"RIFF not really a wav").decode()
+    audio, msgs = await speak(server, {"mode": "cross_lingual", "prompt_audio": bad}, ["Hello."])
+    assert msgs[-1]["type"] == "error" and msgs[-1]["code"] == "bad_request" and audio == b""
+
+
+async def test_flush_finishes_a_segment_and_the_context_goes_on(server, engine):
+    async with connect(ws_url(server), max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "voice": EN, "seed": 3}))
+        assert json.loads(await ws.recv())["type"] == "ready"
+        await ws.send(json.dumps({"type": "text", "text": "Hello world, first part."}))
+        await ws.send(json.dumps({"type": "flush"}))
+        first, msgs = await collect(ws, until="flushed")
+        assert msgs[-1]["type"] == "flushed"
+        assert len(first) > 0 and len(first) % BYTES_PER_TOKEN == 0  # the segment's final flush ran
+        await ws.send(json.dumps({"type": "flush"}))  # nothing pending: acknowledged without audio
+        empty, msgs = await collect(ws, until="flushed")
+        assert empty == b"" and msgs[-1]["type"] == "flushed"
+        await ws.send(json.dumps({"type": "text", "text": "And the second part."}))
+        await ws.send(json.dumps({"type": "end"}))
+        second, msgs = await collect(ws)
+        assert_speech(second, msgs)
+    assert engine.cv.model.token2wav.active_streams() == []
+
+
+async def test_cancel_mid_stream_stops_and_frees(server, engine):
+    async with connect(ws_url(server), max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "voice": EN}))
+        await ws.recv()
+        await ws.send(json.dumps({"type": "text", "text": TEXT * 4}))  # long: audio keeps coming
+        async with asyncio.timeout(60):
+            while not isinstance(await ws.recv(), bytes):
+                pass
+        await ws.send(json.dumps({"type": "cancel"}))
+        _, msgs = await collect(ws, until="cancelled")
+        assert msgs[-1]["type"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while engine.cv.model.token2wav.active_streams() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert engine.cv.model.token2wav.active_streams() == []
+
+
+async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine, monkeypatch):
+    """Text slower than the model: the engine waits in a blocking get (no timeouts, one call per
+    delta).  Audio slower to drain than to make: the LM stops while the buffer is full."""
+    timeouts: list = []
+    real_get = TextStream.get
+
+    def get(self, timeout=None):
+        timeouts.append(timeout)
+        return real_get(self, timeout)
+
+    monkeypatch.setattr(TextStream, "get", get)
+    steps = []
+    llm = engine.cv.model.llm
+    real_step = llm.forward_one_step
+    monkeypatch.setattr(llm, "forward_one_step", lambda *a: (steps.append(1), real_step(*a))[1])
+
+    loop = asyncio.get_running_loop()
+    synthesis = Synthesis(engine, SynthesisOptions(voice=EN, seed=2), loop, buffer_seconds=0.5)
+    pool = ThreadPoolExecutor(1)
+    try:
+        synthesis.start(pool)
+        for w in words(TEXT * 3):
+            synthesis.text.push(w)
+        synthesis.text.end()
+        first = await asyncio.wait_for(synthesis.get(), 60)
+        assert isinstance(first, AudioChunk)
+        # nobody reads: the engine fills the 0.5 s buffer, then blocks and the LM stops stepping
+        deadline = time.monotonic() + 60
+        while True:
+            n = len(steps)
+            await asyncio.sleep(0.5)
+            if len(steps) == n and synthesis.buffer.buffered_samples >= 12000:
+                break
+            assert time.monotonic() < deadline, "the engine never blocked on the full buffer"
+        await asyncio.sleep(0.5)
+        assert len(steps) == n and not synthesis.worker_done.is_set()
+        n_audio = len(first.samples)
+        while True:
+            item = await asyncio.wait_for(synthesis.get(), 60)
+            if isinstance(item, AudioChunk):
+                n_audio += len(item.samples)
+            elif not isinstance(item, Flushed):
+                break
+        assert n_audio % SAMPLES_PER_TOKEN == 0 and len(steps) > n  # reading resumed the LM
+    finally:
+        synthesis.cancel()
+        await synthesis.wait_stopped(30)
+        pool.shutdown(wait=False)
+    assert set(timeouts) == {None}  # blocking gets only
+    assert len(timeouts) == len(words(TEXT * 3)) + 1  # one per delta, plus the end marker
+    assert engine.cv.model.token2wav.active_streams() == []
+
+
+async def test_register_a_voice_then_speak_with_it(server, engine):
+    wav = prompt_wav()
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(server + "/v1/voices", data={"voice_id": "alice", "prompt_text": "A prompt sentence."},
+                            files={"prompt_wav": ("p.wav", wav, "audio/wav")})
+        assert r.status_code == 201, r.text
+        assert r.json()["voice"]["id"] == "alice" and r.json()["voice"]["kind"] == "zero_shot"
+        r = await http.post(server + "/v1/voices", data={"voice_id": "alice", "prompt_text": "again"},
+                            files={"prompt_wav": ("p.wav", wav, "audio/wav")})
+        assert r.status_code == 409
+        r = await http.post(server + "/v1/voices", data={"voice_id": "bob", "prompt_text": "x"},
+                            files={"prompt_wav": ("p.wav", b"garbage", "audio/wav")})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+        r = await http.post(server + "/v1/voices", data={"voice_id": "bob"})
+        assert r.status_code == 400
+        r = await http.post(server + "/v1/voices", data={"voice_id": "../evil", "prompt_text": "x"},
+                            files={"prompt_wav": ("p.wav", wav, "audio/wav")})
+        assert r.status_code == 400
+        voices = (await http.get(server + "/v1/voices")).json()["voices"]
+        assert {(v["id"], v["kind"]) for v in voices} >= {(ZH, "sft"), (EN, "sft"), ("alice", "zero_shot")}
+    stored = torch.load(engine.cv.model_dir.root / "spk2info.pt", weights_only=True)
+    assert "alice" in stored and "bob" not in stored
+    for mode in ("zero_shot", "sft", "cross_lingual"):
+        audio, msgs = await speak(server, {"voice": "alice", "mode": mode, "seed": 1}, ["Hello there."])
+        assert_speech(audio, msgs)
+
+
+async def test_official_routes_and_v1_tts(server):
+    wav = prompt_wav()
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.get(server + "/inference_sft", params={"tts_text": "Hello world.", "spk_id": EN})
+        assert r.status_code == 200 and len(r.content) > 0 and len(r.content) % BYTES_PER_TOKEN == 0
+        r = await http.post(server + "/inference_sft", data={"tts_text": "Hello world.", "spk_id": ZH})
+        assert r.status_code == 200 and len(r.content) % BYTES_PER_TOKEN == 0 and len(r.content) > 0
+        form = {"tts_text": "Hello world.", "prompt_text": "A prompt sentence.", "instruct_text": "Speak slowly."}
+        for route in ("inference_zero_shot", "inference_cross_lingual", "inference_instruct2"):
+            r = await http.post(f"{server}/{route}", data=form, files={"prompt_wav": ("p.wav", wav, "audio/wav")})
+            assert r.status_code == 200, (route, r.text)
+            assert len(r.content) > 0 and len(r.content) % BYTES_PER_TOKEN == 0, route
+        r = await http.post(server + "/inference_instruct", data=form, files={"prompt_wav": ("p.wav", wav, "audio/wav")})
+        assert r.status_code == 400
+        r = await http.post(server + "/v1/tts", json={"text": "Hello world.", "voice": EN, "format": "pcm_s16le"})
+        assert r.status_code == 200
+        x, sr = sf.read(io.BytesIO(r.content), dtype="float32")
+        assert sr == 24000 and len(x) > 0 and len(x) % SAMPLES_PER_TOKEN == 0
+        r = await http.post(server + "/v1/tts", json={"text": "Hello world.", "voice": EN, "speed": 2.0, "seed": 1})
+        fast, _ = sf.read(io.BytesIO(r.content), dtype="float32")
+        assert len(fast) > 0 and len(fast) % 480 == 0  # speed stretches the mel: 480 samples per frame
+
+
+def test_voices_route_refuses_registration_for_engines_without_it():
+    from realtime.engines.tone import ToneEngine
+
+    with serve(ToneEngine(sample_rate=24000)) as base:
+        r = httpx.post(base + "/v1/voices", data={"voice_id": "x", "prompt_text": "y"},
+                       files={"prompt_wav": ("p.wav", b"x", "audio/wav")})
+        assert r.status_code == 404
