@@ -113,8 +113,9 @@ class CosyVoice2:
 
     def inference_sft(self, tts_text: Text, spk_id: str, stream: bool = False, speed: float = 1.0,
                       text_frontend: bool = True, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        prompt = self.frontend.frontend_sft("", spk_id)
         for text in self._segments(tts_text, text_frontend):
-            yield from self._run(self.frontend.frontend_sft(text, spk_id), stream, speed, kwargs)
+            yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
     def inference_zero_shot(self, tts_text: Text, prompt_text: str, prompt_wav: PromptWav | None,
                             zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
@@ -163,7 +164,11 @@ class CosyVoice2:
         bistream underneath, so speech starts before the last chunk arrives."""
         if isinstance(text_chunks, str):
             text_chunks = [text_chunks]
-        model_input = self.frontend.frontend_sft(iter(text_chunks), spk_id)
+        if text_frontend:
+            model_input = self.frontend.frontend_sft(iter(text_chunks), spk_id)
+        else:
+            model_input = self._with_text(self.frontend.frontend_sft("", spk_id),
+                                          _RawIds(self.frontend.tokenizer, text_chunks))
         kwargs.update(token_hop_len=token_hop_len, mel_cache_len=mel_cache_len)
         yield from self._run(model_input, stream, speed, kwargs)
 
@@ -174,6 +179,8 @@ class CosyVoice2:
         official).  An iterator: one bistream request, normalised as it streams."""
         if isinstance(tts_text, str):
             return list(self.frontend.text_normalize(tts_text, split=True, text_frontend=text_frontend))
+        if not text_frontend:  # as official: each chunk tokenized on its own, nothing normalised
+            return [_RawIds(self.frontend.tokenizer, tts_text)]
         return [iter(tts_text)]
 
     def _prompt(self, prompt_wav: PromptWav | None, zero_shot_spk_id: str) -> dict[str, Any]:
@@ -197,6 +204,8 @@ class CosyVoice2:
         model_input = dict(prompt)
         if isinstance(text, str):
             model_input["text"], model_input["text_len"] = self._encode(text)
+        elif isinstance(text, _RawIds):
+            model_input["text"], model_input["text_len"] = iter(text), torch.tensor([0], dtype=torch.int32)
         else:
             model_input["text"] = self.frontend.stream_text_ids(text)
             model_input["text_len"] = torch.tensor([0], dtype=torch.int32)
@@ -216,6 +225,17 @@ class CosyVoice2:
              kwargs: dict[str, Any]) -> Iterator[dict[str, torch.Tensor]]:
         for speech in self.model.tts(model_input, stream=stream, speed=speed, **self._request(kwargs)):
             yield {"tts_speech": speech}
+
+
+class _RawIds:
+    """Streamed text tokenized chunk by chunk without normalisation (``text_frontend=False``)."""
+
+    def __init__(self, tokenizer: CosyVoice2Tokenizer, chunks: Iterable[str]):
+        self.tokenizer, self.chunks = tokenizer, chunks
+
+    def __iter__(self) -> Iterator[int]:
+        for chunk in self.chunks:
+            yield from self.tokenizer.encode(chunk)
 
 
 def instruct_prompt(instruct_text: str) -> str:

@@ -276,6 +276,14 @@ def test_token_cap_stops_a_runaway_lm(cv, monkeypatch):
     assert len(bi) == max(10, 4 * n_stream) * SAMPLES_PER_TOKEN  # the bistream end phase is capped too
     capped = audio(cv.inference_sft(words(text), EN, sampler=never_eos, stream=True, max_tokens=30, seed=1))
     assert len(capped) == 30 * SAMPLES_PER_TOKEN
+    # text_frontend=False: streamed chunks are tokenized one by one, unnormalised (official behaviour)
+    raw = ["It costs 123 ", "dollars."]
+    n_raw = sum(len(cv.frontend.tokenizer.encode(c)) for c in raw)
+    assert n_raw != len(list(cv.frontend.stream_text_ids(raw)))  # "123" is spelled out when normalised
+    plain = audio(cv.inference_sft(iter(raw), EN, sampler=never_eos, text_frontend=False, seed=1))
+    assert len(plain) == max(10, 4 * n_raw) * SAMPLES_PER_TOKEN
+    chunked = audio(cv.inference_sft_chunked(iter(raw), EN, sampler=never_eos, text_frontend=False, seed=1))
+    assert len(chunked) == len(plain)
 
 
 def test_the_tiny_lm_ends_on_its_own(cv):

@@ -127,6 +127,8 @@ class CosyVoice2Engine(Engine):
         else:
             if options.prompt_audio is None:
                 raise EngineError("bad_request", f"mode {mode} needs prompt_audio or a registered voice")
+            if mode == "sft":  # a voice given only as audio: its timbre, without an LM prompt
+                mode = "cross_lingual"
             try:
                 prompt = cv.frontend.frontend_zero_shot("", "", options.prompt_audio, cv.sample_rate)
             except Exception as e:
@@ -158,11 +160,14 @@ class CosyVoice2Engine(Engine):
                 model_input = {**prompt, "text": itertools.chain([first], ids),
                                "text_len": torch.tensor([0], dtype=torch.int32)}
                 seed = None if options.seed is None else options.seed + index
-                for speech in self.cv.model.tts(model_input, stream=stream, speed=options.speed, seed=seed,
-                                                should_stop=lambda: text.cancelled,
-                                                token_hop_len=options.token_hop_len):
-                    text.check()
-                    yield AudioChunk(speech.reshape(-1).numpy())
+                request = self.cv.model.tts(model_input, stream=stream, speed=options.speed, seed=seed,
+                                            should_stop=lambda: text.cancelled, token_hop_len=options.token_hop_len)
+                try:
+                    for speech in request:
+                        text.check()
+                        yield AudioChunk(speech.reshape(-1).numpy())
+                finally:
+                    request.close()  # frees the segment's LM and token2wav state at once, however we leave
                 text.check()
                 for _ in deltas:  # text the LM did not take (token cap reached): skip to the marker
                     pass
