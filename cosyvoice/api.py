@@ -147,6 +147,10 @@ class CosyVoice2:
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
+    def inference_instruct(self, *args: Any, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """CosyVoice 1's speaker + instruction mode; CosyVoice2 has none (as in the official class)."""
+        raise NotImplementedError("inference_instruct is CosyVoice 1 only; use inference_instruct2")
+
     def inference_vc(self, source_wav: PromptWav, prompt_wav: PromptWav, stream: bool = False,
                      speed: float = 1.0, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
         model_input = self.frontend.frontend_vc(source_wav, prompt_wav, self.sample_rate)

@@ -81,6 +81,8 @@ def test_api_surface(cv):
         list(cv.inference_sft("Hello.", "nobody"))
     with pytest.raises(TypeError):
         list(cv.inference_sft("Hello.", EN, bogus=1))
+    with pytest.raises(NotImplementedError, match="instruct2"):
+        list(cv.inference_instruct("Hello.", EN, "Speak slowly."))
 
 
 def test_sft_stream_and_whole_give_the_same_tokens(cv):
