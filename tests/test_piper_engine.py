@@ -53,6 +53,18 @@ def drain(events: queue.Queue) -> tuple[list, BaseException | None]:
             return out, value
 
 
+def until_offset(events: queue.Queue) -> list[AudioChunk]:
+    """Chunks up to and including the first that carries a text offset: a segment may arrive in
+    several pieces when the engine has little lead over playback."""
+    out = []
+    while True:
+        kind, ev = events.get(timeout=WAIT)
+        assert kind == "event" and isinstance(ev, AudioChunk), (kind, ev)
+        out.append(ev)
+        if ev.text_offset is not None:
+            return out
+
+
 def voiced_seconds(samples: np.ndarray, sr: int) -> float:
     frame = sr // 100
     n = len(samples) // frame
@@ -158,9 +170,9 @@ def test_first_audio_arrives_before_the_rest_of_the_text(engine):
     stream = TextStream()
     events, thread = run_in_thread(engine, stream)
     stream.push("Good morning to you. ")
-    kind, first = events.get(timeout=WAIT)  # nothing else was pushed and the stream is still open
-    assert kind == "event" and isinstance(first, AudioChunk) and len(first.samples) > 0
-    assert first.text_offset == len("Good morning to you.")
+    first = until_offset(events)  # nothing else was pushed and the stream is still open
+    assert len(first[0].samples) > 0
+    assert first[-1].text_offset == len("Good morning to you.")
     stream.push("Goodbye.")
     stream.end()
     rest, err = drain(events)
@@ -196,8 +208,8 @@ def test_cancel_stops_within_one_segment(engine):
     stream.push("One sentence here. Two sentences here. Three sentences here. Four sentences here.")
     stream.end()
     gen = engine.synthesize(stream, SynthesisOptions())
-    first = next(gen)
-    assert isinstance(first, AudioChunk) and first.text_offset == len("One sentence here.")
+    first = next(gen)  # the whole first sentence, or its first piece when the lead is small
+    assert isinstance(first, AudioChunk) and first.text_offset in (None, len("One sentence here."))
     stream.cancel()
     with pytest.raises(Cancelled):
         next(gen)
@@ -247,9 +259,9 @@ def test_slow_producer_is_not_stalled(engine):
     stream = TextStream()
     events, thread = run_in_thread(engine, stream)
     stream.push("one two three four five six ")
-    kind, ev = events.get(timeout=WAIT)
-    assert kind == "event" and isinstance(ev, AudioChunk) and len(ev.samples) > 0
-    assert ev.text_offset == len("one two three four five six")
+    chunks = until_offset(events)
+    assert len(chunks[0].samples) > 0
+    assert chunks[-1].text_offset == len("one two three four five six")
     stream.end()
     _, err = drain(events)
     thread.join(WAIT)

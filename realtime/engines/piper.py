@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..text.normalize import normalize
-from ..text.segment import ClauseSegmenter, Segment, SegmenterConfig
+from ..text.segment import ClauseSegmenter, PlaybackClock, Segment, SegmenterConfig, lead_cut
 from .base import (
     AudioChunk,
     End,
@@ -32,7 +32,7 @@ from .base import (
     VoiceInfo,
 )
 
-__all__ = ["PiperConfig", "PiperEngine", "phonemize", "phoneme_ids"]
+__all__ = ["LeadConfig", "PiperConfig", "PiperEngine", "phonemize", "phoneme_ids", "piece_budget"]
 
 PAD, BOS, EOS = "_", "^", "$"  # Piper's framing symbols, looked up in the voice's own id map
 
@@ -128,6 +128,29 @@ def split_phonemes(ipa: str, max_phonemes: int) -> list[str]:
 _PAUSE_S = {".": 0.30, "!": 0.30, "?": 0.30, ",": 0.12, ";": 0.18, ":": 0.18, "—": 0.15, "–": 0.15}
 _DEFAULT_PAUSE_S = 0.06
 _LEAD_S = 0.02  # silence kept before the first sound of a chunk
+_CUT_PAUSE_S = 0.03  # after a piece cut mid-clause for latency: about a gap between words
+
+
+@dataclass
+class LeadConfig:
+    """How a segment is cut into model calls by the engine's lead over playback.
+
+    A piece may take ``safety * lead - margin_s`` seconds of compute (the listener hears no gap),
+    but never less than ``first_s``: with nothing queued, a short first piece is what makes the
+    first audio early, and its audio buys the lead the next, longer piece needs.
+    """
+
+    enabled: bool = True
+    first_s: float = 0.12
+    safety: float = 0.7
+    margin_s: float = 0.03
+    min_words: int = 2
+    smoothing: float = 0.3  # weight of the newest measurement in the cost estimate
+
+
+def piece_budget(lead_s: float, cfg: LeadConfig) -> float:
+    """Seconds of compute the next model call may take, given the lead over playback."""
+    return max(cfg.first_s, cfg.safety * lead_s - cfg.margin_s)
 
 
 def trim_silence(audio: np.ndarray, sample_rate: int, lead_s: float, tail_s: float) -> np.ndarray:
@@ -164,6 +187,7 @@ class PiperEngine(Engine):
         segmenter: SegmenterConfig | None = None,
         max_phonemes: int = 250,
         warmup: bool = True,
+        lead: LeadConfig | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -176,12 +200,20 @@ class PiperEngine(Engine):
         self.sample_rate = self.config.sample_rate
         self.segmenter = segmenter or SegmenterConfig()
         self.max_phonemes = max_phonemes
+        self.lead = lead or LeadConfig()
+        # Wall seconds of compute per character of normalised text at speed 1, learnt from every
+        # call (shared by all contexts, so it includes their contention for the cores).
+        self.cost_per_char = 0.01
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         if warmup:  # load the G2P lexicon and its neural fallback (an unknown word), plan the graph
             self.run_ids(phoneme_ids(phonemize("Ready, Zorblax."), self.config.phoneme_id_map), 1.0)
+            text = "Good morning, how are you?"
+            t0 = time.perf_counter()
+            self.run_ids(phoneme_ids(phonemize(text), self.config.phoneme_id_map), 1.0)
+            self.cost_per_char = (time.perf_counter() - t0) / len(text)
 
     def voices(self) -> list[VoiceInfo]:
         return [
@@ -209,25 +241,62 @@ class PiperEngine(Engine):
         )
         return np.clip(audio.reshape(-1), -1.0, 1.0).astype(np.float32, copy=False)  # (1,1,1,S) -> (S,)
 
-    def speak(self, segment: Segment, speed: float, text: TextStream | None = None) -> Iterator[AudioChunk]:
-        """Audio for one segment; only the last chunk carries the segment's end offset."""
-        ipa = phonemize(normalize(segment.text))
-        parts = split_phonemes(ipa, self.max_phonemes) if ipa else []
+    def speak(
+        self,
+        segment: Segment,
+        speed: float,
+        text: TextStream | None = None,
+        clock: PlaybackClock | None = None,
+    ) -> Iterator[AudioChunk]:
+        """Audio for one segment; only the last chunk carries the segment's end offset.
+
+        With a ``clock``, the segment goes out in pieces no longer than the lead over playback
+        allows (see :func:`lead_cut`), so a long clause after a short one does not leave the
+        listener waiting; once the lead is comfortable the whole clause is one call, for prosody.
+        """
+        rest = normalize(segment.text)
         tail = _PAUSE_S.get(segment.text.rstrip(" \t\"'”’)]*_")[-1:], _DEFAULT_PAUSE_S)
-        for i, part in enumerate(parts):
-            if text is not None:
-                text.check()
-            ids = phoneme_ids(part, self.config.phoneme_id_map)
-            if len(ids) <= 3:
-                continue
-            last = i == len(parts) - 1
-            part_tail = tail if last else _PAUSE_S.get(part[-1:], _DEFAULT_PAUSE_S)
-            audio = trim_silence(self.run_ids(ids, speed), self.sample_rate, _LEAD_S, part_tail)
-            yield AudioChunk(audio, text_offset=segment.end if last else None)
+        while rest.strip():
+            cut = None
+            if clock is not None and self.lead.enabled:
+                budget = piece_budget(clock.lead(time.monotonic()), self.lead)
+                cut = lead_cut(rest, budget / self.cost_per_char * speed, self.lead.min_words)
+            piece, rest = (rest, "") if cut is None else (rest[:cut], rest[cut:])
+            ipa = phonemize(piece)
+            parts = split_phonemes(ipa, self.max_phonemes) if ipa else []
+            for i, part in enumerate(parts):
+                if text is not None:
+                    text.check()
+                ids = phoneme_ids(part, self.config.phoneme_id_map)
+                if len(ids) <= 3:
+                    continue
+                last_part = i == len(parts) - 1
+                last = last_part and not rest.strip()
+                if last:
+                    part_tail = tail
+                elif last_part:
+                    part_tail = _PAUSE_S.get(part[-1:], _CUT_PAUSE_S)
+                else:
+                    part_tail = _PAUSE_S.get(part[-1:], _DEFAULT_PAUSE_S)
+                t0 = time.perf_counter()
+                raw = self.run_ids(ids, speed)
+                self._learn(time.perf_counter() - t0, len(piece.strip()) * len(part) / max(1, len(ipa)), speed)
+                audio = trim_silence(raw, self.sample_rate, _LEAD_S, part_tail)
+                if clock is not None:
+                    clock.played(len(audio) / self.sample_rate, time.monotonic())
+                yield AudioChunk(audio, text_offset=segment.end if last else None)
+
+    def _learn(self, seconds: float, chars: float, speed: float) -> None:
+        """Fold one call's cost into the running estimate the piece budget is divided by."""
+        if chars < 4:
+            return  # too little text for a meaningful rate
+        a = self.lead.smoothing
+        self.cost_per_char = (1 - a) * self.cost_per_char + a * seconds * speed / chars
 
     def synthesize(self, text: TextStream, options: SynthesisOptions) -> Iterator[AudioChunk | Flushed]:
         self.validate(options)
         segmenter = ClauseSegmenter(self.segmenter)
+        clock = PlaybackClock()
         poll_every = min(0.1, self.segmenter.poll_after / 4)
         reported = 0  # raw offset the last yielded chunk covers
         while True:
@@ -245,7 +314,7 @@ class PiperEngine(Engine):
                 segments = segmenter.end()
             for segment in segments:
                 text.check()
-                for chunk in self.speak(segment, options.speed, text):
+                for chunk in self.speak(segment, options.speed, text, clock):
                     reported = chunk.text_offset or reported
                     yield chunk
             if isinstance(item, (Flush, End)):

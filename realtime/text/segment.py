@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Segment", "SegmenterConfig", "ClauseSegmenter"]
+__all__ = ["Segment", "SegmenterConfig", "ClauseSegmenter", "PlaybackClock", "FUNCTION_WORDS", "lead_cut"]
 
 
 @dataclass(frozen=True)
@@ -207,3 +207,72 @@ def _last_space(s: str) -> int | None:
         return len(stripped)
     starts = [m.start() + 1 for m in re.finditer(r"\S\s", s)]
     return starts[-1] if starts else None
+
+
+@dataclass
+class PlaybackClock:
+    """Where a listener who started playing at our first chunk would be now.
+
+    The engine cannot see the client's player, but it knows how much audio it has handed out and
+    when: that bounds how far ahead of playback it is (the lead), which is the time the next model
+    call may take before the listener hears a gap.  A chunk handed out after the player ran dry
+    starts playing when it arrives, so the clock never runs behind ``now``.
+    """
+
+    end: float | None = None  # when the audio handed out so far finishes playing
+
+    def played(self, seconds: float, now: float) -> None:
+        self.end = max(self.end if self.end is not None else now, now) + max(0.0, seconds)
+
+    def lead(self, now: float) -> float:
+        return 0.0 if self.end is None else max(0.0, self.end - now)
+
+
+# Words a clause can be cut *before* without breaking a phrase: articles, prepositions,
+# conjunctions, relative pronouns, auxiliaries.  A cut there sounds like a breath, a cut inside a
+# noun phrase ("the | station") sounds like a stutter.
+FUNCTION_WORDS = frozenset(
+    "a an the and or but so nor yet to of in on at for from with by as into onto over under about "
+    "after before than then that which who whom whose when where while because if although though "
+    "unless until is are was were be been will would can could should shall may might must has have "
+    "had do does did it its this these those my your our their his her not".split()
+)
+_TOKEN = re.compile(r"\S+")
+_CLAUSE_MARK = tuple(",;:.!?—–")
+
+
+def lead_cut(text: str, max_chars: float, min_words: int = 2) -> int | None:
+    """Where to end the first piece of ``text`` so that it has at most ``max_chars`` characters.
+
+    The engine asks this when its lead over playback is too small for the whole segment: a model
+    call's cost grows with its input, and nothing is heard until it returns.  Cuts are only ever at
+    word gaps and leave at least ``min_words`` words on each side; among the gaps that fit, one
+    after a clause mark wins, then one before a function word, then the longest; a piece shorter
+    than half the budget is taken only when nothing better fits.  ``None``: no cut (the whole text
+    fits, or it is too short to cut).
+    """
+    words = [(m.start(), m.end()) for m in _TOKEN.finditer(text)]
+    if not words or words[-1][1] - words[0][0] <= max_chars or len(words) < 2 * min_words:
+        return None
+    best: tuple[int, int] | None = None  # (rank, k): cut after words[k - 1]
+    for k in range(min_words, len(words) - min_words + 1):
+        size = words[k - 1][1] - words[0][0]
+        if size > max_chars:
+            break
+        prev, nxt = text[slice(*words[k - 1])], text[slice(*words[k])]
+        if prev.endswith(_CLAUSE_MARK):
+            rank = 2
+        elif _bare(nxt) in FUNCTION_WORDS and _bare(prev) not in FUNCTION_WORDS:
+            rank = 1
+        else:
+            rank = 0
+        if size * 2 < max_chars:
+            rank -= 3  # a piece this short is a last resort, whatever its boundary
+        if best is None or rank >= best[0]:
+            best = (rank, k)
+    k = best[1] if best is not None else min_words
+    return words[k - 1][1]
+
+
+def _bare(word: str) -> str:
+    return word.strip(_CLOSERS + "\"'(,;:.!?").lower()
