@@ -2,6 +2,7 @@
 
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,8 +15,16 @@ from realtime.engines.base import (
     SynthesisOptions,
     TextStream,
 )
-from realtime.engines.piper import PiperEngine, phoneme_ids, phonemize, split_phonemes, trim_silence
-from realtime.text.segment import Segment
+from realtime.engines.piper import (
+    LeadConfig,
+    PiperEngine,
+    phoneme_ids,
+    phonemize,
+    piece_budget,
+    split_phonemes,
+    trim_silence,
+)
+from realtime.text.segment import PlaybackClock, Segment
 
 WAIT = 60.0  # generous: the CI box may be busy; no assertion here is about speed
 
@@ -278,3 +287,54 @@ def test_two_contexts_at_once_share_the_session(engine):
         out, err = drain(events)
         thread.join(WAIT)
         assert err is None and out[-1].text_offset == len(text)
+
+
+# -- pieces sized by the lead over playback ----------------------------------------------------
+
+LONG = "The quickest way to get there is by train, which leaves every twenty minutes from the station."
+
+
+def test_piece_budget_starts_short_and_grows_with_the_lead():
+    cfg = LeadConfig(first_s=0.12, safety=0.7, margin_s=0.03)
+    assert piece_budget(0.0, cfg) == pytest.approx(0.12)
+    assert piece_budget(0.1, cfg) == pytest.approx(0.12)  # never below the first piece's budget
+    assert piece_budget(2.0, cfg) == pytest.approx(1.37)
+
+
+def test_no_lead_cuts_a_long_segment_into_pieces(engine, monkeypatch):
+    monkeypatch.setattr(engine, "lead", LeadConfig(smoothing=0.0))  # keep the estimate fixed
+    monkeypatch.setattr(engine, "cost_per_char", 0.01)  # 0.12 s buys 12 characters: two words
+    seg = Segment(LONG, 0, len(LONG))
+    whole = list(engine.speak(seg, 1.0))
+    pieces = list(engine.speak(seg, 1.0, clock=PlaybackClock()))
+    assert len(whole) == 1 and len(pieces) >= 3
+    assert [c.text_offset for c in pieces] == [None] * (len(pieces) - 1) + [len(LONG)]
+    assert all(voiced_seconds(c.samples, engine.sample_rate) > 0.2 for c in pieces)  # no empty cuts
+    # Same words, just in several calls: the voiced time stays close to the one-call rendering.
+    v_whole = voiced_seconds(whole[0].samples, engine.sample_rate)
+    v_pieces = sum(voiced_seconds(c.samples, engine.sample_rate) for c in pieces)
+    assert 0.75 * v_whole < v_pieces < 1.35 * v_whole
+
+
+def test_comfortable_lead_keeps_the_clause_whole(engine, monkeypatch):
+    monkeypatch.setattr(engine, "lead", LeadConfig(smoothing=0.0))
+    monkeypatch.setattr(engine, "cost_per_char", 0.01)
+    clock = PlaybackClock()
+    clock.played(30.0, now=time.monotonic())  # half a minute queued: plenty of time for one call
+    chunks = list(engine.speak(Segment(LONG, 0, len(LONG)), 1.0, clock=clock))
+    assert len(chunks) == 1 and chunks[0].text_offset == len(LONG)
+    assert clock.lead(time.monotonic()) > 30.0  # the clock counts what was handed out
+
+
+def test_lead_cutting_can_be_switched_off(engine, monkeypatch):
+    monkeypatch.setattr(engine, "lead", LeadConfig(enabled=False))
+    monkeypatch.setattr(engine, "cost_per_char", 1.0)
+    chunks = list(engine.speak(Segment(LONG, 0, len(LONG)), 1.0, clock=PlaybackClock()))
+    assert len(chunks) == 1
+
+
+def test_cost_estimate_follows_the_measured_calls(engine, monkeypatch):
+    monkeypatch.setattr(engine, "lead", LeadConfig(smoothing=1.0))  # the last call only
+    monkeypatch.setattr(engine, "cost_per_char", 100.0)  # absurd: no CPU is that slow
+    list(engine.speak(Segment(LONG, 0, len(LONG)), 1.0))
+    assert 0.0 < engine.cost_per_char < 1.0

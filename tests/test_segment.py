@@ -2,7 +2,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from realtime.text.segment import ClauseSegmenter, Segment, SegmenterConfig
+from realtime.text.segment import (
+    FUNCTION_WORDS,
+    ClauseSegmenter,
+    PlaybackClock,
+    Segment,
+    SegmenterConfig,
+    lead_cut,
+)
 
 
 def segments_of(
@@ -130,7 +137,7 @@ def test_single_giant_token_is_never_split():
 
 
 def test_poll_releases_slow_text_after_the_wait():
-    seg = ClauseSegmenter(SegmenterConfig(poll_after=0.4, poll_min_words=3))
+    seg = ClauseSegmenter(SegmenterConfig(poll_after=0.4, poll_min_words=3, first_poll_after=0.4))
     assert seg.push("one two three fo", now=10.0) == []
     assert seg.poll(10.2) == []  # not waited long enough
     out = seg.poll(10.5)
@@ -140,7 +147,7 @@ def test_poll_releases_slow_text_after_the_wait():
 
 
 def test_poll_takes_a_waiting_sentence_end_as_complete():
-    seg = ClauseSegmenter(SegmenterConfig(poll_after=0.4))
+    seg = ClauseSegmenter(SegmenterConfig(poll_after=0.4, first_poll_after=0.4))
     assert seg.push("Hello world.", now=0.0) == []  # could still become "world.com"
     assert seg.poll(0.2) == []
     assert seg.poll(0.5) == [Segment("Hello world.", 0, 12)]
@@ -149,7 +156,7 @@ def test_poll_takes_a_waiting_sentence_end_as_complete():
 
 
 def test_poll_learns_the_time_when_push_gives_none():
-    seg = ClauseSegmenter(SegmenterConfig(poll_after=0.4, poll_min_words=2))
+    seg = ClauseSegmenter(SegmenterConfig(poll_after=0.4, poll_min_words=2, first_poll_after=0.4))
     seg.push("alpha beta gamma ")
     assert seg.poll(5.0) == []
     assert seg.poll(5.3) == []
@@ -235,3 +242,95 @@ def test_every_single_split_position_gives_the_same_segments():
         assert segments_of(text, [text[:i], text[i:]]) == whole, i
     # and one character at a time
     assert segments_of(text, list(text)) == whole
+
+
+def test_first_words_go_sooner_than_later_ones():
+    cfg = SegmenterConfig(poll_after=0.4, poll_min_words=3, first_poll_after=0.15)
+    seg = ClauseSegmenter(cfg)
+    assert seg.push("The weather in Pa", now=0.0) == []
+    assert seg.poll(0.1) == []
+    assert [s.text for s in seg.poll(0.16)] == ["The weather in"]  # the listener is waiting
+    seg.push("ris tomorrow looks mi", now=0.2)
+    assert seg.poll(0.4) == []  # something is playing now: the ordinary wait applies
+    assert [s.text for s in seg.poll(0.61)] == [" Paris tomorrow looks"]
+
+
+def test_first_poll_still_needs_enough_words():
+    seg = ClauseSegmenter(SegmenterConfig(first_poll_after=0.15, poll_min_words=3))
+    seg.push("Well uh", now=0.0)
+    assert seg.poll(1.0) == []
+
+
+# -- playback clock ----------------------------------------------------------------------------
+
+
+def test_clock_lead_grows_with_audio_and_shrinks_with_time():
+    clock = PlaybackClock()
+    assert clock.lead(5.0) == 0.0  # nothing handed out yet
+    clock.played(1.0, now=10.0)
+    assert clock.lead(10.0) == pytest.approx(1.0)
+    assert clock.lead(10.4) == pytest.approx(0.6)
+    clock.played(0.5, now=10.4)  # queued behind what is still playing
+    assert clock.lead(10.4) == pytest.approx(1.1)
+    assert clock.lead(20.0) == 0.0  # never negative
+
+
+def test_clock_restarts_from_now_after_running_dry():
+    clock = PlaybackClock()
+    clock.played(1.0, now=0.0)
+    clock.played(2.0, now=3.0)  # the player stalled from 1.0 to 3.0, then plays this chunk
+    assert clock.lead(3.0) == pytest.approx(2.0)
+    clock.played(-1.0, now=3.0)  # nonsense durations add nothing
+    assert clock.lead(3.0) == pytest.approx(2.0)
+
+
+# -- lead-driven cuts --------------------------------------------------------------------------
+
+SENTENCE = "The quickest way to get there is by train, which leaves every twenty minutes from the station."
+
+
+def cut_text(text: str, max_chars: float, min_words: int = 2) -> str | None:
+    cut = lead_cut(text, max_chars, min_words)
+    return None if cut is None else text[:cut]
+
+
+def test_lead_cut_keeps_text_that_fits_whole():
+    assert lead_cut(SENTENCE, len(SENTENCE)) is None
+    assert lead_cut("Sure thing, okay.", 3) is None  # too few words to leave two on each side
+
+
+def test_lead_cut_prefers_punctuation_then_function_words():
+    assert cut_text(SENTENCE, 50) == "The quickest way to get there is by train,"
+    assert cut_text(SENTENCE, 32) == "The quickest way to get there"  # before "is", not "by | train"
+    assert cut_text(SENTENCE, 20) == "The quickest way"  # before "to"
+
+
+def test_lead_cut_never_between_two_function_words():
+    text = "We walked over to the old harbour wall today."
+    cut = cut_text(text, 20)
+    assert cut is not None and not cut.endswith(("over", "to"))
+
+
+def test_lead_cut_is_always_at_a_word_gap_with_enough_words_each_side():
+    for budget in range(0, len(SENTENCE) + 5):
+        cut = lead_cut(SENTENCE, budget, min_words=2)
+        if cut is None:
+            continue
+        head, tail = SENTENCE[:cut], SENTENCE[cut:]
+        assert tail[:1].isspace() and not head[-1:].isspace()
+        assert len(head.split()) >= 2 and len(tail.split()) >= 2
+        assert len(head) <= max(budget, len("The quickest"))  # over budget only at the minimum
+
+
+def test_lead_cut_tiny_budget_gives_the_minimum_piece():
+    assert cut_text(SENTENCE, 1) == "The quickest"
+    assert cut_text(SENTENCE, 1, min_words=3) == "The quickest way"
+
+
+def test_lead_cut_ignores_leading_whitespace_in_the_budget():
+    text = "   " + SENTENCE
+    assert cut_text(text, 20) == "   The quickest way"
+
+
+def test_function_words_are_lowercase_words():
+    assert all(w.isalpha() and w.islower() for w in FUNCTION_WORDS)

@@ -297,7 +297,7 @@ class PiperEngine(Engine):
         self.validate(options)
         segmenter = ClauseSegmenter(self.segmenter)
         clock = PlaybackClock()
-        poll_every = min(0.1, self.segmenter.poll_after / 4)
+        poll_every = min(0.1, self.segmenter.poll_after / 4, self.segmenter.first_poll_after / 3)
         reported = 0  # raw offset the last yielded chunk covers
         while True:
             # Block without a timeout when nothing is pending: only pending text needs the clock.

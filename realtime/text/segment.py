@@ -33,6 +33,9 @@ class SegmenterConfig:
     max_chars: int = 200  # a segment with no usable punctuation is cut at whitespace here
     poll_after: float = 0.4  # seconds pending text may wait before poll() releases it
     poll_min_words: int = 3  # ... if it has at least this many complete words
+    # Before anything has been said the listener is waiting on us, so the first words go sooner;
+    # the engine keeps that first piece short, and the text that follows refills the lead.
+    first_poll_after: float = 0.15
 
 
 # Words after which a period does not end a sentence.
@@ -97,7 +100,8 @@ class ClauseSegmenter:
         if self._pending_since is None:
             self._pending_since = now
             return []
-        if now - self._pending_since < self.config.poll_after:
+        wait = self.config.poll_after if self._released_words else self.config.first_poll_after
+        if now - self._pending_since < wait:
             return []
         out = self._scan(final=True)
         if not out:
@@ -247,8 +251,9 @@ def lead_cut(text: str, max_chars: float, min_words: int = 2) -> int | None:
     The engine asks this when its lead over playback is too small for the whole segment: a model
     call's cost grows with its input, and nothing is heard until it returns.  Cuts are only ever at
     word gaps and leave at least ``min_words`` words on each side; among the gaps that fit, one
-    after a clause mark wins, then one before a function word, then the longest; a piece shorter
-    than half the budget is taken only when nothing better fits.  ``None``: no cut (the whole text
+    after a clause mark wins, then one before a function word, then any other, the longest first;
+    a piece shorter than half the budget, or one ending on a function word, only when nothing
+    better fits.  ``None``: no cut (the whole text
     fits, or it is too short to cut).
     """
     words = [(m.start(), m.end()) for m in _TOKEN.finditer(text)]
@@ -262,12 +267,14 @@ def lead_cut(text: str, max_chars: float, min_words: int = 2) -> int | None:
         prev, nxt = text[slice(*words[k - 1])], text[slice(*words[k])]
         if prev.endswith(_CLAUSE_MARK):
             rank = 2
-        elif _bare(nxt) in FUNCTION_WORDS and _bare(prev) not in FUNCTION_WORDS:
+        elif _bare(prev) in FUNCTION_WORDS:
+            rank = -2  # "over to | the harbour" dangles: worse than a short piece
+        elif _bare(nxt) in FUNCTION_WORDS:
             rank = 1
         else:
             rank = 0
         if size * 2 < max_chars:
-            rank -= 3  # a piece this short is a last resort, whatever its boundary
+            rank -= 2  # a piece under half the budget wastes lead: only if nothing better fits
         if best is None or rank >= best[0]:
             best = (rank, k)
     k = best[1] if best is not None else min_words
