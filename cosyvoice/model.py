@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .checkpoint import load_state_dict, load_strict
@@ -290,8 +289,3 @@ class CosyVoice2Model:
         chunk = self.flow.cfg.chunk_tokens
         return schedule, ("cached" if first % chunk == 0 and schedule.max % chunk == 0 else "exact")
 
-
-def as_numpy(chunks: Iterable[torch.Tensor]) -> np.ndarray:
-    """Concatenate yielded [1, n] chunks into one 1-D array (helper for callers and tests)."""
-    parts = [c.reshape(-1).numpy() for c in chunks]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

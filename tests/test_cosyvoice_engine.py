@@ -119,6 +119,16 @@ async def test_sft_over_the_websocket_is_deterministic_however_the_text_arrives(
     assert marks and marks[-1]["text_offset"] == len(TEXT)
 
 
+async def test_two_concurrent_sessions_get_exactly_their_solo_audio(server):
+    a = ({"voice": EN, "seed": 21, "token_hop_len": 50}, words("First session speaking here, hello there."))
+    b = ({"voice": ZH, "seed": 22}, words("Second session with other words to say now."))
+    together = await asyncio.gather(speak(server, *a, gap=0.02), speak(server, *b, gap=0.02))
+    alone = [await speak(server, *a), await speak(server, *b)]
+    for (audio_t, msgs_t), (audio_a, _) in zip(together, alone, strict=True):
+        assert_speech(audio_t, msgs_t)
+        assert audio_t == audio_a
+
+
 async def test_zero_shot_cross_lingual_instruct2_over_the_websocket(server):
     b64 = base64.b64encode(prompt_wav()).decode()
     for start in ({"mode": "zero_shot", "prompt_audio": b64, "prompt_text": "A prompt sentence."},
