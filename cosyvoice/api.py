@@ -103,6 +103,7 @@ class CosyVoice2:
                     torch.save(snapshot, f)
                     f.flush()
                     os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the model directory unreadable to others
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -122,8 +123,8 @@ class CosyVoice2:
                             text_frontend: bool = True, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
         prompt = self._prompt(prompt_wav, zero_shot_spk_id)
         if not zero_shot_spk_id:
-            text_ids = self.frontend.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
-            prompt["prompt_text"], prompt["prompt_text_len"] = self._encode(text_ids)
+            normalized = self.frontend.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
+            prompt["prompt_text"], prompt["prompt_text_len"] = self._encode(normalized)
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
