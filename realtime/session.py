@@ -116,6 +116,11 @@ class ContextRunner:
             outcome = "disconnected"
         except Cancelled:
             outcome = "cancelled"
+        except Exception:  # a bug in encoding/sending must cost this context only, never the session
+            log.exception("context %s failed", self.id)
+            with contextlib.suppress(ClientGone):
+                await s.send_text(s.protocol.failed(self.id, "internal", "synthesis failed"))
+            METRICS.errors.inc("internal")
         finally:
             self.synthesis.cancel()
             self.finished.set()
@@ -315,12 +320,16 @@ class Session:
             self.runners[ev.context_id] = runner
             self._last_runner = runner
             runner.task.add_done_callback(lambda _t, cid=ev.context_id: self.runners.pop(cid, None))
-        elif isinstance(ev, PushText):
-            self.runners[ev.context_id].push(ev.text)
-        elif isinstance(ev, FlushContext):
-            self.runners[ev.context_id].flush()
-        elif isinstance(ev, EndContext):
-            self.runners[ev.context_id].end()
+        elif isinstance(ev, (PushText, FlushContext, EndContext)):
+            runner = self.runners.get(ev.context_id)
+            if runner is None:  # it already failed and said so; the protocol has forgotten it too
+                return True
+            if isinstance(ev, PushText):
+                runner.push(ev.text)
+            elif isinstance(ev, FlushContext):
+                runner.flush()
+            else:
+                runner.end()
         elif isinstance(ev, CancelContext):
             runner = self.runners.get(ev.context_id)
             if runner is not None:

@@ -437,3 +437,24 @@ async def test_http_routes(server):
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_voice"
         metrics = (await http.get(server + "/metrics")).text
         assert "realtime_sessions_total" in metrics and "realtime_http_synthesis_total" in metrics
+
+
+class _BrokenEngine(ToneEngine):
+    """Yields "audio" that is not numbers: a bug inside one context."""
+
+    def synthesize(self, text, options):
+        for item in super().synthesize(text, options):
+            yield type(item)("not audio") if hasattr(item, "samples") else item
+
+
+async def test_a_failing_context_reports_internal_and_the_session_lives_on():
+    with serve(_BrokenEngine()) as base:
+        async with connect(ws_url(base), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "text", "text": "one two ", "context_id": "bad"}))
+            await ws.send(json.dumps({"type": "end", "context_id": "bad"}))
+            _, msgs = await collect(ws, until="error")
+            assert msgs[-1]["code"] == "internal" and msgs[-1]["context_id"] == "bad" and not msgs[-1]["fatal"]
+            await ws.send(json.dumps({"type": "text", "text": "x", "context_id": "bad"}))
+            assert json.loads(await ws.recv())["code"] == "bad_request"  # finished: a clear error, no crash
+            await ws.send(json.dumps({"type": "start"}))  # the socket still answers
+            assert json.loads(await ws.recv())["type"] == "error"
