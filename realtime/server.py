@@ -130,6 +130,19 @@ async def static_file(request: Request) -> Response:
     return FileResponse(str(path), media_type=_STATIC_TYPES[suffix], headers={"Cache-Control": "no-cache"})
 
 
+async def _read_bounded(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed ``limit`` (never reads more)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
     config = config or ServerConfig()
     info = session_info(engine)
@@ -239,8 +252,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
     async def tts(request: Request) -> Response:
         METRICS.http_requests.inc("/v1/tts")
         try:
-            raw = await request.body()
-            if len(raw) > config.limits.max_frame_bytes:
+            raw = await _read_bounded(request, config.limits.max_frame_bytes)
+            if raw is None:
                 return error_response("too_large", f"body exceeds {config.limits.max_frame_bytes} bytes")
             try:
                 body = json.loads(raw)

@@ -458,3 +458,17 @@ async def test_a_failing_context_reports_internal_and_the_session_lives_on():
             assert json.loads(await ws.recv())["code"] == "bad_request"  # finished: a clear error, no crash
             await ws.send(json.dumps({"type": "start"}))  # the socket still answers
             assert json.loads(await ws.recv())["type"] == "error"
+
+
+async def test_oversize_http_body_is_413_without_reading_it_all(tone):
+    with serve(tone, ServerConfig(limits=Limits(max_frame_bytes=1000))) as base:
+        async with httpx.AsyncClient() as http:
+            r = await http.post(base + "/v1/tts", content=b"{" + b" " * 5000 + b"}",
+                                headers={"content-type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+            async def chunks():  # no Content-Length: the limit applies while streaming
+                for _ in range(10):
+                    yield b" " * 500
+            r = await http.post(base + "/v1/tts", content=chunks())
+            assert r.status_code == 413
