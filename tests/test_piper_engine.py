@@ -16,6 +16,7 @@ from realtime.engines.base import (
     TextStream,
 )
 from realtime.engines.piper import (
+    DeadlineGate,
     LeadConfig,
     PiperEngine,
     phoneme_ids,
@@ -338,3 +339,88 @@ def test_cost_estimate_follows_the_measured_calls(engine, monkeypatch):
     monkeypatch.setattr(engine, "cost_per_char", 100.0)  # absurd: no CPU is that slow
     list(engine.speak(Segment(LONG, 0, len(LONG)), 1.0))
     assert 0.0 < engine.cost_per_char < 1.0
+
+
+# -- earliest-deadline-first admission of model calls ------------------------------------------
+
+
+def test_gate_admits_waiting_calls_earliest_deadline_first():
+    gate = DeadlineGate(slots=1)
+    order: list[str] = []
+    release = threading.Event()
+
+    def call(name: str, deadline: float) -> None:
+        with gate.slot(deadline):
+            order.append(name)
+
+    def holder() -> None:
+        with gate.slot(0.0):
+            release.wait(WAIT)
+
+    first = threading.Thread(target=holder)
+    first.start()
+    while gate._busy == 0:
+        time.sleep(0.001)
+    waiters = [threading.Thread(target=call, args=(n, d)) for n, d in [("late", 30.0), ("soon", 10.0), ("mid", 20.0)]]
+    for t in waiters:
+        t.start()
+    while len(gate._waiting) < 3:
+        time.sleep(0.001)
+    release.set()
+    for t in [first, *waiters]:
+        t.join(WAIT)
+    assert order == ["soon", "mid", "late"]
+
+
+def test_gate_runs_up_to_slots_at_once():
+    gate = DeadlineGate(slots=2)
+    inside, peak, lock = 0, 0, threading.Lock()
+
+    def call() -> None:
+        nonlocal inside, peak
+        with gate.slot(time.monotonic()):
+            with lock:
+                inside += 1
+                peak = max(peak, inside)
+            time.sleep(0.02)
+            with lock:
+                inside -= 1
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert peak == 2 and gate._busy == 0 and not gate._waiting
+
+
+def test_cancelled_waiter_leaves_the_gate_queue():
+    gate = DeadlineGate(slots=1)
+    stream = TextStream()
+    errors: list[BaseException] = []
+    release = threading.Event()
+
+    def holder() -> None:
+        with gate.slot(0.0):
+            release.wait(WAIT)
+
+    def waiter() -> None:
+        try:
+            with gate.slot(1.0, stream.check):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    h = threading.Thread(target=holder)
+    h.start()
+    while gate._busy == 0:
+        time.sleep(0.001)
+    w = threading.Thread(target=waiter)
+    w.start()
+    stream.cancel()
+    w.join(WAIT)  # leaves while the slot is still held
+    assert not w.is_alive() and isinstance(errors[0], Cancelled) and not gate._waiting
+    release.set()
+    h.join(WAIT)
+    with gate.slot(2.0):  # the gate still works for everyone else
+        assert gate._busy == 1

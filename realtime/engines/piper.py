@@ -8,11 +8,15 @@ onnxruntime call, so the first clause is heard while the LLM is still writing th
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
+import os
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from .base import (
     VoiceInfo,
 )
 
-__all__ = ["LeadConfig", "PiperConfig", "PiperEngine", "phonemize", "phoneme_ids", "piece_budget"]
+__all__ = ["DeadlineGate", "LeadConfig", "PiperConfig", "PiperEngine", "phonemize", "phoneme_ids", "piece_budget"]
 
 PAD, BOS, EOS = "_", "^", "$"  # Piper's framing symbols, looked up in the voice's own id map
 
@@ -172,6 +176,48 @@ def trim_silence(audio: np.ndarray, sample_rate: int, lead_s: float, tail_s: flo
     return np.concatenate([voiced, np.zeros(int(tail_s * sample_rate), dtype=np.float32)])
 
 
+class DeadlineGate:
+    """At most ``slots`` model calls at once; waiting calls go earliest deadline first.
+
+    With more contexts than cores, letting every call run at once slows them all alike, and every
+    listener hears a gap.  A call's deadline is when its listener runs out of audio, so a first
+    piece (deadline now) or a context about to run dry goes ahead of one with seconds queued.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = max(1, slots)
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._waiting: list[tuple[float, int]] = []  # heap of (deadline, arrival)
+        self._arrivals = itertools.count()
+
+    @contextmanager
+    def slot(self, deadline: float, check: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold a slot for the ``with`` body; ``check`` is called while waiting and may raise
+        (a cancelled context leaves the queue at once instead of after its turn)."""
+        me = (deadline, next(self._arrivals))
+        with self._cond:
+            heapq.heappush(self._waiting, me)
+            try:
+                while self._busy >= self.slots or self._waiting[0] != me:
+                    if check is not None:
+                        check()
+                    self._cond.wait(0.05)
+            except BaseException:
+                self._waiting.remove(me)
+                heapq.heapify(self._waiting)
+                self._cond.notify_all()
+                raise
+            heapq.heappop(self._waiting)
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+
+
 class PiperEngine(Engine):
     """One ONNX session shared by every context; onnxruntime's ``run`` is thread-safe, and one
     thread per call keeps concurrent contexts from fighting over the cores."""
@@ -188,6 +234,7 @@ class PiperEngine(Engine):
         max_phonemes: int = 250,
         warmup: bool = True,
         lead: LeadConfig | None = None,
+        parallel_calls: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -201,6 +248,8 @@ class PiperEngine(Engine):
         self.segmenter = segmenter or SegmenterConfig()
         self.max_phonemes = max_phonemes
         self.lead = lead or LeadConfig()
+        # One intra-op thread per call, so more calls than cores only share the cores out slower.
+        self.gate = DeadlineGate(parallel_calls or os.cpu_count() or 1)
         # Wall seconds of compute per character of normalised text at speed 1, learnt from every
         # call (shared by all contexts, so it includes their contention for the cores).
         self.cost_per_char = 0.01
@@ -278,9 +327,12 @@ class PiperEngine(Engine):
                     part_tail = _PAUSE_S.get(part[-1:], _CUT_PAUSE_S)
                 else:
                     part_tail = _PAUSE_S.get(part[-1:], _DEFAULT_PAUSE_S)
-                t0 = time.perf_counter()
-                raw = self.run_ids(ids, speed)
-                self._learn(time.perf_counter() - t0, len(piece.strip()) * len(part) / max(1, len(ipa)), speed)
+                deadline = time.monotonic() if clock is None or clock.end is None else clock.end
+                with self.gate.slot(deadline, text.check if text is not None else None):
+                    t0 = time.perf_counter()
+                    raw = self.run_ids(ids, speed)
+                    elapsed = time.perf_counter() - t0
+                self._learn(elapsed, len(piece.strip()) * len(part) / max(1, len(ipa)), speed)
                 audio = trim_silence(raw, self.sample_rate, _LEAD_S, part_tail)
                 if clock is not None:
                     clock.played(len(audio) / self.sample_rate, time.monotonic())
