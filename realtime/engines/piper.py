@@ -328,10 +328,10 @@ class PiperEngine(Engine):
                 else:
                     part_tail = _PAUSE_S.get(part[-1:], _DEFAULT_PAUSE_S)
                 deadline = time.monotonic() if clock is None or clock.end is None else clock.end
+                t0 = time.perf_counter()  # the wait for a slot counts: the listener waits too
                 with self.gate.slot(deadline, text.check if text is not None else None):
-                    t0 = time.perf_counter()
                     raw = self.run_ids(ids, speed)
-                    elapsed = time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
                 self._learn(elapsed, len(piece.strip()) * len(part) / max(1, len(ipa)), speed)
                 audio = trim_silence(raw, self.sample_rate, _LEAD_S, part_tail)
                 if clock is not None:
