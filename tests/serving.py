@@ -3,7 +3,9 @@ and benchmarks."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -43,3 +45,26 @@ def serve(engine: Engine, config: ServerConfig | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def ws_url(base: str, token: str | None = None) -> str:
+    """The stream endpoint of a server from :func:`serve`."""
+    url = base.replace("http://", "ws://") + "/v1/tts/stream"
+    return url + (f"?token={token}" if token else "")
+
+
+async def collect(ws, until: str = "done", timeout: float = 20.0, stop_on_error: bool = False):
+    """Read frames until a JSON message of type ``until`` (or a fatal error, or any error with
+    ``stop_on_error``); return (audio bytes, JSON messages)."""
+    audio = bytearray()
+    messages: list[dict] = []
+    async with asyncio.timeout(timeout):
+        async for msg in ws:
+            if isinstance(msg, bytes):
+                audio += msg
+                continue
+            m = json.loads(msg)
+            messages.append(m)
+            if m["type"] == until or (m["type"] == "error" and (m.get("fatal") or stop_on_error)):
+                break
+    return bytes(audio), messages

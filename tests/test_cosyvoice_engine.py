@@ -25,7 +25,8 @@ from realtime.engines import create_engine
 from realtime.engines.base import AudioChunk, EngineError, Flushed, SynthesisOptions, TextStream
 from realtime.server import ServerConfig
 from realtime.synthesis import Synthesis
-from tests.serving import serve
+from tests import serving
+from tests.serving import serve, ws_url
 
 torch.set_num_threads(1)
 ZH, EN = SFT_SPEAKERS
@@ -53,22 +54,8 @@ def server(engine):
         yield base
 
 
-def ws_url(base: str) -> str:
-    return base.replace("http://", "ws://") + "/v1/tts/stream"
-
-
 async def collect(ws, until: str = "done", timeout: float = 60.0):
-    audio, messages = bytearray(), []
-    async with asyncio.timeout(timeout):
-        async for msg in ws:
-            if isinstance(msg, bytes):
-                audio += msg
-                continue
-            m = json.loads(msg)
-            messages.append(m)
-            if m["type"] in (until, "error", "cancelled"):
-                break
-    return bytes(audio), messages
+    return await serving.collect(ws, until, timeout, stop_on_error=True)
 
 
 async def speak(base: str, start: dict, deltas: list[str], gap: float = 0.0):

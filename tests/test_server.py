@@ -21,30 +21,9 @@ from websockets.asyncio.client import connect
 from realtime.engines.tone import ToneEngine
 from realtime.protocol import Limits
 from realtime.server import ServerConfig
-from tests.serving import serve
+from tests.serving import collect, serve, ws_url
 
 WORDS5 = "one two three four five "  # five words → 5 × 200 ms of tone
-
-
-def ws_url(base: str, token: str | None = None) -> str:
-    url = base.replace("http://", "ws://") + "/v1/tts/stream"
-    return url + (f"?token={token}" if token else "")
-
-
-async def collect(ws, until: str = "done", timeout: float = 20.0):
-    """Read frames until a JSON message of type ``until``; return (audio bytes, JSON messages)."""
-    audio = bytearray()
-    messages: list[dict] = []
-    async with asyncio.timeout(timeout):
-        async for msg in ws:
-            if isinstance(msg, bytes):
-                audio += msg
-                continue
-            m = json.loads(msg)
-            messages.append(m)
-            if m["type"] == until or (m["type"] == "error" and m.get("fatal")):
-                break
-    return bytes(audio), messages
 
 
 def decode_av(data: bytes, fmt: str | None = None, rate: int | None = None) -> tuple[np.ndarray, int]:
