@@ -296,10 +296,11 @@ LONG = "The quickest way to get there is by train, which leaves every twenty min
 
 
 def test_piece_budget_starts_short_and_grows_with_the_lead():
-    cfg = LeadConfig(first_s=0.12, safety=0.7, margin_s=0.03)
+    cfg = LeadConfig(first_s=0.12, safety=0.7, margin_s=0.03, max_s=2.0)
     assert piece_budget(0.0, cfg) == pytest.approx(0.12)
     assert piece_budget(0.1, cfg) == pytest.approx(0.12)  # never below the first piece's budget
     assert piece_budget(2.0, cfg) == pytest.approx(1.37)
+    assert piece_budget(60.0, cfg) == pytest.approx(2.0)  # nor so long that it hogs a core
 
 
 def test_no_lead_cuts_a_long_segment_into_pieces(engine, monkeypatch):
@@ -318,7 +319,7 @@ def test_no_lead_cuts_a_long_segment_into_pieces(engine, monkeypatch):
 
 
 def test_comfortable_lead_keeps_the_clause_whole(engine, monkeypatch):
-    monkeypatch.setattr(engine, "lead", LeadConfig(smoothing=0.0))
+    monkeypatch.setattr(engine, "lead", LeadConfig(smoothing=0.0, max_s=10.0))
     monkeypatch.setattr(engine, "cost_per_char", 0.01)
     clock = PlaybackClock()
     clock.played(30.0, now=time.monotonic())  # half a minute queued: plenty of time for one call

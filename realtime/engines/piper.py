@@ -150,11 +150,14 @@ class LeadConfig:
     margin_s: float = 0.03
     min_words: int = 2
     smoothing: float = 0.3  # weight of the newest measurement in the cost estimate
+    # A call holds a core until it returns, and a listener about to run dry cannot overtake it:
+    # however comfortable this context is, its calls stay short enough to let others in.
+    max_s: float = 1.0
 
 
 def piece_budget(lead_s: float, cfg: LeadConfig) -> float:
     """Seconds of compute the next model call may take, given the lead over playback."""
-    return max(cfg.first_s, cfg.safety * lead_s - cfg.margin_s)
+    return min(cfg.max_s, max(cfg.first_s, cfg.safety * lead_s - cfg.margin_s))
 
 
 def trim_silence(audio: np.ndarray, sample_rate: int, lead_s: float, tail_s: float) -> np.ndarray:
