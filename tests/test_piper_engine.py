@@ -345,8 +345,15 @@ def test_cost_estimate_follows_the_measured_calls(engine, monkeypatch):
 # -- earliest-deadline-first admission of model calls ------------------------------------------
 
 
+def wait_until(condition) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.001)
+
+
 def test_gate_admits_waiting_calls_earliest_deadline_first():
-    gate = DeadlineGate(slots=1)
+    gate = DeadlineGate(slots=1, urgent_slots=0)
     order: list[str] = []
     release = threading.Event()
 
@@ -360,13 +367,11 @@ def test_gate_admits_waiting_calls_earliest_deadline_first():
 
     first = threading.Thread(target=holder)
     first.start()
-    while gate._busy == 0:
-        time.sleep(0.001)
+    wait_until(lambda: gate._busy > 0)
     waiters = [threading.Thread(target=call, args=(n, d)) for n, d in [("late", 30.0), ("soon", 10.0), ("mid", 20.0)]]
     for t in waiters:
         t.start()
-    while len(gate._waiting) < 3:
-        time.sleep(0.001)
+    wait_until(lambda: len(gate._waiting) == 3)
     release.set()
     for t in [first, *waiters]:
         t.join(WAIT)
@@ -374,7 +379,7 @@ def test_gate_admits_waiting_calls_earliest_deadline_first():
 
 
 def test_gate_runs_up_to_slots_at_once():
-    gate = DeadlineGate(slots=2)
+    gate = DeadlineGate(slots=2, urgent_slots=0)
     inside, peak, lock = 0, 0, threading.Lock()
 
     def call() -> None:
@@ -396,7 +401,7 @@ def test_gate_runs_up_to_slots_at_once():
 
 
 def test_cancelled_waiter_leaves_the_gate_queue():
-    gate = DeadlineGate(slots=1)
+    gate = DeadlineGate(slots=1, urgent_slots=0)
     stream = TextStream()
     errors: list[BaseException] = []
     release = threading.Event()
@@ -414,8 +419,7 @@ def test_cancelled_waiter_leaves_the_gate_queue():
 
     h = threading.Thread(target=holder)
     h.start()
-    while gate._busy == 0:
-        time.sleep(0.001)
+    wait_until(lambda: gate._busy > 0)
     w = threading.Thread(target=waiter)
     w.start()
     stream.cancel()
@@ -425,3 +429,30 @@ def test_cancelled_waiter_leaves_the_gate_queue():
     h.join(WAIT)
     with gate.slot(2.0):  # the gate still works for everyone else
         assert gate._busy == 1
+
+
+def test_gate_lets_a_listener_in_silence_share_a_core():
+    gate = DeadlineGate(slots=1, urgent_slots=1)
+    entered: list[str] = []
+    release = threading.Event()
+
+    def holder() -> None:
+        with gate.slot(0.0):
+            release.wait(WAIT)
+
+    def call(name: str, deadline: float) -> None:
+        with gate.slot(deadline):
+            entered.append(name)
+
+    h = threading.Thread(target=holder)
+    h.start()
+    wait_until(lambda: gate._busy > 0)
+    later = threading.Thread(target=call, args=("queued", time.monotonic() + 60.0))
+    later.start()
+    wait_until(lambda: gate._waiting)
+    call("dry", time.monotonic() - 1.0)  # its deadline has passed: it goes ahead, on the extra slot
+    assert entered == ["dry"] and later.is_alive()  # the comfortable call still waits its turn
+    release.set()
+    for t in (h, later):
+        t.join(WAIT)
+    assert entered == ["dry", "queued"] and gate._busy == 0

@@ -187,8 +187,11 @@ class DeadlineGate:
     piece (deadline now) or a context about to run dry goes ahead of one with seconds queued.
     """
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, urgent_slots: int = 1) -> None:
         self.slots = max(1, slots)
+        # A listener who hears nothing right now (a first piece, or a context already dry) may
+        # also take one of these: sharing a core briefly costs it less than waiting for a slot.
+        self.urgent_slots = max(0, urgent_slots)
         self._cond = threading.Condition()
         self._busy = 0
         self._waiting: list[tuple[float, int]] = []  # heap of (deadline, arrival)
@@ -199,10 +202,11 @@ class DeadlineGate:
         """Hold a slot for the ``with`` body; ``check`` is called while waiting and may raise
         (a cancelled context leaves the queue at once instead of after its turn)."""
         me = (deadline, next(self._arrivals))
+        limit = self.slots + (self.urgent_slots if deadline <= time.monotonic() else 0)
         with self._cond:
             heapq.heappush(self._waiting, me)
             try:
-                while self._busy >= self.slots or self._waiting[0] != me:
+                while self._busy >= limit or self._waiting[0] != me:
                     if check is not None:
                         check()
                     self._cond.wait(0.05)
@@ -238,6 +242,7 @@ class PiperEngine(Engine):
         warmup: bool = True,
         lead: LeadConfig | None = None,
         parallel_calls: int | None = None,
+        urgent_calls: int = 1,
     ) -> None:
         import onnxruntime as ort
 
@@ -252,7 +257,7 @@ class PiperEngine(Engine):
         self.max_phonemes = max_phonemes
         self.lead = lead or LeadConfig()
         # One intra-op thread per call, so more calls than cores only share the cores out slower.
-        self.gate = DeadlineGate(parallel_calls or os.cpu_count() or 1)
+        self.gate = DeadlineGate(parallel_calls or os.cpu_count() or 1, urgent_calls)
         # Wall seconds of compute per character of normalised text at speed 1, learnt from every
         # call (shared by all contexts, so it includes their contention for the cores).
         self.cost_per_char = 0.01
