@@ -83,7 +83,7 @@ async def idle_sessions(url: str, n: int, pid: int) -> float:
 
 
 async def main_async(args, url: str, pid: int) -> None:
-    print(f"tone engine, PCM s16 24 kHz, 20 ms frames, pacing realtime, {args.seconds:g} s of audio per session")
+    print(f"tone engine, PCM s16 24 kHz, {args.frame_ms} ms frames, pacing realtime, {args.seconds:g} s of audio per session")
     print("| sessions | frames  | delay p50 ms | delay p99 ms | delay max ms | errors | idle KiB/session |")
     print("|----------|---------|--------------|--------------|--------------|--------|------------------|")
     words = int(args.seconds / 0.2)
@@ -100,11 +100,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", type=int, nargs="+", default=[50, 200])
     p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--frame-ms", type=int, default=20, help="server --frame-ms")
     args = p.parse_args()
     port = free_port()
     cmd = [sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", str(port),
            "--workers", str(max(args.sessions)), "--max-sessions", str(2 * max(args.sessions) + 10),
-           "--log-level", "warning"]
+           "--frame-ms", str(args.frame_ms), "--log-level", "warning"]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         for _ in range(300):

@@ -51,11 +51,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_open_contexts=args.max_contexts)
     config = ServerConfig(token=token, limits=limits, max_sessions=args.max_sessions,
                           max_concurrent_syntheses=args.workers, send_timeout=args.send_timeout,
-                          idle_timeout=args.idle_timeout, buffer_seconds=args.buffer_ms / 1000)
+                          idle_timeout=args.idle_timeout, buffer_seconds=args.buffer_ms / 1000,
+                          frame_ms=args.frame_ms)
     app = create_app(engine, config)
     log.info("engine %s (%d Hz), voices: %s", engine.name, engine.sample_rate, ", ".join(v.id for v in engine.voices()))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets-sansio",
-                ws_max_size=args.max_frame_bytes * 2 + 65536, ws_ping_interval=20, ws_ping_timeout=20)
+                ws_max_size=args.max_frame_bytes * 2 + 65536, ws_ping_interval=20, ws_ping_timeout=20,
+                # audio does not compress: deflating every frame only burns the event loop's CPU
+                ws_per_message_deflate=False)
     return 0
 
 
@@ -180,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--send-timeout", type=float, default=10.0, help="close a client that does not read a frame for this many seconds")
     s.add_argument("--idle-timeout", type=float, default=300.0, help="close a session with no message and no audio for this many seconds")
     s.add_argument("--buffer-ms", type=int, default=1000, help="audio buffered per context before the engine is paused")
+    s.add_argument("--frame-ms", type=int, default=20, choices=(10, 20, 40, 60, 100),
+                   help="audio per PCM/G.711 frame (Opus packets are always 20 ms); larger frames cost less CPU per second of audio")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(func=cmd_serve)
 

@@ -97,8 +97,12 @@ class AudioBuffer:
             if not self._items:
                 return None
             item, samples = self._items.popleft()
+            was_full = self._samples >= self._capacity
             self._samples -= samples
-            self._cond.notify_all()
+            if was_full and self._samples < self._capacity:
+                # wake the producer only when room appears: waking it on every frame makes
+                # hundreds of engine threads fight the event loop for the GIL
+                self._cond.notify_all()
             return item
 
     async def get(self) -> Item:

@@ -31,7 +31,7 @@ def serve(engine: Engine, config: ServerConfig | None = None) -> Iterator[str]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio",
-        ws_max_size=config.limits.max_frame_bytes * 2 + 65536, lifespan="on",
+        ws_max_size=config.limits.max_frame_bytes * 2 + 65536, lifespan="on", ws_per_message_deflate=False,
     ))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
