@@ -68,7 +68,6 @@ class ContextRunner:
         self.first_text_at: float | None = None
         self.first_audio_at: float | None = None
         self.samples_in = 0
-        self.pending: list[str] = []  # text that arrived before a synthesis slot was free
         self._slot = False
         self.task = session.loop.create_task(self._run(), name=f"context-{context_id}")
 
@@ -184,7 +183,7 @@ class ContextRunner:
     def _stats(self) -> dict:
         rate = self.session.rt.engine.sample_rate
         audio_ms = self.samples_in * 1000 / rate
-        synth_ms = self.synthesis.synth_seconds * 1000 or (time.perf_counter() - (self.first_text_at or time.perf_counter())) * 1000
+        synth_ms = self.synthesis.synth_seconds * 1000
         ttfa = None
         if self.first_audio_at is not None and self.first_text_at is not None:
             ttfa = round((self.first_audio_at - self.first_text_at) * 1000, 1)

@@ -130,7 +130,7 @@ class Synthesis:
         self.buffer = AudioBuffer(loop, int(buffer_seconds * engine.sample_rate))
         self.future: Future | None = None
         self.worker_done = asyncio.Event()
-        self.synth_seconds = 0.0  # wall time of the engine's thread
+        self.synth_seconds = 0.0  # engine start → last audio queued (includes waiting for streamed text)
         self._loop = loop
 
     def start(self, executor: Executor) -> None:
@@ -150,6 +150,7 @@ class Synthesis:
                     self.buffer.put(item, len(item.samples))
                 else:
                     self.buffer.put(item)
+            self.synth_seconds = time.perf_counter() - t0  # before Finished, so `done` can report it
             self.buffer.put_final(Finished())
         except Cancelled:
             pass
@@ -161,7 +162,6 @@ class Synthesis:
         finally:
             if gen is not None:
                 gen.close()
-            self.synth_seconds = time.perf_counter() - t0
 
     async def get(self) -> Item:
         return await self.buffer.get()
