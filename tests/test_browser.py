@@ -129,6 +129,9 @@ def test_plays_more_than_a_second_without_underrun(browser, fmt, rate):
         assert 6 < kbps < 128, kbps
     else:
         assert kbps == pytest.approx(rate * 16 / 1000, rel=1e-3)
+    # the readout repaints on the next frame after the utterance ends: wait for the average to show
+    page.wait_for_function("document.getElementById('m-bitrate-label').textContent === 'Bitrate, average'",
+                           timeout=5000)
     shown = page.inner_text("#m-bitrate")
     assert shown.endswith(" kbit/s") and float(shown.split()[0]) == pytest.approx(kbps, abs=0.051)
 
