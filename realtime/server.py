@@ -10,7 +10,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from starlette.applications import Starlette
@@ -21,7 +21,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .audio.encoders import make_encoder
+from .audio.encoders import AudioEncoder, make_encoder
 from .audio.formats import allowed_sample_rates, default_sample_rate, validate_audio_format
 from .auth import check_token
 from .engines.base import AudioChunk, Engine, EngineError, SynthesisOptions
@@ -211,8 +211,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
             state["sessions"] -= 1
 
     # ---- HTTP synthesis --------------------------------------------------------------------
-    async def synthesize_stream(text: str, options: SynthesisOptions, fmt: str, rate: int,
-                                container: str) -> AsyncIterator[bytes]:
+    async def synthesize_stream(text: str, options: SynthesisOptions, encoder: AudioEncoder) -> AsyncIterator[bytes]:
         rt = runtime()
         try:
             async with asyncio.timeout(rt.queue_timeout):
@@ -223,7 +222,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         synthesis.text.push(text)
         synthesis.text.end()
         synthesis.start(executor)
-        encoder = make_encoder(fmt, rate, container, engine.sample_rate)
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -275,9 +273,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
             out = parse_output_options(body, info)
             voice = parse_voice_options(body, VoiceOptions(voice=info.default_voice), info, config.limits)
             rate = out.sample_rate or default_sample_rate(out.format, engine.sample_rate)
-            stream = await synthesize_stream(text, synthesis_options(voice), out.format, rate, out.container)
-            media = make_encoder(out.format, rate, out.container, engine.sample_rate).content_type
-            return StreamingResponse(stream, media_type=media)
+            encoder = make_encoder(out.format, rate, out.container, engine.sample_rate)
+            stream = await synthesize_stream(text, synthesis_options(voice), encoder)
+            return StreamingResponse(stream, media_type=encoder.content_type)
         except ProtocolError as e:
             return error_response(e.code, e.message)
 
@@ -323,8 +321,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
             voice = parse_voice_options({k: v for k, v in requested.items() if v is not None},
                                         VoiceOptions(), info, config.limits)
             if prompt_wav is not None:
-                voice = VoiceOptions(**{**voice.__dict__, "prompt_audio": prompt_wav})
-            stream = await synthesize_stream(text, synthesis_options(voice), "pcm_s16le", engine.sample_rate, "raw")
+                voice = replace(voice, prompt_audio=prompt_wav)
+            encoder = make_encoder("pcm_s16le", engine.sample_rate, "raw", engine.sample_rate)
+            stream = await synthesize_stream(text, synthesis_options(voice), encoder)
         except ProtocolError as e:
             return error_response(e.code, e.message)
         return StreamingResponse(stream, media_type="application/octet-stream",

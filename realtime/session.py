@@ -25,7 +25,6 @@ from .protocol import (
     EndContext,
     FlushContext,
     OpenContext,
-    OutputOptions,
     Protocol,
     PushText,
     Send,
@@ -234,11 +233,6 @@ class Session:
         self._closing = False
         self._close_with: tuple[int, str] | None = None  # close frame to attempt once torn down
         self._main: asyncio.Task | None = None
-        self.closed = asyncio.Event()
-
-    @property
-    def output(self) -> OutputOptions:
-        return self.protocol.output
 
     async def send(self, data: str | bytes) -> None:
         """Send one frame, failing the session if the client does not take it in time."""
@@ -312,7 +306,7 @@ class Session:
             return False
         elif isinstance(ev, OpenContext):
             options = synthesis_options(ev.options)
-            previous = self._last_runner if self.output.audio_transport == "binary" else None
+            previous = self._last_runner if self.protocol.output.audio_transport == "binary" else None
             if previous is not None and previous.finished.is_set():
                 previous = None
             runner = ContextRunner(self, ev.context_id, options, previous)
@@ -353,5 +347,4 @@ class Session:
                 await r.task
         self.runners.clear()
         self._last_runner = None
-        self.closed.set()
 
