@@ -64,6 +64,8 @@ def clause_end(text: str) -> int:
 async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, headers: dict) -> Result:
     from websockets.asyncio.client import connect
 
+    from realtime.audio.formats import SAMPLE_BYTES
+
     res = Result()
     bytes_per_second = None
     async with connect(url, max_size=None, additional_headers=headers) as ws:
@@ -73,7 +75,7 @@ async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, 
             res.errors.append(str(ready))
             return res
         rate = ready["sample_rate"]
-        bytes_per_second = rate * {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}[fmt]
+        bytes_per_second = rate * SAMPLE_BYTES[fmt]
         pieces = deltas(text)
         boundary = clause_end(text)
         t_clause: float | None = None

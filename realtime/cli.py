@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import __version__
+from .audio.formats import SAMPLE_BYTES
 
 log = logging.getLogger("realtime")
 
@@ -129,7 +130,7 @@ async def _say(args: argparse.Namespace, text: str) -> int:
                 break
         await feeder
     t_end = time.perf_counter()
-    bytes_per_sample = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}.get(fmt)
+    bytes_per_sample = SAMPLE_BYTES.get(fmt)
     duration = stats.get("audio_ms", 0) / 1000
     if bytes_per_sample and container == "raw":
         duration = len(audio) / bytes_per_sample / rate

@@ -14,6 +14,7 @@ CONTAINERS = {
     "alaw": ("raw", "wav"),
     "opus": ("raw", "ogg"),
 }
+SAMPLE_BYTES = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}  # bytes per sample (Opus: none)
 COMMON_RATES = (8000, 16000, 24000, 48000)
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # the only rates libopus encodes at
 
