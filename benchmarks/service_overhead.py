@@ -2,11 +2,15 @@
 
 Starts ``realtime serve --engine tone`` in a subprocess (so its memory is measured alone), then:
 
-* frame send delay: N concurrent sessions, each speaking ``--seconds`` of audio with ``pacing:
+* frame send delay (after one unmeasured warm-up run): N concurrent sessions, each speaking ``--seconds`` of audio with ``pacing:
   realtime`` (20 ms PCM frames sent at playback rate); a frame's delay is how late it arrives
   against the schedule set by the session's first frame.  p50/p99/max over every frame.
+* the same delay as the server sees it: its ``realtime_paced_send_lateness_seconds`` histogram
+  (how late each frame left against its schedule), read from ``/metrics`` before and after; the
+  table gives the bucket that holds the p99 and the share of frames that left more than 20 ms late.
+  The client-side figure also counts the client's own time on the same cores.
 * memory per idle session: server RSS after opening N idle sessions (start sent, nothing else),
-  minus RSS before, divided by N.
+  minus RSS before, divided by N; N is the largest ``--sessions``, measured first, on the fresh server.
 
     python benchmarks/service_overhead.py                  # 50 and 200 sessions
     python benchmarks/service_overhead.py --sessions 50 --seconds 3
@@ -65,6 +69,27 @@ async def paced_session(url: str, words: int, delays: list[float], errors: list[
                 break
 
 
+def lateness_buckets(base: str) -> list[tuple[float, int]]:
+    """The server's cumulative paced-send lateness buckets, as (upper bound, count)."""
+    out = []
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("realtime_paced_send_lateness_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            out.append((float(le), int(line.rsplit(" ", 1)[1])))
+    return out
+
+
+def server_lateness(before: list[tuple[float, int]], after: list[tuple[float, int]]) -> tuple[str, float]:
+    """(bucket holding the p99, share of frames later than 20 ms) over the frames between two reads."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = counts[-1][1]
+    if not total:
+        return "-", float("nan")
+    p99 = next(le for le, c in counts if c >= 0.99 * total)
+    within_20 = next(c for le, c in counts if le >= 0.02)
+    return f"<= {p99 * 1000:g}", 100.0 * (total - within_20) / total
+
+
 async def idle_sessions(url: str, n: int, pid: int) -> float:
     from websockets.asyncio.client import connect
 
@@ -83,17 +108,27 @@ async def idle_sessions(url: str, n: int, pid: int) -> float:
 
 
 async def main_async(args, url: str, pid: int) -> None:
+    # idle memory first, on the fresh server: after a paced run, freed memory would be reused
+    n_idle = max(args.sessions)
+    idle = await idle_sessions(url, n_idle, pid)
+    print(f"memory per idle session: {idle:.1f} KiB (server RSS delta over {n_idle} open sessions)")
+    # warm-up, not measured: the first burst after start-up also pays one-off costs (new memory
+    # arenas, code paths run for the first time) that a running service has paid long ago
+    await asyncio.gather(*(paced_session(url, 5, [], []) for _ in range(n_idle)))
     print(f"tone engine, PCM s16 24 kHz, {args.frame_ms} ms frames, pacing realtime, {args.seconds:g} s of audio per session")
-    print("| sessions | frames  | delay p50 ms | delay p99 ms | delay max ms | errors | idle KiB/session |")
-    print("|----------|---------|--------------|--------------|--------------|--------|------------------|")
+    print("| sessions | frames  | client delay p50 ms | p99 ms | max ms | server send p99 ms | server > 20 ms | errors |")
+    print("|----------|---------|---------------------|--------|--------|--------------------|----------------|--------|")
     words = int(args.seconds / 0.2)
+    base = url.replace("ws://", "http://").rsplit("/v1/", 1)[0]
     for n in args.sessions:
         delays: list[float] = []
         errors: list[str] = []
+        before = lateness_buckets(base)
         await asyncio.gather(*(paced_session(url, words, delays, errors) for _ in range(n)))
-        idle = await idle_sessions(url, n, pid)
-        print(f"| {n:>8} | {len(delays):>7} | {pct(delays, 50) * 1000:>12.1f} | {pct(delays, 99) * 1000:>12.1f} | "
-              f"{max(delays) * 1000 if delays else float('nan'):>12.1f} | {len(errors):>6} | {idle:>16.0f} |", flush=True)
+        p99_bucket, late_share = server_lateness(before, lateness_buckets(base))
+        print(f"| {n:>8} | {len(delays):>7} | {pct(delays, 50) * 1000:>19.1f} | {pct(delays, 99) * 1000:>6.1f} | "
+              f"{max(delays) * 1000 if delays else float('nan'):>6.1f} | {p99_bucket:>18} | {late_share:>13.2f}% | "
+              f"{len(errors):>6} |", flush=True)
 
 
 def main() -> None:

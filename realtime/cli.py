@@ -33,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .engines import create_engine
     from .protocol import Limits
     from .server import ServerConfig, create_app
+    from .transport import uvicorn_ws_options
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.token or os.environ.get("REALTIME_TOKEN") or None
@@ -53,13 +54,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(token=token, limits=limits, max_sessions=args.max_sessions,
                           max_concurrent_syntheses=args.workers, send_timeout=args.send_timeout,
                           idle_timeout=args.idle_timeout, buffer_seconds=args.buffer_ms / 1000,
-                          frame_ms=args.frame_ms)
+                          frame_ms=args.frame_ms, realtime_lead_ms=args.realtime_lead_ms,
+                          realtime_batch_ms=args.realtime_batch_ms)
     app = create_app(engine, config)
     log.info("engine %s (%d Hz), voices: %s", engine.name, engine.sample_rate, ", ".join(v.id for v in engine.voices()))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets-sansio",
-                ws_max_size=args.max_frame_bytes * 2 + 65536, ws_ping_interval=20, ws_ping_timeout=20,
-                # audio does not compress: deflating every frame only burns the event loop's CPU
-                ws_per_message_deflate=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                **uvicorn_ws_options(args.max_frame_bytes))
     return 0
 
 
@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--buffer-ms", type=int, default=1000, help="audio buffered per context before the engine is paused")
     s.add_argument("--frame-ms", type=int, default=20, choices=(10, 20, 40, 60, 100),
                    help="audio per PCM/G.711 frame (Opus packets are always 20 ms); larger frames cost less CPU per second of audio")
+    s.add_argument("--realtime-lead-ms", type=int, default=300,
+                   help="pacing realtime: audio kept queued at the client ahead of playback (at least this much)")
+    s.add_argument("--realtime-batch-ms", type=int, default=100,
+                   help="pacing realtime: a paced session wakes once per this much audio and sends what is due, "
+                        "so the client holds between lead and lead + batch + 30 ms; 0 sends frame by frame (more CPU)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(func=cmd_serve)
 

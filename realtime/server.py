@@ -57,6 +57,7 @@ class ServerConfig:
     idle_timeout: float = 300.0
     queue_timeout: float = 5.0
     realtime_lead_ms: int = 300
+    realtime_batch_ms: int = 100
     frame_ms: int = 20
 
 
@@ -159,6 +160,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
                 buffer_seconds=config.buffer_seconds, frame_ms=config.frame_ms,
                 send_timeout=config.send_timeout, idle_timeout=config.idle_timeout,
                 queue_timeout=config.queue_timeout, realtime_lead_ms=config.realtime_lead_ms,
+                realtime_batch_ms=config.realtime_batch_ms,
             )
         return runtime_box["rt"]
 

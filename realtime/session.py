@@ -33,6 +33,9 @@ from .synthesis import Failed, Finished, Synthesis, synthesis_options
 
 log = logging.getLogger("realtime.session")
 
+_FRAMES_PER_YIELD = 25  # 0.5 s of 20 ms frames: a paced batch, lead included, goes out in one piece
+_PACING_MARGIN = 0.03  # seconds: a paced session wakes this much before its next frame is due
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -47,6 +50,7 @@ class Runtime:
     idle_timeout: float = 300.0  # no message and nothing playing for this long → close
     queue_timeout: float = 5.0  # wait this long for a free synthesis slot before `overloaded`
     realtime_lead_ms: int = 300
+    realtime_batch_ms: int = 100  # paced frames go out between lead and lead + batch ahead of playback
 
 
 class ClientGone(Exception):
@@ -67,6 +71,7 @@ class ContextRunner:
         self.first_text_at: float | None = None
         self.first_audio_at: float | None = None
         self.samples_in = 0
+        self._unyielded = 0  # frames sent since this task last let the loop run
         self._slot = False
         self.task = session.loop.create_task(self._run(), name=f"context-{context_id}")
 
@@ -135,19 +140,23 @@ class ContextRunner:
         s = self.session
         out = s.protocol.output
         rate_in = s.rt.engine.sample_rate
-        encoder = make_encoder(out.format, s.protocol.sample_rate, out.container, rate_in)
-        piece = max(1, rate_in * s.rt.frame_ms // 1000)
-        pacer = _Pacer(out.pacing == "realtime", s.rt.realtime_lead_ms / 1000)
+        encoder = make_encoder(out.format, s.protocol.sample_rate, out.container, rate_in, frame_ms=s.rt.frame_ms)
+        pacer = _Pacer(out.pacing == "realtime", s.rt.realtime_lead_ms / 1000, s.rt.realtime_batch_ms / 1000)
         while True:
             item = await self.synthesis.get()
             if isinstance(item, AudioChunk):
                 samples = np.asarray(item.samples, dtype=np.float32).reshape(-1)
-                for start in range(0, len(samples), piece):
-                    chunk = samples[start:start + piece]
-                    for frame in encoder.encode(chunk):
-                        await pacer.wait(self.samples_in / rate_in)  # this frame's start on the playback clock
-                        await self._send_audio(frame)
-                    self.samples_in += len(chunk)
+                frames = encoder.encode(samples)  # the whole chunk in one pass, cut into frames
+                start = self.samples_in / rate_in
+                step = len(samples) / rate_in / max(1, len(frames))
+                for k, frame in enumerate(frames):
+                    # frame k's start on the playback clock, spreading the chunk evenly: exact for
+                    # PCM, and never later than the truth when a container header comes first
+                    if await pacer.wait(start + k * step):
+                        self._unyielded = 0
+                    await self._send_audio(frame)
+                    pacer.sent()
+                self.samples_in += len(samples)
                 if item.text_offset is not None:
                     await s.send_text(s.protocol.mark(self.id, item.text_offset, self.samples_in * 1000 / rate_in))
             elif isinstance(item, Flushed):
@@ -175,9 +184,13 @@ class ContextRunner:
             if self.first_text_at is not None:
                 METRICS.ttfa.observe(self.first_audio_at - self.first_text_at)
         await self.session.send(data)
-        # a send into a writable socket does not suspend: yield so that a burst of frames cannot
-        # delay other sessions or this socket's own cancel
-        await asyncio.sleep(0)
+        # a send into a writable socket does not suspend: yield every few frames so that a burst
+        # cannot delay other sessions or this socket's own cancel (yielding after every frame cost
+        # a loop iteration per frame)
+        self._unyielded += 1
+        if self._unyielded >= _FRAMES_PER_YIELD:
+            self._unyielded = 0
+            await asyncio.sleep(0)
 
     def _stats(self) -> dict:
         rate = self.session.rt.engine.sample_rate
@@ -195,22 +208,46 @@ class ContextRunner:
 
 
 class _Pacer:
-    """``realtime`` pacing: hold each frame until ``lead`` seconds before its playback time."""
+    """``realtime`` pacing: every frame leaves by ``lead`` seconds before its playback time (its
+    due time), and none leaves more than ``batch + margin`` before that.
 
-    def __init__(self, enabled: bool, lead: float) -> None:
+    Frames are released in batches: when the next frame is not yet due, the session sleeps until
+    ``margin`` before its due time, then releases it and every frame due within ``batch`` after
+    it.  One wake-up per batch instead of one per 20 ms frame is what makes hundreds of paced
+    sessions affordable, and the margin absorbs a busy loop's wake-up latency.
+    """
+
+    def __init__(self, enabled: bool, lead: float, batch: float, margin: float = _PACING_MARGIN) -> None:
         self.enabled = enabled
         self.lead = lead
+        self.batch = batch
+        self.margin = margin
         self.t0: float | None = None
+        self.due = 0.0  # the last frame's due time
+        self._release_until = float("-inf")  # frames due by then go without waiting
 
-    async def wait(self, audio_end_s: float) -> None:
+    def sent(self) -> None:
+        """Record how late the frame just sent left (the service's frame send delay)."""
+        if self.enabled:
+            METRICS.pacing_lateness.observe(max(0.0, time.perf_counter() - self.due))
+
+    async def wait(self, start_s: float) -> bool:
+        """Hold until the frame starting at ``start_s`` (playback clock) may go; True if it slept."""
         if not self.enabled:
-            return
+            return False
         now = time.perf_counter()
         if self.t0 is None:
             self.t0 = now
-        delay = self.t0 + audio_end_s - self.lead - now
-        if delay > 0:
-            await asyncio.sleep(delay)
+        # the first `lead` of audio is due at once
+        self.due = due = self.t0 + max(0.0, start_s - self.lead)
+        if due <= self._release_until:
+            return False
+        self._release_until = due + self.batch
+        delay = due - self.margin - now
+        if delay <= 0:
+            return False
+        await asyncio.sleep(delay)
+        return True
 
 
 class Session:
@@ -233,30 +270,53 @@ class Session:
         self._closing = False
         self._close_with: tuple[int, str] | None = None  # close frame to attempt once torn down
         self._main: asyncio.Task | None = None
+        self._sending: tuple[asyncio.Task, float] | None = None  # the send in progress and its start
+        self._stalled: asyncio.Task | None = None  # the task whose send the watchdog gave up on
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def send(self, data: str | bytes) -> None:
-        """Send one frame, failing the session if the client does not take it in time."""
+        """Send one frame, failing the session if the client does not take it in time.
+
+        The time limit is kept by :meth:`_watch`, not by a timeout around every send: a send into
+        a writable socket never suspends, and arming and disarming a timer for each of thousands
+        of frames a second was a large share of the loop's work.
+        """
         if self._closing:
             raise ClientGone()
         async with self._send_lock:
+            if self._closing:
+                raise ClientGone()
+            task = asyncio.current_task()
+            self._sending = (task, self.loop.time())
             try:
-                # asyncio.timeout, not wait_for: wait_for can swallow a cancellation that races
-                # with the send completing, and a cancelled context must never send again
-                async with asyncio.timeout(self.rt.send_timeout):
-                    await self._send_raw(data)
-            except TimeoutError:
-                log.warning("session %s: client did not read for %.1fs; closing", self.protocol.session_id, self.rt.send_timeout)
-                self._fail((1008, "client is not reading"))
-                raise ClientGone() from None
+                await self._send_raw(data)
+            except asyncio.CancelledError:
+                if self._stalled is task:  # the watchdog gave up on this send
+                    task.uncancel()
+                    raise ClientGone() from None
+                raise
             except Exception:
                 self._fail(None)
                 raise ClientGone() from None
+            finally:
+                self._sending = None
+
+    def _watch(self) -> None:
+        """Every quarter of the send timeout: close a client that has left a send blocked too long."""
+        sending = self._sending
+        if sending is not None and self.loop.time() - sending[1] > self.rt.send_timeout:
+            log.warning("session %s: client did not read for %.1fs; closing", self.protocol.session_id, self.rt.send_timeout)
+            self._stalled = sending[0]
+            self._fail((1008, "client is not reading"))  # cancels the main task unless it is the one stuck
+            sending[0].cancel()
+            return
+        self._watchdog = self.loop.call_later(self.rt.send_timeout / 4, self._watch)
 
     def _fail(self, close_with: tuple[int, str] | None) -> None:
         """The client is gone or stuck: stop the receive loop too, wherever it is waiting."""
         self._closing = True
         self._close_with = close_with
-        if self._main is not None and self._main is not asyncio.current_task():
+        if self._main is not None and self._main is not asyncio.current_task() and self._stalled is not self._main:
             self._main.cancel()
 
     async def send_text(self, frame: str | None) -> None:
@@ -267,6 +327,7 @@ class Session:
         METRICS.sessions_active.inc()
         METRICS.sessions_total.inc()
         self._main = asyncio.current_task()
+        self._watch()
         try:
             while not self._closing:
                 try:
@@ -291,6 +352,8 @@ class Session:
                 raise
             self._main.uncancel()  # ours: the session ends normally
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             await self._teardown()
             METRICS.sessions_active.dec()
             if self._close_with is not None:

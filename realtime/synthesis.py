@@ -47,15 +47,24 @@ def synthesis_options(v: VoiceOptions) -> SynthesisOptions:
 
 
 class AudioBuffer:
-    """Bounded hand-off from one producer thread to one asyncio consumer, counted in samples."""
+    """Bounded hand-off from one producer thread to one asyncio consumer, counted in samples.
+
+    Both sides are woken only when it matters, because every wake-up is a GIL hand-off between an
+    engine thread and the event loop (with hundreds of sessions they were most of the service's
+    context switches): the loop is signalled only while its consumer is actually waiting, and a
+    producer blocked on a full buffer resumes only once it has drained to three quarters.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity_samples: int) -> None:
         self._loop = loop
         self._capacity = max(1, capacity_samples)
+        self._resume_below = max(1, self._capacity * 3 // 4)
         self._cond = threading.Condition()
         self._items: deque[tuple[Item, int]] = deque()
         self._samples = 0
         self._closed = False
+        self._producer_waiting = False
+        self._consumer_waiting = False
         self._ready = asyncio.Event()
 
     @property
@@ -66,20 +75,25 @@ class AudioBuffer:
         """Producer side: blocks while the buffer is full; raises :class:`Cancelled` once closed."""
         with self._cond:
             while self._samples >= self._capacity and not self._closed:
+                self._producer_waiting = True
                 self._cond.wait()
+            self._producer_waiting = False
             if self._closed:
                 raise Cancelled()
-            self._items.append((item, samples))
-            self._samples += samples
-        self._loop.call_soon_threadsafe(self._ready.set)
+            self._append(item, samples)
 
     def put_final(self, item: Item) -> None:
         """Queue a terminal item even when full (it carries no audio); dropped once closed."""
         with self._cond:
-            if self._closed:
-                return
-            self._items.append((item, 0))
-        self._loop.call_soon_threadsafe(self._ready.set)
+            if not self._closed:
+                self._append(item, 0)
+
+    def _append(self, item: Item, samples: int) -> None:  # under the lock
+        self._items.append((item, samples))
+        self._samples += samples
+        if self._consumer_waiting:
+            self._consumer_waiting = False
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     def close(self) -> None:
         """Drop what is queued and wake both sides: the producer and the consumer get Cancelled."""
@@ -90,31 +104,22 @@ class AudioBuffer:
             self._cond.notify_all()
         self._loop.call_soon_threadsafe(self._ready.set)
 
-    def _pop(self) -> Item | None:
-        with self._cond:
-            if self._closed:
-                raise Cancelled()
-            if not self._items:
-                return None
-            item, samples = self._items.popleft()
-            was_full = self._samples >= self._capacity
-            self._samples -= samples
-            if was_full and self._samples < self._capacity:
-                # wake the producer only when room appears: waking it on every frame makes
-                # hundreds of engine threads fight the event loop for the GIL
-                self._cond.notify_all()
-            return item
-
     async def get(self) -> Item:
         """Next item; raises :class:`Cancelled` once the buffer is closed."""
         while True:
-            item = self._pop()
-            if item is not None:
-                return item
-            self._ready.clear()
-            item = self._pop()  # re-check: a put may have landed between the first look and clear()
-            if item is not None:
-                return item
+            with self._cond:
+                if self._closed:
+                    raise Cancelled()
+                if self._items:
+                    item, samples = self._items.popleft()
+                    self._samples -= samples
+                    if self._producer_waiting and self._samples < self._resume_below:
+                        self._cond.notify_all()
+                    return item
+                # nothing yet: the next put signals the loop (clear() first, on this thread, so
+                # that signal cannot be lost)
+                self._ready.clear()
+                self._consumer_waiting = True
             await self._ready.wait()
 
 

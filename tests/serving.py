@@ -15,6 +15,7 @@ import uvicorn
 
 from realtime.engines.base import Engine
 from realtime.server import ServerConfig, create_app
+from realtime.transport import uvicorn_ws_options
 
 
 def free_port() -> int:
@@ -30,8 +31,8 @@ def serve(engine: Engine, config: ServerConfig | None = None) -> Iterator[str]:
     app = create_app(engine, config)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio",
-        ws_max_size=config.limits.max_frame_bytes * 2 + 65536, lifespan="on", ws_per_message_deflate=False,
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+        **uvicorn_ws_options(config.limits.max_frame_bytes),
     ))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

@@ -152,6 +152,28 @@ def test_native_rate_holds_nothing(fmt: str) -> None:
     assert enc.finish() == []
 
 
+@pytest.mark.parametrize("container", ("raw", "wav"))
+@pytest.mark.parametrize("fmt", PCM_LIKE)
+def test_frame_ms_cuts_each_chunk_into_frames(fmt: str, container: str) -> None:
+    """With frame_ms a whole engine chunk is encoded at once and leaves as frames of that duration
+    (the last one of a chunk shorter), carrying exactly the bytes of the unframed encoder."""
+    width = {"pcm_s16le": 2, "pcm_f32le": 4}.get(fmt, 1)
+    framed = make_encoder(fmt, 8000, container, 24000, frame_ms=20)
+    whole = make_encoder(fmt, 8000, container, 24000)
+    x = sine(24000)
+    out_framed, out_whole = [], []
+    for c in (x[:7000], x[7000:7001], x[7001:]):
+        out_framed += framed.encode(c)
+        out_whole += whole.encode(c)
+    out_framed += framed.finish()
+    out_whole += whole.finish()
+    assert b"".join(out_framed) == b"".join(out_whole)
+    audio = out_framed[1:] if container == "wav" else out_framed
+    assert max(len(f) for f in audio) == 160 * width  # 20 ms at 8 kHz
+    assert len(audio) > len(out_whole)
+    assert all(audio)
+
+
 @pytest.mark.parametrize("rate", OPUS_RATES)
 def test_opus_raw_packets(rate: int) -> None:
     x = sine()
