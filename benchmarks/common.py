@@ -1,9 +1,15 @@
-"""Shared by the benchmark scripts: percentiles, and the repository on sys.path so that a script
-run as ``python benchmarks/x.py`` can import the project and its test helpers."""
+"""Shared by the benchmark scripts: percentiles, a server in its own process, and the repository on
+sys.path so that a script run as ``python benchmarks/x.py`` can import the project and its test
+helpers."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,3 +23,37 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+@contextlib.contextmanager
+def server_process(*serve_args: str) -> Iterator[tuple[str, int]]:
+    """``realtime serve`` in a subprocess on a free loopback port: yields (``http://…`` base, pid).
+
+    A separate process, as in production: a server in a thread of the benchmark would share the
+    client's GIL and its event loop's time with the client.
+    """
+    import httpx
+
+    from tests.serving import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "realtime.cli", "serve", "--port", str(port), *serve_args]
+    server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited with {server.returncode}")
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.1)
+        yield base, server.pid
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -21,17 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-from common import ROOT
 from common import percentile as pct
-
-from tests.serving import free_port
+from common import server_process
 
 LEAD_S = 0.3  # the server's realtime lead (ServerConfig.realtime_lead_ms)
 
@@ -137,22 +132,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--frame-ms", type=int, default=20, help="server --frame-ms")
     args = p.parse_args()
-    port = free_port()
-    cmd = [sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", str(port),
-           "--workers", str(max(args.sessions)), "--max-sessions", str(2 * max(args.sessions) + 10),
-           "--frame-ms", str(args.frame_ms), "--log-level", "warning"]
-    server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        asyncio.run(main_async(args, f"ws://127.0.0.1:{port}/v1/tts/stream", server.pid))
-    finally:
-        server.terminate()
-        server.wait(10)
+    n = max(args.sessions)
+    with server_process("--engine", "tone", "--workers", str(n), "--max-sessions", str(2 * n + 10),
+                        "--frame-ms", str(args.frame_ms), "--log-level", "warning") as (base, pid):
+        asyncio.run(main_async(args, base.replace("http://", "ws://") + "/v1/tts/stream", pid))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ adds the path the official FastAPI server offers: wait for the whole text, then 
     python benchmarks/ws_latency.py                         # default voice, 20 utterances, sweep 1/2/4/8
     python benchmarks/ws_latency.py --engine cosyvoice2 --model-dir DIR --utterances 3 --sweep 1 --compare-whole
     python benchmarks/ws_latency.py --url ws://host:8000    # an already running server
+
+Without ``--url`` it starts ``realtime serve`` in a subprocess (its own GIL, as in production).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from common import percentile as pct
+from common import server_process
 
 ANSWERS = [
     "Sure! The quickest way to get there is by train, which leaves every twenty minutes from the central station.",
@@ -61,7 +64,8 @@ def clause_end(text: str) -> int:
     return len(text)
 
 
-async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, headers: dict) -> Result:
+async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, headers: dict,
+                        show_underruns: bool = False) -> Result:
     from websockets.asyncio.client import connect
 
     from realtime.audio.formats import SAMPLE_BYTES
@@ -112,6 +116,9 @@ async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, 
                 if now > needed_at + 0.005:  # player ran dry: it stalls until this frame arrives
                     res.underruns += 1
                     res.stall_ms += (now - needed_at) * 1000
+                    if show_underruns:
+                        print(f"  underrun: {(now - needed_at) * 1000:.0f} ms at {audio_bytes / bytes_per_second:.2f} s "
+                              f"of audio, {now - t0:.2f} s after the first delta: {text[:40]!r}")
                 audio_bytes += len(msg)
                 continue
             m = json.loads(msg)
@@ -134,7 +141,7 @@ async def run_level(url: str, sessions: int, utterances: int, args, whole: bool,
     async def worker(k: int) -> None:
         for i in range(utterances):
             text = ANSWERS[(k * 3 + i) % len(ANSWERS)]
-            results.append(await one_utterance(url, text, args.tps, args.format, whole, headers))
+            results.append(await one_utterance(url, text, args.tps, args.format, whole, headers, args.show_underruns))
 
     await asyncio.gather(*(worker(k) for k in range(sessions)))
     return results
@@ -152,13 +159,10 @@ def row(label: str, sessions: int, res: list[Result]) -> str:
 
 @contextlib.contextmanager
 def local_server(args):
-    from realtime.engines import create_engine
-    from realtime.server import ServerConfig
-    from tests.serving import serve
-
-    kwargs = {"device": args.device} if args.engine == "cosyvoice2" else {}
-    engine = create_engine(args.engine, args.model_dir, **kwargs)
-    with serve(engine, ServerConfig(max_concurrent_syntheses=args.workers)) as base:
+    serve_args = ["--engine", args.engine, "--workers", str(args.workers), "--log-level", "warning"]
+    if args.model_dir:
+        serve_args += ["--model-dir", args.model_dir, "--device", args.device]
+    with server_process(*serve_args) as (base, _pid):
         yield base.replace("http://", "ws://") + "/v1/tts/stream"
 
 
@@ -193,6 +197,7 @@ def main() -> None:
     p.add_argument("--utterances", type=int, default=20)
     p.add_argument("--sweep", type=int, nargs="+", default=[1, 2, 4, 8], help="concurrent sessions")
     p.add_argument("--compare-whole", action="store_true", help="also measure the wait-for-whole-text path")
+    p.add_argument("--show-underruns", action="store_true", help="print every underrun as it happens")
     args = p.parse_args()
     if args.url:
         url = args.url if args.url.endswith("/v1/tts/stream") else args.url.rstrip("/") + "/v1/tts/stream"

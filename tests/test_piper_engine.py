@@ -342,7 +342,7 @@ def test_cost_estimate_follows_the_measured_calls(engine, monkeypatch):
     assert 0.0 < engine.cost_per_char < 1.0
 
 
-# -- earliest-deadline-first admission of model calls ------------------------------------------
+# -- least-slack-first admission of model calls -----------------------------------------------
 
 
 def wait_until(condition) -> None:
@@ -352,7 +352,7 @@ def wait_until(condition) -> None:
         time.sleep(0.001)
 
 
-def test_gate_admits_waiting_calls_earliest_deadline_first():
+def test_gate_admits_waiting_calls_earliest_deadline_first_at_equal_cost():
     gate = DeadlineGate(slots=1, urgent_slots=0)
     order: list[str] = []
     release = threading.Event()
@@ -456,3 +456,97 @@ def test_gate_lets_a_listener_in_silence_share_a_core():
     for t in (h, later):
         t.join(WAIT)
     assert entered == ["dry", "queued"] and gate._busy == 0
+
+
+def test_gate_orders_by_latest_start_not_deadline():
+    """Same deadline, different cost: the call that needs longer must start first."""
+    gate = DeadlineGate(slots=1, urgent_slots=0)
+    order: list[str] = []
+    release = threading.Event()
+    deadline = time.monotonic() + 0.5  # within the reserve slack: no slot is held back
+
+    def holder() -> None:
+        with gate.slot(0.0):
+            release.wait(WAIT)
+
+    def call(name: str, cost: float) -> None:
+        with gate.slot(deadline, cost=cost):
+            order.append(name)
+
+    h = threading.Thread(target=holder)
+    h.start()
+    wait_until(lambda: gate._busy > 0)
+    waiters = [threading.Thread(target=call, args=a) for a in [("short", 0.05), ("long", 0.4)]]
+    for t in waiters:
+        t.start()
+    wait_until(lambda: len(gate._waiting) == 2)
+    release.set()
+    for t in [h, *waiters]:
+        t.join(WAIT)
+    assert order == ["long", "short"]
+
+
+def test_gate_keeps_a_slot_for_listeners_about_to_run_dry():
+    gate = DeadlineGate(slots=2, urgent_slots=0, reserve_slack=0.8)
+    entered: list[str] = []
+    release = threading.Event()
+
+    def call(name: str, deadline: float, hold: bool = False) -> None:
+        with gate.slot(deadline):
+            entered.append(name)
+            if hold:
+                release.wait(WAIT)
+
+    comfy = threading.Thread(target=call, args=("comfortable", time.monotonic() + 60.0, True))
+    comfy.start()
+    wait_until(lambda: gate._busy == 1)
+    second = threading.Thread(target=call, args=("also comfortable", time.monotonic() + 60.0))
+    second.start()
+    wait_until(lambda: gate._waiting)
+    time.sleep(0.1)
+    assert entered == ["comfortable"]  # the second core stays free ...
+    call("tight", time.monotonic() + 0.3)  # ... for a listener about to run dry
+    assert entered == ["comfortable", "tight"] and second.is_alive()
+    release.set()
+    for t in (comfy, second):
+        t.join(WAIT)
+    assert entered == ["comfortable", "tight", "also comfortable"] and gate._busy == 0
+
+
+def test_a_waiting_call_turns_urgent_when_its_latest_start_comes():
+    gate = DeadlineGate(slots=1, urgent_slots=1)
+    release = threading.Event()
+    entered_while_held: list[bool] = []
+
+    def holder() -> None:
+        with gate.slot(0.0):
+            release.wait(WAIT)
+
+    h = threading.Thread(target=holder)
+    h.start()
+    wait_until(lambda: gate._busy > 0)
+    t0 = time.monotonic()
+    with gate.slot(t0 + 0.3, cost=0.1):  # must start within 0.2 s: it waits, then takes the extra slot
+        entered_while_held.append(h.is_alive())
+        waited = time.monotonic() - t0
+    release.set()
+    h.join(WAIT)
+    assert entered_while_held == [True] and waited >= 0.19
+
+
+def test_a_first_piece_may_wait_briefly_but_a_later_one_is_due_when_playback_runs_dry(engine, monkeypatch):
+    calls: list[float] = []
+    real_slot = engine.gate.slot
+
+    def spy(deadline, check=None, cost=0.0):
+        calls.append(deadline - time.monotonic())
+        return real_slot(deadline, check, cost)
+
+    monkeypatch.setattr(engine.gate, "slot", spy)
+    monkeypatch.setattr(engine, "lead", LeadConfig(first_grace_s=0.25))
+    clock = PlaybackClock()
+    list(engine.speak(Segment("Hello there.", 0, 12), 1.0, clock=clock))
+    clock.played(5.0, time.monotonic())
+    list(engine.speak(Segment("And again.", 12, 22), 1.0, clock=clock))
+    assert 0.0 < calls[0] <= 0.25  # nothing playing: a later start, not a gap
+    assert calls[-1] > 4.0  # playing: due when the queued audio runs out

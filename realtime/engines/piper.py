@@ -153,6 +153,10 @@ class LeadConfig:
     # A call holds a core until it returns, and a listener about to run dry cannot overtake it:
     # however comfortable this context is, its calls stay short enough to let others in.
     max_s: float = 1.0
+    # When the cores are contended, a context that has not spoken yet may wait this long for a
+    # slot before it counts as urgent: a listener already hearing speech and about to run dry
+    # goes first, since a gap mid-sentence is worse than a slightly later start.
+    first_grace_s: float = 0.25
 
 
 def piece_budget(lead_s: float, cfg: LeadConfig) -> float:
@@ -180,36 +184,53 @@ def trim_silence(audio: np.ndarray, sample_rate: int, lead_s: float, tail_s: flo
 
 
 class DeadlineGate:
-    """At most ``slots`` model calls at once; waiting calls go earliest deadline first.
+    """At most ``slots`` model calls at once; waiting calls go least slack first.
 
     With more contexts than cores, letting every call run at once slows them all alike, and every
-    listener hears a gap.  A call's deadline is when its listener runs out of audio, so a first
-    piece (deadline now) or a context about to run dry goes ahead of one with seconds queued.
+    listener hears a gap.  A call's deadline is when its listener runs out of audio, and its
+    latest start is that deadline minus what the call will take: the waiting call with the
+    earliest latest start goes next, so a short piece for a listener about to run dry goes ahead
+    of a long one for a listener with seconds queued.
     """
 
-    def __init__(self, slots: int, urgent_slots: int = 1) -> None:
+    def __init__(self, slots: int, urgent_slots: int = 1, reserve_slack: float = 0.8) -> None:
         self.slots = max(1, slots)
-        # A listener who hears nothing right now (a first piece, or a context already dry) may
-        # also take one of these: sharing a core briefly costs it less than waiting for a slot.
+        # A call whose latest start has come (its listener will hear a gap unless it starts now)
+        # may also take one of these: sharing a core briefly costs it less than waiting.
         self.urgent_slots = max(0, urgent_slots)
+        # A call with more slack than this leaves one slot free: a call cannot be interrupted, so
+        # two comfortable contexts holding both cores would make a listener about to run dry wait
+        # for one of them; the comfortable ones lose only lead they can spare.
+        self.reserve_slack = reserve_slack
         self._cond = threading.Condition()
         self._busy = 0
-        self._waiting: list[tuple[float, int]] = []  # heap of (deadline, arrival)
+        self._waiting: list[tuple[float, int]] = []  # heap of (latest start, arrival)
         self._arrivals = itertools.count()
 
     @contextmanager
-    def slot(self, deadline: float, check: Callable[[], None] | None = None) -> Iterator[None]:
-        """Hold a slot for the ``with`` body; ``check`` is called while waiting and may raise
+    def slot(self, deadline: float, check: Callable[[], None] | None = None, cost: float = 0.0) -> Iterator[None]:
+        """Hold a slot for the ``with`` body, a call expected to take ``cost`` seconds that must
+        end by ``deadline`` (``time.monotonic``).  ``check`` is called while waiting and may raise
         (a cancelled context leaves the queue at once instead of after its turn)."""
-        me = (deadline, next(self._arrivals))
-        limit = self.slots + (self.urgent_slots if deadline <= time.monotonic() else 0)
+        start_by = deadline - max(0.0, cost)
+        me = (start_by, next(self._arrivals))
         with self._cond:
             heapq.heappush(self._waiting, me)
             try:
-                while self._busy >= limit or self._waiting[0] != me:
+                while True:
+                    now = time.monotonic()
+                    slack = start_by - now  # re-evaluated: a waiting call becomes urgent
+                    if slack <= 0:
+                        limit = self.slots + self.urgent_slots
+                    elif slack > self.reserve_slack:
+                        limit = max(1, self.slots - 1)
+                    else:
+                        limit = self.slots
+                    if self._waiting[0] == me and self._busy < limit:
+                        break
                     if check is not None:
                         check()
-                    self._cond.wait(0.05)
+                    self._cond.wait(min(0.05, max(0.002, slack)) if slack > 0 else 0.05)
             except BaseException:
                 self._waiting.remove(me)
                 heapq.heapify(self._waiting)
@@ -217,6 +238,7 @@ class DeadlineGate:
                 raise
             heapq.heappop(self._waiting)
             self._busy += 1
+            self._cond.notify_all()  # the next in line may be urgent enough for a free slot too
         try:
             yield
         finally:
@@ -335,12 +357,17 @@ class PiperEngine(Engine):
                     part_tail = _PAUSE_S.get(part[-1:], _CUT_PAUSE_S)
                 else:
                     part_tail = _PAUSE_S.get(part[-1:], _DEFAULT_PAUSE_S)
-                deadline = time.monotonic() if clock is None or clock.end is None else clock.end
+                chars = len(piece.strip()) * len(part) / max(1, len(ipa))
+                if clock is None or clock.end is None:  # nothing playing yet: a later start, not a gap
+                    deadline = time.monotonic() + self.lead.first_grace_s
+                else:
+                    deadline = clock.end
                 t0 = time.perf_counter()  # the wait for a slot counts: the listener waits too
-                with self.gate.slot(deadline, text.check if text is not None else None):
+                with self.gate.slot(deadline, text.check if text is not None else None,
+                                    cost=self.cost_per_char * chars / speed):
                     raw = self.run_ids(ids, speed)
                 elapsed = time.perf_counter() - t0
-                self._learn(elapsed, len(piece.strip()) * len(part) / max(1, len(ipa)), speed)
+                self._learn(elapsed, chars, speed)
                 audio = trim_silence(raw, self.sample_rate, _LEAD_S, part_tail)
                 if clock is not None:
                     clock.played(len(audio) / self.sample_rate, time.monotonic())
