@@ -2,9 +2,10 @@
 
 Starts ``realtime serve --engine tone`` in a subprocess (so its memory is measured alone), then:
 
-* frame send delay (after one unmeasured warm-up run): N concurrent sessions, each speaking ``--seconds`` of audio with ``pacing:
-  realtime`` (20 ms PCM frames sent at playback rate); a frame's delay is how late it arrives
-  against the schedule set by the session's first frame.  p50/p99/max over every frame.
+* frame send delay (after one unmeasured warm-up run): N concurrent sessions, started all in the
+  same instant and again spread over ``--ramp`` seconds, each speaking ``--seconds`` of audio
+  with ``pacing: realtime`` (20 ms PCM frames sent at playback rate); a frame's delay is how late
+  it arrives against the schedule set by the session's first frame.  p50/p99/max over every frame.
 * the same delay as the server sees it: its ``realtime_paced_send_lateness_seconds`` histogram
   (how late each frame left against its schedule), read from ``/metrics`` before and after; the
   table gives the bucket that holds the p99 and the share of frames that left more than 20 ms late.
@@ -14,6 +15,7 @@ Starts ``realtime serve --engine tone`` in a subprocess (so its memory is measur
 
     python benchmarks/service_overhead.py                  # 50 and 200 sessions
     python benchmarks/service_overhead.py --sessions 50 --seconds 3
+    python benchmarks/service_overhead.py --ramp 0         # only the all-at-once start
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def paced_session(url: str, words: int, delays: list[float], errors: list[str]) -> None:
+async def paced_session(url: str, words: int, delays: list[float], errors: list[str], start_after: float = 0.0) -> None:
     from websockets.asyncio.client import connect
 
+    await asyncio.sleep(start_after)
     async with connect(url, max_size=None, open_timeout=60) as ws:
         await ws.send(json.dumps({"type": "start", "pacing": "realtime"}))
         await ws.recv()
@@ -111,19 +114,20 @@ async def main_async(args, url: str, pid: int) -> None:
     # arenas, code paths run for the first time) that a running service has paid long ago
     await asyncio.gather(*(paced_session(url, 5, [], []) for _ in range(n_idle)))
     print(f"tone engine, PCM s16 24 kHz, {args.frame_ms} ms frames, pacing realtime, {args.seconds:g} s of audio per session")
-    print("| sessions | frames  | client delay p50 ms | p99 ms | max ms | server send p99 ms | server > 20 ms | errors |")
-    print("|----------|---------|---------------------|--------|--------|--------------------|----------------|--------|")
+    print("| sessions | start over s | frames  | client delay p50 ms | p99 ms | max ms | server send p99 ms | server > 20 ms | errors |")
+    print("|----------|--------------|---------|---------------------|--------|--------|--------------------|----------------|--------|")
     words = int(args.seconds / 0.2)
     base = url.replace("ws://", "http://").rsplit("/v1/", 1)[0]
     for n in args.sessions:
-        delays: list[float] = []
-        errors: list[str] = []
-        before = lateness_buckets(base)
-        await asyncio.gather(*(paced_session(url, words, delays, errors) for _ in range(n)))
-        p99_bucket, late_share = server_lateness(before, lateness_buckets(base))
-        print(f"| {n:>8} | {len(delays):>7} | {pct(delays, 50) * 1000:>19.1f} | {pct(delays, 99) * 1000:>6.1f} | "
-              f"{max(delays) * 1000 if delays else float('nan'):>6.1f} | {p99_bucket:>18} | {late_share:>13.2f}% | "
-              f"{len(errors):>6} |", flush=True)
+        for ramp in args.ramp:
+            delays: list[float] = []
+            errors: list[str] = []
+            before = lateness_buckets(base)
+            await asyncio.gather(*(paced_session(url, words, delays, errors, k * ramp / n) for k in range(n)))
+            p99_bucket, late_share = server_lateness(before, lateness_buckets(base))
+            print(f"| {n:>8} | {ramp:>12g} | {len(delays):>7} | {pct(delays, 50) * 1000:>19.1f} | "
+                  f"{pct(delays, 99) * 1000:>6.1f} | {max(delays) * 1000 if delays else float('nan'):>6.1f} | "
+                  f"{p99_bucket:>18} | {late_share:>13.2f}% | {len(errors):>6} |", flush=True)
 
 
 def main() -> None:
@@ -131,6 +135,8 @@ def main() -> None:
     p.add_argument("--sessions", type=int, nargs="+", default=[50, 200])
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--frame-ms", type=int, default=20, help="server --frame-ms")
+    p.add_argument("--ramp", type=float, nargs="+", default=[0.0, 1.0],
+                   help="start the sessions evenly over this many seconds; 0 = all in the same instant (the worst case)")
     args = p.parse_args()
     n = max(args.sessions)
     with server_process("--engine", "tone", "--workers", str(n), "--max-sessions", str(2 * n + 10),
