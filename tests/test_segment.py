@@ -255,6 +255,16 @@ def test_first_words_go_sooner_than_later_ones():
     assert [s.text for s in seg.poll(0.61)] == [" Paris tomorrow looks"]
 
 
+def test_hurried_poll_releases_complete_words_without_waiting():
+    seg = ClauseSegmenter(SegmenterConfig(poll_after=0.4, poll_min_words=3))
+    assert [s.text for s in seg.push("Sure! ", now=0.0)] == ["Sure!"]
+    assert seg.push("The quickest way to ge", now=0.1) == []
+    assert seg.poll(0.12) == []  # the clause is not over and the wait has not passed
+    assert [s.text for s in seg.poll(0.12, hurry=True)] == [" The quickest way to"]  # "ge" may grow
+    assert seg.push("t there", now=0.13) == []
+    assert seg.poll(0.14, hurry=True) == []  # one complete word: not worth a call of its own
+
+
 def test_first_poll_still_needs_enough_words():
     seg = ClauseSegmenter(SegmenterConfig(first_poll_after=0.15, poll_min_words=3))
     seg.push("Well uh", now=0.0)

@@ -157,6 +157,9 @@ class LeadConfig:
     # slot before it counts as urgent: a listener already hearing speech and about to run dry
     # goes first, since a gap mid-sentence is worse than a slightly later start.
     first_grace_s: float = 0.25
+    # With less audio than this queued, the complete words pending go to the model without
+    # waiting for their clause to end (a clause can take longer to arrive than the audio lasts).
+    refill_s: float = 0.8
 
 
 def piece_budget(lead_s: float, cfg: LeadConfig) -> float:
@@ -390,10 +393,14 @@ class PiperEngine(Engine):
             # Block without a timeout when nothing is pending: only pending text needs the clock.
             item = text.get(timeout=poll_every if segmenter.pending.strip() else None)
             now = time.monotonic()
+            # the listener would run dry before a clause can complete: take the words there are
+            hurry = clock.end is not None and clock.lead(now) < self.lead.refill_s
             if item is None:
-                segments = segmenter.poll(now)
+                segments = segmenter.poll(now, hurry)
             elif isinstance(item, str):
-                segments = segmenter.push(item, now)
+                # poll after push too: deltas arriving faster than the poll timeout must not keep
+                # the segmenter's clock from ever being read
+                segments = segmenter.push(item, now) or segmenter.poll(now, hurry)
             elif isinstance(item, Flush):
                 segments = segmenter.flush()
             else:

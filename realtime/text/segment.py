@@ -88,8 +88,9 @@ class ClauseSegmenter:
         self._touch(now, released=bool(out))
         return out
 
-    def poll(self, now: float) -> list[Segment]:
-        """Release text that has waited longer than ``poll_after`` seconds.
+    def poll(self, now: float, hurry: bool = False) -> list[Segment]:
+        """Release text that has waited longer than ``poll_after`` seconds, or at once with
+        ``hurry`` (the engine's listener is about to run out of audio).
 
         A clause that ends the pending text ("Hello world." with no space yet) is taken as complete:
         after that long a pause the producer is thinking, not mid-number.  Otherwise the complete
@@ -99,9 +100,10 @@ class ClauseSegmenter:
             return []
         if self._pending_since is None:
             self._pending_since = now
-            return []
+            if not hurry:
+                return []
         wait = self.config.poll_after if self._released_words else self.config.first_poll_after
-        if now - self._pending_since < wait:
+        if now - self._pending_since < wait and not hurry:
             return []
         out = self._scan(final=True)
         if not out:
