@@ -27,6 +27,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _number(kind: type, minimum: float, what: str):
+    """An argparse type: ``kind`` no smaller than ``minimum``, with a readable error otherwise."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, 1, "at least 1")
+_non_negative_int = _number(int, 0, "0 or more")
+_positive_float = _number(float, 1e-9, "greater than 0")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -169,26 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve WebSocket /v1/tts/stream, POST /v1/tts, the official CosyVoice HTTP routes, "
                                    "/health, /v1/voices, /metrics and the web client at /.")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback address without a token logs a warning)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_non_negative_int, default=8000)
     s.add_argument("--engine", choices=("piper", "cosyvoice2", "tone"), default=None,
                    help="synthesis engine (default: cosyvoice2 when --model-dir is given, else the embedded piper voice)")
     s.add_argument("--model-dir", default=None, help="official CosyVoice2-0.5B model directory (for --engine cosyvoice2)")
     s.add_argument("--device", default="cpu", help="cosyvoice2: cpu or cuda")
     s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="cosyvoice2: model precision")
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
-    s.add_argument("--workers", type=int, default=4, help="maximum concurrent syntheses (worker threads)")
-    s.add_argument("--max-sessions", type=int, default=200, help="maximum open WebSocket sessions")
-    s.add_argument("--max-contexts", type=int, default=8, help="maximum open contexts per WebSocket")
-    s.add_argument("--max-text-chars", type=int, default=100_000, help="maximum characters of text per context")
-    s.add_argument("--max-frame-bytes", type=int, default=4 << 20, help="maximum size of one client frame")
-    s.add_argument("--send-timeout", type=float, default=10.0, help="close a client that does not read a frame for this many seconds")
-    s.add_argument("--idle-timeout", type=float, default=300.0, help="close a session with no message and no audio for this many seconds")
-    s.add_argument("--buffer-ms", type=int, default=1000, help="audio buffered per context before the engine is paused")
+    s.add_argument("--workers", type=_positive_int, default=4, help="maximum concurrent syntheses (worker threads)")
+    s.add_argument("--max-sessions", type=_positive_int, default=200, help="maximum open WebSocket sessions")
+    s.add_argument("--max-contexts", type=_positive_int, default=8, help="maximum open contexts per WebSocket")
+    s.add_argument("--max-text-chars", type=_positive_int, default=100_000, help="maximum characters of text per context")
+    s.add_argument("--max-frame-bytes", type=_positive_int, default=4 << 20, help="maximum size of one client frame")
+    s.add_argument("--send-timeout", type=_positive_float, default=10.0, help="close a client that does not read a frame for this many seconds")
+    s.add_argument("--idle-timeout", type=_positive_float, default=300.0, help="close a session with no message and no audio for this many seconds")
+    s.add_argument("--buffer-ms", type=_positive_int, default=1000, help="audio buffered per context before the engine is paused")
     s.add_argument("--frame-ms", type=int, default=20, choices=(10, 20, 40, 60, 100),
                    help="audio per PCM/G.711 frame (Opus packets are always 20 ms); larger frames cost less CPU per second of audio")
-    s.add_argument("--realtime-lead-ms", type=int, default=300,
+    s.add_argument("--realtime-lead-ms", type=_non_negative_int, default=300,
                    help="pacing realtime: audio kept queued at the client ahead of playback (at least this much)")
-    s.add_argument("--realtime-batch-ms", type=int, default=100,
+    s.add_argument("--realtime-batch-ms", type=_non_negative_int, default=100,
                    help="pacing realtime: a paced session wakes once per this much audio and sends what is due, "
                         "so the client holds between lead and lead + batch + 30 ms; 0 sends frame by frame (more CPU)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -76,8 +76,31 @@ def test_say_without_server_fails_cleanly():
 def test_serve_help_documents_every_option():
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     for flag in ("--host", "--port", "--engine", "--model-dir", "--token", "--workers", "--max-sessions",
-                 "--max-contexts", "--max-text-chars", "--max-frame-bytes", "--send-timeout", "--idle-timeout"):
+                 "--max-contexts", "--max-text-chars", "--max-frame-bytes", "--send-timeout", "--idle-timeout",
+                 "--buffer-ms", "--frame-ms", "--realtime-lead-ms", "--realtime-batch-ms"):
         assert flag in help_text
+
+
+@pytest.mark.parametrize(("flag", "value", "needle"), [
+    ("--workers", "0", "at least 1"),
+    ("--max-sessions", "-3", "at least 1"),
+    ("--send-timeout", "0", "greater than 0"),
+    ("--realtime-batch-ms", "-1", "0 or more"),
+    ("--realtime-lead-ms", "soon", "not a number"),
+])
+def test_serve_refuses_bad_numbers_with_a_message(flag: str, value: str, needle: str):
+    parser = build_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["serve", flag, value])
+    assert e.value.code == 2
+    args = parser.parse_args(["serve", "--realtime-batch-ms", "0", "--realtime-lead-ms", "150"])
+    assert (args.realtime_batch_ms, args.realtime_lead_ms) == (0, 150)
+
+
+def test_bad_number_message_names_the_problem(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--workers", "0"])
+    assert "--workers: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_loopback_detection_and_llm_like_deltas():
