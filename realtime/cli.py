@@ -43,6 +43,7 @@ def _number(kind: type, minimum: float, what: str):
 _positive_int = _number(int, 1, "at least 1")
 _non_negative_int = _number(int, 0, "0 or more")
 _positive_float = _number(float, 1e-9, "greater than 0")
+_non_negative_float = _number(float, 0.0, "0 or more")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--container", default=None, choices=("raw", "wav", "ogg"), help="default: from the output file's extension")
     c.add_argument("--sample-rate", type=int, default=None)
     c.add_argument("--speed", type=float, default=1.0)
-    c.add_argument("--tokens-per-second", type=float, default=30.0, help="LLM-like pacing of the text deltas (0: all at once)")
+    c.add_argument("--tokens-per-second", type=_non_negative_float, default=30.0, help="LLM-like pacing of the text deltas (0: all at once)")
     c.add_argument("-o", "--output", default=None, help="output file (.wav, .ogg, .raw) or - for stdout")
     c.set_defaults(func=cmd_say)
     return p
