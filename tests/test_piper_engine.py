@@ -352,30 +352,44 @@ def wait_until(condition) -> None:
         time.sleep(0.001)
 
 
-def test_gate_admits_waiting_calls_earliest_deadline_first_at_equal_cost():
-    gate = DeadlineGate(slots=1, urgent_slots=0)
-    order: list[str] = []
+def occupy(gate: DeadlineGate) -> tuple[threading.Thread, threading.Event]:
+    """A call holding one of ``gate``'s slots until the returned event is set."""
     release = threading.Event()
-
-    def call(name: str, deadline: float) -> None:
-        with gate.slot(deadline):
-            order.append(name)
 
     def holder() -> None:
         with gate.slot(0.0):
             release.wait(WAIT)
 
-    first = threading.Thread(target=holder)
-    first.start()
-    wait_until(lambda: gate._busy > 0)
-    waiters = [threading.Thread(target=call, args=(n, d)) for n, d in [("late", 30.0), ("soon", 10.0), ("mid", 20.0)]]
+    busy = gate._busy
+    t = threading.Thread(target=holder)
+    t.start()
+    wait_until(lambda: gate._busy > busy)
+    return t, release
+
+
+def admission_order(gate: DeadlineGate, calls: list[tuple[str, float, float]]) -> list[str]:
+    """Queue ``(name, deadline, cost)`` calls behind a held slot, release it, and return the order
+    in which the gate let them in."""
+    order: list[str] = []
+
+    def call(name: str, deadline: float, cost: float) -> None:
+        with gate.slot(deadline, cost=cost):
+            order.append(name)
+
+    holder, release = occupy(gate)
+    waiters = [threading.Thread(target=call, args=c) for c in calls]
     for t in waiters:
         t.start()
-    wait_until(lambda: len(gate._waiting) == 3)
+    wait_until(lambda: len(gate._waiting) == len(calls))
     release.set()
-    for t in [first, *waiters]:
+    for t in [holder, *waiters]:
         t.join(WAIT)
-    assert order == ["soon", "mid", "late"]
+    return order
+
+
+def test_gate_admits_waiting_calls_earliest_deadline_first_at_equal_cost():
+    gate = DeadlineGate(slots=1, urgent_slots=0)
+    assert admission_order(gate, [("late", 30.0, 0.0), ("soon", 10.0, 0.0), ("mid", 20.0, 0.0)]) == ["soon", "mid", "late"]
 
 
 def test_gate_runs_up_to_slots_at_once():
@@ -404,11 +418,6 @@ def test_cancelled_waiter_leaves_the_gate_queue():
     gate = DeadlineGate(slots=1, urgent_slots=0)
     stream = TextStream()
     errors: list[BaseException] = []
-    release = threading.Event()
-
-    def holder() -> None:
-        with gate.slot(0.0):
-            release.wait(WAIT)
 
     def waiter() -> None:
         try:
@@ -417,9 +426,7 @@ def test_cancelled_waiter_leaves_the_gate_queue():
         except BaseException as exc:
             errors.append(exc)
 
-    h = threading.Thread(target=holder)
-    h.start()
-    wait_until(lambda: gate._busy > 0)
+    h, release = occupy(gate)
     w = threading.Thread(target=waiter)
     w.start()
     stream.cancel()
@@ -434,19 +441,12 @@ def test_cancelled_waiter_leaves_the_gate_queue():
 def test_gate_lets_a_listener_in_silence_share_a_core():
     gate = DeadlineGate(slots=1, urgent_slots=1)
     entered: list[str] = []
-    release = threading.Event()
-
-    def holder() -> None:
-        with gate.slot(0.0):
-            release.wait(WAIT)
 
     def call(name: str, deadline: float) -> None:
         with gate.slot(deadline):
             entered.append(name)
 
-    h = threading.Thread(target=holder)
-    h.start()
-    wait_until(lambda: gate._busy > 0)
+    h, release = occupy(gate)
     later = threading.Thread(target=call, args=("queued", time.monotonic() + 60.0))
     later.start()
     wait_until(lambda: gate._waiting)
@@ -461,29 +461,8 @@ def test_gate_lets_a_listener_in_silence_share_a_core():
 def test_gate_orders_by_latest_start_not_deadline():
     """Same deadline, different cost: the call that needs longer must start first."""
     gate = DeadlineGate(slots=1, urgent_slots=0)
-    order: list[str] = []
-    release = threading.Event()
     deadline = time.monotonic() + 0.5  # within the reserve slack: no slot is held back
-
-    def holder() -> None:
-        with gate.slot(0.0):
-            release.wait(WAIT)
-
-    def call(name: str, cost: float) -> None:
-        with gate.slot(deadline, cost=cost):
-            order.append(name)
-
-    h = threading.Thread(target=holder)
-    h.start()
-    wait_until(lambda: gate._busy > 0)
-    waiters = [threading.Thread(target=call, args=a) for a in [("short", 0.05), ("long", 0.4)]]
-    for t in waiters:
-        t.start()
-    wait_until(lambda: len(gate._waiting) == 2)
-    release.set()
-    for t in [h, *waiters]:
-        t.join(WAIT)
-    assert order == ["long", "short"]
+    assert admission_order(gate, [("short", deadline, 0.05), ("long", deadline, 0.4)]) == ["long", "short"]
 
 
 def test_gate_keeps_a_slot_for_listeners_about_to_run_dry():
@@ -522,9 +501,7 @@ def test_a_waiting_call_turns_urgent_when_its_latest_start_comes():
         with gate.slot(0.0):
             release.wait(WAIT)
 
-    h = threading.Thread(target=holder)
-    h.start()
-    wait_until(lambda: gate._busy > 0)
+    h, release = occupy(gate)
     t0 = time.monotonic()
     with gate.slot(t0 + 0.3, cost=0.1):  # must start within 0.2 s: it waits, then takes the extra slot
         entered_while_held.append(h.is_alive())
