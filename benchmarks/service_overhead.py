@@ -80,8 +80,8 @@ def lateness_buckets(base: str) -> list[tuple[float, int]]:
 def server_lateness(before: list[tuple[float, int]], after: list[tuple[float, int]]) -> tuple[str, float]:
     """(bucket holding the p99, share of frames later than 20 ms) over the frames between two reads."""
     counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
-    total = counts[-1][1]
-    if not total:
+    total = counts[-1][1] if counts else 0
+    if not total:  # a server without the histogram (an older build)
         return "-", float("nan")
     p99 = next(le for le, c in counts if c >= 0.99 * total)
     within_20 = next(c for le, c in counts if le >= 0.02)
