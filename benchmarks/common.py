@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,12 +32,20 @@ def server_process(*serve_args: str) -> Iterator[tuple[str, int]]:
     A separate process, as in production: a server in a thread of the benchmark would share the
     client's GIL and its event loop's time with the client.
     """
+    with http_process(lambda port: ["-m", "realtime.cli", "serve", "--port", str(port), *serve_args]) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def http_process(python_args: Callable[[int], list[str]]) -> Iterator[tuple[str, int]]:
+    """``python *python_args(port)`` in a subprocess, once ``/health`` answers 200 on that port:
+    yields (``http://…`` base, pid)."""
     import httpx
 
     from tests.serving import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "realtime.cli", "serve", "--port", str(port), *serve_args]
+    cmd = [sys.executable, *python_args(port)]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     base = f"http://127.0.0.1:{port}"
     try:

@@ -14,18 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 
-import httpx
-from common import ROOT, server_process
-
-from tests.serving import free_port
+from common import http_process, server_process
 
 
 def cpu_seconds(pid: int) -> float:
@@ -53,7 +46,8 @@ async def open_sessions(url: str, n: int, pid: int) -> tuple[float, float]:
 def serve_bare(port: int) -> None:
     import uvicorn
     from starlette.applications import Starlette
-    from starlette.routing import WebSocketRoute
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route, WebSocketRoute
 
     from realtime.transport import uvicorn_ws_options
 
@@ -62,30 +56,11 @@ def serve_bare(port: int) -> None:
         while (await ws.receive())["type"] != "websocket.disconnect":
             await ws.send_text('{"type": "ready"}')
 
-    app = Starlette(routes=[WebSocketRoute("/v1/tts/stream", stream)])
+    async def health(_request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[WebSocketRoute("/v1/tts/stream", stream), Route("/health", health)])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_ws_options(1 << 20))
-
-
-@contextlib.contextmanager
-def bare_process() -> Iterator[tuple[str, int]]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(base + "/")  # 404 is fine: it answers
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("bare server did not start") from None
-                time.sleep(0.1)
-        yield base, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def main() -> None:
@@ -101,7 +76,7 @@ def main() -> None:
     print("| server                       | round | wall ms | server CPU ms |")
     print("|------------------------------|-------|---------|---------------|")
     servers = {
-        "bare Starlette endpoint": bare_process,
+        "bare Starlette endpoint": lambda: http_process(lambda port: [__file__, "--serve-bare", str(port)]),
         "realtime serve --engine tone": lambda: server_process("--engine", "tone", "--log-level", "warning",
                                                                "--max-sessions", str(args.sessions + 10)),
     }

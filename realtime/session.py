@@ -50,7 +50,7 @@ class Runtime:
     idle_timeout: float = 300.0  # no message and nothing playing for this long → close
     queue_timeout: float = 5.0  # wait this long for a free synthesis slot before `overloaded`
     realtime_lead_ms: int = 300
-    realtime_batch_ms: int = 100  # paced frames go out between lead and lead + batch ahead of playback
+    realtime_batch_ms: int = 100  # paced frames go out between lead and lead + batch + margin ahead (see _Pacer)
 
 
 class ClientGone(Exception):
