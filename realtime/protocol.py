@@ -22,20 +22,13 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from .audio.formats import CONTAINERS, FORMATS, default_sample_rate
+from .errors import ProtocolError
+from .validation import parse_json
 
 MODES = ("sft", "zero_shot", "cross_lingual", "instruct2")
 TRANSPORTS = ("binary", "json")
 PACINGS = ("asap", "realtime")
 
-# error code -> WebSocket close code used when the error is fatal
-CLOSE_CODES = {
-    "bad_request": 1008,
-    "unauthorized": 1008,
-    "unknown_voice": 1008,
-    "too_large": 1009,
-    "overloaded": 1013,
-    "internal": 1011,
-}
 
 
 @dataclass(frozen=True)
@@ -48,6 +41,7 @@ class Limits:
     max_open_contexts: int = 8  # contexts not yet done/cancelled on one socket
     max_context_id_chars: int = 128
     max_prompt_audio_bytes: int = 3 << 20  # decoded prompt WAV
+    max_prompt_text_chars: int = 4_000  # prompt_text, instruct_text
 
 
 @dataclass(frozen=True)
@@ -100,15 +94,6 @@ _MESSAGE_KEYS = {
     "end": _COMMON_KEYS | _VOICE_KEYS,
     "cancel": _COMMON_KEYS,
 }
-
-
-class ProtocolError(Exception):
-    def __init__(self, code: str, message: str, context_id: str | None = None, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.context_id = context_id
-        self.fatal = fatal
 
 
 # ---- events handed to the glue ---------------------------------------------------------------
@@ -208,10 +193,7 @@ class Protocol:
         try:
             if len(data) > self.limits.max_frame_bytes or len(data.encode("utf-8", "surrogatepass")) > self.limits.max_frame_bytes:
                 raise ProtocolError("too_large", f"frame exceeds {self.limits.max_frame_bytes} bytes", fatal=True)
-            try:
-                msg = json.loads(data)
-            except (json.JSONDecodeError, RecursionError):
-                raise ProtocolError("bad_request", "frame is not valid JSON") from None
+            msg = parse_json(data, what="frame")
             if not isinstance(msg, dict):
                 raise ProtocolError("bad_request", "a message must be a JSON object")
             return self._dispatch(msg)
@@ -267,7 +249,7 @@ class Protocol:
 
     @property
     def sample_rate(self) -> int:
-        if self.output.sample_rate:
+        if self.output.sample_rate is not None:
             return self.output.sample_rate
         return default_sample_rate(self.output.format, self.info.native_rate)
 
@@ -337,10 +319,10 @@ class Protocol:
         return [CancelContext(c.id) for c in targets]
 
     def _error_events(self, e: ProtocolError) -> list[Event]:
-        events: list[Event] = [Send(self.error_frame(e.code, e.message, e.fatal, e.context_id), e.code)]
+        events: list[Event] = [Send(self.error_frame(e.code, e.message, e.fatal, e.context_id, e.retry_after_ms), e.code)]
         if e.fatal:
             self.closed = True
-            events.append(Close(CLOSE_CODES[e.code], e.message[:120]))
+            events.append(Close(e.close_code, e.message[:120]))
         return events
 
     # ---- outbound ----------------------------------------------------------------------------
@@ -382,12 +364,13 @@ class Protocol:
         self._finish(context_id)
         return _json({"type": "cancelled", "context_id": context_id})
 
-    def failed(self, context_id: str, code: str, message: str) -> str | None:
-        """The engine gave up on a context (unknown voice found late, model error): report, finish it."""
+    def failed(self, context_id: str, code: str, message: str, retry_after_ms: int | None = None) -> str | None:
+        """The service gave up on a context (no capacity, no text for too long, unknown voice found
+        late, model error): report it and finish the context."""
         if context_id not in self.contexts:
             return None
         self._finish(context_id)
-        return self.error_frame(code, message, False, context_id)
+        return self.error_frame(code, message, False, context_id, retry_after_ms)
 
     def _finish(self, context_id: str) -> None:
         self.contexts.pop(context_id, None)
@@ -398,10 +381,13 @@ class Protocol:
             self._finished.popitem(last=False)
 
     @staticmethod
-    def error_frame(code: str, message: str, fatal: bool = False, context_id: str | None = None) -> str:
+    def error_frame(code: str, message: str, fatal: bool = False, context_id: str | None = None,
+                    retry_after_ms: int | None = None) -> str:
         body: dict[str, object] = {"type": "error", "code": code, "message": message, "fatal": fatal}
         if context_id is not None:
             body["context_id"] = context_id
+        if retry_after_ms is not None:
+            body["retry_after_ms"] = retry_after_ms
         return _json(body)
 
     def open_contexts(self) -> list[str]:
@@ -413,7 +399,7 @@ def parse_voice_options(msg: dict, base: VoiceOptions, info: SessionInfo, limits
     changes: dict[str, object] = {}
     for key in _VOICE_KEYS & set(msg):
         value = msg[key]
-        _check_type(key, value)
+        _check_type(key, value, limits.max_prompt_text_chars)
         changes[key] = value
     opts = replace(base, **changes)
     if "prompt_audio" in changes:
@@ -467,11 +453,19 @@ def parse_output_options(msg: dict, info: SessionInfo) -> OutputOptions:
     return out
 
 
-def _check_type(key: str, value: object) -> None:
+_NAME_CHARS = 128  # a voice, mode, format, container, transport or pacing name
+_FREE_TEXT = {"prompt_text", "instruct_text"}
+
+
+def _check_type(key: str, value: object, max_text_chars: int = _NAME_CHARS) -> None:
     types, _ = _OPTION_TYPES[key]
     if isinstance(value, bool) or not isinstance(value, types):
         names = "number" if float in types else {"str": "string", "int": "integer"}[types[0].__name__]
         raise ProtocolError("bad_request", f"{key} must be a {names}")
+    if isinstance(value, str) and key != "prompt_audio":  # the prompt's size is checked decoded
+        limit = max_text_chars if key in _FREE_TEXT else _NAME_CHARS
+        if len(value) > limit:
+            raise ProtocolError("bad_request", f"{key} may hold at most {limit} characters")
 
 
 def _json(obj: dict) -> str:
