@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from realtime.engines.base import AudioChunk, SynthesisOptions, TextStream  # noqa: E402
+from realtime.engines.base import AudioChunk, QueueSink, SynthesisOptions  # noqa: E402
 from realtime.engines.piper import LeadConfig, PiperEngine, phoneme_ids, phonemize  # noqa: E402
 from realtime.text.normalize import normalize  # noqa: E402
 
@@ -41,13 +40,12 @@ TEXTS = {
 
 
 def rtf(engine: PiperEngine, text: str) -> tuple[float, float]:
-    stream = TextStream()
+    sink = QueueSink()
+    t0 = time.perf_counter()
+    stream = engine.open(SynthesisOptions(), sink)
     stream.push(text)
     stream.end()
-    t0 = time.perf_counter()
-    samples = sum(
-        len(e.samples) for e in engine.synthesize(stream, SynthesisOptions()) if isinstance(e, AudioChunk)
-    )
+    samples = sum(len(e.samples) for e in sink.items(120) if isinstance(e, AudioChunk))
     compute = time.perf_counter() - t0
     audio = samples / engine.sample_rate
     return compute / audio, audio
@@ -66,27 +64,19 @@ def breakdown(engine: PiperEngine, text: str) -> tuple[float, float, float, floa
 
 
 def first_audio(engine: PiperEngine, first: str, rest: str) -> float:
-    stream = TextStream()
-    got = threading.Event()
-    t_first: list[float] = []
-
-    def consume() -> None:
-        for ev in engine.synthesize(stream, SynthesisOptions()):
-            if isinstance(ev, AudioChunk) and len(ev.samples) and not t_first:
-                t_first.append(time.perf_counter())
-                got.set()
-
-    thread = threading.Thread(target=consume)
-    thread.start()
+    sink = QueueSink()
+    stream = engine.open(SynthesisOptions(), sink)
     stream.push(first.rstrip())
     time.sleep(0.05)  # the engine is now waiting for the boundary to be confirmed
     t0 = time.perf_counter()
     stream.push(" ")  # the first clause is complete from here
-    got.wait(60)
-    stream.push(rest)
-    stream.end()
-    thread.join()
-    return t_first[0] - t0
+    t_first = None
+    for ev in sink.items(60):
+        if isinstance(ev, AudioChunk) and len(ev.samples) and t_first is None:
+            t_first = time.perf_counter()
+            stream.push(rest)
+            stream.end()
+    return t_first - t0
 
 
 def main() -> None:

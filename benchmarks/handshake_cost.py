@@ -49,7 +49,7 @@ def serve_bare(port: int) -> None:
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route, WebSocketRoute
 
-    from realtime.transport import uvicorn_ws_options
+    from realtime.transport import uvicorn_options
 
     async def stream(ws) -> None:
         await ws.accept()
@@ -60,7 +60,7 @@ def serve_bare(port: int) -> None:
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[WebSocketRoute("/v1/tts/stream", stream), Route("/health", health)])
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_ws_options(1 << 20))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options(1 << 20))
 
 
 def main() -> None:

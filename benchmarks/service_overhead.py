@@ -139,7 +139,7 @@ def main() -> None:
                    help="start the sessions evenly over this many seconds; 0 = all in the same instant (the worst case)")
     args = p.parse_args()
     n = max(args.sessions)
-    with server_process("--engine", "tone", "--workers", str(n), "--max-sessions", str(2 * n + 10),
+    with server_process("--engine", "tone", "--max-streams", str(n), "--max-sessions", str(2 * n + 10),
                         "--frame-ms", str(args.frame_ms), "--log-level", "warning") as (base, pid):
         asyncio.run(main_async(args, base.replace("http://", "ws://") + "/v1/tts/stream", pid))
 

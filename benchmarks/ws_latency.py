@@ -159,7 +159,9 @@ def row(label: str, sessions: int, res: list[Result]) -> str:
 
 @contextlib.contextmanager
 def local_server(args):
-    serve_args = ["--engine", args.engine, "--workers", str(args.workers), "--log-level", "warning"]
+    serve_args = ["--engine", args.engine, "--log-level", "warning"]
+    if args.max_streams:
+        serve_args += ["--max-streams", str(args.max_streams)]
     if args.model_dir:
         serve_args += ["--model-dir", args.model_dir, "--device", args.device]
     with server_process(*serve_args) as (base, _pid):
@@ -191,7 +193,9 @@ def main() -> None:
     p.add_argument("--engine", default="piper", choices=("piper", "cosyvoice2", "tone"))
     p.add_argument("--model-dir", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=8, help="server synthesis slots (in-process server)")
+    p.add_argument("--max-streams", type=int, default=None,
+                   help="server --max-streams (default: the engine's own capacity; sessions beyond it are refused "
+                        "with 'overloaded' and counted under errors)")
     p.add_argument("--format", default="pcm_s16le", choices=("pcm_s16le", "pcm_f32le", "mulaw", "alaw"))
     p.add_argument("--tps", type=float, default=30.0, help="LLM tokens per second")
     p.add_argument("--utterances", type=int, default=20)

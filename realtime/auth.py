@@ -9,12 +9,18 @@ from collections.abc import Mapping
 
 
 def presented_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The token a request carries, without surrounding whitespace: HTTP excludes it from a
+    header's value, and some HTTP parsers strip it while others do not, so we strip it everywhere
+    (one rule for the WebSocket and for HTTP)."""
     auth = headers.get("authorization")
     if auth:
-        scheme, _, value = auth.partition(" ")
+        scheme, _, value = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    return headers.get("x-api-token") or query.get("token") or None
+    for value in (headers.get("x-api-token"), query.get("token")):
+        if value and value.strip():
+            return value.strip()
+    return None
 
 
 def check_token(expected: str | None, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:

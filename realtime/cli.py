@@ -51,8 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .engines import create_engine
     from .protocol import Limits
-    from .server import ServerConfig, create_app
-    from .transport import uvicorn_ws_options
+    from .server import ServerConfig, create_app, uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.token or os.environ.get("REALTIME_TOKEN") or None
@@ -71,14 +70,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_frame_bytes=args.max_frame_bytes, max_context_chars=args.max_text_chars,
                     max_open_contexts=args.max_contexts)
     config = ServerConfig(token=token, limits=limits, max_sessions=args.max_sessions,
-                          max_concurrent_syntheses=args.workers, send_timeout=args.send_timeout,
-                          idle_timeout=args.idle_timeout, buffer_seconds=args.buffer_ms / 1000,
-                          frame_ms=args.frame_ms, realtime_lead_ms=args.realtime_lead_ms,
-                          realtime_batch_ms=args.realtime_batch_ms)
+                          max_streams=args.max_streams, max_streams_per_session=args.max_streams_per_session,
+                          send_timeout=args.send_timeout, idle_timeout=args.idle_timeout,
+                          context_idle_timeout=args.context_idle_timeout, queue_timeout=args.queue_timeout,
+                          buffer_seconds=args.buffer_ms / 1000, frame_ms=args.frame_ms,
+                          realtime_lead_ms=args.realtime_lead_ms, realtime_batch_ms=args.realtime_batch_ms,
+                          header_timeout=args.header_timeout, close_timeout=args.close_timeout)
     app = create_app(engine, config)
-    log.info("engine %s (%d Hz), voices: %s", engine.name, engine.sample_rate, ", ".join(v.id for v in engine.voices()))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                **uvicorn_ws_options(args.max_frame_bytes))
+    log.info("engine %s (%d Hz), %d streams at once, voices: %s", engine.name, engine.sample_rate,
+             args.max_streams or engine.capacity, ", ".join(v.id for v in engine.voices()))
+    uvicorn.Server(uvicorn_config(app, config, host=args.host, port=args.port, log_level=args.log_level)).run()
     return 0
 
 
@@ -188,20 +189,37 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve WebSocket /v1/tts/stream, POST /v1/tts, the official CosyVoice HTTP routes, "
                                    "/health, /v1/voices, /metrics and the web client at /.")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback address without a token logs a warning)")
-    s.add_argument("--port", type=_non_negative_int, default=8000)
+    s.add_argument("--port", type=_non_negative_int, default=8000, help="port to listen on (0: any free port)")
     s.add_argument("--engine", choices=("piper", "cosyvoice2", "tone"), default=None,
                    help="synthesis engine (default: cosyvoice2 when --model-dir is given, else the embedded piper voice)")
     s.add_argument("--model-dir", default=None, help="official CosyVoice2-0.5B model directory (for --engine cosyvoice2)")
     s.add_argument("--device", default="cpu", help="cosyvoice2: cpu or cuda")
     s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="cosyvoice2: model precision")
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
-    s.add_argument("--workers", type=_positive_int, default=4, help="maximum concurrent syntheses (worker threads)")
+    s.add_argument("--max-streams", type=_positive_int, default=None,
+                   help="utterances (WebSocket contexts, HTTP syntheses) speaking at once; more wait up to "
+                        "--queue-timeout, then get 'overloaded' with retry_after_ms (default: the engine's own "
+                        "estimate, logged at start; a context waiting for its first text takes no place)")
+    s.add_argument("--max-streams-per-session", type=_positive_int, default=None,
+                   help="places one WebSocket may hold at once; its other contexts wait for its own "
+                        "(default: half of --max-streams, at least 1)")
+    s.add_argument("--queue-timeout", type=_positive_float, default=5.0,
+                   help="seconds an utterance may wait for a place held by others before 'overloaded'")
     s.add_argument("--max-sessions", type=_positive_int, default=200, help="maximum open WebSocket sessions")
     s.add_argument("--max-contexts", type=_positive_int, default=8, help="maximum open contexts per WebSocket")
     s.add_argument("--max-text-chars", type=_positive_int, default=100_000, help="maximum characters of text per context")
     s.add_argument("--max-frame-bytes", type=_positive_int, default=4 << 20, help="maximum size of one client frame")
     s.add_argument("--send-timeout", type=_positive_float, default=10.0, help="close a client that does not read a frame for this many seconds")
-    s.add_argument("--idle-timeout", type=_positive_float, default=300.0, help="close a session with no message and no audio for this many seconds")
+    s.add_argument("--idle-timeout", type=_positive_float, default=300.0,
+                   help="close a WebSocket with no open context that has sent no message and no ping for this many seconds")
+    s.add_argument("--context-idle-timeout", type=_positive_float, default=30.0,
+                   help="end a context (typed 'timeout' error) that has had no text and produced no audio for "
+                        "this many seconds without an 'end'")
+    s.add_argument("--header-timeout", type=_positive_float, default=10.0,
+                   help="seconds a client has to send its HTTP request headers (WebSocket upgrades included)")
+    s.add_argument("--close-timeout", type=_positive_float, default=5.0,
+                   help="seconds a closing connection may keep unsent data or an unanswered close frame before "
+                        "it is aborted")
     s.add_argument("--buffer-ms", type=_positive_int, default=1000, help="audio buffered per context before the engine is paused")
     s.add_argument("--frame-ms", type=int, default=20, choices=(10, 20, 40, 60, 100),
                    help="audio per PCM/G.711 frame (Opus packets are always 20 ms); larger frames cost less CPU per second of audio")
@@ -210,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--realtime-batch-ms", type=_non_negative_int, default=100,
                    help="pacing realtime: a paced session wakes once per this much audio and sends what is due, "
                         "so the client holds between lead and lead + batch + 30 ms; 0 sends frame by frame (more CPU)")
-    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("say", help="stream text to a server and save the audio", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -1,49 +1,58 @@
 """The Starlette application: the WebSocket stream, the HTTP synthesis routes (ours and the official
-CosyVoice FastAPI ones), health, voices, metrics and the browser client."""
+CosyVoice FastAPI ones), health, voices, metrics and the browser client.
+
+Every endpoint is a small module-level function over one :class:`Service` on ``app.state``.
+Every error, 404 and 405 included, is a JSON body ``{"error": {"code", "message"}}`` with the
+status of its code (``realtime.errors``).  Both kinds of synthesis go through the same
+:class:`~realtime.synthesis.Synthesis`: admission, engine stream, cleanup.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import importlib.resources
-import json
 import logging
+import math
+import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-import numpy as np
+import uvicorn
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .admission import Admission
 from .audio.encoders import AudioEncoder, make_encoder
 from .audio.formats import allowed_sample_rates, default_sample_rate, validate_audio_format
 from .auth import check_token
-from .engines.base import AudioChunk, Engine, EngineError, SynthesisOptions
+from .engines.base import Engine, EngineError, Failed, SynthesisOptions
+from .errors import ERROR_CODES, ProtocolError
 from .metrics import METRICS
 from .protocol import (
     FORMATS,
     Limits,
     OutputOptions,
     Protocol,
-    ProtocolError,
     SessionInfo,
     VoiceOptions,
     parse_output_options,
     parse_voice_options,
 )
 from .session import Runtime, Session
-from .synthesis import Failed, Finished, Synthesis, synthesis_options
+from .synthesis import Audio, Delivery, Synthesis, synthesis_options
+from .transport import ACTIVITY_EXTENSION, Deadlines, uvicorn_options
+from .validation import check_text, parse_json
 
 log = logging.getLogger("realtime.server")
 
-HTTP_STATUS = {"bad_request": 400, "unauthorized": 401, "unknown_voice": 404, "too_large": 413,
-               "overloaded": 503, "internal": 500}
 
 
 @dataclass
@@ -51,18 +60,31 @@ class ServerConfig:
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     max_sessions: int = 200
-    max_concurrent_syntheses: int = 4
+    max_streams: int | None = None  # streams speaking at once; None: the engine's own capacity
+    max_streams_per_session: int | None = None  # None: half of max_streams (at least 1)
     buffer_seconds: float = 1.0
     send_timeout: float = 10.0
     idle_timeout: float = 300.0
+    context_idle_timeout: float = 30.0
     queue_timeout: float = 5.0
+    body_timeout: float = 30.0  # an HTTP request body must arrive within this
+    header_timeout: float = 10.0  # enforced by realtime.transport, see uvicorn_config
+    close_timeout: float = 5.0
     realtime_lead_ms: int = 300
     realtime_batch_ms: int = 100
     frame_ms: int = 20
 
 
+def uvicorn_config(app: ASGIApp, config: ServerConfig, **kwargs: Any) -> uvicorn.Config:
+    """A uvicorn configuration that serves ``app`` with this config's protocol deadlines: the CLI
+    and the tests serve the same way."""
+    deadlines = Deadlines(header_s=config.header_timeout, close_s=config.close_timeout,
+                          stall_s=config.send_timeout + config.close_timeout)
+    return uvicorn.Config(app, **kwargs, **uvicorn_options(config.limits.max_frame_bytes, deadlines))
+
+
 def _output_check(out: OutputOptions, native_rate: int) -> str | None:
-    rate = out.sample_rate or default_sample_rate(out.format, native_rate)
+    rate = out.sample_rate if out.sample_rate is not None else default_sample_rate(out.format, native_rate)
     return validate_audio_format(out.format, rate, out.container, native_rate)
 
 
@@ -77,16 +99,75 @@ def session_info(engine: Engine) -> SessionInfo:
     )
 
 
-def error_response(code: str, message: str, status: int | None = None) -> JSONResponse:
+class Service:
+    """What every route shares: the engine, the limits, the session count and the runtime."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.info = session_info(engine)
+        self.sessions = 0
+        self.capacity = config.max_streams or engine.capacity
+        self._runtime: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """Made on first use, because admission's asyncio objects belong to the serving loop."""
+        if self._runtime is None:
+            c = self.config
+            self._runtime = Runtime(
+                engine=self.engine,
+                admission=Admission(self.capacity, c.max_streams_per_session, c.queue_timeout),
+                buffer_seconds=c.buffer_seconds, frame_ms=c.frame_ms, send_timeout=c.send_timeout,
+                idle_timeout=c.idle_timeout, context_idle_timeout=c.context_idle_timeout,
+                realtime_lead_ms=c.realtime_lead_ms, realtime_batch_ms=c.realtime_batch_ms,
+            )
+        return self._runtime
+
+
+def _service(conn: Request | WebSocket) -> Service:
+    return conn.app.state.service
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def error_response(code: str, message: str, status: int | None = None, retry_after_ms: int | None = None) -> JSONResponse:
     METRICS.errors.inc(code)
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status or HTTP_STATUS.get(code, 400))
+    error = ProtocolError(code, message, retry_after_ms=retry_after_ms)
+    headers = {"Retry-After": str(math.ceil(retry_after_ms / 1000))} if retry_after_ms is not None else None
+    return JSONResponse({"error": error.body()}, status_code=status or error.http_status, headers=headers)
+
+
+def error_from(e: ProtocolError | EngineError) -> JSONResponse:
+    return error_response(e.code, e.message, retry_after_ms=getattr(e, "retry_after_ms", None))
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "bad_request")
+    response = error_response(code, str(exc.detail), exc.status_code)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return error_response("internal", "internal error")
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """What no route matches: JSON 404, also for a WebSocket upgrade to an unknown path (refused
+    with an HTTP response before the handshake completes)."""
+    response = error_response("not_found", f"{scope.get('path', '')} not found")
+    if scope["type"] == "websocket":
+        await WebSocket(scope, receive, send).send_denial_response(response)
+    elif scope["type"] == "http":
+        await response(scope, receive, send)
 
 
 class TokenAuth:
     """ASGI middleware: every HTTP route but the static page needs the token once one is set.
     WebSockets are checked in their endpoint, where a refusal can still be an HTTP response."""
-
-    PUBLIC = ("/", "/favicon.ico")
 
     def __init__(self, app: ASGIApp, token: str | None) -> None:
         self.app = app
@@ -105,10 +186,7 @@ class TokenAuth:
         await self.app(scope, receive, send)
 
 
-def _web_dir():
-    return importlib.resources.files("realtime.web")
-
-
+# ---- static web client ----------------------------------------------------------------------------
 _STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml",
                  ".png": "image/png"}
 
@@ -123,274 +201,359 @@ def _is_static(path: str) -> bool:
 async def static_file(request: Request) -> Response:
     name = request.path_params.get("name", "index.html")
     if "/" in name or name.startswith(".") or not any(name.endswith(s) for s in _STATIC_TYPES):
-        return error_response("bad_request", "not found", 404)
-    path = _web_dir() / name
+        return error_response("not_found", f"{request.url.path} not found")
+    path = importlib.resources.files("realtime.web") / name
     if not path.is_file():
-        return error_response("bad_request", f"{name} not found", 404)
+        return error_response("not_found", f"{name} not found")
     suffix = name[name.rfind("."):]
     return FileResponse(str(path), media_type=_STATIC_TYPES[suffix], headers={"Cache-Control": "no-cache"})
 
 
-async def _read_bounded(request: Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it is known to exceed ``limit`` (never reads more)."""
+# ---- WebSocket ------------------------------------------------------------------------------------
+async def stream(ws: WebSocket) -> None:
+    service = _service(ws)
+    config = service.config
+    problem = check_token(config.token, ws.headers, ws.query_params)
+    if problem:
+        METRICS.errors.inc("unauthorized")
+        status = 401 if problem == "missing" else 403
+        body = JSONResponse({"error": {"code": "unauthorized", "message": f"{problem} API token"}}, status_code=status)
+        try:
+            await ws.send_denial_response(body)
+        except RuntimeError:  # server without the denial extension: refuse with a policy close
+            await ws.close(code=1008, reason=f"{problem} API token")
+        return
+    await ws.accept()
+    if service.sessions >= config.max_sessions:
+        METRICS.errors.inc("overloaded")
+        with contextlib.suppress(Exception):
+            await ws.send_text(Protocol.error_frame("overloaded", "too many sessions; try again later", True,
+                                                    retry_after_ms=1000))
+            await ws.close(code=1013, reason="too many sessions")
+        return
+    service.sessions += 1
+    try:
+        session = Session(service.runtime, Protocol(service.info, config.limits),
+                          _ws_receiver(ws), _ws_sender(ws), _ws_closer(ws),
+                          ws.scope.get("extensions", {}).get(ACTIVITY_EXTENSION))
+        await session.run()
+    finally:
+        service.sessions -= 1
+
+
+def _ws_receiver(ws: WebSocket):
+    async def receive() -> str | bytes | None:
+        try:
+            msg = await ws.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            return None
+        if msg["type"] == "websocket.disconnect":
+            return None
+        if msg.get("text") is not None:
+            return msg["text"]
+        return msg.get("bytes") or b""
+    return receive
+
+
+def _ws_sender(ws: WebSocket):
+    async def send(data: str | bytes) -> None:
+        if isinstance(data, str):
+            await ws.send_text(data)
+        else:
+            await ws.send_bytes(data)
+    return send
+
+
+def _ws_closer(ws: WebSocket):
+    async def close(code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await ws.close(code=code, reason=reason)
+    return close
+
+
+# ---- HTTP synthesis ---------------------------------------------------------------------------------
+class AudioStreamResponse(Response):
+    """Streams one synthesis as the response body, from its first delivered item on.
+
+    The synthesis is closed in ``finally`` however the response ends (done, failed, client gone,
+    client not reading for ``send_timeout``), and closing never awaits, so a dropped download
+    always gives its place back.
+    """
+
+    def __init__(self, synthesis: Synthesis, deliveries: AsyncIterator[Delivery], first: Delivery,
+                 media_type: str, send_timeout: float, headers: dict[str, str] | None = None) -> None:
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)  # no body attribute: no Content-Length, the body is chunked
+        self.synthesis = synthesis
+        self.deliveries = deliveries
+        self.first = first
+        self.send_timeout = send_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = asyncio.create_task(self._body(send))
+        watcher = asyncio.create_task(self._watch_disconnect(receive))
+        try:
+            await asyncio.wait({body, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.synthesis.close()
+            for task in (body, watcher):
+                task.cancel()
+            await asyncio.gather(body, watcher, return_exceptions=True)
+            await self.deliveries.aclose()
+
+    @staticmethod
+    async def _watch_disconnect(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def _send(self, send: Send, message: dict) -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await send(message)
+        except TimeoutError:
+            raise _Stalled() from None
+
+    async def _body(self, send: Send) -> None:
+        try:
+            await self._send(send, {"type": "http.response.start", "status": self.status_code,
+                                    "headers": self.raw_headers})
+            item = self.first
+            async for item in _chain(self.first, self.deliveries):
+                if isinstance(item, Audio):
+                    for frame in item.frames:
+                        await self._send(send, {"type": "http.response.body", "body": frame, "more_body": True})
+                elif isinstance(item, Failed):
+                    # headers are gone already: the stream just ends, and the log says why
+                    log.warning("HTTP synthesis failed: %s %s", item.code, item.message)
+                    break
+            await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except _Stalled:
+            log.warning("HTTP client did not read for %.1fs; dropping the download", self.send_timeout)
+        except OSError:  # ASGI 2.4 servers raise this for a client that is gone
+            pass
+        finally:
+            self.synthesis.close()
+
+
+class _Stalled(Exception):
+    pass
+
+
+async def _chain(first: Delivery, rest: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def synthesis_response(service: Service, text: str, options: SynthesisOptions, encoder: AudioEncoder,
+                             media_type: str, headers: dict[str, str] | None = None) -> Response:
+    """Speak ``text`` (all of it, at once) and stream the audio; an error found before the first
+    audio (no capacity, a voice that cannot be used) is an HTTP error instead."""
+    synthesis = Synthesis(service.engine, options, service.runtime.admission, f"http-{uuid.uuid4()}",
+                          service.config.buffer_seconds)
+    deliveries = synthesis.deliver(encoder)
+    try:
+        synthesis.push(text)
+        synthesis.end()
+        first = await anext(deliveries)
+        if isinstance(first, Failed):
+            raise ProtocolError(first.code, first.message, retry_after_ms=first.retry_after_ms)
+        return AudioStreamResponse(synthesis, deliveries, first, media_type, service.config.send_timeout, headers)
+    except BaseException:
+        synthesis.close()
+        await deliveries.aclose()
+        raise
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body; ``too_large`` as soon as it is known to exceed ``limit`` (never reads
+    more), ``timeout`` if it does not arrive within ``timeout`` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
+        raise ProtocolError("too_large", f"body exceeds {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ProtocolError("too_large", f"body exceeds {limit} bytes")
+    except TimeoutError:
+        raise ProtocolError("timeout", f"the request body did not arrive within {timeout:g} s") from None
     return bytes(body)
+
+
+async def read_form(request: Request, limits: Limits, timeout: float) -> FormData:
+    """A urlencoded or multipart form, bounded like every body (the parser reads our bytes)."""
+    raw = await read_body(request, limits.max_frame_bytes, timeout)
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_part_size=limits.max_prompt_audio_bytes + 1024)
+    except Exception as e:
+        raise ProtocolError("bad_request", f"could not read the form: {e}") from None
+    for value in form.values():
+        if isinstance(value, str):
+            check_text(value, "form field")
+    return form
+
+
+_TTS_KEYS = {"text", "voice", "mode", "prompt_text", "prompt_audio", "instruct_text", "speed", "token_hop_len",
+             "seed", "format", "sample_rate", "container"}
+
+
+async def tts(request: Request) -> Response:
+    """POST /v1/tts: JSON ``{"text": ..., options}`` in, streaming audio out (WAV header first for PCM)."""
+    METRICS.http_requests.inc("/v1/tts")
+    service = _service(request)
+    config, info = service.config, service.info
+    try:
+        body = parse_json(await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body")
+        if not isinstance(body, dict):
+            raise ProtocolError("bad_request", "body must be a JSON object: {\"text\": ..., options}")
+        unknown = set(body) - _TTS_KEYS
+        if unknown:
+            raise ProtocolError("bad_request", f"unknown key(s): {sorted(unknown)}")
+        text = body.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ProtocolError("bad_request", "text must be a non-empty string")
+        if len(text) > config.limits.max_context_chars:
+            raise ProtocolError("too_large", f"text may hold at most {config.limits.max_context_chars} characters")
+        body.setdefault("container", "wav" if body.get("format", "pcm_s16le") != "opus" else "ogg")
+        out = parse_output_options(body, info)
+        voice = parse_voice_options(body, VoiceOptions(voice=info.default_voice), info, config.limits)
+        rate = out.sample_rate if out.sample_rate is not None else default_sample_rate(out.format, service.engine.sample_rate)
+        encoder = make_encoder(out.format, rate, out.container, service.engine.sample_rate)
+        return await synthesis_response(service, text, synthesis_options(voice), encoder, encoder.content_type)
+    except (ProtocolError, EngineError) as e:
+        return error_from(e)
+
+
+_OFFICIAL_MODES = {"inference_sft": "sft", "inference_zero_shot": "zero_shot",
+                   "inference_cross_lingual": "cross_lingual", "inference_instruct": "instruct",
+                   "inference_instruct2": "instruct2"}
+
+
+async def official(request: Request) -> Response:
+    """The official CosyVoice FastAPI routes: form fields (GET: query), raw int16 PCM at the
+    model's rate, streamed while it is synthesised."""
+    route = request.url.path.strip("/")
+    METRICS.http_requests.inc("/" + route)
+    service = _service(request)
+    config, info = service.config, service.info
+    try:
+        form = await read_form(request, config.limits, config.body_timeout) if request.method == "POST" \
+            else request.query_params
+        fields = {k: v for k in ("tts_text", "spk_id", "prompt_text", "instruct_text")
+                  if isinstance(v := form.get(k), str)}
+        for value in fields.values():
+            check_text(value, "form field")
+        upload = form.get("prompt_wav")
+        prompt_wav = await upload.read() if isinstance(upload, UploadFile) else None
+        if prompt_wav is not None and len(prompt_wav) > config.limits.max_prompt_audio_bytes:
+            raise ProtocolError("too_large", "prompt_wav is too large")
+        text = fields.get("tts_text", "")
+        if not text.strip():
+            raise ProtocolError("bad_request", "tts_text is required")
+        if len(text) > config.limits.max_context_chars:
+            raise ProtocolError("too_large", f"tts_text may hold at most {config.limits.max_context_chars} characters")
+        mode = _OFFICIAL_MODES[route]
+        if mode == "instruct":
+            raise ProtocolError("bad_request", "inference_instruct is CosyVoice 1's speaker+instruct mode, which "
+                                "CosyVoice2 does not have; use /inference_instruct2 (instruct_text + prompt_wav)")
+        if mode != "sft" and prompt_wav is None:
+            raise ProtocolError("bad_request", f"/{route} needs the prompt_wav file field")
+        requested = {"voice": fields.get("spk_id") or info.default_voice, "mode": mode,
+                     "prompt_text": fields.get("prompt_text"), "instruct_text": fields.get("instruct_text")}
+        voice = parse_voice_options({k: v for k, v in requested.items() if v is not None}, VoiceOptions(), info,
+                                    config.limits)
+        if prompt_wav is not None:
+            voice = replace(voice, prompt_audio=prompt_wav)
+        rate = service.engine.sample_rate
+        encoder = make_encoder("pcm_s16le", rate, "raw", rate)
+        return await synthesis_response(service, text, synthesis_options(voice), encoder,
+                                        "application/octet-stream", {"X-Sample-Rate": str(rate)})
+    except (ProtocolError, EngineError) as e:
+        return error_from(e)
+
+
+async def register_voice(request: Request) -> Response:
+    """POST /v1/voices (multipart: voice_id, prompt_text, prompt_wav): a zero-shot voice, for
+    engines that can register one (``engine.register_voice``)."""
+    METRICS.http_requests.inc("/v1/voices")
+    service = _service(request)
+    register = getattr(service.engine, "register_voice", None)
+    if register is None:
+        return error_response("not_found", f"engine {service.engine.name!r} cannot register voices")
+    try:
+        form = await read_form(request, service.config.limits, service.config.body_timeout)
+        voice_id, prompt_text, upload = form.get("voice_id"), form.get("prompt_text"), form.get("prompt_wav")
+        if not isinstance(voice_id, str) or not isinstance(prompt_text, str) or not isinstance(upload, UploadFile):
+            raise ProtocolError("bad_request", "multipart fields voice_id, prompt_text and prompt_wav (a file) are required")
+        wav = await upload.read()
+        if len(wav) > service.config.limits.max_prompt_audio_bytes:
+            raise ProtocolError("too_large", "prompt_wav is too large")
+        voice = await asyncio.to_thread(register, voice_id, wav, prompt_text)
+    except (ProtocolError, EngineError) as e:
+        return error_from(e)
+    service.info.voices = service.info.voices | {voice.id}  # new sessions may use it at once
+    return JSONResponse({"voice": voice.__dict__}, status_code=201)
+
+
+# ---- service routes ---------------------------------------------------------------------------------
+async def health(request: Request) -> Response:
+    service = _service(request)
+    admission = service.runtime.admission
+    return JSONResponse({"status": "ok", "engine": service.engine.name, "sample_rate": service.engine.sample_rate,
+                         "sessions": service.sessions, "streams": admission.active,
+                         "capacity": admission.capacity, "waiting": admission.waiting})
+
+
+async def voices(request: Request) -> Response:
+    engine = _service(request).engine
+    return JSONResponse({
+        "engine": engine.name,
+        "sample_rate": engine.sample_rate,
+        "default_voice": engine.default_voice,
+        "modes": list(engine.modes),
+        "voices": [v.__dict__ for v in engine.voices()],
+        "formats": list(FORMATS),
+        "sample_rates": sorted({r for f in FORMATS for r in allowed_sample_rates(f, engine.sample_rate)}),
+        "sample_rates_by_format": {f: list(allowed_sample_rates(f, engine.sample_rate)) for f in FORMATS},
+    })
+
+
+async def metrics(request: Request) -> Response:
+    admission = _service(request).runtime.admission
+    return PlainTextResponse(METRICS.render({"realtime_syntheses_active": admission.active,
+                                             "realtime_synthesis_slots": admission.capacity,
+                                             "realtime_syntheses_waiting": admission.waiting}),
+                             media_type="text/plain; version=0.0.4")
 
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
     config = config or ServerConfig()
-    info = session_info(engine)
-    executor = ThreadPoolExecutor(max_workers=config.max_concurrent_syntheses, thread_name_prefix="synth")
-    state: dict[str, object] = {"sessions": 0}
-    runtime_box: dict[str, Runtime] = {}
-
-    def runtime() -> Runtime:
-        # the semaphore must be made on the serving loop, so the runtime is built on first use
-        if "rt" not in runtime_box:
-            runtime_box["rt"] = Runtime(
-                engine=engine, executor=executor,
-                synth_slots=asyncio.Semaphore(config.max_concurrent_syntheses),
-                buffer_seconds=config.buffer_seconds, frame_ms=config.frame_ms,
-                send_timeout=config.send_timeout, idle_timeout=config.idle_timeout,
-                queue_timeout=config.queue_timeout, realtime_lead_ms=config.realtime_lead_ms,
-                realtime_batch_ms=config.realtime_batch_ms,
-            )
-        return runtime_box["rt"]
-
-    # ---- WebSocket ------------------------------------------------------------------------
-    async def stream(ws: WebSocket) -> None:
-        problem = check_token(config.token, ws.headers, ws.query_params)
-        if problem:
-            METRICS.errors.inc("unauthorized")
-            status = 401 if problem == "missing" else 403
-            body = JSONResponse({"error": {"code": "unauthorized", "message": f"{problem} API token"}}, status_code=status)
-            try:
-                await ws.send_denial_response(body)
-            except RuntimeError:  # server without the denial extension: refuse with a policy close
-                await ws.close(code=1008, reason=f"{problem} API token")
-            return
-        await ws.accept()
-        if state["sessions"] >= config.max_sessions:
-            METRICS.errors.inc("overloaded")
-            await ws.send_text(Protocol.error_frame("overloaded", "too many sessions; try again later", True))
-            await ws.close(code=1013, reason="too many sessions")
-            return
-        state["sessions"] += 1
-        protocol = Protocol(info, config.limits)
-
-        async def receive() -> str | bytes | None:
-            try:
-                msg = await ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                return None
-            if msg["type"] == "websocket.disconnect":
-                return None
-            if msg.get("text") is not None:
-                return msg["text"]
-            return msg.get("bytes") or b""
-
-        async def send_raw(data: str | bytes) -> None:
-            if isinstance(data, str):
-                await ws.send_text(data)
-            else:
-                await ws.send_bytes(data)
-
-        async def close(code: int, reason: str) -> None:
-            with contextlib.suppress(Exception):
-                await ws.close(code=code, reason=reason)
-
-        try:
-            session = Session(runtime(), protocol, receive, send_raw, close)
-            await session.run()
-        finally:
-            state["sessions"] -= 1
-
-    # ---- HTTP synthesis --------------------------------------------------------------------
-    async def synthesize_stream(text: str, options: SynthesisOptions, encoder: AudioEncoder) -> AsyncIterator[bytes]:
-        rt = runtime()
-        try:
-            async with asyncio.timeout(rt.queue_timeout):
-                await rt.synth_slots.acquire()
-        except TimeoutError:
-            raise ProtocolError("overloaded", "no synthesis capacity free; try again") from None
-        synthesis = Synthesis(engine, options, asyncio.get_running_loop(), rt.buffer_seconds)
-        synthesis.text.push(text)
-        synthesis.text.end()
-        synthesis.start(executor)
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                while True:
-                    item = await synthesis.get()
-                    if isinstance(item, AudioChunk):
-                        for frame in encoder.encode(np.asarray(item.samples, dtype=np.float32).reshape(-1)):
-                            yield frame
-                    elif isinstance(item, Finished):
-                        for frame in encoder.finish():
-                            yield frame
-                        METRICS.audio_seconds.inc(value=encoder.samples_out / encoder.sample_rate)
-                        return
-                    elif isinstance(item, Failed):
-                        # headers are gone already: the stream just ends, and the log says why
-                        log.warning("HTTP synthesis failed: %s %s", item.code, item.message)
-                        METRICS.errors.inc(item.code)
-                        return
-            finally:
-                synthesis.cancel()
-                await synthesis.wait_stopped()
-                rt.synth_slots.release()
-
-        return body()
-
-    async def tts(request: Request) -> Response:
-        METRICS.http_requests.inc("/v1/tts")
-        try:
-            raw = await _read_bounded(request, config.limits.max_frame_bytes)
-            if raw is None:
-                return error_response("too_large", f"body exceeds {config.limits.max_frame_bytes} bytes")
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                return error_response("bad_request", "body must be JSON: {\"text\": ..., options}")
-            if not isinstance(body, dict):
-                return error_response("bad_request", "body must be a JSON object")
-            allowed = {"text", "voice", "mode", "prompt_text", "prompt_audio", "instruct_text", "speed",
-                       "token_hop_len", "seed", "format", "sample_rate", "container"}
-            unknown = set(body) - allowed
-            if unknown:
-                return error_response("bad_request", f"unknown key(s): {sorted(unknown)}")
-            text = body.get("text")
-            if not isinstance(text, str) or not text.strip():
-                return error_response("bad_request", "text must be a non-empty string")
-            if len(text) > config.limits.max_context_chars:
-                return error_response("too_large", f"text may hold at most {config.limits.max_context_chars} characters")
-            body.setdefault("container", "wav" if body.get("format", "pcm_s16le") != "opus" else "ogg")
-            out = parse_output_options(body, info)
-            voice = parse_voice_options(body, VoiceOptions(voice=info.default_voice), info, config.limits)
-            rate = out.sample_rate or default_sample_rate(out.format, engine.sample_rate)
-            encoder = make_encoder(out.format, rate, out.container, engine.sample_rate)
-            stream = await synthesize_stream(text, synthesis_options(voice), encoder)
-            return StreamingResponse(stream, media_type=encoder.content_type)
-        except ProtocolError as e:
-            return error_response(e.code, e.message)
-
-    async def official(request: Request) -> Response:
-        """The official CosyVoice FastAPI routes: form fields (GET: query), raw int16 PCM at the
-        model's rate, streamed while it is synthesised."""
-        route = request.url.path.strip("/")
-        METRICS.http_requests.inc("/" + route)
-        if request.method == "POST":
-            try:
-                form = await request.form(max_part_size=config.limits.max_prompt_audio_bytes + 1024)
-            except Exception as e:
-                return error_response("bad_request", f"could not read form: {e}")
-        else:
-            form = request.query_params
-        fields: dict[str, str] = {}
-        prompt_wav: bytes | None = None
-        for key in ("tts_text", "spk_id", "prompt_text", "instruct_text"):
-            value = form.get(key)
-            if isinstance(value, str):
-                fields[key] = value
-        upload = form.get("prompt_wav")
-        if isinstance(upload, UploadFile):
-            prompt_wav = await upload.read()
-            if len(prompt_wav) > config.limits.max_prompt_audio_bytes:
-                return error_response("too_large", "prompt_wav is too large")
-        text = fields.get("tts_text", "")
-        if not text.strip():
-            return error_response("bad_request", "tts_text is required")
-        if len(text) > config.limits.max_context_chars:
-            return error_response("too_large", f"tts_text may hold at most {config.limits.max_context_chars} characters")
-        mode = {"inference_sft": "sft", "inference_zero_shot": "zero_shot",
-                "inference_cross_lingual": "cross_lingual", "inference_instruct": "instruct",
-                "inference_instruct2": "instruct2"}[route]
-        if mode == "instruct":
-            return error_response("bad_request", "inference_instruct is CosyVoice 1's speaker+instruct mode, which "
-                                  "CosyVoice2 does not have; use /inference_instruct2 (instruct_text + prompt_wav)")
-        if mode != "sft" and prompt_wav is None:
-            return error_response("bad_request", f"/{route} needs the prompt_wav file field")
-        try:
-            requested = {"voice": fields.get("spk_id") or info.default_voice, "mode": mode,
-                         "prompt_text": fields.get("prompt_text"), "instruct_text": fields.get("instruct_text")}
-            voice = parse_voice_options({k: v for k, v in requested.items() if v is not None},
-                                        VoiceOptions(), info, config.limits)
-            if prompt_wav is not None:
-                voice = replace(voice, prompt_audio=prompt_wav)
-            encoder = make_encoder("pcm_s16le", engine.sample_rate, "raw", engine.sample_rate)
-            stream = await synthesize_stream(text, synthesis_options(voice), encoder)
-        except ProtocolError as e:
-            return error_response(e.code, e.message)
-        return StreamingResponse(stream, media_type="application/octet-stream",
-                                 headers={"X-Sample-Rate": str(engine.sample_rate)})
-
-    async def register_voice(request: Request) -> Response:
-        """POST /v1/voices (multipart: voice_id, prompt_text, prompt_wav): a zero-shot voice, for
-        engines that can register one (``engine.register_voice``)."""
-        METRICS.http_requests.inc("/v1/voices")
-        register = getattr(engine, "register_voice", None)
-        if register is None:
-            return error_response("bad_request", f"engine {engine.name!r} cannot register voices", 404)
-        try:
-            form = await request.form(max_part_size=config.limits.max_prompt_audio_bytes + 1024)
-        except Exception as e:
-            return error_response("bad_request", f"could not read form: {e}")
-        voice_id, prompt_text, upload = form.get("voice_id"), form.get("prompt_text"), form.get("prompt_wav")
-        if not isinstance(voice_id, str) or not isinstance(prompt_text, str) or not isinstance(upload, UploadFile):
-            return error_response("bad_request", "multipart fields voice_id, prompt_text and prompt_wav (a file) are required")
-        wav = await upload.read()
-        if len(wav) > config.limits.max_prompt_audio_bytes:
-            return error_response("too_large", "prompt_wav is too large")
-        try:
-            voice = await asyncio.to_thread(register, voice_id, wav, prompt_text)
-        except EngineError as e:
-            return error_response(e.code, e.message, 409 if e.code == "conflict" else None)
-        info.voices = info.voices | {voice.id}  # new sessions may use it at once
-        return JSONResponse({"voice": voice.__dict__}, status_code=201)
-
-    # ---- service routes ---------------------------------------------------------------------
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "engine": engine.name, "sample_rate": engine.sample_rate,
-                             "sessions": state["sessions"]})
-
-    async def voices(request: Request) -> Response:
-        return JSONResponse({
-            "engine": engine.name,
-            "sample_rate": engine.sample_rate,
-            "default_voice": engine.default_voice,
-            "modes": list(engine.modes),
-            "voices": [v.__dict__ for v in engine.voices()],
-            "formats": list(FORMATS),
-            "sample_rates": sorted({r for f in FORMATS for r in allowed_sample_rates(f, engine.sample_rate)}),
-            "sample_rates_by_format": {f: list(allowed_sample_rates(f, engine.sample_rate)) for f in FORMATS},
-        })
-
-    async def metrics(request: Request) -> Response:
-        rt = runtime_box.get("rt")
-        busy = config.max_concurrent_syntheses - rt.synth_slots._value if rt else 0
-        return PlainTextResponse(METRICS.render({"realtime_syntheses_active": busy,
-                                                 "realtime_synthesis_slots": config.max_concurrent_syntheses}),
-                                 media_type="text/plain; version=0.0.4")
+    service = Service(engine, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         yield
-        executor.shutdown(wait=False, cancel_futures=True)
         engine.close()
 
-    official_routes = [Route(f"/{name}", official, methods=["GET", "POST"]) for name in (
-        "inference_sft", "inference_zero_shot", "inference_cross_lingual", "inference_instruct", "inference_instruct2")]
+    official_routes = [Route(f"/{name}", official, methods=["GET", "POST"]) for name in _OFFICIAL_MODES]
     routes = [
         Route("/", static_file),
         Route("/health", health),
-        Route("/v1/voices", voices),
+        Route("/v1/voices", voices, methods=["GET"]),
         Route("/v1/voices", register_voice, methods=["POST"]),
         Route("/metrics", metrics),
         Route("/v1/tts", tts, methods=["POST"]),
@@ -399,10 +562,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         Route("/static/{name}", static_file),
         Route("/{name}", static_file),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_exception, Exception: internal_error})
+    app.router.default = not_found
     app.add_middleware(TokenAuth, token=config.token)
-    app.state.engine = engine
-    app.state.config = config
-    app.state.executor = executor
+    app.state.service = service
     return app
 
+
+__all__ = ["ERROR_CODES", "ServerConfig", "Service", "create_app", "error_response", "session_info"]

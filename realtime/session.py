@@ -2,7 +2,9 @@
 
 Everything protocol-shaped is decided by :mod:`realtime.protocol`; this module only moves bytes,
 owns the tasks, and makes sure that whatever happens (end, cancel, disconnect, a client that stops
-reading) every context's engine thread is stopped and its buffers are dropped.
+reading, a context or a socket left idle) every context's engine stream is stopped, its buffers
+are dropped and its admission place is given back.  One watchdog per session keeps every timeout
+(a send the client does not take, a context with no text, a socket with no message or ping).
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import numpy as np
-
+from .admission import Admission
 from .audio.encoders import make_encoder
-from .engines.base import AudioChunk, Cancelled, Engine, Flushed, SynthesisOptions
+from .engines.base import Cancelled, Engine, Finished, Flushed, SynthesisOptions
 from .metrics import METRICS
 from .protocol import (
     CancelContext,
@@ -29,7 +30,7 @@ from .protocol import (
     PushText,
     Send,
 )
-from .synthesis import Failed, Finished, Synthesis, synthesis_options
+from .synthesis import Audio, Mark, Synthesis, synthesis_options
 
 log = logging.getLogger("realtime.session")
 
@@ -39,16 +40,15 @@ _PACING_MARGIN = 0.03  # seconds: a paced session wakes this much before its nex
 
 @dataclass(frozen=True)
 class Runtime:
-    """What every session shares: the engine, the worker pool and the service limits."""
+    """What every session shares: the engine, admission and the service limits."""
 
     engine: Engine
-    executor: object  # concurrent.futures.Executor
-    synth_slots: asyncio.Semaphore
+    admission: Admission
     buffer_seconds: float = 1.0
     frame_ms: int = 20
     send_timeout: float = 10.0  # a client that takes longer than this to accept a frame is dropped
-    idle_timeout: float = 300.0  # no message and nothing playing for this long → close
-    queue_timeout: float = 5.0  # wait this long for a free synthesis slot before `overloaded`
+    idle_timeout: float = 300.0  # no message (pings count) and no open context for this long → close
+    context_idle_timeout: float = 30.0  # an open context with no text and no audio for this long → ended
     realtime_lead_ms: int = 300
     realtime_batch_ms: int = 100  # paced frames go out between lead and lead + batch + margin ahead (see _Pacer)
 
@@ -65,52 +65,57 @@ class ContextRunner:
         self.session = session
         self.id = context_id
         rt = session.rt
-        self.synthesis = Synthesis(rt.engine, options, session.loop, rt.buffer_seconds)
+        self.synthesis = Synthesis(rt.engine, options, rt.admission, session.protocol.session_id, rt.buffer_seconds)
         self.previous = previous  # binary transport: speak after this one
         self.finished = asyncio.Event()  # done/cancelled/error frame sent (or abandoned)
+        self.ended = False  # the client sent `end`: no more input will come
         self.first_text_at: float | None = None
         self.first_audio_at: float | None = None
-        self.samples_in = 0
+        self.last_activity = session.loop.time()  # last input from the client or audio to it
         self._unyielded = 0  # frames sent since this task last let the loop run
-        self._slot = False
         self.task = session.loop.create_task(self._run(), name=f"context-{context_id}")
 
     # called from the session's receive loop
     def push(self, text: str) -> None:
         if self.first_text_at is None:
             self.first_text_at = time.perf_counter()
-        self.synthesis.text.push(text)
+        self.last_activity = self.session.loop.time()
+        self.synthesis.push(text)
 
     def flush(self) -> None:
-        self.synthesis.text.flush()
+        self.last_activity = self.session.loop.time()
+        self.synthesis.flush()
 
     def end(self) -> None:
-        self.synthesis.text.end()
+        self.ended = True
+        self.synthesis.end()
 
-    async def cancel(self) -> None:
-        self.synthesis.cancel()
+    def idle_for(self, now: float) -> float:
+        """Seconds this context has waited on its client: no input and no audio, not ended."""
+        if self.ended or (self.previous is not None and not self.previous.finished.is_set()):
+            return 0.0
+        return now - self.last_activity
+
+    def stop(self) -> None:
+        """Stop synthesis and sending now (synchronous); :meth:`wait` for the task to end."""
+        self.synthesis.close()
         self.task.cancel()
+
+    async def wait(self) -> None:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self.task
 
+    async def cancel(self) -> None:
+        self.stop()
+        await self.wait()
+
     async def _run(self) -> None:
         s = self.session
-        rt = s.rt
         outcome = "error"
         try:
-            try:
-                async with asyncio.timeout(rt.queue_timeout):
-                    await rt.synth_slots.acquire()
-            except TimeoutError:
-                if self.previous is not None:
-                    await self.previous.finished.wait()
-                await s.send_text(s.protocol.failed(self.id, "overloaded", "no synthesis capacity free; try again"))
-                outcome = "overloaded"
-                return
-            self._slot = True
-            self.synthesis.start(rt.executor)
             if self.previous is not None:  # binary frames carry no context id: one context speaks at a time
                 await self.previous.finished.wait()
+                self.last_activity = s.loop.time()
             outcome = await self._pump()
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -125,55 +130,39 @@ class ContextRunner:
                 await s.send_text(s.protocol.failed(self.id, "internal", "synthesis failed"))
             METRICS.errors.inc("internal")
         finally:
-            self.synthesis.cancel()
+            self.synthesis.close()  # synchronous: engine stopped, buffer dropped, place given back
             self.finished.set()
             METRICS.contexts.inc(outcome)
-            if self._slot:
-                # the slot is released when the engine's thread really let go, not when sending stopped
-                s.loop.create_task(self._release_slot())
-
-    async def _release_slot(self) -> None:
-        await self.synthesis.wait_stopped()
-        self.session.rt.synth_slots.release()
 
     async def _pump(self) -> str:
         s = self.session
         out = s.protocol.output
-        rate_in = s.rt.engine.sample_rate
-        encoder = make_encoder(out.format, s.protocol.sample_rate, out.container, rate_in, frame_ms=s.rt.frame_ms)
+        encoder = make_encoder(out.format, s.protocol.sample_rate, out.container, s.rt.engine.sample_rate,
+                               frame_ms=s.rt.frame_ms)
         pacer = _Pacer(out.pacing == "realtime", s.rt.realtime_lead_ms / 1000, s.rt.realtime_batch_ms / 1000)
-        while True:
-            item = await self.synthesis.get()
-            if isinstance(item, AudioChunk):
-                samples = np.asarray(item.samples, dtype=np.float32).reshape(-1)
-                frames = encoder.encode(samples)  # the whole chunk in one pass, cut into frames
-                start = self.samples_in / rate_in
-                step = len(samples) / rate_in / max(1, len(frames))
-                for k, frame in enumerate(frames):
-                    # frame k's start on the playback clock, spreading the chunk evenly: exact for
-                    # PCM, and never later than the truth when a container header comes first
-                    if await pacer.wait(start + k * step):
-                        self._unyielded = 0
-                    await self._send_audio(frame)
-                    pacer.sent()
-                self.samples_in += len(samples)
-                if item.text_offset is not None:
-                    await s.send_text(s.protocol.mark(self.id, item.text_offset, self.samples_in * 1000 / rate_in))
-            elif isinstance(item, Flushed):
-                # make everything so far decodable before acknowledging (Opus holds < 20 ms)
-                for frame in encoder.flush():
-                    await self._send_audio(frame)
-                await s.send_text(s.protocol.flushed(self.id))
-            elif isinstance(item, Finished):
-                for frame in encoder.finish():
-                    await self._send_audio(frame)
-                await s.send_text(s.protocol.done(self.id, self._stats()))
-                METRICS.audio_seconds.inc(value=self.samples_in / rate_in)
-                return "done"
-            elif isinstance(item, Failed):
-                await s.send_text(s.protocol.failed(self.id, item.code, item.message))
-                METRICS.errors.inc(item.code)
-                return "error"
+        async with contextlib.aclosing(self.synthesis.deliver(encoder)) as deliveries:
+            async for item in deliveries:
+                if isinstance(item, Audio):
+                    step = item.seconds / max(1, len(item.frames))
+                    for k, frame in enumerate(item.frames):
+                        # frame k's start on the playback clock, spreading the chunk evenly: exact for
+                        # PCM, and never later than the truth when a container header comes first
+                        if await pacer.wait(item.start_s + k * step):
+                            self._unyielded = 0
+                        await self._send_audio(frame)
+                        pacer.sent()
+                    self.last_activity = s.loop.time()
+                elif isinstance(item, Mark):
+                    await s.send_text(s.protocol.mark(self.id, item.text_offset, item.audio_ms))
+                elif isinstance(item, Flushed):
+                    await s.send_text(s.protocol.flushed(self.id))
+                elif isinstance(item, Finished):
+                    await s.send_text(s.protocol.done(self.id, self._stats()))
+                    return "done"
+                else:
+                    await s.send_text(s.protocol.failed(self.id, item.code, item.message, item.retry_after_ms))
+                    return "overloaded" if item.code == "overloaded" else "error"
+        return "error"
 
     async def _send_audio(self, frame: bytes) -> None:
         data = self.session.protocol.audio(self.id, frame)
@@ -194,7 +183,7 @@ class ContextRunner:
 
     def _stats(self) -> dict:
         rate = self.session.rt.engine.sample_rate
-        audio_ms = self.samples_in * 1000 / rate
+        audio_ms = self.synthesis.samples_out * 1000 / rate
         synth_ms = self.synthesis.synth_seconds * 1000
         ttfa = None
         if self.first_audio_at is not None and self.first_text_at is not None:
@@ -252,18 +241,23 @@ class _Pacer:
 
 class Session:
     """One WebSocket.  ``receive`` and ``send_raw`` are the only I/O it does, so tests and other
-    transports can drive it with plain callables."""
+    transports can drive it with plain callables.  ``activity``, when given, returns the loop time
+    of the client's last sign of life, WebSocket pings included (a pooled connection idle between
+    turns pings and is not idle); without it only messages count."""
 
     def __init__(self, rt: Runtime, protocol: Protocol,
                  receive: Callable[[], Awaitable[str | bytes | None]],
                  send_raw: Callable[[str | bytes], Awaitable[None]],
-                 close: Callable[[int, str], Awaitable[None]]) -> None:
+                 close: Callable[[int, str], Awaitable[None]],
+                 activity: Callable[[], float] | None = None) -> None:
         self.rt = rt
         self.protocol = protocol
         self.loop = asyncio.get_running_loop()
         self._receive = receive
         self._send_raw = send_raw
         self._close = close
+        self._activity = activity
+        self._last_message = self.loop.time()
         self._send_lock = asyncio.Lock()
         self.runners: dict[str, ContextRunner] = {}
         self._last_runner: ContextRunner | None = None
@@ -273,6 +267,8 @@ class Session:
         self._sending: tuple[asyncio.Task, float] | None = None  # the send in progress and its start
         self._stalled: asyncio.Task | None = None  # the task whose send the watchdog gave up on
         self._watchdog: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()  # timeouts being reported
+        self._idle_closing = False
 
     async def send(self, data: str | bytes) -> None:
         """Send one frame, failing the session if the client does not take it in time.
@@ -301,19 +297,56 @@ class Session:
             finally:
                 self._sending = None
 
+    @property
+    def _tick(self) -> float:
+        """How often the watchdog looks: a quarter of the shortest timeout it keeps, within 50 ms..1 s."""
+        shortest = min(self.rt.send_timeout, self.rt.idle_timeout, self.rt.context_idle_timeout)
+        return min(1.0, max(0.05, shortest / 4))
+
     def _watch(self) -> None:
-        """Every quarter of the send timeout: close a client that has left a send blocked too long."""
+        """Every tick: close a client that has left a send blocked too long, end contexts that
+        wait on their client for longer than the context timeout, close an idle session."""
+        now = self.loop.time()
         sending = self._sending
-        if sending is not None and self.loop.time() - sending[1] > self.rt.send_timeout:
+        if sending is not None and now - sending[1] > self.rt.send_timeout:
             log.warning("session %s: client did not read for %.1fs; closing", self.protocol.session_id, self.rt.send_timeout)
             self._stalled = sending[0]
             self._fail((1008, "client is not reading"))  # cancels the main task unless it is the one stuck
             sending[0].cancel()
             return
-        self._watchdog = self.loop.call_later(self.rt.send_timeout / 4, self._watch)
+        for runner in list(self.runners.values()):
+            if runner.idle_for(now) > self.rt.context_idle_timeout:
+                del self.runners[runner.id]  # once: the next tick must not expire it again
+                runner.stop()  # now, not in the task: a teardown may cancel that before it runs
+                self._spawn(self._expire(runner))
+        last = max(self._last_message, self._activity() if self._activity is not None else 0.0)
+        if not self.runners and now - last > self.rt.idle_timeout and not self._closing and not self._idle_closing:
+            self._idle_closing = True
+            self._spawn(self._idle_close())
+        # keep watching: the frames that say why a context or the socket ends are sends too
+        self._watchdog = self.loop.call_later(self._tick, self._watch)
+
+    def _spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _expire(self, runner: ContextRunner) -> None:
+        """A context that waited on its client too long (already stopped): say why."""
+        await runner.wait()
+        with contextlib.suppress(ClientGone):
+            await self.send_text(self.protocol.failed(
+                runner.id, "timeout", f"no text for {self.rt.context_idle_timeout:g} s: context ended "
+                "(send end when an utterance is complete)"))
+
+    async def _idle_close(self) -> None:
+        with contextlib.suppress(ClientGone):
+            await self.send_text(self.protocol.error_frame(
+                "timeout", f"no message for {self.rt.idle_timeout:g} s: closing", fatal=True))
+        self._fail((1000, "idle timeout"))
 
     def _fail(self, close_with: tuple[int, str] | None) -> None:
-        """The client is gone or stuck: stop the receive loop too, wherever it is waiting."""
+        """The client is gone, stuck or idle: stop the receive loop too, wherever it is waiting."""
         self._closing = True
         self._close_with = close_with
         if self._main is not None and self._main is not asyncio.current_task() and self._stalled is not self._main:
@@ -327,19 +360,13 @@ class Session:
         METRICS.sessions_active.inc()
         METRICS.sessions_total.inc()
         self._main = asyncio.current_task()
-        self._watch()
+        self._watchdog = self.loop.call_later(self._tick, self._watch)
         try:
             while not self._closing:
-                try:
-                    async with asyncio.timeout(self.rt.idle_timeout):
-                        msg = await self._receive()
-                except TimeoutError:
-                    if self.runners:
-                        continue
-                    await self._abort(1000, "idle timeout")
-                    return
+                msg = await self._receive()
                 if msg is None:  # disconnected
                     return
+                self._last_message = self.loop.time()
                 events = (self.protocol.receive_bytes(msg) if isinstance(msg, bytes)
                           else self.protocol.receive_text(msg))
                 for ev in events:
@@ -375,7 +402,7 @@ class Session:
             runner = ContextRunner(self, ev.context_id, options, previous)
             self.runners[ev.context_id] = runner
             self._last_runner = runner
-            runner.task.add_done_callback(lambda _t, cid=ev.context_id: self.runners.pop(cid, None))
+            runner.task.add_done_callback(lambda _t, r=runner: self._forget(r))
         elif isinstance(ev, (PushText, FlushContext, EndContext)):
             runner = self.runners.get(ev.context_id)
             if runner is None:  # it already failed and said so; the protocol has forgotten it too
@@ -387,11 +414,15 @@ class Session:
             else:
                 runner.end()
         elif isinstance(ev, CancelContext):
-            runner = self.runners.get(ev.context_id)
+            runner = self.runners.pop(ev.context_id, None)
             if runner is not None:
                 await runner.cancel()
             await self.send_text(self.protocol.cancelled(ev.context_id))
         return True
+
+    def _forget(self, runner: ContextRunner) -> None:
+        if self.runners.get(runner.id) is runner:
+            del self.runners[runner.id]
 
     async def _abort(self, code: int, reason: str) -> None:
         self._closing = True
@@ -401,13 +432,12 @@ class Session:
 
     async def _teardown(self) -> None:
         self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
         runners = list(self.runners.values())
         for r in runners:
-            r.synthesis.cancel()
-            r.task.cancel()
+            r.stop()
         for r in runners:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await r.task
+            await r.wait()
         self.runners.clear()
         self._last_runner = None
-

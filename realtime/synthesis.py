@@ -1,42 +1,50 @@
-"""One utterance's synthesis: the engine in a worker thread, joined to the event loop by a bounded
-audio buffer.  Used by both the WebSocket contexts and the HTTP routes, so there is one way to run
-an engine.
+"""One utterance's synthesis, the same for every route (WebSocket contexts and HTTP requests):
+admission, the engine stream, and a bounded audio buffer between the engine and the event loop.
 
-Backpressure: the buffer holds about a second of audio; when it is full the engine's thread blocks
-inside ``put`` and the model stops generating, so a slow reader slows the producer instead of
-growing memory.  Cancellation closes the text stream (an engine waiting for text wakes at once)
-and the buffer (an engine blocked on a full buffer wakes at once); either way the engine unwinds
-within one synthesis step and its ``finally`` frees the per-utterance caches.
+The engine stream is opened at the first text, once admission grants a place: a context that
+waits for its first text, or for more text, costs no place, no thread and no compute.  Flushes and
+an end that come before any text are answered here without an engine.
+
+Backpressure: the buffer holds about a second of audio; while it is full the engine computes
+nothing for this stream (it asks :meth:`AudioBuffer.has_room` and waits for the waker), so a slow
+reader slows only its own stream and never grows memory.
+
+Cleanup is synchronous (:meth:`Synthesis.close`): cancel the engine stream, drop the buffer, give
+the admission place back.  It never awaits, so a cancelled task's ``finally`` cannot skip it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Executor, Future
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 
-from .engines.base import AudioChunk, Cancelled, Engine, EngineError, Flushed, SynthesisOptions, TextStream
+import numpy as np
+
+from .admission import Admission, Overloaded, Ticket
+from .audio.encoders import AudioEncoder
+from .engines.base import (
+    AudioChunk,
+    AudioSink,
+    Cancelled,
+    Engine,
+    EngineError,
+    EngineStream,
+    Failed,
+    Finished,
+    Flushed,
+    Output,
+    SynthesisOptions,
+)
+from .metrics import METRICS
 from .protocol import VoiceOptions
 
 log = logging.getLogger("realtime.synthesis")
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The engine returned normally: all audio has been queued."""
-
-
-@dataclass(frozen=True)
-class Failed:
-    code: str
-    message: str
-
-
-Item = AudioChunk | Flushed | Finished | Failed
 
 
 def synthesis_options(v: VoiceOptions) -> SynthesisOptions:
@@ -46,142 +54,234 @@ def synthesis_options(v: VoiceOptions) -> SynthesisOptions:
                             seed=v.seed)
 
 
-class AudioBuffer:
-    """Bounded hand-off from one producer thread to one asyncio consumer, counted in samples.
+class AudioBuffer(AudioSink):
+    """Bounded hand-off from engine threads to one asyncio consumer, counted in samples.
 
     Both sides are woken only when it matters, because every wake-up is a GIL hand-off between an
     engine thread and the event loop (with hundreds of sessions they were most of the service's
-    context switches): the loop is signalled only while its consumer is actually waiting, and a
-    producer blocked on a full buffer resumes only once it has drained to three quarters.
+    context switches): the loop is signalled only while its consumer is actually waiting, and the
+    engine's waker is called only once a full buffer has drained to three quarters.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity_samples: int) -> None:
         self._loop = loop
         self._capacity = max(1, capacity_samples)
         self._resume_below = max(1, self._capacity * 3 // 4)
-        self._cond = threading.Condition()
-        self._items: deque[tuple[Item, int]] = deque()
+        self._lock = threading.Lock()
+        self._items: deque[tuple[Output, int]] = deque()
         self._samples = 0
         self._closed = False
         self._producer_waiting = False
         self._consumer_waiting = False
+        self._waker: Callable[[], None] | None = None
         self._ready = asyncio.Event()
 
     @property
     def buffered_samples(self) -> int:
         return self._samples
 
-    def put(self, item: Item, samples: int = 0) -> None:
-        """Producer side: blocks while the buffer is full; raises :class:`Cancelled` once closed."""
-        with self._cond:
-            while self._samples >= self._capacity and not self._closed:
-                self._producer_waiting = True
-                self._cond.wait()
-            self._producer_waiting = False
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, item: Output, samples: int = 0) -> bool:
+        with self._lock:
             if self._closed:
-                raise Cancelled()
-            self._append(item, samples)
-
-    def put_final(self, item: Item) -> None:
-        """Queue a terminal item even when full (it carries no audio); dropped once closed."""
-        with self._cond:
-            if not self._closed:
-                self._append(item, 0)
-
-    def _append(self, item: Item, samples: int) -> None:  # under the lock
-        self._items.append((item, samples))
-        self._samples += samples
-        if self._consumer_waiting:
+                return False
+            self._items.append((item, samples))
+            self._samples += samples
+            signal = self._consumer_waiting
             self._consumer_waiting = False
+        if signal:
             self._loop.call_soon_threadsafe(self._ready.set)
+        return True
+
+    def has_room(self) -> bool:
+        with self._lock:
+            if self._samples < self._capacity or self._closed:
+                return True
+            self._producer_waiting = True
+            return False
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        self._waker = wake
 
     def close(self) -> None:
-        """Drop what is queued and wake both sides: the producer and the consumer get Cancelled."""
-        with self._cond:
+        """Drop what is queued; the consumer gets :class:`Cancelled`, the producer's puts fail."""
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._items.clear()
             self._samples = 0
-            self._cond.notify_all()
+        if self._waker is not None:
+            self._waker()
         self._loop.call_soon_threadsafe(self._ready.set)
 
-    async def get(self) -> Item:
+    async def get(self) -> Output:
         """Next item; raises :class:`Cancelled` once the buffer is closed."""
         while True:
-            with self._cond:
+            wake = None
+            with self._lock:
                 if self._closed:
                     raise Cancelled()
                 if self._items:
                     item, samples = self._items.popleft()
                     self._samples -= samples
                     if self._producer_waiting and self._samples < self._resume_below:
-                        self._cond.notify_all()
-                    return item
-                # nothing yet: the next put signals the loop (clear() first, on this thread, so
-                # that signal cannot be lost)
-                self._ready.clear()
-                self._consumer_waiting = True
+                        self._producer_waiting = False
+                        wake = self._waker
+                else:
+                    # nothing yet: the next put signals the loop (clear() first, on this thread,
+                    # so that signal cannot be lost)
+                    self._ready.clear()
+                    self._consumer_waiting = True
+                    item = None
+            if item is not None:
+                if wake is not None:
+                    wake()
+                return item
             await self._ready.wait()
 
 
-class Synthesis:
-    """The engine's run for one context: ``start`` submits it to the executor, ``get`` yields its
-    items on the loop, ``cancel`` stops it within one step."""
+@dataclass(frozen=True)
+class Audio:
+    """Encoded frames of one engine chunk; ``start_s`` is where it starts on the playback clock."""
 
-    def __init__(self, engine: Engine, options: SynthesisOptions, loop: asyncio.AbstractEventLoop,
+    frames: list[bytes]
+    start_s: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Mark:
+    text_offset: int
+    audio_ms: float
+
+
+Delivery = Audio | Mark | Flushed | Finished | Failed
+
+
+class Synthesis:
+    """One utterance: push text, flush, end; read :meth:`deliver`; :meth:`close` when done."""
+
+    def __init__(self, engine: Engine, options: SynthesisOptions, admission: Admission, owner: Hashable,
                  buffer_seconds: float = 1.0) -> None:
         self.engine = engine
         self.options = options
-        self.text = TextStream()
-        self.buffer = AudioBuffer(loop, int(buffer_seconds * engine.sample_rate))
-        self.future: Future | None = None
-        self.worker_done = asyncio.Event()
-        self.synth_seconds = 0.0  # engine start → last audio queued (includes waiting for streamed text)
-        self._loop = loop
+        self.admission = admission
+        self.owner = owner
+        self.buffer = AudioBuffer(asyncio.get_running_loop(), int(buffer_seconds * engine.sample_rate))
+        self.stream: EngineStream | None = None
+        self.samples_out = 0  # engine samples delivered
+        self.synth_seconds = 0.0  # engine opened → its last audio (includes waiting for streamed text)
+        self._pending: list[tuple[str, str]] = []  # input that came while admission was pending
+        self._opening: asyncio.Task | None = None
+        self._ticket: Ticket | None = None
+        self._opened_at: float | None = None
+        self._closed = False
 
-    def start(self, executor: Executor) -> None:
-        self.future = executor.submit(self._run)
-        self.future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self.worker_done.set))
+    # -- input (event loop) -----------------------------------------------------------------------
+    def push(self, text: str) -> None:
+        if self._closed or not text:
+            return
+        if self.stream is not None:
+            self.stream.push(text)
+            return
+        self._pending.append(("push", text))
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_task(self._open(), name="synthesis-open")
 
-    def _run(self) -> None:
-        t0 = time.perf_counter()
-        gen = None
+    def flush(self) -> None:
+        self._control("flush", Flushed())
+
+    def end(self) -> None:
+        self._control("end", Finished())
+
+    def _control(self, op: str, answer: Flushed | Finished) -> None:
+        if self._closed:
+            return
+        if self.stream is not None:
+            getattr(self.stream, op)()
+        elif self._opening is not None:
+            self._pending.append((op, ""))
+        else:  # no text yet: nothing to speak, nothing to compute
+            self.buffer.put(answer)
+
+    async def _open(self) -> None:
         try:
-            if self.text.cancelled:
-                return
-            gen = self.engine.synthesize(self.text, self.options)
-            for item in gen:
-                self.text.check()
-                if isinstance(item, AudioChunk):
-                    self.buffer.put(item, len(item.samples))
-                else:
-                    self.buffer.put(item)
-            self.synth_seconds = time.perf_counter() - t0  # before Finished, so `done` can report it
-            self.buffer.put_final(Finished())
-        except Cancelled:
-            pass
+            self._ticket = await self.admission.acquire(self.owner)
+            self._opened_at = time.perf_counter()
+            self.stream = self.engine.open(self.options, self.buffer)
+        except Overloaded as e:
+            self.buffer.put(Failed("overloaded", e.message, e.retry_after_ms))
+            return
         except EngineError as e:
-            self.buffer.put_final(Failed(e.code, e.message))
-        except Exception as e:  # the model broke: report it to this context only
-            log.exception("engine %s failed", self.engine.name)
-            self.buffer.put_final(Failed("internal", f"synthesis failed: {type(e).__name__}"))
-        finally:
-            if gen is not None:
-                gen.close()
+            self.buffer.put(Failed(e.code, e.message))
+            return
+        except Exception as e:  # an engine that cannot start must fail this stream only
+            log.exception("engine %s could not open a stream", self.engine.name)
+            self.buffer.put(Failed("internal", f"synthesis failed: {type(e).__name__}"))
+            return
+        pending, self._pending = self._pending, []
+        for op, text in pending:
+            if op == "push":
+                self.stream.push(text)
+            else:
+                getattr(self.stream, op)()
 
-    async def get(self) -> Item:
-        return await self.buffer.get()
+    # -- output (event loop) ------------------------------------------------------------------------
+    async def get(self) -> Output:
+        item = await self.buffer.get()
+        if isinstance(item, AudioChunk):
+            self.samples_out += len(item.samples)
+        elif isinstance(item, Finished | Failed):
+            if isinstance(item, Finished) and self._opened_at is not None:
+                self.synth_seconds = time.perf_counter() - self._opened_at
+            self._release()  # the engine computes nothing more for it: the place is free
+        return item
 
-    def cancel(self) -> None:
-        self.text.cancel()
+    async def deliver(self, encoder: AudioEncoder) -> AsyncIterator[Delivery]:
+        """The utterance as the client gets it: encoded audio, marks on the audio clock, flush
+        acknowledgements (after the flushed audio is decodable), then :class:`Finished` (after the
+        encoder's tail) or :class:`Failed`.  Raises :class:`Cancelled` once closed."""
+        rate = self.engine.sample_rate
+        while True:
+            start = self.samples_out / rate
+            item = await self.get()
+            if isinstance(item, AudioChunk):
+                samples = np.asarray(item.samples, dtype=np.float32).reshape(-1)
+                frames = encoder.encode(samples)  # the whole chunk in one pass, cut into frames
+                yield Audio(frames, start, len(samples) / rate)
+                if item.text_offset is not None:
+                    yield Mark(item.text_offset, self.samples_out * 1000 / rate)
+            elif isinstance(item, Flushed):
+                yield Audio(encoder.flush(), start, 0.0)  # Opus holds < 20 ms until flushed
+                yield item
+            elif isinstance(item, Finished):
+                yield Audio(encoder.finish(), start, 0.0)
+                METRICS.audio_seconds.inc(value=self.samples_out / rate)
+                yield item
+                return
+            else:
+                METRICS.errors.inc(item.code)
+                yield item
+                return
+
+    # -- cleanup --------------------------------------------------------------------------------
+    def _release(self) -> None:
+        ticket, self._ticket = self._ticket, None
+        self.admission.release(ticket)
+
+    def close(self) -> None:
+        """Stop everything of this utterance now (idempotent, never awaits)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                self.stream.cancel()
         self.buffer.close()
-
-    async def wait_stopped(self, timeout: float | None = None) -> bool:
-        """True once the engine's thread has let go (it was never started counts as stopped)."""
-        if self.future is None:
-            return True
-        try:
-            async with asyncio.timeout(timeout):
-                await self.worker_done.wait()
-            return True
-        except TimeoutError:
-            return False
+        self._release()

@@ -14,8 +14,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from realtime.engines.base import Engine
-from realtime.server import ServerConfig, create_app
-from realtime.transport import uvicorn_ws_options
+from realtime.server import ServerConfig, create_app, uvicorn_config
 
 
 def free_port() -> int:
@@ -27,13 +26,19 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve(engine: Engine, config: ServerConfig | None = None) -> Iterator[str]:
     """Yield ``http://127.0.0.1:PORT`` while a real uvicorn serves ``create_app(engine, config)``."""
+    with serve_server(engine, config) as (base, _server):
+        yield base
+
+
+@contextlib.contextmanager
+def serve_server(engine: Engine, config: ServerConfig | None = None) -> Iterator[tuple[str, uvicorn.Server]]:
+    """:func:`serve`, also yielding the uvicorn server (its ``server_state.connections`` are the
+    connections it still holds)."""
     config = config or ServerConfig()
     app = create_app(engine, config)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-        **uvicorn_ws_options(config.limits.max_frame_bytes),
-    ))
+    server = uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -42,7 +47,7 @@ def serve(engine: Engine, config: ServerConfig | None = None) -> Iterator[str]:
             raise RuntimeError("server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(10)

@@ -74,15 +74,20 @@ def test_say_without_server_fails_cleanly():
 
 
 def test_serve_help_documents_every_option():
-    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
-    for flag in ("--host", "--port", "--engine", "--model-dir", "--token", "--workers", "--max-sessions",
-                 "--max-contexts", "--max-text-chars", "--max-frame-bytes", "--send-timeout", "--idle-timeout",
-                 "--buffer-ms", "--frame-ms", "--realtime-lead-ms", "--realtime-batch-ms"):
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    help_text = serve.format_help()
+    for action in serve._actions:
+        for flag in action.option_strings:
+            assert flag in help_text
+        assert action.help, f"{action.option_strings} has no help text"
+    for flag in ("--max-streams", "--max-streams-per-session", "--queue-timeout", "--idle-timeout",
+                 "--context-idle-timeout", "--header-timeout", "--close-timeout", "--send-timeout"):
         assert flag in help_text
 
 
 @pytest.mark.parametrize(("flag", "value", "needle"), [
-    ("--workers", "0", "at least 1"),
+    ("--max-streams", "0", "at least 1"),
+    ("--context-idle-timeout", "0", "greater than 0"),
     ("--max-sessions", "-3", "at least 1"),
     ("--send-timeout", "0", "greater than 0"),
     ("--realtime-batch-ms", "-1", "0 or more"),
@@ -99,8 +104,8 @@ def test_serve_refuses_bad_numbers_with_a_message(flag: str, value: str, needle:
 
 def test_bad_number_message_names_the_problem(capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--workers", "0"])
-    assert "--workers: must be at least 1, got 0" in capsys.readouterr().err
+        build_parser().parse_args(["serve", "--max-streams", "0"])
+    assert "--max-streams: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_loopback_detection_and_llm_like_deltas():

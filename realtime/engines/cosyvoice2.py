@@ -27,8 +27,8 @@ import torch
 
 from .base import (
     AudioChunk,
+    BlockingEngine,
     End,
-    Engine,
     EngineError,
     Flush,
     Flushed,
@@ -46,7 +46,7 @@ def _is_zero_shot(entry: dict[str, Any]) -> bool:
     return "flow_prompt_speech_token" in entry
 
 
-class CosyVoice2Engine(Engine):
+class CosyVoice2Engine(BlockingEngine):
     name = "cosyvoice2"
     sample_rate = 24000
     modes = ("sft", "zero_shot", "cross_lingual", "instruct2")
@@ -58,6 +58,11 @@ class CosyVoice2Engine(Engine):
 
         if kwargs:
             raise TypeError(f"unexpected engine option(s) {sorted(kwargs)}")
+        super().__init__()
+        # Until the batched scheduler lands, every stream runs its own batch-1 model calls: a few
+        # at a time are all the cores sustain (each computes only while it has text to speak).
+        self.capacity = 4
+        self.compute_slots = 4
         self.cv = CosyVoice2(model_dir, device=device, dtype=dtype, max_token_ratio=max_token_ratio,
                              min_tokens=min_tokens, left_chunks=left_chunks)
         self.sample_rate = self.cv.sample_rate

