@@ -124,12 +124,14 @@ async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, 
             m = json.loads(msg)
             if m["type"] == "error":
                 res.errors.append(f"{m['code']}: {m['message']}")
-                if m.get("fatal"):
+                if m.get("fatal") or m.get("context_id"):  # the utterance is over (e.g. overloaded)
                     break
             elif m["type"] == "done":
                 res.rtf = m["stats"].get("rtf")
                 break
-        await feeder
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
         res.wall_s = time.perf_counter() - t0
         res.audio_s = audio_bytes / bytes_per_second
     return res
@@ -152,9 +154,11 @@ def row(label: str, sessions: int, res: list[Result]) -> str:
     clause = [r.after_clause for r in res]
     rtfs = [r.rtf for r in res if r.rtf is not None]
     errors = sum(len(r.errors) for r in res)
+    overloaded = sum(1 for r in res for e in r.errors if e.startswith("overloaded"))
     return (f"| {label:<11} | {sessions:>8} | {len(res):>5} | {pct(ttfa, 50):>9.0f} | {pct(ttfa, 95):>9.0f} | "
             f"{pct(clause, 50):>10.0f} | {pct(clause, 95):>10.0f} | {sum(r.underruns for r in res):>9} | "
-            f"{sum(r.stall_ms for r in res):>8.0f} | {statistics.mean(rtfs) if rtfs else float('nan'):>5.2f} | {errors:>6} |")
+            f"{sum(r.stall_ms for r in res):>8.0f} | {statistics.mean(rtfs) if rtfs else float('nan'):>5.2f} | "
+            f"{errors:>6} | {overloaded:>10} |")
 
 
 @contextlib.contextmanager
@@ -172,8 +176,8 @@ async def main_async(args, url: str) -> None:
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     print(f"engine={args.engine} format={args.format} text at {args.tps:g} tokens/s (4 chars/token), "
           f"{args.utterances} utterances per session")
-    print("| path        | sessions | utts  | ttfa p50  | ttfa p95  | clause p50 | clause p95 | underruns | stall ms | rtf   | errors |")
-    print("|-------------|----------|-------|-----------|-----------|------------|------------|-----------|----------|-------|--------|")
+    print("| path        | sessions | utts  | ttfa p50  | ttfa p95  | clause p50 | clause p95 | underruns | stall ms | rtf   | errors | overloaded |")
+    print("|-------------|----------|-------|-----------|-----------|------------|------------|-----------|----------|-------|--------|------------|")
     await run_level(url, 1, 1, args, False, headers)  # warm-up (first-use costs are not latency)
     for n in args.sweep:
         per = max(1, args.utterances // n) if n > 1 else args.utterances
