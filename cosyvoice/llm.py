@@ -5,10 +5,11 @@ Module names match the official ``llm.pt`` keys (``llm_embedding``, ``llm.model.
 backbone is a ``Qwen2ForCausalLM`` whose 151,936-way ``lm_head`` output is computed and thrown away
 at every position; we build only the ``Qwen2Model`` and drop the (tied) ``lm_head`` weight on load.
 
-Generation is written as plain generators over *rows*: every input row the backbone consumes is a
-``(kind, id)`` pair (sos, task_id, a text token, a speech token), embedded only when it is fed.  All
-state of a request (rows, KV cache, generated tokens, fill schedule) is local to the generator, so
-one model serves concurrent requests from several threads.
+The backbone runs over *packed rows* (:meth:`Qwen2LM.step`): the new input rows of several
+requests, each with its own positions and its own KV cache, in one call, so that every linear
+layer reads its weights once for all of them; only attention is per request.  What a request
+feeds and when is :class:`~cosyvoice.lm_request.LMRequest`'s business; the generators here run
+one request alone, and the LM stage (:mod:`cosyvoice.lm_stage`) runs many together.
 """
 
 from __future__ import annotations
@@ -16,25 +17,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicCache
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2RotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
 from .checkpoint import load_state_dict, load_strict
 from .config import LLMConfig, ModelDir, resolve_device, resolve_dtype
+from .kv_cache import KVCache, KVShape
+from .lm_request import ROW_SOS, ROW_SPEECH, ROW_TASK, ROW_TEXT, LMRequest, Row, TokenLimit
 from .sampling import RasSampler, Sampler
 
 __all__ = [
     "ROW_SOS", "ROW_TASK", "ROW_TEXT", "ROW_SPEECH", "LM_HEAD_KEY",
-    "Qwen2LM", "Trace", "StopCondition", "quantize_int8",
+    "Qwen2LM", "Trace", "StopCondition", "stop_fn", "quantize_int8",
 ]
-
-# Kinds of input rows (the numbering of the reference fixtures' feed_rows).
-ROW_SOS, ROW_TASK, ROW_TEXT, ROW_SPEECH = 0, 1, 2, 3
-Row = tuple[int, int]
 
 # Present in llm.pt (tied to embed_tokens, tie_word_embeddings=true) but never used by CosyVoice.
 LM_HEAD_KEY = "llm.model.lm_head.weight"
@@ -42,10 +40,6 @@ LM_HEAD_KEY = "llm.model.lm_head.weight"
 # trace(rows fed, cache length before the call, number of rows, llm_decoder logits of the last row)
 Trace = Callable[[list[Row], int, int, torch.Tensor], None]
 StopCondition = Callable[[], bool] | threading.Event
-
-
-class _Stopped(Exception):
-    """Raised inside a generator when its stop condition fires or its token cap is reached."""
 
 
 class _CausalLMShell(nn.Module):
@@ -142,14 +136,68 @@ class Qwen2LM(nn.Module):
                 start = i
         return torch.cat(parts, dim=0).unsqueeze(0)
 
-    def forward_one_step(
-        self, xs: torch.Tensor, cache: DynamicCache | None
-    ) -> tuple[torch.Tensor, DynamicCache]:
-        """xs [1, n, D] -> hidden [1, n, D] after the final RMSNorm; positions continue the cache."""
-        if cache is None:
-            cache = DynamicCache()
-        out = self.backbone(inputs_embeds=xs, past_key_values=cache, use_cache=True)
-        return out.last_hidden_state, out.past_key_values
+    def kv_shape(self) -> KVShape:
+        cfg = self.backbone.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        weight = self.speech_embedding.weight
+        return KVShape(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, weight.dtype, weight.device)
+
+    def new_cache(self) -> KVCache:
+        """A KV cache of its own for one request run alone (it grows as needed)."""
+        return KVCache.own(self.kv_shape())
+
+    def forward_rows(self, xs: torch.Tensor, caches: Sequence[KVCache], counts: Sequence[int]) -> torch.Tensor:
+        """The backbone over packed rows: ``xs`` [N, D] holds ``counts[r]`` new rows of request ``r``
+        in turn, each request attending causally to its own cache (whose keys and values it
+        extends).  Returns the hidden states [N, D] after the final RMSNorm.  Linear layers see all
+        N rows at once; attention runs per request over a view of its cache."""
+        bb = self.backbone
+        cfg = bb.config
+        shape = self.kv_shape()
+        n_heads, n_kv, d = cfg.num_attention_heads, shape.kv_heads, shape.head_dim
+        n_total = xs.shape[0]
+        starts = [c.length for c in caches]
+        for cache, n in zip(caches, counts, strict=True):
+            cache.reserve(n)
+        bounds = [0]
+        for n in counts:
+            bounds.append(bounds[-1] + n)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts, strict=True)])
+        h = xs.unsqueeze(0)
+        cos, sin = bb.rotary_emb(h, positions.to(xs.device).unsqueeze(0))
+        for i, layer in enumerate(bb.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, n_total, n_heads, d).transpose(1, 2)
+            k = attn.k_proj(x).view(1, n_total, n_kv, d).transpose(1, 2)
+            v = attn.v_proj(x).view(1, n_total, n_kv, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            out = torch.empty_like(q)
+            for r, cache in enumerate(caches):
+                a, b, start = bounds[r], bounds[r + 1], starts[r]
+                end = start + b - a
+                cache.keys[i][start:end] = k[0, :, a:b].transpose(0, 1)
+                cache.values[i][start:end] = v[0, :, a:b].transpose(0, 1)
+                keys = cache.keys[i][:end].permute(1, 0, 2).unsqueeze(0)  # [1, kv_heads, end, d]
+                values = cache.values[i][:end].permute(1, 0, 2).unsqueeze(0)
+                mask = None if b - a == 1 else torch.ones(b - a, end, dtype=torch.bool, device=xs.device).tril(start)
+                out[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask,
+                                                                enable_gqa=n_kv != n_heads)
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(1, n_total, n_heads * d))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for cache, n in zip(caches, counts, strict=True):
+            cache.length += n
+        return bb.norm(h)[0]
+
+    def step(self, batch: Sequence[tuple[Sequence[Row], KVCache]]) -> torch.Tensor:
+        """Feed each request's rows through its cache in one backbone call; float32 logits [B, V]
+        of each request's last row."""
+        with torch.inference_mode():  # entered per call, never across a yield (it is thread-local)
+            xs = torch.cat([self.embed_rows(rows)[0] for rows, _ in batch])
+            counts = [len(rows) for rows, _ in batch]
+            hidden = self.forward_rows(xs, [cache for _, cache in batch], counts)
+            last = torch.tensor(counts).cumsum(0) - 1
+            return self.llm_decoder(hidden[last.to(hidden.device)]).float()
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [1, n, V] for a full row sequence (causal, no cache)."""
@@ -157,11 +205,10 @@ class Qwen2LM(nn.Module):
         return self.llm_decoder(hidden)
 
     # ------------------------------------------------------------------------------------------
-    # generation
+    # generation, one request at a time
 
-    def _sampler(self, sampler: Sampler | None, generator: torch.Generator | None) -> Sampler:
-        if sampler is not None:
-            return sampler
+    def sampler_for(self, generator: torch.Generator | None) -> Sampler:
+        """The model's own sampler (RAS with its parameters) drawing from ``generator``."""
         c = self.config
         return RasSampler(generator, c.top_p, c.top_k, c.win_size, c.tau_r)
 
@@ -176,42 +223,16 @@ class Qwen2LM(nn.Module):
         min_token_text_ratio: float = 2,
         max_token_text_ratio: float = 20,
         should_stop: StopCondition | None = None,
-        max_tokens: int | None = None,
+        max_tokens: TokenLimit | None = None,
         trace: Trace | None = None,
     ) -> Iterator[int]:
         """Unistream: the whole text is known.  Yields speech tokens until a stop token or
         ``int(len(text) * max_token_text_ratio)`` steps; eos is masked for the first
         ``int(len(text) * min_token_text_ratio)`` steps (official HEAD rule)."""
-        cfg = self.config
-        text, prompt_text = _ids(text), _ids(prompt_text)
-        rows: list[Row] = (
-            [(ROW_SOS, cfg.sos)]
-            + [(ROW_TEXT, t) for t in prompt_text + text]
-            + [(ROW_TASK, cfg.task_id)]
-            + [(ROW_SPEECH, s) for s in _ids(prompt_speech_token)]
-        )
-        min_len = int(len(text) * min_token_text_ratio)
-        max_len = int(len(text) * max_token_text_ratio)
-        sample = self._sampler(sampler, generator)
-        run = _Run(self, trace, should_stop, max_tokens)
-        out: list[int] = []
-        try:
-            for i in range(max_len):
-                logp = run.step(rows)
-                if i < min_len:
-                    logp[cfg.eos_token] = float("-inf")
-                token = int(sample(logp, out))
-                if token in cfg.stop_token_ids:
-                    break
-                yield token
-                out.append(token)
-                if run.count_token():
-                    return
-                rows = [(ROW_SPEECH, token)]
-        except _Stopped:
-            return
-        finally:
-            run.close()
+        request = LMRequest(self.config, sampler or self.sampler_for(generator), prompt_text, prompt_speech_token,
+                            text=text, min_ratio=min_token_text_ratio, max_ratio=max_token_text_ratio,
+                            max_tokens=max_tokens)
+        return self.run_alone(request, (), should_stop, trace)
 
     def inference_bistream(
         self,
@@ -222,88 +243,59 @@ class Qwen2LM(nn.Module):
         sampler: Sampler | None = None,
         generator: torch.Generator | None = None,
         should_stop: StopCondition | None = None,
-        max_tokens: int | None = None,
+        max_tokens: TokenLimit | None = None,
         trace: Trace | None = None,
     ) -> Iterator[int]:
-        """Bistream: text tokens arrive while speech tokens are generated (FACTS 4.4).
+        """Bistream: text tokens arrive while speech tokens are generated (see
+        :class:`~cosyvoice.lm_request.LMRequest`).  ``text_tokens`` may block: it is simply
+        iterated when the request needs text, never polled.  ``max_tokens`` caps the final phase,
+        which the official code leaves unbounded."""
+        request = LMRequest(self.config, sampler or self.sampler_for(generator), prompt_text, prompt_speech_token,
+                            max_tokens=max_tokens)
+        return self.run_alone(request, text_tokens, should_stop, trace)
 
-        The prompt text is the start of the text stream and the prompt speech is interleaved with
-        it in groups of 5 text : 15 speech rows; after that every group of 5 text rows is followed
-        by up to 15 generated tokens and a fill token (forced on schedule, or sampled), after which
-        generation waits for the next 5 text tokens.  ``text_tokens`` may block: it is simply
-        iterated, never polled.  When it is exhausted, the remaining text and task_id are fed and
-        generation runs to eos (capped by ``max_tokens``, which the official code lacks).
-        """
-        cfg = self.config
-        n_text, n_speech = cfg.mix_ratio
-        fill, eos = cfg.fill_token, cfg.eos_token
-        sample = self._sampler(sampler, generator)
-        run = _Run(self, trace, should_stop, max_tokens)
-
-        sos_rows: list[Row] = [(ROW_SOS, cfg.sos)]
-        rows: list[Row] = list(sos_rows)  # next input; after a decode call, the rows last fed
-        text_cache: list[Row] = [(ROW_TEXT, t) for t in _ids(prompt_text)]
-        prompt_speech: list[Row] = [(ROW_SPEECH, s) for s in _ids(prompt_speech_token)]
-        p = len(prompt_speech)
-        next_fill_index = (p // n_speech + 1) * n_speech - p
-        out: list[int] = []  # generated tokens, fills included (the sampler's history, as official)
+    def run_alone(self, request: LMRequest, text_tokens: Iterable = (), should_stop: StopCondition | None = None,
+                  trace: Trace | None = None) -> Iterator[int]:
+        """Step one request in the calling thread, pulling text from ``text_tokens`` whenever it
+        waits for some; yields its speech tokens.  ``should_stop`` is checked before every step
+        and every pull; the KV cache is dropped however the generator ends."""
+        stopped = stop_fn(should_stop)
+        cache = self.new_cache()
+        items = iter(text_tokens)
         try:
-            for item in text_tokens:
-                run.check_stop()
-                text_cache.extend((ROW_TEXT, t) for t in _ids(item))
-                # Interleave the prompt speech with the text as it arrives; decode only after.
-                while prompt_speech and len(text_cache) >= n_text:
-                    rows += text_cache[:n_text] + prompt_speech[:n_speech]
-                    del text_cache[:n_text], prompt_speech[:n_speech]
-                if prompt_speech:
-                    continue
-                after_fill = bool(out) and out[-1] == fill
-                if after_fill or (not out and rows == sos_rows):
-                    if len(text_cache) < n_text:
-                        continue
-                    group = text_cache[:n_text]
-                    del text_cache[:n_text]
-                    # The fill token itself is never fed: the next group replaces it.
-                    rows = group if after_fill else rows + group
-                while True:
-                    logp = run.step(rows)
-                    if len(out) == next_fill_index:
-                        token = fill
-                    else:
-                        logp[eos] = float("-inf")
-                        token = int(sample(logp, out))
-                    if token == fill:
-                        next_fill_index = len(out) + n_speech + 1
-                        out.append(token)
-                        break
-                    if token in cfg.stop_token_ids:
-                        raise ValueError(f"speech LM produced stop token {token} before the end of the text")
-                    yield token
-                    out.append(token)
-                    if run.count_token():
-                        return
-                    rows = [(ROW_SPEECH, token)]
-
-            # End of text.  Quirks kept for numerical equality with the official code: ``rows``
-            # still holds what the last decode call fed, so those rows are fed a second time; and
-            # prompt speech not yet interleaved (text shorter than the prompt needs) is dropped.
-            rows = rows + text_cache + [(ROW_TASK, cfg.task_id)]
-            while True:
-                logp = run.step(rows)
-                token = int(sample(logp, out))
-                if token == eos:
-                    break
-                if token in cfg.stop_token_ids:
-                    raise ValueError(f"speech LM produced token {token} after the end of the text")
-                yield token
-                out.append(token)
-                if run.count_token():
+            while not request.finished:
+                if stopped():
                     return
-                rows = [(ROW_SPEECH, token)]
-        except _Stopped:
-            return
+                rows = request.rows()
+                if rows is None:  # it waits for text: pull the next item (this may block)
+                    item = next(items, _END)
+                    if stopped():
+                        return
+                    request.end_text() if item is _END else request.push_text(item)
+                    continue
+                cache_len = cache.length
+                logits = self.step([(rows, cache)])[0]
+                if trace is not None:
+                    trace(list(rows), cache_len, len(rows), logits)
+                token = request.accept(logits.log_softmax(dim=-1))
+                if request.error is not None:
+                    raise request.error
+                if token is not None:
+                    yield token
         finally:
-            run.close()
+            del cache
+
+
+_END = object()
+
+
+def stop_fn(should_stop: StopCondition | None) -> Callable[[], bool]:
+    """A stop condition (an Event, a callable or None) as a callable."""
+    if should_stop is None:
+        return lambda: False
+    if isinstance(should_stop, threading.Event):
+        return should_stop.is_set
+    return should_stop
 
 
 def quantize_int8(model: Qwen2LM) -> Qwen2LM:
@@ -319,53 +311,3 @@ def quantize_int8(model: Qwen2LM) -> Qwen2LM:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8).eval()
-
-
-class _Run:
-    """Per-request decoding state: the KV cache, the stop condition and the token cap."""
-
-    def __init__(self, lm: Qwen2LM, trace: Trace | None, should_stop: StopCondition | None,
-                 max_tokens: int | None):
-        self.lm, self.trace = lm, trace
-        if isinstance(should_stop, threading.Event):
-            should_stop = should_stop.is_set
-        self.should_stop = should_stop
-        self.max_tokens = max_tokens
-        self.n_tokens = 0
-        self.cache: DynamicCache | None = None
-
-    def step(self, rows: list[Row]) -> torch.Tensor:
-        """Feed ``rows``; log-probabilities [V] (float32) of the next token."""
-        self.check_stop()
-        if self.max_tokens is not None and self.n_tokens >= self.max_tokens:
-            raise _Stopped
-        lm = self.lm
-        # inference_mode is entered per call, never across a yield (it is thread-local state).
-        with torch.inference_mode():
-            cache_len = self.cache.get_seq_length() if self.cache is not None else 0
-            hidden, self.cache = lm.forward_one_step(lm.embed_rows(rows), self.cache)
-            logits = lm.llm_decoder(hidden[:, -1])[0].float()  # 2-D input: quantized Linear needs it
-            if self.trace is not None:
-                self.trace(list(rows), cache_len, len(rows), logits)
-            logp = logits.log_softmax(dim=-1)
-        return logp.clone()  # a normal tensor: callers mask it in place outside inference_mode
-
-    def check_stop(self) -> None:
-        if self.should_stop is not None and self.should_stop():
-            raise _Stopped
-
-    def count_token(self) -> bool:
-        """Count a yielded token; True when the cap is reached (the request ends as if at eos)."""
-        self.n_tokens += 1
-        return self.max_tokens is not None and self.n_tokens >= self.max_tokens
-
-    def close(self) -> None:
-        self.cache = None
-
-
-def _ids(x: Any) -> list[int]:
-    if isinstance(x, torch.Tensor):
-        return [int(v) for v in x.reshape(-1).tolist()]
-    if isinstance(x, int):
-        return [x]
-    return [int(v) for v in x]

@@ -12,9 +12,8 @@ is stopped, or is closed by the caller.
 from __future__ import annotations
 
 import secrets
-import threading
 import uuid as uuid_lib
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,10 @@ from .checkpoint import load_state_dict, load_strict
 from .config import ConfigError, ModelDir, resolve_device
 from .flow import CausalMaskedDiffWithXvec, FlowConfig
 from .hift import HiFTConfig, HiFTGenerator, load_hift_state_dict
-from .llm import Qwen2LM
+from .kv_cache import KVPool
+from .llm import Qwen2LM, StopCondition, stop_fn
+from .lm_request import LMRequest
+from .lm_stage import LMStage
 from .sampling import Sampler
 from .token2wav import MEL_CACHE_LEN, HopSchedule, Token2Wav
 
@@ -35,7 +37,6 @@ __all__ = [
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples
-StopCondition = Callable[[], bool] | threading.Event
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,27 +97,6 @@ class TokenCap:
         return min(self.hard, max(self.floor, int(n_text * self.ratio)))
 
 
-class _Counted:
-    """Counts the text token ids that the LM has actually pulled from a (possibly blocking) iterator."""
-
-    def __init__(self, items: Iterable[Any]):
-        self._items = items
-        self.n = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        for item in self._items:
-            self.n += 1 if isinstance(item, int) else len(torch.as_tensor(item).reshape(-1))
-            yield item
-
-
-def _stop_fn(should_stop: StopCondition | None) -> Callable[[], bool]:
-    if should_stop is None:
-        return lambda: False
-    if isinstance(should_stop, threading.Event):
-        return should_stop.is_set
-    return should_stop
-
-
 def _rows(x: torch.Tensor | None, width: int | None = None) -> torch.Tensor:
     """Model-input tensors are [1, L] (tokens) or [1, F, 80] (mel); missing ones are empty."""
     if x is None:
@@ -134,12 +114,23 @@ class CosyVoice2Model:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, llm: Qwen2LM, flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator,
-                 left_chunks: int | None = None, cap: TokenCap | None = None):
+                 left_chunks: int | None = None, cap: TokenCap | None = None,
+                 kv_budget_mb: float = 1024, kv_max_len: int = 2048, kv_max_slots: int = 32):
+        """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
+        per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
+        requests the LM stage serves at once."""
         self.llm = llm
         self.flow = flow.eval()
         self.hift = hift.eval()
         self.token2wav = Token2Wav(self.flow, self.hift, left_chunks=left_chunks)
         self.cap = cap or TokenCap()
+        shape = llm.kv_shape()
+        slots = min(kv_max_slots, max(1, int(kv_budget_mb * 2**20) // (shape.bytes_per_row() * kv_max_len)))
+        self.lm_stage = LMStage(llm, KVPool(shape, slots, kv_max_len))
+
+    def close(self) -> None:
+        """Stop the LM stage's thread (requests in it end)."""
+        self.lm_stage.close()
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | ModelDir, dtype: str | torch.dtype = "fp32",
@@ -177,9 +168,11 @@ class CosyVoice2Model:
         ``model_input['text']`` is a [1, L] id tensor (unistream) or an iterator of ids (bistream;
         it may block, it is iterated, never polled).  ``stream=True`` yields chunks as soon as
         token2wav has them (960 samples per token in total); ``stream=False`` yields one tensor.
-        ``should_stop`` is checked before every LM step and every flow chunk; once it fires the
-        generator returns without further audio and every cache of the request is freed.
-        ``max_tokens`` overrides the :class:`TokenCap` for this request.
+        The LM runs in the model's LM stage, batched with every other request and overlapping with
+        this request's token2wav, which runs in the calling thread.  ``should_stop`` is checked
+        while waiting for tokens and before every flow chunk; once it fires the generator returns
+        without further audio and every cache of the request is freed.  ``max_tokens`` overrides
+        the :class:`TokenCap` for this request.
         """
         if speed <= 0:
             raise ValueError("speed must be positive")
@@ -187,7 +180,7 @@ class CosyVoice2Model:
             raise ValueError("speed != 1 works only with stream=False (the mel is stretched as a whole)")
         if mel_cache_len is not None and mel_cache_len != MEL_CACHE_LEN:
             raise ValueError(f"mel_cache_len must be {MEL_CACHE_LEN} (the vocoder overlap is fixed)")
-        stopped = _stop_fn(should_stop)
+        stopped = stop_fn(should_stop)
         seed = secrets.randbits(63) if seed is None else int(seed)
         generator = torch.Generator().manual_seed(seed)
         uuid = uuid if uuid is not None else uuid_lib.uuid4().hex
@@ -195,24 +188,12 @@ class CosyVoice2Model:
         text = model_input["text"]
         prompt_text = _rows(model_input.get("prompt_text"))
         llm_prompt_speech = _rows(model_input.get("llm_prompt_speech_token"))
-        if isinstance(text, torch.Tensor):
-            counted = None
-            n_text = int(text.shape[-1])
-            lm = self.llm.inference(text, prompt_text, llm_prompt_speech, sampler=sampler, generator=generator,
-                                    should_stop=stopped, max_tokens=max_tokens or self.cap.hard)
-        else:
-            counted = _Counted(text)
-            n_text = 0
-            lm = self.llm.inference_bistream(counted, prompt_text, llm_prompt_speech, sampler=sampler,
-                                             generator=generator, should_stop=stopped,
-                                             max_tokens=max_tokens or self.cap.hard)
-
-        def cap() -> int:
-            if max_tokens is not None:
-                return max_tokens
-            return self.cap.limit(counted.n if counted is not None else n_text)
-
-        tokens = self._speech_tokens(lm, cap)
+        limit = max_tokens if max_tokens is not None else self.cap.limit  # a function of the text taken
+        unistream = isinstance(text, torch.Tensor)
+        request = LMRequest(self.llm.config, sampler or self.llm.sampler_for(generator), prompt_text,
+                            llm_prompt_speech, text=text if unistream else None, max_tokens=limit)
+        handle = self.lm_stage.submit(request, should_stop=stopped)
+        tokens = handle.tokens_from(() if unistream else text)
         prompt = (_rows(model_input.get("flow_prompt_speech_token")).long(),
                   _rows(model_input.get("prompt_speech_feat"), 80).float(),
                   model_input["flow_embedding"].detach().cpu().float())
@@ -231,7 +212,7 @@ class CosyVoice2Model:
         """Voice conversion: the source's speech tokens through the flow with the prompt voice."""
         if stream and speed != 1.0:
             raise ValueError("speed != 1 works only with stream=False")
-        stopped = _stop_fn(should_stop)
+        stopped = stop_fn(should_stop)
         seed = secrets.randbits(63) if seed is None else int(seed)
         source = [int(t) for t in model_input["source_speech_token"].reshape(-1).tolist()]
         prompt_token = _rows(model_input["flow_prompt_speech_token"]).long()
@@ -245,19 +226,6 @@ class CosyVoice2Model:
             yield torch.from_numpy(self.token2wav.token2wav(source, *prompt, speed=speed, seed=seed)).unsqueeze(0)
 
     # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _speech_tokens(lm: Iterator[int], cap: Callable[[], int]) -> Iterator[int]:
-        """The LM's tokens, cut at the cap; the LM generator (and its KV cache) is closed on exit."""
-        n = 0
-        try:
-            for token in lm:
-                yield token
-                n += 1
-                if n >= cap():
-                    return
-        finally:
-            lm.close()
-
     def _stream(self, uuid: Hashable, tokens: Iterator[int], prompt: tuple, seed: int,
                 stopped: Callable[[], bool], token_hop_len: int | None) -> Iterator[torch.Tensor]:
         schedule, mode = self._schedule(token_hop_len)

@@ -177,8 +177,8 @@ async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine
     monkeypatch.setattr(TextStream, "get", get)
     steps = []
     llm = engine.cv.model.llm
-    real_step = llm.forward_one_step
-    monkeypatch.setattr(llm, "forward_one_step", lambda *a: (steps.append(1), real_step(*a))[1])
+    real_step = llm.step
+    monkeypatch.setattr(llm, "step", lambda *a: (steps.append(1), real_step(*a))[1])
 
     synthesis = Synthesis(engine, SynthesisOptions(voice=EN, seed=2), Admission(4), "test", buffer_seconds=0.5)
     try:

@@ -82,14 +82,15 @@ def test_forward_matches_reference(lm):
         [(0, 0)] + [(ROW_TEXT, int(t)) for t in ref["text_ids"]] + [(ROW_TASK, 1)]
         + [(ROW_SPEECH, int(s)) for s in ref["speech_ids"]]
     )
+    cache = lm.new_cache()
     with torch.inference_mode():
         xs = lm.embed_rows(rows)
-        hidden, cache = lm.forward_one_step(xs, None)
-        logits = lm.llm_decoder(hidden[0])
+        hidden = lm.forward_rows(xs[0], [cache], [len(rows)])
+        logits = lm.llm_decoder(hidden)
         full = lm(xs)[0]
     np.testing.assert_array_equal(xs[0].numpy(), ref["lm_input"])
-    assert cache.get_seq_length() == len(rows)
-    assert np.abs(hidden[0].numpy() - ref["hidden"]).max() <= 1e-4
+    assert cache.length == len(rows)
+    assert np.abs(hidden.numpy() - ref["hidden"]).max() <= 1e-4
     assert np.abs(logits.numpy() - ref["logits"]).max() <= 1e-4
     assert np.abs(logits.log_softmax(-1).numpy() - ref["logp"]).max() <= 1e-4
     assert np.abs(full.numpy() - ref["logits"]).max() <= 1e-4
@@ -99,13 +100,30 @@ def test_forward_matches_reference(lm):
 def test_incremental_steps_match_full_forward(lm):
     """Feeding rows in pieces through the KV cache gives the same hidden states as one call."""
     ref = load_npz("lm_forward.npz")
-    xs = torch.from_numpy(ref["lm_input"])[None]
+    xs = torch.from_numpy(ref["lm_input"])
+    cache, outs = lm.new_cache(), []
     with torch.inference_mode():
-        cache, outs = None, []
         for a, b in [(0, 14), (14, 15), (15, 30), (30, 34)]:
-            h, cache = lm.forward_one_step(xs[:, a:b], cache)
-            outs.append(h[0])
+            outs.append(lm.forward_rows(xs[a:b], [cache], [b - a]))
     assert np.abs(torch.cat(outs).numpy() - ref["hidden"]).max() <= 1e-4
+
+
+@pytest.mark.parity
+def test_packed_requests_match_each_request_alone(lm):
+    """Rows of several requests in one call, each at its own position in its own cache, give every
+    request the hidden states it gets alone (here: the reference's, cut at different points)."""
+    ref = load_npz("lm_forward.npz")
+    xs = torch.from_numpy(ref["lm_input"])
+    caches = [lm.new_cache() for _ in range(3)]
+    with torch.inference_mode():
+        lm.forward_rows(xs[:10], [caches[1]], [10])  # request 1 is 10 rows in, request 2 at 33
+        lm.forward_rows(xs[:33], [caches[2]], [33])
+        packed = lm.forward_rows(torch.cat([xs[:20], xs[10:14], xs[33:34]]), caches, [20, 4, 1])
+    hidden = torch.from_numpy(ref["hidden"])
+    assert torch.abs(packed[:20] - hidden[:20]).max() <= 1e-4
+    assert torch.abs(packed[20:24] - hidden[10:14]).max() <= 1e-4
+    assert torch.abs(packed[24] - hidden[33]).max() <= 1e-4
+    assert [c.length for c in caches] == [20, 14, 34]
 
 
 @pytest.mark.parity
@@ -247,7 +265,7 @@ def test_bistream_pulls_from_a_blocking_iterator_fed_by_another_thread(lm):
     assert tokens == ref["yielded_tokens"].tolist()
 
 
-class _TrackedCache(llm_mod.DynamicCache):
+class _TrackedCache(llm_mod.KVCache):
     instances: list = []
 
     def __init__(self, *a, **kw):
@@ -258,7 +276,7 @@ class _TrackedCache(llm_mod.DynamicCache):
 @pytest.fixture
 def tracked_caches(monkeypatch):
     _TrackedCache.instances = []
-    monkeypatch.setattr(llm_mod, "DynamicCache", _TrackedCache)
+    monkeypatch.setattr(llm_mod, "KVCache", _TrackedCache)
     return _TrackedCache.instances
 
 

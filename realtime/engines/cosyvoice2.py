@@ -59,16 +59,19 @@ class CosyVoice2Engine(BlockingEngine):
         if kwargs:
             raise TypeError(f"unexpected engine option(s) {sorted(kwargs)}")
         super().__init__()
-        # Until the batched scheduler lands, every stream runs its own batch-1 model calls: a few
-        # at a time are all the cores sustain (each computes only while it has text to speak).
-        self.capacity = 4
-        self.compute_slots = 4
         self.cv = CosyVoice2(model_dir, device=device, dtype=dtype, max_token_ratio=max_token_ratio,
                              min_tokens=min_tokens, left_chunks=left_chunks)
+        # The LM of every stream runs in the model's batched LM stage: admission counts its KV
+        # slots.  Token2wav still runs batch-1 in each stream's thread, a few at a time.
+        self.capacity = self.cv.model.lm_stage.pool.slots
+        self.compute_slots = 4
         self.sample_rate = self.cv.sample_rate
         self._register_lock = threading.Lock()
         sft = [v.id for v in self.voices() if v.kind == "sft"]
         self.default_voice = sft[0] if sft else None
+
+    def close(self) -> None:
+        self.cv.model.close()
 
     # -- voices ---------------------------------------------------------------------------------
     def _spk2info(self) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,222 @@
+"""The batched LM stage: the official fixtures reproduced by a request that shares every step with
+others, batched == solo for requests that join, leave and wait for text at different times, slots
+given back, a reader that does not read costing nobody else, and a full pool refusing cleanly."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice.checkpoint import load_state_dict
+from cosyvoice.config import LLMConfig
+from cosyvoice.kv_cache import KVPool
+from cosyvoice.llm import Qwen2LM
+from cosyvoice.lm_request import LMRequest
+from cosyvoice.lm_stage import DONE, NEEDS_TEXT, LMStage
+from cosyvoice.sampling import RasSampler
+from tests.conftest import load_npz, reference_file
+from tests.test_llm import EOS, FILL, UNUSED, Recorder, forced
+
+WAIT = 60.0
+
+
+@pytest.fixture(scope="module")
+def lm() -> Qwen2LM:
+    config = LLMConfig.from_tiny_json(json.loads(reference_file("config_tiny.json").read_text()))
+    return Qwen2LM.from_state_dict(config, load_state_dict(reference_file("tiny_llm.safetensors")))
+
+
+@pytest.fixture
+def stage(lm):
+    s = LMStage(lm, KVPool(lm.kv_shape(), slots=6, max_len=1024), max_ahead=8)
+    yield s
+    s.close()
+
+
+def seeded_sampler(seed: int):
+    """RAS with the ids that end or break a bistream request masked (random weights would hit them)."""
+    ras = RasSampler.seeded(seed)
+
+    def sampler(logp, decoded):
+        logp = logp.clone()
+        logp[EOS] = logp[UNUSED] = logp[FILL] = float("-inf")
+        return ras(logp, decoded)
+
+    return sampler
+
+
+def consume(handle, text=(), delay: float = 0.0, out: list | None = None) -> list[int]:
+    """Read every token (pulling text items with ``delay`` seconds before each), in this thread."""
+    out = [] if out is None else out
+
+    def slow(items):
+        for item in items:
+            time.sleep(delay)
+            yield item
+
+    out.extend(handle.tokens_from(slow(text)))
+    return out
+
+
+def in_threads(*jobs) -> None:
+    threads = [threading.Thread(target=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+        assert not t.is_alive()
+
+
+def others(lm, stage, n: int = 2, delay: float = 0.0):
+    """Requests of other lengths and schedules to share the fixture request's steps."""
+    jobs = []
+    for k in range(n):
+        request = LMRequest(lm.config, seeded_sampler(k), list(range(40, 40 + 3 * k)), list(range(200, 207 + k)),
+                            max_tokens=30 + 7 * k)
+        handle = stage.submit(request)
+        jobs.append(lambda h=handle, k=k: consume(h, list(range(300 + 13 * k, 317 + 13 * k)), delay * (k + 1)))
+    return jobs
+
+
+@pytest.mark.parity
+def test_bistream_fixture_through_the_batched_stage_with_others_in_the_batch(lm, stage):
+    ref = load_npz("lm_bistream.npz")
+    received = [0]
+
+    def text_one_at_a_time():
+        for i, t in enumerate(ref["text"].tolist()):
+            received[0] = i + 1
+            yield t
+        received[0] = -1
+
+    rec = Recorder(lambda: received[0])
+    request = LMRequest(lm.config, forced(ref["sampler_choices"].tolist(), then=lambda lp, d: EOS),
+                        ref["prompt_text"], ref["prompt_speech_token"])
+    handle = stage.submit(request, trace=rec)
+    tokens: list[int] = []
+    in_threads(lambda: consume(handle, text_one_at_a_time(), 0.002, tokens), *others(lm, stage, 3, 0.003))
+    assert tokens == ref["yielded_tokens"].tolist()
+    np.testing.assert_array_equal(np.array(rec.rows), ref["feed_rows"])
+    assert rec.calls == ref["feed_call"].tolist()
+    assert rec.cache_len == ref["call_cache_len"].tolist()
+    assert rec.num_rows == ref["call_num_rows"].tolist()
+    assert rec.text == ref["call_text_received"].tolist()
+    assert np.abs(np.stack(rec.logits) - ref["step_logits"]).max() <= 1e-4
+    assert max(stage.batch_sizes) > 1  # it really shared steps
+
+
+@pytest.mark.parity
+def test_unistream_fixture_through_the_batched_stage_with_others_in_the_batch(lm, stage):
+    ref = load_npz("lm_inference.npz")
+    rec = Recorder()
+    request = LMRequest(lm.config, forced(ref["forced_choices"].tolist()), ref["prompt_text"],
+                        ref["prompt_speech_token"], text=ref["text"])
+    handle = stage.submit(request, trace=rec)
+    tokens: list[int] = []
+    in_threads(lambda: consume(handle, out=tokens), *others(lm, stage, 2))
+    assert tokens == ref["out_tokens"].tolist()
+    np.testing.assert_array_equal(np.array(rec.rows), ref["feed_rows"])
+    assert rec.cache_len == ref["call_cache_len"].tolist()
+    assert np.abs(np.stack(rec.logits) - ref["step_logits"]).max() <= 1e-4
+
+
+def test_batched_equals_solo_for_requests_joining_leaving_and_waiting_at_different_times(lm, stage):
+    specs = [  # (prompt text, prompt speech, text, cap, seconds between text items, start after)
+        ([7, 8, 9], list(range(1, 8)), list(range(300, 317)), 45, 0.0, 0.0),
+        ([], [], list(range(500, 509)), 25, 0.01, 0.01),
+        (list(range(60, 70)), list(range(90, 130)), list(range(700, 740)), 80, 0.002, 0.005),
+        ([5], [11, 12], list(range(900, 906)), 12, 0.03, 0.03),
+    ]
+
+    def request(k: int, spec) -> LMRequest:
+        prompt, speech, _text, cap, *_ = spec
+        return LMRequest(lm.config, seeded_sampler(k), prompt, speech, max_tokens=cap)
+
+    solo = []
+    for k, spec in enumerate(specs):
+        rec = Recorder()
+        tokens = list(lm.run_alone(request(k, spec), spec[2], trace=rec))
+        solo.append((tokens, rec))
+
+    results: list = [None] * len(specs)
+    recs = [Recorder() for _ in specs]
+
+    def job(k: int, spec) -> None:
+        time.sleep(spec[5])
+        handle = stage.submit(request(k, spec), trace=recs[k])
+        results[k] = consume(handle, spec[2], spec[4])
+
+    in_threads(*(lambda k=k, spec=spec: job(k, spec) for k, spec in enumerate(specs)))
+    for k, (tokens, rec) in enumerate(solo):
+        assert results[k] == tokens and len(tokens) == specs[k][3], k
+        assert recs[k].rows == rec.rows and recs[k].cache_len == rec.cache_len
+        assert np.abs(np.stack(recs[k].logits) - np.stack(rec.logits)).max() <= 1e-4
+    assert max(stage.batch_sizes) >= 2  # they shared steps (how many at once depends on timing)
+    assert stage.free_slots == stage.pool.slots
+
+
+def test_cancel_gives_the_slot_back_and_a_full_pool_refuses(lm, stage):
+    handles = [stage.submit(LMRequest(lm.config, seeded_sampler(k))) for k in range(stage.pool.slots)]
+    assert stage.free_slots == 0
+    assert stage.submit(LMRequest(lm.config, seeded_sampler(9)), wait=False) is None
+    assert handles[0].next(WAIT) is NEEDS_TEXT  # a request waiting for text holds its slot ...
+    handles[0].cancel()
+    assert stage.free_slots == 1  # ... until it is cancelled
+    assert handles[0].next(WAIT) is DONE
+    late = stage.submit(LMRequest(lm.config, seeded_sampler(9)), wait=False)
+    assert late is not None
+    for h in [*handles[1:], late]:
+        h.cancel()
+    assert stage.free_slots == stage.pool.slots
+
+
+def test_a_reader_that_does_not_read_does_not_slow_the_others(lm, stage):
+    idle = stage.submit(LMRequest(lm.config, seeded_sampler(1), text=list(range(400, 430)), max_tokens=500))
+    busy = stage.submit(LMRequest(lm.config, seeded_sampler(2), text=list(range(600, 630)), max_tokens=200))
+    tokens = consume(busy)
+    assert len(tokens) == 200
+    assert len(idle.tokens) == stage.max_ahead  # it stepped until its reader fell behind, then waited
+    assert len(consume(idle)) == 500  # reading again lets it go on to its end
+
+
+def test_a_stop_condition_ends_a_request_before_its_next_step(lm, stage):
+    stop = threading.Event()
+    steps: list[int] = []
+
+    def sampler(logp, decoded):
+        steps.append(len(decoded))
+        if len(decoded) == 10:
+            stop.set()
+        return 100 + len(decoded) % 50
+
+    handle = stage.submit(LMRequest(lm.config, sampler, text=list(range(10, 30)), max_tokens=400), should_stop=stop)
+    assert len(consume(handle)) <= 11
+    assert max(steps) == 10 and stage.free_slots == stage.pool.slots
+
+
+def test_a_request_whose_slot_fills_up_ends_as_if_capped(lm):
+    stage = LMStage(lm, KVPool(lm.kv_shape(), slots=1, max_len=40))
+    try:
+        handle = stage.submit(LMRequest(lm.config, seeded_sampler(3), text=list(range(10, 20)), max_tokens=500))
+        tokens = consume(handle)
+        assert len(tokens) == 40 - 12 + 1  # sos + 10 text + task_id, then one row per token until full
+        assert stage.free_slots == 1
+    finally:
+        stage.close()
+
+
+def test_kv_pool_is_sized_from_a_budget(lm):
+    shape = lm.kv_shape()
+    pool = KVPool.for_budget(shape, budget_bytes=10 * shape.bytes_per_row() * 100, max_len=100)
+    assert pool.slots == 10 and pool.nbytes() == 10 * 100 * shape.bytes_per_row()
+    a, b = pool.acquire(), pool.acquire()
+    assert {a.slot, b.slot} == {0, 1} and pool.free == 8
+    pool.release(a)
+    pool.release(a)  # idempotent
+    assert pool.free == 9
+    assert torch.equal(torch.tensor(b.keys[0].shape), torch.tensor([100, shape.kv_heads, shape.head_dim]))
