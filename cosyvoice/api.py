@@ -50,7 +50,7 @@ class CosyVoice2:
                  load_vllm: bool = False, fp16: bool = False, trt_concurrent: int = 1,
                  device: str | torch.device = "cpu", *, seed: int | None = None,
                  dtype: str | None = None, max_token_ratio: float = 20.0, min_tokens: int = 50,
-                 left_chunks: int | None = None):
+                 left_chunks: int | None = None, lm: str = "batched"):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
             if flag:
                 log.warning("%s=True ignored: this implementation has no JIT/TensorRT/vLLM path", name)
@@ -67,7 +67,7 @@ class CosyVoice2:
         dtype = dtype or ("fp16" if self.fp16 else "fp32")
         self.model = CosyVoice2Model.from_model_dir(
             self.model_dir, dtype=dtype, device=device, left_chunks=left_chunks,
-            cap=TokenCap(ratio=max_token_ratio, floor=min_tokens))
+            cap=TokenCap(ratio=max_token_ratio, floor=min_tokens), lm=lm)
         spk2info = self.model_dir.root / "spk2info.pt"
         self.frontend = CosyVoiceFrontEnd(
             CosyVoice2Tokenizer(self.model_dir.qwen_dir), self.model_dir.campplus_onnx,

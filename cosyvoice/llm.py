@@ -68,6 +68,7 @@ class Qwen2LM(nn.Module):
         self.llm = Qwen2Encoder(qwen)
         self.llm_decoder = nn.Linear(config.llm_output_size, config.vocab_out)
         self.speech_embedding = nn.Embedding(config.vocab_out, d)
+        self.stats = StepStats()
 
     # ------------------------------------------------------------------------------------------
     # construction / loading
@@ -192,6 +193,7 @@ class Qwen2LM(nn.Module):
     def step(self, batch: Sequence[tuple[Sequence[Row], KVCache]]) -> torch.Tensor:
         """Feed each request's rows through its cache in one backbone call; float32 logits [B, V]
         of each request's last row."""
+        self.stats.count(len(batch), sum(len(rows) for rows, _ in batch))
         with torch.inference_mode():  # entered per call, never across a yield (it is thread-local)
             xs = torch.cat([self.embed_rows(rows)[0] for rows, _ in batch])
             counts = [len(rows) for rows, _ in batch]
@@ -287,6 +289,23 @@ class Qwen2LM(nn.Module):
 
 
 _END = object()
+
+
+class StepStats:
+    """Backbone calls, the requests and rows they carried (thread-safe counters, for /metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls = self.requests = self.rows = 0
+
+    def __deepcopy__(self, memo: dict) -> StepStats:  # a copied model (int8) counts on its own
+        return StepStats()
+
+    def count(self, requests: int, rows: int) -> None:
+        with self._lock:
+            self.calls += 1
+            self.requests += requests
+            self.rows += rows
 
 
 def stop_fn(should_stop: StopCondition | None) -> Callable[[], bool]:

@@ -35,6 +35,7 @@ __all__ = [
     "CosyVoice2Model", "TokenCap", "flow_config_from_yaml", "hift_config_from_yaml", "StopCondition",
 ]
 
+LM_MODES = ("batched", "per-request")
 SAMPLE_RATE = 24000
 SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples
 
@@ -115,10 +116,15 @@ class CosyVoice2Model:
 
     def __init__(self, llm: Qwen2LM, flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator,
                  left_chunks: int | None = None, cap: TokenCap | None = None,
-                 kv_budget_mb: float = 1024, kv_max_len: int = 2048, kv_max_slots: int = 32):
+                 kv_budget_mb: float = 1024, kv_max_len: int = 2048, kv_max_slots: int = 32,
+                 lm: str = "batched"):
         """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
         per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
-        requests the LM stage serves at once."""
+        requests the LM stage serves at once.  ``lm="per-request"`` runs each request's LM alone
+        in its caller's thread instead (the pre-batching path, kept for comparison)."""
+        if lm not in LM_MODES:
+            raise ValueError(f"lm must be one of {LM_MODES}")
+        self.lm_mode = lm
         self.llm = llm
         self.flow = flow.eval()
         self.hift = hift.eval()
@@ -192,8 +198,11 @@ class CosyVoice2Model:
         unistream = isinstance(text, torch.Tensor)
         request = LMRequest(self.llm.config, sampler or self.llm.sampler_for(generator), prompt_text,
                             llm_prompt_speech, text=text if unistream else None, max_tokens=limit)
-        handle = self.lm_stage.submit(request, should_stop=stopped)
-        tokens = handle.tokens_from(() if unistream else text)
+        if self.lm_mode == "batched":
+            handle = self.lm_stage.submit(request, should_stop=stopped)
+            tokens = handle.tokens_from(() if unistream else text)
+        else:
+            tokens = self.llm.run_alone(request, () if unistream else text, should_stop=stopped)
         prompt = (_rows(model_input.get("flow_prompt_speech_token")).long(),
                   _rows(model_input.get("prompt_speech_feat"), 80).float(),
                   model_input["flow_embedding"].detach().cpu().float())

@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine_name = args.engine or ("cosyvoice2" if args.model_dir else "piper")
     engine_kwargs: dict[str, object] = {}
     if engine_name == "cosyvoice2":
-        engine_kwargs.update(device=args.device, dtype=args.dtype)
+        engine_kwargs.update(device=args.device, dtype=args.dtype, lm=args.lm)
     try:
         engine = create_engine(engine_name, args.model_dir, **engine_kwargs)
     except (ValueError, FileNotFoundError) as e:
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", default=None, help="official CosyVoice2-0.5B model directory (for --engine cosyvoice2)")
     s.add_argument("--device", default="cpu", help="cosyvoice2: cpu or cuda")
     s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="cosyvoice2: model precision")
+    s.add_argument("--lm", default="batched", choices=("batched", "per-request"),
+                   help="cosyvoice2: one batched LM stage for all streams, or each stream's LM alone in its own "
+                        "thread (the pre-batching path, for comparison)")
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
     s.add_argument("--max-streams", type=_positive_int, default=None,
                    help="utterances (WebSocket contexts, HTTP syntheses) speaking at once; more wait up to "

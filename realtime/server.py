@@ -533,10 +533,12 @@ async def voices(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    admission = _service(request).runtime.admission
+    service = _service(request)
+    admission = service.runtime.admission
     return PlainTextResponse(METRICS.render({"realtime_syntheses_active": admission.active,
                                              "realtime_synthesis_slots": admission.capacity,
-                                             "realtime_syntheses_waiting": admission.waiting}),
+                                             "realtime_syntheses_waiting": admission.waiting,
+                                             **service.engine.stats()}),
                              media_type="text/plain; version=0.0.4")
 
 

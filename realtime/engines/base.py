@@ -280,6 +280,10 @@ class Engine(ABC):
         """Start a stream (non-blocking).  Options the engine can refuse cheaply raise
         :class:`EngineError` here; anything found later ends the stream with :class:`Failed`."""
 
+    def stats(self) -> dict[str, float]:
+        """Engine-specific figures for ``/metrics`` (name -> value)."""
+        return {}
+
     def close(self) -> None:
         """Release shared resources at server shutdown."""
 

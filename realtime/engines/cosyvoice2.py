@@ -16,6 +16,7 @@ chunk; a cancelled ``get`` raises at once.  Every per-request cache is freed in 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -53,18 +54,19 @@ class CosyVoice2Engine(BlockingEngine):
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "fp32",
                  max_token_ratio: float = 20.0, min_tokens: int = 50, left_chunks: int | None = None,
-                 **kwargs: Any) -> None:
+                 lm: str = "batched", **kwargs: Any) -> None:
         from cosyvoice.api import CosyVoice2
 
         if kwargs:
             raise TypeError(f"unexpected engine option(s) {sorted(kwargs)}")
         super().__init__()
         self.cv = CosyVoice2(model_dir, device=device, dtype=dtype, max_token_ratio=max_token_ratio,
-                             min_tokens=min_tokens, left_chunks=left_chunks)
+                             min_tokens=min_tokens, left_chunks=left_chunks, lm=lm)
         # The LM of every stream runs in the model's batched LM stage: admission counts its KV
-        # slots.  Token2wav still runs batch-1 in each stream's thread, a few at a time.
+        # slots.  Token2wav still runs batch-1 in each stream's thread, one per core at a time.
+        # (lm="per-request": every stream runs its own LM too, all at once, as before batching.)
         self.capacity = self.cv.model.lm_stage.pool.slots
-        self.compute_slots = 4
+        self.compute_slots = (os.cpu_count() or 1) if lm == "batched" else None
         self.sample_rate = self.cv.sample_rate
         self._register_lock = threading.Lock()
         sft = [v.id for v in self.voices() if v.kind == "sft"]
@@ -72,6 +74,12 @@ class CosyVoice2Engine(BlockingEngine):
 
     def close(self) -> None:
         self.cv.model.close()
+
+    def stats(self) -> dict[str, float]:
+        lm = self.cv.model.llm.stats
+        return {"cosyvoice_lm_calls_total": lm.calls, "cosyvoice_lm_requests_stepped_total": lm.requests,
+                "cosyvoice_lm_rows_total": lm.rows, "cosyvoice_kv_slots_free": self.cv.model.lm_stage.free_slots,
+                "cosyvoice_kv_slots": self.cv.model.lm_stage.pool.slots}
 
     # -- voices ---------------------------------------------------------------------------------
     def _spk2info(self) -> dict[str, dict[str, Any]]:

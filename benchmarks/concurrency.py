@@ -1,0 +1,146 @@
+"""CosyVoice2 under concurrent sessions: the batched LM stage beside the per-request path.
+
+For each LM mode (``--lm batched`` and ``--lm per-request``, each a ``realtime serve`` subprocess on
+the same model directory) and each concurrency level, that many WebSocket sessions start at once
+and stream an LLM-like answer (4-character deltas at ``--tps`` tokens/s), PCM out as fast as it is
+made.  Per level it prints first audio p50/p95 (first delta sent -> first audio byte), audio
+seconds produced per wall second, backbone calls per second and requests per call (from the
+server's /metrics), then the ratios the batching issue sets targets for.
+
+    python benchmarks/concurrency.py                              # TINY directory, 1/4/8/16 sessions
+    python benchmarks/concurrency.py --size real --sessions 1 8   # REAL-size random weights (2.5 GB, slow on CPU)
+    python benchmarks/concurrency.py --model-dir DIR --modes batched
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from common import ROOT, percentile, server_process
+
+ANSWERS = [
+    "Sure! The quickest way there is the train, every twenty minutes.",
+    "I checked your calendar: the meeting is at noon with the design team.",
+    "Here is a short summary. Revenue grew last quarter, mostly from new customers.",
+    "Of course. First preheat the oven, then slice the vegetables thinly.",
+]
+SHORT = ["Hello there, how are you today?", "The weather is mild, with a light breeze."]
+
+
+def metrics(base: str) -> dict[str, float]:
+    text = httpx.get(base + "/metrics", timeout=30).text
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+) ([-+\d.eE]+)$", text, re.M)}
+
+
+async def utterance(url: str, text: str, tps: float) -> tuple[float, float, str | None]:
+    """(first audio seconds, audio seconds, error)."""
+    from websockets.asyncio.client import connect
+
+    async with connect(url, max_size=None, open_timeout=60) as ws:
+        await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "sample_rate": 24000}))
+        json.loads(await ws.recv())
+        t0 = time.perf_counter()
+
+        async def feed() -> None:
+            for i in range(0, len(text), 4):
+                await ws.send(json.dumps({"type": "text", "text": text[i:i + 4]}))
+                await asyncio.sleep(1 / tps)
+            await ws.send(json.dumps({"type": "end"}))
+
+        feeder = asyncio.create_task(feed())
+        first, audio = float("nan"), 0
+        try:
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    if audio == 0:
+                        first = time.perf_counter() - t0
+                    audio += len(msg)
+                    continue
+                m = json.loads(msg)
+                if m["type"] == "done":
+                    return first, audio / 48000, None
+                if m["type"] == "error":
+                    return first, audio / 48000, m["code"]
+        finally:
+            feeder.cancel()
+    return first, audio / 48000, "closed"
+
+
+async def level(url: str, base: str, n: int, args) -> dict:
+    texts = SHORT if args.short else ANSWERS
+    before = metrics(base)
+    t0 = time.perf_counter()
+
+    async def session(k: int) -> list:
+        return [await utterance(url, texts[(k + i) % len(texts)], args.tps) for i in range(args.utterances)]
+
+    results = [r for rs in await asyncio.gather(*(session(k) for k in range(n))) for r in rs]
+    wall = time.perf_counter() - t0
+    after = metrics(base)
+    calls = after.get("cosyvoice_lm_calls_total", 0) - before.get("cosyvoice_lm_calls_total", 0)
+    stepped = after.get("cosyvoice_lm_requests_stepped_total", 0) - before.get("cosyvoice_lm_requests_stepped_total", 0)
+    ttfa = [r[0] for r in results]
+    return {
+        "n": n, "utts": len(results), "p50": percentile(ttfa, 50), "p95": percentile(ttfa, 95),
+        "throughput": sum(r[1] for r in results) / wall, "calls_s": calls / wall,
+        "per_call": stepped / calls if calls else float("nan"), "tokens_s": stepped / wall,
+        "errors": sum(1 for r in results if r[2]),
+    }
+
+
+def model_dir(args) -> str:
+    if args.model_dir:
+        return args.model_dir
+    d = Path(tempfile.mkdtemp(prefix=f"cv2-{args.size}-")) / "model"
+    subprocess.run([sys.executable, "-m", "cosyvoice.tiny", str(d), "--size", args.size], cwd=ROOT, check=True)
+    return str(d)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", default=None, help="a CosyVoice2 directory (default: write one of --size)")
+    p.add_argument("--size", default="tiny", choices=("tiny", "real"))
+    p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--modes", nargs="+", default=["batched", "per-request"], choices=("batched", "per-request"))
+    p.add_argument("--utterances", type=int, default=2, help="utterances per session, one after another")
+    p.add_argument("--tps", type=float, default=30.0, help="LLM tokens per second (4 characters each)")
+    p.add_argument("--short", action="store_true", help="shorter texts (for the REAL size on a CPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--server-args", default="", help="more arguments for realtime serve")
+    args = p.parse_args()
+    directory = model_dir(args)
+    print(f"model {directory}, text at {args.tps:g} tokens/s, {args.utterances} utterance(s) per session")
+    print("| lm | sessions | utts | first audio p50 s | p95 s | audio s / wall s | LM calls/s | requests per call "
+          "| LM tokens/s | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    table: dict[str, list[dict]] = {}
+    for mode in args.modes:
+        serve = ["--engine", "cosyvoice2", "--model-dir", directory, "--lm", mode, "--device", args.device,
+                 "--max-streams", str(max(args.sessions)), "--log-level", "warning", *args.server_args.split()]
+        with server_process(*serve) as (base, _pid):
+            url = base.replace("http://", "ws://") + "/v1/tts/stream"
+            asyncio.run(level(url, base, 1, argparse.Namespace(**{**vars(args), "utterances": 1})))  # warm-up
+            for n in args.sessions:
+                r = asyncio.run(level(url, base, n, args))
+                table.setdefault(mode, []).append(r)
+                print(f"| {mode} | {n} | {r['utts']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['throughput']:.2f} | "
+                      f"{r['calls_s']:.1f} | {r['per_call']:.2f} | {r['tokens_s']:.1f} | {r['errors']} |", flush=True)
+    print()
+    for mode, rows in table.items():
+        one, top = rows[0], rows[-1]
+        print(f"{mode}: {top['n']} sessions vs {one['n']}: first audio p95 x{top['p95'] / one['p95']:.2f}, "
+              f"audio throughput x{top['throughput'] / one['throughput']:.2f}, LM tokens/s "
+              f"x{top['tokens_s'] / one['tokens_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
