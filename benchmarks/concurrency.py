@@ -1,11 +1,12 @@
-"""CosyVoice2 under concurrent sessions: the batched LM stage beside the per-request path.
+"""CosyVoice2 under concurrent sessions: the batched stages beside the per-request path.
 
-For each LM mode (``--lm batched`` and ``--lm per-request``, each a ``realtime serve`` subprocess on
+For each mode (``--lm batched``: the LM stage and the token2wav stage; ``--lm per-request``: each
+stream's LM and token2wav in its own thread, as before batching; each a ``realtime serve`` subprocess on
 the same model directory) and each concurrency level, that many WebSocket sessions start at once
 and stream an LLM-like answer (4-character deltas at ``--tps`` tokens/s), PCM out as fast as it is
 made.  Per level it prints first audio p50/p95 (first delta sent -> first audio byte), audio
-seconds produced per wall second, backbone calls per second and requests per call (from the
-server's /metrics), then the ratios the batching issue sets targets for.
+seconds produced per wall second, LM calls per second and requests per call, token2wav chunks per
+flow call (from the server's /metrics), then the ratios the batching issue sets targets for.
 
     python benchmarks/concurrency.py                              # TINY directory, 1/4/8/16 sessions
     python benchmarks/concurrency.py --size real --sessions 1 8   # REAL-size random weights (2.5 GB, slow on CPU)
@@ -88,11 +89,14 @@ async def level(url: str, base: str, n: int, args) -> dict:
     after = metrics(base)
     calls = after.get("cosyvoice_lm_calls_total", 0) - before.get("cosyvoice_lm_calls_total", 0)
     stepped = after.get("cosyvoice_lm_requests_stepped_total", 0) - before.get("cosyvoice_lm_requests_stepped_total", 0)
+    t2w_calls = after.get("cosyvoice_t2w_calls_total", 0) - before.get("cosyvoice_t2w_calls_total", 0)
+    t2w_chunks = after.get("cosyvoice_t2w_chunks_total", 0) - before.get("cosyvoice_t2w_chunks_total", 0)
     ttfa = [r[0] for r in results]
     return {
         "n": n, "utts": len(results), "p50": percentile(ttfa, 50), "p95": percentile(ttfa, 95),
         "throughput": sum(r[1] for r in results) / wall, "calls_s": calls / wall,
         "per_call": stepped / calls if calls else float("nan"), "tokens_s": stepped / wall,
+        "chunks_per_call": t2w_chunks / t2w_calls if t2w_calls else float("nan"),
         "errors": sum(1 for r in results if r[2]),
     }
 
@@ -120,8 +124,8 @@ def main() -> None:
     directory = model_dir(args)
     print(f"model {directory}, text at {args.tps:g} tokens/s, {args.utterances} utterance(s) per session")
     print("| lm | sessions | utts | first audio p50 s | p95 s | audio s / wall s | LM calls/s | requests per call "
-          "| LM tokens/s | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| LM tokens/s | token2wav chunks per call | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     table: dict[str, list[dict]] = {}
     for mode in args.modes:
         serve = ["--engine", "cosyvoice2", "--model-dir", directory, "--lm", mode, "--device", args.device,
@@ -133,7 +137,8 @@ def main() -> None:
                 r = asyncio.run(level(url, base, n, args))
                 table.setdefault(mode, []).append(r)
                 print(f"| {mode} | {n} | {r['utts']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['throughput']:.2f} | "
-                      f"{r['calls_s']:.1f} | {r['per_call']:.2f} | {r['tokens_s']:.1f} | {r['errors']} |", flush=True)
+                      f"{r['calls_s']:.1f} | {r['per_call']:.2f} | {r['tokens_s']:.1f} | {r['chunks_per_call']:.2f} | "
+                      f"{r['errors']} |", flush=True)
     print()
     for mode, rows in table.items():
         one, top = rows[0], rows[-1]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .flow_encoder import EncoderConfig, UpsampleConformerEncoder
-from .flow_estimator import CausalConditionalDecoder, EstimatorCache, EstimatorConfig
+from .flow_estimator import CacheGroup, CausalConditionalDecoder, EstimatorCache, EstimatorConfig
 
 NOISE_FRAMES = 15000  # 300 s of mel at 50 Hz: the longest utterance the official noise covers
 
@@ -265,39 +265,32 @@ class FlowStream:
         if q > 0:
             self._advance(context_end=q + la, n_tokens=q)
 
-    def _advance(self, context_end: int | None, n_tokens: int) -> Tensor:
-        """Push tokens [done_tokens, done_tokens + n_tokens) (prompt + generated numbering) through
-        encoder and all Euler steps; context = tokens up to `context_end` (None: end of utterance,
-        zero lookahead). Returns the mel of those frames [1, 80, 2 n_tokens]."""
+    def _inputs(self, context_end: int | None, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens [done_tokens, done_tokens + n_tokens) (prompt + generated numbering) through the
+        encoder; context = tokens up to `context_end` (None: end of utterance, zero lookahead).
+        Returns the solver's start x, mu and cond for their frames, each [1, 80, 2 n_tokens]."""
         flow, cfg = self.flow, self.cfg
         a, b = self.done_tokens, self.done_tokens + n_tokens
         tokens = self._all_tokens()
-        with torch.no_grad():
-            xs = flow.embed_tokens(tokens[:, a:b].to(self.device))
-            ctx = None if context_end is None else flow.embed_tokens(tokens[:, b:context_end].to(self.device))
-            h = flow.encoder.forward_chunk(xs, ctx, self.enc_cache)  # [1, 2n, C]
-            mu = flow.encoder_proj(h).transpose(1, 2)  # [1, 80, 2n]
-            f0, f1 = cfg.token_mel_ratio * a, cfg.token_mel_ratio * b
-            if f1 > NOISE_FRAMES:
-                raise ValueError(f"utterance exceeds {NOISE_FRAMES} mel frames (300 s)")
-            cond = torch.zeros_like(mu)
-            n_pf = self.prompt_feat.shape[2]
-            if f0 < n_pf:
-                cond[:, :, : min(f1, n_pf) - f0] = self.prompt_feat[:, :, f0 : min(f1, n_pf)]
-            mu_in = torch.cat([mu, torch.zeros_like(mu)])
-            cond_in = torch.cat([cond, torch.zeros_like(cond)])
-            x = cfm_noise()[:, :, f0:f1].to(device=mu.device, dtype=mu.dtype)
-            for (_, dt), t_in, t_emb, cache in zip(self.schedule, self.t_ins, self.t_embs, self.est_caches, strict=True):
-                out = self.estimator.forward_chunk(torch.cat([x, x]), mu_in, t_in, self.spks_in, cond_in, cache,
-                                                   t_emb=t_emb)
-                x = x + dt * flow.decoder.guided(out)
-        self.done_tokens = b
-        return x.float()
+        xs = flow.embed_tokens(tokens[:, a:b].to(self.device))
+        ctx = None if context_end is None else flow.embed_tokens(tokens[:, b:context_end].to(self.device))
+        h = flow.encoder.forward_chunk(xs, ctx, self.enc_cache)  # [1, 2n, C]
+        mu = flow.encoder_proj(h).transpose(1, 2)  # [1, 80, 2n]
+        f0, f1 = cfg.token_mel_ratio * a, cfg.token_mel_ratio * b
+        if f1 > NOISE_FRAMES:
+            raise ValueError(f"utterance exceeds {NOISE_FRAMES} mel frames (300 s)")
+        cond = torch.zeros_like(mu)
+        n_pf = self.prompt_feat.shape[2]
+        if f0 < n_pf:
+            cond[:, :, : min(f1, n_pf) - f0] = self.prompt_feat[:, :, f0 : min(f1, n_pf)]
+        x = cfm_noise()[:, :, f0:f1].to(device=mu.device, dtype=mu.dtype)
+        return x, mu, cond
 
-    def emit(self, hop: int) -> Tensor:
-        """Mel [1, 80, 2*hop] of the next `hop` generated tokens (needs `ready(hop)`). Prompt plus
-        emitted tokens must stay a multiple of the 25-token chunk, as the official schedule keeps
-        it (first hop 25 + prompt_token_pad, then 50, 100, ...)."""
+    def _advance(self, context_end: int | None, n_tokens: int) -> Tensor:
+        return advance_together([(self, context_end, n_tokens)])[0]
+
+    def plan_emit(self, hop: int) -> tuple[int, int]:
+        """(context end, tokens to advance) of :meth:`emit` with this hop; checks it may run."""
         self._check_open()
         if hop <= 0:
             raise ValueError("hop must be positive")
@@ -306,25 +299,22 @@ class FlowStream:
         end = self.n_prompt + self.emitted + hop
         if end % self.cfg.chunk_tokens:
             raise ValueError(f"prompt + emitted tokens ({end}) must be a multiple of {self.cfg.chunk_tokens}")
-        mel = self._advance(context_end=end + self.cfg.pre_lookahead_len, n_tokens=end - self.done_tokens)
-        self.emitted += hop
-        return mel[:, :, mel.shape[2] - self.cfg.token_mel_ratio * hop :]
+        return end + self.cfg.pre_lookahead_len, end - self.done_tokens
+
+    def finish_tokens(self) -> int:
+        """Tokens :meth:`finish` will advance (those not yet through the flow)."""
+        return self.n_prompt + self._n_generated - self.done_tokens
+
+    def emit(self, hop: int) -> Tensor:
+        """Mel [1, 80, 2*hop] of the next `hop` generated tokens (needs `ready(hop)`). Prompt plus
+        emitted tokens must stay a multiple of the 25-token chunk, as the official schedule keeps
+        it (first hop 25 + prompt_token_pad, then 50, 100, ...)."""
+        return emit_together([(self, hop)])[0]
 
     def finish(self) -> Tensor:
         """Mel of every remaining token (streaming-causal, zero lookahead at the end); closes the
         stream's work (caches are freed)."""
-        self._check_open()
-        remaining = self._n_generated - self.emitted
-        n = self.n_prompt + self._n_generated - self.done_tokens
-        if n > 0:
-            mel = self._advance(context_end=None, n_tokens=n)
-            mel = mel[:, :, mel.shape[2] - self.cfg.token_mel_ratio * remaining :]
-        else:
-            mel = torch.zeros(1, self.cfg.output_size, 0, device=self.device)
-        self.emitted = self._n_generated
-        self.finished = True
-        self.close()
-        return mel
+        return finish_together([self])[0]
 
     def nbytes(self) -> int:
         """Allocated bytes of cached state (encoder + every Euler step's estimator cache)."""
@@ -349,3 +339,68 @@ class FlowStream:
         if self.closed:
             raise RuntimeError("FlowStream is closed")
 
+
+
+def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Tensor]:
+    """Advance several streams of one flow by the same number of tokens in one go: each stream's
+    encoder runs on its own, then every Euler step is one estimator call over all streams' rows
+    (each attending to its own caches).  Items are (stream, context end, tokens); returns each
+    stream's mel [1, 80, 2 n] of those tokens."""
+    first = items[0][0]
+    n = items[0][2]
+    if any(it[2] != n for it in items) or any(it[0].flow is not first.flow for it in items):
+        raise ValueError("streams advanced together must share the flow and advance by as many tokens")
+    streams = [it[0] for it in items]
+    batch = len(streams)
+    with torch.no_grad():
+        inputs = [stream._inputs(context_end, count) for stream, context_end, count in items]
+        zeros = torch.zeros_like(inputs[0][1])
+        x = torch.cat([x0 for x0, _, _ in inputs])  # [B, 80, F]
+        mu_in = torch.cat([t for _, mu, _ in inputs for t in (mu, zeros)])  # each stream's CFG rows in turn
+        cond_in = torch.cat([t for _, _, cond in inputs for t in (cond, zeros)])
+        spks_in = torch.cat([s.spks_in for s in streams])
+        rate = first.flow.decoder.inference_cfg_rate
+        for k, (_, dt) in enumerate(first.schedule):
+            group = CacheGroup([s.est_caches[k] for s in streams])
+            t_in, t_emb = first.t_ins[k], first.t_embs[k]
+            if batch > 1:
+                t_in, t_emb = t_in.repeat(batch), t_emb.repeat(batch, 1)
+            out = first.estimator.forward_chunk(x.repeat_interleave(2, dim=0), mu_in, t_in, spks_in, cond_in, group,
+                                                t_emb=t_emb)
+            out = out.unflatten(0, (batch, 2))
+            x = x + dt * ((1.0 + rate) * out[:, 0] - rate * out[:, 1])
+    for stream, _, count in items:
+        stream.done_tokens += count
+    return [x[i : i + 1].float() for i in range(batch)]
+
+
+def emit_together(items: list[tuple[FlowStream, int]]) -> list[Tensor]:
+    """:meth:`FlowStream.emit` for several streams whose emits advance by as many tokens."""
+    plans = [stream.plan_emit(hop) for stream, hop in items]
+    mels = advance_together([(stream, end, count) for (stream, _), (end, count) in zip(items, plans, strict=True)])
+    out = []
+    for (stream, hop), mel in zip(items, mels, strict=True):
+        stream.emitted += hop
+        out.append(mel[:, :, mel.shape[2] - stream.cfg.token_mel_ratio * hop :])
+    return out
+
+
+def finish_together(streams: list[FlowStream]) -> list[Tensor]:
+    """:meth:`FlowStream.finish` for several streams with as many tokens left (or none)."""
+    for stream in streams:
+        stream._check_open()
+    counts = [stream.finish_tokens() for stream in streams]
+    if len(set(counts)) > 1:
+        raise ValueError("streams finished together must have as many tokens left")
+    remaining = [stream._n_generated - stream.emitted for stream in streams]
+    if counts[0] > 0:
+        mels = advance_together([(stream, None, count) for stream, count in zip(streams, counts, strict=True)])
+        mels = [mel[:, :, mel.shape[2] - stream.cfg.token_mel_ratio * r :]
+                for stream, mel, r in zip(streams, mels, remaining, strict=True)]
+    else:
+        mels = [torch.zeros(1, stream.cfg.output_size, 0, device=stream.device) for stream in streams]
+    for stream in streams:
+        stream.emitted = stream._n_generated
+        stream.finished = True
+        stream.close()
+    return mels

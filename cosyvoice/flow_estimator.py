@@ -150,6 +150,22 @@ class EstimatorCache:
         self.closed = True
 
 
+class CacheGroup(list):
+    """The caches of several streams evaluated in one call: the batch holds each stream's rows in
+    turn (``x.shape[0] // len(group)`` rows each: the two CFG rows of one stream).  Every layer
+    that keeps state reads and writes each stream's own slice; attention runs per stream over its
+    own keys, everything else runs on the whole batch."""
+
+    def rows(self, batch: int) -> int:
+        if batch % len(self):
+            raise ValueError(f"a batch of {batch} rows does not split over {len(self)} caches")
+        return batch // len(self)
+
+
+def _group(cache: EstimatorCache | CacheGroup) -> CacheGroup:
+    return cache if isinstance(cache, CacheGroup) else CacheGroup([cache])
+
+
 class CausalConv1d(nn.Conv1d):
     """Conv1d that sees only the current and earlier frames (left padding of k-1)."""
 
@@ -157,14 +173,17 @@ class CausalConv1d(nn.Conv1d):
         super().__init__(in_channels, out_channels, kernel_size)
         self.context = kernel_size - 1
 
-    def forward(self, x: Tensor, cache: EstimatorCache | None = None) -> Tensor:  # [B, C, T]
+    def forward(self, x: Tensor, cache: EstimatorCache | CacheGroup | None = None) -> Tensor:  # [B, C, T]
         if cache is None:
             return super().forward(F.pad(x, (self.context, 0)))
-        past = cache.conv.get(self)
-        if past is None:
-            past = x.new_zeros(x.shape[0], x.shape[1], self.context)
-        x = torch.cat([past, x], dim=2)
-        cache.conv[self] = x[:, :, x.shape[2] - self.context :]
+        group = _group(cache)
+        rows = group.rows(x.shape[0])
+        pasts = [c.conv.get(self) for c in group]
+        pasts = [p if p is not None else x.new_zeros(rows, x.shape[1], self.context) for p in pasts]
+        x = torch.cat([pasts[0] if len(pasts) == 1 else torch.cat(pasts), x], dim=2)
+        tail = x[:, :, x.shape[2] - self.context :]
+        for i, c in enumerate(group):  # a copy: a view would keep the whole input alive
+            c.conv[self] = tail[i * rows : (i + 1) * rows].clone()
         return super().forward(x)
 
 
@@ -215,19 +234,32 @@ class Attention(nn.Module):
     def _split(self, x: Tensor) -> Tensor:  # [B, T, H*D] -> [B, H, T, D]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x: Tensor, bias: Tensor | None, cache: EstimatorCache | None = None, keep_from: int = 0) -> Tensor:
-        """bias: None (everything visible) or additive [B or 1, 1, T_q, T_k] (0 allowed, -1e10 not). With a cache, keys/values of
-        the new frames are appended after the cached ones; `keep_from` is how many of the combined
-        keys the cache may drop afterwards (they fall out of every later query's window)."""
+    def forward(self, x: Tensor, bias: Tensor | list | None, cache: EstimatorCache | CacheGroup | None = None,
+                keep_from: int | list[int] = 0) -> Tensor:
+        """bias: None (everything visible) or additive [B or 1, 1, T_q, T_k] (0 allowed, -1e10 not).
+        With a cache, keys/values of the new frames are appended after the cached ones; `keep_from`
+        is how many of the combined keys the cache may drop afterwards (they fall out of every later
+        query's window).  With a :class:`CacheGroup`, ``bias`` and ``keep_from`` are lists, one per
+        stream, and each stream attends to its own keys."""
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(x)), self._split(self.to_v(x))
-        if cache is not None:
-            buf = cache.kv.get(self)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return self.to_out[0](out.transpose(1, 2).flatten(2))
+        group = _group(cache)
+        rows = group.rows(q.shape[0])
+        biases = bias if isinstance(bias, list) else [bias] * len(group)
+        keeps = keep_from if isinstance(keep_from, list) else [keep_from] * len(group)
+        outs = []
+        for i, c in enumerate(group):
+            part = slice(i * rows, (i + 1) * rows)
+            buf = c.kv.get(self)
             if buf is None:
-                buf = cache.kv[self] = KVBuffer(cache.kv_dtype)
-            k, v = buf.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        if cache is not None and keep_from:
-            buf.drop_front(keep_from)
+                buf = c.kv[self] = KVBuffer(c.kv_dtype)
+            keys, values = buf.append(k[part], v[part])
+            outs.append(F.scaled_dot_product_attention(q[part], keys, values, attn_mask=biases[i]))
+            if keeps[i]:
+                buf.drop_front(keeps[i])
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
@@ -259,8 +291,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, bias: Tensor | None, cache: EstimatorCache | None = None,
-                keep_from: int = 0) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | list | None, cache: EstimatorCache | CacheGroup | None = None,
+                keep_from: int | list[int] = 0) -> Tensor:
         x = x + self.attn1(self.norm1(x), bias, cache, keep_from)
         return x + self.ff(self.norm3(x))
 
@@ -348,56 +380,63 @@ class CausalConditionalDecoder(nn.Module):
         return self.final_proj(h * mask) * mask
 
     @staticmethod
-    def _transformers(h: Tensor, blocks: nn.ModuleList, bias: Tensor | None, cache: EstimatorCache | None = None,
-                      keep_from: int = 0) -> Tensor:
+    def _transformers(h: Tensor, blocks: nn.ModuleList, bias: Tensor | list | None,
+                      cache: EstimatorCache | CacheGroup | None = None, keep_from: int | list[int] = 0) -> Tensor:
         h = h.transpose(1, 2)
         for block in blocks:
             h = block(h, bias, cache, keep_from)
         return h.transpose(1, 2)
 
     def forward_chunk(self, x_new: Tensor, mu_new: Tensor, t: Tensor, spks: Tensor, cond_new: Tensor,
-                      cache: EstimatorCache, t_emb: Tensor | None = None) -> Tensor:
+                      cache: EstimatorCache | CacheGroup, t_emb: Tensor | None = None) -> Tensor:
         """Streaming evaluation of the next frames only: equal to `forward(..., streaming=True)` on
         the whole sequence, restricted to these frames (all-ones mask, i.e. one unpadded utterance
         per batch row). The previous call must have ended on a chunk boundary; a call whose length
         is not a multiple of the chunk size is the last one for this cache. `t_emb` may be passed
-        precomputed (it depends only on t)."""
-        if cache.closed:
+        precomputed (it depends only on t).
+
+        With a :class:`CacheGroup` the call evaluates the same number of new frames for several
+        streams at once (their rows in turn), each at its own position against its own cache."""
+        group = _group(cache)
+        if any(c.closed for c in group):
             raise RuntimeError("this EstimatorCache is closed (its last chunk was partial or it was cleared)")
         chunk = self.cfg.static_chunk_size
         n = x_new.shape[-1]
         if n == 0:
             return x_new.new_zeros(x_new.shape[0], self.cfg.out_channels, 0)
-        start, end = cache.frames, cache.frames + n
         if t_emb is None:
             t_emb = self.time_embedding(t)
         h = torch.cat([x_new, mu_new, spks.unsqueeze(-1).expand(-1, -1, n), cond_new], dim=1)
-        q_pos = torch.arange(start, end, device=x_new.device)
-        k_pos = torch.arange(cache.kv_start, end, device=x_new.device)
-        allowed = chunk_allowed(q_pos, k_pos, chunk, cache.left_chunks)  # [n, T_k]
-        # a one-chunk call sees every cached key: no mask lets SDPA take its faster unmasked path
-        bias = None if bool(allowed.all()) else _bias(allowed, h.dtype)
-        # keys that no later query can see (sliding window) are dropped after this call
-        keep_from = 0
-        if cache.left_chunks is not None:
-            first_needed = max((end // chunk - cache.left_chunks) * chunk, 0)
-            keep_from = max(first_needed - cache.kv_start, 0)
+        biases, keeps = [], []
+        for c in group:
+            start, end = c.frames, c.frames + n
+            q_pos = torch.arange(start, end, device=x_new.device)
+            k_pos = torch.arange(c.kv_start, end, device=x_new.device)
+            allowed = chunk_allowed(q_pos, k_pos, chunk, c.left_chunks)  # [n, T_k]
+            # a one-chunk call sees every cached key: no mask lets SDPA take its faster unmasked path
+            biases.append(None if bool(allowed.all()) else _bias(allowed, h.dtype))
+            # keys that no later query can see (sliding window) are dropped after this call
+            keep_from = 0
+            if c.left_chunks is not None:
+                first_needed = max((end // chunk - c.left_chunks) * chunk, 0)
+                keep_from = max(first_needed - c.kv_start, 0)
+            keeps.append(keep_from)
 
         res, blocks, down, up_res, up_blocks_, up = self._stages()
-        h = self._transformers(res(h, None, t_emb, cache), blocks, bias, cache, keep_from)
+        h = self._transformers(res(h, None, t_emb, group), blocks, biases, group, keeps)
         skip = h
-        h = down(h, cache)
+        h = down(h, group)
         for mid_res, mid_tr in self.mid_blocks:
-            h = self._transformers(mid_res(h, None, t_emb, cache), mid_tr, bias, cache, keep_from)
+            h = self._transformers(mid_res(h, None, t_emb, group), mid_tr, biases, group, keeps)
         h = torch.cat([h, skip], dim=1)
-        h = self._transformers(up_res(h, None, t_emb, cache), up_blocks_, bias, cache, keep_from)
-        h = up(h, cache)
-        h = self.final_block(h, None, cache)
+        h = self._transformers(up_res(h, None, t_emb, group), up_blocks_, biases, group, keeps)
+        h = up(h, group)
+        h = self.final_block(h, None, group)
         out = self.final_proj(h)
 
-        cache.frames = end
-        cache.kv_start += keep_from
-        if end % chunk:
-            cache.closed = True
+        for c, keep_from in zip(group, keeps, strict=True):
+            c.frames += n
+            c.kv_start += keep_from
+            if c.frames % chunk:
+                c.closed = True
         return out
-

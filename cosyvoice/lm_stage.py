@@ -49,8 +49,35 @@ class LMHandle:
         self.in_flight = False  # in the step being computed
         self.retired = False  # its KV slot is back in the pool
         self.error: Exception | None = None
+        self._listeners: list = []
 
     # -- the caller's side --------------------------------------------------------------------
+    def subscribe(self, listener) -> None:
+        """``listener()`` is called after every step of this request and when it ends (it must
+        not block: it runs in the stage's thread)."""
+        self._listeners.append(listener)
+
+    def notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def take(self) -> tuple[list[int], bool]:
+        """Every token produced and not yet read, and whether the request has ended (a token
+        source for the token2wav stage); raises the request's error."""
+        with self.stage.cond:
+            tokens = list(self.tokens)
+            self.tokens.clear()
+            if tokens:
+                self.stage.cond.notify_all()  # it may step again
+            if self.error is not None:
+                raise self.error
+            return tokens, self.request.finished or self.cancelled
+
+    def wants_text(self) -> bool:
+        """The request can go no further until more text (or its end) is pushed."""
+        with self.stage.cond:
+            return self.request.needs_text and not self.cancelled
+
     def push_text(self, item: Any) -> None:
         with self.stage.cond:
             self.request.push_text(item)
@@ -71,6 +98,7 @@ class LMHandle:
             if not self.in_flight:
                 self.stage._retire(self)
             self.stage.cond.notify_all()
+        self.notify()
 
     def next(self, timeout: float | None = None) -> int | str | None:
         """The next token, :data:`NEEDS_TEXT`, :data:`DONE`, or None after ``timeout`` seconds."""
@@ -176,6 +204,7 @@ class LMStage:
                 request.cancel()
             if handle.cancelled or request.finished:
                 self._retire(handle)
+                handle.notify()
                 continue
             want = request.rows()
             if want is None or len(handle.tokens) >= self.max_ahead:
@@ -183,6 +212,7 @@ class LMStage:
             if handle.cache.length + len(want) > handle.cache.capacity:
                 request.cancel()  # its slot is full: it ends as if capped
                 self._retire(handle)
+                handle.notify()
                 continue
             if batch and rows + len(want) > self.max_rows:
                 continue
@@ -226,3 +256,5 @@ class LMStage:
                     if handle.cancelled or handle.error is not None or handle.request.finished:
                         self._retire(handle)
                 self.cond.notify_all()
+                for handle, _, _ in work:
+                    handle.notify()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 import uuid as uuid_lib
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,9 @@ from .hift import HiFTConfig, HiFTGenerator, load_hift_state_dict
 from .kv_cache import KVPool
 from .llm import Qwen2LM, StopCondition, stop_fn
 from .lm_request import LMRequest
-from .lm_stage import LMStage
+from .lm_stage import LMHandle, LMStage
 from .sampling import Sampler
+from .t2w_stage import DONE, StaticTokens, T2WStage, TokenSource
 from .token2wav import MEL_CACHE_LEN, HopSchedule, Token2Wav
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
 
 LM_MODES = ("batched", "per-request")
 SAMPLE_RATE = 24000
+_END = object()
 SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples
 
 
@@ -133,10 +135,12 @@ class CosyVoice2Model:
         shape = llm.kv_shape()
         slots = min(kv_max_slots, max(1, int(kv_budget_mb * 2**20) // (shape.bytes_per_row() * kv_max_len)))
         self.lm_stage = LMStage(llm, KVPool(shape, slots, kv_max_len))
+        self.t2w_stage = T2WStage(self.token2wav)
 
     def close(self) -> None:
-        """Stop the LM stage's thread (requests in it end)."""
+        """Stop the stages' threads (requests in them end)."""
         self.lm_stage.close()
+        self.t2w_stage.close()
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | ModelDir, dtype: str | torch.dtype = "fp32",
@@ -198,14 +202,19 @@ class CosyVoice2Model:
         unistream = isinstance(text, torch.Tensor)
         request = LMRequest(self.llm.config, sampler or self.llm.sampler_for(generator), prompt_text,
                             llm_prompt_speech, text=text if unistream else None, max_tokens=limit)
-        if self.lm_mode == "batched":
-            handle = self.lm_stage.submit(request, should_stop=stopped)
-            tokens = handle.tokens_from(() if unistream else text)
-        else:
-            tokens = self.llm.run_alone(request, () if unistream else text, should_stop=stopped)
+        text_items = () if unistream else text
         prompt = (_rows(model_input.get("flow_prompt_speech_token")).long(),
                   _rows(model_input.get("prompt_speech_feat"), 80).float(),
                   model_input["flow_embedding"].detach().cpu().float())
+        schedule, mode = self._schedule(token_hop_len)
+        if stream and self.lm_mode == "batched" and mode == "cached":
+            handle = self.lm_stage.submit(request, should_stop=stopped)
+            yield from self._stream_stages(uuid, handle, text_items, prompt, seed, stopped, schedule)
+            return
+        if self.lm_mode == "batched":
+            tokens = self.lm_stage.submit(request, should_stop=stopped).tokens_from(text_items)
+        else:
+            tokens = self.llm.run_alone(request, text_items, should_stop=stopped)
         if stream:
             yield from self._stream(uuid, tokens, prompt, seed, stopped, token_hop_len)
         else:
@@ -229,14 +238,46 @@ class CosyVoice2Model:
         # The vc frontend does not trim the prompt; FlowStream needs exactly 2 frames per token.
         n = min(prompt_token.shape[1], prompt_feat.shape[1] // 2)
         prompt = (prompt_token[:, :n], prompt_feat[:, : 2 * n], model_input["flow_embedding"].cpu().float())
-        if stream:
+        schedule, mode = self._schedule(token_hop_len)
+        if stream and self.lm_mode == "batched" and mode == "cached":
+            yield from self._stream_stages(uuid or uuid_lib.uuid4().hex, StaticTokens(source), (), prompt, seed,
+                                           stopped, schedule)
+        elif stream:
             yield from self._stream(uuid or uuid_lib.uuid4().hex, iter(source), prompt, seed, stopped, token_hop_len)
         elif not stopped():
             yield torch.from_numpy(self.token2wav.token2wav(source, *prompt, speed=speed, seed=seed)).unsqueeze(0)
 
     # ------------------------------------------------------------------------------------------
+    def _stream_stages(self, uuid: Hashable, source: TokenSource, text: Iterable[Any], prompt: tuple, seed: int,
+                       stopped: Callable[[], bool], schedule: HopSchedule) -> Iterator[torch.Tensor]:
+        """Streamed audio through the model's stages: tokens from ``source`` (the LM stage's
+        handle, or fixed tokens) into the token2wav stage; this thread only hands text to the LM
+        when it wants some (``text`` may block) and reads the audio."""
+        stream = self.t2w_stage.open(uuid, source, *prompt, schedule=schedule, seed=seed)
+        items = iter(text)
+        try:
+            while not stopped():
+                stream.event.clear()  # before looking: a change after this wakes the wait below
+                if isinstance(source, LMHandle) and source.wants_text():
+                    item = next(items, _END)
+                    source.end_text() if item is _END else source.push_text(item)
+                    continue
+                event = stream.poll()
+                if event is DONE:
+                    return
+                if event is None:
+                    stream.event.wait(0.1)  # a bound, so that the stop condition is seen
+                    continue
+                yield torch.from_numpy(event).unsqueeze(0)
+        finally:
+            stream.cancel()
+            if isinstance(source, LMHandle):
+                source.cancel()
+
     def _stream(self, uuid: Hashable, tokens: Iterator[int], prompt: tuple, seed: int,
                 stopped: Callable[[], bool], token_hop_len: int | None) -> Iterator[torch.Tensor]:
+        """Streamed audio with token2wav in this thread (the per-request path, and hops that are
+        not whole flow chunks, which need the official recomputing loop)."""
         schedule, mode = self._schedule(token_hop_len)
         t2w = self.token2wav
         t2w.open(uuid, *prompt, schedule=schedule, mode=mode, seed=seed)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowStream
+from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowStream, emit_together, finish_together
 from cosyvoice.hift import HiFTGenerator
 
 MODES = ("cached", "exact", "recompute")
@@ -58,6 +58,15 @@ class HopSchedule:
 
     def next(self, hop: int) -> int:
         return min(self.max, hop * self.growth)
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One chunk of work of one stream: the next hop, or (hop None) the final flush."""
+
+    uuid: Hashable
+    stream: _Stream
+    hop: int | None
 
 
 def hamming_window(n: int = 2 * SOURCE_CACHE_LEN) -> Tensor:
@@ -194,32 +203,123 @@ class Token2Wav:
         """Audio chunks (1-D float32, 24 kHz) that are ready: one per hop while
         tokens − offset ≥ hop + lookahead; with `finished`, also the final flush, after which the
         stream is closed and its state freed."""
-        stream = self._get(uuid)
         out: list[np.ndarray] = []
+        stream = self._get(uuid)  # held: a close from another thread only stops the loop
+        while (job := self._next_job(uuid, stream, finished)) is not None:
+            chunk = self.run([job])[0]
+            if chunk is not None:
+                out.append(chunk)
+            if job.hop is None:
+                break
+        return out
+
+    def next_job(self, uuid: Hashable, finished: bool = False) -> Job | None:
+        """The stream's next chunk of work if it can run now: a hop once enough tokens are in, or,
+        with `finished`, the final flush; None when neither (or the stream was cancelled)."""
+        return self._next_job(uuid, self._get(uuid), finished)
+
+    def _next_job(self, uuid: Hashable, stream: _Stream, finished: bool) -> Job | None:
         with stream.lock:
+            if stream.cancelled:
+                return None
             if stream.closed:
                 raise KeyError(f"stream {uuid!r} was closed")
-            try:
-                while (not stream.cancelled
-                       and self._sync_tokens(stream) - stream.token_offset >= stream.this_hop() + self.lookahead):
-                    hop = stream.this_hop()
-                    mel = self._flow_chunk(stream, hop)
-                    out.append(self._vocode_chunk(stream, mel, final=False))
-                    stream.token_offset += hop
-                    stream.hop = stream.schedule.next(stream.hop)
-                if finished and not stream.cancelled:
-                    self._sync_tokens(stream)
-                    mel = self._flow_final(stream)
-                    if mel.shape[2] > 0 or stream.mel_cache is not None:
-                        out.append(self._vocode_chunk(stream, mel, final=True))
-            except BaseException:
-                finished = True  # a failed stream is not resumable: free it
-                raise
-            finally:
-                if finished:
-                    self._forget(uuid, stream)
-                    stream.free()
+            if stream.cancelled:
+                return None
+            hop = stream.this_hop()
+            if self._sync_tokens(stream) - stream.token_offset >= hop + self.lookahead:
+                return Job(uuid, stream, hop)
+            return Job(uuid, stream, None) if finished else None
+
+    @torch.inference_mode()
+    def run(self, jobs: Sequence[Job]) -> list[np.ndarray | None]:
+        """Compute the jobs of different streams together: the flow of every group of cached-mode
+        hops that advance by as many tokens in one batched call per Euler step, the vocoder of
+        every group of chunks of as many frames in one call.  Returns each job's audio (None: a
+        final flush with nothing left).  A final flush closes its stream; a failure closes all."""
+        streams = sorted({id(j.stream): j.stream for j in jobs}.values(), key=id)
+        if len(streams) != len(jobs):
+            raise ValueError("one job per stream at a time")
+        for stream in streams:
+            stream.lock.acquire()
+        done: list[Job] = [j for j in jobs if j.hop is None]
+        try:
+            live = [j for j in jobs if not j.stream.closed and not j.stream.cancelled]
+            mels = self._flow_jobs(live)
+            chunks = self._vocode_jobs(live, mels)
+            for job in live:
+                if job.hop is not None:
+                    job.stream.token_offset += job.hop
+                    job.stream.hop = job.stream.schedule.next(job.stream.hop)
+            return [chunks.get(id(job)) for job in jobs]
+        except BaseException:
+            done = list(jobs)  # a failed stream is not resumable: free it
+            raise
+        finally:
+            for job in done:
+                self._forget(job.uuid, job.stream)
+                job.stream.free()
+            for stream in streams:
+                stream.lock.release()
+
+    def _flow_jobs(self, jobs: list[Job]) -> dict[int, Tensor]:
+        """Each job's mel (hop: [1, 80, 2·hop]; final: the rest)."""
+        mels: dict[int, Tensor] = {}
+        groups: dict[tuple[bool, int], list[Job]] = {}
+        for job in jobs:
+            stream = job.stream
+            if stream.mode != "cached":
+                mels[id(job)] = self._flow_chunk(stream, job.hop) if job.hop is not None else self._flow_final(stream)
+                continue
+            flow = stream.flow_stream
+            count = flow.plan_emit(job.hop)[1] if job.hop is not None else flow.finish_tokens()
+            groups.setdefault((job.hop is None, count), []).append(job)
+        for (final, _), group in groups.items():
+            if final:
+                out = finish_together([j.stream.flow_stream for j in group])
+            else:
+                out = emit_together([(j.stream.flow_stream, j.hop) for j in group])
+            mels.update((id(j), mel) for j, mel in zip(group, out, strict=True))
+        return mels
+
+    def _vocode_jobs(self, jobs: list[Job], mels: dict[int, Tensor]) -> dict[int, np.ndarray]:
+        """Official overlap rule, per stream: prepend the previous 8 mel frames, continue the previous
+        source, cross-fade the first 3840 samples with the previous chunk's held-back tail; a
+        non-final chunk holds back its own last 3840 samples.  Chunks of as many frames (and alike
+        in having a previous chunk or not) are vocoded in one call."""
+        dtype = next(self.hift.parameters()).dtype
+        groups: dict[tuple[int, bool], list[tuple[Job, Tensor]]] = {}
+        for job in jobs:
+            stream, mel = job.stream, mels[id(job)].to(device=self.hift_device, dtype=dtype)
+            final = job.hop is None
+            if final and mel.shape[2] == 0 and stream.mel_cache is None:
+                continue  # nothing left to say
+            if stream.mel_cache is not None:
+                mel = torch.cat([stream.mel_cache, mel], dim=2)
+            groups.setdefault((mel.shape[2], stream.source_cache is not None), []).append((job, mel))
+        out: dict[int, np.ndarray] = {}
+        for group in groups.values():
+            results = self._vocode_group([j.stream for j, _ in group], [m for _, m in group])
+            for (job, mel), (speech, source) in zip(group, results, strict=True):
+                stream = job.stream
+                if stream.speech_cache is not None:
+                    speech = fade_in_out(speech, stream.speech_cache, self.window)
+                if job.hop is not None:
+                    stream.mel_cache = mel[:, :, -MEL_CACHE_LEN:].clone()
+                    stream.source_cache = source[:, :, -SOURCE_CACHE_LEN:].clone()
+                    stream.speech_cache = speech[:, -SOURCE_CACHE_LEN:].clone()
+                    speech = speech[:, :-SOURCE_CACHE_LEN]
+                out[id(job)] = speech[0].float().cpu().numpy().copy()
         return out
+
+    def _vocode_group(self, streams: list[_Stream], mels: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """HiFT on chunks of as many frames, each stream with its own noise and source cache."""
+        if len(streams) == 1:
+            return [self._vocode(streams[0], mels[0], streams[0].source_cache)]
+        caches = [s.source_cache for s in streams]
+        speech, source = self.hift.inference(torch.cat(mels), None if caches[0] is None else torch.cat(caches),
+                                             generator=[s.generator for s in streams])
+        return [(speech[i : i + 1], source[i : i + 1]) for i in range(len(streams))]
 
     def close(self, uuid: Hashable) -> None:
         """Frees everything of the stream (idempotent; the cancel path). A `pull` running in another
@@ -305,23 +405,6 @@ class Token2Wav:
     def _generator(self, seed: int | None) -> torch.Generator:
         return torch.Generator(device=self.hift_device).manual_seed(secrets.randbits(63) if seed is None else seed)
 
-    def _vocode_chunk(self, stream: _Stream, mel: Tensor, final: bool) -> np.ndarray:
-        """Official overlap rule: prepend the previous 8 mel frames, continue the previous source,
-        cross-fade the first 3840 samples with the previous chunk's held-back tail; a non-final
-        chunk holds back its own last 3840 samples."""
-        mel = mel.to(device=self.hift_device, dtype=next(self.hift.parameters()).dtype)
-        if stream.mel_cache is not None:
-            mel = torch.cat([stream.mel_cache, mel], dim=2)
-        speech, source = self._vocode(stream, mel, stream.source_cache)
-        if stream.speech_cache is not None:
-            speech = fade_in_out(speech, stream.speech_cache, self.window)
-        if not final:
-            stream.mel_cache = mel[:, :, -MEL_CACHE_LEN:].clone()
-            stream.source_cache = source[:, :, -SOURCE_CACHE_LEN:].clone()
-            stream.speech_cache = speech[:, -SOURCE_CACHE_LEN:].clone()
-            speech = speech[:, :-SOURCE_CACHE_LEN]
-        return speech[0].float().cpu().numpy().copy()
-
     # --- non-streaming -------------------------------------------------------------------------
     @torch.inference_mode()
     def token2wav(self, tokens, prompt_token, prompt_feat, embedding, speed: float = 1.0,
@@ -338,4 +421,5 @@ class Token2Wav:
         mel = self._flow(stream, tokens, streaming=False, finalize=True)
         if speed != 1.0:
             mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-        return self._vocode_chunk(stream, mel, final=True)
+        job = Job(None, stream, None)
+        return self._vocode_jobs([job], {id(job): mel})[id(job)]

@@ -27,6 +27,7 @@ from realtime.server import ServerConfig
 from realtime.synthesis import Synthesis
 from tests import serving
 from tests.serving import serve, ws_url
+from tests.test_cosyvoice_api import assert_same_speech
 
 torch.set_num_threads(1)
 ZH, EN = SFT_SPEAKERS
@@ -113,7 +114,15 @@ async def test_two_concurrent_sessions_get_exactly_their_solo_audio(server):
     alone = [await speak(server, *a), await speak(server, *b)]
     for (audio_t, msgs_t), (audio_a, _) in zip(together, alone, strict=True):
         assert_speech(audio_t, msgs_t)
-        assert audio_t == audio_a
+        assert_same_speech(np.frombuffer(audio_t, "<i2") / 32768, np.frombuffer(audio_a, "<i2") / 32768)
+
+
+async def test_a_hop_that_is_not_a_whole_flow_chunk_is_refused(server):
+    async with connect(ws_url(server), max_size=None) as ws:
+        await ws.send(json.dumps({"type": "text", "text": "Hello.", "voice": EN, "token_hop_len": 10}))
+        await ws.send(json.dumps({"type": "end"}))
+        _, msgs = await collect(ws, until="error")
+        assert msgs[-1]["code"] == "bad_request" and "multiple of 25" in msgs[-1]["message"]
 
 
 async def test_zero_shot_cross_lingual_instruct2_over_the_websocket(server):
@@ -166,7 +175,8 @@ async def test_cancel_mid_stream_stops_and_frees(server, engine):
 
 async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine, monkeypatch):
     """Text slower than the model: the engine waits in a blocking get (no timeouts, one call per
-    delta).  Audio slower to drain than to make: the LM stops while the buffer is full."""
+    delta).  Audio slower to drain than to make: once the pipeline is full (the buffer, the
+    token2wav stage's unread chunks, the LM's tokens ahead) the LM stops stepping."""
     timeouts: list = []
     real_get = TextStream.get
 
@@ -182,7 +192,7 @@ async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine
 
     synthesis = Synthesis(engine, SynthesisOptions(voice=EN, seed=2), Admission(4), "test", buffer_seconds=0.5)
     try:
-        for w in words(TEXT * 3):
+        for w in words(TEXT * 8):
             synthesis.push(w)
         synthesis.end()
         first = await asyncio.wait_for(synthesis.get(), 60)
@@ -209,7 +219,7 @@ async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine
         synthesis.close()
         await asyncio.to_thread(synthesis.stream.thread.join, 30)
     assert set(timeouts) == {None}  # blocking gets only
-    assert len(timeouts) == len(words(TEXT * 3)) + 1  # one per delta, plus the end marker
+    assert len(timeouts) == len(words(TEXT * 8)) + 1  # one per delta, plus the end marker
     assert engine.cv.model.token2wav.active_streams() == []
 
 

@@ -13,7 +13,16 @@ import pytest
 import torch
 
 from cosyvoice.checkpoint import load_state_dict, load_strict
-from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowConfig, FlowStream, cfm_noise, euler_schedule
+from cosyvoice.flow import (
+    CausalMaskedDiffWithXvec,
+    FlowConfig,
+    FlowStream,
+    advance_together,
+    cfm_noise,
+    emit_together,
+    euler_schedule,
+    finish_together,
+)
 from cosyvoice.flow_estimator import CausalConditionalDecoder, EstimatorCache, EstimatorConfig
 from tests.conftest import load_npz, reference_file
 
@@ -301,6 +310,37 @@ def test_flow_stream_equals_chunk_causal_recompute(flow, n_tokens, n_prompt):
     assert maxdiff(mels[-1], ref[:, :, 2 * offset :]) <= TOL
     assert sum(m.shape[2] for m in mels) == 2 * n_tokens
     assert stream.closed and stream.nbytes() == 0
+
+
+def test_streams_advanced_together_equal_each_stream_alone(flow):
+    """Several streams, at different points of different utterances with different prompts and
+    speakers, emitting the same hop in one batched call per Euler step: each gets its solo mel."""
+    cases = [_stream_case(160, seed=s, n_prompt=p) for s, p in ((11, 10), (12, 35), (13, 60))]
+    hop_lists = [_official_hops(p.shape[1], tok.shape[1])[0] for tok, p, _, _ in cases]
+    solo = [_run_stream(flow, *case, hops)[1] for case, hops in zip(cases, hop_lists, strict=True)]
+
+    streams = [FlowStream(flow, prompt, feat, emb) for _, prompt, feat, emb in cases]
+    for stream, (tokens, *_rest) in zip(streams, cases, strict=True):
+        stream.push(tokens[0])
+    firsts = [stream.emit(hops[0]) for stream, hops in zip(streams, hop_lists, strict=True)]  # prompts differ
+    for first, mels in zip(firsts, solo, strict=True):
+        assert maxdiff(first, mels[0]) <= TOL
+    # later hops are the same for everyone: one call per step for all three
+    together = emit_together([(stream, hops[1]) for stream, hops in zip(streams, hop_lists, strict=True)])
+    for mel, mels in zip(together, solo, strict=True):
+        assert maxdiff(mel, mels[1]) <= TOL
+    # the ends have as many tokens left only by chance: group the ones that match
+    ends = {}
+    for stream in streams:
+        for hop in hop_lists[streams.index(stream)][2:]:
+            stream.emit(hop)
+        ends.setdefault(stream.finish_tokens(), []).append(stream)
+    finals = {id(s): m for group in ends.values() for s, m in zip(group, finish_together(group), strict=True)}
+    for stream, mels in zip(streams, solo, strict=True):
+        assert maxdiff(finals[id(stream)], mels[-1]) <= TOL and stream.closed
+    a, b = (FlowStream(flow, prompt, feat, emb) for _, prompt, feat, emb in cases[:2])
+    with pytest.raises(ValueError, match="as many tokens"):
+        advance_together([(a, None, 10), (b, None, 20)])
 
 
 def test_flow_stream_final_chunk_vs_official_full_attention_final_pass(flow):

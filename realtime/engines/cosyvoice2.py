@@ -61,11 +61,10 @@ class CosyVoice2Engine(BlockingEngine):
         super().__init__()
         self.cv = CosyVoice2(model_dir, device=device, dtype=dtype, max_token_ratio=max_token_ratio,
                              min_tokens=min_tokens, left_chunks=left_chunks, lm=lm)
-        # The LM of every stream runs in the model's batched LM stage: admission counts its KV
-        # slots.  Token2wav still runs batch-1 in each stream's thread (lm="per-request": the LM
-        # too, as before batching).  Those threads compute side by side: ordered by a semaphore
-        # (first come, first served) a first chunk waited behind other streams' later chunks
-        # (benchmarks/concurrency.py, 16 sessions on TINY: first audio p95 7.7 s, against 3.0 s).
+        # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
+        # token2wav stage (lm="per-request": each stream's LM and token2wav in its own thread, as
+        # before batching): admission counts the LM's KV slots.  A stream's own thread only hands
+        # text to the LM and audio to the service, so it holds no compute slot.
         self.capacity = self.cv.model.lm_stage.pool.slots
         self.compute_slots = None
         if self.cv.model.llm.speech_embedding.weight.device.type == "cpu":
@@ -82,10 +81,13 @@ class CosyVoice2Engine(BlockingEngine):
         self.cv.model.close()
 
     def stats(self) -> dict[str, float]:
-        lm = self.cv.model.llm.stats
+        model = self.cv.model
+        lm, t2w = model.llm.stats, model.t2w_stage.group_sizes
         return {"cosyvoice_lm_calls_total": lm.calls, "cosyvoice_lm_requests_stepped_total": lm.requests,
-                "cosyvoice_lm_rows_total": lm.rows, "cosyvoice_kv_slots_free": self.cv.model.lm_stage.free_slots,
-                "cosyvoice_kv_slots": self.cv.model.lm_stage.pool.slots}
+                "cosyvoice_lm_rows_total": lm.rows, "cosyvoice_kv_slots_free": model.lm_stage.free_slots,
+                "cosyvoice_kv_slots": model.lm_stage.pool.slots,
+                "cosyvoice_t2w_calls_total": sum(t2w.values()),
+                "cosyvoice_t2w_chunks_total": sum(size * n for size, n in t2w.items())}
 
     # -- voices ---------------------------------------------------------------------------------
     def _spk2info(self) -> dict[str, dict[str, Any]]:
@@ -127,6 +129,11 @@ class CosyVoice2Engine(BlockingEngine):
     # -- synthesis ------------------------------------------------------------------------------
     def validate(self, options: SynthesisOptions) -> None:
         super().validate(options)
+        chunk = self.cv.model.flow.cfg.chunk_tokens
+        if options.token_hop_len is not None and options.token_hop_len % chunk:
+            # other hops need the official loop that re-runs the flow over the whole prefix for
+            # every chunk: a context's cost would grow with its length
+            raise EngineError("bad_request", f"token_hop_len must be a multiple of {chunk} (a whole flow chunk)")
         if options.mode == "sft" and not (options.voice or self.default_voice):
             raise EngineError("bad_request", "sft needs a voice and this model directory has no SFT speakers")
 
