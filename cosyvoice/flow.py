@@ -289,8 +289,11 @@ class FlowStream:
     def _advance(self, context_end: int | None, n_tokens: int) -> Tensor:
         return advance_together([(self, context_end, n_tokens)])[0]
 
-    def plan_emit(self, hop: int) -> tuple[int, int]:
-        """(context end, tokens to advance) of :meth:`emit` with this hop; checks it may run."""
+    def plan_emit(self, hop: int) -> list[tuple[int | None, int]]:
+        """The advances (context end, tokens) :meth:`emit` makes for this hop, one flow chunk
+        each (checks it may run).  One chunk at a time computes exactly what one advance over all
+        of them computes (the model is chunk-causal), and every stream's advances are then alike,
+        so that the token2wav stage batches any streams together whatever their hops."""
         self._check_open()
         if hop <= 0:
             raise ValueError("hop must be positive")
@@ -299,22 +302,54 @@ class FlowStream:
         end = self.n_prompt + self.emitted + hop
         if end % self.cfg.chunk_tokens:
             raise ValueError(f"prompt + emitted tokens ({end}) must be a multiple of {self.cfg.chunk_tokens}")
-        return end + self.cfg.pre_lookahead_len, end - self.done_tokens
+        return self._pieces(end, end + self.cfg.pre_lookahead_len)
 
-    def finish_tokens(self) -> int:
-        """Tokens :meth:`finish` will advance (those not yet through the flow)."""
-        return self.n_prompt + self._n_generated - self.done_tokens
+    def plan_finish(self) -> list[tuple[int | None, int]]:
+        """The advances :meth:`finish` makes: every token not yet through the flow, the last
+        chunk without lookahead (none, when nothing is left)."""
+        self._check_open()
+        return self._pieces(self.n_prompt + self._n_generated, None)
+
+    def _pieces(self, end: int, context_end: int | None) -> list[tuple[int | None, int]]:
+        chunk, la = self.cfg.chunk_tokens, self.cfg.pre_lookahead_len
+        total = self.n_prompt + self._n_generated
+        pieces, at = [], self.done_tokens
+        while at < end:
+            n = min(chunk, end - at)
+            last = at + n == end
+            pieces.append((context_end if last else min(at + n + la, total), n))
+            at += n
+        return pieces
+
+    def complete_emit(self, hop: int, mels: list[Tensor]) -> Tensor:
+        """The mel [1, 80, 2*hop] of an emit whose advances gave ``mels``."""
+        mel = torch.cat(mels, dim=2)
+        self.emitted += hop
+        return mel[:, :, mel.shape[2] - self.cfg.token_mel_ratio * hop :]
+
+    def complete_finish(self, mels: list[Tensor]) -> Tensor:
+        """The mel of every remaining token; closes the stream's work (caches are freed)."""
+        remaining = self._n_generated - self.emitted
+        if mels:
+            mel = torch.cat(mels, dim=2)
+            mel = mel[:, :, mel.shape[2] - self.cfg.token_mel_ratio * remaining :]
+        else:
+            mel = torch.zeros(1, self.cfg.output_size, 0, device=self.device)
+        self.emitted = self._n_generated
+        self.finished = True
+        self.close()
+        return mel
 
     def emit(self, hop: int) -> Tensor:
         """Mel [1, 80, 2*hop] of the next `hop` generated tokens (needs `ready(hop)`). Prompt plus
         emitted tokens must stay a multiple of the 25-token chunk, as the official schedule keeps
         it (first hop 25 + prompt_token_pad, then 50, 100, ...)."""
-        return emit_together([(self, hop)])[0]
+        return self.complete_emit(hop, [self._advance(c, n) for c, n in self.plan_emit(hop)])
 
     def finish(self) -> Tensor:
         """Mel of every remaining token (streaming-causal, zero lookahead at the end); closes the
         stream's work (caches are freed)."""
-        return finish_together([self])[0]
+        return self.complete_finish([self._advance(c, n) for c, n in self.plan_finish()])
 
     def nbytes(self) -> int:
         """Allocated bytes of cached state (encoder + every Euler step's estimator cache)."""
@@ -372,35 +407,3 @@ def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Te
     for stream, _, count in items:
         stream.done_tokens += count
     return [x[i : i + 1].float() for i in range(batch)]
-
-
-def emit_together(items: list[tuple[FlowStream, int]]) -> list[Tensor]:
-    """:meth:`FlowStream.emit` for several streams whose emits advance by as many tokens."""
-    plans = [stream.plan_emit(hop) for stream, hop in items]
-    mels = advance_together([(stream, end, count) for (stream, _), (end, count) in zip(items, plans, strict=True)])
-    out = []
-    for (stream, hop), mel in zip(items, mels, strict=True):
-        stream.emitted += hop
-        out.append(mel[:, :, mel.shape[2] - stream.cfg.token_mel_ratio * hop :])
-    return out
-
-
-def finish_together(streams: list[FlowStream]) -> list[Tensor]:
-    """:meth:`FlowStream.finish` for several streams with as many tokens left (or none)."""
-    for stream in streams:
-        stream._check_open()
-    counts = [stream.finish_tokens() for stream in streams]
-    if len(set(counts)) > 1:
-        raise ValueError("streams finished together must have as many tokens left")
-    remaining = [stream._n_generated - stream.emitted for stream in streams]
-    if counts[0] > 0:
-        mels = advance_together([(stream, None, count) for stream, count in zip(streams, counts, strict=True)])
-        mels = [mel[:, :, mel.shape[2] - stream.cfg.token_mel_ratio * r :]
-                for stream, mel, r in zip(streams, mels, remaining, strict=True)]
-    else:
-        mels = [torch.zeros(1, stream.cfg.output_size, 0, device=stream.device) for stream in streams]
-    for stream in streams:
-        stream.emitted = stream._n_generated
-        stream.finished = True
-        stream.close()
-    return mels

@@ -2,10 +2,12 @@
 into audio, batching what can be batched (continuous batching, like the LM stage).
 
 Each tick takes every stream that has a chunk ready (a hop's tokens plus the lookahead, or the
-end), groups the flow hops that advance by as many tokens (one estimator call per Euler step for
-the group) and, within a group, the chunks of as many mel frames (one vocoder call), and runs the
-groups most urgent first: a stream's deadline is when its listener, who started playing at its
-first chunk, runs out of audio; a stream that has not spoken yet is due at once.  A stream whose
+end) and advances their flow one 25-token chunk per round, all of them in one estimator call per
+Euler step, whatever their hops; a chunk whose flow is complete is vocoded at the end of its
+round with the others of as many mel frames (one vocoder call) and delivered at once, so a first
+chunk (one or two flow chunks) is heard before a 100-token hop of another stream is done.  Most
+urgent first: a stream's deadline is when its listener, who started playing at its first chunk,
+runs out of audio; a stream that has not spoken yet is due at once.  A stream whose
 reader has unread chunks waits (one slow reader never holds the others), and a stream's tokens
 come from its token source (the LM stage's handle, or a fixed list) as the stage needs them.
 """
@@ -115,7 +117,7 @@ class T2WStage:
         self.max_unread = max_unread  # chunks a reader may leave unread before its stream waits
         self.lock = threading.Lock()
         self.ticks = 0
-        self.group_sizes: Counter[int] = Counter()  # streams per flow call -> calls
+        self.group_sizes: Counter[int] = Counter()  # streams per tick -> ticks
         self._streams: dict[Hashable, T2WStream] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -185,44 +187,38 @@ class T2WStage:
             if not ready:
                 self._wake.wait()
                 continue
-            groups: dict[tuple, list[tuple[float, Job, T2WStream]]] = {}
-            for item in ready:
-                groups.setdefault(self._group_key(item[1]), []).append(item)
-            for group in sorted(groups.values(), key=lambda g: min(d for d, _, _ in g)):
-                self._compute(group)
+            ready.sort(key=lambda item: item[0])  # most urgent first (the vocoder's groups keep this order)
+            self._compute(ready)
             self.ticks += 1
 
-    def _group_key(self, job: Job) -> tuple:
-        flow = job.stream.flow_stream
-        if job.hop is None:
-            return ("final", flow.finish_tokens())
-        return ("hop", flow.plan_emit(job.hop)[1])
-
-    def _compute(self, group: list[tuple[float, Job, T2WStream]]) -> None:
-        jobs = [job for _, job, _ in group]
-        self.group_sizes[len(jobs)] += 1
+    def _compute(self, ready: list[tuple[float, Job, T2WStream]]) -> None:
+        """One tick: every ready job, the flow a chunk per round for all of them at once, each
+        chunk delivered as soon as it is vocoded."""
+        streams = {id(job): stream for _, job, stream in ready}
+        self.group_sizes[len(ready)] += 1
         try:
-            chunks = self.token2wav.run(jobs)
+            self.token2wav.run([job for _, job, _ in ready], lambda job, chunk: self._deliver(streams[id(job)], job, chunk))
         except BaseException as e:  # a broken step fails the streams in it, not the stage
             log.exception("token2wav step failed")
-            for _, _, stream in group:
-                self._fail(stream, e)
-            return
+            for _, _, stream in ready:
+                if not stream.finished:
+                    self._fail(stream, e)
+
+    def _deliver(self, stream: T2WStream, job: Job, chunk: np.ndarray | None) -> None:
         now = time.monotonic()
-        for (_, job, stream), chunk in zip(group, chunks, strict=True):
-            with self.lock:
-                if stream.cancelled:
-                    continue
-                if chunk is not None and len(chunk):
-                    stream.out.append(chunk)
-                    if stream.started is None:
-                        stream.started = now
-                    stream.delivered_s += len(chunk) / self.token2wav.hift.cfg.sampling_rate
-                if job.hop is None:
-                    stream.finished = True
-                    if self.owns(stream):
-                        del self._streams[stream.uuid]
-            stream.event.set()
+        with self.lock:
+            if stream.cancelled:
+                return
+            if chunk is not None and len(chunk):
+                stream.out.append(chunk)
+                if stream.started is None:
+                    stream.started = now
+                stream.delivered_s += len(chunk) / self.token2wav.hift.cfg.sampling_rate
+            if job.hop is None:
+                stream.finished = True
+                if self.owns(stream):
+                    del self._streams[stream.uuid]
+        stream.event.set()
 
     def _fail(self, stream: T2WStream, error: BaseException) -> None:
         with self.lock:

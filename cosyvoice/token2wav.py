@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import secrets
 import threading
-from collections.abc import Hashable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowStream, emit_together, finish_together
+from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowStream, advance_together
 from cosyvoice.hift import HiFTGenerator
 
 MODES = ("cached", "exact", "recompute")
@@ -232,26 +233,35 @@ class Token2Wav:
             return Job(uuid, stream, None) if finished else None
 
     @torch.inference_mode()
-    def run(self, jobs: Sequence[Job]) -> list[np.ndarray | None]:
-        """Compute the jobs of different streams together: the flow of every group of cached-mode
-        hops that advance by as many tokens in one batched call per Euler step, the vocoder of
-        every group of chunks of as many frames in one call.  Returns each job's audio (None: a
-        final flush with nothing left).  A final flush closes its stream; a failure closes all."""
+    def run(self, jobs: Sequence[Job], on_chunk: Callable[[Job, np.ndarray | None], None] | None = None,
+            ) -> list[np.ndarray | None]:
+        """Compute the jobs of different streams together.  The flow advances one chunk per
+        round for every job that has one left, all of them in one batched call per Euler step
+        (cached mode); a job whose flow is complete is vocoded at the end of its round, with the
+        other chunks of as many frames, and handed to ``on_chunk`` at once (its audio, or None
+        for a final flush with nothing left).  Returns each job's audio.  A final flush closes
+        its stream; a failure closes them all."""
         streams = sorted({id(j.stream): j.stream for j in jobs}.values(), key=id)
         if len(streams) != len(jobs):
             raise ValueError("one job per stream at a time")
         for stream in streams:
             stream.lock.acquire()
         done: list[Job] = [j for j in jobs if j.hop is None]
-        try:
-            live = [j for j in jobs if not j.stream.closed and not j.stream.cancelled]
-            mels = self._flow_jobs(live)
-            chunks = self._vocode_jobs(live, mels)
-            for job in live:
+        results: dict[int, np.ndarray | None] = {}
+
+        def vocode(finished: list[tuple[Job, Tensor]]) -> None:
+            chunks = self._vocode_jobs([job for job, _ in finished], {id(job): mel for job, mel in finished})
+            for job, _ in finished:
                 if job.hop is not None:
                     job.stream.token_offset += job.hop
                     job.stream.hop = job.stream.schedule.next(job.stream.hop)
-            return [chunks.get(id(job)) for job in jobs]
+                results[id(job)] = chunks.get(id(job))
+                if on_chunk is not None:
+                    on_chunk(job, results[id(job)])
+
+        try:
+            self._flow_jobs([j for j in jobs if not j.stream.closed and not j.stream.cancelled], vocode)
+            return [results.get(id(job)) for job in jobs]
         except BaseException:
             done = list(jobs)  # a failed stream is not resumable: free it
             raise
@@ -262,25 +272,37 @@ class Token2Wav:
             for stream in streams:
                 stream.lock.release()
 
-    def _flow_jobs(self, jobs: list[Job]) -> dict[int, Tensor]:
-        """Each job's mel (hop: [1, 80, 2·hop]; final: the rest)."""
-        mels: dict[int, Tensor] = {}
-        groups: dict[tuple[bool, int], list[Job]] = {}
+    def _flow_jobs(self, jobs: list[Job], done: Callable[[list[tuple[Job, Tensor]]], None]) -> None:
+        """Each job's mel (hop: [1, 80, 2·hop]; final: the rest), handed to ``done`` per round."""
+        solo = [(job, self._flow_chunk(job.stream, job.hop) if job.hop is not None else self._flow_final(job.stream))
+                for job in jobs if job.stream.mode != "cached"]
+        plans = []
         for job in jobs:
-            stream = job.stream
-            if stream.mode != "cached":
-                mels[id(job)] = self._flow_chunk(stream, job.hop) if job.hop is not None else self._flow_final(stream)
-                continue
-            flow = stream.flow_stream
-            count = flow.plan_emit(job.hop)[1] if job.hop is not None else flow.finish_tokens()
-            groups.setdefault((job.hop is None, count), []).append(job)
-        for (final, _), group in groups.items():
-            if final:
-                out = finish_together([j.stream.flow_stream for j in group])
-            else:
-                out = emit_together([(j.stream.flow_stream, j.hop) for j in group])
-            mels.update((id(j), mel) for j, mel in zip(group, out, strict=True))
-        return mels
+            if job.stream.mode == "cached":
+                flow = job.stream.flow_stream
+                pieces = flow.plan_emit(job.hop) if job.hop is not None else flow.plan_finish()
+                plans.append((job, deque(pieces), []))
+        finished = solo + [self._complete(job, outs) for job, pieces, outs in plans if not pieces]
+        while True:
+            if finished:
+                done(finished)
+            pending = [plan for plan in plans if plan[1]]
+            if not pending:
+                return
+            groups: dict[int, list] = {}
+            for plan in pending:  # one chunk each; a final partial chunk goes with its like
+                groups.setdefault(plan[1][0][1], []).append(plan)
+            for count, group in groups.items():
+                mels = advance_together([(job.stream.flow_stream, pieces[0][0], count) for job, pieces, _ in group])
+                for (_, pieces, outs), mel in zip(group, mels, strict=True):
+                    pieces.popleft()
+                    outs.append(mel)
+            finished = [self._complete(job, outs) for job, pieces, outs in pending if not pieces]
+
+    @staticmethod
+    def _complete(job: Job, mels: list[Tensor]) -> tuple[Job, Tensor]:
+        flow = job.stream.flow_stream
+        return job, flow.complete_emit(job.hop, mels) if job.hop is not None else flow.complete_finish(mels)
 
     def _vocode_jobs(self, jobs: list[Job], mels: dict[int, Tensor]) -> dict[int, np.ndarray]:
         """Official overlap rule, per stream: prepend the previous 8 mel frames, continue the previous

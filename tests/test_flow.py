@@ -19,9 +19,7 @@ from cosyvoice.flow import (
     FlowStream,
     advance_together,
     cfm_noise,
-    emit_together,
     euler_schedule,
-    finish_together,
 )
 from cosyvoice.flow_estimator import CausalConditionalDecoder, EstimatorCache, EstimatorConfig
 from tests.conftest import load_npz, reference_file
@@ -312,9 +310,30 @@ def test_flow_stream_equals_chunk_causal_recompute(flow, n_tokens, n_prompt):
     assert stream.closed and stream.nbytes() == 0
 
 
+def _together(items):
+    """Run (stream, pieces) advances in rounds, one flow chunk per stream per round, the streams
+    of a round with alike chunks in one advance_together; returns each stream's advances' mels."""
+    plans = [(stream, list(pieces), []) for stream, pieces in items]
+    rounds = 0
+    while any(pieces for _, pieces, _ in plans):
+        groups = {}
+        for plan in plans:
+            if plan[1]:
+                groups.setdefault(plan[1][0][1], []).append(plan)
+        for count, group in groups.items():
+            mels = advance_together([(stream, pieces[0][0], count) for stream, pieces, _ in group])
+            for (_, pieces, outs), mel in zip(group, mels, strict=True):
+                pieces.pop(0)
+                outs.append(mel)
+        rounds += 1
+    return [outs for _, _, outs in plans], rounds
+
+
 def test_streams_advanced_together_equal_each_stream_alone(flow):
-    """Several streams, at different points of different utterances with different prompts and
-    speakers, emitting the same hop in one batched call per Euler step: each gets its solo mel."""
+    """Several streams, at different points of different utterances with different prompts,
+    speakers and hops, advanced one flow chunk per round, all of them in one batched call per
+    Euler step: each gets exactly its solo mel (the model is chunk-causal, and each stream keeps its
+    own caches)."""
     cases = [_stream_case(160, seed=s, n_prompt=p) for s, p in ((11, 10), (12, 35), (13, 60))]
     hop_lists = [_official_hops(p.shape[1], tok.shape[1])[0] for tok, p, _, _ in cases]
     solo = [_run_stream(flow, *case, hops)[1] for case, hops in zip(cases, hop_lists, strict=True)]
@@ -322,22 +341,21 @@ def test_streams_advanced_together_equal_each_stream_alone(flow):
     streams = [FlowStream(flow, prompt, feat, emb) for _, prompt, feat, emb in cases]
     for stream, (tokens, *_rest) in zip(streams, cases, strict=True):
         stream.push(tokens[0])
-    firsts = [stream.emit(hops[0]) for stream, hops in zip(streams, hop_lists, strict=True)]  # prompts differ
-    for first, mels in zip(firsts, solo, strict=True):
-        assert maxdiff(first, mels[0]) <= TOL
-    # later hops are the same for everyone: one call per step for all three
-    together = emit_together([(stream, hops[1]) for stream, hops in zip(streams, hop_lists, strict=True)])
-    for mel, mels in zip(together, solo, strict=True):
-        assert maxdiff(mel, mels[1]) <= TOL
-    # the ends have as many tokens left only by chance: group the ones that match
-    ends = {}
-    for stream in streams:
-        for hop in hop_lists[streams.index(stream)][2:]:
-            stream.emit(hop)
-        ends.setdefault(stream.finish_tokens(), []).append(stream)
-    finals = {id(s): m for group in ends.values() for s, m in zip(group, finish_together(group), strict=True)}
-    for stream, mels in zip(streams, solo, strict=True):
-        assert maxdiff(finals[id(stream)], mels[-1]) <= TOL and stream.closed
+    got = [[] for _ in streams]
+    for step in range(max(len(h) for h in hop_lists)):  # hop k of every stream that has one, together
+        active = [(i, hops[step]) for i, hops in enumerate(hop_lists) if step < len(hops)]
+        outs, rounds = _together([(streams[i], streams[i].plan_emit(hop)) for i, hop in active])
+        assert rounds == max(hop for _, hop in active) // 25 + (step == 0)  # first hops: prompt pad
+        for (i, hop), mels in zip(active, outs, strict=True):
+            got[i].append(streams[i].complete_emit(hop, mels))
+    outs, _ = _together([(stream, stream.plan_finish()) for stream in streams])  # ends of any length
+    for i, mels in enumerate(outs):
+        got[i].append(streams[i].complete_finish(mels))
+    for mine, ref in zip(got, solo, strict=True):
+        assert len(mine) == len(ref)
+        for a, b in zip(mine, ref, strict=True):
+            assert a.shape == b.shape and maxdiff(a, b) <= TOL
+    assert all(stream.closed for stream in streams)
     a, b = (FlowStream(flow, prompt, feat, emb) for _, prompt, feat, emb in cases[:2])
     with pytest.raises(ValueError, match="as many tokens"):
         advance_together([(a, None, 10), (b, None, 20)])

@@ -357,18 +357,20 @@ class RecordingMels(Token2Wav):
         super().__init__(flow, hift)
         self.mels: dict = {}
 
-    def _flow_jobs(self, jobs):
-        mels = super()._flow_jobs(jobs)
-        for job in jobs:
-            self.mels.setdefault(job.uuid, []).append(mels[id(job)].clone())
-        return mels
+    def _flow_jobs(self, jobs, done):
+        def record(finished):
+            for job, mel in finished:
+                self.mels.setdefault(job.uuid, []).append(mel.clone())
+            done(finished)
+
+        super()._flow_jobs(jobs, record)
 
 
 def test_jobs_of_several_streams_run_together_equal_each_stream_alone(models, fx):
-    """Streams at different points, with different prompts and seeds: every round runs the next
-    chunk of each in one `run` (flow hops that advance alike in one estimator call per Euler step,
-    chunks of as many frames in one vocoder call); every chunk's mel equals the stream's solo mel,
-    and its audio length the solo one."""
+    """Streams at different points, with different prompts and seeds: every call runs the next
+    chunk of each in one `run` (their flow one 25-token chunk per round for all at once, chunks of
+    as many frames in one vocoder call, each delivered when done); every chunk's mel equals the
+    stream's solo mel, and its audio length the solo one."""
     flow, hift = models
     rng = np.random.default_rng(3)
     cases = []
@@ -388,14 +390,16 @@ def test_jobs_of_several_streams_run_together_equal_each_stream_alone(models, fx
     for uuid, tokens, p, seed in cases:
         batched.open(uuid, *p, seed=seed)
         batched.push(uuid, tokens)
-    sizes = []
+    sizes, delivered = [], []
     while batched.active_streams():
         jobs = [batched.next_job(uuid, finished=True) for uuid in batched.active_streams()]
         sizes.append(len(jobs))
-        for job, chunk in zip(jobs, batched.run(jobs), strict=True):
+        chunks = batched.run(jobs, lambda job, chunk: delivered.append((job.uuid, chunk)))
+        for job, chunk in zip(jobs, chunks, strict=True):
             if chunk is not None:
                 got[job.uuid].append(chunk)
     assert max(sizes) == len(cases) and batched.active_streams() == []
+    assert sum(chunk is not None for _, chunk in delivered) == sum(len(c) for c in got.values())
     for uuid, chunks in expected.items():
         assert [len(c) for c in got[uuid]] == [len(c) for c in chunks], uuid
         assert len(batched.mels[uuid]) == len(solo.mels[uuid])
