@@ -17,6 +17,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+# LLM-style answers the latency and soak benchmarks stream, 4 characters per token
+ANSWERS = [
+    "Sure! The quickest way to get there is by train, which leaves every twenty minutes from the central station.",
+    "I checked your calendar: you have a meeting at 3:45 pm with the design team, and lunch is free.",
+    "Here is a short summary. The report shows revenue grew by 12% last quarter, mostly from new customers.",
+    "Of course, I can help with that. First, preheat the oven to 200 degrees, then slice the vegetables thinly.",
+    "The weather in Paris tomorrow looks mild, around 21 degrees, with a light breeze in the afternoon.",
+    "Good question. Black holes form when massive stars collapse, and nothing, not even light, escapes them.",
+    "Your order has shipped and should arrive on Thursday; the tracking number is in your email.",
+    "To reset the router, hold the small button on the back for ten seconds, then wait for the lights.",
+]
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile of the finite values; NaN when there are none."""
     values = sorted(v for v in values if v == v)

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 from common import ROOT, percentile, server_process
 
-ANSWERS = [
+TEXTS = [
     "Sure! The quickest way there is the train, every twenty minutes.",
     "I checked your calendar: the meeting is at noon with the design team.",
     "Here is a short summary. Revenue grew last quarter, mostly from new customers.",
@@ -77,7 +77,7 @@ async def utterance(url: str, text: str, tps: float) -> tuple[float, float, str 
 
 
 async def level(url: str, base: str, n: int, args) -> dict:
-    texts = SHORT if args.short else ANSWERS
+    texts = SHORT if args.short else TEXTS
     before = metrics(base)
     t0 = time.perf_counter()
 

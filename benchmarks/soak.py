@@ -31,17 +31,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from common import percentile, server_process
+from common import ANSWERS, percentile, server_process
 
 from realtime.errors import ERROR_CODES
 
-ANSWERS = [
-    "Sure! The quickest way to get there is by train, which leaves every twenty minutes from the central station.",
-    "I checked your calendar: you have a meeting at 3:45 pm with the design team, and lunch is free.",
-    "Here is a short summary. The report shows revenue grew by 12% last quarter, mostly from new customers.",
-    "Of course, I can help with that. First, preheat the oven to 200 degrees, then slice the vegetables thinly.",
-    "The weather in Paris tomorrow looks mild, around 21 degrees, with a light breeze in the afternoon.",
-]
 TYPES = {"ready", "audio", "mark", "flushed", "done", "cancelled", "error"}
 RATE = 16000  # pcm_s16le at 16 kHz: 32,000 bytes per second of audio
 

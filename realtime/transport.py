@@ -134,7 +134,22 @@ def _json_response(status: int, reason: bytes, code: str, message: str) -> bytes
             b"connection: close\r\n\r\n" % (status, reason, len(body))) + body
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
+class _StallGuarded:
+    """Mixin for the protocols below: a connection whose writes stay paused too long is aborted."""
+
+    _stall: _StallGuard
+    transport: Any
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self._stall.paused(self.transport)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self._stall.resumed()
+
+
+class GuardedHttpProtocol(_StallGuarded, HttpToolsProtocol):
     """uvicorn's httptools protocol with a header deadline, a write-stall deadline, an abort for a
     close the peer does not complete, and JSON for the errors it answers itself."""
 
@@ -178,14 +193,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.write(_json_response(400, b"Bad Request", "bad_request", msg))
         self.transport.close()
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._stall.paused(self.transport)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._stall.resumed()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
         self._stall.resumed()
@@ -206,7 +213,7 @@ class _Activity:
         return self.last
 
 
-class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+class GuardedWebSocketProtocol(_StallGuarded, WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol writing through a :class:`ServerTransport`, with the
     client's pings exposed to the app as activity (scope extension ``realtime.activity``), a
     bounded close handshake and write stall, and one log line per refused or invalid frame."""
@@ -247,14 +254,6 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         await super().send(message)
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             self.handshake_complete = True  # a refusal sent as an HTTP response is a finished handshake
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._stall.paused(self.transport)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._stall.resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stall.resumed()
