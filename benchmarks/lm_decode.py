@@ -27,6 +27,8 @@ parser.add_argument("--quick", action="store_true", help="fewer tokens and repea
 parser.add_argument("--variants", default="fp32,int8,bf16", help="comma list of fp32, int8, bf16")
 parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: fp32/fp16/bf16 only)")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16],
+                    help="batched decode: requests stepped together by the LM stage's packed forward")
 args = parser.parse_args()
 os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 os.environ.setdefault("MKL_NUM_THREADS", str(args.threads))
@@ -43,6 +45,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cosyvoice.config import LLMConfig  # noqa: E402
+from cosyvoice.kv_cache import KVPool  # noqa: E402
 from cosyvoice.llm import ROW_SPEECH, ROW_TASK, ROW_TEXT, Qwen2LM, quantize_int8  # noqa: E402
 from cosyvoice.sampling import RasSampler  # noqa: E402
 
@@ -149,6 +152,24 @@ def bistream_first_tokens(model: Qwen2LM, n_tokens: int, rate: float, repeats: i
     return statistics.median(results), statistics.median(results_cpu)
 
 
+def batched_decode(model: Qwen2LM, batch: int, steps: int) -> tuple[float, float]:
+    """(ms per step, speech tokens per second) with ``batch`` requests decoding together through
+    ``Qwen2LM.step`` (what the LM stage runs), each at its own position in its own KV slot."""
+    pool = KVPool(model.kv_shape(), batch, 256)
+    caches = [pool.acquire() for _ in range(batch)]
+    prompt = [(0, 0)] + [(ROW_TEXT, 1000 + i) for i in range(20)] + [(ROW_TASK, 1)]
+    for k, cache in enumerate(caches):  # prefills of different lengths: positions differ per request
+        model.step([(prompt[: len(prompt) - k % 5], cache)])
+    model.step([([(ROW_SPEECH, 7)], cache) for cache in caches])  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        model.step([([(ROW_SPEECH, (37 * i + k) % 6561)], cache) for k, cache in enumerate(caches)])
+    sync()
+    per_step = (time.perf_counter() - t0) / steps
+    return per_step * 1000, batch / per_step
+
+
 def teacher_forced_logits(model: Qwen2LM, dtype: torch.dtype) -> torch.Tensor:
     rows = [(0, 0)] + [(ROW_TEXT, 3000 + i) for i in range(20)] + [(ROW_TASK, 1)]
     rows += [(ROW_SPEECH, (37 * i) % 6561) for i in range(42)]
@@ -170,6 +191,15 @@ def main() -> None:
     fp32 = build_random_real_lm(args.seed)
     print(f"built REAL-size LM with random weights in {time.perf_counter() - t:.1f} s", flush=True)
     ref_logits = teacher_forced_logits(fp32.to(DEVICE), torch.float32)
+    if args.batches:
+        print("| batch (fp32) | decode ms per step | speech tokens/s | vs batch 1 |")
+        print("|---|---|---|---|")
+        base = None
+        for b in args.batches:
+            ms, tps = batched_decode(fp32, b, n_decode)
+            base = base or tps
+            print(f"| {b} | {ms:.1f} | {tps:.1f} | x{tps / base:.2f} |", flush=True)
+        print()
 
     rows = []
     for name in variants:
