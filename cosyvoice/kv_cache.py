@@ -88,10 +88,12 @@ class KVPool:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_budget(cls, shape: KVShape, budget_bytes: int, max_len: int, min_slots: int = 1) -> KVPool:
-        """As many slots of ``max_len`` rows as ``budget_bytes`` holds (at least ``min_slots``)."""
+    def for_budget(cls, shape: KVShape, budget_bytes: int, max_len: int, min_slots: int = 1,
+                   max_slots: int | None = None) -> KVPool:
+        """As many slots of ``max_len`` rows as ``budget_bytes`` holds, at least ``min_slots`` and
+        at most ``max_slots``."""
         slots = max(min_slots, budget_bytes // (shape.bytes_per_row() * max_len))
-        return cls(shape, slots, max_len)
+        return cls(shape, slots if max_slots is None else min(max_slots, slots), max_len)
 
     @property
     def free(self) -> int:

@@ -26,7 +26,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2RotaryEmbe
 from .checkpoint import load_state_dict, load_strict
 from .config import LLMConfig, ModelDir, resolve_device, resolve_dtype
 from .kv_cache import KVCache, KVShape
-from .lm_request import ROW_SOS, ROW_SPEECH, ROW_TASK, ROW_TEXT, LMRequest, Row, TokenLimit
+from .lm_request import ROW_SOS, ROW_SPEECH, ROW_TASK, ROW_TEXT, LMRequest, Row, TokenLimit, feed_text
 from .sampling import RasSampler, Sampler
 
 __all__ = [
@@ -270,10 +270,7 @@ class Qwen2LM(nn.Module):
                     return
                 rows = request.rows()
                 if rows is None:  # it waits for text: pull the next item (this may block)
-                    item = next(items, _END)
-                    if stopped():
-                        return
-                    request.end_text() if item is _END else request.push_text(item)
+                    feed_text(items, request)
                     continue
                 cache_len = cache.length
                 logits = self.step([(rows, cache)])[0]
@@ -286,9 +283,6 @@ class Qwen2LM(nn.Module):
                     yield token
         finally:
             del cache
-
-
-_END = object()
 
 
 class StepStats:

@@ -23,7 +23,7 @@ The fed-row sequence is exactly the official one (``lm_inference.npz``, ``lm_bis
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from .config import LLMConfig
 from .sampling import Sampler
 
-__all__ = ["LMRequest", "ROW_SOS", "ROW_TASK", "ROW_TEXT", "ROW_SPEECH", "Row", "TokenLimit", "ids_of"]
+__all__ = ["LMRequest", "ROW_SOS", "ROW_TASK", "ROW_TEXT", "ROW_SPEECH", "Row", "TokenLimit", "feed_text", "ids_of"]
 
 # Kinds of input rows (the numbering of the reference fixtures' feed_rows).
 ROW_SOS, ROW_TASK, ROW_TEXT, ROW_SPEECH = 0, 1, 2, 3
@@ -199,6 +199,19 @@ class LMRequest:
 
     def cancel(self) -> None:
         self._phase = _DONE
+
+
+_END = object()
+
+
+def feed_text(items: Iterator[Any], target: Any) -> None:
+    """One pull of a text iterator (it may block) handed to ``target``, a request or an LM stage
+    handle: the item, or the end of the text once the iterator is exhausted."""
+    item = next(items, _END)
+    if item is _END:
+        target.end_text()
+    else:
+        target.push_text(item)
 
 
 def ids_of(x: Any) -> list[int]:

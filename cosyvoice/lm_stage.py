@@ -23,7 +23,7 @@ import torch
 
 from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, StopCondition, Trace, stop_fn
-from .lm_request import LMRequest
+from .lm_request import LMRequest, feed_text
 
 __all__ = ["DONE", "NEEDS_TEXT", "LMHandle", "LMStage"]
 
@@ -31,7 +31,6 @@ log = logging.getLogger("cosyvoice.lm_stage")
 
 NEEDS_TEXT = "needs text"
 DONE = "done"
-_END = object()
 
 
 class LMHandle:
@@ -132,8 +131,7 @@ class LMHandle:
                 if event is DONE:
                     return
                 if event is NEEDS_TEXT:
-                    item = next(items, _END)
-                    self.end_text() if item is _END else self.push_text(item)
+                    feed_text(items, self)
                     continue
                 yield event
         finally:

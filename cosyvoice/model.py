@@ -26,7 +26,7 @@ from .flow import CausalMaskedDiffWithXvec, FlowConfig
 from .hift import HiFTConfig, HiFTGenerator, load_hift_state_dict
 from .kv_cache import KVPool
 from .llm import Qwen2LM, StopCondition, stop_fn
-from .lm_request import LMRequest
+from .lm_request import LMRequest, feed_text
 from .lm_stage import LMHandle, LMStage
 from .sampling import Sampler
 from .t2w_stage import DONE, StaticTokens, T2WStage, TokenSource
@@ -38,7 +38,6 @@ __all__ = [
 
 LM_MODES = ("batched", "per-request")
 SAMPLE_RATE = 24000
-_END = object()
 SAMPLES_PER_TOKEN = 960  # 2 mel frames x 480 samples
 
 
@@ -132,9 +131,8 @@ class CosyVoice2Model:
         self.hift = hift.eval()
         self.token2wav = Token2Wav(self.flow, self.hift, left_chunks=left_chunks)
         self.cap = cap or TokenCap()
-        shape = llm.kv_shape()
-        slots = min(kv_max_slots, max(1, int(kv_budget_mb * 2**20) // (shape.bytes_per_row() * kv_max_len)))
-        self.lm_stage = LMStage(llm, KVPool(shape, slots, kv_max_len))
+        pool = KVPool.for_budget(llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots)
+        self.lm_stage = LMStage(llm, pool)
         self.t2w_stage = T2WStage(self.token2wav)
 
     def close(self) -> None:
@@ -259,8 +257,7 @@ class CosyVoice2Model:
             while not stopped():
                 stream.event.clear()  # before looking: a change after this wakes the wait below
                 if isinstance(source, LMHandle) and source.wants_text():
-                    item = next(items, _END)
-                    source.end_text() if item is _END else source.push_text(item)
+                    feed_text(items, source)
                     continue
                 event = stream.poll()
                 if event is DONE:

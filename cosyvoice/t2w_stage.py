@@ -116,7 +116,6 @@ class T2WStage:
         self.token2wav = token2wav
         self.max_unread = max_unread  # chunks a reader may leave unread before its stream waits
         self.lock = threading.Lock()
-        self.ticks = 0
         self.group_sizes: Counter[int] = Counter()  # streams per tick -> ticks
         self._streams: dict[Hashable, T2WStream] = {}
         self._wake = threading.Event()
@@ -189,7 +188,6 @@ class T2WStage:
                 continue
             ready.sort(key=lambda item: item[0])  # most urgent first (the vocoder's groups keep this order)
             self._compute(ready)
-            self.ticks += 1
 
     def _compute(self, ready: list[tuple[float, Job, T2WStream]]) -> None:
         """One tick: every ready job, the flow a chunk per round for all of them at once, each

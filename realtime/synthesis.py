@@ -2,8 +2,9 @@
 admission, the engine stream, and a bounded audio buffer between the engine and the event loop.
 
 The engine stream is opened at the first text, once admission grants a place: a context that
-waits for its first text, or for more text, costs no place, no thread and no compute.  Flushes and
-an end that come before any text are answered here without an engine.
+waits for its first text costs no place, no thread and no compute; one that waits for more text
+keeps its place, and costs no compute.  Flushes and an end that come before any text are answered
+here without an engine.
 
 Backpressure: the buffer holds about a second of audio; while it is full the engine computes
 nothing for this stream (it asks :meth:`AudioBuffer.has_room` and waits for the waker), so a slow
@@ -79,10 +80,6 @@ class AudioBuffer(AudioSink):
     @property
     def buffered_samples(self) -> int:
         return self._samples
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def put(self, item: Output, samples: int = 0) -> bool:
         with self._lock:
