@@ -201,6 +201,42 @@ def test_nucleus_respects_top_k_and_ties_are_stable():
     assert ids.tolist() == list(range(25))
 
 
+def _nucleus_by_full_sort(logp, top_p, top_k):
+    """The reference's algorithm as written: a stable descending sort of the whole vocabulary,
+    candidates summed one at a time in float32."""
+    probs = logp.float().softmax(dim=-1)
+    sorted_probs, sorted_ids = probs.sort(descending=True, stable=True)
+    cum, count = torch.zeros((), dtype=torch.float32), 0
+    for value in sorted_probs[:top_k]:
+        if not (cum < top_p):
+            break
+        cum, count = cum + value, count + 1
+    return sorted_probs[:count], sorted_ids[:count]
+
+
+def test_nucleus_from_topk_equals_the_full_sort_with_ties_and_masks():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        n = int(torch.randint(2, 7000, (1,), generator=gen))
+        x = torch.randn(n, generator=gen) * float(torch.rand(1, generator=gen) * 8)
+        kind = trial % 5
+        if kind == 1:
+            x = x.round()  # many equal probabilities, at the top-k boundary too
+        elif kind == 2:
+            x = torch.zeros(n)
+        elif kind == 3:
+            x[torch.randint(0, n, (n // 2,), generator=gen)] = float("-inf")  # masked ids
+        elif kind == 4:
+            x = (x * 2).round() / 2
+            x[: n // 3] = x.max()  # more ties at the maximum than top_k
+        logp = x.log_softmax(-1)
+        for top_p, top_k in ((0.8, 25), (0.5, 3), (0.99, 40), (1.0, 25)):
+            probs, ids = nucleus_candidates(logp, top_p, top_k)
+            ref_probs, ref_ids = _nucleus_by_full_sort(logp, top_p, top_k)
+            assert ids.tolist() == ref_ids.tolist(), (trial, top_p, top_k)
+            assert torch.equal(probs, ref_probs)
+
+
 def test_ras_sampling_is_reproducible_with_a_seeded_generator():
     logp = torch.linspace(0, 3, 200).log_softmax(-1)
 
