@@ -7,7 +7,7 @@ lengths, embeddings float32 [1, 192], prompt mel float32 [1, 2N, 80].
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,31 @@ def _ids(ids: list[int], device: str | torch.device) -> tuple[torch.Tensor, torc
         torch.tensor([ids], dtype=torch.int32, device=device),
         torch.tensor([len(ids)], dtype=torch.int32, device=device),
     )
+
+
+class TextIds:
+    """Streamed text deltas -> token ids, normalised incrementally: what one bistream request
+    reads.  Trailing whitespace of each released piece is carried over to the next, so that
+    English words tokenize as they would in the whole text (Qwen2 attaches the space to the next
+    word).  Cheap enough to run on an event loop (about 20 us per 4-character delta)."""
+
+    def __init__(self, encode: Callable[[str], list[int]], normalizer: StreamingNormalizer | None) -> None:
+        self._encode = encode
+        self._normalizer = normalizer
+        self._carry = ""
+
+    def push(self, chunk: str) -> list[int]:
+        """Ids of the text that can no longer change once ``chunk`` is added."""
+        text = self._carry + (self._normalizer.push(chunk) if self._normalizer else chunk)
+        body = text.rstrip()
+        self._carry = text[len(body) :]
+        return self._encode(body) if body else []
+
+    def end(self) -> list[int]:
+        """Ids of everything held back (the text is over)."""
+        tail = self._carry + (self._normalizer.flush() if self._normalizer else "")
+        self._carry = ""
+        return self._encode(tail.rstrip()) if tail.strip() else []
 
 
 class CosyVoiceFrontEnd:
@@ -87,23 +112,15 @@ class CosyVoiceFrontEnd:
         )
 
     def stream_text_ids(self, chunks: Iterable[str]) -> Iterator[int]:
-        """Token ids of streamed text, one at a time, normalised incrementally.
-
-        Trailing whitespace of each released piece is carried over to the next, so that English
-        words tokenize as they would in the whole text (Qwen2 attaches the space to the next word).
-        """
-        normalizer = StreamingNormalizer() if self.normalize else None
-        carry = ""
+        """Token ids of streamed text, one at a time, normalised incrementally."""
+        ids = self.text_ids()
         for chunk in chunks:
-            released = normalizer.push(chunk) if normalizer else chunk
-            text = carry + released
-            body = text.rstrip()
-            carry = text[len(body) :]
-            if body:
-                yield from self.tokenizer.encode(body)
-        tail = carry + (normalizer.flush() if normalizer else "")
-        if tail.strip():
-            yield from self.tokenizer.encode(tail.rstrip())
+            yield from ids.push(chunk)
+        yield from ids.end()
+
+    def text_ids(self) -> TextIds:
+        """The incremental text front end of one stream of text (push deltas, get ids)."""
+        return TextIds(self.tokenizer.encode, StreamingNormalizer() if self.normalize else None)
 
     def _extract_text_token(self, text: Text) -> tuple[torch.Tensor | Iterator[int], torch.Tensor]:
         """A string gives [1, L] int32 ids; a stream of strings gives an id generator and length 0

@@ -239,6 +239,7 @@ class LMStage:
                     self.cond.acquire()
                 self.steps += 1
                 self.batch_sizes[len(work)] += 1
+                logps = logits.log_softmax(dim=-1) if logits is not None else None
                 for k, (handle, rows, cache_len) in enumerate(work):
                     handle.in_flight = False
                     if error is not None:
@@ -246,7 +247,7 @@ class LMStage:
                     elif not handle.cancelled:
                         if handle.trace is not None:
                             handle.trace(rows, cache_len, len(rows), logits[k])
-                        token = handle.request.accept(logits[k].log_softmax(dim=-1))
+                        token = handle.request.accept(logps[k])
                         if handle.request.error is not None:
                             handle.error = handle.request.error
                         if token is not None:

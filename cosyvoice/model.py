@@ -1,12 +1,16 @@
 """One CosyVoice2 model shared by every request: LM -> token2wav, per request under its own UUID.
 
-The official `CosyVoice2Model.tts` runs the LM in a second thread and polls its token list every
-0.1 s; both threads then compete for the same cores on a CPU box, and the hop length lives on the
-model object (so a second streaming request starts at hop 100).  Here one request is one generator
-running in the caller's thread: after every LM token it hands the token to `Token2Wav` and yields
-whatever chunk became ready.  Everything mutable (LM KV cache, sampler generator, hop schedule,
-flow/vocoder caches) belongs to that generator and is freed in its ``finally``, whether it ends,
-is stopped, or is closed by the caller.
+The official `CosyVoice2Model.tts` runs the LM in a second thread per request and polls its token
+list every 0.1 s, and keeps the hop length on the model object (so a second streaming request
+starts at hop 100).  Here the model owns two stage threads that serve every request at once: the
+LM stage steps all requests that have rows in one batched backbone call, and the token2wav stage
+advances all streams that have a chunk ready in one batched flow round and vocoder call.  A request
+is a :class:`SpeechStream` (text ids in, audio chunks out, nothing blocks) that the service drives
+from its event loop; the Python API reads one from the calling thread, which also pulls the text
+iterator when the LM wants more.  Everything mutable (KV slot, sampler generator, hop schedule,
+flow/vocoder caches) belongs to the request and is freed by the stages when it ends or is cancelled.
+``lm="per-request"`` keeps the previous path (each request's LM and token2wav in its caller's
+thread) for comparison.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import load_state_dict, load_strict
@@ -29,11 +34,11 @@ from .llm import Qwen2LM, StopCondition, stop_fn
 from .lm_request import LMRequest, feed_text
 from .lm_stage import LMHandle, LMStage
 from .sampling import Sampler
-from .t2w_stage import DONE, StaticTokens, T2WStage, TokenSource
+from .t2w_stage import DONE, StaticTokens, T2WStage, T2WStream, TokenSource
 from .token2wav import MEL_CACHE_LEN, HopSchedule, Token2Wav
 
 __all__ = [
-    "CosyVoice2Model", "TokenCap", "flow_config_from_yaml", "hift_config_from_yaml", "StopCondition",
+    "CosyVoice2Model", "DONE", "SpeechStream", "TokenCap", "flow_prompt", "flow_config_from_yaml", "hift_config_from_yaml", "StopCondition",
 ]
 
 LM_MODES = ("batched", "per-request")
@@ -176,8 +181,9 @@ class CosyVoice2Model:
         ``model_input['text']`` is a [1, L] id tensor (unistream) or an iterator of ids (bistream;
         it may block, it is iterated, never polled).  ``stream=True`` yields chunks as soon as
         token2wav has them (960 samples per token in total); ``stream=False`` yields one tensor.
-        The LM runs in the model's LM stage, batched with every other request and overlapping with
-        this request's token2wav, which runs in the calling thread.  ``should_stop`` is checked
+        Streamed with a hop of whole flow chunks, the LM and token2wav run in the model's stages,
+        batched with every other request; otherwise the LM runs in the LM stage and token2wav in
+        the calling thread.  ``should_stop`` is checked
         while waiting for tokens and before every flow chunk; once it fires the generator returns
         without further audio and every cache of the request is freed.  ``max_tokens`` overrides
         the :class:`TokenCap` for this request.
@@ -190,24 +196,17 @@ class CosyVoice2Model:
             raise ValueError(f"mel_cache_len must be {MEL_CACHE_LEN} (the vocoder overlap is fixed)")
         stopped = stop_fn(should_stop)
         seed = secrets.randbits(63) if seed is None else int(seed)
-        generator = torch.Generator().manual_seed(seed)
         uuid = uuid if uuid is not None else uuid_lib.uuid4().hex
-
         text = model_input["text"]
-        prompt_text = _rows(model_input.get("prompt_text"))
-        llm_prompt_speech = _rows(model_input.get("llm_prompt_speech_token"))
-        limit = max_tokens if max_tokens is not None else self.cap.limit  # a function of the text taken
         unistream = isinstance(text, torch.Tensor)
-        request = LMRequest(self.llm.config, sampler or self.llm.sampler_for(generator), prompt_text,
-                            llm_prompt_speech, text=text if unistream else None, max_tokens=limit)
+        request = self._lm_request(model_input, text if unistream else None, seed, max_tokens, sampler)
         text_items = () if unistream else text
-        prompt = (_rows(model_input.get("flow_prompt_speech_token")).long(),
-                  _rows(model_input.get("prompt_speech_feat"), 80).float(),
-                  model_input["flow_embedding"].detach().cpu().float())
+        prompt = flow_prompt(model_input)
         schedule, mode = self._schedule(token_hop_len)
         if stream and self.lm_mode == "batched" and mode == "cached":
             handle = self.lm_stage.submit(request, should_stop=stopped)
-            yield from self._stream_stages(uuid, handle, text_items, prompt, seed, stopped, schedule)
+            yield from _read(SpeechStream(handle, self.t2w_stage.open(uuid, handle, *prompt, schedule=schedule,
+                                                                      seed=seed)), text_items, stopped)
             return
         if self.lm_mode == "batched":
             tokens = self.lm_stage.submit(request, should_stop=stopped).tokens_from(text_items)
@@ -238,38 +237,47 @@ class CosyVoice2Model:
         prompt = (prompt_token[:, :n], prompt_feat[:, : 2 * n], model_input["flow_embedding"].cpu().float())
         schedule, mode = self._schedule(token_hop_len)
         if stream and self.lm_mode == "batched" and mode == "cached":
-            yield from self._stream_stages(uuid or uuid_lib.uuid4().hex, StaticTokens(source), (), prompt, seed,
-                                           stopped, schedule)
+            tokens = StaticTokens(source)
+            t2w = self.t2w_stage.open(uuid or uuid_lib.uuid4().hex, tokens, *prompt, schedule=schedule, seed=seed)
+            yield from _read(SpeechStream(tokens, t2w), (), stopped)
         elif stream:
             yield from self._stream(uuid or uuid_lib.uuid4().hex, iter(source), prompt, seed, stopped, token_hop_len)
         elif not stopped():
             yield torch.from_numpy(self.token2wav.token2wav(source, *prompt, speed=speed, seed=seed)).unsqueeze(0)
 
     # ------------------------------------------------------------------------------------------
-    def _stream_stages(self, uuid: Hashable, source: TokenSource, text: Iterable[Any], prompt: tuple, seed: int,
-                       stopped: Callable[[], bool], schedule: HopSchedule) -> Iterator[torch.Tensor]:
-        """Streamed audio through the model's stages: tokens from ``source`` (the LM stage's
-        handle, or fixed tokens) into the token2wav stage; this thread only hands text to the LM
-        when it wants some (``text`` may block) and reads the audio."""
-        stream = self.t2w_stage.open(uuid, source, *prompt, schedule=schedule, seed=seed)
-        items = iter(text)
-        try:
-            while not stopped():
-                stream.event.clear()  # before looking: a change after this wakes the wait below
-                if isinstance(source, LMHandle) and source.wants_text():
-                    feed_text(items, source)
-                    continue
-                event = stream.poll()
-                if event is DONE:
-                    return
-                if event is None:
-                    stream.event.wait(0.1)  # a bound, so that the stop condition is seen
-                    continue
-                yield torch.from_numpy(event).unsqueeze(0)
-        finally:
-            stream.cancel()
-            if isinstance(source, LMHandle):
-                source.cancel()
+    def open_stream(self, prompt: dict[str, Any], *, seed: int | None = None, token_hop_len: int | None = None,
+                    uuid: Hashable | None = None, listener: Callable[[], None] | None = None,
+                    max_tokens: int | None = None, sampler: Sampler | None = None) -> SpeechStream | None:
+        """A bistream request driven from outside, without a thread of its own (the service's
+        engine streams): ``prompt`` is a frontend model input without its text; text ids are
+        pushed as they arrive and audio polled, ``listener`` says when to look.  None when the
+        LM stage has no free KV slot (admission should have prevented that).  Needs the batched
+        stages and a hop of whole flow chunks."""
+        schedule, mode = self._schedule(token_hop_len)
+        if self.lm_mode != "batched" or mode != "cached":
+            raise ValueError("open_stream needs lm='batched' and a token_hop_len that is a multiple of the flow chunk")
+        seed = secrets.randbits(63) if seed is None else int(seed)
+        handle = self.open_tokens(prompt, seed=seed, max_tokens=max_tokens, sampler=sampler)
+        if handle is None:
+            return None
+        t2w = self.t2w_stage.open(uuid if uuid is not None else uuid_lib.uuid4().hex, handle, *flow_prompt(prompt),
+                                  schedule=schedule, seed=seed, listener=listener)
+        return SpeechStream(handle, t2w)
+
+    def open_tokens(self, prompt: dict[str, Any], *, seed: int, max_tokens: int | None = None,
+                    sampler: Sampler | None = None) -> LMHandle | None:
+        """The speech tokens of a bistream request in the LM stage, without token2wav (the caller
+        pushes text into the handle and takes its tokens); None when no KV slot is free."""
+        return self.lm_stage.submit(self._lm_request(prompt, None, seed, max_tokens, sampler), wait=False)
+
+    def _lm_request(self, model_input: dict[str, Any], text: torch.Tensor | None, seed: int,
+                    max_tokens: int | None, sampler: Sampler | None) -> LMRequest:
+        """The LM side of a request: unistream over ``text``, or bistream (``text`` None)."""
+        limit = max_tokens if max_tokens is not None else self.cap.limit  # a function of the text taken
+        return LMRequest(self.llm.config, sampler or self.llm.sampler_for(torch.Generator().manual_seed(seed)),
+                         _rows(model_input.get("prompt_text")), _rows(model_input.get("llm_prompt_speech_token")),
+                         text=text, max_tokens=limit)
 
     def _stream(self, uuid: Hashable, tokens: Iterator[int], prompt: tuple, seed: int,
                 stopped: Callable[[], bool], token_hop_len: int | None) -> Iterator[torch.Tensor]:
@@ -304,3 +312,65 @@ class CosyVoice2Model:
         chunk = self.flow.cfg.chunk_tokens
         return schedule, ("cached" if first % chunk == 0 and schedule.max % chunk == 0 else "exact")
 
+
+
+def flow_prompt(model_input: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt speech tokens [1, P], prompt mel [1, 2P, 80], speaker embedding [1, 192]) for the flow."""
+    return (_rows(model_input.get("flow_prompt_speech_token")).long(),
+            _rows(model_input.get("prompt_speech_feat"), 80).float(),
+            model_input["flow_embedding"].detach().cpu().float())
+
+
+class SpeechStream:
+    """One streamed request in the model's stages, seen from whoever drives it: text ids in as
+    they arrive (:meth:`push_text`, :meth:`end_text`), audio chunks out (:meth:`poll`).  Every
+    call returns at once; the stages do the work and call the stream's listener when there is
+    something to poll.  Tokens come from the LM stage, or are fixed (voice conversion)."""
+
+    def __init__(self, tokens: TokenSource, t2w: T2WStream) -> None:
+        self.tokens = tokens
+        self.t2w = t2w
+
+    def push_text(self, ids: Iterable[int]) -> None:
+        """Text token ids, each one item of the request's text (as the official iterator yields them)."""
+        for token in ids:
+            self.tokens.push_text(token)
+
+    def end_text(self) -> None:
+        self.tokens.end_text()
+
+    def wants_text(self) -> bool:
+        return isinstance(self.tokens, LMHandle) and self.tokens.wants_text()
+
+    def poll(self) -> np.ndarray | str | None:
+        """The next audio chunk (float32 at 24 kHz), :data:`DONE`, or None for now; raises the
+        request's error."""
+        return self.t2w.poll()
+
+    def cancel(self) -> None:
+        """Stop now (idempotent): the KV slot is given back at once or after the step in flight,
+        the token2wav caches before the stage's next chunk."""
+        self.t2w.cancel()
+        if isinstance(self.tokens, LMHandle):
+            self.tokens.cancel()
+
+
+def _read(stream: SpeechStream, text: Iterable[Any], stopped: Callable[[], bool]) -> Iterator[torch.Tensor]:
+    """A speech stream's audio read in the calling thread (the Python API), which also pulls
+    ``text`` (it may block) whenever the LM wants more."""
+    items, event = iter(text), stream.t2w.event
+    try:
+        while not stopped():
+            event.clear()  # before looking: a change after this wakes the wait below
+            if stream.wants_text():
+                feed_text(items, stream.tokens)
+                continue
+            chunk = stream.poll()
+            if chunk is DONE:
+                return
+            if chunk is None:
+                event.wait(0.1)  # a bound, so that the stop condition is seen
+                continue
+            yield torch.from_numpy(chunk).unsqueeze(0)
+    finally:
+        stream.cancel()

@@ -1,15 +1,20 @@
 """The token2wav stage: one thread per model and device turns the speech tokens of every stream
 into audio, batching what can be batched (continuous batching, like the LM stage).
 
-Each tick takes every stream that has a chunk ready (a hop's tokens plus the lookahead, or the
-end) and advances their flow one 25-token chunk per round, all of them in one estimator call per
-Euler step, whatever their hops; a chunk whose flow is complete is vocoded at the end of its
-round with the others of as many mel frames (one vocoder call) and delivered at once, so a first
-chunk (one or two flow chunks) is heard before a 100-token hop of another stream is done.  Most
-urgent first: a stream's deadline is when its listener, who started playing at its first chunk,
+Each tick is one round (:class:`~cosyvoice.token2wav.Rounds`): every stream with a job in
+progress or a chunk ready (a hop's tokens plus the lookahead, or the end) advances its flow one
+25-token chunk, all of them in one estimator call per Euler step, whatever their hops; a chunk
+whose flow is complete is vocoded at the end of the round with the others of as many mel frames
+(one vocoder call) and delivered at once.  Streams join between rounds, so a first chunk waits for
+at most one round, never for another stream's whole 100-token hop.  Most urgent first: a stream's deadline is when its listener, who started playing at its first chunk,
 runs out of audio; a stream that has not spoken yet is due at once.  A stream whose
 reader has unread chunks waits (one slow reader never holds the others), and a stream's tokens
 come from its token source (the LM stage's handle, or a fixed list) as the stage needs them.
+
+Nothing a caller does waits for model work: :meth:`T2WStage.open` only registers the stream (its
+flow prompt is computed by the stage's thread at its next tick) and :meth:`T2WStream.cancel`
+only marks it (the stage frees its caches between chunks), so both may be called from an event
+loop.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
 import numpy as np
+import torch
 
-from .token2wav import HopSchedule, Job, Token2Wav
+from .token2wav import HopSchedule, Job, Rounds, Token2Wav
 
 __all__ = ["DONE", "StaticTokens", "T2WStage", "T2WStream", "TokenSource"]
 
@@ -60,24 +66,34 @@ class StaticTokens:
 class T2WStream:
     """One stream in the stage, seen by the thread that reads its audio."""
 
-    def __init__(self, stage: T2WStage, uuid: Hashable, source: TokenSource) -> None:
+    def __init__(self, stage: T2WStage, uuid: Hashable, source: TokenSource, prompt: tuple,
+                 schedule: HopSchedule | None, seed: int | None, listener: Callable[[], None] | None) -> None:
         self.stage = stage
         self.uuid = uuid
         self.source = source
+        self.listener = listener
+        self.pending_open: tuple | None = (prompt, schedule, seed)  # until the stage has opened it
         self.out: deque[np.ndarray] = deque()  # chunks not yet read
         self.event = threading.Event()  # set whenever the reader may have something to do
         self.tokens_done = False  # the source will give no more tokens
         self.finished = False  # the final chunk is out (or the stream failed or was cancelled)
         self.cancelled = False
         self.error: BaseException | None = None
+        self.busy = False  # a job of it is in the rounds
         self.first_ready: float | None = None  # when it first had a chunk to compute
         self.started: float | None = None  # when its first chunk was delivered
         self.delivered_s = 0.0  # seconds of audio delivered
         source.subscribe(self._changed)
 
-    def _changed(self) -> None:
+    def _changed(self) -> None:  # the token source: the stage may compute, a reading thread may feed text
         self.event.set()
         self.stage.wake()
+
+    def signal(self) -> None:
+        """Tell the reader that :meth:`poll` may have something new."""
+        self.event.set()
+        if self.listener is not None:
+            self.listener()
 
     def deadline(self, now: float) -> float:
         """When its listener runs out of audio (not spoken yet: now, it is waiting)."""
@@ -100,33 +116,47 @@ class T2WStream:
             return None
 
     def cancel(self) -> None:
-        """Stop (idempotent): no more chunks, the stream's caches freed."""
+        """Stop (idempotent, never waits for a chunk being computed): no more chunks; the stage
+        frees the stream's caches before its next chunk."""
         with self.stage.lock:
+            if self.cancelled:
+                return
             self.cancelled = True
             self.finished = True
-        self.stage.token2wav.close(self.uuid)
-        self.stage.forget(self)
+            self.out.clear()
+        self.stage.token2wav.cancel(self.uuid)
+        self.stage.wake()
         self.event.set()
 
 
 class T2WStage:
     """Computes the token2wav of every open stream of one :class:`Token2Wav`, in one thread."""
 
-    def __init__(self, token2wav: Token2Wav, max_unread: int = 2) -> None:
+    def __init__(self, token2wav: Token2Wav, max_unread: int = 2, slack: float = 1.0) -> None:
         self.token2wav = token2wav
         self.max_unread = max_unread  # chunks a reader may leave unread before its stream waits
+        # a stream whose listener has more than this many seconds of audio left sits out the
+        # rounds while others have less (a round's cost grows with its streams)
+        self.slack = slack
         self.lock = threading.Lock()
-        self.group_sizes: Counter[int] = Counter()  # streams per tick -> ticks
+        self.group_sizes: Counter[int] = Counter()  # streams per round -> rounds
+        self._rounds = Rounds(token2wav)
+        self._jobs: dict[int, T2WStream] = {}  # id(job) -> its stream, for the jobs in the rounds
         self._streams: dict[Hashable, T2WStream] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def open(self, uuid: Hashable, source: TokenSource, prompt_token, prompt_feat, embedding,
-             schedule: HopSchedule | None = None, seed: int | None = None) -> T2WStream:
-        self.token2wav.open(uuid, prompt_token, prompt_feat, embedding, schedule=schedule, mode="cached", seed=seed)
-        stream = T2WStream(self, uuid, source)
+             schedule: HopSchedule | None = None, seed: int | None = None,
+             listener: Callable[[], None] | None = None) -> T2WStream:
+        """Register a stream (cheap: its flow prompt is computed in the stage's thread).
+        ``listener`` is called, from any thread and without blocking, whenever its reader may have
+        something new to :meth:`~T2WStream.poll`."""
+        stream = T2WStream(self, uuid, source, (prompt_token, prompt_feat, embedding), schedule, seed, listener)
         with self.lock:
+            if uuid in self._streams:
+                raise ValueError(f"stream {uuid!r} is already open")
             self._streams[uuid] = stream
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="t2w-stage", daemon=True)
@@ -152,13 +182,34 @@ class T2WStage:
             self._thread.join(timeout=10)
 
     # -- the stage's thread ---------------------------------------------------------------------
+    def _open(self, stream: T2WStream) -> bool:
+        """Open a newly registered stream's token2wav state (its flow prompt is computed here);
+        False if it was cancelled or failed meanwhile."""
+        (prompt_token, prompt_feat, embedding), schedule, seed = stream.pending_open
+        stream.pending_open = None
+        try:
+            self.token2wav.open(stream.uuid, prompt_token, prompt_feat, embedding, schedule=schedule,
+                                mode="cached", seed=seed)
+        except BaseException as e:
+            self._fail(stream, e)
+            return False
+        return True
+
     def _ready_jobs(self, now: float) -> list[tuple[float, Job, T2WStream]]:
-        """(deadline, job, stream) of every stream that can compute a chunk now."""
+        """(deadline, job, stream) of every stream that can compute a chunk now; cancelled
+        streams are dropped and their caches freed."""
         ready = []
         with self.lock:
             streams = list(self._streams.values())
         for stream in streams:
-            if stream.finished or len(stream.out) >= self.max_unread:
+            if stream.cancelled:
+                if not stream.busy:  # (a busy one is let go by the rounds first)
+                    self.forget(stream)
+                    self.token2wav.close(stream.uuid)  # no job of it in the rounds: never waits
+                continue
+            if stream.pending_open is not None and not self._open(stream):
+                continue
+            if stream.busy or stream.finished or len(stream.out) >= self.max_unread:
                 continue
             try:
                 if not stream.tokens_done:
@@ -179,28 +230,58 @@ class T2WStage:
         return ready
 
     def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        rounds = self._rounds
         while not self._closed:
             self._wake.clear()
-            now = time.monotonic()
-            ready = self._ready_jobs(now)
-            if not ready:
+            rounds.drop_cancelled()
+            self._release_jobs()
+            ready = self._ready_jobs(time.monotonic())
+            ready.sort(key=lambda item: item[0])  # most urgent first (the vocoder's groups keep this order)
+            for _, job, stream in ready:
+                try:
+                    rounds.add(job)
+                    stream.busy = True
+                    self._jobs[id(job)] = stream
+                except BaseException as e:
+                    self._fail(stream, e)
+            if not rounds:
                 self._wake.wait()
                 continue
-            ready.sort(key=lambda item: item[0])  # most urgent first (the vocoder's groups keep this order)
-            self._compute(ready)
+            self._round()
 
-    def _compute(self, ready: list[tuple[float, Job, T2WStream]]) -> None:
-        """One tick: every ready job, the flow a chunk per round for all of them at once, each
-        chunk delivered as soon as it is vocoded."""
-        streams = {id(job): stream for _, job, stream in ready}
-        self.group_sizes[len(ready)] += 1
+    def _round(self) -> None:
+        """One round of the jobs in progress, the chunks done in it delivered at once.  When some
+        listener is about to run dry (or has not heard anything yet), only the streams within
+        :attr:`slack` of running dry take part: the others have audio to play meanwhile."""
+        rounds = self._rounds
+        now = time.monotonic()
+        due = {key: stream.deadline(now) - now for key, stream in self._jobs.items()}
+        urgent = {key for key, left in due.items() if left <= self.slack}
+        only = None if not urgent or len(urgent) == len(due) else (lambda job: id(job) in urgent)
+        self.group_sizes[len(urgent) if only else len(rounds)] += 1
+        streams = list(self._jobs.values())
         try:
-            self.token2wav.run([job for _, job, _ in ready], lambda job, chunk: self._deliver(streams[id(job)], job, chunk))
+            done = rounds.step(only)
         except BaseException as e:  # a broken step fails the streams in it, not the stage
             log.exception("token2wav step failed")
-            for _, _, stream in ready:
+            self._jobs.clear()
+            for stream in streams:
+                stream.busy = False
                 if not stream.finished:
                     self._fail(stream, e)
+            return
+        for job, chunk in done:
+            stream = self._jobs.pop(id(job))
+            stream.busy = False
+            self._deliver(stream, job, chunk)
+        self._release_jobs()
+
+    def _release_jobs(self) -> None:
+        """Streams whose job the rounds dropped (cancelled) are no longer busy."""
+        in_rounds = {id(plan.job) for plan in self._rounds.plans}
+        for key in [key for key in self._jobs if key not in in_rounds]:
+            self._jobs.pop(key).busy = False
 
     def _deliver(self, stream: T2WStream, job: Job, chunk: np.ndarray | None) -> None:
         now = time.monotonic()
@@ -216,7 +297,7 @@ class T2WStage:
                 stream.finished = True
                 if self.owns(stream):
                     del self._streams[stream.uuid]
-        stream.event.set()
+        stream.signal()
 
     def _fail(self, stream: T2WStream, error: BaseException) -> None:
         with self.lock:
@@ -225,4 +306,4 @@ class T2WStage:
             if self.owns(stream):
                 del self._streams[stream.uuid]
         self.token2wav.close(stream.uuid)
-        stream.event.set()
+        stream.signal()

@@ -70,6 +70,116 @@ class Job:
     hop: int | None
 
 
+@dataclass
+class _Plan:
+    """A job in progress: the flow advances it still needs (None: not cached, computed at once),
+    and the mel of those done."""
+
+    job: Job
+    pieces: deque | None
+    mels: list[Tensor] = field(default_factory=list)
+
+
+class Rounds:
+    """The jobs a token2wav caller is computing, advanced a round at a time.
+
+    A round advances the flow of every job by one 25-token chunk, all of them in one batched
+    estimator call per Euler step (their hops may differ: a 100-token hop is four rounds), then
+    vocodes together the chunks whose flow is complete and hands them out.  Jobs join between
+    rounds, so a stream that becomes ready (a first chunk above all) waits at most one round, not
+    for another stream's whole hop.  Each job holds its stream's lock until it is done; a final
+    flush closes its stream, and a failure closes every stream in the rounds.
+    """
+
+    def __init__(self, t2w: Token2Wav) -> None:
+        self.t2w = t2w
+        self.plans: list[_Plan] = []
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def add(self, job: Job) -> None:
+        if any(plan.job.stream is job.stream for plan in self.plans):
+            raise ValueError("one job per stream at a time")
+        job.stream.lock.acquire()
+        try:
+            pieces = None
+            if job.stream.mode == "cached":
+                flow = job.stream.flow_stream
+                pieces = deque(flow.plan_emit(job.hop) if job.hop is not None else flow.plan_finish())
+        except BaseException:
+            job.stream.lock.release()
+            raise
+        self.plans.append(_Plan(job, pieces))
+
+    @torch.inference_mode()
+    def step(self, only: Callable[[Job], bool] | None = None) -> list[tuple[Job, np.ndarray | None]]:
+        """One round of every job (or of those ``only`` selects: the others wait, unchanged);
+        returns the jobs completed in it with their audio (None for a final flush with nothing
+        left; cancelled jobs are dropped without audio)."""
+        t2w = self.t2w
+        self.drop_cancelled()
+        plans = [plan for plan in self.plans if only is None or only(plan.job)]
+        try:
+            finished = [plan for plan in plans if plan.pieces is not None and not plan.pieces]
+            solo = [plan for plan in plans if plan.pieces is None]
+            for plan in solo:
+                job = plan.job
+                plan.mels = [t2w._flow_chunk(job.stream, job.hop) if job.hop is not None
+                             else t2w._flow_final(job.stream)]
+            pending = [plan for plan in plans if plan.pieces]
+            groups: dict[int, list[_Plan]] = {}
+            for plan in pending:  # one chunk each; a final partial chunk goes with its like
+                groups.setdefault(plan.pieces[0][1], []).append(plan)
+            for count, group in groups.items():
+                mels = advance_together([(p.job.stream.flow_stream, p.pieces[0][0], count) for p in group])
+                for plan, mel in zip(group, mels, strict=True):
+                    plan.pieces.popleft()
+                    plan.mels.append(mel)
+            finished = solo + finished + [plan for plan in pending if not plan.pieces]
+            if not finished:
+                return []
+            mels = {id(plan.job): self._mel(plan) for plan in finished}
+            chunks = t2w._vocode_jobs([plan.job for plan in finished], mels)
+        except BaseException:
+            self.abort()  # a failed stream is not resumable
+            raise
+        out = []
+        for plan in finished:
+            job = plan.job
+            if job.hop is not None:
+                job.stream.token_offset += job.hop
+                job.stream.hop = job.stream.schedule.next(job.stream.hop)
+            self._finish(plan, free=job.hop is None)
+            out.append((job, chunks.get(id(job))))
+        return out
+
+    def drop_cancelled(self) -> None:
+        """Let go of the jobs of cancelled or closed streams (their locks released, not freed)."""
+        for plan in [p for p in self.plans if p.job.stream.closed or p.job.stream.cancelled]:
+            self._finish(plan, free=False)
+
+    @staticmethod
+    def _mel(plan: _Plan) -> Tensor:
+        job = plan.job
+        if plan.pieces is None:
+            return plan.mels[0]
+        flow = job.stream.flow_stream
+        return flow.complete_emit(job.hop, plan.mels) if job.hop is not None else flow.complete_finish(plan.mels)
+
+    def _finish(self, plan: _Plan, free: bool) -> None:
+        self.plans.remove(plan)
+        if free:
+            self.t2w._forget(plan.job.uuid, plan.job.stream)
+            plan.job.stream.free()
+        plan.job.stream.lock.release()
+
+    def abort(self) -> None:
+        """Close every stream in the rounds."""
+        for plan in list(self.plans):
+            self._finish(plan, free=True)
+
+
 def hamming_window(n: int = 2 * SOURCE_CACHE_LEN) -> Tensor:
     """numpy's symmetric Hamming window (float64) stored as float32, as the fixtures record it."""
     return torch.from_numpy(np.hamming(n).astype(np.float32))
@@ -225,8 +335,6 @@ class Token2Wav:
                 return None
             if stream.closed:
                 raise KeyError(f"stream {uuid!r} was closed")
-            if stream.cancelled:
-                return None
             hop = stream.this_hop()
             if self._sync_tokens(stream) - stream.token_offset >= hop + self.lookahead:
                 return Job(uuid, stream, hop)
@@ -235,74 +343,23 @@ class Token2Wav:
     @torch.inference_mode()
     def run(self, jobs: Sequence[Job], on_chunk: Callable[[Job, np.ndarray | None], None] | None = None,
             ) -> list[np.ndarray | None]:
-        """Compute the jobs of different streams together.  The flow advances one chunk per
-        round for every job that has one left, all of them in one batched call per Euler step
-        (cached mode); a job whose flow is complete is vocoded at the end of its round, with the
-        other chunks of as many frames, and handed to ``on_chunk`` at once (its audio, or None
-        for a final flush with nothing left).  Returns each job's audio.  A final flush closes
-        its stream; a failure closes them all."""
-        streams = sorted({id(j.stream): j.stream for j in jobs}.values(), key=id)
-        if len(streams) != len(jobs):
-            raise ValueError("one job per stream at a time")
-        for stream in streams:
-            stream.lock.acquire()
-        done: list[Job] = [j for j in jobs if j.hop is None]
+        """Compute the jobs of different streams together (:class:`Rounds` until all are done):
+        each is handed to ``on_chunk`` as soon as it is vocoded (its audio, or None for a final
+        flush with nothing left).  Returns each job's audio."""
+        rounds = Rounds(self)
         results: dict[int, np.ndarray | None] = {}
-
-        def vocode(finished: list[tuple[Job, Tensor]]) -> None:
-            chunks = self._vocode_jobs([job for job, _ in finished], {id(job): mel for job, mel in finished})
-            for job, _ in finished:
-                if job.hop is not None:
-                    job.stream.token_offset += job.hop
-                    job.stream.hop = job.stream.schedule.next(job.stream.hop)
-                results[id(job)] = chunks.get(id(job))
-                if on_chunk is not None:
-                    on_chunk(job, results[id(job)])
-
         try:
-            self._flow_jobs([j for j in jobs if not j.stream.closed and not j.stream.cancelled], vocode)
-            return [results.get(id(job)) for job in jobs]
+            for job in jobs:
+                rounds.add(job)
         except BaseException:
-            done = list(jobs)  # a failed stream is not resumable: free it
+            rounds.abort()
             raise
-        finally:
-            for job in done:
-                self._forget(job.uuid, job.stream)
-                job.stream.free()
-            for stream in streams:
-                stream.lock.release()
-
-    def _flow_jobs(self, jobs: list[Job], done: Callable[[list[tuple[Job, Tensor]]], None]) -> None:
-        """Each job's mel (hop: [1, 80, 2·hop]; final: the rest), handed to ``done`` per round."""
-        solo = [(job, self._flow_chunk(job.stream, job.hop) if job.hop is not None else self._flow_final(job.stream))
-                for job in jobs if job.stream.mode != "cached"]
-        plans = []
-        for job in jobs:
-            if job.stream.mode == "cached":
-                flow = job.stream.flow_stream
-                pieces = flow.plan_emit(job.hop) if job.hop is not None else flow.plan_finish()
-                plans.append((job, deque(pieces), []))
-        finished = solo + [self._complete(job, outs) for job, pieces, outs in plans if not pieces]
-        while True:
-            if finished:
-                done(finished)
-            pending = [plan for plan in plans if plan[1]]
-            if not pending:
-                return
-            groups: dict[int, list] = {}
-            for plan in pending:  # one chunk each; a final partial chunk goes with its like
-                groups.setdefault(plan[1][0][1], []).append(plan)
-            for count, group in groups.items():
-                mels = advance_together([(job.stream.flow_stream, pieces[0][0], count) for job, pieces, _ in group])
-                for (_, pieces, outs), mel in zip(group, mels, strict=True):
-                    pieces.popleft()
-                    outs.append(mel)
-            finished = [self._complete(job, outs) for job, pieces, outs in pending if not pieces]
-
-    @staticmethod
-    def _complete(job: Job, mels: list[Tensor]) -> tuple[Job, Tensor]:
-        flow = job.stream.flow_stream
-        return job, flow.complete_emit(job.hop, mels) if job.hop is not None else flow.complete_finish(mels)
+        while rounds:
+            for job, chunk in rounds.step():
+                results[id(job)] = chunk
+                if on_chunk is not None:
+                    on_chunk(job, chunk)
+        return [results.get(id(job)) for job in jobs]
 
     def _vocode_jobs(self, jobs: list[Job], mels: dict[int, Tensor]) -> dict[int, np.ndarray]:
         """Official overlap rule, per stream: prepend the previous 8 mel frames, continue the previous
@@ -342,6 +399,14 @@ class Token2Wav:
         speech, source = self.hift.inference(torch.cat(mels), None if caches[0] is None else torch.cat(caches),
                                              generator=[s.generator for s in streams])
         return [(speech[i : i + 1], source[i : i + 1]) for i in range(len(streams))]
+
+    def cancel(self, uuid: Hashable) -> None:
+        """Stop the stream's work after the chunk being computed, without waiting for it (the
+        caches stay until :meth:`close`)."""
+        with self._lock:
+            stream = self._streams.get(uuid)
+        if stream is not None:
+            stream.cancelled = True
 
     def close(self, uuid: Hashable) -> None:
         """Frees everything of the stream (idempotent; the cancel path). A `pull` running in another

@@ -64,14 +64,15 @@ def assert_same_speech(got: np.ndarray, alone: np.ndarray) -> None:
     assert np.sqrt(np.mean((got - alone) ** 2)) <= 0.1 * np.sqrt(np.mean(alone**2))
 
 
-def lm_slots_all_free(cv) -> bool:
-    """Every KV slot of the LM stage is back in its pool (a request's slot is released when it is
-    cancelled, or after the step it is in)."""
+def all_caches_free(cv) -> bool:
+    """Every KV slot of the LM stage is back in its pool and every token2wav stream is freed (a
+    request's slot is released when it is cancelled, or after the step it is in; its token2wav
+    caches before the stage's next chunk)."""
     stage = cv.model.lm_stage
     deadline = time.monotonic() + 5
-    while stage.free_slots != stage.pool.slots and time.monotonic() < deadline:
+    while (stage.free_slots != stage.pool.slots or cv.model.token2wav.active_streams()) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return stage.free_slots == stage.pool.slots
+    return stage.free_slots == stage.pool.slots and not cv.model.token2wav.active_streams()
 
 
 def test_api_surface(cv):
@@ -212,7 +213,7 @@ def test_concurrent_requests_get_exactly_their_solo_audio(cv):
     for key in jobs:
         assert [len(a) for a in results[key]] == [len(b) for b in solo[key]], key
         assert_same_speech(np.concatenate(results[key]), np.concatenate(solo[key]))
-    assert cv.model.token2wav.active_streams() == []
+    assert all_caches_free(cv)
 
 
 def test_every_streaming_request_starts_at_the_first_hop(cv):
@@ -248,8 +249,7 @@ def test_stop_mid_lm_frees_every_cache(cv):
     out = audio(cv.inference_sft("Hello world.", EN, stream=True, sampler=sampler, should_stop=stop, seed=1))
     assert len(out) == 0  # stopped before the first hop: no audio at all
     assert max(steps) == 10  # no LM step after the stop was seen
-    assert cv.model.token2wav.active_streams() == []
-    assert lm_slots_all_free(cv)
+    assert all_caches_free(cv)
 
 
 def test_stop_mid_flow_and_early_close_free_every_cache(cv):
@@ -259,13 +259,13 @@ def test_stop_mid_flow_and_early_close_free_every_cache(cv):
         got.append(out["tts_speech"].shape[1])
         stop.set()  # the consumer stops after the first chunk: no further flow chunk runs
     assert got == [25 * SAMPLES_PER_TOKEN - 3840]
-    assert cv.model.token2wav.active_streams() == [] and lm_slots_all_free(cv)
+    assert all_caches_free(cv)
 
     gen = cv.inference_sft("Hi.", EN, stream=True, sampler=never_eos, max_tokens=200, seed=1)
     next(gen)
     assert len(cv.model.token2wav.active_streams()) == 1
     gen.close()  # the caller walks away mid-stream
-    assert cv.model.token2wav.active_streams() == [] and lm_slots_all_free(cv)
+    assert all_caches_free(cv)
 
 
 def test_token_cap_stops_a_runaway_lm(cv, monkeypatch):

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 import time
 
 import httpx
@@ -22,7 +23,7 @@ from cosyvoice.model import SAMPLES_PER_TOKEN
 from cosyvoice.tiny import SFT_SPEAKERS, write_model_dir
 from realtime.admission import Admission
 from realtime.engines import create_engine
-from realtime.engines.base import AudioChunk, EngineError, Flushed, SynthesisOptions, TextStream
+from realtime.engines.base import AudioChunk, EngineError, Finished, Flushed, SynthesisOptions
 from realtime.server import ServerConfig
 from realtime.synthesis import Synthesis
 from tests import serving
@@ -173,40 +174,41 @@ async def test_cancel_mid_stream_stops_and_frees(server, engine):
     assert engine.cv.model.token2wav.active_streams() == []
 
 
-async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine, monkeypatch):
-    """Text slower than the model: the engine waits in a blocking get (no timeouts, one call per
-    delta).  Audio slower to drain than to make: once the pipeline is full (the buffer, the
-    token2wav stage's unread chunks, the LM's tokens ahead) the LM stops stepping."""
-    timeouts: list = []
-    real_get = TextStream.get
-
-    def get(self, timeout=None):
-        timeouts.append(timeout)
-        return real_get(self, timeout)
-
-    monkeypatch.setattr(TextStream, "get", get)
+async def test_contexts_hold_no_thread_and_a_full_buffer_stops_the_lm(engine, monkeypatch):
+    """A context is a state machine on the model's stages: many contexts waiting for text, or
+    speaking, add no thread.  Audio slower to drain than to make: once the pipeline is full (the
+    buffer, the token2wav stage's unread chunks, the LM's tokens ahead) the LM stops stepping for
+    that context, and reading resumes it."""
     steps = []
     llm = engine.cv.model.llm
     real_step = llm.step
     monkeypatch.setattr(llm, "step", lambda *a: (steps.append(1), real_step(*a))[1])
-
-    synthesis = Synthesis(engine, SynthesisOptions(voice=EN, seed=2), Admission(4), "test", buffer_seconds=0.5)
+    await asyncio.to_thread(lambda: list(engine.cv.inference_sft("Warm up.", EN, stream=True, seed=0)))
+    threads = threading.active_count()
+    admission = Admission(16)
+    waiting = [Synthesis(engine, SynthesisOptions(voice=EN, seed=k), admission, f"w{k}") for k in range(6)]
+    synthesis = Synthesis(engine, SynthesisOptions(voice=EN, seed=2), admission, "test", buffer_seconds=0.5)
     try:
+        for w in waiting:
+            w.push("Hello there, ")  # admitted and opened, then waiting for more text
         for w in words(TEXT * 8):
             synthesis.push(w)
         synthesis.end()
         first = await asyncio.wait_for(synthesis.get(), 60)
         assert isinstance(first, AudioChunk)
-        # nobody reads: the engine fills the 0.5 s buffer, then blocks and the LM stops stepping
+        model = engine.cv.model
+        assert model.lm_stage.free_slots == model.lm_stage.pool.slots - 7  # seven requests in the LM stage
+        assert threading.active_count() == threads  # and not one thread more
+        # nobody reads: the engine fills the 0.5 s buffer, then the LM stops stepping
         deadline = time.monotonic() + 60
         while True:
             n = len(steps)
             await asyncio.sleep(0.5)
             if len(steps) == n and synthesis.buffer.buffered_samples >= 12000:
                 break
-            assert time.monotonic() < deadline, "the engine never blocked on the full buffer"
+            assert time.monotonic() < deadline, "the LM never stopped for the full buffer"
         await asyncio.sleep(0.5)
-        assert len(steps) == n and synthesis.stream.thread.is_alive()
+        assert len(steps) == n
         n_audio = len(first.samples)
         while True:
             item = await asyncio.wait_for(synthesis.get(), 60)
@@ -214,13 +216,18 @@ async def test_engine_blocks_on_text_without_polling_and_on_a_full_buffer(engine
                 n_audio += len(item.samples)
             elif not isinstance(item, Flushed):
                 break
+        assert isinstance(item, Finished)
         assert n_audio % SAMPLES_PER_TOKEN == 0 and len(steps) > n  # reading resumed the LM
     finally:
         synthesis.close()
-        await asyncio.to_thread(synthesis.stream.thread.join, 30)
-    assert set(timeouts) == {None}  # blocking gets only
-    assert len(timeouts) == len(words(TEXT * 8)) + 1  # one per delta, plus the end marker
-    assert engine.cv.model.token2wav.active_streams() == []
+        for w in waiting:
+            w.close()
+    model = engine.cv.model
+    deadline = time.monotonic() + 10
+    while (model.token2wav.active_streams() or model.lm_stage.free_slots != model.lm_stage.pool.slots) and (
+            time.monotonic() < deadline):
+        await asyncio.sleep(0.05)
+    assert model.token2wav.active_streams() == [] and model.lm_stage.free_slots == model.lm_stage.pool.slots
 
 
 async def test_register_a_voice_then_speak_with_it(server, engine):

@@ -357,13 +357,10 @@ class RecordingMels(Token2Wav):
         super().__init__(flow, hift)
         self.mels: dict = {}
 
-    def _flow_jobs(self, jobs, done):
-        def record(finished):
-            for job, mel in finished:
-                self.mels.setdefault(job.uuid, []).append(mel.clone())
-            done(finished)
-
-        super()._flow_jobs(jobs, record)
+    def _vocode_jobs(self, jobs, mels):
+        for job in jobs:
+            self.mels.setdefault(job.uuid, []).append(mels[id(job)].clone())
+        return super()._vocode_jobs(jobs, mels)
 
 
 def test_jobs_of_several_streams_run_together_equal_each_stream_alone(models, fx):

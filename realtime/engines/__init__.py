@@ -1,4 +1,4 @@
-"""Engines turn one utterance's text stream into audio, in a worker thread.
+"""Engines turn one utterance's text stream into audio (see :mod:`realtime.engines.base`).
 
 ``create_engine`` is the one place that maps a name to an engine, so the CLI, the tests and the
 benchmarks build them the same way; heavy imports happen only for the engine asked for.

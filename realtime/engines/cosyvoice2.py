@@ -1,41 +1,63 @@
 """The ``cosyvoice2`` engine: our CosyVoice2 on a model directory, fed by streamed LLM text.
 
-One :class:`cosyvoice.CosyVoice2` (LM, flow, HiFT, frontend) is shared by every session.  A context
-is one or more *segments*: text up to a flush, or up to the end.  Each segment is one bistream
-request with its own UUID: its text iterator pulls deltas from the context's
-:class:`~realtime.engines.base.TextStream` as they arrive (a blocking ``get``, never a poll),
-normalises them incrementally and hands token ids to the LM, which generates speech while the text
-is still coming; token2wav turns the tokens into audio chunks that are yielded as soon as they
-exist.  A flush ends the segment's text, so the LM runs its end phase and the vocoder its final
-flush; the next text starts a fresh segment with the same prompt.
+One :class:`cosyvoice.CosyVoice2` (LM, flow, HiFT, frontend) is shared by every session, and its
+two stages (the batched LM stage and the batched token2wav stage) do all the model work.  A
+context is one or more *segments*: text up to a flush, or up to the end.  Each segment is one
+bistream request with its own UUID (:class:`cosyvoice.model.SpeechStream`): deltas are normalised
+and tokenized as they arrive (on the event loop: microseconds) and their ids pushed into the
+request, so the LM generates speech while the text is still coming; audio chunks go into the
+context's sink as the token2wav stage makes them.  A flush ends the segment's text, so the LM runs
+its end phase and the vocoder its final flush; the next text starts a fresh segment with the same
+prompt once the previous one has spoken.
 
-Cancellation: the LM checks the stream before every step and the orchestration before every flow
-chunk; a cancelled ``get`` raises at once.  Every per-request cache is freed in ``finally``.
+A context holds no thread: its stream is a state machine advanced by whoever has news (the event
+loop pushing text, a stage delivering audio, the sink draining), one at a time.  While it waits for
+text or for its client to read, it costs a KV slot and nothing else.  Cancel stops the LM at its
+next step and the token2wav stage before its next chunk; every cache is freed by the stages.
+
+``--lm per-request`` keeps the previous path for comparison: a thread per context running the
+LM and token2wav of its requests itself (:class:`~realtime.engines.base.BlockingEngine`).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import re
+import secrets
+import sys
 import threading
+import uuid as uuid_lib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cosyvoice.model import DONE, flow_prompt
+
 from .base import (
+    END,
+    FLUSH,
     AudioChunk,
+    AudioSink,
     BlockingEngine,
     End,
     EngineError,
+    EngineStream,
+    Failed,
+    Finished,
     Flush,
     Flushed,
     SynthesisOptions,
     TextStream,
     VoiceInfo,
 )
+
+log = logging.getLogger("realtime.engines.cosyvoice2")
 
 VOICE_ID = re.compile(r"^[\w][\w .\-]{0,63}$")
 _LM_PROMPT_TEXT = ("prompt_text", "prompt_text_len")
@@ -62,22 +84,29 @@ class CosyVoice2Engine(BlockingEngine):
         self.cv = CosyVoice2(model_dir, device=device, dtype=dtype, max_token_ratio=max_token_ratio,
                              min_tokens=min_tokens, left_chunks=left_chunks, lm=lm)
         # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
-        # token2wav stage (lm="per-request": each stream's LM and token2wav in its own thread, as
-        # before batching): admission counts the LM's KV slots.  A stream's own thread only hands
-        # text to the LM and audio to the service, so it holds no compute slot.
+        # token2wav stage, so admission counts the LM's KV slots (lm="per-request": a thread per
+        # stream runs its own LM and token2wav, as before batching).
         self.capacity = self.cv.model.lm_stage.pool.slots
         self.compute_slots = None
+        # Off the event loop, bounded: analysing a prompt_audio (speaker embedding and speech
+        # tokens) and the whole-utterance token2wav of speed != 1.
+        self.helpers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cosyvoice2-helper")
         if self.cv.model.llm.speech_embedding.weight.device.type == "cpu":
             # parallelism comes from the LM stage and the streams' threads running at once; each
             # op on one thread keeps them from oversubscribing the cores (16 sessions on TINY:
             # 14.6 audio s per wall s against 12.0 with torch's default of a thread per core)
             torch.set_num_threads(1)
+        # The two stage threads hand the GIL back and forth around every small op; at Python's
+        # default 5 ms switch interval a stage that wants it back waits behind the other's Python
+        # code (16 sessions on TINY: first audio p95 1.15-1.45 s, 0.94-1.01 s at 0.2 ms).
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
         self.sample_rate = self.cv.sample_rate
         self._register_lock = threading.Lock()
         sft = [v.id for v in self.voices() if v.kind == "sft"]
         self.default_voice = sft[0] if sft else None
 
     def close(self) -> None:
+        self.helpers.shutdown(wait=False, cancel_futures=True)
         self.cv.model.close()
 
     def stats(self) -> dict[str, float]:
@@ -176,7 +205,16 @@ class CosyVoice2Engine(BlockingEngine):
         prompt.pop("text_len", None)
         return prompt
 
+    def open(self, options: SynthesisOptions, sink: AudioSink) -> EngineStream:
+        if self.cv.model.lm_mode != "batched":
+            return super().open(options, sink)
+        self.validate(options)
+        if options.prompt_audio is None:  # a registered voice: a lookup, done here
+            return _Stream(self, options, sink, self._prompt(options))
+        return _Stream(self, options, sink, self.helpers.submit(self._prompt, options))
+
     def synthesize(self, text: TextStream, options: SynthesisOptions) -> Iterator[AudioChunk | Flushed]:
+        """The per-request path (``lm="per-request"``), in the stream's own thread."""
         self.validate(options)
         prompt = self._prompt(options)
         stream = options.speed == 1.0  # a changed speed stretches each segment's mel as a whole
@@ -216,3 +254,202 @@ def _segment_deltas(text: TextStream, marker: list[Flush | End]) -> Iterator[str
         else:
             marker.append(item)
             return
+
+
+class _Segment:
+    """A context's text up to a flush or its end: one request (opened at its first token id)."""
+
+    def __init__(self, engine: CosyVoice2Engine, index: int) -> None:
+        self.index = index
+        self.text = engine.cv.frontend.text_ids()
+        self.speech: Any = None  # SpeechStream (streamed) or LMHandle (speed != 1)
+        self.marker: Flush | End | None = None  # how its text ended
+        self.offset = 0  # characters of the context's text up to its end
+        self.tokens: list[int] = []  # speed != 1: every token, vocoded at once
+        self.whole: Future | None = None  # speed != 1: that vocoding
+        self.spoken = False  # all its audio is in the sink
+
+
+class _Stream(EngineStream):
+    """One context on the batched stages: a state machine with no thread of its own.
+
+    The event loop's calls, the stages' listeners and the sink's waker all record what happened and
+    then :meth:`_kick`: whoever gets the lock advances the machine (:meth:`_advance`) until nothing
+    is left to do; whoever does not get it leaves that to the holder.  No caller ever waits for
+    another, so a listener called from a stage's thread while that thread holds the stage's lock
+    cannot deadlock with the event loop pushing text.
+    """
+
+    def __init__(self, engine: CosyVoice2Engine, options: SynthesisOptions, sink: AudioSink,
+                 prompt: dict[str, Any] | Future) -> None:
+        self.engine = engine
+        self.options = options
+        self.sink = sink
+        self.prompt = prompt
+        self._inbox: deque[str | Flush | End] = deque()  # appended by the event loop
+        self._segment: _Segment | None = None
+        self._segments = itertools.count()
+        self._offset = 0  # characters of text taken from the inbox
+        self._cancelled = False
+        self._over = False  # Finished, Failed or cancelled: nothing more is put
+        self._lock = threading.Lock()
+        self._dirty = False
+        sink.set_waker(self._kick)
+        if isinstance(prompt, Future):
+            prompt.add_done_callback(lambda _: self._kick())
+
+    # -- the service's calls (event loop) --------------------------------------------------------
+    def push(self, text: str) -> None:
+        if text:
+            self._inbox.append(text)
+            self._kick()
+
+    def flush(self) -> None:
+        self._inbox.append(FLUSH)
+        self._kick()
+
+    def end(self) -> None:
+        self._inbox.append(END)
+        self._kick()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._kick()
+
+    # -- the machine -----------------------------------------------------------------------------
+    def _kick(self) -> None:
+        self._dirty = True
+        while self._dirty and self._lock.acquire(blocking=False):
+            try:
+                self._dirty = False
+                if not self._over:
+                    self._advance_or_fail()
+            finally:
+                self._lock.release()
+
+    def _advance_or_fail(self) -> None:
+        try:
+            if self._cancelled:
+                self._stop()
+                return
+            self._advance()
+        except EngineError as e:
+            self._fail(Failed(e.code, e.message))
+        except Exception as e:  # the model broke: this context only
+            log.error("cosyvoice2 stream failed: %s: %s", type(e).__name__, e)
+            self._fail(Failed("internal", f"synthesis failed: {type(e).__name__}"))
+
+    def _advance(self) -> None:
+        """Take text into the current segment, move its audio into the sink, and go on to the
+        next segment once it has spoken, while there is anything to do."""
+        if isinstance(self.prompt, Future):
+            if not self.prompt.done():
+                return
+            self.prompt = self.prompt.result()  # raises the analysis' EngineError
+        while True:
+            segment = self._segment
+            if segment is None:
+                if not self._inbox:
+                    return
+                segment = self._segment = _Segment(self.engine, next(self._segments))
+            self._take_text(segment)
+            self._take_audio(segment)
+            if segment.marker is None or not segment.spoken:
+                return
+            if not self._put(AudioChunk(np.zeros(0, dtype=np.float32), text_offset=segment.offset)):
+                return
+            self._segment = None
+            if isinstance(segment.marker, End):
+                self._over = True
+                self.sink.put(Finished())
+                return
+            if not self._put(Flushed()):
+                return
+
+    def _take_text(self, segment: _Segment) -> None:
+        while segment.marker is None and self._inbox:
+            item = self._inbox.popleft()
+            if isinstance(item, str):
+                self._offset += len(item)
+                ids = segment.text.push(item)
+            else:
+                segment.marker, segment.offset = item, self._offset
+                ids = segment.text.end()
+            if ids:
+                if segment.speech is None:
+                    self._open(segment)
+                segment.speech.push_text(ids)
+            if segment.marker is not None:
+                if segment.speech is None:
+                    segment.spoken = True  # no token to speak
+                else:
+                    segment.speech.end_text()
+
+    def _open(self, segment: _Segment) -> None:
+        options, model = self.options, self.engine.cv.model
+        seed = None if options.seed is None else options.seed + segment.index
+        if options.speed != 1.0:  # the mel is stretched as a whole: tokens first, then one vocoding
+            segment.speech = model.open_tokens(self.prompt, seed=seed if seed is not None else secrets.randbits(63))
+            if segment.speech is not None:
+                segment.speech.subscribe(self._kick)
+        else:
+            segment.speech = model.open_stream(self.prompt, seed=seed, token_hop_len=options.token_hop_len,
+                                               uuid=uuid_lib.uuid4().hex, listener=self._kick)
+        if segment.speech is None:
+            raise EngineError("overloaded", "every KV slot of the model is in use")
+
+    def _take_audio(self, segment: _Segment) -> None:
+        if segment.speech is None or segment.spoken:
+            return
+        if self.options.speed != 1.0:
+            self._take_whole(segment)
+            return
+        while self.sink.has_room():
+            chunk = segment.speech.poll()
+            if chunk is None:
+                return
+            if chunk is DONE:
+                segment.spoken = True
+                return
+            if not self._put(AudioChunk(chunk), len(chunk)):
+                return
+
+    def _take_whole(self, segment: _Segment) -> None:
+        if segment.whole is None:
+            tokens, done = segment.speech.take()
+            segment.tokens += tokens
+            if not done:
+                return
+            model, seed = self.engine.cv.model, self.options.seed
+            seed = secrets.randbits(63) if seed is None else seed + segment.index
+            segment.whole = self.engine.helpers.submit(
+                model.token2wav.token2wav, segment.tokens, *flow_prompt(self.prompt), speed=self.options.speed,
+                seed=seed)
+            segment.whole.add_done_callback(lambda _: self._kick())
+        if segment.whole.done():
+            audio = segment.whole.result()
+            segment.spoken = True
+            if len(audio):
+                self._put(AudioChunk(audio), len(audio))
+
+    def _put(self, item: AudioChunk | Flushed, samples: int = 0) -> bool:
+        """False when the sink is closed: its reader is gone, so the context stops."""
+        if self.sink.put(item, samples):
+            return True
+        self._stop()
+        return False
+
+    def _fail(self, failure: Failed) -> None:
+        self._stop()
+        self.sink.put(failure)
+
+    def _stop(self) -> None:
+        """No more output; the stages free the current request's slot and caches."""
+        self._over = True
+        segment, self._segment = self._segment, None
+        if segment is not None and segment.speech is not None:
+            segment.speech.cancel()
+            if segment.whole is not None:
+                segment.whole.cancel()
+        if isinstance(self.prompt, Future):
+            self.prompt.cancel()
