@@ -23,7 +23,15 @@ from cosyvoice.model import SAMPLES_PER_TOKEN
 from cosyvoice.tiny import SFT_SPEAKERS, write_model_dir
 from realtime.admission import Admission
 from realtime.engines import create_engine
-from realtime.engines.base import AudioChunk, EngineError, Finished, Flushed, SynthesisOptions
+from realtime.engines.base import (
+    AudioChunk,
+    EngineError,
+    Failed,
+    Finished,
+    Flushed,
+    QueueSink,
+    SynthesisOptions,
+)
 from realtime.server import ServerConfig
 from realtime.synthesis import Synthesis
 from tests import serving
@@ -289,3 +297,44 @@ def test_voices_route_refuses_registration_for_engines_without_it():
         r = httpx.post(base + "/v1/voices", data={"voice_id": "x", "prompt_text": "y"},
                        files={"prompt_wav": ("p.wav", b"x", "audio/wav")})
         assert r.status_code == 404
+
+
+def test_a_full_kv_pool_fails_the_context_with_overloaded_not_a_hang(engine):
+    """Admission counts the KV slots, so this only happens when something else holds them (the
+    Python API on the same model): the context gets a typed ``overloaded``, at once."""
+    pool = engine.cv.model.lm_stage.pool
+    held = []
+    with engine.cv.model.lm_stage.cond:
+        while (cache := pool.acquire()) is not None:
+            held.append(cache)
+    try:
+        sink = QueueSink()
+        stream = engine.open(SynthesisOptions(voice=EN, seed=1), sink)
+        stream.push("Hello there, how are you today?")
+        stream.end()
+        (item,) = list(sink.items(timeout=10))
+        assert isinstance(item, Failed) and item.code == "overloaded"
+    finally:
+        with engine.cv.model.lm_stage.cond:
+            for cache in held:
+                pool.release(cache)
+
+
+def test_cancel_before_the_prompt_is_analysed_and_mid_speech_frees_everything(engine):
+    model = engine.cv.model
+    sink = QueueSink()
+    stream = engine.open(SynthesisOptions(mode="cross_lingual", prompt_audio=prompt_wav(), seed=1), sink)
+    stream.push("Hello there.")
+    stream.cancel()  # the prompt is still being analysed on the helper pool
+    speaking = QueueSink()
+    other = engine.open(SynthesisOptions(voice=EN, seed=2), speaking)
+    other.push(TEXT * 4)
+    assert isinstance(speaking.get(timeout=60), AudioChunk)
+    other.cancel()
+    deadline = time.monotonic() + 10
+    while (model.token2wav.active_streams() or model.lm_stage.free_slots != model.lm_stage.pool.slots) and (
+            time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert model.token2wav.active_streams() == [] and model.lm_stage.free_slots == model.lm_stage.pool.slots
+    with pytest.raises(TimeoutError):
+        sink.get(timeout=0.5)  # nothing at all for the context cancelled early

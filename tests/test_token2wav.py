@@ -23,6 +23,11 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def models() -> tuple[CausalMaskedDiffWithXvec, HiFTGenerator]:
+    return tiny_models()
+
+
+def tiny_models() -> tuple[CausalMaskedDiffWithXvec, HiFTGenerator]:
+    """The reference set's tiny flow and HiFT."""
     cfg = json.loads(reference_file("config_tiny.json").read_text())
     flow = CausalMaskedDiffWithXvec(FlowConfig.from_dict(cfg["flow"]))
     load_strict(flow, load_state_dict(reference_file("tiny_flow.safetensors")), "tiny flow")

@@ -1,0 +1,226 @@
+"""The token2wav stage (one thread, every stream batched a flow chunk per round): streams equal
+their solo audio whenever they join; a stream that becomes ready waits one round, not another's
+whole hop; a stream left out of a round is unchanged; cancel frees at the next round without
+waiting; a reader that does not read holds nobody else; nothing a caller does runs model code."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice.t2w_stage import DONE, StaticTokens, T2WStage
+from cosyvoice.token2wav import HopSchedule, Job, Rounds, Token2Wav
+from tests.conftest import load_npz
+from tests.test_cosyvoice_api import assert_same_speech
+from tests.test_token2wav import RecordingMels, maxdiff, tiny_models
+
+torch.set_num_threads(1)
+WAIT = 60
+
+
+class Tokens:
+    """A token source fed by the test: tokens arrive when it says so."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.done = False
+        self.listeners: list = []
+
+    def add(self, tokens, done: bool = False) -> None:
+        self.tokens += [int(t) for t in tokens]
+        self.done = done
+        for listener in self.listeners:
+            listener()
+
+    def take(self):
+        tokens, self.tokens = self.tokens, []
+        return tokens, self.done
+
+    def subscribe(self, listener) -> None:
+        self.listeners.append(listener)
+
+
+def solo(models, p, tokens, seed) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+    """A stream's chunks and mels alone."""
+    t2w = RecordingMels(*models)
+    t2w.open("solo", *p, seed=seed)
+    t2w.push("solo", tokens)
+    return t2w.pull("solo") + t2w.pull("solo", finished=True), t2w.mels["solo"]
+
+
+def read_all(stream, timeout: float = WAIT) -> list[np.ndarray]:
+    chunks, deadline = [], time.monotonic() + timeout
+    while True:
+        stream.event.clear()
+        item = stream.poll()
+        if item is DONE:
+            return chunks
+        if item is None:
+            assert time.monotonic() < deadline, "the stage never finished the stream"
+            stream.event.wait(0.1)
+            continue
+        chunks.append(item)
+
+
+def cases(fx, n: int):
+    rng = np.random.default_rng(5)
+    out = []
+    for k in range(n):
+        n_prompt = (20, 14, 8, 20)[k % 4]
+        p = (fx["prompt_token"][:n_prompt], fx["prompt_feat"][: 2 * n_prompt], fx["embedding"])
+        out.append((f"s{k}", p, rng.integers(0, 6561, size=120 + 30 * k), 10 + k))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models()
+
+
+@pytest.fixture(scope="module")
+def fx() -> dict[str, np.ndarray]:
+    return load_npz("token2wav_stream.npz")
+
+
+@pytest.fixture
+def stage(models):
+    stage = T2WStage(RecordingMels(*models))
+    yield stage
+    stage.close()
+
+
+def test_streams_joining_at_different_times_equal_each_alone(models, fx, stage):
+    """Tokens arrive in pieces at different times for each stream: every stream's chunks equal
+    its solo chunks (same lengths, every mel within 1e-4, the same speech)."""
+    specs = cases(fx, 3)
+    sources = [Tokens() for _ in specs]
+    streams = [stage.open(uuid, src, *p, seed=seed) for (uuid, p, _, seed), src in zip(specs, sources, strict=True)]
+    results: dict[str, list] = {}
+    readers = [threading.Thread(target=lambda s=s: results.setdefault(s.uuid, read_all(s))) for s in streams]
+    for r in readers:
+        r.start()
+    for step in range(4):  # each stream's tokens in four pieces, the streams one after another
+        for (_, _, tokens, _), src in zip(specs, sources, strict=True):
+            piece = np.array_split(tokens, 4)[step]
+            src.add(piece, done=step == 3)
+            time.sleep(0.05)
+    for r in readers:
+        r.join(WAIT)
+    for uuid, p, tokens, seed in specs:
+        expected, mels = solo(models, p, tokens, seed)
+        got = results[uuid]
+        assert [len(c) for c in got] == [len(c) for c in expected], uuid
+        assert len(stage.token2wav.mels[uuid]) == len(mels)
+        for a, b in zip(stage.token2wav.mels[uuid], mels, strict=True):
+            assert maxdiff(a, b) <= 1e-4, uuid
+        assert_same_speech(np.concatenate(got), np.concatenate(expected))
+    assert stage.token2wav.active_streams() == []
+    assert max(stage.group_sizes) >= 2  # some rounds did batch several streams
+
+
+def test_a_stream_that_becomes_ready_waits_one_round_not_a_whole_hop(models, fx):
+    """A stream in the middle of a long hop (seven flow rounds) and a stream whose first chunk
+    becomes ready after the first of those rounds: the first chunk comes out of the next rounds,
+    long before the long hop is complete."""
+    t2w = Token2Wav(*models)
+    (_, p, tokens, _), (_, p2, tokens2, _) = cases(fx, 2)
+    t2w.open("long", *p, schedule=HopSchedule(first=100, max=100), seed=1)
+    t2w.push("long", np.tile(tokens, 2))  # its first hop: 100 + 80 (prompt + hop a multiple of 100)
+    t2w.open("first", *p2, seed=2)
+    t2w.push("first", tokens2)
+    rounds = Rounds(t2w)
+    rounds.add(t2w.next_job("long"))
+    assert rounds.step() == []  # one 25-token chunk of seven
+    rounds.add(t2w.next_job("first"))
+    order, n = [], 1
+    while rounds:
+        n += 1
+        order += [(job.uuid, n, len(chunk)) for job, chunk in rounds.step()]
+    (first, at_first, samples), (long, at_long, _) = order
+    assert (first, long) == ("first", "long") and at_first < at_long and samples > 0
+    assert at_first <= 3  # its one or two flow chunks, from the round after it was ready
+
+
+def test_a_job_left_out_of_rounds_is_unchanged_and_still_equals_solo(models, fx):
+    t2w = RecordingMels(*models)
+    specs = cases(fx, 2)
+    for uuid, p, tokens, seed in specs:
+        t2w.open(uuid, *p, schedule=HopSchedule(first=50, max=50), seed=seed)
+        t2w.push(uuid, tokens)
+    rounds = Rounds(t2w)
+    jobs = {uuid: t2w.next_job(uuid) for uuid, *_ in specs}
+    for job in jobs.values():
+        rounds.add(job)
+    out: dict[str, np.ndarray] = {}
+    while rounds:  # s1 sits out every other round
+        for k in range(2):
+            for job, chunk in rounds.step(only=lambda job, k=k: job.uuid == "s0" or k == 1):
+                out[job.uuid] = chunk
+    for uuid, p, tokens, seed in specs:
+        alone = RecordingMels(*models)
+        alone.open(uuid, *p, schedule=HopSchedule(first=50, max=50), seed=seed)
+        alone.push(uuid, tokens)
+        expected = alone.pull(uuid)[0]
+        assert maxdiff(t2w.mels[uuid][0], alone.mels[uuid][0]) <= 1e-4
+        assert_same_speech(out[uuid], expected)
+
+
+def test_cancel_frees_at_the_next_round_without_waiting_and_the_others_go_on(models, fx, stage):
+    specs = cases(fx, 2)
+    sources = [Tokens() for _ in specs]
+    streams = [stage.open(uuid, src, *p, seed=seed) for (uuid, p, _, seed), src in zip(specs, sources, strict=True)]
+    for (_, _, tokens, _), src in zip(specs, sources, strict=True):
+        src.add(tokens)  # plenty, not done: both keep computing
+    deadline = time.monotonic() + WAIT
+    while streams[0].poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    streams[0].cancel()
+    assert time.monotonic() - t0 < 0.05  # only marks it: no chunk is waited for
+    assert streams[0].poll() is DONE
+    while "s0" in stage.token2wav.active_streams():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sources[1].add([], done=True)
+    assert len(read_all(streams[1])) > 0
+    assert stage.token2wav.active_streams() == []
+
+
+def test_a_reader_that_does_not_read_holds_nobody_else(models, fx, stage):
+    specs = cases(fx, 2)
+    slow = stage.open(specs[0][0], StaticTokens(np.tile(specs[0][2], 5)), *specs[0][1], seed=1)
+    fast = stage.open(specs[1][0], StaticTokens(specs[1][2]), *specs[1][1], seed=2)
+    assert len(read_all(fast)) > 0  # all of it, while the other is never read
+    assert len(slow.out) <= stage.max_unread and not slow.finished
+    slow.cancel()
+
+
+def test_open_runs_no_model_code_in_the_caller(models, fx, stage, monkeypatch):
+    """The flow prompt of a stream is computed by the stage's thread, not by whoever opens it."""
+    threads = []
+    real_open = stage.token2wav.open
+    monkeypatch.setattr(stage.token2wav, "open",
+                        lambda *a, **kw: (threads.append(threading.current_thread().name), real_open(*a, **kw))[1])
+    (uuid, p, tokens, seed), = cases(fx, 1)
+    stream = stage.open(uuid, StaticTokens(tokens), *p, seed=seed)
+    assert len(read_all(stream)) > 0
+    assert threads == ["t2w-stage"]
+
+
+def test_rounds_refuse_two_jobs_of_one_stream(models, fx):
+    t2w = Token2Wav(*models)
+    (uuid, p, tokens, seed), = cases(fx, 1)
+    t2w.open(uuid, *p, seed=seed)
+    t2w.push(uuid, tokens)
+    rounds = Rounds(t2w)
+    job = t2w.next_job(uuid)
+    rounds.add(job)
+    with pytest.raises(ValueError, match="one job per stream"):
+        rounds.add(Job(uuid, job.stream, job.hop))
+    rounds.abort()
+    assert t2w.active_streams() == []
