@@ -30,6 +30,35 @@ ANSWERS = [
 ]
 
 
+class Player:
+    """A listener that starts playing at the first audio byte: counts the times it runs dry
+    (audio arriving later than playback needs it; it then stalls until that audio arrives)."""
+
+    def __init__(self, bytes_per_second: float, tolerance: float = 0.005) -> None:
+        self.bytes_per_second = bytes_per_second
+        self.tolerance = tolerance
+        self.start: float | None = None
+        self.received = 0  # bytes
+        self.underruns = 0
+        self.stall_s = 0.0
+
+    def receive(self, n_bytes: int, now: float) -> float:
+        """Audio arrived at ``now``; returns how long the player had been dry (0 if not)."""
+        if self.start is None:
+            self.start = now
+        needed_at = self.start + self.received / self.bytes_per_second + self.stall_s
+        dry = now - needed_at if now > needed_at + self.tolerance else 0.0
+        if dry:
+            self.underruns += 1
+            self.stall_s += dry
+        self.received += n_bytes
+        return dry
+
+    @property
+    def audio_s(self) -> float:
+        return self.received / self.bytes_per_second
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile of the finite values; NaN when there are none."""
     values = sorted(v for v in values if v == v)

@@ -5,8 +5,10 @@ stream's LM and token2wav in its own thread, as before batching; each a ``realti
 the same model directory) and each concurrency level, that many WebSocket sessions start at once
 and stream an LLM-like answer (4-character deltas at ``--tps`` tokens/s), PCM out as fast as it is
 made.  Per level it prints first audio p50/p95 (first delta sent -> first audio byte), audio
-seconds produced per wall second, LM calls per second and requests per call, token2wav chunks per
-flow call (from the server's /metrics), then the ratios the batching issue sets targets for.
+seconds produced per wall second, the median stream's RTF (first to last audio byte over its
+length: below 1 it keeps up) and underruns (a player starting at the first byte runs dry), LM
+calls per second and requests per call, token2wav chunks per flow round (from the server's
+/metrics), then the ratios the batching issue sets targets for.
 
     python benchmarks/concurrency.py                              # TINY directory, 1/4/8/16 sessions
     python benchmarks/concurrency.py --size real --sessions 1 8   # REAL-size random weights (2.5 GB, slow on CPU)
@@ -23,10 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from common import ROOT, percentile, server_process
+from common import ROOT, Player, percentile, server_process
 
 TEXTS = [
     "Sure! The quickest way there is the train, every twenty minutes.",
@@ -42,8 +45,16 @@ def metrics(base: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+) ([-+\d.eE]+)$", text, re.M)}
 
 
-async def utterance(url: str, text: str, tps: float) -> tuple[float, float, str | None]:
-    """(first audio seconds, audio seconds, error)."""
+@dataclass
+class Utterance:
+    first: float = float("nan")  # first delta sent -> first audio byte, s
+    audio_s: float = 0.0
+    rtf: float = float("nan")  # first -> last audio byte over the audio's length: < 1 keeps up
+    underruns: int = 0  # a player starting at the first byte ran dry
+    error: str | None = None
+
+
+async def utterance(url: str, text: str, tps: float) -> Utterance:
     from websockets.asyncio.client import connect
 
     async with connect(url, max_size=None, open_timeout=60) as ws:
@@ -58,22 +69,27 @@ async def utterance(url: str, text: str, tps: float) -> tuple[float, float, str 
             await ws.send(json.dumps({"type": "end"}))
 
         feeder = asyncio.create_task(feed())
-        first, audio = float("nan"), 0
+        player, result, last = Player(48000), Utterance(), t0
         try:
             async for msg in ws:
                 if isinstance(msg, bytes):
-                    if audio == 0:
-                        first = time.perf_counter() - t0
-                    audio += len(msg)
+                    last = time.perf_counter()
+                    if player.start is None:
+                        result.first = last - t0
+                    player.receive(len(msg), last)
                     continue
                 m = json.loads(msg)
-                if m["type"] == "done":
-                    return first, audio / 48000, None
-                if m["type"] == "error":
-                    return first, audio / 48000, m["code"]
+                if m["type"] in ("done", "error"):
+                    result.error = m.get("code")
+                    break
+            else:
+                result.error = "closed"
         finally:
             feeder.cancel()
-    return first, audio / 48000, "closed"
+    result.audio_s, result.underruns = player.audio_s, player.underruns
+    if player.start is not None and player.audio_s:
+        result.rtf = (last - player.start) / player.audio_s
+    return result
 
 
 async def level(url: str, base: str, n: int, args) -> dict:
@@ -91,13 +107,14 @@ async def level(url: str, base: str, n: int, args) -> dict:
     stepped = after.get("cosyvoice_lm_requests_stepped_total", 0) - before.get("cosyvoice_lm_requests_stepped_total", 0)
     t2w_calls = after.get("cosyvoice_t2w_calls_total", 0) - before.get("cosyvoice_t2w_calls_total", 0)
     t2w_chunks = after.get("cosyvoice_t2w_chunks_total", 0) - before.get("cosyvoice_t2w_chunks_total", 0)
-    ttfa = [r[0] for r in results]
+    ttfa = [r.first for r in results]
     return {
         "n": n, "utts": len(results), "p50": percentile(ttfa, 50), "p95": percentile(ttfa, 95),
-        "throughput": sum(r[1] for r in results) / wall, "calls_s": calls / wall,
+        "throughput": sum(r.audio_s for r in results) / wall, "calls_s": calls / wall,
         "per_call": stepped / calls if calls else float("nan"), "tokens_s": stepped / wall,
         "chunks_per_call": t2w_chunks / t2w_calls if t2w_calls else float("nan"),
-        "errors": sum(1 for r in results if r[2]),
+        "rtf": percentile([r.rtf for r in results], 50), "underruns": sum(r.underruns for r in results),
+        "errors": sum(1 for r in results if r.error),
     }
 
 
@@ -120,12 +137,13 @@ def main() -> None:
     p.add_argument("--short", action="store_true", help="shorter texts (for the REAL size on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--server-args", default="", help="more arguments for realtime serve")
+    p.add_argument("--json", default=None, help="also write the rows to this file (the GPU suite reads it)")
     args = p.parse_args()
     directory = model_dir(args)
     print(f"model {directory}, text at {args.tps:g} tokens/s, {args.utterances} utterance(s) per session")
-    print("| lm | sessions | utts | first audio p50 s | p95 s | audio s / wall s | LM calls/s | requests per call "
-          "| LM tokens/s | token2wav chunks per call | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| lm | sessions | utts | first audio p50 s | p95 s | audio s / wall s | RTF p50 | underruns | LM calls/s "
+          "| requests per call | LM tokens/s | token2wav chunks per round | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     table: dict[str, list[dict]] = {}
     for mode in args.modes:
         serve = ["--engine", "cosyvoice2", "--model-dir", directory, "--lm", mode, "--device", args.device,
@@ -137,9 +155,11 @@ def main() -> None:
                 r = asyncio.run(level(url, base, n, args))
                 table.setdefault(mode, []).append(r)
                 print(f"| {mode} | {n} | {r['utts']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['throughput']:.2f} | "
-                      f"{r['calls_s']:.1f} | {r['per_call']:.2f} | {r['tokens_s']:.1f} | {r['chunks_per_call']:.2f} | "
+                      f"{r['rtf']:.2f} | {r['underruns']} | {r['calls_s']:.1f} | {r['per_call']:.2f} | {r['tokens_s']:.1f} | {r['chunks_per_call']:.2f} | "
                       f"{r['errors']} |", flush=True)
     print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=1))
     for mode, rows in table.items():
         one, top = rows[0], rows[-1]
         print(f"{mode}: {top['n']} sessions vs {one['n']}: first audio p95 x{top['p95'] / one['p95']:.2f}, "

@@ -27,12 +27,14 @@ parser.add_argument("--quick", action="store_true", help="fewer tokens and repea
 parser.add_argument("--variants", default="fp32,int8,bf16", help="comma list of fp32, int8, bf16")
 parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: fp32/fp16/bf16 only)")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--json", default=None, help="also write the tables to this file (the GPU suite reads it)")
 parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16],
                     help="batched decode: requests stepped together by the LM stage's packed forward")
 args = parser.parse_args()
 os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 os.environ.setdefault("MKL_NUM_THREADS", str(args.threads))
 
+import json  # noqa: E402
 import queue  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
@@ -191,6 +193,7 @@ def main() -> None:
     fp32 = build_random_real_lm(args.seed)
     print(f"built REAL-size LM with random weights in {time.perf_counter() - t:.1f} s", flush=True)
     ref_logits = teacher_forced_logits(fp32.to(DEVICE), torch.float32)
+    batches = []
     if args.batches:
         print("| batch (fp32) | decode ms per step | speech tokens/s | vs batch 1 |")
         print("|---|---|---|---|")
@@ -198,6 +201,7 @@ def main() -> None:
         for b in args.batches:
             ms, tps = batched_decode(fp32, b, n_decode)
             base = base or tps
+            batches.append({"batch": b, "ms_per_step": ms, "tokens_s": tps})
             print(f"| {b} | {ms:.1f} | {tps:.1f} | x{tps / base:.2f} |", flush=True)
         print()
 
@@ -237,6 +241,11 @@ def main() -> None:
         print(f"| {name} | {prefill:.3f} ({prefill_cpu:.3f}) | {step * 1000:.1f} ({step_cpu * 1000:.1f}) "
               f"| {first15:.2f} ({first15_cpu:.2f}) | {emax:.3g} / {emean:.3g} "
               f"| {top1:.0%} |")
+    if args.json:
+        keys = ("variant", "prefill_s", "prefill_cpu_s", "step_s", "step_cpu_s", "first15_s", "first15_cpu_s",
+                "logit_err_max", "logit_err_mean", "top1")
+        Path(args.json).write_text(json.dumps({"batches": batches, "variants": [dict(zip(keys, r, strict=True))
+                                                                                 for r in rows]}, indent=1))
     print(f"(fp32 logits: std {ref_logits.std().item():.3g}, range {ref_logits.min().item():.3g}.."
           f"{ref_logits.max().item():.3g}; random weights, so errors are indicative only)")
     print("cpu = this thread's CPU time (1 intra-op thread), i.e. the cost on an otherwise idle core; "

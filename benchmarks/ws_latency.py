@@ -24,7 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from common import ANSWERS, server_process
+from common import ANSWERS, Player, server_process
 from common import percentile as pct
 
 CLAUSE = re.compile(r"[.!?;:,](\s|$)")
@@ -61,7 +61,6 @@ async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, 
     from realtime.audio.formats import SAMPLE_BYTES
 
     res = Result()
-    bytes_per_second = None
     async with connect(url, max_size=None, additional_headers=headers) as ws:
         await ws.send(json.dumps({"type": "start", "format": fmt}))
         ready = json.loads(await ws.recv())
@@ -93,23 +92,18 @@ async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, 
             await ws.send(json.dumps({"type": "end"}))
 
         feeder = asyncio.create_task(feed())
-        play_start = None
-        audio_bytes = 0
+        player = Player(bytes_per_second)
         async for msg in ws:
             now = time.perf_counter()
             if isinstance(msg, bytes):
-                if play_start is None:
-                    play_start = now
+                if player.start is None:
                     res.ttfa = (now - t0) * 1000
                     res.after_clause = (now - (t_clause or now)) * 1000
-                needed_at = play_start + audio_bytes / bytes_per_second + res.stall_ms / 1000
-                if now > needed_at + 0.005:  # player ran dry: it stalls until this frame arrives
-                    res.underruns += 1
-                    res.stall_ms += (now - needed_at) * 1000
-                    if show_underruns:
-                        print(f"  underrun: {(now - needed_at) * 1000:.0f} ms at {audio_bytes / bytes_per_second:.2f} s "
-                              f"of audio, {now - t0:.2f} s after the first delta: {text[:40]!r}")
-                audio_bytes += len(msg)
+                at = player.audio_s
+                dry = player.receive(len(msg), now)
+                if dry and show_underruns:
+                    print(f"  underrun: {dry * 1000:.0f} ms at {at:.2f} s of audio, {now - t0:.2f} s after the "
+                          f"first delta: {text[:40]!r}")
                 continue
             m = json.loads(msg)
             if m["type"] == "error":
@@ -123,7 +117,8 @@ async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, 
         with contextlib.suppress(asyncio.CancelledError):
             await feeder
         res.wall_s = time.perf_counter() - t0
-        res.audio_s = audio_bytes / bytes_per_second
+        res.audio_s = player.audio_s
+        res.underruns, res.stall_ms = player.underruns, player.stall_s * 1000
     return res
 
 

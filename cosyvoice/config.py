@@ -8,6 +8,7 @@ references itself: nothing named in the file is ever imported or called.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -234,6 +235,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[dtype.lower()]
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16") from None
+
+
+def device_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """A CUDA stream of its own for the calling thread's work on ``device`` (each stage thread
+    enters one, so that the LM steps while the flow and vocoder run); nothing on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.stream(torch.cuda.Stream(device))
+    return contextlib.nullcontext()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

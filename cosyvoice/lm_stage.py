@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .config import device_stream
 from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, StopCondition, Trace, stop_fn
 from .lm_request import LMRequest, feed_text
@@ -141,8 +142,10 @@ class LMHandle:
 class LMStage:
     """Steps all requests of one :class:`Qwen2LM` together; KV caches are slots of ``pool``."""
 
-    def __init__(self, lm: Qwen2LM, pool: KVPool, max_rows: int = 4096, max_ahead: int = 64) -> None:
+    def __init__(self, lm: Qwen2LM, pool: KVPool, max_rows: int = 4096, max_ahead: int = 64,
+                 threads: int | None = None) -> None:
         self.lm = lm
+        self.threads = threads  # torch intra-op threads of the stage's thread (None: leave as is)
         self.pool = pool
         self.max_rows = max_rows  # rows in one backbone call (a long prefill goes in a call of its own)
         self.max_ahead = max_ahead  # unread tokens after which a request waits for its reader
@@ -220,7 +223,9 @@ class LMStage:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        with self.cond:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # per thread under OpenMP: the other stage keeps its own
+        with device_stream(self.lm.speech_embedding.weight.device), self.cond:
             while not self._closed:
                 batch = self._collect()
                 if not batch:
@@ -239,7 +244,8 @@ class LMStage:
                     self.cond.acquire()
                 self.steps += 1
                 self.batch_sizes[len(work)] += 1
-                logps = logits.log_softmax(dim=-1) if logits is not None else None
+                # every request's sampling runs on the host: one transfer (and sync) per step
+                logps = logits.log_softmax(dim=-1).cpu() if logits is not None else None
                 for k, (handle, rows, cache_len) in enumerate(work):
                     handle.in_flight = False
                     if error is not None:

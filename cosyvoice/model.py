@@ -15,6 +15,7 @@ thread) for comparison.
 
 from __future__ import annotations
 
+import os
 import secrets
 import uuid as uuid_lib
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -137,8 +138,9 @@ class CosyVoice2Model:
         self.token2wav = Token2Wav(self.flow, self.hift, left_chunks=left_chunks)
         self.cap = cap or TokenCap()
         pool = KVPool.for_budget(llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots)
-        self.lm_stage = LMStage(llm, pool)
-        self.t2w_stage = T2WStage(self.token2wav)
+        lm_threads, t2w_threads = stage_threads(llm.speech_embedding.weight.device)
+        self.lm_stage = LMStage(llm, pool, threads=lm_threads)
+        self.t2w_stage = T2WStage(self.token2wav, threads=t2w_threads)
 
     def close(self) -> None:
         """Stop the stages' threads (requests in them end)."""
@@ -148,10 +150,12 @@ class CosyVoice2Model:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | ModelDir, dtype: str | torch.dtype = "fp32",
                        device: str | torch.device | None = "cpu", **kwargs: Any) -> CosyVoice2Model:
-        """Strict, weights-only loads of llm.pt / flow.pt / hift.pt.  The LM runs in ``dtype`` on
-        ``device``; flow and HiFT stay float32 on the CPU (Token2Wav keeps its caches there)."""
+        """Strict, weights-only loads of llm.pt / flow.pt / hift.pt, every module on ``device``.
+        The LM runs in ``dtype``; flow and HiFT stay float32 (the official runtime's fp16 flow
+        needs TensorRT's accumulation to stay within its error; the vocoder's f0 and source are
+        not fit for half precision)."""
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
-        resolve_device(device)
+        device = resolve_device(device)
         tree = md.read_yaml()
         llm = Qwen2LM.from_model_dir(md, dtype=dtype, device=device)
         flow = CausalMaskedDiffWithXvec(flow_config_from_yaml(tree))
@@ -159,7 +163,7 @@ class CosyVoice2Model:
         hift = HiFTGenerator(hift_config_from_yaml(tree))
         load_hift_state_dict(hift, load_state_dict(md.hift_pt))
         hift.remove_weight_norm()  # fold g*v/|v| once instead of on every forward
-        return cls(llm, flow, hift, **kwargs)
+        return cls(llm, flow.to(device), hift.to(device), **kwargs)
 
     # ------------------------------------------------------------------------------------------
     def tts(
@@ -312,6 +316,17 @@ class CosyVoice2Model:
         chunk = self.flow.cfg.chunk_tokens
         return schedule, ("cached" if first % chunk == 0 and schedule.max % chunk == 0 else "exact")
 
+
+
+def stage_threads(device: torch.device) -> tuple[int | None, int | None]:
+    """Torch intra-op threads for the LM stage and the token2wav stage: on a CPU the cores are
+    shared between the two (they run at once), so that neither oversubscribes them; on CUDA the
+    stages' host threads need one each."""
+    if device.type != "cpu":
+        return 1, 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    lm = max(1, cores // 2)
+    return lm, max(1, cores - lm)
 
 
 def flow_prompt(model_input: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .config import device_stream
 from .token2wav import HopSchedule, Job, Rounds, Token2Wav
 
 __all__ = ["DONE", "StaticTokens", "T2WStage", "T2WStream", "TokenSource"]
@@ -132,8 +133,10 @@ class T2WStream:
 class T2WStage:
     """Computes the token2wav of every open stream of one :class:`Token2Wav`, in one thread."""
 
-    def __init__(self, token2wav: Token2Wav, max_unread: int = 2, slack: float = 1.0) -> None:
+    def __init__(self, token2wav: Token2Wav, max_unread: int = 2, slack: float = 1.0,
+                 threads: int | None = None) -> None:
         self.token2wav = token2wav
+        self.threads = threads  # torch intra-op threads of the stage's thread (None: leave as is)
         self.max_unread = max_unread  # chunks a reader may leave unread before its stream waits
         # a stream whose listener has more than this many seconds of audio left sits out the
         # rounds while others have less (a round's cost grows with its streams)
@@ -231,6 +234,12 @@ class T2WStage:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with device_stream(self.token2wav.flow_device):
+            self._loop()
+
+    def _loop(self) -> None:
         rounds = self._rounds
         while not self._closed:
             self._wake.clear()

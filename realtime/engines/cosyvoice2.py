@@ -92,9 +92,9 @@ class CosyVoice2Engine(BlockingEngine):
         # tokens) and the whole-utterance token2wav of speed != 1.
         self.helpers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cosyvoice2-helper")
         if self.cv.model.llm.speech_embedding.weight.device.type == "cpu":
-            # parallelism comes from the LM stage and the streams' threads running at once; each
-            # op on one thread keeps them from oversubscribing the cores (16 sessions on TINY:
-            # 14.6 audio s per wall s against 12.0 with torch's default of a thread per core)
+            # the two stages share the cores (each sets its own thread count); whatever else runs
+            # torch (the helpers, the per-request path's threads) takes one core's worth each, so
+            # that nothing oversubscribes them
             torch.set_num_threads(1)
         # The two stage threads hand the GIL back and forth around every small op; at Python's
         # default 5 ms switch interval a stage that wants it back waits behind the other's Python

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The GPU suite (see benchmarks/gpu_suite.py): one table of first audio, RTF, underruns and
+# throughput at 1-32 sessions, the LM step per batch size and fp16/bf16 error, in under 8 minutes
+# on one H100-class GPU.  On a machine without one: bash benchmarks/gpu_suite.sh --device cpu --quick
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec timeout 900 "${PYTHON:-python}" benchmarks/gpu_suite.py "$@"

@@ -1,0 +1,27 @@
+"""The GPU suite's pipeline on a CPU (``benchmarks/gpu_suite.sh --device cpu --quick``), so that the
+script a GPU machine runs cannot rot: every sub-benchmark runs, the one table is printed with a
+row per figure the batching issue asks for, and the concurrency level has no errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_end_to_end_on_a_cpu():
+    r = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--device", "cpu", "--quick"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = r.stdout[r.stdout.index("GPU suite on cpu"):]
+    for label in ("first audio p50 ms", "first audio p95 ms", "RTF per stream, p50", "underruns",
+                  "decode step ms, eager", "decode step ms, CUDA graphs", "| bf16 |"):
+        assert label in table, table
+    errors = re.search(r"^\| errors \| (.*) \|$", table, re.M)[1].split(" | ")
+    assert errors == ["0", "0"], table
+    p50 = [float(x) for x in re.search(r"^\| first audio p50 ms \| (.*) \|$", table, re.M)[1].split(" | ")]
+    assert all(0 < x < 30000 for x in p50), table
