@@ -145,9 +145,13 @@ class T2WStage:
         self.group_sizes: Counter[int] = Counter()  # streams per round -> rounds
         self._rounds = Rounds(token2wav)
         self._jobs: dict[int, T2WStream] = {}  # id(job) -> its stream, for the jobs in the rounds
+        self._vocoding: dict[int, T2WStream] = {}  # the same, for the jobs handed to the vocoder
         self._streams: dict[Hashable, T2WStream] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._vocoder: threading.Thread | None = None
+        self._to_vocode: list[tuple[Job, torch.Tensor]] = []  # flow done, for the vocoder's thread
+        self._vocoder_wake = threading.Condition()
         self._closed = False
 
     def open(self, uuid: Hashable, source: TokenSource, prompt_token, prompt_feat, embedding,
@@ -163,7 +167,9 @@ class T2WStage:
             self._streams[uuid] = stream
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="t2w-stage", daemon=True)
+                self._vocoder = threading.Thread(target=self._run_vocoder, name="t2w-vocoder", daemon=True)
                 self._thread.start()
+                self._vocoder.start()
         self.wake()
         return stream
 
@@ -181,8 +187,11 @@ class T2WStage:
     def close(self) -> None:
         self._closed = True
         self.wake()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        with self._vocoder_wake:
+            self._vocoder_wake.notify()
+        for thread in (self._thread, self._vocoder):
+            if thread is not None:
+                thread.join(timeout=10)
 
     # -- the stage's thread ---------------------------------------------------------------------
     def _open(self, stream: T2WStream) -> bool:
@@ -239,6 +248,33 @@ class T2WStage:
         with device_stream(self.token2wav.flow_device):
             self._loop()
 
+    def _run_vocoder(self) -> None:
+        """The vocoder's thread: every chunk whose flow is done, chunks of as many frames in one
+        call, while the flow goes on with the next round."""
+        torch.set_grad_enabled(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with device_stream(self.token2wav.hift_device):
+            while not self._closed:
+                with self._vocoder_wake:
+                    while not self._to_vocode and not self._closed:
+                        self._vocoder_wake.wait()
+                    done, self._to_vocode = self._to_vocode, []
+                if not done:
+                    continue
+                streams = [self._vocoding.pop(id(job)) for job, _ in done]
+                try:
+                    chunks = self.token2wav.vocode(done)
+                except BaseException as e:  # a broken call fails the streams in it, not the stage
+                    log.exception("vocoder step failed")
+                    for stream in streams:
+                        stream.busy = False
+                        self._fail(stream, e)
+                    continue
+                for (job, chunk), stream in zip(chunks, streams, strict=True):
+                    stream.busy = False
+                    self._deliver(stream, job, chunk)
+                self.wake()  # the flow's thread may start their next chunks
     def _loop(self) -> None:
         rounds = self._rounds
         while not self._closed:
@@ -260,8 +296,9 @@ class T2WStage:
             self._round()
 
     def _round(self) -> None:
-        """One round of the jobs in progress, the chunks done in it delivered at once.  When some
-        listener is about to run dry (or has not heard anything yet), only the streams within
+        """The flow of one round of the jobs in progress; the chunks whose flow is done go to the
+        vocoder's thread (their streams stay busy until they are delivered).  When some listener
+        is about to run dry (or has not heard anything yet), only the streams within
         :attr:`slack` of running dry take part: the others have audio to play meanwhile."""
         rounds = self._rounds
         now = time.monotonic()
@@ -271,7 +308,7 @@ class T2WStage:
         self.group_sizes[len(urgent) if only else len(rounds)] += 1
         streams = list(self._jobs.values())
         try:
-            done = rounds.step(only)
+            done = rounds.advance(only)
         except BaseException as e:  # a broken step fails the streams in it, not the stage
             log.exception("token2wav step failed")
             self._jobs.clear()
@@ -280,10 +317,12 @@ class T2WStage:
                 if not stream.finished:
                     self._fail(stream, e)
             return
-        for job, chunk in done:
-            stream = self._jobs.pop(id(job))
-            stream.busy = False
-            self._deliver(stream, job, chunk)
+        if done:
+            for job, _ in done:
+                self._vocoding[id(job)] = self._jobs.pop(id(job))
+            with self._vocoder_wake:
+                self._to_vocode += done
+                self._vocoder_wake.notify()
         self._release_jobs()
 
     def _release_jobs(self) -> None:

@@ -112,11 +112,18 @@ class Rounds:
             raise
         self.plans.append(_Plan(job, pieces))
 
-    @torch.inference_mode()
     def step(self, only: Callable[[Job], bool] | None = None) -> list[tuple[Job, np.ndarray | None]]:
         """One round of every job (or of those ``only`` selects: the others wait, unchanged);
         returns the jobs completed in it with their audio (None for a final flush with nothing
         left; cancelled jobs are dropped without audio)."""
+        done = self.advance(only)
+        return self.t2w.vocode(done) if done else []
+
+    @torch.inference_mode()
+    def advance(self, only: Callable[[Job], bool] | None = None) -> list[tuple[Job, Tensor]]:
+        """The flow of a round: returns the jobs whose flow is complete, with their mel, to be
+        handed to :meth:`Token2Wav.vocode` (here or in another thread); they leave the rounds
+        still holding their stream's lock, which the vocoding releases."""
         t2w = self.t2w
         self.drop_cancelled()
         plans = [plan for plan in self.plans if only is None or only(plan.job)]
@@ -137,22 +144,17 @@ class Rounds:
                     plan.pieces.popleft()
                     plan.mels.append(mel)
             finished = solo + finished + [plan for plan in pending if not plan.pieces]
-            if not finished:
-                return []
-            mels = {id(plan.job): self._mel(plan) for plan in finished}
-            chunks = t2w._vocode_jobs([plan.job for plan in finished], mels)
+            mels = [(plan.job, self._mel(plan)) for plan in finished]
         except BaseException:
             self.abort()  # a failed stream is not resumable
             raise
-        out = []
         for plan in finished:
             job = plan.job
             if job.hop is not None:
                 job.stream.token_offset += job.hop
                 job.stream.hop = job.stream.schedule.next(job.stream.hop)
-            self._finish(plan, free=job.hop is None)
-            out.append((job, chunks.get(id(job))))
-        return out
+            self.plans.remove(plan)  # its lock is held until it is vocoded
+        return mels
 
     def drop_cancelled(self) -> None:
         """Let go of the jobs of cancelled or closed streams (their locks released, not freed)."""
@@ -360,6 +362,24 @@ class Token2Wav:
                 if on_chunk is not None:
                     on_chunk(job, chunk)
         return [results.get(id(job)) for job in jobs]
+
+    @torch.inference_mode()
+    def vocode(self, done: list[tuple[Job, Tensor]]) -> list[tuple[Job, np.ndarray | None]]:
+        """The audio of jobs whose flow is complete (from :meth:`Rounds.advance`, with their
+        stream's lock held): chunks of as many frames in one vocoder call.  Releases the locks; a
+        final flush closes its stream, a failure closes them all."""
+        jobs = [job for job, _ in done]
+        failed = True
+        try:
+            chunks = self._vocode_jobs(jobs, {id(job): mel for job, mel in done})
+            failed = False
+        finally:
+            for job in jobs:
+                if failed or job.hop is None:
+                    self._forget(job.uuid, job.stream)
+                    job.stream.free()
+                job.stream.lock.release()
+        return [(job, chunks.get(id(job))) for job in jobs]
 
     def _vocode_jobs(self, jobs: list[Job], mels: dict[int, Tensor]) -> dict[int, np.ndarray]:
         """Official overlap rule, per stream: prepend the previous 8 mel frames, continue the previous
