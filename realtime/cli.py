@@ -67,6 +67,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"realtime serve: {e}", file=sys.stderr)
         return 2
+    aliases = {}
+    for alias in args.voice_alias or []:
+        name, _, voice = alias.partition("=")
+        if not name or voice not in {v.id for v in engine.voices()}:
+            print(f"realtime serve: --voice-alias {alias!r}: expected NAME=VOICE with one of the engine's voices "
+                  f"({', '.join(v.id for v in engine.voices())})", file=sys.stderr)
+            return 2
+        aliases[name] = voice
     limits = Limits(max_frame_bytes=args.max_frame_bytes, max_context_chars=args.max_text_chars,
                     max_open_contexts=args.max_contexts)
     config = ServerConfig(token=token, limits=limits, max_sessions=args.max_sessions,
@@ -75,7 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           context_idle_timeout=args.context_idle_timeout, queue_timeout=args.queue_timeout,
                           buffer_seconds=args.buffer_ms / 1000, frame_ms=args.frame_ms,
                           realtime_lead_ms=args.realtime_lead_ms, realtime_batch_ms=args.realtime_batch_ms,
-                          header_timeout=args.header_timeout, close_timeout=args.close_timeout)
+                          header_timeout=args.header_timeout, close_timeout=args.close_timeout,
+                          voice_aliases=aliases)
     app = create_app(engine, config)
     log.info("engine %s (%d Hz), %d streams at once, voices: %s", engine.name, engine.sample_rate,
              args.max_streams or engine.capacity, ", ".join(v.id for v in engine.voices()))
@@ -117,7 +126,7 @@ async def _say(args: argparse.Namespace, text: str) -> int:
         await ws.send(json.dumps(start))
         ready = json.loads(await ws.recv())
         if ready.get("type") == "error":
-            print(f"error: {ready['code']}: {ready['message']}", file=sys.stderr)
+            print(f"realtime say: {ready['code']}: {ready['message']}", file=sys.stderr)
             return 1
         rate = ready["sample_rate"]
 
@@ -141,10 +150,10 @@ async def _say(args: argparse.Namespace, text: str) -> int:
                 audio += msg
                 continue
             m = json.loads(msg)
-            if m["type"] == "error":
-                print(f"error: {m['code']}: {m['message']}", file=sys.stderr)
-                if m.get("fatal"):
-                    return 1
+            if m["type"] == "error":  # fatal or not, the utterance is over
+                print(f"realtime say: {m['code']}: {m['message']}", file=sys.stderr)
+                feeder.cancel()
+                return 1
             elif m["type"] == "done":
                 stats = m.get("stats", {})
                 break
@@ -173,8 +182,20 @@ def cmd_say(args: argparse.Namespace) -> int:
     if not text.strip():
         print("realtime say: no text", file=sys.stderr)
         return 2
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
     try:
         return asyncio.run(_say(args, text))
+    except InvalidStatus as e:  # refused before the upgrade: 401/403 without a good token, 503 ...
+        status = e.response.status_code
+        hint = {401: " (this server wants a token: --token or REALTIME_TOKEN)", 403: " (wrong token)"}.get(status, "")
+        print(f"realtime say: the server refused the connection: HTTP {status}{hint}", file=sys.stderr)
+        return 1
+    except ConnectionClosed as e:
+        close = e.rcvd
+        why = f"{close.code} {close.reason}".strip() if close is not None else "without a close frame"
+        print(f"realtime say: the server closed the connection: {why}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"realtime say: cannot reach {args.url}: {e}", file=sys.stderr)
         return 1
@@ -187,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the service", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Serve WebSocket /v1/tts/stream, POST /v1/tts, the official CosyVoice HTTP routes, "
-                                   "/health, /v1/voices, /metrics and the web client at /.")
+                                   "the OpenAI speech API (POST /v1/audio/speech, GET /v1/models), POST "
+                                   "/api/tts/stream, /health, /v1/voices, /metrics and the web client at /.")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback address without a token logs a warning)")
     s.add_argument("--port", type=_non_negative_int, default=8000, help="port to listen on (0: any free port)")
     s.add_argument("--engine", choices=("piper", "cosyvoice2", "tone"), default=None,
@@ -199,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cosyvoice2: one batched LM stage for all streams, or each stream's LM alone in its own "
                         "thread (the pre-batching path, for comparison)")
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
+    s.add_argument("--voice-alias", action="append", metavar="NAME=VOICE",
+                   help="another name for one of the engine's voices, for clients of other APIs (repeatable; "
+                        "OpenAI's voice names not given here mean the default voice)")
     s.add_argument("--max-streams", type=_positive_int, default=None,
                    help="utterances (WebSocket contexts, HTTP syntheses) speaking at once; more wait up to "
                         "--queue-timeout, then get 'overloaded' with retry_after_ms (default: the engine's own "

@@ -16,7 +16,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -73,6 +73,9 @@ class ServerConfig:
     realtime_lead_ms: int = 300
     realtime_batch_ms: int = 100
     frame_ms: int = 20
+    # names that clients of other APIs use (OpenAI's voices) -> our voices; OpenAI's names not
+    # listed here mean the default voice
+    voice_aliases: dict[str, str] = field(default_factory=dict)
 
 
 def uvicorn_config(app: ASGIApp, config: ServerConfig, **kwargs: Any) -> uvicorn.Config:
@@ -281,7 +284,8 @@ class AudioStreamResponse(Response):
     """
 
     def __init__(self, synthesis: Synthesis, deliveries: AsyncIterator[Delivery], first: Delivery,
-                 media_type: str, send_timeout: float, headers: dict[str, str] | None = None) -> None:
+                 media_type: str, send_timeout: float, headers: dict[str, str] | None = None,
+                 events: Any = None) -> None:
         self.status_code = 200
         self.media_type = media_type
         self.background = None
@@ -290,6 +294,7 @@ class AudioStreamResponse(Response):
         self.deliveries = deliveries
         self.first = first
         self.send_timeout = send_timeout
+        self.events = events  # wraps each piece of audio (e.g. compat.SseAudio), or None: the bytes as they are
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = asyncio.create_task(self._body(send))
@@ -319,16 +324,21 @@ class AudioStreamResponse(Response):
         try:
             await self._send(send, {"type": "http.response.start", "status": self.status_code,
                                     "headers": self.raw_headers})
-            item = self.first
+            events, end = self.events, b""
             async for item in _chain(self.first, self.deliveries):
                 if isinstance(item, Audio):
                     for frame in item.frames:
-                        await self._send(send, {"type": "http.response.body", "body": frame, "more_body": True})
+                        body = events.frame(frame) if events else frame
+                        await self._send(send, {"type": "http.response.body", "body": body, "more_body": True})
                 elif isinstance(item, Failed):
-                    # headers are gone already: the stream just ends, and the log says why
+                    # headers are gone already: the stream just ends (with an error event where the
+                    # format has one), and the log says why
                     log.warning("HTTP synthesis failed: %s %s", item.code, item.message)
+                    end = events.error(item.code, item.message) if events else b""
                     break
-            await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                end = events.done() if events else b""
+            await self._send(send, {"type": "http.response.body", "body": end, "more_body": False})
         except _Stalled:
             log.warning("HTTP client did not read for %.1fs; dropping the download", self.send_timeout)
         except OSError:  # ASGI 2.4 servers raise this for a client that is gone
@@ -348,7 +358,7 @@ async def _chain(first: Delivery, rest: AsyncIterator[Delivery]) -> AsyncIterato
 
 
 async def synthesis_response(service: Service, text: str, options: SynthesisOptions, encoder: AudioEncoder,
-                             media_type: str, headers: dict[str, str] | None = None) -> Response:
+                             media_type: str, headers: dict[str, str] | None = None, events: Any = None) -> Response:
     """Speak ``text`` (all of it, at once) and stream the audio; an error found before the first
     audio (no capacity, a voice that cannot be used) is an HTTP error instead."""
     synthesis = Synthesis(service.engine, options, service.runtime.admission, f"http-{uuid.uuid4()}",
@@ -360,7 +370,8 @@ async def synthesis_response(service: Service, text: str, options: SynthesisOpti
         first = await anext(deliveries)
         if isinstance(first, Failed):
             raise ProtocolError(first.code, first.message, retry_after_ms=first.retry_after_ms)
-        return AudioStreamResponse(synthesis, deliveries, first, media_type, service.config.send_timeout, headers)
+        return AudioStreamResponse(synthesis, deliveries, first, media_type, service.config.send_timeout, headers,
+                                   events)
     except BaseException:
         synthesis.close()
         await deliveries.aclose()
@@ -438,54 +449,6 @@ async def tts(request: Request) -> Response:
         return error_from(e)
 
 
-_OFFICIAL_MODES = {"inference_sft": "sft", "inference_zero_shot": "zero_shot",
-                   "inference_cross_lingual": "cross_lingual", "inference_instruct": "instruct",
-                   "inference_instruct2": "instruct2"}
-
-
-async def official(request: Request) -> Response:
-    """The official CosyVoice FastAPI routes: form fields (GET: query), raw int16 PCM at the
-    model's rate, streamed while it is synthesised."""
-    route = request.url.path.strip("/")
-    METRICS.http_requests.inc("/" + route)
-    service = _service(request)
-    config, info = service.config, service.info
-    try:
-        form = await read_form(request, config.limits, config.body_timeout) if request.method == "POST" \
-            else request.query_params
-        fields = {k: v for k in ("tts_text", "spk_id", "prompt_text", "instruct_text")
-                  if isinstance(v := form.get(k), str)}
-        for value in fields.values():
-            check_text(value, "form field")
-        upload = form.get("prompt_wav")
-        prompt_wav = await upload.read() if isinstance(upload, UploadFile) else None
-        if prompt_wav is not None and len(prompt_wav) > config.limits.max_prompt_audio_bytes:
-            raise ProtocolError("too_large", "prompt_wav is too large")
-        text = fields.get("tts_text", "")
-        if not text.strip():
-            raise ProtocolError("bad_request", "tts_text is required")
-        if len(text) > config.limits.max_context_chars:
-            raise ProtocolError("too_large", f"tts_text may hold at most {config.limits.max_context_chars} characters")
-        mode = _OFFICIAL_MODES[route]
-        if mode == "instruct":
-            raise ProtocolError("bad_request", "inference_instruct is CosyVoice 1's speaker+instruct mode, which "
-                                "CosyVoice2 does not have; use /inference_instruct2 (instruct_text + prompt_wav)")
-        if mode != "sft" and prompt_wav is None:
-            raise ProtocolError("bad_request", f"/{route} needs the prompt_wav file field")
-        requested = {"voice": fields.get("spk_id") or info.default_voice, "mode": mode,
-                     "prompt_text": fields.get("prompt_text"), "instruct_text": fields.get("instruct_text")}
-        voice = parse_voice_options({k: v for k, v in requested.items() if v is not None}, VoiceOptions(), info,
-                                    config.limits)
-        if prompt_wav is not None:
-            voice = replace(voice, prompt_audio=prompt_wav)
-        rate = service.engine.sample_rate
-        encoder = make_encoder("pcm_s16le", rate, "raw", rate)
-        return await synthesis_response(service, text, synthesis_options(voice), encoder,
-                                        "application/octet-stream", {"X-Sample-Rate": str(rate)})
-    except (ProtocolError, EngineError) as e:
-        return error_from(e)
-
-
 async def register_voice(request: Request) -> Response:
     """POST /v1/voices (multipart: voice_id, prompt_text, prompt_wav): a zero-shot voice, for
     engines that can register one (``engine.register_voice``)."""
@@ -551,7 +514,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         yield
         engine.close()
 
-    official_routes = [Route(f"/{name}", official, methods=["GET", "POST"]) for name in _OFFICIAL_MODES]
+    from .compat import compat_routes  # (it builds on this module's helpers)
+
     routes = [
         Route("/", static_file),
         Route("/health", health),
@@ -560,7 +524,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         Route("/metrics", metrics),
         Route("/v1/tts", tts, methods=["POST"]),
         WebSocketRoute("/v1/tts/stream", stream),
-        *official_routes,
+        *compat_routes(),
         Route("/static/{name}", static_file),
         Route("/{name}", static_file),
     ]

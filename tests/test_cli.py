@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
@@ -64,7 +65,45 @@ def test_say_reads_stdin_and_writes_ogg(tone_server, tmp_path):
 
 def test_say_reports_server_errors(tone_server):
     r = say(tone_server, "hello ", "--voice", "nobody")
-    assert r.returncode == 1 and "unknown_voice" in r.stderr
+    assert r.returncode == 1 and "unknown_voice" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_say_reports_refusals_in_one_line(tmp_path):
+    """A server that wants a token (401 without one, 403 with a wrong one): one clear line and exit
+    1, no traceback."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", str(port),
+                             "--token", "sekret", "--voice-alias", "nova=b", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/health", headers={"X-API-TOKEN": "sekret"}).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)
+        for extra, needle in (((), "HTTP 401"), (("--token", "nope"), "HTTP 403")):
+            r = say(base, "one two ", *extra)
+            assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1
+        r = say(base, "one two ", "--token", "sekret", "-o", str(tmp_path / "a.wav"))
+        assert r.returncode == 0, r.stderr
+        speech = httpx.post(base + "/v1/audio/speech", headers={"Authorization": "Bearer sekret"},
+                            json={"model": "tts-1", "voice": "nova", "input": "one two ", "response_format": "wav"})
+        x, rate = sf.read(io.BytesIO(speech.content))
+        assert speech.status_code == 200 and len(x) == 2 * 4800
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_serve_refuses_an_alias_of_a_voice_it_does_not_have():
+    r = subprocess.run([sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", "1",
+                        "--voice-alias", "nova=nobody"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--voice-alias" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_say_without_server_fails_cleanly():

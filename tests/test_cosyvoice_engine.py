@@ -279,8 +279,10 @@ async def test_official_routes_and_v1_tts(server):
             r = await http.post(f"{server}/{route}", data=form, files={"prompt_wav": ("p.wav", wav, "audio/wav")})
             assert r.status_code == 200, (route, r.text)
             assert len(r.content) > 0 and len(r.content) % BYTES_PER_TOKEN == 0, route
-        r = await http.post(server + "/inference_instruct", data=form, files={"prompt_wav": ("p.wav", wav, "audio/wav")})
-        assert r.status_code == 400
+        # CosyVoice 1's instruct route (speaker + instruction): instruct2 with that speaker's voice
+        r = await http.post(server + "/inference_instruct", data={"tts_text": "Hello world, this is a test.",
+                                                                  "spk_id": EN, "instruct_text": "Speak slowly."})
+        assert r.status_code == 200 and len(r.content) > 0 and len(r.content) % BYTES_PER_TOKEN == 0
         r = await http.post(server + "/v1/tts", json={"text": "Hello world, this is a test.", "voice": EN, "format": "pcm_s16le"})
         assert r.status_code == 200
         x, sr = sf.read(io.BytesIO(r.content), dtype="float32")

@@ -332,6 +332,78 @@ class OpusEncoder(AudioEncoder):
         return self._encode(y) + self._pad_out(final=True)
 
 
+# -- MP3, AAC, FLAC (HTTP downloads) -------------------------------------------------------------
+
+# format -> (PyAV muxer, codec, content type): whole-response formats of the HTTP routes (the
+# OpenAI speech API); they cannot flush mid-stream, so the WebSocket protocol does not offer them
+CODECS = {
+    "mp3": ("mp3", "libmp3lame", "audio/mpeg"),
+    "aac": ("adts", "aac", "audio/aac"),
+    "flac": ("flac", "flac", "audio/flac"),
+}
+
+
+class _Bytes:
+    """A write-only, unseekable file for a muxer: what it writes is taken after every packet."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, b: bytes) -> int:
+        self.data += b
+        return len(b)
+
+    def take(self) -> bytes:
+        out, self.data = bytes(self.data), bytearray()
+        return out
+
+
+class CodecEncoder(AudioEncoder):
+    """MP3 (raw frames), AAC (ADTS) or FLAC through FFmpeg's encoder and muxer, streamed: every
+    muxed packet is written out at once (``flush_packets``), so bytes leave as soon as the codec
+    has a frame (MP3 after about 60 ms of audio, FLAC per 4608-sample block).  The output is not
+    seekable, so MP3 has no Xing header and FLAC's STREAMINFO leaves the total length unset, as
+    in any live stream; decoders read both."""
+
+    def __init__(self, format: str, sample_rate: int, source_rate: int, bitrate: int | None = None) -> None:
+        super().__init__(format, sample_rate, "raw", source_rate)
+        muxer, codec, self.content_type = CODECS[format]
+        self._out = _Bytes()
+        self._container = av.open(self._out, "w", format=muxer, options={"flush_packets": "1"}, buffer_size=4096)
+        self._stream = self._container.add_stream(codec, rate=self.sample_rate, layout="mono")
+        if bitrate and format != "flac":
+            self._stream.codec_context.bit_rate = bitrate
+        self._resample = av.AudioResampler(format=self._stream.codec_context.format.name, layout="mono",
+                                           rate=self.sample_rate)
+
+    def _mux(self, y: np.ndarray | None) -> list[bytes]:
+        if y is None:
+            packets = self._stream.encode(None)
+        else:
+            if not y.size:
+                return []
+            frame = av.AudioFrame.from_ndarray(clean(y).reshape(1, -1), format="flt", layout="mono")
+            frame.sample_rate = self.sample_rate
+            packets = [p for f in self._resample.resample(frame) for p in self._stream.encode(f)]
+            self.samples_out += y.size
+        for packet in packets:
+            self._container.mux(packet)
+        data = self._out.take()
+        return [data] if data else []
+
+    def _encode(self, y: np.ndarray) -> list[bytes]:
+        return self._mux(y)
+
+    def _flush(self, y: np.ndarray) -> list[bytes]:  # the codec keeps its frame in progress
+        return self._mux(y)
+
+    def _finish(self, y: np.ndarray) -> list[bytes]:
+        frames = self._mux(y) + self._mux(None)
+        self._container.close()
+        data = self._out.take()
+        return frames + ([data] if data else [])
+
+
 def make_encoder(
     format: str,
     sample_rate: int,
@@ -347,6 +419,10 @@ def make_encoder(
     ``bitrate`` and ``application`` apply to Opus only; ``frame_ms`` cuts PCM and G.711 output into
     frames of that duration (Opus packets are always 20 ms).
     """
+    if format in CODECS:
+        if container != "raw" or not sample_rate:
+            raise ValueError(f"{format} is raw and needs a sample_rate")
+        return CodecEncoder(format, sample_rate, source_rate)
     error = validate_audio_format(format, sample_rate, container, source_rate)
     if error is not None or sample_rate is None:
         raise ValueError(error or "sample_rate is required (apply default_sample_rate first)")
