@@ -1,5 +1,6 @@
-# CPU image by default.  For CUDA: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124
-# (and run with --gpus all, `--device cuda` for the cosyvoice2 engine).
+# CPU image by default.  For CUDA: --build-arg TORCH_INDEX=https://pypi.org/simple (PyPI's Linux
+# torch wheel is the CUDA build, for any torch version), then run with --gpus all and
+# `--device cuda` for the cosyvoice2 engine.
 FROM python:3.11-slim
 
 ARG TORCH_VERSION=2.13.0
