@@ -80,7 +80,7 @@ def server_process(*serve_args: str) -> Iterator[tuple[str, int]]:
 
 @contextlib.contextmanager
 def http_process(python_args: Callable[[int], list[str]]) -> Iterator[tuple[str, int]]:
-    """``python *python_args(port)`` in a subprocess, once ``/health`` answers 200 on that port:
+    """``python *python_args(port)`` in a subprocess, once ``/health`` answers on that port:
     yields (``http://…`` base, pid)."""
     import httpx
 
@@ -96,7 +96,7 @@ def http_process(python_args: Callable[[int], list[str]]) -> Iterator[tuple[str,
             if server.poll() is not None:
                 raise RuntimeError(f"server exited with {server.returncode}")
             try:
-                if httpx.get(base + "/health").status_code == 200:
+                if httpx.get(base + "/health").status_code in (200, 401):  # 401: up, with a token
                     break
             except httpx.HTTPError:
                 pass
