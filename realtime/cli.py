@@ -47,11 +47,9 @@ _non_negative_float = _number(float, 0.0, "0 or more")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .engines import create_engine
     from .protocol import Limits
-    from .server import ServerConfig, create_app, uvicorn_config
+    from .server import DrainingServer, ServerConfig, create_app, uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.token or os.environ.get("REALTIME_TOKEN") or None
@@ -88,7 +86,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(engine, config)
     log.info("engine %s (%d Hz), %d streams at once, voices: %s", engine.name, engine.sample_rate,
              args.max_streams or engine.capacity, ", ".join(v.id for v in engine.voices()))
-    uvicorn.Server(uvicorn_config(app, config, host=args.host, port=args.port, log_level=args.log_level)).run()
+    server = DrainingServer(uvicorn_config(app, config, host=args.host, port=args.port, log_level=args.log_level),
+                            app.state.service, args.drain_timeout)
+    server.run()
     return 0
 
 
@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--realtime-batch-ms", type=_non_negative_int, default=100,
                    help="pacing realtime: a paced session wakes once per this much audio and sends what is due, "
                         "so the client holds between lead and lead + batch + 30 ms; 0 sends frame by frame (more CPU)")
+    s.add_argument("--drain-timeout", type=_non_negative_float, default=60.0,
+                   help="on SIGTERM: stop admitting (readiness fails, new clients get 503 going_away), let open "
+                        "contexts finish for up to this many seconds, then close the rest with going_away/1001 "
+                        "and exit 0; a second signal exits at once")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity")
     s.set_defaults(func=cmd_serve)
 

@@ -25,6 +25,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "too_large": ErrorCode(1009, 413),
     "timeout": ErrorCode(1008, 408),  # the client left the service waiting (no text, no read)
     "overloaded": ErrorCode(1013, 503),
+    "going_away": ErrorCode(1001, 503),  # draining for a shutdown: reconnect, another replica answers
     "internal": ErrorCode(1011, 500),
 }
 

@@ -35,6 +35,7 @@ from .audio.formats import allowed_sample_rates, default_sample_rate, validate_a
 from .auth import check_token
 from .engines.base import Engine, EngineError, Failed, SynthesisOptions
 from .errors import ERROR_CODES, ProtocolError
+from .lifecycle import RETRY_AFTER_MS, Lifecycle
 from .metrics import METRICS
 from .protocol import (
     FORMATS,
@@ -86,6 +87,42 @@ def uvicorn_config(app: ASGIApp, config: ServerConfig, **kwargs: Any) -> uvicorn
     return uvicorn.Config(app, **kwargs, **uvicorn_options(config.limits.max_frame_bytes, deadlines))
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM/SIGINT drains first (readiness fails, open contexts finish up
+    to ``drain_timeout`` seconds, the rest get ``going_away`` and 1001) and the process then exits
+    0; a second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.service = service
+        self.drain_timeout = drain_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # not recorded in uvicorn's captured signals: it re-raises them after shutdown, and the
+        # process would die of SIGTERM instead of exiting 0
+        if self._drain is not None or self._loop is None or self.should_exit:
+            log.warning("second signal: exiting now")
+            self.force_exit = self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        if self._drain is None:
+            self._drain = self._loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.service.drain(self.drain_timeout)
+        finally:
+            self.should_exit = True
+
+
 def _output_check(out: OutputOptions, native_rate: int) -> str | None:
     rate = out.sample_rate if out.sample_rate is not None else default_sample_rate(out.format, native_rate)
     return validate_audio_format(out.format, rate, out.container, native_rate)
@@ -111,6 +148,7 @@ class Service:
         self.info = session_info(engine)
         self.sessions = 0
         self.capacity = config.max_streams or engine.capacity
+        self.lifecycle = Lifecycle()
         self._runtime: Runtime | None = None
 
     @property
@@ -124,8 +162,24 @@ class Service:
                 buffer_seconds=c.buffer_seconds, frame_ms=c.frame_ms, send_timeout=c.send_timeout,
                 idle_timeout=c.idle_timeout, context_idle_timeout=c.context_idle_timeout,
                 realtime_lead_ms=c.realtime_lead_ms, realtime_batch_ms=c.realtime_batch_ms,
+                lifecycle=self.lifecycle,
             )
         return self._runtime
+
+    @property
+    def load(self) -> float:
+        """Places in use over places: what a balancer or an autoscaler reads."""
+        admission = self.runtime.admission
+        return round(admission.active / admission.capacity, 3) if admission.capacity else 1.0
+
+    def refuse_if_draining(self) -> None:
+        if self.lifecycle.draining:
+            raise ProtocolError("going_away", "the server is shutting down; another replica will answer",
+                                retry_after_ms=RETRY_AFTER_MS)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop admitting, let what is speaking finish (up to ``timeout`` s), close the rest."""
+        return await self.lifecycle.drain(timeout, busy=lambda: self.runtime.admission.active > 0)
 
 
 def _service(conn: Request | WebSocket) -> Service:
@@ -225,6 +279,14 @@ async def stream(ws: WebSocket) -> None:
             await ws.send_denial_response(body)
         except RuntimeError:  # server without the denial extension: refuse with a policy close
             await ws.close(code=1008, reason=f"{problem} API token")
+        return
+    if service.lifecycle.draining:
+        METRICS.errors.inc("going_away")
+        with contextlib.suppress(RuntimeError):
+            await ws.send_denial_response(error_response("going_away", "the server is shutting down; reconnect",
+                                                         retry_after_ms=RETRY_AFTER_MS))
+            return
+        await ws.close(code=1001, reason="going away")
         return
     await ws.accept()
     if service.sessions >= config.max_sessions:
@@ -361,6 +423,7 @@ async def synthesis_response(service: Service, text: str, options: SynthesisOpti
                              media_type: str, headers: dict[str, str] | None = None, events: Any = None) -> Response:
     """Speak ``text`` (all of it, at once) and stream the audio; an error found before the first
     audio (no capacity, a voice that cannot be used) is an HTTP error instead."""
+    service.refuse_if_draining()
     synthesis = Synthesis(service.engine, options, service.runtime.admission, f"http-{uuid.uuid4()}",
                           service.config.buffer_seconds)
     deliveries = synthesis.deliver(encoder)
@@ -476,9 +539,28 @@ async def register_voice(request: Request) -> Response:
 async def health(request: Request) -> Response:
     service = _service(request)
     admission = service.runtime.admission
-    return JSONResponse({"status": "ok", "engine": service.engine.name, "sample_rate": service.engine.sample_rate,
-                         "sessions": service.sessions, "streams": admission.active,
-                         "capacity": admission.capacity, "waiting": admission.waiting})
+    return JSONResponse({"status": "draining" if service.lifecycle.draining else "ok", "engine": service.engine.name,
+                         "sample_rate": service.engine.sample_rate, "sessions": service.sessions,
+                         "streams": admission.active, "capacity": admission.capacity, "waiting": admission.waiting,
+                         "load": service.load})
+
+
+async def health_live(request: Request) -> Response:
+    """Liveness: the process answers (a draining replica is alive)."""
+    return JSONResponse({"status": "alive"})
+
+
+async def health_ready(request: Request) -> Response:
+    """Readiness: the model is loaded (the app exists only once it is), the replica is not
+    draining, and it has a free place; 503 otherwise, so the balancer sends new clients elsewhere."""
+    service = _service(request)
+    admission = service.runtime.admission
+    reason = ("draining" if service.lifecycle.draining
+              else "at capacity" if admission.active >= admission.capacity else None)
+    body = {"status": "ready" if reason is None else "not ready", "load": service.load}
+    if reason is not None:
+        body["reason"] = reason
+    return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
 async def voices(request: Request) -> Response:
@@ -519,6 +601,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
     routes = [
         Route("/", static_file),
         Route("/health", health),
+        Route("/health/live", health_live),
+        Route("/health/ready", health_ready),
         Route("/v1/voices", voices, methods=["GET"]),
         Route("/v1/voices", register_voice, methods=["POST"]),
         Route("/metrics", metrics),
@@ -536,4 +620,4 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
     return app
 
 
-__all__ = ["ERROR_CODES", "ServerConfig", "Service", "create_app", "error_response", "session_info"]
+__all__ = ["ERROR_CODES", "DrainingServer", "ServerConfig", "Service", "create_app", "error_response", "session_info"]

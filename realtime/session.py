@@ -14,11 +14,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .admission import Admission
 from .audio.encoders import make_encoder
 from .engines.base import Cancelled, Engine, Finished, Flushed, SynthesisOptions
+from .lifecycle import RETRY_AFTER_MS, Lifecycle
 from .metrics import METRICS
 from .protocol import (
     CancelContext,
@@ -51,6 +52,7 @@ class Runtime:
     context_idle_timeout: float = 30.0  # an open context with no text and no audio for this long → ended
     realtime_lead_ms: int = 300
     realtime_batch_ms: int = 100  # paced frames go out between lead and lead + batch + margin ahead (see _Pacer)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)  # serving or draining, and the open sessions
 
 
 class ClientGone(Exception):
@@ -269,6 +271,8 @@ class Session:
         self._watchdog: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()  # timeouts being reported
         self._idle_closing = False
+        self._draining = False  # the service is draining: no new contexts, close once none is open
+        self._going_away = False
 
     async def send(self, data: str | bytes) -> None:
         """Send one frame, failing the session if the client does not take it in time.
@@ -339,6 +343,24 @@ class Session:
                 runner.id, "timeout", f"no text for {self.rt.context_idle_timeout:g} s: context ended "
                 "(send end when an utterance is complete)"))
 
+    # -- draining (realtime.lifecycle) ----------------------------------------------------------
+    def drain(self) -> None:
+        self._draining = True
+        if not self.runners:
+            self.go_away()
+
+    def go_away(self) -> None:
+        if not self._going_away and not self._closing:
+            self._going_away = True
+            self._spawn(self._go_away())
+
+    async def _go_away(self) -> None:
+        with contextlib.suppress(ClientGone):
+            await self.send_text(self.protocol.error_frame(
+                "going_away", "the server is shutting down: reconnect (another replica will answer)", fatal=True,
+                retry_after_ms=RETRY_AFTER_MS))
+        self._fail((1001, "going away"))
+
     async def _idle_close(self) -> None:
         with contextlib.suppress(ClientGone):
             await self.send_text(self.protocol.error_frame(
@@ -360,6 +382,7 @@ class Session:
         METRICS.sessions_active.inc()
         METRICS.sessions_total.inc()
         self._main = asyncio.current_task()
+        self.rt.lifecycle.join(self)
         self._watchdog = self.loop.call_later(self._tick, self._watch)
         try:
             while not self._closing:
@@ -382,6 +405,7 @@ class Session:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             await self._teardown()
+            self.rt.lifecycle.leave(self)
             METRICS.sessions_active.dec()
             if self._close_with is not None:
                 await self._abort(*self._close_with)
@@ -394,6 +418,11 @@ class Session:
         elif isinstance(ev, Close):
             await self._abort(ev.code, ev.reason)
             return False
+        elif isinstance(ev, OpenContext) and self._draining:
+            METRICS.errors.inc("going_away")
+            await self.send_text(self.protocol.failed(
+                ev.context_id, "going_away", "the server is shutting down: no new contexts on this socket; "
+                "reconnect", RETRY_AFTER_MS))
         elif isinstance(ev, OpenContext):
             options = synthesis_options(ev.options)
             previous = self._last_runner if self.protocol.output.audio_transport == "binary" else None
@@ -423,6 +452,8 @@ class Session:
     def _forget(self, runner: ContextRunner) -> None:
         if self.runners.get(runner.id) is runner:
             del self.runners[runner.id]
+        if self._draining and not self.runners:
+            self.go_away()
 
     async def _abort(self, code: int, reason: str) -> None:
         self._closing = True
