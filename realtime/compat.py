@@ -25,7 +25,6 @@ from starlette.routing import Route
 from .audio.encoders import make_encoder
 from .engines.base import EngineError
 from .errors import ProtocolError
-from .metrics import METRICS
 from .protocol import VoiceOptions, parse_voice_options
 from .server import Service, _service, error_from, read_body, read_form, synthesis_response
 from .synthesis import synthesis_options
@@ -78,8 +77,8 @@ async def official(request: Request) -> Response:
     ``/inference_instruct`` (CosyVoice 1's speaker + instruct text) is spoken as instruct2 with
     that speaker's voice where the engine has instruct2."""
     route = request.url.path.strip("/")
-    METRICS.http_requests.inc("/" + route)
     service = _service(request)
+    service.metrics.http_requests.labels("/" + route).inc()
     config, info = service.config, service.info
     try:
         fields, files = await _fields(request, service)
@@ -108,7 +107,7 @@ async def official(request: Request) -> Response:
         return await synthesis_response(service, text, synthesis_options(voice), encoder,
                                         "application/octet-stream", {"X-Sample-Rate": str(rate)})
     except (ProtocolError, EngineError) as e:
-        return error_from(e)
+        return error_from(e, service.metrics)
 
 
 # ---- OpenAI: POST /v1/audio/speech, GET /v1/models ----------------------------------------------------
@@ -169,8 +168,8 @@ class SseAudio:
 async def speech(request: Request) -> Response:
     """``POST /v1/audio/speech``: JSON ``{model, input, voice, instructions?, response_format?,
     speed?, stream_format?}``; the audio streams from the first chunk."""
-    METRICS.http_requests.inc("/v1/audio/speech")
     service = _service(request)
+    service.metrics.http_requests.labels("/v1/audio/speech").inc()
     config, info = service.config, service.info
     try:
         body = parse_json(await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body")
@@ -217,7 +216,7 @@ async def speech(request: Request) -> Response:
         return await synthesis_response(service, text, synthesis_options(options), encoder,
                                         events.media_type if events else encoder.content_type, headers, events)
     except (ProtocolError, EngineError) as e:
-        return error_from(e)
+        return error_from(e, service.metrics)
 
 
 async def models(request: Request) -> Response:
@@ -239,8 +238,8 @@ async def tts_stream(request: Request) -> Response:
     """``POST /api/tts/stream``: form ``text``, optional ``prompt_audio`` file and ``prompt_text``
     (zero-shot where the engine has it); a 16-bit WAV at the engine's rate that plays while it
     downloads."""
-    METRICS.http_requests.inc("/api/tts/stream")
     service = _service(request)
+    service.metrics.http_requests.labels("/api/tts/stream").inc()
     config, info = service.config, service.info
     try:
         fields, files = await _fields(request, service)
@@ -272,7 +271,7 @@ async def tts_stream(request: Request) -> Response:
         headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else {}
         return await synthesis_response(service, text, synthesis_options(options), encoder, "audio/wav", headers)
     except (ProtocolError, EngineError) as e:
-        return error_from(e)
+        return error_from(e, service.metrics)
 
 
 def compat_routes() -> list[Route]:

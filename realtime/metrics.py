@@ -1,96 +1,93 @@
-"""Prometheus text exposition of the service's counters, without a client library: the handful of
-series we keep do not justify a dependency, and the format is simple and stable."""
+"""The service's Prometheus metrics, one registry per app (``prometheus_client``: exposition,
+escaping and types are the library's).
+
+Besides the series the service updates as it goes, every scrape reads the current state: places
+in use and capacity (what an autoscaler scales on: ``realtime_contexts_active`` per pod), the queue,
+whether the replica is draining, and the engine's own figures (the CosyVoice2 stages' counters and
+their batch-size distributions).
+"""
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import threading
-from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
-class Counter:
-    def __init__(self, name: str, help: str, label: str | None = None) -> None:
-        self.name, self.help, self.label = name, help, label
-        self._values: dict[str, float] = defaultdict(float)
-        self._lock = threading.Lock()
+class EngineCollector(Collector):
+    """The engine's figures, read at scrape time: ``stats()`` (names ending in ``_total`` are
+    counters, the rest gauges) and ``distributions()`` (batch sizes -> how often, as histograms)."""
 
-    def inc(self, label_value: str = "", value: float = 1.0) -> None:
-        with self._lock:
-            self._values[label_value] += value
+    def __init__(self, stats: Callable[[], Mapping[str, float]],
+                 distributions: Callable[[], Mapping[str, tuple[str, Mapping[int, int]]]]) -> None:
+        self._stats = stats
+        self._distributions = distributions
 
-    def get(self, label_value: str = "") -> float:
-        return self._values.get(label_value, 0.0)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        values = dict(self._values)
-        if not values and self.label is None:
-            values = {"": 0.0}  # an unlabelled series is always exposed
-        for lv, v in sorted(values.items()):
-            labels = f'{{{self.label}="{lv}"}}' if self.label else ""
-            lines.append(f"{self.name}{labels} {v:g}")
-        return lines
-
-
-class Gauge(Counter):
-    def dec(self, label_value: str = "", value: float = 1.0) -> None:
-        self.inc(label_value, -value)
-
-    def render(self) -> list[str]:
-        lines = super().render()
-        lines[1] = f"# TYPE {self.name} gauge"
-        return lines
-
-
-class Histogram:
-    """Counts per bucket (made cumulative when rendered), so an observation is one bisect: the
-    paced-send histogram takes one per audio frame."""
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.help, self.buckets = name, help, buckets
-        self._counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self._sum = 0.0
-        self._n = 0
-        self._lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        i = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            self._sum += value
-            self._n += 1
-            self._counts[i] += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        for b, c in zip(self.buckets, itertools.accumulate(self._counts), strict=False):
-            lines.append(f'{self.name}_bucket{{le="{b:g}"}} {c}')
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {self._n}', f"{self.name}_sum {self._sum:g}", f"{self.name}_count {self._n}"]
-        return lines
+    def collect(self) -> Iterator[Metric]:
+        for name, value in self._stats().items():
+            if name.endswith("_total"):
+                yield CounterMetricFamily(name[: -len("_total")], name, value=value)
+            else:
+                yield GaugeMetricFamily(name, name, value=value)
+        for name, (help_text, counts) in self._distributions().items():
+            buckets, total, running = [], 0.0, 0
+            for bound in (*BATCH_BUCKETS, float("inf")):
+                running = sum(n for size, n in counts.items() if size <= bound)
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
+            total = float(sum(size * n for size, n in counts.items()))
+            yield HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=total)
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.sessions_total = Counter("realtime_sessions_total", "WebSocket sessions accepted")
-        self.sessions_active = Gauge("realtime_sessions_active", "WebSocket sessions open now")
-        self.contexts = Counter("realtime_contexts_total", "Contexts (utterances) by outcome", "outcome")
-        self.errors = Counter("realtime_errors_total", "Error frames and responses by code", "code")
-        self.audio_seconds = Counter("realtime_audio_seconds_total", "Seconds of audio delivered")
-        self.http_requests = Counter("realtime_http_synthesis_total", "HTTP synthesis requests by route", "route")
+        self.registry = r = CollectorRegistry()
+        self.sessions_total = Counter("realtime_sessions", "WebSocket sessions accepted", registry=r)
+        self.sessions_active = Gauge("realtime_sessions_active", "WebSocket sessions open now", registry=r)
+        self.contexts = Counter("realtime_contexts", "Contexts (utterances) by outcome", ["outcome"], registry=r)
+        self.errors = Counter("realtime_errors", "Error frames and responses by code", ["code"], registry=r)
+        self.audio_seconds = Counter("realtime_audio_seconds", "Seconds of audio delivered", registry=r)
+        self.frames_sent = Counter("realtime_audio_frames_sent", "Audio frames sent on WebSockets", registry=r)
+        self.bytes_sent = Counter("realtime_audio_bytes_sent", "Audio bytes sent on WebSockets", registry=r)
+        self.http_requests = Counter("realtime_http_synthesis", "HTTP synthesis requests by route", ["route"],
+                                     registry=r)
+        self.underruns = Counter("realtime_underruns", "Audio that left later than a listener who started at the "
+                                 "first audio needed it (a stall on the playback clock; network not counted)",
+                                 registry=r)
         self.ttfa = Histogram("realtime_time_to_first_audio_seconds", "First text received to first audio sent",
-                              (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30))
+                              buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30), registry=r)
+        self.queue_wait = Histogram("realtime_queue_wait_seconds", "Time an utterance waited for a place",
+                                    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.delivery = Histogram("realtime_delivery_ratio", "Per context: first to last audio sent over the "
+                                  "audio's duration (below 1: delivered faster than it plays)",
+                                  buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1, 1.25, 2, 5), registry=r)
         self.pacing_lateness = Histogram("realtime_paced_send_lateness_seconds",
                                          "pacing realtime: how late each audio frame left against its schedule",
-                                         (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+                                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                                         registry=r)
+        self.contexts_active = Gauge("realtime_contexts_active", "Utterances holding a place (speaking or "
+                                     "waiting for more text): the autoscaling figure", registry=r)
+        self.capacity = Gauge("realtime_capacity", "Places: utterances this replica speaks at once", registry=r)
+        self.waiting = Gauge("realtime_waiting", "Utterances waiting for a place", registry=r)
+        self.load = Gauge("realtime_load", "contexts_active / capacity", registry=r)
+        self.draining = Gauge("realtime_draining", "1 while the replica drains for a shutdown", registry=r)
 
-    def render(self, extra: dict[str, float] | None = None) -> str:
-        lines: list[str] = []
-        for m in (self.sessions_total, self.sessions_active, self.contexts, self.errors, self.audio_seconds,
-                  self.http_requests, self.ttfa, self.pacing_lateness):
-            lines += m.render()
-        for name, value in (extra or {}).items():
-            lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
-        return "\n".join(lines) + "\n"
+    def watch(self, active: Callable[[], int], capacity: Callable[[], int], waiting: Callable[[], int],
+              draining: Callable[[], bool]) -> None:
+        """Gauges read from the service's state at every scrape."""
+        self.contexts_active.set_function(active)
+        self.capacity.set_function(capacity)
+        self.waiting.set_function(waiting)
+        self.load.set_function(lambda: active() / capacity() if capacity() else 1.0)
+        self.draining.set_function(lambda: 1.0 if draining() else 0.0)
 
+    def add_engine(self, stats: Callable[[], Mapping[str, float]],
+                   distributions: Callable[[], Mapping[str, tuple[str, Mapping[int, int]]]]) -> None:
+        self.registry.register(EngineCollector(stats, distributions))
 
-METRICS = Metrics()
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

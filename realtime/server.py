@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -36,7 +36,7 @@ from .auth import check_token
 from .engines.base import Engine, EngineError, Failed, SynthesisOptions
 from .errors import ERROR_CODES, ProtocolError
 from .lifecycle import RETRY_AFTER_MS, Lifecycle
-from .metrics import METRICS
+from .metrics import CONTENT_TYPE, Metrics
 from .protocol import (
     FORMATS,
     Limits,
@@ -149,6 +149,10 @@ class Service:
         self.sessions = 0
         self.capacity = config.max_streams or engine.capacity
         self.lifecycle = Lifecycle()
+        self.metrics = Metrics()
+        self.metrics.watch(lambda: self.runtime.admission.active, lambda: self.runtime.admission.capacity,
+                           lambda: self.runtime.admission.waiting, lambda: self.lifecycle.draining)
+        self.metrics.add_engine(engine.stats, engine.distributions)
         self._runtime: Runtime | None = None
 
     @property
@@ -162,7 +166,7 @@ class Service:
                 buffer_seconds=c.buffer_seconds, frame_ms=c.frame_ms, send_timeout=c.send_timeout,
                 idle_timeout=c.idle_timeout, context_idle_timeout=c.context_idle_timeout,
                 realtime_lead_ms=c.realtime_lead_ms, realtime_batch_ms=c.realtime_batch_ms,
-                lifecycle=self.lifecycle,
+                lifecycle=self.lifecycle, metrics=self.metrics,
             )
         return self._runtime
 
@@ -187,21 +191,30 @@ def _service(conn: Request | WebSocket) -> Service:
 
 
 # ---- errors -------------------------------------------------------------------------------------
-def error_response(code: str, message: str, status: int | None = None, retry_after_ms: int | None = None) -> JSONResponse:
-    METRICS.errors.inc(code)
+def error_response(code: str, message: str, status: int | None = None, retry_after_ms: int | None = None,
+                   metrics: Metrics | None = None) -> JSONResponse:
+    """The JSON error response of ``code`` (counted in ``metrics`` when given)."""
+    if metrics is not None:
+        metrics.errors.labels(code).inc()
     error = ProtocolError(code, message, retry_after_ms=retry_after_ms)
     headers = {"Retry-After": str(math.ceil(retry_after_ms / 1000))} if retry_after_ms is not None else None
     return JSONResponse({"error": error.body()}, status_code=status or error.http_status, headers=headers)
 
 
-def error_from(e: ProtocolError | EngineError) -> JSONResponse:
-    return error_response(e.code, e.message, retry_after_ms=getattr(e, "retry_after_ms", None))
+def error_from(e: ProtocolError | EngineError, metrics: Metrics | None = None) -> JSONResponse:
+    return error_response(e.code, e.message, retry_after_ms=getattr(e, "retry_after_ms", None), metrics=metrics)
+
+
+def _app_metrics(scope: Scope) -> Metrics | None:
+    """The metrics of the app serving ``scope`` (Starlette puts the app in the scope)."""
+    service = getattr(getattr(scope.get("app"), "state", None), "service", None)
+    return service.metrics if isinstance(service, Service) else None
 
 
 async def http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "bad_request")
-    response = error_response(code, str(exc.detail), exc.status_code)
+    response = error_response(code, str(exc.detail), exc.status_code, metrics=_app_metrics(request.scope))
     if exc.headers:
         response.headers.update(exc.headers)
     return response
@@ -209,13 +222,13 @@ async def http_exception(request: Request, exc: Exception) -> Response:
 
 async def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-    return error_response("internal", "internal error")
+    return error_response("internal", "internal error", metrics=_app_metrics(request.scope))
 
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
     """What no route matches: JSON 404, also for a WebSocket upgrade to an unknown path (refused
     with an HTTP response before the handshake completes)."""
-    response = error_response("not_found", f"{scope.get('path', '')} not found")
+    response = error_response("not_found", f"{scope.get('path', '')} not found", metrics=_app_metrics(scope))
     if scope["type"] == "websocket":
         await WebSocket(scope, receive, send).send_denial_response(response)
     elif scope["type"] == "http":
@@ -238,7 +251,8 @@ class TokenAuth:
         problem = check_token(self.token, request.headers, request.query_params)
         if problem:
             code = 401 if problem == "missing" else 403
-            await error_response("unauthorized", f"{problem} API token", code)(scope, receive, send)
+            await error_response("unauthorized", f"{problem} API token", code,
+                                 metrics=_app_metrics(scope))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -272,7 +286,7 @@ async def stream(ws: WebSocket) -> None:
     config = service.config
     problem = check_token(config.token, ws.headers, ws.query_params)
     if problem:
-        METRICS.errors.inc("unauthorized")
+        service.metrics.errors.labels("unauthorized").inc()
         status = 401 if problem == "missing" else 403
         body = JSONResponse({"error": {"code": "unauthorized", "message": f"{problem} API token"}}, status_code=status)
         try:
@@ -281,16 +295,15 @@ async def stream(ws: WebSocket) -> None:
             await ws.close(code=1008, reason=f"{problem} API token")
         return
     if service.lifecycle.draining:
-        METRICS.errors.inc("going_away")
         with contextlib.suppress(RuntimeError):
             await ws.send_denial_response(error_response("going_away", "the server is shutting down; reconnect",
-                                                         retry_after_ms=RETRY_AFTER_MS))
+                                                         retry_after_ms=RETRY_AFTER_MS, metrics=service.metrics))
             return
         await ws.close(code=1001, reason="going away")
         return
     await ws.accept()
     if service.sessions >= config.max_sessions:
-        METRICS.errors.inc("overloaded")
+        service.metrics.errors.labels("overloaded").inc()
         with contextlib.suppress(Exception):
             await ws.send_text(Protocol.error_frame("overloaded", "too many sessions; try again later", True,
                                                     retry_after_ms=1000))
@@ -425,7 +438,7 @@ async def synthesis_response(service: Service, text: str, options: SynthesisOpti
     audio (no capacity, a voice that cannot be used) is an HTTP error instead."""
     service.refuse_if_draining()
     synthesis = Synthesis(service.engine, options, service.runtime.admission, f"http-{uuid.uuid4()}",
-                          service.config.buffer_seconds)
+                          service.config.buffer_seconds, service.metrics)
     deliveries = synthesis.deliver(encoder)
     try:
         synthesis.push(text)
@@ -487,8 +500,8 @@ _TTS_KEYS = {"text", "voice", "mode", "prompt_text", "prompt_audio", "instruct_t
 
 async def tts(request: Request) -> Response:
     """POST /v1/tts: JSON ``{"text": ..., options}`` in, streaming audio out (WAV header first for PCM)."""
-    METRICS.http_requests.inc("/v1/tts")
     service = _service(request)
+    service.metrics.http_requests.labels("/v1/tts").inc()
     config, info = service.config, service.info
     try:
         body = parse_json(await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body")
@@ -509,17 +522,18 @@ async def tts(request: Request) -> Response:
         encoder = make_encoder(out.format, rate, out.container, service.engine.sample_rate)
         return await synthesis_response(service, text, synthesis_options(voice), encoder, encoder.content_type)
     except (ProtocolError, EngineError) as e:
-        return error_from(e)
+        return error_from(e, service.metrics)
 
 
 async def register_voice(request: Request) -> Response:
     """POST /v1/voices (multipart: voice_id, prompt_text, prompt_wav): a zero-shot voice, for
     engines that can register one (``engine.register_voice``)."""
-    METRICS.http_requests.inc("/v1/voices")
     service = _service(request)
+    service.metrics.http_requests.labels("/v1/voices").inc()
     register = getattr(service.engine, "register_voice", None)
     if register is None:
-        return error_response("not_found", f"engine {service.engine.name!r} cannot register voices")
+        return error_response("not_found", f"engine {service.engine.name!r} cannot register voices",
+                              metrics=service.metrics)
     try:
         form = await read_form(request, service.config.limits, service.config.body_timeout)
         voice_id, prompt_text, upload = form.get("voice_id"), form.get("prompt_text"), form.get("prompt_wav")
@@ -530,7 +544,7 @@ async def register_voice(request: Request) -> Response:
             raise ProtocolError("too_large", "prompt_wav is too large")
         voice = await asyncio.to_thread(register, voice_id, wav, prompt_text)
     except (ProtocolError, EngineError) as e:
-        return error_from(e)
+        return error_from(e, service.metrics)
     service.info.voices = service.info.voices | {voice.id}  # new sessions may use it at once
     return JSONResponse({"voice": voice.__dict__}, status_code=201)
 
@@ -578,13 +592,7 @@ async def voices(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    service = _service(request)
-    admission = service.runtime.admission
-    return PlainTextResponse(METRICS.render({"realtime_syntheses_active": admission.active,
-                                             "realtime_synthesis_slots": admission.capacity,
-                                             "realtime_syntheses_waiting": admission.waiting,
-                                             **service.engine.stats()}),
-                             media_type="text/plain; version=0.0.4")
+    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:

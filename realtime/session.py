@@ -20,7 +20,7 @@ from .admission import Admission
 from .audio.encoders import make_encoder
 from .engines.base import Cancelled, Engine, Finished, Flushed, SynthesisOptions
 from .lifecycle import RETRY_AFTER_MS, Lifecycle
-from .metrics import METRICS
+from .metrics import Metrics
 from .protocol import (
     CancelContext,
     Close,
@@ -53,6 +53,7 @@ class Runtime:
     realtime_lead_ms: int = 300
     realtime_batch_ms: int = 100  # paced frames go out between lead and lead + batch + margin ahead (see _Pacer)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)  # serving or draining, and the open sessions
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class ClientGone(Exception):
@@ -67,12 +68,15 @@ class ContextRunner:
         self.session = session
         self.id = context_id
         rt = session.rt
-        self.synthesis = Synthesis(rt.engine, options, rt.admission, session.protocol.session_id, rt.buffer_seconds)
+        self.synthesis = Synthesis(rt.engine, options, rt.admission, session.protocol.session_id, rt.buffer_seconds,
+                                   rt.metrics)
         self.previous = previous  # binary transport: speak after this one
         self.finished = asyncio.Event()  # done/cancelled/error frame sent (or abandoned)
         self.ended = False  # the client sent `end`: no more input will come
         self.first_text_at: float | None = None
         self.first_audio_at: float | None = None
+        self._stalled_s = 0.0  # how long a listener would have stalled so far (underruns)
+        self._audio_end_s = 0.0  # where the audio sent so far ends on the playback clock
         self.last_activity = session.loop.time()  # last input from the client or audio to it
         self._unyielded = 0  # frames sent since this task last let the loop run
         self.task = session.loop.create_task(self._run(), name=f"context-{context_id}")
@@ -130,21 +134,23 @@ class ContextRunner:
             log.exception("context %s failed", self.id)
             with contextlib.suppress(ClientGone):
                 await s.send_text(s.protocol.failed(self.id, "internal", "synthesis failed"))
-            METRICS.errors.inc("internal")
+            s.rt.metrics.errors.labels("internal").inc()
         finally:
             self.synthesis.close()  # synchronous: engine stopped, buffer dropped, place given back
             self.finished.set()
-            METRICS.contexts.inc(outcome)
+            s.rt.metrics.contexts.labels(outcome).inc()
 
     async def _pump(self) -> str:
         s = self.session
         out = s.protocol.output
         encoder = make_encoder(out.format, s.protocol.sample_rate, out.container, s.rt.engine.sample_rate,
                                frame_ms=s.rt.frame_ms)
-        pacer = _Pacer(out.pacing == "realtime", s.rt.realtime_lead_ms / 1000, s.rt.realtime_batch_ms / 1000)
+        pacer = _Pacer(out.pacing == "realtime", s.rt.realtime_lead_ms / 1000, s.rt.realtime_batch_ms / 1000,
+                       s.rt.metrics)
         async with contextlib.aclosing(self.synthesis.deliver(encoder)) as deliveries:
             async for item in deliveries:
                 if isinstance(item, Audio):
+                    self._playback_check(item)
                     step = item.seconds / max(1, len(item.frames))
                     for k, frame in enumerate(item.frames):
                         # frame k's start on the playback clock, spreading the chunk evenly: exact for
@@ -160,11 +166,26 @@ class ContextRunner:
                     await s.send_text(s.protocol.flushed(self.id))
                 elif isinstance(item, Finished):
                     await s.send_text(s.protocol.done(self.id, self._stats()))
+                    if self.first_audio_at is not None and self._audio_end_s > 0:
+                        s.rt.metrics.delivery.observe((time.perf_counter() - self.first_audio_at) / self._audio_end_s)
                     return "done"
                 else:
                     await s.send_text(s.protocol.failed(self.id, item.code, item.message, item.retry_after_ms))
                     return "overloaded" if item.code == "overloaded" else "error"
         return "error"
+
+    def _playback_check(self, item: Audio) -> None:
+        """Count an underrun when this audio leaves later than a listener who started playing at
+        the first audio needs it (the listener then stalls until it arrives)."""
+        if item.seconds <= 0:
+            return
+        if self.first_audio_at is not None:
+            needed_at = self.first_audio_at + item.start_s + self._stalled_s
+            late = time.perf_counter() - needed_at
+            if late > 0.005:
+                self.session.rt.metrics.underruns.inc()
+                self._stalled_s += late
+        self._audio_end_s = item.start_s + item.seconds
 
     async def _send_audio(self, frame: bytes) -> None:
         data = self.session.protocol.audio(self.id, frame)
@@ -173,8 +194,10 @@ class ContextRunner:
         if self.first_audio_at is None:
             self.first_audio_at = time.perf_counter()
             if self.first_text_at is not None:
-                METRICS.ttfa.observe(self.first_audio_at - self.first_text_at)
+                self.session.rt.metrics.ttfa.observe(self.first_audio_at - self.first_text_at)
         await self.session.send(data)
+        self.session.rt.metrics.frames_sent.inc()
+        self.session.rt.metrics.bytes_sent.inc(len(frame))
         # a send into a writable socket does not suspend: yield every few frames so that a burst
         # cannot delay other sessions or this socket's own cancel (yielding after every frame cost
         # a loop iteration per frame)
@@ -208,8 +231,10 @@ class _Pacer:
     sessions affordable, and the margin absorbs a busy loop's wake-up latency.
     """
 
-    def __init__(self, enabled: bool, lead: float, batch: float, margin: float = _PACING_MARGIN) -> None:
+    def __init__(self, enabled: bool, lead: float, batch: float, metrics: Metrics,
+                 margin: float = _PACING_MARGIN) -> None:
         self.enabled = enabled
+        self.metrics = metrics
         self.lead = lead
         self.batch = batch
         self.margin = margin
@@ -220,7 +245,7 @@ class _Pacer:
     def sent(self) -> None:
         """Record how late the frame just sent left (the service's frame send delay)."""
         if self.enabled:
-            METRICS.pacing_lateness.observe(max(0.0, time.perf_counter() - self.due))
+            self.metrics.pacing_lateness.observe(max(0.0, time.perf_counter() - self.due))
 
     async def wait(self, start_s: float) -> bool:
         """Hold until the frame starting at ``start_s`` (playback clock) may go; True if it slept."""
@@ -379,8 +404,8 @@ class Session:
             await self.send(frame)
 
     async def run(self) -> None:
-        METRICS.sessions_active.inc()
-        METRICS.sessions_total.inc()
+        self.rt.metrics.sessions_active.inc()
+        self.rt.metrics.sessions_total.inc()
         self._main = asyncio.current_task()
         self.rt.lifecycle.join(self)
         self._watchdog = self.loop.call_later(self._tick, self._watch)
@@ -406,20 +431,20 @@ class Session:
                 self._watchdog.cancel()
             await self._teardown()
             self.rt.lifecycle.leave(self)
-            METRICS.sessions_active.dec()
+            self.rt.metrics.sessions_active.dec()
             if self._close_with is not None:
                 await self._abort(*self._close_with)
 
     async def _apply(self, ev) -> bool:
         if isinstance(ev, Send):
             if ev.error is not None:
-                METRICS.errors.inc(ev.error)
+                self.rt.metrics.errors.labels(ev.error).inc()
             await self.send(ev.data)
         elif isinstance(ev, Close):
             await self._abort(ev.code, ev.reason)
             return False
         elif isinstance(ev, OpenContext) and self._draining:
-            METRICS.errors.inc("going_away")
+            self.rt.metrics.errors.labels("going_away").inc()
             await self.send_text(self.protocol.failed(
                 ev.context_id, "going_away", "the server is shutting down: no new contexts on this socket; "
                 "reconnect", RETRY_AFTER_MS))

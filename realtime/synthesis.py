@@ -42,7 +42,7 @@ from .engines.base import (
     Output,
     SynthesisOptions,
 )
-from .metrics import METRICS
+from .metrics import Metrics
 from .protocol import VoiceOptions
 
 log = logging.getLogger("realtime.synthesis")
@@ -163,8 +163,9 @@ class Synthesis:
     """One utterance: push text, flush, end; read :meth:`deliver`; :meth:`close` when done."""
 
     def __init__(self, engine: Engine, options: SynthesisOptions, admission: Admission, owner: Hashable,
-                 buffer_seconds: float = 1.0) -> None:
+                 buffer_seconds: float = 1.0, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics  # None: not counted (tests, scripts)
         self.options = options
         self.admission = admission
         self.owner = owner
@@ -206,9 +207,12 @@ class Synthesis:
             self.buffer.put(answer)
 
     async def _open(self) -> None:
+        asked = time.perf_counter()
         try:
             self._ticket = await self.admission.acquire(self.owner)
             self._opened_at = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.queue_wait.observe(self._opened_at - asked)
             self.stream = self.engine.open(self.options, self.buffer)
         except Overloaded as e:
             self.buffer.put(Failed("overloaded", e.message, e.retry_after_ms))
@@ -257,11 +261,13 @@ class Synthesis:
                 yield item
             elif isinstance(item, Finished):
                 yield Audio(encoder.finish(), start, 0.0)
-                METRICS.audio_seconds.inc(value=self.samples_out / rate)
+                if self.metrics is not None:
+                    self.metrics.audio_seconds.inc(self.samples_out / rate)
                 yield item
                 return
             else:
-                METRICS.errors.inc(item.code)
+                if self.metrics is not None:
+                    self.metrics.errors.labels(item.code).inc()
                 yield item
                 return
 

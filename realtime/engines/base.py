@@ -281,7 +281,12 @@ class Engine(ABC):
         :class:`EngineError` here; anything found later ends the stream with :class:`Failed`."""
 
     def stats(self) -> dict[str, float]:
-        """Engine-specific figures for ``/metrics`` (name -> value)."""
+        """Engine-specific figures for ``/metrics`` (name -> value; ``_total`` names are counters)."""
+        return {}
+
+    def distributions(self) -> dict[str, tuple[str, dict[int, int]]]:
+        """Engine-specific distributions for ``/metrics`` (name -> (help, size -> how often)),
+        e.g. how many requests each batched step carried."""
         return {}
 
     def close(self) -> None:

@@ -118,6 +118,11 @@ class CosyVoice2Engine(BlockingEngine):
                 "cosyvoice_t2w_calls_total": sum(t2w.values()),
                 "cosyvoice_t2w_chunks_total": sum(size * n for size, n in t2w.items())}
 
+    def distributions(self) -> dict[str, tuple[str, dict[int, int]]]:
+        model = self.cv.model
+        return {"cosyvoice_lm_batch_size": ("Requests per LM stage step", dict(model.lm_stage.batch_sizes)),
+                "cosyvoice_t2w_round_size": ("Streams per token2wav flow round", dict(model.t2w_stage.group_sizes))}
+
     # -- voices ---------------------------------------------------------------------------------
     def _spk2info(self) -> dict[str, dict[str, Any]]:
         with self.cv._spk_lock:
