@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from realtime.audio.encoders import (
+    CODECS,
     CONTAINERS,
     FORMATS,
     AudioEncoder,
@@ -506,7 +507,8 @@ def test_validate_accepts_documented_combinations() -> None:
 @pytest.mark.parametrize(
     "fmt,rate,container,needle",
     [
-        ("mp3", 24000, "raw", "unknown format"),
+        ("wma", 24000, "raw", "unknown format"),
+        ("mp3", 24000, "raw", "unknown format"),  # the WebSocket protocol has no mp3 (it cannot flush)
         ("opus", 48000, "wav", "container"),
         ("pcm_s16le", 24000, "ogg", "container"),
         ("mulaw", 8000, "ogg", "container"),
@@ -522,8 +524,24 @@ def test_validate_accepts_documented_combinations() -> None:
 def test_validate_rejects(fmt: str, rate, container: str, needle: str) -> None:
     error = validate_audio_format(fmt, rate, container, 22050)
     assert error is not None and needle in error
+    if isinstance(fmt, str) and fmt in CODECS:  # an HTTP-only format: make_encoder has it (tests/test_compat.py decodes it)
+        return
     with pytest.raises(ValueError):
         make_encoder(fmt, rate, container, 22050)
+
+
+@pytest.mark.parametrize("fmt", sorted(CODECS))
+def test_codec_encoders_stream_and_refuse_what_they_cannot(fmt: str) -> None:
+    encoder = make_encoder(fmt, 24000, "raw", 22050)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(22050) / 22050)).astype(np.float32)
+    pieces = [b for i in range(0, len(tone), 2205) for b in encoder.encode(tone[i : i + 2205])]
+    assert len(pieces) >= 2  # bytes leave while the audio is still coming
+    data = b"".join(pieces + encoder.finish())
+    with av.open(io.BytesIO(data), format={"aac": "aac"}.get(fmt, fmt)) as container:
+        n = sum(frame.samples for frame in container.decode(audio=0))
+    assert 24000 <= n <= 24000 + 2400  # a second of audio, plus the codec's delay and padding
+    with pytest.raises(ValueError):
+        make_encoder(fmt, 24000, "wav", 22050)
 
 
 def test_content_types() -> None:

@@ -4,8 +4,10 @@ row per figure the batching issue asks for, and the concurrency level has no err
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -15,7 +17,7 @@ from tests.conftest import REPO
 @pytest.mark.slow
 def test_gpu_suite_runs_end_to_end_on_a_cpu():
     r = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--device", "cpu", "--quick"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr[-3000:]
     table = r.stdout[r.stdout.index("GPU suite on cpu"):]
     for label in ("first audio p50 ms", "first audio p95 ms", "RTF per stream, p50", "underruns",

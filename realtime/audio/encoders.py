@@ -419,7 +419,7 @@ def make_encoder(
     ``bitrate`` and ``application`` apply to Opus only; ``frame_ms`` cuts PCM and G.711 output into
     frames of that duration (Opus packets are always 20 ms).
     """
-    if format in CODECS:
+    if isinstance(format, str) and format in CODECS:
         if container != "raw" or not sample_rate:
             raise ValueError(f"{format} is raw and needs a sample_rate")
         return CodecEncoder(format, sample_rate, source_rate)
