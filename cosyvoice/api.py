@@ -16,6 +16,7 @@ chunk).  Differences that matter:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import tempfile
@@ -74,33 +75,69 @@ class CosyVoice2:
             self.model_dir.speech_tokenizer_onnx, spk2info if spk2info.is_file() else None, device=device)
         self.sample_rate = self.model.sample_rate
         self._spk_lock = threading.Lock()
+        self._spk_path = spk2info
+        self._spk_stamp = _stamp(spk2info)  # the file as last read: another process may replace it
 
     # ------------------------------------------------------------------------------ speakers
 
     def list_available_spks(self) -> list[str]:
+        return list(self.spkinfo())
+
+    def spkinfo(self) -> dict[str, dict[str, Any]]:
+        """A snapshot of every speaker, including those another process (a replica sharing the
+        model directory) has saved to spk2info.pt since we last looked: one ``stat`` per call."""
+        stamp = _stamp(self._spk_path)
+        if stamp != self._spk_stamp and stamp is not None:
+            on_disk = torch.load(self._spk_path, map_location=self.frontend.device, weights_only=True)
+            with self._spk_lock:
+                self.frontend.spk2info.update(on_disk)
+                self._spk_stamp = stamp
         with self._spk_lock:
-            return list(self.frontend.spk2info.keys())
+            return dict(self.frontend.spk2info)
+
+    def register_spk(self, spk_id: str, entry: dict[str, Any]) -> None:
+        """Persist a speaker (from :meth:`zero_shot_entry`) for every process sharing the model
+        directory; ``KeyError`` if that id exists already (here or saved by another process)."""
+        if spk_id in self.spkinfo():
+            raise KeyError(spk_id)
+        self._save(new=(spk_id, entry))
 
     def add_zero_shot_spk(self, prompt_text: str, prompt_wav: PromptWav, zero_shot_spk_id: str) -> bool:
         """Analyse a prompt once and keep it under ``zero_shot_spk_id`` (``save_spkinfo`` persists it)."""
         if not zero_shot_spk_id:
             raise ValueError("zero_shot_spk_id must not be empty")
-        prompt_text = self.frontend.text_normalize(prompt_text, split=False)
-        entry = self.frontend.frontend_zero_shot("", prompt_text, prompt_wav, self.sample_rate)
-        del entry["text"], entry["text_len"]
+        entry = self.zero_shot_entry(prompt_text, prompt_wav)
         with self._spk_lock:
             self.frontend.spk2info[zero_shot_spk_id] = entry
         return True
 
+    def zero_shot_entry(self, prompt_text: str, prompt_wav: PromptWav) -> dict[str, Any]:
+        """A prompt analysed once (speaker embedding, speech tokens, mel, prompt text ids)."""
+        prompt_text = self.frontend.text_normalize(prompt_text, split=False)
+        entry = self.frontend.frontend_zero_shot("", prompt_text, prompt_wav, self.sample_rate)
+        del entry["text"], entry["text_len"]
+        return entry
+
     def save_spkinfo(self) -> Path:
-        """Write spk2info.pt atomically: a crash leaves either the old or the new file, never half."""
-        path = self.model_dir.root / "spk2info.pt"
-        with self._spk_lock:
-            snapshot = dict(self.frontend.spk2info)
+        """Write spk2info.pt atomically (a crash leaves either the old or the new file, never
+        half), merged with what other processes sharing the directory saved meanwhile."""
+        return self._save()
+
+    def _save(self, new: tuple[str, dict[str, Any]] | None = None) -> Path:
+        """Under an exclusive lock on spk2info.pt.lock (every process sharing the directory takes
+        it): read the file, add ours (and ``new``, refused with ``KeyError`` if the file has its
+        id: another process registered it first), write a temporary file, rename it over."""
+        path = self._spk_path
+        with self._spk_lock, open(path.with_name(path.name + ".lock"), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            on_disk = torch.load(path, map_location=self.frontend.device, weights_only=True) if path.is_file() else {}
+            if new is not None and new[0] in on_disk:
+                raise KeyError(new[0])
+            merged = {**on_disk, **self.frontend.spk2info, **dict([new] if new else [])}
             fd, tmp = tempfile.mkstemp(prefix=".spk2info.", suffix=".tmp", dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    torch.save(snapshot, f)
+                    torch.save(merged, f)
                     f.flush()
                     os.fsync(f.fileno())
                 os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the model directory unreadable to others
@@ -108,6 +145,8 @@ class CosyVoice2:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            self.frontend.spk2info.update(merged)
+            self._spk_stamp = _stamp(path)
         return path
 
     # ------------------------------------------------------------------------------ modes
@@ -124,7 +163,7 @@ class CosyVoice2:
         prompt = self._prompt(prompt_wav, zero_shot_spk_id)
         if not zero_shot_spk_id:
             normalized = self.frontend.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
-            prompt["prompt_text"], prompt["prompt_text_len"] = self._encode(normalized)
+            prompt["prompt_text"], prompt["prompt_text_len"] = self.encode(normalized)
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
@@ -144,7 +183,7 @@ class CosyVoice2:
         prompt = self._prompt(prompt_wav, zero_shot_spk_id)
         for key in _LM_PROMPT_SPEECH:
             prompt.pop(key, None)
-        prompt["prompt_text"], prompt["prompt_text_len"] = self._encode(instruct_prompt(instruct_text))
+        prompt["prompt_text"], prompt["prompt_text_len"] = self.encode(instruct_prompt(instruct_text))
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
@@ -190,10 +229,10 @@ class CosyVoice2:
 
     def _prompt(self, prompt_wav: PromptWav | None, zero_shot_spk_id: str) -> dict[str, Any]:
         if zero_shot_spk_id:
-            with self._spk_lock:
-                if zero_shot_spk_id not in self.frontend.spk2info:
-                    raise KeyError(f"unknown speaker {zero_shot_spk_id!r}")
-                entry = dict(self.frontend.spk2info[zero_shot_spk_id])
+            speakers = self.spkinfo()
+            if zero_shot_spk_id not in speakers:
+                raise KeyError(f"unknown speaker {zero_shot_spk_id!r}")
+            entry = dict(speakers[zero_shot_spk_id])
             if "flow_prompt_speech_token" not in entry:
                 raise ValueError(f"speaker {zero_shot_spk_id!r} is an SFT speaker, not a zero-shot prompt")
             return entry
@@ -201,14 +240,15 @@ class CosyVoice2:
             raise ValueError("a prompt_wav or a zero_shot_spk_id is needed")
         return self.frontend.frontend_zero_shot("", "", prompt_wav, self.sample_rate)
 
-    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of ``text`` as a model input ([1, L] int32, [1] int32)."""
         ids = self.frontend.tokenizer.encode(text)
         return (torch.tensor([ids], dtype=torch.int32), torch.tensor([len(ids)], dtype=torch.int32))
 
     def _with_text(self, prompt: dict[str, Any], text: Text) -> dict[str, Any]:
         model_input = dict(prompt)
         if isinstance(text, str):
-            model_input["text"], model_input["text_len"] = self._encode(text)
+            model_input["text"], model_input["text_len"] = self.encode(text)
         elif isinstance(text, _RawIds):
             model_input["text"], model_input["text_len"] = iter(text), torch.tensor([0], dtype=torch.int32)
         else:
@@ -241,6 +281,15 @@ class _RawIds:
     def __iter__(self) -> Iterator[int]:
         for chunk in self.chunks:
             yield from self.tokenizer.encode(chunk)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What identifies one version of a file (an atomic rename makes a new inode)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def instruct_prompt(instruct_text: str) -> str:

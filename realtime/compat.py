@@ -127,7 +127,7 @@ def resolve_voice(name: str, service: Service) -> str:
     """Our voice for a requested name: one of ours, a configured alias (``--voice-alias``), or an
     OpenAI voice name (some adapters accept no other), which means the engine's default voice."""
     info = service.info
-    if name in info.voices:
+    if info.has_voice(name):
         return name
     aliases = service.config.voice_aliases
     if name in aliases:

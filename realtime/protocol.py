@@ -167,6 +167,12 @@ class SessionInfo:
     modes: tuple[str, ...] = ("sft",)
     output_check: Callable[[OutputOptions, int], str | None] | None = None  # → error message
     engine_name: str = "engine"
+    # a voice not in ``voices``: asks the engine (one registered since, e.g. by another replica)
+    lookup_voice: Callable[[str], bool] | None = None
+
+    def has_voice(self, voice: str | None) -> bool:
+        return voice in self.voices or (voice is not None and self.lookup_voice is not None
+                                        and self.lookup_voice(voice))
 
 
 @dataclass
@@ -420,9 +426,9 @@ def parse_voice_options(msg: dict, base: VoiceOptions, info: SessionInfo, limits
         raise ProtocolError("bad_request", "speed must be between 0.25 and 4.0")
     if opts.token_hop_len is not None and not 1 <= opts.token_hop_len <= 200:
         raise ProtocolError("bad_request", "token_hop_len must be between 1 and 200")
-    if opts.voice is not None and opts.voice not in info.voices and opts.mode == "sft":
+    if opts.voice is not None and opts.mode == "sft" and not info.has_voice(opts.voice):
         raise ProtocolError("unknown_voice", f"unknown voice {opts.voice!r}; see GET /v1/voices")
-    if opts.mode in ("zero_shot", "cross_lingual", "instruct2") and opts.prompt_audio is None and opts.voice not in info.voices:
+    if opts.mode in ("zero_shot", "cross_lingual", "instruct2") and opts.prompt_audio is None and not info.has_voice(opts.voice):
         raise ProtocolError("bad_request", f"mode {opts.mode} needs prompt_audio (or a registered voice)")
     if opts.mode == "zero_shot" and opts.prompt_audio is not None and not opts.prompt_text:
         raise ProtocolError("bad_request", "zero_shot with prompt_audio needs prompt_text (the words spoken in it)")

@@ -136,6 +136,8 @@ def session_info(engine: Engine) -> SessionInfo:
         modes=tuple(engine.modes),
         output_check=_output_check,
         engine_name=engine.name,
+        # voices registered later (here or by a replica sharing the model directory)
+        lookup_voice=lambda voice: any(v.id == voice for v in engine.voices()),
     )
 
 
@@ -545,7 +547,6 @@ async def register_voice(request: Request) -> Response:
         voice = await asyncio.to_thread(register, voice_id, wav, prompt_text)
     except (ProtocolError, EngineError) as e:
         return error_from(e, service.metrics)
-    service.info.voices = service.info.voices | {voice.id}  # new sessions may use it at once
     return JSONResponse({"voice": voice.__dict__}, status_code=201)
 
 

@@ -101,7 +101,6 @@ class CosyVoice2Engine(BlockingEngine):
         # code (16 sessions on TINY: first audio p95 1.15-1.45 s, 0.94-1.01 s at 0.2 ms).
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
         self.sample_rate = self.cv.sample_rate
-        self._register_lock = threading.Lock()
         sft = [v.id for v in self.voices() if v.kind == "sft"]
         self.default_voice = sft[0] if sft else None
 
@@ -125,8 +124,7 @@ class CosyVoice2Engine(BlockingEngine):
 
     # -- voices ---------------------------------------------------------------------------------
     def _spk2info(self) -> dict[str, dict[str, Any]]:
-        with self.cv._spk_lock:
-            return dict(self.cv.frontend.spk2info)
+        return self.cv.spkinfo()  # includes what other replicas sharing the directory registered
 
     def voices(self) -> list[VoiceInfo]:
         out = []
@@ -145,19 +143,18 @@ class CosyVoice2Engine(BlockingEngine):
             raise EngineError("bad_request", "prompt_text (the words spoken in prompt_wav) is required")
         if not wav_bytes:
             raise EngineError("bad_request", "prompt_wav is required")
-        with self._register_lock:
-            if voice_id in self._spk2info():
-                raise EngineError("conflict", f"voice {voice_id!r} already exists")
-            try:
-                self.cv.add_zero_shot_spk(prompt_text, wav_bytes, voice_id)
-            except Exception as e:
-                raise EngineError("bad_request", f"prompt_wav could not be analysed: {e}") from None
-            try:
-                self.cv.save_spkinfo()
-            except Exception as e:
-                with self.cv._spk_lock:
-                    self.cv.frontend.spk2info.pop(voice_id, None)
-                raise EngineError("internal", f"could not save spk2info.pt: {type(e).__name__}") from None
+        if voice_id in self._spk2info():
+            raise EngineError("conflict", f"voice {voice_id!r} already exists")
+        try:
+            entry = self.cv.zero_shot_entry(prompt_text, wav_bytes)
+        except Exception as e:
+            raise EngineError("bad_request", f"prompt_wav could not be analysed: {e}") from None
+        try:  # under spk2info.pt's file lock: replicas sharing the directory never overwrite each other
+            self.cv.register_spk(voice_id, entry)
+        except KeyError:
+            raise EngineError("conflict", f"voice {voice_id!r} already exists") from None
+        except Exception as e:
+            raise EngineError("internal", f"could not save spk2info.pt: {type(e).__name__}") from None
         return VoiceInfo(voice_id, voice_id, "multi", "zero_shot", "registered zero-shot prompt")
 
     # -- synthesis ------------------------------------------------------------------------------
@@ -198,14 +195,14 @@ class CosyVoice2Engine(BlockingEngine):
                 raise EngineError("bad_request", f"prompt_audio is not a usable WAV file: {e}") from None
             if mode == "zero_shot":
                 text = cv.frontend.text_normalize(options.prompt_text or "", split=False)
-                prompt["prompt_text"], prompt["prompt_text_len"] = cv._encode(text)
+                prompt["prompt_text"], prompt["prompt_text_len"] = cv.encode(text)
         if mode in ("cross_lingual", "instruct2"):
             for key in _LM_PROMPT_SPEECH + (_LM_PROMPT_TEXT if mode == "cross_lingual" else ()):
                 prompt.pop(key, None)
         if mode == "instruct2":
             from cosyvoice.api import instruct_prompt
 
-            prompt["prompt_text"], prompt["prompt_text_len"] = cv._encode(instruct_prompt(options.instruct_text or ""))
+            prompt["prompt_text"], prompt["prompt_text_len"] = cv.encode(instruct_prompt(options.instruct_text or ""))
         prompt.pop("text", None)
         prompt.pop("text_len", None)
         return prompt
