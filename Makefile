@@ -24,6 +24,8 @@ serve: setup
 
 test: setup
 	@sh tests/ensure_chromium.sh
+	@sh tests/ensure_kubectl.sh $(VENV)
+	@sh tests/ensure_nginx.sh
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 lint: setup
