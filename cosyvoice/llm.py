@@ -285,6 +285,21 @@ class Qwen2LM(nn.Module):
             del cache
 
 
+class Timings:
+    """Durations bucketed as they are observed (for a histogram: bucket bound -> count, and the
+    sum), so that a scrape reads them without a lock on the hot path."""
+
+    BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, float("inf"))
+
+    def __init__(self) -> None:
+        self.counts: dict[float, int] = dict.fromkeys(self.BUCKETS, 0)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[next(b for b in self.BUCKETS if seconds <= b)] += 1
+        self.total += seconds
+
+
 class StepStats:
     """Backbone calls, the requests and rows they carried (thread-safe counters, for /metrics)."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from .config import device_stream
 from .kv_cache import KVCache, KVPool
-from .llm import Qwen2LM, StopCondition, Trace, stop_fn
+from .llm import Qwen2LM, StopCondition, Timings, Trace, stop_fn
 from .lm_request import LMRequest, feed_text
 
 __all__ = ["DONE", "NEEDS_TEXT", "LMHandle", "LMStage"]
@@ -152,6 +153,7 @@ class LMStage:
         self.cond = threading.Condition()
         self.steps = 0  # backbone calls made
         self.batch_sizes: Counter[int] = Counter()  # requests per call -> calls
+        self.step_seconds = Timings()  # how long each backbone call took
         self._active: list[LMHandle] = []
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -235,6 +237,7 @@ class LMStage:
                 for handle in batch:
                     handle.in_flight = True
                 self.cond.release()
+                t0 = time.perf_counter()
                 try:
                     logits, error = self.lm.step([(rows, h.cache) for h, rows, _ in work]), None
                 except Exception as e:  # a broken step fails the requests in it, not the stage
@@ -244,6 +247,7 @@ class LMStage:
                     self.cond.acquire()
                 self.steps += 1
                 self.batch_sizes[len(work)] += 1
+                self.step_seconds.observe(time.perf_counter() - t0)
                 # every request's sampling runs on the host: one transfer (and sync) per step
                 logps = logits.log_softmax(dim=-1).cpu() if logits is not None else None
                 for k, (handle, rows, cache_len) in enumerate(work):

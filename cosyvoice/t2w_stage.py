@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import device_stream
+from .llm import Timings
 from .token2wav import HopSchedule, Job, Rounds, Token2Wav
 
 __all__ = ["DONE", "StaticTokens", "T2WStage", "T2WStream", "TokenSource"]
@@ -143,6 +144,7 @@ class T2WStage:
         self.slack = slack
         self.lock = threading.Lock()
         self.group_sizes: Counter[int] = Counter()  # streams per round -> rounds
+        self.round_seconds = Timings()  # how long each flow round took
         self._rounds = Rounds(token2wav)
         self._jobs: dict[int, T2WStream] = {}  # id(job) -> its stream, for the jobs in the rounds
         self._vocoding: dict[int, T2WStream] = {}  # the same, for the jobs handed to the vocoder
@@ -307,6 +309,7 @@ class T2WStage:
         only = None if not urgent or len(urgent) == len(due) else (lambda job: id(job) in urgent)
         self.group_sizes[len(urgent) if only else len(rounds)] += 1
         streams = list(self._jobs.values())
+        t0 = time.perf_counter()
         try:
             done = rounds.advance(only)
         except BaseException as e:  # a broken step fails the streams in it, not the stage
@@ -317,6 +320,7 @@ class T2WStage:
                 if not stream.finished:
                     self._fail(stream, e)
             return
+        self.round_seconds.observe(time.perf_counter() - t0)
         if done:
             for job, _ in done:
                 self._vocoding[id(job)] = self._jobs.pop(id(job))

@@ -15,16 +15,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .engines.base import Distribution
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class EngineCollector(Collector):
     """The engine's figures, read at scrape time: ``stats()`` (names ending in ``_total`` are
-    counters, the rest gauges) and ``distributions()`` (batch sizes -> how often, as histograms)."""
+    counters, the rest gauges) and ``distributions()`` as histograms (see
+    :meth:`realtime.engines.base.Engine.distributions`)."""
 
     def __init__(self, stats: Callable[[], Mapping[str, float]],
-                 distributions: Callable[[], Mapping[str, tuple[str, Mapping[int, int]]]]) -> None:
+                 distributions: Callable[[], Mapping[str, Distribution]]) -> None:
         self._stats = stats
         self._distributions = distributions
 
@@ -34,13 +36,12 @@ class EngineCollector(Collector):
                 yield CounterMetricFamily(name[: -len("_total")], name, value=value)
             else:
                 yield GaugeMetricFamily(name, name, value=value)
-        for name, (help_text, counts) in self._distributions().items():
-            buckets, total, running = [], 0.0, 0
-            for bound in (*BATCH_BUCKETS, float("inf")):
-                running = sum(n for size, n in counts.items() if size <= bound)
-                buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
-            total = float(sum(size * n for size, n in counts.items()))
-            yield HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=total)
+        for name, d in self._distributions().items():
+            bounds = [*(b for b in d.buckets if b != float("inf")), float("inf")]
+            buckets = [("+Inf" if b == float("inf") else f"{b:g}", sum(n for v, n in d.counts.items() if v <= b))
+                       for b in bounds]
+            total = d.total if d.total is not None else float(sum(v * n for v, n in d.counts.items()))
+            yield HistogramMetricFamily(name, d.help, buckets=buckets, sum_value=total)
 
 
 class Metrics:
@@ -86,7 +87,7 @@ class Metrics:
         self.draining.set_function(lambda: 1.0 if draining() else 0.0)
 
     def add_engine(self, stats: Callable[[], Mapping[str, float]],
-                   distributions: Callable[[], Mapping[str, tuple[str, Mapping[int, int]]]]) -> None:
+                   distributions: Callable[[], Mapping[str, Distribution]]) -> None:
         self.registry.register(EngineCollector(stats, distributions))
 
     def render(self) -> bytes:

@@ -340,3 +340,19 @@ def test_cancel_before_the_prompt_is_analysed_and_mid_speech_frees_everything(en
     assert model.token2wav.active_streams() == [] and model.lm_stage.free_slots == model.lm_stage.pool.slots
     with pytest.raises(TimeoutError):
         sink.get(timeout=0.5)  # nothing at all for the context cancelled early
+
+
+async def test_metrics_carry_the_stages_batch_sizes_and_step_times(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    audio, msgs = await speak(server, {"voice": EN, "seed": 4}, ["Hello there, metrics."])
+    assert_speech(audio, msgs)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(server + "/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("cosyvoice_lm_batch_size", "cosyvoice_lm_step_seconds", "cosyvoice_t2w_round_size",
+                 "cosyvoice_t2w_round_seconds"):
+        assert families[name].type == "histogram", name
+        count = {s.name: s.value for s in families[name].samples}[name + "_count"]
+        assert count > 0, name
+    assert families["cosyvoice_lm_calls"].type == "counter"

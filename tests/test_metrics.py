@@ -11,6 +11,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
+from realtime.engines.base import Distribution
 from realtime.engines.tone import ToneEngine
 from realtime.metrics import Metrics
 from realtime.server import ServerConfig
@@ -62,7 +63,9 @@ async def test_metrics_follow_the_service_and_each_app_has_its_own():
 def test_engine_figures_are_counters_gauges_and_histograms():
     metrics = Metrics()
     metrics.add_engine(lambda: {"cosyvoice_lm_calls_total": 7, "cosyvoice_kv_slots_free": 3},
-                       lambda: {"cosyvoice_lm_batch_size": ("Requests per step", {1: 5, 3: 2, 40: 1})})
+                       lambda: {"cosyvoice_lm_batch_size": Distribution("Requests per step", {1: 5, 3: 2, 40: 1}),
+                                "cosyvoice_lm_step_seconds": Distribution("Step time", {0.01: 2, 0.5: 1},
+                                                                          (0.01, 0.1, 1.0), 0.52)})
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     assert families["cosyvoice_lm_calls"].type == "counter"
     assert families["cosyvoice_kv_slots_free"].type == "gauge"
@@ -72,3 +75,6 @@ def test_engine_figures_are_counters_gauges_and_histograms():
     assert buckets["1"] == 5 and buckets["2"] == 5 and buckets["4"] == 7 and buckets["32"] == 7
     assert buckets["64"] == 8 and buckets["+Inf"] == 8
     assert {s.name: s.value for s in hist.samples}["cosyvoice_lm_batch_size_sum"] == 5 + 6 + 40
+    steps = {s.labels.get("le", s.name): s.value for s in families["cosyvoice_lm_step_seconds"].samples}
+    assert steps["0.01"] == 2 and steps["0.1"] == 2 and steps["1"] == 3 and steps["+Inf"] == 3
+    assert steps["cosyvoice_lm_step_seconds_sum"] == 0.52

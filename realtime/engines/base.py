@@ -233,6 +233,20 @@ class VoiceInfo:
     description: str = ""
 
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A histogram an engine keeps: ``counts`` maps an observed value (or a bucket's upper bound)
+    to how often; ``total`` is the sum of the observations (None: sum of value x count)."""
+
+    help: str
+    counts: dict[float, int]
+    buckets: tuple[float, ...] = BATCH_BUCKETS
+    total: float | None = None
+
+
 class EngineStream(ABC):
     """One utterance on an engine.  Every method is called from the event loop and returns at
     once; output goes to the stream's :class:`AudioSink`, ending with :class:`Finished` after
@@ -284,9 +298,8 @@ class Engine(ABC):
         """Engine-specific figures for ``/metrics`` (name -> value; ``_total`` names are counters)."""
         return {}
 
-    def distributions(self) -> dict[str, tuple[str, dict[int, int]]]:
-        """Engine-specific distributions for ``/metrics`` (name -> (help, size -> how often)),
-        e.g. how many requests each batched step carried."""
+    def distributions(self) -> dict[str, Distribution]:
+        """Engine-specific histograms for ``/metrics`` (e.g. requests per batched step, step time)."""
         return {}
 
     def close(self) -> None:

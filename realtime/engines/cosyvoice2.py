@@ -45,6 +45,7 @@ from .base import (
     AudioChunk,
     AudioSink,
     BlockingEngine,
+    Distribution,
     End,
     EngineError,
     EngineStream,
@@ -117,10 +118,18 @@ class CosyVoice2Engine(BlockingEngine):
                 "cosyvoice_t2w_calls_total": sum(t2w.values()),
                 "cosyvoice_t2w_chunks_total": sum(size * n for size, n in t2w.items())}
 
-    def distributions(self) -> dict[str, tuple[str, dict[int, int]]]:
-        model = self.cv.model
-        return {"cosyvoice_lm_batch_size": ("Requests per LM stage step", dict(model.lm_stage.batch_sizes)),
-                "cosyvoice_t2w_round_size": ("Streams per token2wav flow round", dict(model.t2w_stage.group_sizes))}
+    def distributions(self) -> dict[str, Distribution]:
+        lm, t2w = self.cv.model.lm_stage, self.cv.model.t2w_stage
+        return {
+            "cosyvoice_lm_batch_size": Distribution("Requests per LM stage step", dict(lm.batch_sizes)),
+            "cosyvoice_lm_step_seconds": Distribution("Time of one LM stage step (all its requests)",
+                                                      dict(lm.step_seconds.counts), lm.step_seconds.BUCKETS,
+                                                      lm.step_seconds.total),
+            "cosyvoice_t2w_round_size": Distribution("Streams per token2wav flow round", dict(t2w.group_sizes)),
+            "cosyvoice_t2w_round_seconds": Distribution("Time of one token2wav flow round (all its streams)",
+                                                        dict(t2w.round_seconds.counts), t2w.round_seconds.BUCKETS,
+                                                        t2w.round_seconds.total),
+        }
 
     # -- voices ---------------------------------------------------------------------------------
     def _spk2info(self) -> dict[str, dict[str, Any]]:
