@@ -231,7 +231,7 @@ class _Pacer:
     sessions affordable, and the margin absorbs a busy loop's wake-up latency.
     """
 
-    def __init__(self, enabled: bool, lead: float, batch: float, metrics: Metrics,
+    def __init__(self, enabled: bool, lead: float, batch: float, metrics: Metrics | None = None,
                  margin: float = _PACING_MARGIN) -> None:
         self.enabled = enabled
         self.metrics = metrics
@@ -244,7 +244,7 @@ class _Pacer:
 
     def sent(self) -> None:
         """Record how late the frame just sent left (the service's frame send delay)."""
-        if self.enabled:
+        if self.enabled and self.metrics is not None:
             self.metrics.pacing_lateness.observe(max(0.0, time.perf_counter() - self.due))
 
     async def wait(self, start_s: float) -> bool:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from realtime.engines.base import AudioChunk, Cancelled, Finished
-from realtime.metrics import Histogram
+from realtime.metrics import Metrics
 from realtime.session import _Pacer
 from realtime.synthesis import AudioBuffer
 from realtime.transport import ServerTransport
@@ -188,12 +188,14 @@ async def test_close_with_bytes_the_peer_never_takes_becomes_an_abort():
 # -- metrics --------------------------------------------------------------------------------------
 
 def test_histogram_renders_cumulative_buckets():
-    h = Histogram("x_seconds", "test", (0.01, 0.1, 1.0))
-    for v in (0.0, 0.01, 0.05, 0.5, 3.0):
-        h.observe(v)
-    lines = h.render()
-    assert 'x_seconds_bucket{le="0.01"} 2' in lines  # le is inclusive
-    assert 'x_seconds_bucket{le="0.1"} 3' in lines
-    assert 'x_seconds_bucket{le="1"} 4' in lines
-    assert 'x_seconds_bucket{le="+Inf"} 5' in lines
-    assert "x_seconds_count 5" in lines
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = Metrics()
+    for v in (0.0, 0.001, 0.05, 0.5, 3.0):
+        metrics.pacing_lateness.observe(v)
+    (family,) = [f for f in text_string_to_metric_families(metrics.render().decode())
+                 if f.name == "realtime_paced_send_lateness_seconds"]
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert buckets["0.001"] == 2  # le is inclusive
+    assert buckets["0.05"] == 3 and buckets["0.5"] == 4 and buckets["+Inf"] == 5
+    assert {s.name: s.value for s in family.samples}["realtime_paced_send_lateness_seconds_count"] == 5
