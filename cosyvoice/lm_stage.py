@@ -49,6 +49,7 @@ class LMHandle:
         self.cancelled = False
         self.in_flight = False  # in the step being computed
         self.retired = False  # its KV slot is back in the pool
+        self.compute_seconds = 0.0  # its share of the backbone calls it was in
         self.error: Exception | None = None
         self._listeners: list = []
 
@@ -247,7 +248,11 @@ class LMStage:
                     self.cond.acquire()
                 self.steps += 1
                 self.batch_sizes[len(work)] += 1
-                self.step_seconds.observe(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                self.step_seconds.observe(elapsed)
+                total_rows = sum(len(rows) for _, rows, _ in work)
+                for handle, rows, _ in work:  # the call's time, shared out by rows fed
+                    handle.compute_seconds += elapsed * len(rows) / total_rows
                 # every request's sampling runs on the host: one transfer (and sync) per step
                 logps = logits.log_softmax(dim=-1).cpu() if logits is not None else None
                 for k, (handle, rows, cache_len) in enumerate(work):

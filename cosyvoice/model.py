@@ -362,6 +362,11 @@ class SpeechStream:
     def wants_text(self) -> bool:
         return isinstance(self.tokens, LMHandle) and self.tokens.wants_text()
 
+    @property
+    def compute_seconds(self) -> float:
+        """Its share of the stages' batched calls so far (LM steps, flow rounds, vocoder calls)."""
+        return getattr(self.tokens, "compute_seconds", 0.0) + self.t2w.compute_seconds
+
     def poll(self) -> np.ndarray | str | None:
         """The next audio chunk (float32 at 24 kHz), :data:`DONE`, or None for now; raises the
         request's error."""

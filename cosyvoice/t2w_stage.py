@@ -82,6 +82,7 @@ class T2WStream:
         self.cancelled = False
         self.error: BaseException | None = None
         self.busy = False  # a job of it is in the rounds
+        self.compute_seconds = 0.0  # its share of the flow rounds and vocoder calls it was in
         self.first_ready: float | None = None  # when it first had a chunk to compute
         self.started: float | None = None  # when its first chunk was delivered
         self.delivered_s = 0.0  # seconds of audio delivered
@@ -265,6 +266,7 @@ class T2WStage:
                 if not done:
                     continue
                 streams = [self._vocoding.pop(id(job)) for job, _ in done]
+                started = time.perf_counter()
                 try:
                     chunks = self.token2wav.vocode(done)
                 except BaseException as e:  # a broken call fails the streams in it, not the stage
@@ -273,7 +275,9 @@ class T2WStage:
                         stream.busy = False
                         self._fail(stream, e)
                     continue
+                share = (time.perf_counter() - started) / len(streams)
                 for (job, chunk), stream in zip(chunks, streams, strict=True):
+                    stream.compute_seconds += share
                     stream.busy = False
                     self._deliver(stream, job, chunk)
                 self.wake()  # the flow's thread may start their next chunks
@@ -309,6 +313,7 @@ class T2WStage:
         only = None if not urgent or len(urgent) == len(due) else (lambda job: id(job) in urgent)
         self.group_sizes[len(urgent) if only else len(rounds)] += 1
         streams = list(self._jobs.values())
+        taking_part = [s for key, s in self._jobs.items() if only is None or key in urgent]
         t0 = time.perf_counter()
         try:
             done = rounds.advance(only)
@@ -320,7 +325,10 @@ class T2WStage:
                 if not stream.finished:
                     self._fail(stream, e)
             return
-        self.round_seconds.observe(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self.round_seconds.observe(elapsed)
+        for stream in taking_part:  # the round's time, shared out evenly
+            stream.compute_seconds += elapsed / len(taking_part)
         if done:
             for job, _ in done:
                 self._vocoding[id(job)] = self._jobs.pop(id(job))

@@ -66,6 +66,9 @@ class Metrics:
         self.delivery = Histogram("realtime_delivery_ratio", "Per context: first to last audio sent over the "
                                   "audio's duration (below 1: delivered faster than it plays)",
                                   buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1, 1.25, 2, 5), registry=r)
+        self.rtf = Histogram("realtime_context_rtf", "Per context: model compute time over audio time (its share "
+                             "of batched calls)", buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 5),
+                             registry=r)
         self.pacing_lateness = Histogram("realtime_paced_send_lateness_seconds",
                                          "pacing realtime: how late each audio frame left against its schedule",
                                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),

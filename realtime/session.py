@@ -165,7 +165,10 @@ class ContextRunner:
                 elif isinstance(item, Flushed):
                     await s.send_text(s.protocol.flushed(self.id))
                 elif isinstance(item, Finished):
-                    await s.send_text(s.protocol.done(self.id, self._stats()))
+                    stats = self._stats()
+                    await s.send_text(s.protocol.done(self.id, stats))
+                    if stats["rtf"] is not None:
+                        s.rt.metrics.rtf.observe(stats["rtf"])
                     if self.first_audio_at is not None and self._audio_end_s > 0:
                         s.rt.metrics.delivery.observe((time.perf_counter() - self.first_audio_at) / self._audio_end_s)
                     return "done"
@@ -209,15 +212,18 @@ class ContextRunner:
     def _stats(self) -> dict:
         rate = self.session.rt.engine.sample_rate
         audio_ms = self.synthesis.samples_out * 1000 / rate
-        synth_ms = self.synthesis.synth_seconds * 1000
+        wall_ms = self.synthesis.synth_seconds * 1000
+        compute_ms = self.synthesis.compute_seconds * 1000
         ttfa = None
         if self.first_audio_at is not None and self.first_text_at is not None:
             ttfa = round((self.first_audio_at - self.first_text_at) * 1000, 1)
         return {
             "ttfa_ms": ttfa,
             "audio_ms": round(audio_ms, 1),
-            "synth_ms": round(synth_ms, 1),
-            "rtf": round(synth_ms / audio_ms, 3) if audio_ms else None,
+            "wall_ms": round(wall_ms, 1),  # engine opened -> last audio, waiting for streamed text included
+            "compute_ms": round(compute_ms, 1),  # model time spent on it (its share of batched calls)
+            "rtf": round(compute_ms / audio_ms, 3) if audio_ms else None,  # compute / audio: a real-time factor
+            "synth_ms": round(wall_ms, 1),  # deprecated: the old name of wall_ms, kept for one release
         }
 
 

@@ -173,6 +173,7 @@ class Synthesis:
         self.stream: EngineStream | None = None
         self.samples_out = 0  # engine samples delivered
         self.synth_seconds = 0.0  # engine opened → its last audio (includes waiting for streamed text)
+        self.compute_seconds = 0.0  # model time the engine spent on it (see EngineStream.compute_seconds)
         self._pending: list[tuple[str, str]] = []  # input that came while admission was pending
         self._opening: asyncio.Task | None = None
         self._ticket: Ticket | None = None
@@ -239,6 +240,7 @@ class Synthesis:
         elif isinstance(item, Finished | Failed):
             if isinstance(item, Finished) and self._opened_at is not None:
                 self.synth_seconds = time.perf_counter() - self._opened_at
+                self.compute_seconds = self.stream.compute_seconds if self.stream is not None else 0.0
             self._release()  # the engine computes nothing more for it: the place is free
         return item
 

@@ -356,3 +356,13 @@ async def test_metrics_carry_the_stages_batch_sizes_and_step_times(server):
         count = {s.name: s.value for s in families[name].samples}[name + "_count"]
         assert count > 0, name
     assert families["cosyvoice_lm_calls"].type == "counter"
+
+
+async def test_done_reports_compute_and_wall_time_apart(server):
+    """rtf is the model's time for this context (its share of the batched calls) over its audio,
+    not the wall time, which includes waiting for streamed text."""
+    audio, msgs = await speak(server, {"voice": EN, "seed": 5}, words(TEXT), gap=0.05)
+    stats = msgs[-1]["stats"]
+    assert stats["compute_ms"] > 0 and stats["wall_ms"] >= stats["ttfa_ms"] > 0
+    assert stats["rtf"] == round(stats["compute_ms"] / stats["audio_ms"], 3)
+    assert stats["synth_ms"] == stats["wall_ms"]  # the deprecated name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -250,7 +251,12 @@ class Distribution:
 class EngineStream(ABC):
     """One utterance on an engine.  Every method is called from the event loop and returns at
     once; output goes to the stream's :class:`AudioSink`, ending with :class:`Finished` after
-    ``end`` or :class:`Failed`.  Calls after ``cancel`` are ignored."""
+    ``end`` or :class:`Failed`.  Calls after ``cancel`` are ignored.
+
+    ``compute_seconds``: model time spent on this stream so far (a batched call's time shared
+    out among the streams in it), for its real-time factor; engines that cannot tell leave 0."""
+
+    compute_seconds: float = 0.0
 
     @abstractmethod
     def push(self, text: str) -> None: ...
@@ -408,11 +414,13 @@ class _ThreadStream(EngineStream):
     def _run(self) -> None:
         gen = None
         self._hold(True)
+        started = time.thread_time()  # this thread computes for this stream only
         try:
             if self.text.cancelled:
                 return
             gen = self.engine.synthesize(self.text, self.options)
             for item in gen:
+                self.compute_seconds = time.thread_time() - started
                 self.text.check()
                 self._put(item)
             self.sink.put(Finished())

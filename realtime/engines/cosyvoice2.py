@@ -27,6 +27,7 @@ import re
 import secrets
 import sys
 import threading
+import time
 import uuid as uuid_lib
 from collections import deque
 from collections.abc import Iterator
@@ -278,6 +279,7 @@ class _Segment:
         self.offset = 0  # characters of the context's text up to its end
         self.tokens: list[int] = []  # speed != 1: every token, vocoded at once
         self.whole: Future | None = None  # speed != 1: that vocoding
+        self.whole_seconds = 0.0  # its time
         self.spoken = False  # all its audio is in the sink
 
 
@@ -305,6 +307,7 @@ class _Stream(EngineStream):
         self._over = False  # Finished, Failed or cancelled: nothing more is put
         self._lock = threading.Lock()
         self._dirty = False
+        self._spent = 0.0  # compute of the segments that are over
         sink.set_waker(self._kick)
         if isinstance(prompt, Future):
             prompt.add_done_callback(lambda _: self._kick())
@@ -326,6 +329,10 @@ class _Stream(EngineStream):
     def cancel(self) -> None:
         self._cancelled = True
         self._kick()
+
+    @property
+    def compute_seconds(self) -> float:
+        return self._spent + _compute(self._segment)
 
     # -- the machine -----------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -367,6 +374,7 @@ class _Stream(EngineStream):
             self._take_audio(segment)
             if segment.marker is None or not segment.spoken:
                 return
+            self._spent += _compute(segment)
             if not self._put(AudioChunk(np.zeros(0, dtype=np.float32), text_offset=segment.offset)):
                 return
             self._segment = None
@@ -433,9 +441,15 @@ class _Stream(EngineStream):
                 return
             model, seed = self.engine.cv.model, self.options.seed
             seed = secrets.randbits(63) if seed is None else seed + segment.index
-            segment.whole = self.engine.helpers.submit(
-                model.token2wav.token2wav, segment.tokens, *flow_prompt(self.prompt), speed=self.options.speed,
-                seed=seed)
+            prompt, speed = flow_prompt(self.prompt), self.options.speed
+
+            def vocode() -> np.ndarray:
+                started = time.thread_time()
+                audio = model.token2wav.token2wav(segment.tokens, *prompt, speed=speed, seed=seed)
+                segment.whole_seconds = time.thread_time() - started
+                return audio
+
+            segment.whole = self.engine.helpers.submit(vocode)
             segment.whole.add_done_callback(lambda _: self._kick())
         if segment.whole.done():
             audio = segment.whole.result()
@@ -464,3 +478,11 @@ class _Stream(EngineStream):
                 segment.whole.cancel()
         if isinstance(self.prompt, Future):
             self.prompt.cancel()
+
+
+def _compute(segment: _Segment | None) -> float:
+    """A segment's model time so far: its request's share of the stages' calls, and the
+    whole-utterance vocoding of speed != 1."""
+    if segment is None or segment.speech is None:
+        return 0.0
+    return segment.speech.compute_seconds + segment.whole_seconds

@@ -518,7 +518,9 @@ class _Scheduler:
                 speech = stream.speech = SegmentSpeech(self.engine, segment, stream.speed)
             call = speech.next_call(lead)
             if call is not None:
+                started = time.thread_time()
                 raw = self.engine.run_ids(call.ids, stream.speed)
+                stream.compute_seconds += time.thread_time() - started
                 chunk, chars = speech.chunk(call, raw), call.chars
             error = None
         except Exception as e:  # the model broke: this stream fails, the others go on
