@@ -3,12 +3,20 @@
 The layout is the official one (``cosyvoice2.yaml`` with hyperpyyaml tags, ``llm.pt``, ``flow.pt``,
 ``hift.pt``, ``spk2info.pt``, ``campplus.onnx``, ``speech_tokenizer_v2.onnx``, ``CosyVoice-BlankEN/``),
 so every code path that loads and runs the real model runs on it; the audio is noise.
+``CosyVoice-BlankEN/`` holds, as in the release, the Qwen2 config, the tokenizer and
+``model.safetensors``: the Qwen2 backbone weights as a HuggingFace ``Qwen2ForCausalLM`` checkpoint
+(``model.*`` keys, ``lm_head.weight`` left out when tied).  The official ``CosyVoice2`` class loads
+that file with ``from_pretrained`` before ``llm.pt`` overwrites the same weights, and refuses a
+directory without it; our loader reads only ``config.json`` there, since ``llm.pt`` holds every
+weight under ``llm.model.*`` (the file is written from exactly those tensors).
 
 Sizes: ``tiny`` (the golden fixtures' TINY hyper-parameters: a 2-layer, 64-wide Qwen2, a 64-wide flow,
 a 32-channel HiFT; written in about a second, the test suite's model) and ``real`` (the released
-CosyVoice2-0.5B shapes, ~2.5 GB, for load and latency measurements).  Both use the small locally
-trained BPE tokenizer, since the real BlankEN files cannot be fetched.  ``spk2info.pt`` holds two SFT
-speakers named like the official ones, ``中文女`` and ``英文男``, with random [1, 192] embeddings.
+CosyVoice2-0.5B shapes, ~2.5 GB plus the 2 GB backbone copy, for load and latency measurements).
+``--tiny-config config_tiny.json`` takes the hyper-parameters of a fixture set instead (any set in
+the fixtures' format), so that a directory matches the set the tests run against.  All use the small
+locally trained BPE tokenizer, since the real BlankEN files cannot be fetched.  ``spk2info.pt`` holds
+two SFT speakers named like the official ones, ``中文女`` and ``英文男``, with random [1, 192] embeddings.
 
 One deliberate difference from plain random weights: the LM's ``llm_decoder`` row for eos is set so
 that eos is about the 4th most likely token at every step (and the unused id 6562 and the fill token
@@ -25,13 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from .config import REAL_QWEN2, LLMConfig, ModelDir
 from .llm import LM_HEAD_KEY, ROW_SOS, ROW_SPEECH, ROW_TASK, ROW_TEXT, Qwen2LM
 from .text import CosyVoice2Tokenizer, build_tiny_blank_en
 from .tiny_onnx import export_tiny_campplus, export_tiny_speech_tokenizer
 
-__all__ = ["SIZES", "SFT_SPEAKERS", "model_yaml", "write_model_dir", "main"]
+__all__ = [
+    "SIZES", "SFT_SPEAKERS", "QWEN_WEIGHTS", "model_yaml", "qwen_checkpoint", "size_from_tiny_config",
+    "write_model_dir", "main",
+]
+
+# The Qwen2 backbone checkpoint inside CosyVoice-BlankEN/ (what Qwen2ForCausalLM.from_pretrained reads).
+QWEN_WEIGHTS = "model.safetensors"
+# llm.pt's prefix of the official Qwen2Encoder's Qwen2ForCausalLM (``llm.model.model.*``, ``llm.model.lm_head``).
+_QWEN_PREFIX = "llm.model."
 
 SFT_SPEAKERS = ("中文女", "英文男")
 
@@ -69,15 +86,48 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def model_yaml(size: str = "tiny", seed: int = 0) -> str:
+Size = str | dict[str, Any]
+
+
+def _spec(size: Size) -> dict[str, Any]:
+    """A size's hyper-parameters: a name of SIZES, or a dict of the same layout."""
+    if isinstance(size, dict):
+        return size
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)} or a dict like them")
+    return SIZES[size]
+
+
+def size_from_tiny_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A size (the layout of a SIZES entry) with the hyper-parameters of a fixture set's
+    ``config_tiny.json``, so that a model directory has the shapes of whichever set the tests run
+    against.  Everything the yaml template fixes (rates, kernels, vocabularies, streaming constants)
+    is checked against ``data`` by :func:`write_model_dir`, which refuses a mismatch."""
+    flow, hift = data["flow"], data["hift"]
+    enc, est = flow["encoder"], flow["decoder"]["estimator"]
+    return {
+        "qwen": dict(data["qwen2_config"]),
+        "llm_size": int(data["llm"]["llm_input_size"]),
+        "flow_input_size": int(flow["input_size"]),
+        "encoder": {k: enc[k] for k in ("output_size", "attention_heads", "linear_units", "num_blocks",
+                                        "pre_lookahead_channels") if k in enc},
+        "estimator": {k: est[k] for k in ("channels", "attention_head_dim", "n_blocks", "num_mid_blocks",
+                                          "num_heads")},
+        "hift": {"base_channels": hift["base_channels"], "cond_channels": hift["f0_predictor"]["cond_channels"]},
+        "tiny_config": data,
+    }
+
+
+def model_yaml(size: Size = "tiny", seed: int = 0) -> str:
     """``cosyvoice2.yaml`` text in the official layout and tags, with the hyper-parameters of ``size``."""
-    s = SIZES[size]
+    s = _spec(size)
     enc, est, hift = s["encoder"], s["estimator"], s["hift"]
     extra_enc = ""
     if "pre_lookahead_channels" in enc:  # fixed at 512 in the official class; ours reads it
         extra_enc = f"        pre_lookahead_channels: {enc['pre_lookahead_channels']}\n"
+    name = size if isinstance(size, str) else "from a config_tiny.json" if "tiny_config" in size else "custom"
     return f"""\
-# CosyVoice2 model directory written by `python -m cosyvoice.tiny` (size {size}, seed {seed}).
+# CosyVoice2 model directory written by `python -m cosyvoice.tiny` (size {name}, seed {seed}).
 # RANDOM WEIGHTS: every code path of the real model runs, the audio is noise.
 __set_seed1: !apply:random.seed [1986]
 __set_seed2: !apply:numpy.random.seed [1986]
@@ -223,10 +273,45 @@ def _shape_eos(llm: Qwen2LM, seed: int) -> None:
         dec.bias[never] = -1e4
 
 
-def write_model_dir(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write the directory (created if needed; existing model files are overwritten)."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}")
+def qwen_checkpoint(llm_state: dict[str, torch.Tensor], tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
+    """The ``Qwen2ForCausalLM`` checkpoint held in an ``llm.pt`` state dict, with the key names of a
+    HuggingFace checkpoint (``model.embed_tokens.weight``, ``model.layers.N.…``, ``model.norm.weight``,
+    ``lm_head.weight``): llm.pt's ``llm.model.`` prefix dropped.  With tied embeddings ``lm_head`` is
+    left out, as ``save_pretrained`` writes it and as Qwen2.5-0.5B ships (``from_pretrained`` ties it
+    back); untied, it must be there."""
+    out = {k[len(_QWEN_PREFIX):]: v for k, v in llm_state.items() if k.startswith(_QWEN_PREFIX)}
+    if tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in out:
+        raise ValueError(f"untied word embeddings but no {LM_HEAD_KEY} in the llm state dict")
+    else:
+        out["lm_head.weight"] = out["lm_head.weight"].clone()  # never storage shared with embed_tokens
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _check_tiny_config(tree: dict[str, Any], qwen: dict[str, Any], data: dict[str, Any]) -> None:
+    """The written yaml must give exactly the configuration of ``config_tiny.json``."""
+    from .flow import FlowConfig
+    from .hift import HiFTConfig
+    from .model import flow_config_from_yaml, hift_config_from_yaml
+
+    wrong = []
+    if flow_config_from_yaml(tree) != FlowConfig.from_dict(data["flow"]):
+        wrong.append("flow")
+    if hift_config_from_yaml(tree) != HiFTConfig.from_dict(data["hift"]):
+        wrong.append("hift")
+    ours, theirs = LLMConfig.from_yaml(tree, qwen=qwen), LLMConfig.from_tiny_json(data)
+    ours.qwen = {k: v for k, v in ours.qwen.items() if k != "model_type"}
+    if ours != theirs:
+        wrong.append("llm")
+    if wrong:
+        raise ValueError(f"config_tiny.json has {', '.join(wrong)} settings the model-directory template cannot write")
+
+
+def write_model_dir(out_dir: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
+    """Write the directory (created if needed; existing model files are overwritten).  ``size``:
+    a name of SIZES or a dict like them (e.g. from :func:`size_from_tiny_config`)."""
+    spec = _spec(size)
     from .flow import CausalMaskedDiffWithXvec
     from .hift import HiFTGenerator
     from .model import flow_config_from_yaml, hift_config_from_yaml
@@ -235,7 +320,7 @@ def write_model_dir(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
     out.mkdir(parents=True, exist_ok=True)
     (out / ModelDir.YAML).write_text(model_yaml(size, seed), encoding="utf-8")
     qwen_dir = build_tiny_blank_en(out / ModelDir.QWEN_DIR)
-    qwen = dict(SIZES[size]["qwen"])
+    qwen = dict(spec["qwen"])
     n_text = len(CosyVoice2Tokenizer(qwen_dir))
     if n_text > qwen["vocab_size"]:
         raise ValueError(f"tokenizer has {n_text} ids but the Qwen2 vocab is {qwen['vocab_size']}")
@@ -243,14 +328,20 @@ def write_model_dir(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> P
 
     md = ModelDir(out)
     tree = md.read_yaml()
+    if "tiny_config" in spec:
+        _check_tiny_config(tree, qwen, spec["tiny_config"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         llm = Qwen2LM(LLMConfig.from_yaml(tree, qwen=qwen)).eval()
         _shape_eos(llm, seed)
         state = llm.state_dict()
-        state[LM_HEAD_KEY] = state["llm.model.model.embed_tokens.weight"]  # tied, as in the release
+        tied = bool(qwen.get("tie_word_embeddings", True))
+        embed = state["llm.model.model.embed_tokens.weight"]
+        # the release's llm.pt holds the (unused) lm_head: tied, a copy of the embeddings
+        state[LM_HEAD_KEY] = embed if tied else torch.randn(embed.shape, generator=torch.Generator().manual_seed(seed))
         torch.save(state, out / "llm.pt")
-        del llm, state
+        save_file(qwen_checkpoint(state, tied), str(qwen_dir / QWEN_WEIGHTS), metadata={"format": "pt"})
+        del llm, state, embed
         torch.save(CausalMaskedDiffWithXvec(flow_config_from_yaml(tree)).state_dict(), out / "flow.pt")
         torch.save(HiFTGenerator(hift_config_from_yaml(tree)).state_dict(), out / "hift.pt")
         gen = torch.Generator().manual_seed(seed + 1)
@@ -268,12 +359,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cosyvoice.tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", help="output directory")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--tiny-config", metavar="JSON", default=None,
+                   help="take the hyper-parameters of a fixture set's config_tiny.json (instead of --size)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    out = write_model_dir(args.dir, args.size, args.seed)
+    size: Size = args.size
+    if args.tiny_config is not None:
+        size = size_from_tiny_config(json.loads(Path(args.tiny_config).read_text(encoding="utf-8")))
+    out = write_model_dir(args.dir, size, args.seed)
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"wrote {args.size} CosyVoice2 model directory {out} ({total / 1e6:.1f} MB) "
+    name = args.size if args.tiny_config is None else args.tiny_config
+    print(f"wrote {name} CosyVoice2 model directory {out} ({total / 1e6:.1f} MB) "
           f"in {time.perf_counter() - t0:.1f} s")
 
 

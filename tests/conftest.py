@@ -1,10 +1,15 @@
 """Shared fixtures.  Parity tests read golden data from COSYVOICE_REFERENCE_DIR (default
-../shared/reference); a missing file is a failure, never a skip."""
+../shared/reference); a missing file is a failure, never a skip.
+
+Any set in the format of the reference README is a valid input: tests take every shape, length,
+split and count from the files (``tests/fixture_set.py`` writes a second set to prove it)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,3 +39,14 @@ def reference_file(name: str) -> Path:
     if not path.is_file():
         pytest.fail(f"golden fixture missing: {path} (set COSYVOICE_REFERENCE_DIR)")
     return path
+
+
+def load_json(name: str) -> dict[str, Any]:
+    """A JSON fixture (``config_tiny.json``, ``real_state_dict_shapes.json``) as a dict."""
+    return json.loads(reference_file(name).read_text())
+
+
+def tiny_json() -> dict[str, Any]:
+    """``config_tiny.json``: the hyper-parameters every width, depth and streaming constant of the
+    TINY models is read from (never assumed)."""
+    return load_json("config_tiny.json")

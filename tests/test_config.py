@@ -21,7 +21,7 @@ from cosyvoice.config import (
     resolve_device,
     resolve_dtype,
 )
-from tests.conftest import reference_file
+from tests.conftest import tiny_json
 
 # The structure of the official cosyvoice2.yaml (abridged, written for this test).
 MODEL_YAML = """\
@@ -176,12 +176,26 @@ def test_llm_config_from_yaml_rejects_other_models(tmp_path):
         cfg.qwen2_config()
 
 
+@pytest.mark.parity
 def test_llm_config_from_tiny_json():
-    data = json.loads(reference_file("config_tiny.json").read_text())
+    data = tiny_json()
+    llm, q = data["llm"], data["qwen2_config"]
     cfg = LLMConfig.from_tiny_json(data)
-    assert cfg.llm_input_size == 64 and cfg.qwen["num_hidden_layers"] == 2
+    assert (cfg.llm_input_size, cfg.llm_output_size, cfg.speech_token_size) == (
+        llm["llm_input_size"], llm["llm_output_size"], llm["speech_token_size"])
+    assert cfg.qwen["num_hidden_layers"] == q["num_hidden_layers"]
+    assert list(cfg.mix_ratio) == llm["mix_ratio"] and (cfg.sos, cfg.task_id) == (llm["sos"], llm["task_id"])
+    sampling = llm["sampling"]
+    assert (cfg.top_p, cfg.top_k, cfg.win_size, cfg.tau_r) == (
+        sampling["top_p"], sampling["top_k"], sampling["win_size"], sampling["tau_r"])
+    # the ids the json lists are the ones our config derives from speech_token_size
+    assert (cfg.eos_token, cfg.fill_token, list(cfg.stop_token_ids), cfg.vocab_out) == (
+        llm["eos_token"], llm["fill_token"], llm["stop_token_ids"], llm["llm_decoder_out"])
+    assert cfg.vocab_out == llm["speech_embedding_rows"]
     qwen = cfg.qwen2_config()
-    assert (qwen.hidden_size, qwen.num_attention_heads, qwen.vocab_size) == (64, 4, 1024)
+    assert (qwen.hidden_size, qwen.num_attention_heads, qwen.vocab_size) == (
+        q["hidden_size"], q["num_attention_heads"], q["vocab_size"])
+    assert (qwen.num_key_value_heads, qwen.intermediate_size) == (q["num_key_value_heads"], q["intermediate_size"])
 
 
 def make_model_dir(tmp_path: Path) -> Path:

@@ -6,7 +6,6 @@ on: evaluating only new frames against caches gives the chunk-causal full recomp
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from cosyvoice.flow import (
     euler_schedule,
 )
 from cosyvoice.flow_estimator import CausalConditionalDecoder, EstimatorCache, EstimatorConfig
-from tests.conftest import load_npz, reference_file
+from tests.conftest import load_npz, reference_file, tiny_json
 
 torch.set_num_threads(1)
 TOL = 1e-4
@@ -39,7 +38,7 @@ def maxdiff(a: torch.Tensor, b) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_cfg() -> FlowConfig:
-    return FlowConfig.from_dict(json.loads(reference_file("config_tiny.json").read_text())["flow"])
+    return FlowConfig.from_dict(tiny_json()["flow"])
 
 
 @pytest.fixture(scope="module")
@@ -180,40 +179,45 @@ def test_estimator_config_from_dict_and_rejects_unknown_layouts():
 
 
 def _solver_inputs(flow, mu_np: np.ndarray):
+    """The solver's inputs for the encoder output ``mu_np`` [2T, 80]: the prompt mel goes into the
+    first ``n_prompt`` frames of cond, n_prompt being the recorded prompt_feat's frame count."""
     fx = load_npz("flow_inference.npz")
     mu = t(mu_np).T.unsqueeze(0)
     T = mu.shape[2]
-    cond = torch.zeros(1, 80, T)
-    cond[:, :, :20] = t(fx["prompt_feat"]).T
+    n_prompt = fx["prompt_feat"].shape[0]
+    cond = torch.zeros(1, mu.shape[1], T)
+    cond[:, :, :n_prompt] = t(fx["prompt_feat"]).T
     with torch.no_grad():
         spks = flow.speaker(t(fx["embedding"])[None])
-    return fx, mu, torch.ones(1, 1, T), spks, cond
+    return fx, mu, torch.ones(1, 1, T), spks, cond, n_prompt
 
 
 @pytest.mark.parity
-def test_cfm_solver_every_euler_step(flow):
+def test_cfm_solver_every_euler_step(flow, tiny_cfg):
     """Fed the encoder output recorded in flow_encoder.npz (same tokens), so this isolates the solver."""
     enc = load_npz("flow_encoder.npz")
-    fx, mu, mask, spks, cond = _solver_inputs(flow, enc["full_h_proj"])
+    fx, mu, mask, spks, cond, n_prompt = _solver_inputs(flow, enc["full_h_proj"])
     assert maxdiff(spks[0], fx["spk_proj"]) <= TOL
+    steps = tiny_cfg.n_timesteps
+    assert len(fx["nonstream_final_step_t"]) == steps  # every step was recorded
     trace: list = []
     with torch.no_grad():
-        mel = flow.decoder(mu, mask, spks, cond, n_timesteps=10, streaming=False, trace=trace)
-    assert len(trace) == 10
+        mel = flow.decoder(mu, mask, spks, cond, n_timesteps=steps, streaming=False, trace=trace)
+    assert len(trace) == steps
     for k, (x, tk, out) in enumerate(trace):
         assert maxdiff(x[0], fx["nonstream_final_step_x"][k]) <= TOL, k
         assert abs(float(tk) - float(fx["nonstream_final_step_t"][k])) <= 1e-7, k
         assert maxdiff(out, fx["nonstream_final_step_est_out"][k]) <= TOL, k
-    assert maxdiff(mel[0, :, 20:], fx["nonstream_final_mel"]) <= TOL
+    assert maxdiff(mel[0, :, n_prompt:], fx["nonstream_final_mel"]) <= TOL
 
 
 @pytest.mark.parity
 @pytest.mark.parametrize("key,enc_key", [("stream_final_mel", "stream_h_proj"), ("stream_chunk_mel", "stream_ctx_h_proj")])
-def test_cfm_solver_streaming(flow, key, enc_key):
-    fx, mu, mask, spks, cond = _solver_inputs(flow, load_npz("flow_encoder.npz")[enc_key])
+def test_cfm_solver_streaming(flow, tiny_cfg, key, enc_key):
+    fx, mu, mask, spks, cond, n_prompt = _solver_inputs(flow, load_npz("flow_encoder.npz")[enc_key])
     with torch.no_grad():
-        mel = flow.decoder(mu, mask, spks, cond, n_timesteps=10, streaming=True)
-    assert maxdiff(mel[0, :, 20:], fx[key]) <= TOL
+        mel = flow.decoder(mu, mask, spks, cond, n_timesteps=tiny_cfg.n_timesteps, streaming=True)
+    assert maxdiff(mel[0, :, n_prompt:], fx[key]) <= TOL
 
 
 def _inference(flow, fx, streaming, finalize, token=None, n_timesteps=None):
@@ -232,7 +236,7 @@ def _inference(flow, fx, streaming, finalize, token=None, n_timesteps=None):
 def test_flow_inference_parity(flow, key, streaming, finalize):
     fx = load_npz("flow_inference.npz")
     mel = _inference(flow, fx, streaming, finalize)
-    assert mel.shape == (1, 80, fx[key].shape[1])
+    assert mel.shape == (1, *fx[key].shape)
     assert maxdiff(mel[0], fx[key]) <= TOL
 
 

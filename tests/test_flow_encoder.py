@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -18,15 +16,20 @@ from cosyvoice.flow_encoder import (
     chunk_mask,
     rel_position_table,
 )
-from tests.conftest import load_npz, reference_file
+from tests.conftest import load_json, load_npz, reference_file, tiny_json
 
 torch.set_num_threads(1)
 
 
 def tiny_config() -> EncoderConfig:
-    return EncoderConfig.from_dict(
-        json.loads(reference_file("config_tiny.json").read_text())["flow"]["encoder"]
-    )
+    return EncoderConfig.from_dict(tiny_json()["flow"]["encoder"])
+
+
+def chunking(enc: UpsampleConformerEncoder) -> tuple[int, int, int]:
+    """(chunk tokens, lookahead tokens, frames per token) of an encoder, from its config: the
+    incremental tests cut their inputs on these, never on numbers of one fixture set."""
+    cfg = enc.cfg
+    return cfg.static_chunk_size, cfg.pre_lookahead_len, cfg.up_stride
 
 
 def small_config() -> EncoderConfig:
@@ -56,27 +59,31 @@ def tiny() -> UpsampleConformerEncoder:
 
 
 @pytest.fixture(scope="module")
-def xs_random() -> torch.Tensor:
-    return torch.randn(1, 203, 64, generator=torch.Generator().manual_seed(0))
+def xs_random(tiny) -> torch.Tensor:
+    """Random token embeddings at the encoder's input width: 8 chunks and a lookahead's worth."""
+    chunk, la, _ = chunking(tiny)
+    return torch.randn(1, 8 * chunk + la, tiny.cfg.input_size, generator=torch.Generator().manual_seed(0))
 
 
 def streaming_reference(enc, xs, end: int, final: bool, left_chunks=None) -> torch.Tensor:
-    """What the official chunk loop computes for tokens [0, end): full recompute with the next 3
-    tokens as context (none on the final chunk)."""
-    ctx = None if final else xs[:, end : end + 3]
+    """What the official chunk loop computes for tokens [0, end): full recompute with the next
+    lookahead tokens as context (none on the final chunk)."""
+    la = enc.cfg.pre_lookahead_len
+    ctx = None if final else xs[:, end : end + la]
     with torch.no_grad():
         h, _ = enc(xs[:, :end], torch.tensor([end]), context=ctx, streaming=True, left_chunks=left_chunks)
     return h
 
 
 def run_chunks(enc, xs, sizes, left_chunks=None):
-    """Feed xs chunk by chunk (true next 3 tokens as context, none on the last); returns the
-    per-chunk outputs and the cache."""
+    """Feed xs chunk by chunk (true next lookahead tokens as context, none on the last); returns
+    the per-chunk outputs and the cache."""
+    la = enc.cfg.pre_lookahead_len
     cache = enc.new_cache(left_chunks=left_chunks)
     outs, s = [], 0
     for i, n in enumerate(sizes):
         final = i == len(sizes) - 1
-        ctx = None if final else xs[:, s + n : s + n + 3]
+        ctx = None if final else xs[:, s + n : s + n + la]
         outs.append(enc.forward_chunk(xs[:, s : s + n], ctx, cache))
         s += n
     return outs, cache
@@ -94,9 +101,15 @@ def test_config_defaults_are_the_real_model():
 
 @pytest.mark.parity
 def test_config_from_tiny_dict():
+    block = tiny_json()["flow"]["encoder"]
     cfg = tiny_config()
-    assert (cfg.output_size, cfg.attention_heads, cfg.linear_units, cfg.num_blocks) == (64, 4, 128, 2)
-    assert cfg.pre_lookahead_channels == 64 and cfg.layer_norm_eps == 1e-12 and cfg.embed_norm_eps == 1e-5
+    assert (cfg.input_size, cfg.output_size, cfg.attention_heads, cfg.linear_units, cfg.num_blocks) == (
+        block["input_size"], block["output_size"], block["attention_heads"], block["linear_units"], block["num_blocks"])
+    assert (cfg.num_up_blocks, cfg.static_chunk_size, cfg.up_stride) == (
+        block["num_up_blocks"], block["static_chunk_size"], block["up_stride"])
+    assert cfg.pre_lookahead_channels == block["pre_lookahead_channels"]
+    assert cfg.layer_norm_eps == block["layer_norm_eps_in_layers"]
+    assert cfg.embed_norm_eps == block["layer_norm_eps_embed_and_after_norm"]
 
 
 def test_config_from_official_yaml_block_is_the_default():
@@ -125,7 +138,7 @@ def test_config_rejects_unsupported_and_unknown_options():
 
 @pytest.mark.parity
 def test_real_config_has_flow_pt_encoder_keys_and_shapes():
-    shapes = json.loads(reference_file("real_state_dict_shapes.json").read_text())["flow.pt"]
+    shapes = load_json("real_state_dict_shapes.json")["flow.pt"]
     expected = {k.removeprefix("encoder."): tuple(v) for k, v in shapes.items() if k.startswith("encoder.")}
     with torch.device("meta"):
         enc = UpsampleConformerEncoder(EncoderConfig())
@@ -138,8 +151,9 @@ def test_real_config_has_flow_pt_encoder_keys_and_shapes():
 @pytest.mark.parity
 def test_tiny_checkpoint_rejects_missing_key():
     state = encoder_state(reference_file("tiny_flow.safetensors"))
-    del state["up_encoders.3.self_attn.pos_bias_v"]
-    with pytest.raises(CheckpointMismatch, match="pos_bias_v"):
+    key = f"up_encoders.{tiny_config().num_up_blocks - 1}.self_attn.pos_bias_v"  # the last block's
+    del state[key]
+    with pytest.raises(CheckpointMismatch, match=key):
         load_strict(UpsampleConformerEncoder(tiny_config()), state, "tiny flow encoder")
 
 
@@ -148,11 +162,16 @@ def test_tiny_checkpoint_rejects_missing_key():
 def test_taps_match_official(tiny, mode):
     ref = load_npz("flow_encoder.npz")
     xs = torch.from_numpy(ref["xs"]).unsqueeze(0)
-    lens = torch.tensor([int(ref["token_len"])])
+    n_tokens = int(ref["token_len"])
+    lens = torch.tensor([n_tokens])
+    # stream_ctx: the recorded call's last tokens (as many as its context tap has rows) are
+    # lookahead context only, xs_lens still counting them (how flow.inference(finalize=False) calls it)
+    split = xs.shape[1] - ref["stream_ctx_context_embed_x"].shape[0]
+    assert 0 < split < xs.shape[1]
     kwargs = {
         "full": dict(xs=xs),
         "stream": dict(xs=xs, streaming=True),
-        "stream_ctx": dict(xs=xs[:, :38], context=xs[:, 38:], streaming=True),
+        "stream_ctx": dict(xs=xs[:, :split], context=xs[:, split:], streaming=True),
     }[mode]
     taps: dict = {}
     with torch.no_grad():
@@ -174,8 +193,9 @@ def test_taps_match_official(tiny, mode):
         got = taps[name][0].numpy()
         assert got.shape == want.shape, name
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=name)
-    assert torch.equal(h, taps["h"]) and int(h_lens) == 82
-    assert h.shape[1] == 2 * kwargs["xs"].shape[1]
+    stride = tiny.cfg.up_stride
+    assert torch.equal(h, taps["h"]) and int(h_lens) == stride * n_tokens
+    assert h.shape[1] == stride * kwargs["xs"].shape[1]
 
 
 @pytest.mark.parity
@@ -195,13 +215,15 @@ def test_rel_position_table_rows_are_per_distance():
 
 def test_projected_positions_equal_linear_pos_of_the_full_table(tiny):
     attn = tiny.encoders[0].self_attn
+    d = tiny.cfg.output_size
     T = 30
-    full = attn.linear_pos(rel_position_table(torch.arange(T - 1, -T, -1), 64))  # distances 29..-29
+    full = attn.linear_pos(rel_position_table(torch.arange(T - 1, -T, -1), d))  # distances 29..-29
     got = attn.projected_positions(29, 29)  # [H, 59, d_k]
-    torch.testing.assert_close(got.transpose(0, 1).reshape(59, 64), full, atol=1e-5, rtol=0)
+    assert got.shape == (tiny.cfg.attention_heads, 59, d // tiny.cfg.attention_heads)
+    torch.testing.assert_close(got.transpose(0, 1).reshape(59, d), full, atol=1e-5, rtol=0)
     part = attn.projected_positions(5, 2)  # distances 5..-2
     torch.testing.assert_close(
-        part.transpose(0, 1).reshape(8, 64), full[T - 1 - 5 : T - 1 + 3], atol=1e-5, rtol=0
+        part.transpose(0, 1).reshape(8, d), full[T - 1 - 5 : T - 1 + 3], atol=1e-5, rtol=0
     )
 
 
@@ -231,63 +253,73 @@ def test_chunk_mask_rules():
 
 @pytest.mark.parity
 def test_incremental_equals_streaming_recompute(tiny, xs_random):
-    sizes = [25, 50, 100, 28]
+    chunk, la, stride = chunking(tiny)
+    sizes = [chunk, 2 * chunk, 4 * chunk, chunk + la]
+    total = sum(sizes)
+    assert total == xs_random.shape[1]
     outs, cache = run_chunks(tiny, xs_random, sizes)
     s = 0
     for i, (n, h) in enumerate(zip(sizes, outs, strict=True)):
-        assert h.shape == (1, 2 * n, 64)
+        assert h.shape == (1, stride * n, tiny.cfg.output_size)
         ref = streaming_reference(tiny, xs_random, s + n, final=i == len(sizes) - 1)
-        torch.testing.assert_close(h, ref[:, 2 * s :], atol=1e-4, rtol=0)
+        torch.testing.assert_close(h, ref[:, stride * s :], atol=1e-4, rtol=0)
         s += n
-    assert (cache.tokens_done, cache.frames_done, cache.finished) == (203, 406, True)
+    assert (cache.tokens_done, cache.frames_done, cache.finished) == (total, stride * total, True)
     # With true contexts, the chunks together are the streaming encoding of the whole utterance.
-    whole = streaming_reference(tiny, xs_random, 203, final=True)
+    whole = streaming_reference(tiny, xs_random, total, final=True)
     torch.testing.assert_close(torch.cat(outs, dim=1), whole, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parity
 def test_incremental_final_chunk_can_be_empty_or_short(tiny, xs_random):
-    xs = xs_random[:, :53]
-    outs, cache = run_chunks(tiny, xs, [25, 25, 3])
+    chunk, la, _ = chunking(tiny)
+    n = 2 * chunk + la
+    xs = xs_random[:, :n]
+    outs, cache = run_chunks(tiny, xs, [chunk, chunk, la])
     torch.testing.assert_close(
-        torch.cat(outs, dim=1), streaming_reference(tiny, xs, 53, final=True), atol=1e-4, rtol=0
+        torch.cat(outs, dim=1), streaming_reference(tiny, xs, n, final=True), atol=1e-4, rtol=0
     )
     cache = tiny.new_cache()
-    first = tiny.forward_chunk(xs[:, :25], xs[:, 25:28], cache)
+    first = tiny.forward_chunk(xs[:, :chunk], xs[:, chunk : chunk + la], cache)
     empty = tiny.forward_chunk(xs[:, :0], None, cache)
-    assert empty.shape == (1, 0, 64) and cache.finished and cache.tokens_done == 25
-    torch.testing.assert_close(first, streaming_reference(tiny, xs, 25, final=False), atol=1e-4, rtol=0)
+    assert empty.shape == (1, 0, tiny.cfg.output_size) and cache.finished and cache.tokens_done == chunk
+    torch.testing.assert_close(first, streaming_reference(tiny, xs, chunk, final=False), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parity
 def test_left_chunks_only_changes_results_when_the_window_truncates(tiny, xs_random):
-    sizes = [25, 50, 100, 28]
+    chunk, la, stride = chunking(tiny)
+    sizes = [chunk, 2 * chunk, 4 * chunk, chunk + la]
+    total = sum(sizes)
     unbounded, _ = run_chunks(tiny, xs_random, sizes)
     unbounded = torch.cat(unbounded, dim=1)
-    # 9 chunks of 25 tokens: with 8 left chunks no query ever loses a key.
-    wide, _ = run_chunks(tiny, xs_random, sizes, left_chunks=8)
+    # n_chunks chunks (9): with n_chunks - 1 left chunks no query ever loses a key.
+    n_chunks = -(-total // chunk)
+    wide, _ = run_chunks(tiny, xs_random, sizes, left_chunks=n_chunks - 1)
     torch.testing.assert_close(torch.cat(wide, dim=1), unbounded, atol=1e-5, rtol=0)
-    # 2 left chunks: tokens 0..74 (chunks 0-2, frames 0..149) see everything, later ones do not.
+    # 2 left chunks: the tokens of chunks 0-2 (their frames) see everything, later ones do not.
+    seen = 3 * chunk * stride
     narrow, cache = run_chunks(tiny, xs_random, sizes, left_chunks=2)
     narrow = torch.cat(narrow, dim=1)
-    torch.testing.assert_close(narrow[:, :150], unbounded[:, :150], atol=1e-5, rtol=0)
-    assert (narrow[:, 150:] - unbounded[:, 150:]).abs().max() > 1e-3
+    torch.testing.assert_close(narrow[:, :seen], unbounded[:, :seen], atol=1e-5, rtol=0)
+    assert (narrow[:, seen:] - unbounded[:, seen:]).abs().max() > 1e-3
     # ... and it is exactly the windowed full recompute.
-    ref = streaming_reference(tiny, xs_random, 203, final=True, left_chunks=2)
+    ref = streaming_reference(tiny, xs_random, total, final=True, left_chunks=2)
     torch.testing.assert_close(narrow, ref, atol=1e-4, rtol=0)
     # Only the window (at most 3 chunks incl. the current one) stays cached.
-    assert cache.layers[0].length <= 3 * 25 and cache.up_layers[0].length <= 3 * 50
+    assert cache.layers[0].length <= 3 * chunk and cache.up_layers[0].length <= 3 * chunk * stride
 
 
 @pytest.mark.parity
 def test_incremental_with_prompt_sized_first_chunk(tiny, xs_random):
-    # FlowStream pushes a whole prompt's complete chunks first (e.g. 75 tokens), then the hops.
-    sizes = [75, 25, 100, 3]
+    # FlowStream pushes a whole prompt's complete chunks first (e.g. 3 chunks), then the hops.
+    chunk, la, stride = chunking(tiny)
+    sizes = [3 * chunk, chunk, 4 * chunk, la]
     outs, _ = run_chunks(tiny, xs_random, sizes)
     s = 0
     for i, (n, h) in enumerate(zip(sizes, outs, strict=True)):
         ref = streaming_reference(tiny, xs_random, s + n, final=i == len(sizes) - 1)
-        torch.testing.assert_close(h, ref[:, 2 * s :], atol=1e-4, rtol=0)
+        torch.testing.assert_close(h, ref[:, stride * s :], atol=1e-4, rtol=0)
         s += n
 
 

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from cosyvoice.checkpoint import CheckpointMismatch
 from cosyvoice.hift import HiFTConfig, HiFTGenerator, convert_hift_state_dict, load_hift, load_hift_state_dict
-from tests.conftest import load_npz, reference_file
+from tests.conftest import load_npz, reference_file, tiny_json
 
 torch.set_num_threads(1)
 ATOL = 1e-4
 
 
 def tiny_config() -> HiFTConfig:
-    with open(reference_file("config_tiny.json")) as f:
-        return HiFTConfig.from_dict(json.load(f)["hift"])
+    return HiFTConfig.from_dict(tiny_json()["hift"])
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +82,7 @@ def test_decode(hift, ref):
 def test_inference_with_cache_source(hift, ref):
     cache = ref["cache_source"][None, None]
     audio, source = hift.inference(ref["mel"][None], cache, noise=ref["inference_sinegen_noise_randn"][None])
-    assert torch.equal(source[0, 0, :3840], ref["cache_source"])
+    assert torch.equal(source[0, 0, : cache.shape[-1]], ref["cache_source"])  # spliced in as recorded
     assert_close(source[0, 0], ref["inference_source"])
     assert_close(audio[0], ref["inference_audio"])
 
@@ -97,8 +94,8 @@ def test_inference_is_reproducible_per_generator(hift, ref):
     a3, _ = hift.inference(mel, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a1, a2) and torch.equal(s1, s2)
     assert not torch.equal(a1, a3)  # the additive noise is live
-    assert a1.shape == (1, 480 * mel.shape[-1])
-    assert a1.abs().max() <= 0.99
+    assert a1.shape == (1, hift.cfg.upsample_scale * mel.shape[-1])
+    assert a1.abs().max() <= hift.cfg.audio_limit
 
 
 def test_legacy_weight_norm_names_load_the_same(tiny_state, hift, ref):

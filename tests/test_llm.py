@@ -18,16 +18,18 @@ from cosyvoice.checkpoint import CheckpointMismatch, load_state_dict
 from cosyvoice.config import LLMConfig
 from cosyvoice.llm import LM_HEAD_KEY, ROW_SPEECH, ROW_TASK, ROW_TEXT, Qwen2LM
 from cosyvoice.sampling import RasSampler, nucleus_candidates, ras_sampling
-from tests.conftest import load_npz, reference_file
+from tests.conftest import load_npz, reference_file, tiny_json
 
 torch.set_num_threads(1)
 
+# The speech vocabulary's stop ids (6561 codes, then eos, an unused id, fill); the parity tests
+# take them from the fixture set's config instead (lm.config), test_config checks the two agree.
 EOS, UNUSED, FILL = 6561, 6562, 6563
 
 
 @pytest.fixture(scope="module")
 def tiny_config() -> LLMConfig:
-    return LLMConfig.from_tiny_json(json.loads(reference_file("config_tiny.json").read_text()))
+    return LLMConfig.from_tiny_json(tiny_json())
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +100,18 @@ def test_forward_matches_reference(lm):
 
 @pytest.mark.parity
 def test_incremental_steps_match_full_forward(lm):
-    """Feeding rows in pieces through the KV cache gives the same hidden states as one call."""
+    """Feeding rows in pieces through the KV cache gives the same hidden states as one call: the
+    prefill up to task_id, the first speech row alone, then two pieces of the rest."""
     ref = load_npz("lm_forward.npz")
     xs = torch.from_numpy(ref["lm_input"])
+    n, prefill = xs.shape[0], 2 + len(ref["text_ids"])  # sos + text + task_id
+    assert n - prefill >= 3, "the fixture needs a few speech rows"
+    cuts = [0, prefill, prefill + 1, prefill + 1 + (n - prefill - 1) * 3 // 4, n]
     cache, outs = lm.new_cache(), []
     with torch.inference_mode():
-        for a, b in [(0, 14), (14, 15), (15, 30), (30, 34)]:
+        for a, b in zip(cuts, cuts[1:], strict=False):
             outs.append(lm.forward_rows(xs[a:b], [cache], [b - a]))
+    assert [o.shape[0] for o in outs] == [b - a for a, b in zip(cuts, cuts[1:], strict=False)]
     assert np.abs(torch.cat(outs).numpy() - ref["hidden"]).max() <= 1e-4
 
 
@@ -114,16 +121,21 @@ def test_packed_requests_match_each_request_alone(lm):
     request the hidden states it gets alone (here: the reference's, cut at different points)."""
     ref = load_npz("lm_forward.npz")
     xs = torch.from_numpy(ref["lm_input"])
+    n = xs.shape[0]
+    # request 0 starts with 3/5 of the rows, request 1 is 3/10 in and adds a few, request 2 adds the last
+    n0, a1, a2 = 3 * n // 5, 3 * n // 10, n - 1
+    m1 = min(4, a2 - a1)
+    assert 0 < a1 < a1 + m1 <= a2 and n0 > 1
     caches = [lm.new_cache() for _ in range(3)]
     with torch.inference_mode():
-        lm.forward_rows(xs[:10], [caches[1]], [10])  # request 1 is 10 rows in, request 2 at 33
-        lm.forward_rows(xs[:33], [caches[2]], [33])
-        packed = lm.forward_rows(torch.cat([xs[:20], xs[10:14], xs[33:34]]), caches, [20, 4, 1])
+        lm.forward_rows(xs[:a1], [caches[1]], [a1])
+        lm.forward_rows(xs[:a2], [caches[2]], [a2])
+        packed = lm.forward_rows(torch.cat([xs[:n0], xs[a1 : a1 + m1], xs[a2:]]), caches, [n0, m1, 1])
     hidden = torch.from_numpy(ref["hidden"])
-    assert torch.abs(packed[:20] - hidden[:20]).max() <= 1e-4
-    assert torch.abs(packed[20:24] - hidden[10:14]).max() <= 1e-4
-    assert torch.abs(packed[24] - hidden[33]).max() <= 1e-4
-    assert [c.length for c in caches] == [20, 14, 34]
+    assert torch.abs(packed[:n0] - hidden[:n0]).max() <= 1e-4
+    assert torch.abs(packed[n0 : n0 + m1] - hidden[a1 : a1 + m1]).max() <= 1e-4
+    assert torch.abs(packed[n0 + m1] - hidden[a2]).max() <= 1e-4
+    assert [c.length for c in caches] == [n0, a1 + m1, n]
 
 
 @pytest.mark.parity
@@ -132,7 +144,7 @@ def test_unistream_inference_matches_reference(lm):
     masked = []
 
     def record_mask(logp, decoded):
-        masked.append(bool(torch.isneginf(logp[EOS])))
+        masked.append(bool(torch.isneginf(logp[lm.config.eos_token])))
         return choose(logp, decoded)
 
     choose = forced(ref["forced_choices"].tolist())
@@ -162,7 +174,7 @@ def test_bistream_matches_reference(lm, as_tensor):
 
     def eos_after_text(logp, decoded):
         assert received[0] == -1, "the reference samples eos only after the text ended"
-        return EOS
+        return lm.config.eos_token
 
     rec = Recorder(lambda: received[0])
     tokens = list(lm.inference_bistream(
@@ -179,16 +191,18 @@ def test_bistream_matches_reference(lm, as_tensor):
 
 
 @pytest.mark.parity
-def test_nucleus_candidates_match_reference():
+def test_nucleus_candidates_match_reference(tiny_config):
     fwd, ref = load_npz("lm_forward.npz"), load_npz("sampling_nucleus.npz")
+    top_p, top_k = tiny_config.top_p, tiny_config.top_k  # the config's ras_sampling parameters
+    assert ref["candidate_probs_padded"].shape == (len(ref["logits_rows"]), top_k)
     for i, r in enumerate(ref["logits_rows"]):
         logp = torch.from_numpy(fwd["logits"][r]).log_softmax(-1)
-        probs, ids = nucleus_candidates(logp, top_p=0.8, top_k=25)
+        probs, ids = nucleus_candidates(logp, top_p=top_p, top_k=top_k)
         n = int(ref["candidate_count"][i])
         assert len(ids) == n
         assert ids.tolist() == ref["sorted_top30_idx"][i, :n].tolist()
         np.testing.assert_allclose(probs.numpy(), ref["candidate_probs_padded"][i, :n], atol=1e-6)
-        assert probs[:-1].sum() < 0.8 <= probs.sum() + 1e-6  # the crossing candidate is included
+        assert probs[:-1].sum() < top_p <= probs.sum() + 1e-6  # the crossing candidate is included
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,34 +284,43 @@ def test_ras_repetition_rule_bans_recent_token_and_draws_from_full_distribution(
 
 
 def test_bistream_pulls_from_a_blocking_iterator_fed_by_another_thread(lm):
-    """Text arrives from a producer thread; speech comes out before the text has ended."""
+    """Text arrives from a producer thread; speech comes out before the text has ended: the
+    producer sends only the text the reference had received at its first backbone call (whose
+    choice is a speech token), and waits for that token before sending the rest."""
     ref = load_npz("lm_bistream.npz")
     text = ref["text"].tolist()
+    first = int(ref["call_text_received"][0])
+    fill, eos = lm.config.fill_token, lm.config.eos_token
+    assert 0 < first < len(text) and int(ref["sampler_choices"][0]) != fill, "fixture: first step mid-text"
     q: queue.Queue = queue.Queue()
     first_token = threading.Event()
+    waited: list[bool] = []
 
     def queue_iter():
         while (item := q.get()) is not None:
             yield item
 
     def producer():
-        for t in text[:8]:
-            q.put(t)
-        assert first_token.wait(30), "no speech token while the text was still streaming"
-        for i in range(8, len(text), 2):
-            q.put(text[i:i + 2])  # lists of ids are accepted too
-        q.put(None)
+        try:
+            for t in text[:first]:
+                q.put(t)
+            waited.append(first_token.wait(30))  # no speech token while the text was still streaming?
+            for i in range(first, len(text), 2):
+                q.put(text[i:i + 2])  # lists of ids are accepted too
+        finally:
+            q.put(None)  # the generator ends (and the test reports) whatever happened above
 
     worker = threading.Thread(target=producer)
     worker.start()
     tokens = []
-    choose = forced(ref["sampler_choices"].tolist(), then=lambda lp, d: EOS)
+    choose = forced(ref["sampler_choices"].tolist(), then=lambda lp, d: eos)
     for tok in lm.inference_bistream(queue_iter(), ref["prompt_text"], ref["prompt_speech_token"],
                                      sampler=choose):
         tokens.append(tok)
         first_token.set()
     worker.join(30)
     assert not worker.is_alive()
+    assert waited == [True], "no speech token while the text was still streaming"
     assert tokens == ref["yielded_tokens"].tolist()
 
 
@@ -494,15 +517,17 @@ def test_dtype_option_casts_weights_and_keeps_rotary_in_float32(tiny_config, tin
 
 def test_from_model_dir_loads_llm_pt_with_the_yaml_and_blanken_config(tmp_path, tiny_state):
     """A TINY model directory laid out like the release: yaml + BlankEN config.json + llm.pt."""
-    data = json.loads(reference_file("config_tiny.json").read_text())
+    data = tiny_json()
+    llm = data["llm"]
     root = tmp_path / "model"
     (root / "CosyVoice-BlankEN").mkdir(parents=True)
     (root / "CosyVoice-BlankEN" / "config.json").write_text(json.dumps(data["qwen2_config"]))
     (root / "cosyvoice2.yaml").write_text(
-        "__set_seed1: !apply:random.seed [1986]\nllm_input_size: 64\nllm_output_size: 64\n"
+        f"__set_seed1: !apply:random.seed [1986]\nllm_input_size: {llm['llm_input_size']}\n"
+        f"llm_output_size: {llm['llm_output_size']}\n"
         "qwen_pretrain_path: ''\nllm: !new:cosyvoice.llm.llm.Qwen2LM\n"
         "    llm_input_size: !ref <llm_input_size>\n    llm_output_size: !ref <llm_output_size>\n"
-        "    speech_token_size: 6561\n    mix_ratio: [5, 15]\n"
+        f"    speech_token_size: {llm['speech_token_size']}\n    mix_ratio: {list(llm['mix_ratio'])}\n"
         "    llm: !new:cosyvoice.llm.llm.Qwen2Encoder\n        pretrain_path: !ref <qwen_pretrain_path>\n"
     )
     torch.save(tiny_state, root / "llm.pt")

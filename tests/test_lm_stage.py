@@ -95,7 +95,7 @@ def test_bistream_fixture_through_the_batched_stage_with_others_in_the_batch(lm,
         received[0] = -1
 
     rec = Recorder(lambda: received[0])
-    request = LMRequest(lm.config, forced(ref["sampler_choices"].tolist(), then=lambda lp, d: EOS),
+    request = LMRequest(lm.config, forced(ref["sampler_choices"].tolist(), then=lambda lp, d: lm.config.eos_token),
                         ref["prompt_text"], ref["prompt_speech_token"])
     handle = stage.submit(request, trace=rec)
     tokens: list[int] = []

@@ -28,7 +28,7 @@ def meta_lm() -> Qwen2LM:
 @pytest.mark.parity
 def test_real_config_matches_llm_pt_keys_and_shapes(meta_lm, real_llm_shapes):
     ours = {k: list(v.shape) for k, v in meta_lm.state_dict().items()}
-    assert len(real_llm_shapes) == 295
+    assert len(real_llm_shapes) == 295  # the REAL release's llm.pt (FACTS 3.1), the same in every set
     # The only difference: the tied, unused Qwen lm_head, which load_checkpoint drops.
     assert set(real_llm_shapes) - set(ours) == {LM_HEAD_KEY}
     assert set(ours) - set(real_llm_shapes) == set()
@@ -42,9 +42,10 @@ def test_real_checkpoint_layout_loads_strictly(real_llm_shapes):
     with torch.device("meta"):
         model = Qwen2LM(LLMConfig())
     model.load_checkpoint(state, assign=True)  # accepted, lm_head dropped
-    assert model.llm_decoder.weight.shape == (6564, 896)
+    rows, width = real_llm_shapes["llm_decoder.weight"]  # 6564 x 896
+    assert model.llm_decoder.weight.shape == (rows, width)
 
     wrong = dict(state)
-    wrong["llm_decoder.weight"] = torch.empty(6563, 896, device="meta")
-    with pytest.raises(CheckpointMismatch, match=r"llm_decoder.weight \(checkpoint \(6563, 896\)"):
+    wrong["llm_decoder.weight"] = torch.empty(rows - 1, width, device="meta")
+    with pytest.raises(CheckpointMismatch, match=rf"llm_decoder.weight \(checkpoint \({rows - 1}, {width}\)"):
         model.load_checkpoint(wrong, assign=True)

@@ -16,7 +16,7 @@ from cosyvoice.t2w_stage import DONE, StaticTokens, T2WStage
 from cosyvoice.token2wav import HopSchedule, Job, Rounds, Token2Wav
 from tests.conftest import load_npz
 from tests.test_cosyvoice_api import assert_same_speech
-from tests.test_token2wav import RecordingMels, maxdiff, tiny_models
+from tests.test_token2wav import RecordingMels, maxdiff, prompt_sizes, tiny_models
 
 torch.set_num_threads(1)
 WAIT = 60
@@ -67,10 +67,13 @@ def read_all(stream, timeout: float = WAIT) -> list[np.ndarray]:
 
 
 def cases(fx, n: int):
+    """n streams: random tokens of different lengths, prompts cut from the set's (for a 20-token
+    prompt: 20, 14, 8, 20 tokens)."""
     rng = np.random.default_rng(5)
+    whole, most, _, short = prompt_sizes(fx)
     out = []
     for k in range(n):
-        n_prompt = (20, 14, 8, 20)[k % 4]
+        n_prompt = (whole, most, short, whole)[k % 4]
         p = (fx["prompt_token"][:n_prompt], fx["prompt_feat"][: 2 * n_prompt], fx["embedding"])
         out.append((f"s{k}", p, rng.integers(0, 6561, size=120 + 30 * k), 10 + k))
     return out
@@ -123,7 +126,7 @@ def test_streams_joining_at_different_times_equal_each_alone(models, fx, stage):
 
 
 def test_a_stream_that_becomes_ready_waits_one_round_not_a_whole_hop(models, fx):
-    """A stream in the middle of a long hop (seven flow rounds) and a stream whose first chunk
+    """A stream in the middle of a long hop (several flow rounds) and a stream whose first chunk
     becomes ready after the first of those rounds: the first chunk comes out of the next rounds,
     long before the long hop is complete."""
     t2w = Token2Wav(*models)
@@ -134,15 +137,19 @@ def test_a_stream_that_becomes_ready_waits_one_round_not_a_whole_hop(models, fx)
     t2w.push("first", tokens2)
     rounds = Rounds(t2w)
     rounds.add(t2w.next_job("long"))
-    assert rounds.step() == []  # one 25-token chunk of seven
+    long_chunks = len(rounds.plans[0].pieces)
+    assert long_chunks > 2
+    assert rounds.step() == []  # one 25-token flow chunk of the long hop's many
     rounds.add(t2w.next_job("first"))
+    first_chunks = len(rounds.plans[1].pieces)  # its one or two (or three) flow chunks
+    assert first_chunks < long_chunks - 1
     order, n = [], 1
     while rounds:
         n += 1
         order += [(job.uuid, n, len(chunk)) for job, chunk in rounds.step()]
     (first, at_first, samples), (long, at_long, _) = order
     assert (first, long) == ("first", "long") and at_first < at_long and samples > 0
-    assert at_first <= 3  # its one or two flow chunks, from the round after it was ready
+    assert at_first <= 1 + first_chunks  # its flow chunks, from the round after it was ready
 
 
 def test_a_job_left_out_of_rounds_is_unchanged_and_still_equals_solo(models, fx):
