@@ -65,9 +65,13 @@ def official(base: str, mode: str, headers: dict, spk: str | None):
         payload["prompt_text"] = "A prompt sentence for the voice."
     if mode in ("zero_shot", "cross_lingual"):
         files = [("prompt_wav", ("prompt_wav", io.BytesIO(prompt_wav()), "application/octet-stream"))]
-    return timed(lambda: requests.request("GET", url, data=payload, files=files, stream=True, headers=headers,
-                                          timeout=300),
-                 lambda r: r.iter_content(chunk_size=16000), lambda r: r.status_code == 200)
+    return timed(
+        lambda: requests.request(
+            "GET", url, data=payload, files=files, stream=True, headers=headers, timeout=300
+        ),
+        lambda r: r.iter_content(chunk_size=16000),
+        lambda r: r.status_code == 200,
+    )
 
 
 def openai_speech(base: str, token: str, fmt: str, sse: bool):
@@ -77,8 +81,9 @@ def openai_speech(base: str, token: str, fmt: str, sse: bool):
     extra = {"stream_format": "sse"} if sse else {}
     t0 = time.perf_counter()
     first, total, status = None, 0, 0
-    with client.audio.speech.with_streaming_response.create(model="tts-1", voice="alloy", input=TEXT,
-                                                            response_format=fmt, extra_body=extra) as r:
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="alloy", input=TEXT, response_format=fmt, extra_body=extra
+    ) as r:
         status = r.status_code
         buffer = ""
         for chunk in r.iter_bytes():
@@ -104,9 +109,13 @@ def voxcpm(base: str, headers: dict, with_prompt: bool):
     if with_prompt:
         data["prompt_text"] = "A prompt sentence for the voice."
         files = {"prompt_audio": ("p.wav", prompt_wav(), "audio/wav")}
-    return timed(lambda: requests.post(f"{base}/api/tts/stream", data=data, files=files, headers=headers,
-                                       stream=True, timeout=300),
-                 lambda r: r.iter_content(8192), lambda r: r.status_code == 200)
+    return timed(
+        lambda: requests.post(
+            f"{base}/api/tts/stream", data=data, files=files, headers=headers, stream=True, timeout=300
+        ),
+        lambda r: r.iter_content(8192),
+        lambda r: r.status_code == 200,
+    )
 
 
 def cases(base: str, token: str | None, spk: str | None):
@@ -124,9 +133,13 @@ def cases(base: str, token: str | None, spk: str | None):
 
 def main() -> None:
     model = Path(tempfile.mkdtemp(prefix="cv2-clients-")) / "tiny"
-    subprocess.run([sys.executable, "-m", "cosyvoice.tiny", str(model)], cwd=ROOT, check=True, capture_output=True)
-    servers = [("cosyvoice2 TINY", ["--model-dir", str(model), "--token", TOKEN], TOKEN, SFT_SPEAKERS[1]),
-               ("default voice", ["--engine", "piper"], None, None)]
+    subprocess.run(
+        [sys.executable, "-m", "cosyvoice.tiny", str(model)], cwd=ROOT, check=True, capture_output=True
+    )
+    servers = [
+        ("cosyvoice2 TINY", ["--model-dir", str(model), "--token", TOKEN], TOKEN, SFT_SPEAKERS[1]),
+        ("default voice", ["--engine", "piper"], None, None),
+    ]
     print("| server | client | works | first audio ms | audio bytes |")
     print("|---|---|---|---|---|")
     for name, args, token, spk in servers:

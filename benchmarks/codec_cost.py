@@ -74,7 +74,14 @@ def main() -> None:
 
     print("\nresampler hold (ms of audio fed but not yet returned, 20 ms chunks): mean / max")
     print(f"{'pair':<14} " + " ".join(f"{q:>13}" for q in QUALITIES))
-    for in_rate, out_rate in ((22050, 48000), (22050, 16000), (22050, 8000), (24000, 48000), (24000, 16000), (24000, 8000)):
+    for in_rate, out_rate in (
+        (22050, 48000),
+        (22050, 16000),
+        (22050, 8000),
+        (24000, 48000),
+        (24000, 16000),
+        (24000, 8000),
+    ):
         cells = [resampler_hold(in_rate, out_rate, q) for q in QUALITIES]
         print(f"{f'{in_rate}->{out_rate}':<14} " + " ".join(f"{m:>6.1f}/{x:<6.1f}" for m, x in cells))
 

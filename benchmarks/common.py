@@ -74,7 +74,9 @@ def server_process(*serve_args: str) -> Iterator[tuple[str, int]]:
     A separate process, as in production: a server in a thread of the benchmark would share the
     client's GIL and its event loop's time with the client.
     """
-    with http_process(lambda port: ["-m", "realtime.cli", "serve", "--port", str(port), *serve_args]) as served:
+    with http_process(
+        lambda port: ["-m", "realtime.cli", "serve", "--port", str(port), *serve_args]
+    ) as served:
         yield served
 
 

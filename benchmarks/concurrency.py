@@ -64,7 +64,7 @@ async def utterance(url: str, text: str, tps: float) -> Utterance:
 
         async def feed() -> None:
             for i in range(0, len(text), 4):
-                await ws.send(json.dumps({"type": "text", "text": text[i:i + 4]}))
+                await ws.send(json.dumps({"type": "text", "text": text[i : i + 4]}))
                 await asyncio.sleep(1 / tps)
             await ws.send(json.dumps({"type": "end"}))
 
@@ -104,16 +104,24 @@ async def level(url: str, base: str, n: int, args) -> dict:
     wall = time.perf_counter() - t0
     after = metrics(base)
     calls = after.get("cosyvoice_lm_calls_total", 0) - before.get("cosyvoice_lm_calls_total", 0)
-    stepped = after.get("cosyvoice_lm_requests_stepped_total", 0) - before.get("cosyvoice_lm_requests_stepped_total", 0)
+    stepped = after.get("cosyvoice_lm_requests_stepped_total", 0) - before.get(
+        "cosyvoice_lm_requests_stepped_total", 0
+    )
     t2w_calls = after.get("cosyvoice_t2w_calls_total", 0) - before.get("cosyvoice_t2w_calls_total", 0)
     t2w_chunks = after.get("cosyvoice_t2w_chunks_total", 0) - before.get("cosyvoice_t2w_chunks_total", 0)
     ttfa = [r.first for r in results]
     return {
-        "n": n, "utts": len(results), "p50": percentile(ttfa, 50), "p95": percentile(ttfa, 95),
-        "throughput": sum(r.audio_s for r in results) / wall, "calls_s": calls / wall,
-        "per_call": stepped / calls if calls else float("nan"), "tokens_s": stepped / wall,
+        "n": n,
+        "utts": len(results),
+        "p50": percentile(ttfa, 50),
+        "p95": percentile(ttfa, 95),
+        "throughput": sum(r.audio_s for r in results) / wall,
+        "calls_s": calls / wall,
+        "per_call": stepped / calls if calls else float("nan"),
+        "tokens_s": stepped / wall,
         "chunks_per_call": t2w_chunks / t2w_calls if t2w_calls else float("nan"),
-        "rtf": percentile([r.rtf for r in results], 50), "underruns": sum(r.underruns for r in results),
+        "rtf": percentile([r.rtf for r in results], 50),
+        "underruns": sum(r.underruns for r in results),
         "errors": sum(1 for r in results if r.error),
     }
 
@@ -122,7 +130,9 @@ def model_dir(args) -> str:
     if args.model_dir:
         return args.model_dir
     d = Path(tempfile.mkdtemp(prefix=f"cv2-{args.size}-")) / "model"
-    subprocess.run([sys.executable, "-m", "cosyvoice.tiny", str(d), "--size", args.size], cwd=ROOT, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "cosyvoice.tiny", str(d), "--size", args.size], cwd=ROOT, check=True
+    )
     return str(d)
 
 
@@ -131,7 +141,9 @@ def main() -> None:
     p.add_argument("--model-dir", default=None, help="a CosyVoice2 directory (default: write one of --size)")
     p.add_argument("--size", default="tiny", choices=("tiny", "real"))
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
-    p.add_argument("--modes", nargs="+", default=["batched", "per-request"], choices=("batched", "per-request"))
+    p.add_argument(
+        "--modes", nargs="+", default=["batched", "per-request"], choices=("batched", "per-request")
+    )
     p.add_argument("--utterances", type=int, default=2, help="utterances per session, one after another")
     p.add_argument("--tps", type=float, default=30.0, help="LLM tokens per second (4 characters each)")
     p.add_argument("--short", action="store_true", help="shorter texts (for the REAL size on a CPU)")
@@ -141,30 +153,50 @@ def main() -> None:
     args = p.parse_args()
     directory = model_dir(args)
     print(f"model {directory}, text at {args.tps:g} tokens/s, {args.utterances} utterance(s) per session")
-    print("| lm | sessions | utts | first audio p50 s | p95 s | audio s / wall s | RTF p50 | underruns | LM calls/s "
-          "| requests per call | LM tokens/s | token2wav chunks per round | errors |")
+    print(
+        "| lm | sessions | utts | first audio p50 s | p95 s | audio s / wall s | RTF p50 | underruns | LM calls/s "
+        "| requests per call | LM tokens/s | token2wav chunks per round | errors |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     table: dict[str, list[dict]] = {}
     for mode in args.modes:
-        serve = ["--engine", "cosyvoice2", "--model-dir", directory, "--lm", mode, "--device", args.device,
-                 "--max-streams", str(max(args.sessions)), "--log-level", "warning", *args.server_args.split()]
+        serve = [
+            "--engine",
+            "cosyvoice2",
+            "--model-dir",
+            directory,
+            "--lm",
+            mode,
+            "--device",
+            args.device,
+            "--max-streams",
+            str(max(args.sessions)),
+            "--log-level",
+            "warning",
+            *args.server_args.split(),
+        ]
         with server_process(*serve) as (base, _pid):
             url = base.replace("http://", "ws://") + "/v1/tts/stream"
             asyncio.run(level(url, base, 1, argparse.Namespace(**{**vars(args), "utterances": 1})))  # warm-up
             for n in args.sessions:
                 r = asyncio.run(level(url, base, n, args))
                 table.setdefault(mode, []).append(r)
-                print(f"| {mode} | {n} | {r['utts']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['throughput']:.2f} | "
-                      f"{r['rtf']:.2f} | {r['underruns']} | {r['calls_s']:.1f} | {r['per_call']:.2f} | {r['tokens_s']:.1f} | {r['chunks_per_call']:.2f} | "
-                      f"{r['errors']} |", flush=True)
+                print(
+                    f"| {mode} | {n} | {r['utts']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['throughput']:.2f} | "
+                    f"{r['rtf']:.2f} | {r['underruns']} | {r['calls_s']:.1f} | {r['per_call']:.2f} | {r['tokens_s']:.1f} | {r['chunks_per_call']:.2f} | "
+                    f"{r['errors']} |",
+                    flush=True,
+                )
     print()
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
     for mode, rows in table.items():
         one, top = rows[0], rows[-1]
-        print(f"{mode}: {top['n']} sessions vs {one['n']}: first audio p95 x{top['p95'] / one['p95']:.2f}, "
-              f"audio throughput x{top['throughput'] / one['throughput']:.2f}, LM tokens/s "
-              f"x{top['tokens_s'] / one['tokens_s']:.2f}")
+        print(
+            f"{mode}: {top['n']} sessions vs {one['n']}: first audio p95 x{top['p95'] / one['p95']:.2f}, "
+            f"audio throughput x{top['throughput'] / one['throughput']:.2f}, LM tokens/s "
+            f"x{top['tokens_s'] / one['tokens_s']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -96,7 +96,11 @@ def main() -> None:
         print(f"{name:<8} {runs[0][1]:>8.2f} {med:>11.3f} {min(factors):>8.3f} {1 / med:>12.1f}")
 
     print(f"\n{'clause':<44} {'norm ms':>8} {'G2P ms':>7} {'model ms':>9} {'audio s':>8}")
-    for clause in ["Sure!", "I checked your calendar:", "which leaves every twenty minutes from the station."]:
+    for clause in [
+        "Sure!",
+        "I checked your calendar:",
+        "which leaves every twenty minutes from the station.",
+    ]:
         runs = sorted((breakdown(engine, clause) for _ in range(args.repeats)), key=lambda r: r[2])
         n, g, m, a = runs[len(runs) // 2]
         print(f"{clause[:40]!r:<44} {n * 1e3:>8.1f} {g * 1e3:>7.1f} {m * 1e3:>9.0f} {a:>8.2f}")
@@ -111,7 +115,9 @@ def main() -> None:
         medians = []
         for lead in (LeadConfig(enabled=False), LeadConfig()):
             engine.lead = lead
-            medians.append(statistics.median(first_audio(engine, first, rest) * 1000 for _ in range(args.repeats)))
+            medians.append(
+                statistics.median(first_audio(engine, first, rest) * 1000 for _ in range(args.repeats))
+            )
         print(f"{first[:34]!r:<34} {medians[0]:>18.0f} {medians[1]:>19.0f}")
 
 

@@ -45,9 +45,17 @@ def reduced_config() -> FlowConfig:
     """Same structure as the real model (8 instead of 56 transformer blocks, half the widths)."""
     return FlowConfig(
         input_size=256,
-        encoder=EncoderConfig(input_size=256, output_size=256, attention_heads=4, linear_units=1024, num_blocks=2,
-                              pre_lookahead_channels=256),
-        estimator=EstimatorConfig(channels=(128,), attention_head_dim=32, num_heads=4, n_blocks=1, num_mid_blocks=6),
+        encoder=EncoderConfig(
+            input_size=256,
+            output_size=256,
+            attention_heads=4,
+            linear_units=1024,
+            num_blocks=2,
+            pre_lookahead_channels=256,
+        ),
+        estimator=EstimatorConfig(
+            channels=(128,), attention_head_dim=32, num_heads=4, n_blocks=1, num_mid_blocks=6
+        ),
     )
 
 
@@ -66,9 +74,18 @@ def inputs(n_tokens: int, seed: int = 0):
 
 
 def recompute(flow, tokens, prompt, prompt_feat, emb, streaming=True, finalize=False, left_chunks=None):
-    return flow.inference(tokens, torch.tensor([tokens.shape[1]]), prompt, torch.tensor([prompt.shape[1]]),
-                          prompt_feat, torch.tensor([prompt_feat.shape[1]]), emb, streaming=streaming,
-                          finalize=finalize, left_chunks=left_chunks)
+    return flow.inference(
+        tokens,
+        torch.tensor([tokens.shape[1]]),
+        prompt,
+        torch.tensor([prompt.shape[1]]),
+        prompt_feat,
+        torch.tensor([prompt_feat.shape[1]]),
+        emb,
+        streaming=streaming,
+        finalize=finalize,
+        left_chunks=left_chunks,
+    )
 
 
 def _timed_emit(stream: FlowStream, hop: int, repeats: int) -> float:
@@ -142,7 +159,9 @@ def estimator_real(repeats: int = 2, with_full: bool = False) -> tuple[float, fl
     spks, t = torch.randn(2, 80, generator=g), torch.full((2,), 0.5)
 
     def chunk(cache, a):
-        return est.forward_chunk(x[..., a : a + 50], mu[..., a : a + 50], t, spks, cond[..., a : a + 50], cache)
+        return est.forward_chunk(
+            x[..., a : a + 50], mu[..., a : a + 50], t, spks, cond[..., a : a + 50], cache
+        )
 
     first = []
     for _ in range(repeats):
@@ -193,14 +212,28 @@ def estimator_onnx(threads: int, T: int = 50, repeats: int = 3) -> tuple[float, 
     est = CausalConditionalDecoder(EstimatorConfig()).eval()
     g = torch.Generator().manual_seed(0)
     names = ["x", "mask", "mu", "t", "spks", "cond"]
-    args = (torch.randn(2, 80, T, generator=g), torch.ones(2, 1, T), torch.randn(2, 80, T, generator=g),
-            torch.full((2,), 0.5), torch.randn(2, 80, generator=g), torch.randn(2, 80, T, generator=g))
+    args = (
+        torch.randn(2, 80, T, generator=g),
+        torch.ones(2, 1, T),
+        torch.randn(2, 80, T, generator=g),
+        torch.full((2,), 0.5),
+        torch.randn(2, 80, generator=g),
+        torch.randn(2, 80, T, generator=g),
+    )
     timed = {"torch": [], "onnxruntime": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/estimator.onnx"
         dyn = {n: {2: "T"} for n in ("x", "mask", "mu", "cond", "out")}
-        torch.onnx.export(_StreamingEstimator(est), args, path, input_names=names, output_names=["out"],
-                          dynamic_axes=dyn, opset_version=18, dynamo=False)
+        torch.onnx.export(
+            _StreamingEstimator(est),
+            args,
+            path,
+            input_names=names,
+            output_names=["out"],
+            dynamic_axes=dyn,
+            opset_version=18,
+            dynamo=False,
+        )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
@@ -243,26 +276,36 @@ def tiny_accuracy(windows=(1, 2, 4)) -> list[str]:
 
     base, base_last, base_bytes = run(None)
     offset = sum(hops)
-    lines = [f"tiny model, {n_tok} tokens + {n_prompt}-token prompt, hops {hops}, mel range "
-             f"[{base.min():.2f}, {base.max():.2f}], mel std {base.std():.3f}"]
+    lines = [
+        f"tiny model, {n_tok} tokens + {n_prompt}-token prompt, hops {hops}, mel range "
+        f"[{base.min():.2f}, {base.max():.2f}], mel std {base.std():.3f}"
+    ]
     official = recompute(flow, tokens, prompt, prompt_feat, emb, streaming=False, finalize=True)
     tail = official[:, :, 2 * offset :]
     d = (base_last - tail).abs()
-    lines.append(f"finish() vs official final full-attention pass (last {n_tok - offset} tokens): "
-                 f"max abs {d.max():.4f}, mean abs {d.mean():.4f}, rms {d.pow(2).mean().sqrt():.4f}")
+    lines.append(
+        f"finish() vs official final full-attention pass (last {n_tok - offset} tokens): "
+        f"max abs {d.max():.4f}, mean abs {d.mean():.4f}, rms {d.pow(2).mean().sqrt():.4f}"
+    )
     full_d = (base - official).abs()
-    lines.append(f"  (whole utterance, chunk-causal vs one full-attention pass: max abs {full_d.max():.4f}, "
-                 f"mean abs {full_d.mean():.4f})")
+    lines.append(
+        f"  (whole utterance, chunk-causal vs one full-attention pass: max abs {full_d.max():.4f}, "
+        f"mean abs {full_d.mean():.4f})"
+    )
     lines.append(f"cached state at the end, unbounded: {base_bytes / 1e6:.2f} MB")
     for lc in windows:
         mel, _, nbytes = run(lc)
         d = (mel - base).abs()
-        lines.append(f"left_chunks={lc}: max abs {d.max():.4f}, mean abs {d.mean():.5f} vs unbounded; "
-                     f"cached state {nbytes / 1e6:.2f} MB")
+        lines.append(
+            f"left_chunks={lc}: max abs {d.max():.4f}, mean abs {d.mean():.5f} vs unbounded; "
+            f"cached state {nbytes / 1e6:.2f} MB"
+        )
     mel, _, nbytes = run(None, torch.float16)
     d = (mel - base).abs()
-    lines.append(f"kv_dtype=float16 (no window): max abs {d.max():.5f}, mean abs {d.mean():.6f} vs float32 cache; "
-                 f"cached state {nbytes / 1e6:.2f} MB")
+    lines.append(
+        f"kv_dtype=float16 (no window): max abs {d.max():.5f}, mean abs {d.mean():.6f} vs float32 cache; "
+        f"cached state {nbytes / 1e6:.2f} MB"
+    )
     return lines
 
 
@@ -270,11 +313,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["reduced", "real"], default="reduced")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3, help="timings per point (minimum); recompute at 200/400 once")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timings per point (minimum); recompute at 200/400 once"
+    )
     ap.add_argument("--window", type=int, default=4, help="left_chunks for the windowed run")
     ap.add_argument("--skip-accuracy", action="store_true")
-    ap.add_argument("--onnx", action="store_true", help="also time the REAL estimator in onnxruntime (exports ~300 MB to a temp dir)")
-    ap.add_argument("--skip-recompute", action="store_true", help="ours only (the real-size recompute takes minutes)")
+    ap.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also time the REAL estimator in onnxruntime (exports ~300 MB to a temp dir)",
+    )
+    ap.add_argument(
+        "--skip-recompute", action="store_true", help="ours only (the real-size recompute takes minutes)"
+    )
     ap.add_argument("--skip-estimator-real", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -282,7 +333,9 @@ def main() -> None:
 
     cfg = reduced_config() if args.config == "reduced" else FlowConfig()
     flow = build(cfg)
-    print(f"config={args.config} threads={args.threads} torch={torch.__version__} float32, hop {HOP} tokens, no prompt")
+    print(
+        f"config={args.config} threads={args.threads} torch={torch.__version__} float32, hop {HOP} tokens, no prompt"
+    )
     t0 = time.perf_counter()
     with torch.no_grad():
         ours, nbytes = time_ours(flow, args.repeats)
@@ -292,28 +345,41 @@ def main() -> None:
         else:
             rec = time_recompute(flow, args.repeats if args.config == "reduced" else 1)
     print(f"timing section: {time.perf_counter() - t0:.1f} s", flush=True)
-    print(f"{'chunk ends at token':>20} {'ours (s)':>10} {f'ours lc={args.window}':>12} {'recompute (s)':>14} {'speed-up':>9}")
+    print(
+        f"{'chunk ends at token':>20} {'ours (s)':>10} {f'ours lc={args.window}':>12} {'recompute (s)':>14} {'speed-up':>9}"
+    )
     for n in POINTS:
         print(f"{n:>20} {ours[n]:>10.3f} {ours_w[n]:>12.3f} {rec[n]:>14.3f} {rec[n] / ours[n]:>8.1f}x")
     audio_s = POINTS[-1] / 25
-    print(f"cached state after {POINTS[-1]} tokens ({audio_s:.0f} s audio): unbounded {nbytes[POINTS[-1]] / 1e6:.1f} MB "
-          f"({nbytes[POINTS[-1]] / audio_s / 1e6:.2f} MB per s of audio); left_chunks={args.window}: "
-          f"{nbytes_w[POINTS[-1]] / 1e6:.1f} MB (bounded)")
+    print(
+        f"cached state after {POINTS[-1]} tokens ({audio_s:.0f} s audio): unbounded {nbytes[POINTS[-1]] / 1e6:.1f} MB "
+        f"({nbytes[POINTS[-1]] / audio_s / 1e6:.2f} MB per s of audio); left_chunks={args.window}: "
+        f"{nbytes_w[POINTS[-1]] / 1e6:.1f} MB (bounded)"
+    )
     real = FlowConfig()
-    print(f"REAL config, analytic cached state per second of audio (fp32): estimator "
-          f"{estimator_cache_bytes_per_second(real) / 1e6:.0f} MB (10 steps x 56 blocks x K,V x 2 CFG rows), "
-          f"encoder {encoder_cache_bytes_per_second(real) / 1e6:.2f} MB; with left_chunks=L the estimator keeps "
-          f"at most L+1 seconds of it", flush=True)
+    print(
+        f"REAL config, analytic cached state per second of audio (fp32): estimator "
+        f"{estimator_cache_bytes_per_second(real) / 1e6:.0f} MB (10 steps x 56 blocks x K,V x 2 CFG rows), "
+        f"encoder {encoder_cache_bytes_per_second(real) / 1e6:.2f} MB; with left_chunks=L the estimator keeps "
+        f"at most L+1 seconds of it",
+        flush=True,
+    )
 
     if not args.skip_estimator_real:
         first, last, full = estimator_real(with_full=args.config == "real")
-        print(f"REAL estimator, one Euler step (CFG batch 2): 50 new frames, first chunk {first:.3f} s; "
-              f"chunk ending at frame 800 with cache {last:.3f} s; full streaming pass over 800 frames "
-              f"{full:.2f} s  (x10 steps per chunk)", flush=True)
+        print(
+            f"REAL estimator, one Euler step (CFG batch 2): 50 new frames, first chunk {first:.3f} s; "
+            f"chunk ending at frame 800 with cache {last:.3f} s; full streaming pass over 800 frames "
+            f"{full:.2f} s  (x10 steps per chunk)",
+            flush=True,
+        )
     if args.onnx:
         t_torch, t_ort, err = estimator_onnx(args.threads)
-        print(f"REAL estimator, one streaming evaluation of 50 frames (CFG batch 2): torch {t_torch:.3f} s, "
-              f"onnxruntime {t_ort:.3f} s (max abs diff {err:.1e})", flush=True)
+        print(
+            f"REAL estimator, one streaming evaluation of 50 frames (CFG batch 2): torch {t_torch:.3f} s, "
+            f"onnxruntime {t_ort:.3f} s (max abs diff {err:.1e})",
+            flush=True,
+        )
     if not args.skip_accuracy:
         for line in tiny_accuracy():
             print(line)

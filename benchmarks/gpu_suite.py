@@ -35,14 +35,20 @@ def run(script: str, *script_args: str) -> None:
 
 
 def fmt(value: float, scale: float = 1.0, digits: int = 0) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * scale:.{digits}f}"
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value * scale:.{digits}f}"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="TINY directory, 1 and 2 sessions, a short LM run")
-    p.add_argument("--model-dir", default=None, help="an existing directory instead of writing a random REAL one")
+    p.add_argument(
+        "--model-dir", default=None, help="an existing directory instead of writing a random REAL one"
+    )
     args = p.parse_args()
     out = Path(tempfile.mkdtemp(prefix="gpu-suite-"))
     t0 = time.perf_counter()
@@ -50,40 +56,77 @@ def main() -> None:
     batches = ["1", "4"] if args.quick else ["1", "4", "8", "16", "32"]
     variants = "fp32,bf16" if args.device == "cpu" else "fp32,fp16,bf16"
     size = ["--model-dir", args.model_dir] if args.model_dir else ["--size", "tiny" if args.quick else "real"]
-    run("concurrency.py", *size, "--short", "--modes", "batched", "--device", args.device,
-        "--utterances", "1" if args.quick else "2", "--sessions", *sessions, "--json", str(out / "sessions.json"))
-    run("lm_decode.py", "--device", args.device, "--variants", variants, "--batches", *batches,
-        *(["--quick"] if args.quick else []), "--json", str(out / "lm.json"))
+    run(
+        "concurrency.py",
+        *size,
+        "--short",
+        "--modes",
+        "batched",
+        "--device",
+        args.device,
+        "--utterances",
+        "1" if args.quick else "2",
+        "--sessions",
+        *sessions,
+        "--json",
+        str(out / "sessions.json"),
+    )
+    run(
+        "lm_decode.py",
+        "--device",
+        args.device,
+        "--variants",
+        variants,
+        "--batches",
+        *batches,
+        *(["--quick"] if args.quick else []),
+        "--json",
+        str(out / "lm.json"),
+    )
 
     levels = json.loads((out / "sessions.json").read_text())["batched"]
     lm = json.loads((out / "lm.json").read_text())
     cols = [str(r["n"]) for r in levels]
-    print(f"\nGPU suite on {args.device}{' (quick)' if args.quick else ''}: {time.perf_counter() - t0:.0f} s\n")
+    print(
+        f"\nGPU suite on {args.device}{' (quick)' if args.quick else ''}: {time.perf_counter() - t0:.0f} s\n"
+    )
     print("| sessions | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
-    rows = [("first audio p50 ms", "p50", 1000, 0), ("first audio p95 ms", "p95", 1000, 0),
-            ("RTF per stream, p50", "rtf", 1, 2), ("underruns", "underruns", 1, 0),
-            ("audio s per wall s", "throughput", 1, 2), ("LM requests per step", "per_call", 1, 1),
-            ("token2wav chunks per round", "chunks_per_call", 1, 1), ("errors", "errors", 1, 0)]
+    rows = [
+        ("first audio p50 ms", "p50", 1000, 0),
+        ("first audio p95 ms", "p95", 1000, 0),
+        ("RTF per stream, p50", "rtf", 1, 2),
+        ("underruns", "underruns", 1, 0),
+        ("audio s per wall s", "throughput", 1, 2),
+        ("LM requests per step", "per_call", 1, 1),
+        ("token2wav chunks per round", "chunks_per_call", 1, 1),
+        ("errors", "errors", 1, 0),
+    ]
     for label, key, scale, digits in rows:
         print(f"| {label} | " + " | ".join(fmt(r[key], scale, digits) for r in levels) + " |")
     print("\n| LM batch | " + " | ".join(str(b["batch"]) for b in lm["batches"]) + " |")
     print("|---|" + "---|" * len(lm["batches"]))
-    print("| decode step ms, eager | " + " | ".join(fmt(b["ms_per_step"], 1, 1) for b in lm["batches"]) + " |")
+    print(
+        "| decode step ms, eager | " + " | ".join(fmt(b["ms_per_step"], 1, 1) for b in lm["batches"]) + " |"
+    )
     print("| decode step ms, CUDA graphs | " + " | ".join("not implemented" for _ in lm["batches"]) + " |")
     print("| speech tokens/s | " + " | ".join(fmt(b["tokens_s"], 1, 0) for b in lm["batches"]) + " |")
     print("\n| LM precision | logit error vs fp32, max / mean | top-1 agreement | decode ms/token |")
     print("|---|---|---|---|")
     for v in lm["variants"]:
-        print(f"| {v['variant']} | {v['logit_err_max']:.3g} / {v['logit_err_mean']:.3g} | {v['top1']:.0%} "
-              f"| {v['step_s'] * 1000:.1f} |")
+        print(
+            f"| {v['variant']} | {v['logit_err_max']:.3g} / {v['logit_err_mean']:.3g} | {v['top1']:.0%} "
+            f"| {v['step_s'] * 1000:.1f} |"
+        )
     by_n = {r["n"]: r for r in levels}
     if 8 in by_n and 16 in by_n:
         at8, at16 = by_n[8], by_n[16]
         ok = at8["p50"] <= 0.150 and at8["p95"] <= 0.300 and at16["underruns"] == 0
-        print(f"\nGPU goals (p50 <= 150 ms, p95 <= 300 ms at 8 sessions; no underrun at 16): "
-              f"p50 {at8['p50'] * 1000:.0f} ms, p95 {at8['p95'] * 1000:.0f} ms, underruns at 16: "
-              f"{at16['underruns']} -> {'met' if ok else 'NOT met'}")
+        print(
+            f"\nGPU goals (p50 <= 150 ms, p95 <= 300 ms at 8 sessions; no underrun at 16): "
+            f"p50 {at8['p50'] * 1000:.0f} ms, p95 {at8['p95'] * 1000:.0f} ms, underruns at 16: "
+            f"{at16['underruns']} -> {'met' if ok else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":

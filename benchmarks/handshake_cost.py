@@ -77,8 +77,9 @@ def main() -> None:
     print("|------------------------------|-------|---------|---------------|")
     servers = {
         "bare Starlette endpoint": lambda: http_process(lambda port: [__file__, "--serve-bare", str(port)]),
-        "realtime serve --engine tone": lambda: server_process("--engine", "tone", "--log-level", "warning",
-                                                               "--max-sessions", str(args.sessions + 10)),
+        "realtime serve --engine tone": lambda: server_process(
+            "--engine", "tone", "--log-level", "warning", "--max-sessions", str(args.sessions + 10)
+        ),
     }
     for label, start in servers.items():
         with start() as (base, pid):

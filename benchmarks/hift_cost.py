@@ -50,10 +50,14 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    print(f"HiFT REAL config ({sum(p.numel() for p in model.parameters()):,} params), fp32, "
-          f"{args.threads} thread(s), device {device}, median of {args.repeats}; "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'mel frames':>10} {'audio s':>8} {'weight-norm s':>14} {'folded s':>9} {'source s':>9} {'RTF folded':>10}")
+    print(
+        f"HiFT REAL config ({sum(p.numel() for p in model.parameters()):,} params), fp32, "
+        f"{args.threads} thread(s), device {device}, median of {args.repeats}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'mel frames':>10} {'audio s':>8} {'weight-norm s':>14} {'folded s':>9} {'source s':>9} {'RTF folded':>10}"
+    )
     for n in frames:
         mel = torch.randn(1, 80, n, device=device)
         gen = torch.Generator(device=device).manual_seed(0)

@@ -27,9 +27,16 @@ parser.add_argument("--quick", action="store_true", help="fewer tokens and repea
 parser.add_argument("--variants", default="fp32,int8,bf16", help="comma list of fp32, int8, bf16")
 parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: fp32/fp16/bf16 only)")
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--json", default=None, help="also write the tables to this file (the GPU suite reads it)")
-parser.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8, 16],
-                    help="batched decode: requests stepped together by the LM stage's packed forward")
+parser.add_argument(
+    "--json", default=None, help="also write the tables to this file (the GPU suite reads it)"
+)
+parser.add_argument(
+    "--batches",
+    type=int,
+    nargs="*",
+    default=[1, 4, 8, 16],
+    help="batched decode: requests stepped together by the LM stage's packed forward",
+)
 args = parser.parse_args()
 os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 os.environ.setdefault("MKL_NUM_THREADS", str(args.threads))
@@ -185,9 +192,12 @@ def main() -> None:
     repeats = 1 if args.quick else 3
     order = ["fp32", "int8", "bf16", "fp16"]  # int8 quantizes the fp32 weights; bf16/fp16 cast in place
     variants = sorted({v.strip() for v in args.variants.split(",") if v.strip()}, key=order.index)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {DEVICE}, "
-          f"decode steps {n_decode}, repeats {repeats}, load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {DEVICE}, "
+        f"decode steps {n_decode}, repeats {repeats}, load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     t = time.perf_counter()
     fp32 = build_random_real_lm(args.seed)
@@ -225,33 +235,71 @@ def main() -> None:
         top1 = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
         prefill, prefill_cpu, step, step_cpu = prefill_and_decode(model, n_decode, repeats)
         first15, first15_cpu = bistream_first_tokens(model, 15, 30.0, repeats)
-        rows.append((name, prefill, prefill_cpu, step, step_cpu, first15, first15_cpu, err.max().item(),
-                     err.mean().item(), top1))
-        print(f"  {name}: prefill+1st {prefill:.3f} s (cpu {prefill_cpu:.3f}), {step * 1000:.1f} ms/token "
-              f"(cpu {step_cpu * 1000:.1f}), first 15 (bistream) "
-              f"{first15:.2f} s (cpu {first15_cpu:.2f}), logit err max {err.max().item():.3g}", flush=True)
+        rows.append(
+            (
+                name,
+                prefill,
+                prefill_cpu,
+                step,
+                step_cpu,
+                first15,
+                first15_cpu,
+                err.max().item(),
+                err.mean().item(),
+                top1,
+            )
+        )
+        print(
+            f"  {name}: prefill+1st {prefill:.3f} s (cpu {prefill_cpu:.3f}), {step * 1000:.1f} ms/token "
+            f"(cpu {step_cpu * 1000:.1f}), first 15 (bistream) "
+            f"{first15:.2f} s (cpu {first15_cpu:.2f}), logit err max {err.max().item():.3g}",
+            flush=True,
+        )
         if name == "int8":
             del model
 
     print()
-    print("| variant | prefill+1st token, 20 text: wall (cpu) s | decode ms/token, median: wall (cpu) | "
-          "bistream first 15 tokens @30 text tok/s: wall (cpu) s | logit err vs fp32 max / mean | top-1 agree |")
+    print(
+        "| variant | prefill+1st token, 20 text: wall (cpu) s | decode ms/token, median: wall (cpu) | "
+        "bistream first 15 tokens @30 text tok/s: wall (cpu) s | logit err vs fp32 max / mean | top-1 agree |"
+    )
     print("|---|---|---|---|---|---|")
     for name, prefill, prefill_cpu, step, step_cpu, first15, first15_cpu, emax, emean, top1 in rows:
-        print(f"| {name} | {prefill:.3f} ({prefill_cpu:.3f}) | {step * 1000:.1f} ({step_cpu * 1000:.1f}) "
-              f"| {first15:.2f} ({first15_cpu:.2f}) | {emax:.3g} / {emean:.3g} "
-              f"| {top1:.0%} |")
+        print(
+            f"| {name} | {prefill:.3f} ({prefill_cpu:.3f}) | {step * 1000:.1f} ({step_cpu * 1000:.1f}) "
+            f"| {first15:.2f} ({first15_cpu:.2f}) | {emax:.3g} / {emean:.3g} "
+            f"| {top1:.0%} |"
+        )
     if args.json:
-        keys = ("variant", "prefill_s", "prefill_cpu_s", "step_s", "step_cpu_s", "first15_s", "first15_cpu_s",
-                "logit_err_max", "logit_err_mean", "top1")
-        Path(args.json).write_text(json.dumps({"batches": batches, "variants": [dict(zip(keys, r, strict=True))
-                                                                                 for r in rows]}, indent=1))
-    print(f"(fp32 logits: std {ref_logits.std().item():.3g}, range {ref_logits.min().item():.3g}.."
-          f"{ref_logits.max().item():.3g}; random weights, so errors are indicative only)")
-    print("cpu = this thread's CPU time (1 intra-op thread), i.e. the cost on an otherwise idle core; "
-          "first-15 wall includes waiting for the first 5 text tokens (0.17 s at 30/s)")
-    print("\nofficial reference (fp32, 1 thread, same machine class): prefill+1st 1.36 s, 236-253 ms/token "
-          "(174 ms without the unused lm_head), first 25 tokens 7.1 s")
+        keys = (
+            "variant",
+            "prefill_s",
+            "prefill_cpu_s",
+            "step_s",
+            "step_cpu_s",
+            "first15_s",
+            "first15_cpu_s",
+            "logit_err_max",
+            "logit_err_mean",
+            "top1",
+        )
+        Path(args.json).write_text(
+            json.dumps(
+                {"batches": batches, "variants": [dict(zip(keys, r, strict=True)) for r in rows]}, indent=1
+            )
+        )
+    print(
+        f"(fp32 logits: std {ref_logits.std().item():.3g}, range {ref_logits.min().item():.3g}.."
+        f"{ref_logits.max().item():.3g}; random weights, so errors are indicative only)"
+    )
+    print(
+        "cpu = this thread's CPU time (1 intra-op thread), i.e. the cost on an otherwise idle core; "
+        "first-15 wall includes waiting for the first 5 text tokens (0.17 s at 30/s)"
+    )
+    print(
+        "\nofficial reference (fp32, 1 thread, same machine class): prefill+1st 1.36 s, 236-253 ms/token "
+        "(174 ms without the unused lm_head), first 25 tokens 7.1 s"
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def paced_session(url: str, words: int, delays: list[float], errors: list[str], start_after: float = 0.0) -> None:
+async def paced_session(
+    url: str, words: int, delays: list[float], errors: list[str], start_after: float = 0.0
+) -> None:
     from websockets.asyncio.client import connect
 
     await asyncio.sleep(start_after)
@@ -113,9 +115,15 @@ async def main_async(args, url: str, pid: int) -> None:
     # warm-up, not measured: the first burst after start-up also pays one-off costs (new memory
     # arenas, code paths run for the first time) that a running service has paid long ago
     await asyncio.gather(*(paced_session(url, 5, [], []) for _ in range(n_idle)))
-    print(f"tone engine, PCM s16 24 kHz, {args.frame_ms} ms frames, pacing realtime, {args.seconds:g} s of audio per session")
-    print("| sessions | start over s | frames  | client delay p50 ms | p99 ms | max ms | server send p99 ms | server > 20 ms | errors |")
-    print("|----------|--------------|---------|---------------------|--------|--------|--------------------|----------------|--------|")
+    print(
+        f"tone engine, PCM s16 24 kHz, {args.frame_ms} ms frames, pacing realtime, {args.seconds:g} s of audio per session"
+    )
+    print(
+        "| sessions | start over s | frames  | client delay p50 ms | p99 ms | max ms | server send p99 ms | server > 20 ms | errors |"
+    )
+    print(
+        "|----------|--------------|---------|---------------------|--------|--------|--------------------|----------------|--------|"
+    )
     words = int(args.seconds / 0.2)
     base = url.replace("ws://", "http://").rsplit("/v1/", 1)[0]
     for n in args.sessions:
@@ -125,9 +133,12 @@ async def main_async(args, url: str, pid: int) -> None:
             before = lateness_buckets(base)
             await asyncio.gather(*(paced_session(url, words, delays, errors, k * ramp / n) for k in range(n)))
             p99_bucket, late_share = server_lateness(before, lateness_buckets(base))
-            print(f"| {n:>8} | {ramp:>12g} | {len(delays):>7} | {pct(delays, 50) * 1000:>19.1f} | "
-                  f"{pct(delays, 99) * 1000:>6.1f} | {max(delays) * 1000 if delays else float('nan'):>6.1f} | "
-                  f"{p99_bucket:>18} | {late_share:>13.2f}% | {len(errors):>6} |", flush=True)
+            print(
+                f"| {n:>8} | {ramp:>12g} | {len(delays):>7} | {pct(delays, 50) * 1000:>19.1f} | "
+                f"{pct(delays, 99) * 1000:>6.1f} | {max(delays) * 1000 if delays else float('nan'):>6.1f} | "
+                f"{p99_bucket:>18} | {late_share:>13.2f}% | {len(errors):>6} |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -135,12 +146,27 @@ def main() -> None:
     p.add_argument("--sessions", type=int, nargs="+", default=[50, 200])
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--frame-ms", type=int, default=20, help="server --frame-ms")
-    p.add_argument("--ramp", type=float, nargs="+", default=[0.0, 1.0],
-                   help="start the sessions evenly over this many seconds; 0 = all in the same instant (the worst case)")
+    p.add_argument(
+        "--ramp",
+        type=float,
+        nargs="+",
+        default=[0.0, 1.0],
+        help="start the sessions evenly over this many seconds; 0 = all in the same instant (the worst case)",
+    )
     args = p.parse_args()
     n = max(args.sessions)
-    with server_process("--engine", "tone", "--max-streams", str(n), "--max-sessions", str(2 * n + 10),
-                        "--frame-ms", str(args.frame_ms), "--log-level", "warning") as (base, pid):
+    with server_process(
+        "--engine",
+        "tone",
+        "--max-streams",
+        str(n),
+        "--max-sessions",
+        str(2 * n + 10),
+        "--frame-ms",
+        str(args.frame_ms),
+        "--log-level",
+        "warning",
+    ) as (base, pid):
         asyncio.run(main_async(args, base.replace("http://", "ws://") + "/v1/tts/stream", pid))
 
 

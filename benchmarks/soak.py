@@ -81,7 +81,7 @@ async def normal_session(url: str, rng: random.Random, args, tally: Tally) -> fl
     from websockets.exceptions import ConnectionClosed
 
     text = rng.choice(ANSWERS)
-    pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+    pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
     fate = rng.choices(["end", "cancel", "vanish"], weights=[70, 20, 10])[0]
     stop_at = rng.randrange(1, len(pieces) + 1)
     try:
@@ -183,8 +183,12 @@ def _upgrade(port: int, rcvbuf: int | None = None) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /v1/tts/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    s.sendall(
+        (
+            f"GET /v1/tts/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     buf = b""
     while b"\r\n\r\n" not in buf:
         buf += s.recv(1)
@@ -195,8 +199,13 @@ def _frame(payload: bytes, opcode: int = 0x1) -> bytes:
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     n = len(payload)
-    length = (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 65536
-              else bytes([0x80 | 127]) + n.to_bytes(8, "big"))
+    length = (
+        bytes([0x80 | n])
+        if n < 126
+        else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        if n < 65536
+        else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    )
     return bytes([0x80 | opcode]) + length + mask + masked
 
 
@@ -302,10 +311,36 @@ async def silent(url: str, tally: Tally) -> float:
 # -- fuzzing ----------------------------------------------------------------------------------------
 def fuzz_frame(rng: random.Random) -> str | bytes:
     def weird_value():
-        return rng.choice([
-            None, True, False, 0, -0, 1, -1, 0.5, 1e308, -1e308, 2**53, -(2**63), "", "x" * rng.randrange(200),
-            [], {}, [1, [2]], {"a": {"b": 1}}, "\ud800", "joe", "opus", "mulaw", "zero_shot", 8000, 44100, 48000,
-        ])
+        return rng.choice(
+            [
+                None,
+                True,
+                False,
+                0,
+                -0,
+                1,
+                -1,
+                0.5,
+                1e308,
+                -1e308,
+                2**53,
+                -(2**63),
+                "",
+                "x" * rng.randrange(200),
+                [],
+                {},
+                [1, [2]],
+                {"a": {"b": 1}},
+                "\ud800",
+                "joe",
+                "opus",
+                "mulaw",
+                "zero_shot",
+                8000,
+                44100,
+                48000,
+            ]
+        )
 
     kind = rng.randrange(10)
     if kind == 0:
@@ -318,13 +353,33 @@ def fuzz_frame(rng: random.Random) -> str | bytes:
     if kind == 3:
         return '{"type": "start", "speed": ' + "9" * rng.randrange(16, 6000) + "}"
     if kind == 4:
-        return '{"type": "text", "text": "a\\ud800b", "context_id": "' + rng.choice(["\\udfff", "ok", ""]) + '"}'
+        return (
+            '{"type": "text", "text": "a\\ud800b", "context_id": "' + rng.choice(["\\udfff", "ok", ""]) + '"}'
+        )
     if kind == 5:
-        return rng.choice(["NaN", "Infinity", '{"type":"start","speed":NaN}', '{"type":"start","sample_rate":-0}'])
+        return rng.choice(
+            ["NaN", "Infinity", '{"type":"start","speed":NaN}', '{"type":"start","sample_rate":-0}']
+        )
     msg: dict = {"type": rng.choice(["start", "text", "flush", "end", "cancel", "dance", 7, None])}
-    for key in rng.sample(["text", "context_id", "voice", "speed", "format", "sample_rate", "container",
-                           "pacing", "audio_transport", "mode", "seed", "token_hop_len", "prompt_audio", "bogus"],
-                          rng.randrange(0, 5)):
+    for key in rng.sample(
+        [
+            "text",
+            "context_id",
+            "voice",
+            "speed",
+            "format",
+            "sample_rate",
+            "container",
+            "pacing",
+            "audio_transport",
+            "mode",
+            "seed",
+            "token_hop_len",
+            "prompt_audio",
+            "bogus",
+        ],
+        rng.randrange(0, 5),
+    ):
         msg[key] = weird_value()
     if rng.random() < 0.5 and msg["type"] == "text":
         msg["text"] = rng.choice(["hi ", "", "word " * rng.randrange(1, 30), "😀 ", "x"])
@@ -439,8 +494,14 @@ async def run(args, base: str, pid: int) -> Tally:
     # refused for capacity has nothing to send and is closed as idle.
     stall_limit = max(args.send_timeout, args.idle_timeout) + args.close_timeout + 2
     jobs = [watch_health(base, pid, deadline, tally)]
-    jobs += [cycle(deadline, normal_session, url, random.Random(rng.random()), args, tally) for _ in range(args.sessions)]
-    jobs += [cycle(deadline, lambda: asyncio.to_thread(never_reads, port, stall_limit, tally)) for _ in range(args.faulty)]
+    jobs += [
+        cycle(deadline, normal_session, url, random.Random(rng.random()), args, tally)
+        for _ in range(args.sessions)
+    ]
+    jobs += [
+        cycle(deadline, lambda: asyncio.to_thread(never_reads, port, stall_limit, tally))
+        for _ in range(args.faulty)
+    ]
     jobs += [cycle(deadline, slow_reader, url, tally) for _ in range(args.faulty)]
     jobs += [cycle(deadline, vanisher, url, tally) for _ in range(args.faulty)]
     jobs += [cycle(deadline, hog, url, args.max_contexts, tally) for _ in range(args.faulty)]
@@ -458,31 +519,47 @@ async def run(args, base: str, pid: int) -> Tally:
 def report(args, tally: Tally) -> None:
     o = tally.outcomes
     seconds = args.seconds if args.seconds is not None else args.minutes * 60
-    print(f"{args.sessions} sessions + {args.faulty} of each faulty client for {seconds:g} s, engine {args.engine}, "
-          f"text at {args.tps:g} tokens/s")
+    print(
+        f"{args.sessions} sessions + {args.faulty} of each faulty client for {seconds:g} s, engine {args.engine}, "
+        f"text at {args.tps:g} tokens/s"
+    )
     print("| outcome | count |\n|---|---|")
     for key in ("done", "cancelled", "vanished", "overloaded at admission", "errored"):
         print(f"| {key} | {o.get(key, 0)} |")
-    for key in sorted(k for k in o if k not in ("done", "cancelled", "vanished", "overloaded at admission", "errored")):
+    for key in sorted(
+        k for k in o if k not in ("done", "cancelled", "vanished", "overloaded at admission", "errored")
+    ):
         print(f"| {key} | {o[key]} |")
     print()
     ttfa = tally.ttfa
     print("| check | value |\n|---|---|")
     print(f"| first audio p50 / p95 (s) | {percentile(ttfa, 50):.2f} / {percentile(ttfa, 95):.2f} |")
-    print(f"| audio bytes == done stats | {tally.audio_checked - tally.audio_mismatch} of {tally.audio_checked} |")
+    print(
+        f"| audio bytes == done stats | {tally.audio_checked - tally.audio_mismatch} of {tally.audio_checked} |"
+    )
     print(f"| fuzzed frames / untyped answers | {tally.fuzz_frames} / {tally.fuzz_untyped} |")
     stalls = tally.stalls
-    print(f"| never-reading sockets cut off / left open | {len(stalls)} / {tally.stalls_open} "
-          f"(cut after median {statistics.median(stalls) if stalls else float('nan'):.1f} s, max "
-          f"{max(stalls) if stalls else float('nan'):.1f} s; send + close timeout {args.send_timeout + args.close_timeout:g} s, "
-          f"idle + close {args.idle_timeout + args.close_timeout:g} s) |")
-    print(f"| /health answered / failed (slowest ms) | {tally.health_ok} / {tally.health_failed} ({tally.health_max_ms:.0f}) |")
+    print(
+        f"| never-reading sockets cut off / left open | {len(stalls)} / {tally.stalls_open} "
+        f"(cut after median {statistics.median(stalls) if stalls else float('nan'):.1f} s, max "
+        f"{max(stalls) if stalls else float('nan'):.1f} s; send + close timeout {args.send_timeout + args.close_timeout:g} s, "
+        f"idle + close {args.idle_timeout + args.close_timeout:g} s) |"
+    )
+    print(
+        f"| /health answered / failed (slowest ms) | {tally.health_ok} / {tally.health_failed} ({tally.health_max_ms:.0f}) |"
+    )
     s, e = tally.start, tally.end  # type: ignore[attr-defined]
     warm = next((kib for t, kib in tally.rss if t >= seconds / 4), s["VmRSS"])  # after a quarter of the run
-    print(f"| server RSS MiB: idle start / after warm-up (¼ of the run) / end / max | {s['VmRSS'] / 1024:.1f} / "
-          f"{warm / 1024:.1f} / {e['VmRSS'] / 1024:.1f} / {max([k for _, k in tally.rss] + [e['VmRSS']]) / 1024:.1f} "
-          f"(end vs warm-up {(e['VmRSS'] / warm - 1) * 100:+.1f} %) |")
-    print("| server RSS MiB every 5 s, then at the end | " + " ".join(f"{k / 1024:.0f}" for _, k in tally.rss) + " |")
+    print(
+        f"| server RSS MiB: idle start / after warm-up (¼ of the run) / end / max | {s['VmRSS'] / 1024:.1f} / "
+        f"{warm / 1024:.1f} / {e['VmRSS'] / 1024:.1f} / {max([k for _, k in tally.rss] + [e['VmRSS']]) / 1024:.1f} "
+        f"(end vs warm-up {(e['VmRSS'] / warm - 1) * 100:+.1f} %) |"
+    )
+    print(
+        "| server RSS MiB every 5 s, then at the end | "
+        + " ".join(f"{k / 1024:.0f}" for _, k in tally.rss)
+        + " |"
+    )
     print(f"| server threads start → end | {s['Threads']} → {e['Threads']} |")
     print(f"| server open sockets start → end | {s['sockets']} → {e['sockets']} |")
     for p in tally.problems:
@@ -507,10 +584,25 @@ def main() -> None:
     p.add_argument("--max-contexts", type=int, default=8, help="server --max-contexts")
     p.add_argument("--server-args", default="", help="more arguments for realtime serve")
     args = p.parse_args()
-    serve = ["--engine", args.engine, "--log-level", "warning", "--send-timeout", str(args.send_timeout),
-             "--close-timeout", str(args.close_timeout), "--idle-timeout", str(args.idle_timeout),
-             "--context-idle-timeout", str(args.context_idle_timeout), "--max-contexts", str(args.max_contexts),
-             "--max-sessions", str(args.sessions + 8 * args.faulty + args.fuzzers + 20), *args.server_args.split()]
+    serve = [
+        "--engine",
+        args.engine,
+        "--log-level",
+        "warning",
+        "--send-timeout",
+        str(args.send_timeout),
+        "--close-timeout",
+        str(args.close_timeout),
+        "--idle-timeout",
+        str(args.idle_timeout),
+        "--context-idle-timeout",
+        str(args.context_idle_timeout),
+        "--max-contexts",
+        str(args.max_contexts),
+        "--max-sessions",
+        str(args.sessions + 8 * args.faulty + args.fuzzers + 20),
+        *args.server_args.split(),
+    ]
     with server_process(*serve) as (base, pid):
         tally = asyncio.run(run(args, base, pid))
     report(args, tally)

@@ -43,19 +43,20 @@ class Result:
 
 
 def deltas(text: str, chars: int = 4) -> list[str]:
-    return [text[i:i + chars] for i in range(0, len(text), chars)]
+    return [text[i : i + chars] for i in range(0, len(text), chars)]
 
 
 def clause_end(text: str) -> int:
     """Index just after the first clause: a punctuation mark after at least three words."""
     for m in CLAUSE.finditer(text):
-        if len(text[:m.start()].split()) >= 3:
+        if len(text[: m.start()].split()) >= 3:
             return m.start() + 1
     return len(text)
 
 
-async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, headers: dict,
-                        show_underruns: bool = False) -> Result:
+async def one_utterance(
+    url: str, text: str, tps: float, fmt: str, whole: bool, headers: dict, show_underruns: bool = False
+) -> Result:
     from websockets.asyncio.client import connect
 
     from realtime.audio.formats import SAMPLE_BYTES
@@ -102,8 +103,10 @@ async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, 
                 at = player.audio_s
                 dry = player.receive(len(msg), now)
                 if dry and show_underruns:
-                    print(f"  underrun: {dry * 1000:.0f} ms at {at:.2f} s of audio, {now - t0:.2f} s after the "
-                          f"first delta: {text[:40]!r}")
+                    print(
+                        f"  underrun: {dry * 1000:.0f} ms at {at:.2f} s of audio, {now - t0:.2f} s after the "
+                        f"first delta: {text[:40]!r}"
+                    )
                 continue
             m = json.loads(msg)
             if m["type"] == "error":
@@ -122,13 +125,17 @@ async def one_utterance(url: str, text: str, tps: float, fmt: str, whole: bool, 
     return res
 
 
-async def run_level(url: str, sessions: int, utterances: int, args, whole: bool, headers: dict) -> list[Result]:
+async def run_level(
+    url: str, sessions: int, utterances: int, args, whole: bool, headers: dict
+) -> list[Result]:
     results: list[Result] = []
 
     async def worker(k: int) -> None:
         for i in range(utterances):
             text = ANSWERS[(k * 3 + i) % len(ANSWERS)]
-            results.append(await one_utterance(url, text, args.tps, args.format, whole, headers, args.show_underruns))
+            results.append(
+                await one_utterance(url, text, args.tps, args.format, whole, headers, args.show_underruns)
+            )
 
     await asyncio.gather(*(worker(k) for k in range(sessions)))
     return results
@@ -140,10 +147,12 @@ def row(label: str, sessions: int, res: list[Result]) -> str:
     rtfs = [r.rtf for r in res if r.rtf is not None]
     errors = sum(len(r.errors) for r in res)
     overloaded = sum(1 for r in res for e in r.errors if e.startswith("overloaded"))
-    return (f"| {label:<11} | {sessions:>8} | {len(res):>5} | {pct(ttfa, 50):>9.0f} | {pct(ttfa, 95):>9.0f} | "
-            f"{pct(clause, 50):>10.0f} | {pct(clause, 95):>10.0f} | {sum(r.underruns for r in res):>9} | "
-            f"{sum(r.stall_ms for r in res):>8.0f} | {statistics.mean(rtfs) if rtfs else float('nan'):>5.2f} | "
-            f"{errors:>6} | {overloaded:>10} |")
+    return (
+        f"| {label:<11} | {sessions:>8} | {len(res):>5} | {pct(ttfa, 50):>9.0f} | {pct(ttfa, 95):>9.0f} | "
+        f"{pct(clause, 50):>10.0f} | {pct(clause, 95):>10.0f} | {sum(r.underruns for r in res):>9} | "
+        f"{sum(r.stall_ms for r in res):>8.0f} | {statistics.mean(rtfs) if rtfs else float('nan'):>5.2f} | "
+        f"{errors:>6} | {overloaded:>10} |"
+    )
 
 
 @contextlib.contextmanager
@@ -159,10 +168,16 @@ def local_server(args):
 
 async def main_async(args, url: str) -> None:
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    print(f"engine={args.engine} format={args.format} text at {args.tps:g} tokens/s (4 chars/token), "
-          f"{args.utterances} utterances per session")
-    print("| path        | sessions | utts  | ttfa p50  | ttfa p95  | clause p50 | clause p95 | underruns | stall ms | rtf   | errors | overloaded |")
-    print("|-------------|----------|-------|-----------|-----------|------------|------------|-----------|----------|-------|--------|------------|")
+    print(
+        f"engine={args.engine} format={args.format} text at {args.tps:g} tokens/s (4 chars/token), "
+        f"{args.utterances} utterances per session"
+    )
+    print(
+        "| path        | sessions | utts  | ttfa p50  | ttfa p95  | clause p50 | clause p95 | underruns | stall ms | rtf   | errors | overloaded |"
+    )
+    print(
+        "|-------------|----------|-------|-----------|-----------|------------|------------|-----------|----------|-------|--------|------------|"
+    )
     await run_level(url, 1, 1, args, False, headers)  # warm-up (first-use costs are not latency)
     for n in args.sweep:
         per = max(1, args.utterances // n) if n > 1 else args.utterances
@@ -171,20 +186,28 @@ async def main_async(args, url: str) -> None:
         if args.compare_whole:
             res = await run_level(url, n, per, args, True, headers)
             print(row("whole-text", n, res), flush=True)
-    print("ttfa: first text delta sent → first audio byte; clause: delta completing the first clause → first audio "
-          "(whole-text: full text sent → first audio); underruns/stall: a player starting at the first byte runs dry")
+    print(
+        "ttfa: first text delta sent → first audio byte; clause: delta completing the first clause → first audio "
+        "(whole-text: full text sent → first audio); underruns/stall: a player starting at the first byte runs dry"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=None, help="WebSocket URL of a running server (default: start one in-process)")
+    p.add_argument(
+        "--url", default=None, help="WebSocket URL of a running server (default: start one in-process)"
+    )
     p.add_argument("--token", default=None)
     p.add_argument("--engine", default="piper", choices=("piper", "cosyvoice2", "tone"))
     p.add_argument("--model-dir", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-streams", type=int, default=None,
-                   help="server --max-streams (default: the engine's own capacity; sessions beyond it are refused "
-                        "with 'overloaded' and counted under errors)")
+    p.add_argument(
+        "--max-streams",
+        type=int,
+        default=None,
+        help="server --max-streams (default: the engine's own capacity; sessions beyond it are refused "
+        "with 'overloaded' and counted under errors)",
+    )
     p.add_argument("--format", default="pcm_s16le", choices=("pcm_s16le", "pcm_f32le", "mulaw", "alaw"))
     p.add_argument("--tps", type=float, default=30.0, help="LLM tokens per second")
     p.add_argument("--utterances", type=int, default=20)

@@ -47,18 +47,32 @@ _LM_PROMPT_TEXT = ("prompt_text", "prompt_text_len")
 class CosyVoice2:
     """A CosyVoice2-0.5B model directory, loaded once and shared by every request."""
 
-    def __init__(self, model_dir: str | Path, load_jit: bool = False, load_trt: bool = False,
-                 load_vllm: bool = False, fp16: bool = False, trt_concurrent: int = 1,
-                 device: str | torch.device = "cpu", *, seed: int | None = None,
-                 dtype: str | None = None, max_token_ratio: float = 20.0, min_tokens: int = 50,
-                 left_chunks: int | None = None, lm: str = "batched"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        load_jit: bool = False,
+        load_trt: bool = False,
+        load_vllm: bool = False,
+        fp16: bool = False,
+        trt_concurrent: int = 1,
+        device: str | torch.device = "cpu",
+        *,
+        seed: int | None = None,
+        dtype: str | None = None,
+        max_token_ratio: float = 20.0,
+        min_tokens: int = 50,
+        left_chunks: int | None = None,
+        lm: str = "batched",
+    ):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
             if flag:
                 log.warning("%s=True ignored: this implementation has no JIT/TensorRT/vLLM path", name)
         self.model_dir = ModelDir(model_dir)
         missing = self.model_dir.missing()
         if missing:
-            raise FileNotFoundError(f"{self.model_dir.root} is not a CosyVoice2 model directory: missing {missing}")
+            raise FileNotFoundError(
+                f"{self.model_dir.root} is not a CosyVoice2 model directory: missing {missing}"
+            )
         device = resolve_device(device)
         self.fp16 = bool(fp16) and device.type == "cuda"
         if fp16 and not self.fp16:
@@ -67,12 +81,21 @@ class CosyVoice2:
         # ``dtype`` (fp32 / fp16 / bf16, the LM's precision) is ours; ``fp16`` is the official switch.
         dtype = dtype or ("fp16" if self.fp16 else "fp32")
         self.model = CosyVoice2Model.from_model_dir(
-            self.model_dir, dtype=dtype, device=device, left_chunks=left_chunks,
-            cap=TokenCap(ratio=max_token_ratio, floor=min_tokens), lm=lm)
+            self.model_dir,
+            dtype=dtype,
+            device=device,
+            left_chunks=left_chunks,
+            cap=TokenCap(ratio=max_token_ratio, floor=min_tokens),
+            lm=lm,
+        )
         spk2info = self.model_dir.root / "spk2info.pt"
         self.frontend = CosyVoiceFrontEnd(
-            CosyVoice2Tokenizer(self.model_dir.qwen_dir), self.model_dir.campplus_onnx,
-            self.model_dir.speech_tokenizer_onnx, spk2info if spk2info.is_file() else None, device=device)
+            CosyVoice2Tokenizer(self.model_dir.qwen_dir),
+            self.model_dir.campplus_onnx,
+            self.model_dir.speech_tokenizer_onnx,
+            spk2info if spk2info.is_file() else None,
+            device=device,
+        )
         self.sample_rate = self.model.sample_rate
         self._spk_lock = threading.Lock()
         self._spk_path = spk2info
@@ -130,7 +153,11 @@ class CosyVoice2:
         path = self._spk_path
         with self._spk_lock, open(path.with_name(path.name + ".lock"), "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            on_disk = torch.load(path, map_location=self.frontend.device, weights_only=True) if path.is_file() else {}
+            on_disk = (
+                torch.load(path, map_location=self.frontend.device, weights_only=True)
+                if path.is_file()
+                else {}
+            )
             if new is not None and new[0] in on_disk:
                 raise KeyError(new[0])
             merged = {**on_disk, **self.frontend.spk2info, **dict([new] if new else [])}
@@ -151,15 +178,30 @@ class CosyVoice2:
 
     # ------------------------------------------------------------------------------ modes
 
-    def inference_sft(self, tts_text: Text, spk_id: str, stream: bool = False, speed: float = 1.0,
-                      text_frontend: bool = True, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+    def inference_sft(
+        self,
+        tts_text: Text,
+        spk_id: str,
+        stream: bool = False,
+        speed: float = 1.0,
+        text_frontend: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         prompt = self.frontend.frontend_sft("", spk_id)
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
-    def inference_zero_shot(self, tts_text: Text, prompt_text: str, prompt_wav: PromptWav | None,
-                            zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
-                            text_frontend: bool = True, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+    def inference_zero_shot(
+        self,
+        tts_text: Text,
+        prompt_text: str,
+        prompt_wav: PromptWav | None,
+        zero_shot_spk_id: str = "",
+        stream: bool = False,
+        speed: float = 1.0,
+        text_frontend: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         prompt = self._prompt(prompt_wav, zero_shot_spk_id)
         if not zero_shot_spk_id:
             normalized = self.frontend.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
@@ -167,18 +209,33 @@ class CosyVoice2:
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
-    def inference_cross_lingual(self, tts_text: Text, prompt_wav: PromptWav | None, zero_shot_spk_id: str = "",
-                                stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
-                                **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+    def inference_cross_lingual(
+        self,
+        tts_text: Text,
+        prompt_wav: PromptWav | None,
+        zero_shot_spk_id: str = "",
+        stream: bool = False,
+        speed: float = 1.0,
+        text_frontend: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         prompt = self._prompt(prompt_wav, zero_shot_spk_id)
         for key in _LM_PROMPT_TEXT + _LM_PROMPT_SPEECH:
             prompt.pop(key, None)
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
-    def inference_instruct2(self, tts_text: Text, instruct_text: str, prompt_wav: PromptWav | None,
-                            zero_shot_spk_id: str = "", stream: bool = False, speed: float = 1.0,
-                            text_frontend: bool = True, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+    def inference_instruct2(
+        self,
+        tts_text: Text,
+        instruct_text: str,
+        prompt_wav: PromptWav | None,
+        zero_shot_spk_id: str = "",
+        stream: bool = False,
+        speed: float = 1.0,
+        text_frontend: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """``instruct_text`` is the LM's prompt text; ``<|endofprompt|>`` is appended if missing."""
         prompt = self._prompt(prompt_wav, zero_shot_spk_id)
         for key in _LM_PROMPT_SPEECH:
@@ -191,8 +248,14 @@ class CosyVoice2:
         """CosyVoice 1's speaker + instruction mode; CosyVoice2 has none (as in the official class)."""
         raise NotImplementedError("inference_instruct is CosyVoice 1 only; use inference_instruct2")
 
-    def inference_vc(self, source_wav: PromptWav, prompt_wav: PromptWav, stream: bool = False,
-                     speed: float = 1.0, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+    def inference_vc(
+        self,
+        source_wav: PromptWav,
+        prompt_wav: PromptWav,
+        stream: bool = False,
+        speed: float = 1.0,
+        **kwargs: Any,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         model_input = self.frontend.frontend_vc(source_wav, prompt_wav, self.sample_rate)
         request = self._request(kwargs)
         unsupported = set(request) - {"seed", "should_stop", "token_hop_len", "uuid"}
@@ -201,9 +264,17 @@ class CosyVoice2:
         for speech in self.model.vc(model_input, stream=stream, speed=speed, **request):
             yield {"tts_speech": speech}
 
-    def inference_sft_chunked(self, text_chunks: Iterable[str], spk_id: str, stream: bool = True,
-                              speed: float = 1.0, text_frontend: bool = True, token_hop_len: int | None = None,
-                              mel_cache_len: int | None = None, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+    def inference_sft_chunked(
+        self,
+        text_chunks: Iterable[str],
+        spk_id: str,
+        stream: bool = True,
+        speed: float = 1.0,
+        text_frontend: bool = True,
+        token_hop_len: int | None = None,
+        mel_cache_len: int | None = None,
+        **kwargs: Any,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Text chunks (a list or a generator, e.g. LLM deltas) as ONE utterance under one UUID:
         bistream underneath, so speech starts before the last chunk arrives."""
         if isinstance(text_chunks, str):
@@ -211,8 +282,9 @@ class CosyVoice2:
         if text_frontend:
             model_input = self.frontend.frontend_sft(iter(text_chunks), spk_id)
         else:
-            model_input = self._with_text(self.frontend.frontend_sft("", spk_id),
-                                          _RawIds(self.frontend.tokenizer, text_chunks))
+            model_input = self._with_text(
+                self.frontend.frontend_sft("", spk_id), _RawIds(self.frontend.tokenizer, text_chunks)
+            )
         kwargs.update(token_hop_len=token_hop_len, mel_cache_len=mel_cache_len)
         yield from self._run(model_input, stream, speed, kwargs)
 
@@ -266,8 +338,9 @@ class CosyVoice2:
             out["seed"] = self.seed
         return out
 
-    def _run(self, model_input: dict[str, Any], stream: bool, speed: float,
-             kwargs: dict[str, Any]) -> Iterator[dict[str, torch.Tensor]]:
+    def _run(
+        self, model_input: dict[str, Any], stream: bool, speed: float, kwargs: dict[str, Any]
+    ) -> Iterator[dict[str, torch.Tensor]]:
         for speech in self.model.tts(model_input, stream=stream, speed=speed, **self._request(kwargs)):
             yield {"tts_speech": speech}
 
@@ -296,4 +369,3 @@ def instruct_prompt(instruct_text: str) -> str:
     """The LM prompt text of instruct2: the instruction, ending with ``<|endofprompt|>``."""
     text = instruct_text.strip()
     return text if text.endswith(ENDOFPROMPT) else text + ENDOFPROMPT
-

@@ -100,8 +100,17 @@ class CausalConditionalCFM(nn.Module):
         rate = self.inference_cfg_rate
         return (1.0 + rate) * out[:1] - rate * out[1:]
 
-    def forward(self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int = 10,
-                streaming: bool = False, trace: list | None = None, left_chunks: int | None = None) -> Tensor:
+    def forward(
+        self,
+        mu: Tensor,
+        mask: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        n_timesteps: int = 10,
+        streaming: bool = False,
+        trace: list | None = None,
+        left_chunks: int | None = None,
+    ) -> Tensor:
         """mu, cond [1, 80, T]; mask [1, 1, T]; spks [1, 80] -> mel [1, 80, T].
         `trace`, when given, receives (x, t, raw estimator output) of every step (for tests)."""
         T = mu.shape[2]
@@ -115,8 +124,16 @@ class CausalConditionalCFM(nn.Module):
         cond_in = torch.cat([cond, zeros_like(cond)])
         for t, dt in euler_schedule(n_timesteps, mu.dtype):
             t_in = t.to(mu.device).expand(2)
-            out = self.estimator(torch.cat([x, x]), mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming,
-                                 left_chunks=left_chunks)
+            out = self.estimator(
+                torch.cat([x, x]),
+                mask_in,
+                mu_in,
+                t_in,
+                spks_in,
+                cond_in,
+                streaming=streaming,
+                left_chunks=left_chunks,
+            )
             if trace is not None:
                 trace.append((x, t, out))
             x = x + dt * self.guided(out)
@@ -142,9 +159,20 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return self.input_embedding(torch.clamp(tokens, min=0))
 
     @torch.no_grad()
-    def inference(self, token: Tensor, token_len: Tensor, prompt_token: Tensor, prompt_token_len: Tensor,
-                  prompt_feat: Tensor, prompt_feat_len: Tensor, embedding: Tensor, streaming: bool,
-                  finalize: bool, n_timesteps: int | None = None, left_chunks: int | None = None) -> Tensor:
+    def inference(
+        self,
+        token: Tensor,
+        token_len: Tensor,
+        prompt_token: Tensor,
+        prompt_token_len: Tensor,
+        prompt_feat: Tensor,
+        prompt_feat_len: Tensor,
+        embedding: Tensor,
+        streaming: bool,
+        finalize: bool,
+        n_timesteps: int | None = None,
+        left_chunks: int | None = None,
+    ) -> Tensor:
         """token [1, N], prompt_token [1, P], prompt_feat [1, F, 80], embedding [1, 192] ->
         mel [1, 80, T_new] for the new tokens (the prompt's F frames removed). With
         finalize=False the last `pre_lookahead_len` tokens are lookahead only.
@@ -166,14 +194,18 @@ class CausalMaskedDiffWithXvec(nn.Module):
             la = self.cfg.pre_lookahead_len
             if xs.shape[1] <= la:
                 raise ValueError("finalize=False needs more tokens than the lookahead")
-            h, _ = self.encoder(xs[:, :-la], lens, context=xs[:, -la:], streaming=streaming, left_chunks=left_chunks)
+            h, _ = self.encoder(
+                xs[:, :-la], lens, context=xs[:, -la:], streaming=streaming, left_chunks=left_chunks
+            )
         n_prompt = prompt_feat.shape[1]
         mu = self.encoder_proj(h).transpose(1, 2).contiguous()  # [1, 80, T]
         T = mu.shape[2]
         cond = torch.zeros(1, self.cfg.output_size, T, dtype=mu.dtype, device=mu.device)
         cond[:, :, :n_prompt] = prompt_feat.transpose(1, 2)
         mask = torch.ones(1, 1, T, dtype=mu.dtype, device=mu.device)
-        mel = self.decoder(mu, mask, spks, cond, n_timesteps=n_timesteps, streaming=streaming, left_chunks=left_chunks)
+        mel = self.decoder(
+            mu, mask, spks, cond, n_timesteps=n_timesteps, streaming=streaming, left_chunks=left_chunks
+        )
         return mel[:, :, n_prompt:].float()
 
 
@@ -194,19 +226,31 @@ class FlowStream:
     bulk of the memory) at a small, measured accuracy cost; the default keeps float32 (exact).
     """
 
-    def __init__(self, flow: CausalMaskedDiffWithXvec, prompt_token: Tensor, prompt_feat: Tensor,
-                 embedding: Tensor, left_chunks: int | None = None, n_timesteps: int | None = None,
-                 precompute_prompt: bool = True, kv_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        flow: CausalMaskedDiffWithXvec,
+        prompt_token: Tensor,
+        prompt_feat: Tensor,
+        embedding: Tensor,
+        left_chunks: int | None = None,
+        n_timesteps: int | None = None,
+        precompute_prompt: bool = True,
+        kv_dtype: torch.dtype | None = None,
+    ):
         cfg = flow.cfg
         if prompt_token.dim() != 2 or prompt_token.shape[0] != 1:
             raise ValueError("prompt_token must be [1, P]")
         if prompt_feat.shape[0] != 1 or prompt_feat.shape[2] != cfg.output_size:
             raise ValueError(f"prompt_feat must be [1, F, {cfg.output_size}]")
         if prompt_feat.shape[1] != cfg.token_mel_ratio * prompt_token.shape[1]:
-            raise ValueError(f"prompt_feat has {prompt_feat.shape[1]} frames; expected "
-                             f"{cfg.token_mel_ratio} per prompt token ({cfg.token_mel_ratio * prompt_token.shape[1]})")
+            raise ValueError(
+                f"prompt_feat has {prompt_feat.shape[1]} frames; expected "
+                f"{cfg.token_mel_ratio} per prompt token ({cfg.token_mel_ratio * prompt_token.shape[1]})"
+            )
         if cfg.encoder.static_chunk_size * cfg.token_mel_ratio != cfg.estimator.static_chunk_size:
-            raise ValueError("encoder and estimator chunks must cover the same frames for chunk-causal streaming")
+            raise ValueError(
+                "encoder and estimator chunks must cover the same frames for chunk-causal streaming"
+            )
         self.flow = flow
         self.cfg = cfg
         self.estimator = flow.decoder.estimator
@@ -298,7 +342,9 @@ class FlowStream:
         if hop <= 0:
             raise ValueError("hop must be positive")
         if not self.ready(hop):
-            raise RuntimeError(f"not ready: {self._n_generated - self.emitted} tokens pending, need {hop} + lookahead")
+            raise RuntimeError(
+                f"not ready: {self._n_generated - self.emitted} tokens pending, need {hop} + lookahead"
+            )
         end = self.n_prompt + self.emitted + hop
         if end % self.cfg.chunk_tokens:
             raise ValueError(f"prompt + emitted tokens ({end}) must be a multiple of {self.cfg.chunk_tokens}")
@@ -375,7 +421,6 @@ class FlowStream:
             raise RuntimeError("FlowStream is closed")
 
 
-
 def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Tensor]:
     """Advance several streams of one flow by the same number of tokens in one go: each stream's
     encoder runs on its own, then every Euler step is one estimator call over all streams' rows
@@ -400,8 +445,9 @@ def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Te
             t_in, t_emb = first.t_ins[k], first.t_embs[k]
             if batch > 1:
                 t_in, t_emb = t_in.repeat(batch), t_emb.repeat(batch, 1)
-            out = first.estimator.forward_chunk(x.repeat_interleave(2, dim=0), mu_in, t_in, spks_in, cond_in, group,
-                                                t_emb=t_emb)
+            out = first.estimator.forward_chunk(
+                x.repeat_interleave(2, dim=0), mu_in, t_in, spks_in, cond_in, group, t_emb=t_emb
+            )
             out = out.unflatten(0, (batch, 2))
             x = x + dt * ((1.0 + rate) * out[:, 0] - rate * out[:, 1])
     for stream, _, count in items:

@@ -137,7 +137,9 @@ class EstimatorCache:
 
     def nbytes(self) -> int:
         """Allocated bytes of every cached tensor."""
-        return sum(t.numel() * t.element_size() for t in self.conv.values()) + sum(b.nbytes() for b in self.kv.values())
+        return sum(t.numel() * t.element_size() for t in self.conv.values()) + sum(
+            b.nbytes() for b in self.kv.values()
+        )
 
     def live_nbytes(self) -> int:
         """Bytes actually in use (what a tight allocator would hold)."""
@@ -196,7 +198,9 @@ class CausalBlock1D(nn.Module):
     def __init__(self, dim: int, dim_out: int):
         super().__init__()
         # indices match the checkpoint: conv at block.0, LayerNorm at block.2
-        self.block = nn.Sequential(CausalConv1d(dim, dim_out, 3), Transpose(), nn.LayerNorm(dim_out), Transpose(), nn.Mish())
+        self.block = nn.Sequential(
+            CausalConv1d(dim, dim_out, 3), Transpose(), nn.LayerNorm(dim_out), Transpose(), nn.Mish()
+        )
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: EstimatorCache | None = None) -> Tensor:
         if mask is not None:
@@ -214,7 +218,9 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: Tensor, mask: Tensor | None, t_emb: Tensor, cache: EstimatorCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, t_emb: Tensor, cache: EstimatorCache | None = None
+    ) -> Tensor:
         h = self.block1(x, mask, cache)
         h = h + self.mlp(t_emb).unsqueeze(-1)
         h = self.block2(h, mask, cache)
@@ -234,8 +240,13 @@ class Attention(nn.Module):
     def _split(self, x: Tensor) -> Tensor:  # [B, T, H*D] -> [B, H, T, D]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x: Tensor, bias: Tensor | list | None, cache: EstimatorCache | CacheGroup | None = None,
-                keep_from: int | list[int] = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        bias: Tensor | list | None,
+        cache: EstimatorCache | CacheGroup | None = None,
+        keep_from: int | list[int] = 0,
+    ) -> Tensor:
         """bias: None (everything visible) or additive [B or 1, 1, T_q, T_k] (0 allowed, -1e10 not).
         With a cache, keys/values of the new frames are appended after the cached ones; `keep_from`
         is how many of the combined keys the cache may drop afterwards (they fall out of every later
@@ -291,8 +302,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, bias: Tensor | list | None, cache: EstimatorCache | CacheGroup | None = None,
-                keep_from: int | list[int] = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        bias: Tensor | list | None,
+        cache: EstimatorCache | CacheGroup | None = None,
+        keep_from: int | list[int] = 0,
+    ) -> Tensor:
         x = x + self.attn1(self.norm1(x), bias, cache, keep_from)
         return x + self.ff(self.norm3(x))
 
@@ -324,18 +340,37 @@ class CausalConditionalDecoder(nn.Module):
         self.time_mlp = TimestepEmbedding(cfg.in_channels, time_dim)
         # one stage each; the last stage's "down/upsample" is a plain causal conv (no resampling)
         self.down_blocks = nn.ModuleList(
-            [nn.ModuleList([CausalResnetBlock1D(cfg.in_channels, ch, time_dim),
-                            nn.ModuleList([block() for _ in range(cfg.n_blocks)]),
-                            CausalConv1d(ch, ch, 3)])]
+            [
+                nn.ModuleList(
+                    [
+                        CausalResnetBlock1D(cfg.in_channels, ch, time_dim),
+                        nn.ModuleList([block() for _ in range(cfg.n_blocks)]),
+                        CausalConv1d(ch, ch, 3),
+                    ]
+                )
+            ]
         )
         self.mid_blocks = nn.ModuleList(
-            [nn.ModuleList([CausalResnetBlock1D(ch, ch, time_dim), nn.ModuleList([block() for _ in range(cfg.n_blocks)])])
-             for _ in range(cfg.num_mid_blocks)]
+            [
+                nn.ModuleList(
+                    [
+                        CausalResnetBlock1D(ch, ch, time_dim),
+                        nn.ModuleList([block() for _ in range(cfg.n_blocks)]),
+                    ]
+                )
+                for _ in range(cfg.num_mid_blocks)
+            ]
         )
         self.up_blocks = nn.ModuleList(
-            [nn.ModuleList([CausalResnetBlock1D(2 * ch, ch, time_dim),
-                            nn.ModuleList([block() for _ in range(cfg.n_blocks)]),
-                            CausalConv1d(ch, ch, 3)])]
+            [
+                nn.ModuleList(
+                    [
+                        CausalResnetBlock1D(2 * ch, ch, time_dim),
+                        nn.ModuleList([block() for _ in range(cfg.n_blocks)]),
+                        CausalConv1d(ch, ch, 3),
+                    ]
+                )
+            ]
         )
         self.final_block = CausalBlock1D(ch, ch)
         self.final_proj = nn.Conv1d(ch, cfg.out_channels, 1)
@@ -344,12 +379,21 @@ class CausalConditionalDecoder(nn.Module):
         return self.time_mlp(self.time_embeddings(t).to(t.dtype))
 
     def _stages(self):
-        (res, blocks, down), = self.down_blocks
-        (up_res, up_blocks_, up), = self.up_blocks
+        ((res, blocks, down),) = self.down_blocks
+        ((up_res, up_blocks_, up),) = self.up_blocks
         return res, blocks, down, up_res, up_blocks_, up
 
-    def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
-                streaming: bool = False, left_chunks: int | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        mu: Tensor,
+        t: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        streaming: bool = False,
+        left_chunks: int | None = None,
+    ) -> Tensor:
         """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> [B, 80, T].
         `left_chunks` (streaming only) limits attention to that many earlier chunks, like the
         official `num_decoding_left_chunks`; None means the config's value (-1: unlimited)."""
@@ -380,15 +424,28 @@ class CausalConditionalDecoder(nn.Module):
         return self.final_proj(h * mask) * mask
 
     @staticmethod
-    def _transformers(h: Tensor, blocks: nn.ModuleList, bias: Tensor | list | None,
-                      cache: EstimatorCache | CacheGroup | None = None, keep_from: int | list[int] = 0) -> Tensor:
+    def _transformers(
+        h: Tensor,
+        blocks: nn.ModuleList,
+        bias: Tensor | list | None,
+        cache: EstimatorCache | CacheGroup | None = None,
+        keep_from: int | list[int] = 0,
+    ) -> Tensor:
         h = h.transpose(1, 2)
         for block in blocks:
             h = block(h, bias, cache, keep_from)
         return h.transpose(1, 2)
 
-    def forward_chunk(self, x_new: Tensor, mu_new: Tensor, t: Tensor, spks: Tensor, cond_new: Tensor,
-                      cache: EstimatorCache | CacheGroup, t_emb: Tensor | None = None) -> Tensor:
+    def forward_chunk(
+        self,
+        x_new: Tensor,
+        mu_new: Tensor,
+        t: Tensor,
+        spks: Tensor,
+        cond_new: Tensor,
+        cache: EstimatorCache | CacheGroup,
+        t_emb: Tensor | None = None,
+    ) -> Tensor:
         """Streaming evaluation of the next frames only: equal to `forward(..., streaming=True)` on
         the whole sequence, restricted to these frames (all-ones mask, i.e. one unpadded utterance
         per batch row). The previous call must have ended on a chunk boundary; a call whose length

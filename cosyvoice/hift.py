@@ -112,7 +112,9 @@ class ResBlock(nn.Module):
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
     def forward(self, x: Tensor) -> Tensor:
-        for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2, strict=True):
+        for conv1, conv2, act1, act2 in zip(
+            self.convs1, self.convs2, self.activations1, self.activations2, strict=True
+        ):
             x = x + conv2(act2(conv1(act1(x))))
         return x
 
@@ -124,7 +126,10 @@ class ConvRNNF0Predictor(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(5):
-            layers += [_wn_conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1), nn.ELU()]
+            layers += [
+                _wn_conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1),
+                nn.ELU(),
+            ]
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, num_class)
 
@@ -144,8 +149,15 @@ class SineGen2(nn.Module):
     (first, as in the official order) so that a generator's stream is consumed the same way.
     """
 
-    def __init__(self, sampling_rate: int, upsample_scale: int, harmonic_num: int, sine_amp: float,
-                 noise_std: float, voiced_threshold: float):
+    def __init__(
+        self,
+        sampling_rate: int,
+        upsample_scale: int,
+        harmonic_num: int,
+        sine_amp: float,
+        noise_std: float,
+        voiced_threshold: float,
+    ):
         super().__init__()
         self.sampling_rate = sampling_rate
         self.upsample_scale = upsample_scale
@@ -154,8 +166,9 @@ class SineGen2(nn.Module):
         self.noise_std = noise_std
         self.voiced_threshold = voiced_threshold
 
-    def forward(self, f0: Tensor, generator: torch.Generator | None = None,
-                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, f0: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """f0 [B, L, 1] (sample rate) -> (sine_waves [B, L, dim], uv [B, L, 1]).
 
         `noise`, if given, is the standard-normal draw [B, L, dim] (replaces the generator's).
@@ -180,15 +193,24 @@ class SineGen2(nn.Module):
 class SourceModuleHnNSF(nn.Module):
     """Merges the harmonics into one excitation signal: tanh(Linear(9 -> 1))."""
 
-    def __init__(self, sampling_rate: int, upsample_scale: int, harmonic_num: int, sine_amp: float,
-                 add_noise_std: float, voiced_threshold: float):
+    def __init__(
+        self,
+        sampling_rate: int,
+        upsample_scale: int,
+        harmonic_num: int,
+        sine_amp: float,
+        add_noise_std: float,
+        voiced_threshold: float,
+    ):
         super().__init__()
-        self.l_sin_gen = SineGen2(sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std,
-                                  voiced_threshold)
+        self.l_sin_gen = SineGen2(
+            sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshold
+        )
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
 
-    def forward(self, f0: Tensor, generator: torch.Generator | None = None,
-                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, f0: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """f0 [B, L, 1] -> (source [B, L, 1], uv [B, L, 1]). The official noise branch is unused and skipped."""
         with torch.no_grad():
             sine_waves, uv = self.l_sin_gen(f0, generator=generator, noise=noise)
@@ -200,13 +222,21 @@ class HiFTGenerator(nn.Module):
         super().__init__()
         cfg = cfg or HiFTConfig()
         if cfg.sampling_rate == 22050:
-            raise ValueError("sampling_rate 22050 selects the official SineGen (v1), which is not implemented")
+            raise ValueError(
+                "sampling_rate 22050 selects the official SineGen (v1), which is not implemented"
+            )
         self.cfg = cfg
         base = cfg.base_channels
         n_stages = len(cfg.upsample_rates)
 
-        self.m_source = SourceModuleHnNSF(cfg.sampling_rate, cfg.upsample_scale, cfg.nb_harmonics,
-                                          cfg.nsf_alpha, cfg.nsf_sigma, cfg.nsf_voiced_threshold)
+        self.m_source = SourceModuleHnNSF(
+            cfg.sampling_rate,
+            cfg.upsample_scale,
+            cfg.nb_harmonics,
+            cfg.nsf_alpha,
+            cfg.nsf_sigma,
+            cfg.nsf_voiced_threshold,
+        )
         self.conv_pre = _wn_conv1d(cfg.in_channels, base, 7, padding=3)
         self.ups = nn.ModuleList(
             weight_norm(nn.ConvTranspose1d(base // 2**i, base // 2 ** (i + 1), k, u, padding=(k - u) // 2))
@@ -218,8 +248,9 @@ class HiFTGenerator(nn.Module):
         down_rates = np.cumprod([1] + list(cfg.upsample_rates[::-1][:-1]))[::-1]
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
-        for i, (u, k, d) in enumerate(zip(down_rates, cfg.source_resblock_kernel_sizes,
-                                          cfg.source_resblock_dilation_sizes, strict=True)):
+        for i, (u, k, d) in enumerate(
+            zip(down_rates, cfg.source_resblock_kernel_sizes, cfg.source_resblock_dilation_sizes, strict=True)
+        ):
             ch, u = base // 2 ** (i + 1), int(u)
             if u == 1:
                 self.source_downs.append(nn.Conv1d(stft_channels, ch, 1, 1))
@@ -245,8 +276,9 @@ class HiFTGenerator(nn.Module):
 
     def _stft(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """[B, L] -> real, imag [B, n_fft/2 + 1, L/hop + 1] (centred, reflect padding)."""
-        spec = torch.stft(x, self.cfg.n_fft, self.cfg.hop_len, self.cfg.n_fft, window=self.stft_window,
-                          return_complex=True)
+        spec = torch.stft(
+            x, self.cfg.n_fft, self.cfg.hop_len, self.cfg.n_fft, window=self.stft_window, return_complex=True
+        )
         spec = torch.view_as_real(spec)
         return spec[..., 0], spec[..., 1]
 
@@ -276,17 +308,22 @@ class HiFTGenerator(nn.Module):
         audio = self._istft(torch.exp(x[:, :half]), torch.sin(x[:, half:]))
         return torch.clamp(audio, -cfg.audio_limit, cfg.audio_limit)
 
-    def source(self, speech_feat: Tensor, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> Tensor:
+    def source(
+        self, speech_feat: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
         """mel [B, 80, T] -> excitation [B, 1, 480 T]."""
         f0 = self.f0_predictor(speech_feat)
         s, _ = self.m_source(self.f0_upsamp(f0[:, None]).transpose(1, 2), generator=generator, noise=noise)
         return s.transpose(1, 2)
 
     @torch.inference_mode()
-    def inference(self, speech_feat: Tensor, cache_source: Tensor | None = None,
-                  generator: Generators = None,
-                  noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def inference(
+        self,
+        speech_feat: Tensor,
+        cache_source: Tensor | None = None,
+        generator: Generators = None,
+        noise: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """mel [B, 80, T] -> (audio [B, 480 T], source [B, 1, 480 T]).  ``generator`` may be one
         per row (streams vocoded together, each drawing its own noise).
 

@@ -36,8 +36,14 @@ class KVShape:
 class KVCache:
     """One request's keys and values (``keys[layer]`` / ``values[layer]``: [capacity, kv_heads, d])."""
 
-    def __init__(self, shape: KVShape, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 growable: bool, slot: int | None = None) -> None:
+    def __init__(
+        self,
+        shape: KVShape,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        growable: bool,
+        slot: int | None = None,
+    ) -> None:
         self.shape = shape
         self.keys = keys
         self.values = values
@@ -48,9 +54,13 @@ class KVCache:
     @classmethod
     def own(cls, shape: KVShape, capacity: int = 256) -> KVCache:
         """A cache of its own that grows as needed (amortised doubling)."""
+
         def alloc() -> list[torch.Tensor]:
-            return [torch.empty(capacity, shape.kv_heads, shape.head_dim, dtype=shape.dtype, device=shape.device)
-                    for _ in range(shape.layers)]
+            return [
+                torch.empty(capacity, shape.kv_heads, shape.head_dim, dtype=shape.dtype, device=shape.device)
+                for _ in range(shape.layers)
+            ]
+
         return cls(shape, alloc(), alloc(), growable=True)
 
     @property
@@ -88,8 +98,9 @@ class KVPool:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_budget(cls, shape: KVShape, budget_bytes: int, max_len: int, min_slots: int = 1,
-                   max_slots: int | None = None) -> KVPool:
+    def for_budget(
+        cls, shape: KVShape, budget_bytes: int, max_len: int, min_slots: int = 1, max_slots: int | None = None
+    ) -> KVPool:
         """As many slots of ``max_len`` rows as ``budget_bytes`` holds, at least ``min_slots`` and
         at most ``max_slots``."""
         slots = max(min_slots, budget_bytes // (shape.bytes_per_row() * max_len))
@@ -105,8 +116,13 @@ class KVPool:
             if not self._free:
                 return None
             slot = self._free.pop()
-        return KVCache(self.shape, [k[slot] for k in self.keys], [v[slot] for v in self.values],
-                       growable=False, slot=slot)
+        return KVCache(
+            self.shape,
+            [k[slot] for k in self.keys],
+            [v[slot] for v in self.values],
+            growable=False,
+            slot=slot,
+        )
 
     def release(self, cache: KVCache) -> None:
         if cache.slot is None:

@@ -30,8 +30,16 @@ from .lm_request import ROW_SOS, ROW_SPEECH, ROW_TASK, ROW_TEXT, LMRequest, Row,
 from .sampling import RasSampler, Sampler
 
 __all__ = [
-    "ROW_SOS", "ROW_TASK", "ROW_TEXT", "ROW_SPEECH", "LM_HEAD_KEY",
-    "Qwen2LM", "Trace", "StopCondition", "stop_fn", "quantize_int8",
+    "ROW_SOS",
+    "ROW_TASK",
+    "ROW_TEXT",
+    "ROW_SPEECH",
+    "LM_HEAD_KEY",
+    "Qwen2LM",
+    "Trace",
+    "StopCondition",
+    "stop_fn",
+    "quantize_int8",
 ]
 
 # Present in llm.pt (tied to embed_tokens, tie_word_embeddings=true) but never used by CosyVoice.
@@ -102,7 +110,9 @@ class Qwen2LM(nn.Module):
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: str | Path | ModelDir, dtype: str | torch.dtype = "fp32",
+        cls,
+        model_dir: str | Path | ModelDir,
+        dtype: str | torch.dtype = "fp32",
         device: str | torch.device | None = "cpu",
     ) -> Qwen2LM:
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
@@ -147,7 +157,9 @@ class Qwen2LM(nn.Module):
         """A KV cache of its own for one request run alone (it grows as needed)."""
         return KVCache.own(self.kv_shape())
 
-    def forward_rows(self, xs: torch.Tensor, caches: Sequence[KVCache], counts: Sequence[int]) -> torch.Tensor:
+    def forward_rows(
+        self, xs: torch.Tensor, caches: Sequence[KVCache], counts: Sequence[int]
+    ) -> torch.Tensor:
         """The backbone over packed rows: ``xs`` [N, D] holds ``counts[r]`` new rows of request ``r``
         in turn, each request attending causally to its own cache (whose keys and values it
         extends).  Returns the hidden states [N, D] after the final RMSNorm.  Linear layers see all
@@ -181,9 +193,14 @@ class Qwen2LM(nn.Module):
                 cache.values[i][start:end] = v[0, :, a:b].transpose(0, 1)
                 keys = cache.keys[i][:end].permute(1, 0, 2).unsqueeze(0)  # [1, kv_heads, end, d]
                 values = cache.values[i][:end].permute(1, 0, 2).unsqueeze(0)
-                mask = None if b - a == 1 else torch.ones(b - a, end, dtype=torch.bool, device=xs.device).tril(start)
-                out[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask,
-                                                                enable_gqa=n_kv != n_heads)
+                mask = (
+                    None
+                    if b - a == 1
+                    else torch.ones(b - a, end, dtype=torch.bool, device=xs.device).tril(start)
+                )
+                out[:, :, a:b] = F.scaled_dot_product_attention(
+                    q[:, :, a:b], keys, values, attn_mask=mask, enable_gqa=n_kv != n_heads
+                )
             h = h + attn.o_proj(out.transpose(1, 2).reshape(1, n_total, n_heads * d))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         for cache, n in zip(caches, counts, strict=True):
@@ -231,9 +248,16 @@ class Qwen2LM(nn.Module):
         """Unistream: the whole text is known.  Yields speech tokens until a stop token or
         ``int(len(text) * max_token_text_ratio)`` steps; eos is masked for the first
         ``int(len(text) * min_token_text_ratio)`` steps (official HEAD rule)."""
-        request = LMRequest(self.config, sampler or self.sampler_for(generator), prompt_text, prompt_speech_token,
-                            text=text, min_ratio=min_token_text_ratio, max_ratio=max_token_text_ratio,
-                            max_tokens=max_tokens)
+        request = LMRequest(
+            self.config,
+            sampler or self.sampler_for(generator),
+            prompt_text,
+            prompt_speech_token,
+            text=text,
+            min_ratio=min_token_text_ratio,
+            max_ratio=max_token_text_ratio,
+            max_tokens=max_tokens,
+        )
         return self.run_alone(request, (), should_stop, trace)
 
     def inference_bistream(
@@ -252,12 +276,22 @@ class Qwen2LM(nn.Module):
         :class:`~cosyvoice.lm_request.LMRequest`).  ``text_tokens`` may block: it is simply
         iterated when the request needs text, never polled.  ``max_tokens`` caps the final phase,
         which the official code leaves unbounded."""
-        request = LMRequest(self.config, sampler or self.sampler_for(generator), prompt_text, prompt_speech_token,
-                            max_tokens=max_tokens)
+        request = LMRequest(
+            self.config,
+            sampler or self.sampler_for(generator),
+            prompt_text,
+            prompt_speech_token,
+            max_tokens=max_tokens,
+        )
         return self.run_alone(request, text_tokens, should_stop, trace)
 
-    def run_alone(self, request: LMRequest, text_tokens: Iterable = (), should_stop: StopCondition | None = None,
-                  trace: Trace | None = None) -> Iterator[int]:
+    def run_alone(
+        self,
+        request: LMRequest,
+        text_tokens: Iterable = (),
+        should_stop: StopCondition | None = None,
+        trace: Trace | None = None,
+    ) -> Iterator[int]:
         """Step one request in the calling thread, pulling text from ``text_tokens`` whenever it
         waits for some; yields its speech tokens.  ``should_stop`` is checked before every step
         and every pull; the KV cache is dropped however the generator ends."""

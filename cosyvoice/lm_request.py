@@ -31,7 +31,17 @@ import torch
 from .config import LLMConfig
 from .sampling import Sampler
 
-__all__ = ["LMRequest", "ROW_SOS", "ROW_TASK", "ROW_TEXT", "ROW_SPEECH", "Row", "TokenLimit", "feed_text", "ids_of"]
+__all__ = [
+    "LMRequest",
+    "ROW_SOS",
+    "ROW_TASK",
+    "ROW_TEXT",
+    "ROW_SPEECH",
+    "Row",
+    "TokenLimit",
+    "feed_text",
+    "ids_of",
+]
 
 # Kinds of input rows (the numbering of the reference fixtures' feed_rows).
 ROW_SOS, ROW_TASK, ROW_TEXT, ROW_SPEECH = 0, 1, 2, 3
@@ -45,9 +55,18 @@ _WAIT, _DECODE, _FINAL, _DONE = "wait for text", "decode", "final", "done"
 class LMRequest:
     """One request's rows, tokens and sampler.  Not thread-safe: its owner serialises calls."""
 
-    def __init__(self, config: LLMConfig, sampler: Sampler, prompt_text: Any = (), prompt_speech: Any = (),
-                 *, text: Any = None, min_ratio: float = 2, max_ratio: float = 20,
-                 max_tokens: TokenLimit | None = None) -> None:
+    def __init__(
+        self,
+        config: LLMConfig,
+        sampler: Sampler,
+        prompt_text: Any = (),
+        prompt_speech: Any = (),
+        *,
+        text: Any = None,
+        min_ratio: float = 2,
+        max_ratio: float = 20,
+        max_tokens: TokenLimit | None = None,
+    ) -> None:
         """``text`` given: unistream over that text.  ``text`` None: bistream, text comes through
         :meth:`push_text` / :meth:`end_text`."""
         self.config = config
@@ -73,8 +92,12 @@ class LMRequest:
         else:
             ids = ids_of(text)
             self.n_text = len(ids)
-            self._rows = ([(ROW_SOS, config.sos)] + [(ROW_TEXT, t) for t in ids_of(prompt_text) + ids]
-                          + [(ROW_TASK, config.task_id)] + [(ROW_SPEECH, s) for s in ids_of(prompt_speech)])
+            self._rows = (
+                [(ROW_SOS, config.sos)]
+                + [(ROW_TEXT, t) for t in ids_of(prompt_text) + ids]
+                + [(ROW_TASK, config.task_id)]
+                + [(ROW_SPEECH, s) for s in ids_of(prompt_speech)]
+            )
             self._min_len = int(len(ids) * min_ratio)
             self._max_len = int(len(ids) * max_ratio)
             self._phase = _DECODE if self._max_len > 0 else _DONE

@@ -38,8 +38,14 @@ DONE = "done"
 class LMHandle:
     """One request in the stage, seen from the thread that feeds it text and reads its tokens."""
 
-    def __init__(self, stage: LMStage, request: LMRequest, cache: KVCache, trace: Trace | None,
-                 should_stop: StopCondition | None) -> None:
+    def __init__(
+        self,
+        stage: LMStage,
+        request: LMRequest,
+        cache: KVCache,
+        trace: Trace | None,
+        should_stop: StopCondition | None,
+    ) -> None:
         self.stage = stage
         self.request = request
         self.cache = cache
@@ -106,8 +112,15 @@ class LMHandle:
         """The next token, :data:`NEEDS_TEXT`, :data:`DONE`, or None after ``timeout`` seconds."""
         with self.stage.cond:
             ready = self.stage.cond.wait_for(
-                lambda: self.tokens or self.request.finished or self.request.needs_text or self.error
-                or self.cancelled, timeout)
+                lambda: (
+                    self.tokens
+                    or self.request.finished
+                    or self.request.needs_text
+                    or self.error
+                    or self.cancelled
+                ),
+                timeout,
+            )
             if not ready:
                 return None
             if self.tokens:
@@ -144,8 +157,9 @@ class LMHandle:
 class LMStage:
     """Steps all requests of one :class:`Qwen2LM` together; KV caches are slots of ``pool``."""
 
-    def __init__(self, lm: Qwen2LM, pool: KVPool, max_rows: int = 4096, max_ahead: int = 64,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, lm: Qwen2LM, pool: KVPool, max_rows: int = 4096, max_ahead: int = 64, threads: int | None = None
+    ) -> None:
         self.lm = lm
         self.threads = threads  # torch intra-op threads of the stage's thread (None: leave as is)
         self.pool = pool
@@ -163,8 +177,13 @@ class LMStage:
     def free_slots(self) -> int:
         return self.pool.free
 
-    def submit(self, request: LMRequest, trace: Trace | None = None, should_stop: StopCondition | None = None,
-               wait: bool = True) -> LMHandle | None:
+    def submit(
+        self,
+        request: LMRequest,
+        trace: Trace | None = None,
+        should_stop: StopCondition | None = None,
+        wait: bool = True,
+    ) -> LMHandle | None:
         """Add ``request``; with ``wait``, block until a KV slot is free, else None when none is.
         ``should_stop`` is checked before every step of the request: once it fires, no more."""
         with self.cond:

@@ -39,7 +39,14 @@ from .t2w_stage import DONE, StaticTokens, T2WStage, T2WStream, TokenSource
 from .token2wav import MEL_CACHE_LEN, HopSchedule, Token2Wav
 
 __all__ = [
-    "CosyVoice2Model", "DONE", "SpeechStream", "TokenCap", "flow_prompt", "flow_config_from_yaml", "hift_config_from_yaml", "StopCondition",
+    "CosyVoice2Model",
+    "DONE",
+    "SpeechStream",
+    "TokenCap",
+    "flow_prompt",
+    "flow_config_from_yaml",
+    "hift_config_from_yaml",
+    "StopCondition",
 ]
 
 LM_MODES = ("batched", "per-request")
@@ -121,10 +128,18 @@ class CosyVoice2Model:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, llm: Qwen2LM, flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator,
-                 left_chunks: int | None = None, cap: TokenCap | None = None,
-                 kv_budget_mb: float = 1024, kv_max_len: int = 2048, kv_max_slots: int = 32,
-                 lm: str = "batched"):
+    def __init__(
+        self,
+        llm: Qwen2LM,
+        flow: CausalMaskedDiffWithXvec,
+        hift: HiFTGenerator,
+        left_chunks: int | None = None,
+        cap: TokenCap | None = None,
+        kv_budget_mb: float = 1024,
+        kv_max_len: int = 2048,
+        kv_max_slots: int = 32,
+        lm: str = "batched",
+    ):
         """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
         per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
         requests the LM stage serves at once.  ``lm="per-request"`` runs each request's LM alone
@@ -137,7 +152,9 @@ class CosyVoice2Model:
         self.hift = hift.eval()
         self.token2wav = Token2Wav(self.flow, self.hift, left_chunks=left_chunks)
         self.cap = cap or TokenCap()
-        pool = KVPool.for_budget(llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots)
+        pool = KVPool.for_budget(
+            llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots
+        )
         lm_threads, t2w_threads = stage_threads(llm.speech_embedding.weight.device)
         self.lm_stage = LMStage(llm, pool, threads=lm_threads)
         self.t2w_stage = T2WStage(self.token2wav, threads=t2w_threads)
@@ -148,8 +165,13 @@ class CosyVoice2Model:
         self.t2w_stage.close()
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path | ModelDir, dtype: str | torch.dtype = "fp32",
-                       device: str | torch.device | None = "cpu", **kwargs: Any) -> CosyVoice2Model:
+    def from_model_dir(
+        cls,
+        model_dir: str | Path | ModelDir,
+        dtype: str | torch.dtype = "fp32",
+        device: str | torch.device | None = "cpu",
+        **kwargs: Any,
+    ) -> CosyVoice2Model:
         """Strict, weights-only loads of llm.pt / flow.pt / hift.pt, every module on ``device``.
         The LM runs in ``dtype``; flow and HiFT stay float32 (the official runtime's fp16 flow
         needs TensorRT's accumulation to stay within its error; the vocoder's f0 and source are
@@ -209,8 +231,13 @@ class CosyVoice2Model:
         schedule, mode = self._schedule(token_hop_len)
         if stream and self.lm_mode == "batched" and mode == "cached":
             handle = self.lm_stage.submit(request, should_stop=stopped)
-            yield from _read(SpeechStream(handle, self.t2w_stage.open(uuid, handle, *prompt, schedule=schedule,
-                                                                      seed=seed)), text_items, stopped)
+            yield from _read(
+                SpeechStream(
+                    handle, self.t2w_stage.open(uuid, handle, *prompt, schedule=schedule, seed=seed)
+                ),
+                text_items,
+                stopped,
+            )
             return
         if self.lm_mode == "batched":
             tokens = self.lm_stage.submit(request, should_stop=stopped).tokens_from(text_items)
@@ -225,9 +252,17 @@ class CosyVoice2Model:
             audio = self.token2wav.token2wav(ids, *prompt, speed=speed, seed=seed)
             yield torch.from_numpy(audio).unsqueeze(0)
 
-    def vc(self, model_input: dict[str, Any], *, stream: bool = False, speed: float = 1.0,
-           seed: int | None = None, should_stop: StopCondition | None = None,
-           token_hop_len: int | None = None, uuid: Hashable | None = None) -> Iterator[torch.Tensor]:
+    def vc(
+        self,
+        model_input: dict[str, Any],
+        *,
+        stream: bool = False,
+        speed: float = 1.0,
+        seed: int | None = None,
+        should_stop: StopCondition | None = None,
+        token_hop_len: int | None = None,
+        uuid: Hashable | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Voice conversion: the source's speech tokens through the flow with the prompt voice."""
         if stream and speed != 1.0:
             raise ValueError("speed != 1 works only with stream=False")
@@ -242,17 +277,31 @@ class CosyVoice2Model:
         schedule, mode = self._schedule(token_hop_len)
         if stream and self.lm_mode == "batched" and mode == "cached":
             tokens = StaticTokens(source)
-            t2w = self.t2w_stage.open(uuid or uuid_lib.uuid4().hex, tokens, *prompt, schedule=schedule, seed=seed)
+            t2w = self.t2w_stage.open(
+                uuid or uuid_lib.uuid4().hex, tokens, *prompt, schedule=schedule, seed=seed
+            )
             yield from _read(SpeechStream(tokens, t2w), (), stopped)
         elif stream:
-            yield from self._stream(uuid or uuid_lib.uuid4().hex, iter(source), prompt, seed, stopped, token_hop_len)
+            yield from self._stream(
+                uuid or uuid_lib.uuid4().hex, iter(source), prompt, seed, stopped, token_hop_len
+            )
         elif not stopped():
-            yield torch.from_numpy(self.token2wav.token2wav(source, *prompt, speed=speed, seed=seed)).unsqueeze(0)
+            yield torch.from_numpy(
+                self.token2wav.token2wav(source, *prompt, speed=speed, seed=seed)
+            ).unsqueeze(0)
 
     # ------------------------------------------------------------------------------------------
-    def open_stream(self, prompt: dict[str, Any], *, seed: int | None = None, token_hop_len: int | None = None,
-                    uuid: Hashable | None = None, listener: Callable[[], None] | None = None,
-                    max_tokens: int | None = None, sampler: Sampler | None = None) -> SpeechStream | None:
+    def open_stream(
+        self,
+        prompt: dict[str, Any],
+        *,
+        seed: int | None = None,
+        token_hop_len: int | None = None,
+        uuid: Hashable | None = None,
+        listener: Callable[[], None] | None = None,
+        max_tokens: int | None = None,
+        sampler: Sampler | None = None,
+    ) -> SpeechStream | None:
         """A bistream request driven from outside, without a thread of its own (the service's
         engine streams): ``prompt`` is a frontend model input without its text; text ids are
         pushed as they arrive and audio polled, ``listener`` says when to look.  None when the
@@ -264,31 +313,63 @@ class CosyVoice2Model:
         at the same audio throughput)."""
         schedule, mode = self._schedule(token_hop_len, grow=False)
         if self.lm_mode != "batched" or mode != "cached":
-            raise ValueError("open_stream needs lm='batched' and a token_hop_len that is a multiple of the flow chunk")
+            raise ValueError(
+                "open_stream needs lm='batched' and a token_hop_len that is a multiple of the flow chunk"
+            )
         seed = secrets.randbits(63) if seed is None else int(seed)
         handle = self.open_tokens(prompt, seed=seed, max_tokens=max_tokens, sampler=sampler)
         if handle is None:
             return None
-        t2w = self.t2w_stage.open(uuid if uuid is not None else uuid_lib.uuid4().hex, handle, *flow_prompt(prompt),
-                                  schedule=schedule, seed=seed, listener=listener)
+        t2w = self.t2w_stage.open(
+            uuid if uuid is not None else uuid_lib.uuid4().hex,
+            handle,
+            *flow_prompt(prompt),
+            schedule=schedule,
+            seed=seed,
+            listener=listener,
+        )
         return SpeechStream(handle, t2w)
 
-    def open_tokens(self, prompt: dict[str, Any], *, seed: int, max_tokens: int | None = None,
-                    sampler: Sampler | None = None) -> LMHandle | None:
+    def open_tokens(
+        self,
+        prompt: dict[str, Any],
+        *,
+        seed: int,
+        max_tokens: int | None = None,
+        sampler: Sampler | None = None,
+    ) -> LMHandle | None:
         """The speech tokens of a bistream request in the LM stage, without token2wav (the caller
         pushes text into the handle and takes its tokens); None when no KV slot is free."""
         return self.lm_stage.submit(self._lm_request(prompt, None, seed, max_tokens, sampler), wait=False)
 
-    def _lm_request(self, model_input: dict[str, Any], text: torch.Tensor | None, seed: int,
-                    max_tokens: int | None, sampler: Sampler | None) -> LMRequest:
+    def _lm_request(
+        self,
+        model_input: dict[str, Any],
+        text: torch.Tensor | None,
+        seed: int,
+        max_tokens: int | None,
+        sampler: Sampler | None,
+    ) -> LMRequest:
         """The LM side of a request: unistream over ``text``, or bistream (``text`` None)."""
         limit = max_tokens if max_tokens is not None else self.cap.limit  # a function of the text taken
-        return LMRequest(self.llm.config, sampler or self.llm.sampler_for(torch.Generator().manual_seed(seed)),
-                         _rows(model_input.get("prompt_text")), _rows(model_input.get("llm_prompt_speech_token")),
-                         text=text, max_tokens=limit)
+        return LMRequest(
+            self.llm.config,
+            sampler or self.llm.sampler_for(torch.Generator().manual_seed(seed)),
+            _rows(model_input.get("prompt_text")),
+            _rows(model_input.get("llm_prompt_speech_token")),
+            text=text,
+            max_tokens=limit,
+        )
 
-    def _stream(self, uuid: Hashable, tokens: Iterator[int], prompt: tuple, seed: int,
-                stopped: Callable[[], bool], token_hop_len: int | None) -> Iterator[torch.Tensor]:
+    def _stream(
+        self,
+        uuid: Hashable,
+        tokens: Iterator[int],
+        prompt: tuple,
+        seed: int,
+        stopped: Callable[[], bool],
+        token_hop_len: int | None,
+    ) -> Iterator[torch.Tensor]:
         """Streamed audio with token2wav in this thread (the per-request path, and hops that are
         not whole flow chunks, which need the official recomputing loop)."""
         schedule, mode = self._schedule(token_hop_len)
@@ -322,7 +403,6 @@ class CosyVoice2Model:
         return schedule, ("cached" if first % chunk == 0 and schedule.max % chunk == 0 else "exact")
 
 
-
 def stage_threads(device: torch.device) -> tuple[int | None, int | None]:
     """Torch intra-op threads for the LM stage and the token2wav stage: on a CPU the cores are
     shared between the two (they run at once), so that neither oversubscribes them; on CUDA the
@@ -336,9 +416,11 @@ def stage_threads(device: torch.device) -> tuple[int | None, int | None]:
 
 def flow_prompt(model_input: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt speech tokens [1, P], prompt mel [1, 2P, 80], speaker embedding [1, 192]) for the flow."""
-    return (_rows(model_input.get("flow_prompt_speech_token")).long(),
-            _rows(model_input.get("prompt_speech_feat"), 80).float(),
-            model_input["flow_embedding"].detach().cpu().float())
+    return (
+        _rows(model_input.get("flow_prompt_speech_token")).long(),
+        _rows(model_input.get("prompt_speech_feat"), 80).float(),
+        model_input["flow_embedding"].detach().cpu().float(),
+    )
 
 
 class SpeechStream:

@@ -103,6 +103,11 @@ class RasSampler:
     def __call__(self, logp: torch.Tensor, decoded_tokens: Sequence[int]) -> int:
         # Draws happen on CPU so that a CPU generator serves models on any device.
         return ras_sampling(
-            logp.detach().to("cpu"), decoded_tokens, self.generator,
-            self.top_p, self.top_k, self.win_size, self.tau_r,
+            logp.detach().to("cpu"),
+            decoded_tokens,
+            self.generator,
+            self.top_p,
+            self.top_k,
+            self.win_size,
+            self.tau_r,
         )

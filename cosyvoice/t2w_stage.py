@@ -68,8 +68,16 @@ class StaticTokens:
 class T2WStream:
     """One stream in the stage, seen by the thread that reads its audio."""
 
-    def __init__(self, stage: T2WStage, uuid: Hashable, source: TokenSource, prompt: tuple,
-                 schedule: HopSchedule | None, seed: int | None, listener: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        stage: T2WStage,
+        uuid: Hashable,
+        source: TokenSource,
+        prompt: tuple,
+        schedule: HopSchedule | None,
+        seed: int | None,
+        listener: Callable[[], None] | None,
+    ) -> None:
         self.stage = stage
         self.uuid = uuid
         self.source = source
@@ -135,8 +143,9 @@ class T2WStream:
 class T2WStage:
     """Computes the token2wav of every open stream of one :class:`Token2Wav`, in one thread."""
 
-    def __init__(self, token2wav: Token2Wav, max_unread: int = 2, slack: float = 1.0,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, token2wav: Token2Wav, max_unread: int = 2, slack: float = 1.0, threads: int | None = None
+    ) -> None:
         self.token2wav = token2wav
         self.threads = threads  # torch intra-op threads of the stage's thread (None: leave as is)
         self.max_unread = max_unread  # chunks a reader may leave unread before its stream waits
@@ -157,13 +166,23 @@ class T2WStage:
         self._vocoder_wake = threading.Condition()
         self._closed = False
 
-    def open(self, uuid: Hashable, source: TokenSource, prompt_token, prompt_feat, embedding,
-             schedule: HopSchedule | None = None, seed: int | None = None,
-             listener: Callable[[], None] | None = None) -> T2WStream:
+    def open(
+        self,
+        uuid: Hashable,
+        source: TokenSource,
+        prompt_token,
+        prompt_feat,
+        embedding,
+        schedule: HopSchedule | None = None,
+        seed: int | None = None,
+        listener: Callable[[], None] | None = None,
+    ) -> T2WStream:
         """Register a stream (cheap: its flow prompt is computed in the stage's thread).
         ``listener`` is called, from any thread and without blocking, whenever its reader may have
         something new to :meth:`~T2WStream.poll`."""
-        stream = T2WStream(self, uuid, source, (prompt_token, prompt_feat, embedding), schedule, seed, listener)
+        stream = T2WStream(
+            self, uuid, source, (prompt_token, prompt_feat, embedding), schedule, seed, listener
+        )
         with self.lock:
             if uuid in self._streams:
                 raise ValueError(f"stream {uuid!r} is already open")
@@ -203,8 +222,9 @@ class T2WStage:
         (prompt_token, prompt_feat, embedding), schedule, seed = stream.pending_open
         stream.pending_open = None
         try:
-            self.token2wav.open(stream.uuid, prompt_token, prompt_feat, embedding, schedule=schedule,
-                                mode="cached", seed=seed)
+            self.token2wav.open(
+                stream.uuid, prompt_token, prompt_feat, embedding, schedule=schedule, mode="cached", seed=seed
+            )
         except BaseException as e:
             self._fail(stream, e)
             return False
@@ -281,6 +301,7 @@ class T2WStage:
                     stream.busy = False
                     self._deliver(stream, job, chunk)
                 self.wake()  # the flow's thread may start their next chunks
+
     def _loop(self) -> None:
         rounds = self._rounds
         while not self._closed:

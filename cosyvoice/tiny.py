@@ -41,8 +41,14 @@ from .text import CosyVoice2Tokenizer, build_tiny_blank_en
 from .tiny_onnx import export_tiny_campplus, export_tiny_speech_tokenizer
 
 __all__ = [
-    "SIZES", "SFT_SPEAKERS", "QWEN_WEIGHTS", "model_yaml", "qwen_checkpoint", "size_from_tiny_config",
-    "write_model_dir", "main",
+    "SIZES",
+    "SFT_SPEAKERS",
+    "QWEN_WEIGHTS",
+    "model_yaml",
+    "qwen_checkpoint",
+    "size_from_tiny_config",
+    "write_model_dir",
+    "main",
 ]
 
 # The Qwen2 backbone checkpoint inside CosyVoice-BlankEN/ (what Qwen2ForCausalLM.from_pretrained reads).
@@ -68,10 +74,20 @@ SIZES: dict[str, dict[str, Any]] = {
         "qwen": TINY_QWEN2,
         "llm_size": 64,
         "flow_input_size": 64,
-        "encoder": {"output_size": 64, "attention_heads": 4, "linear_units": 128, "num_blocks": 2,
-                    "pre_lookahead_channels": 64},
-        "estimator": {"channels": [64], "attention_head_dim": 16, "n_blocks": 1, "num_mid_blocks": 2,
-                      "num_heads": 2},
+        "encoder": {
+            "output_size": 64,
+            "attention_heads": 4,
+            "linear_units": 128,
+            "num_blocks": 2,
+            "pre_lookahead_channels": 64,
+        },
+        "estimator": {
+            "channels": [64],
+            "attention_head_dim": 16,
+            "n_blocks": 1,
+            "num_mid_blocks": 2,
+            "num_heads": 2,
+        },
         "hift": {"base_channels": 32, "cond_channels": 32},
     },
     "real": {
@@ -79,8 +95,13 @@ SIZES: dict[str, dict[str, Any]] = {
         "llm_size": 896,
         "flow_input_size": 512,
         "encoder": {"output_size": 512, "attention_heads": 8, "linear_units": 2048, "num_blocks": 6},
-        "estimator": {"channels": [256], "attention_head_dim": 64, "n_blocks": 4, "num_mid_blocks": 12,
-                      "num_heads": 8},
+        "estimator": {
+            "channels": [256],
+            "attention_head_dim": 64,
+            "n_blocks": 4,
+            "num_mid_blocks": 12,
+            "num_heads": 8,
+        },
         "hift": {"base_channels": 512, "cond_channels": 512},
     },
 }
@@ -109,11 +130,24 @@ def size_from_tiny_config(data: dict[str, Any]) -> dict[str, Any]:
         "qwen": dict(data["qwen2_config"]),
         "llm_size": int(data["llm"]["llm_input_size"]),
         "flow_input_size": int(flow["input_size"]),
-        "encoder": {k: enc[k] for k in ("output_size", "attention_heads", "linear_units", "num_blocks",
-                                        "pre_lookahead_channels") if k in enc},
-        "estimator": {k: est[k] for k in ("channels", "attention_head_dim", "n_blocks", "num_mid_blocks",
-                                          "num_heads")},
-        "hift": {"base_channels": hift["base_channels"], "cond_channels": hift["f0_predictor"]["cond_channels"]},
+        "encoder": {
+            k: enc[k]
+            for k in (
+                "output_size",
+                "attention_heads",
+                "linear_units",
+                "num_blocks",
+                "pre_lookahead_channels",
+            )
+            if k in enc
+        },
+        "estimator": {
+            k: est[k] for k in ("channels", "attention_head_dim", "n_blocks", "num_mid_blocks", "num_heads")
+        },
+        "hift": {
+            "base_channels": hift["base_channels"],
+            "cond_channels": hift["f0_predictor"]["cond_channels"],
+        },
         "tiny_config": data,
     }
 
@@ -136,8 +170,8 @@ __set_seed4: !apply:torch.cuda.manual_seed_all [1986]
 
 # fixed params
 sample_rate: 24000
-llm_input_size: {s['llm_size']}
-llm_output_size: {s['llm_size']}
+llm_input_size: {s["llm_size"]}
+llm_output_size: {s["llm_size"]}
 spk_embed_dim: 192
 qwen_pretrain_path: ''
 token_frame_rate: 25
@@ -164,7 +198,7 @@ llm: !new:cosyvoice.llm.llm.Qwen2LM
         tau_r: 0.1
 
 flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
-    input_size: {s['flow_input_size']}
+    input_size: {s["flow_input_size"]}
     output_size: 80
     spk_embed_dim: !ref <spk_embed_dim>
     output_type: 'mel'
@@ -174,10 +208,10 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
     token_mel_ratio: !ref <token_mel_ratio>
     pre_lookahead_len: 3
     encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
-        output_size: {enc['output_size']}
-        attention_heads: {enc['attention_heads']}
-        linear_units: {enc['linear_units']}
-        num_blocks: {enc['num_blocks']}
+        output_size: {enc["output_size"]}
+        attention_heads: {enc["attention_heads"]}
+        linear_units: {enc["linear_units"]}
+        num_blocks: {enc["num_blocks"]}
         dropout_rate: 0.1
         positional_dropout_rate: 0.1
         attention_dropout_rate: 0.1
@@ -185,7 +219,7 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
         input_layer: 'linear'
         pos_enc_layer_type: 'rel_pos_espnet'
         selfattention_layer_type: 'rel_selfattn'
-        input_size: {s['flow_input_size']}
+        input_size: {s["flow_input_size"]}
         use_cnn_module: False
         macaron_style: False
         static_chunk_size: !ref <chunk_size>
@@ -204,19 +238,19 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
         estimator: !new:cosyvoice.flow.decoder.CausalConditionalDecoder
             in_channels: 320
             out_channels: 80
-            channels: {est['channels']}
+            channels: {est["channels"]}
             dropout: 0.0
-            attention_head_dim: {est['attention_head_dim']}
-            n_blocks: {est['n_blocks']}
-            num_mid_blocks: {est['num_mid_blocks']}
-            num_heads: {est['num_heads']}
+            attention_head_dim: {est["attention_head_dim"]}
+            n_blocks: {est["n_blocks"]}
+            num_mid_blocks: {est["num_mid_blocks"]}
+            num_heads: {est["num_heads"]}
             act_fn: 'gelu'
             static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
             num_decoding_left_chunks: !ref <num_decoding_left_chunks>
 
 hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
     in_channels: 80
-    base_channels: {hift['base_channels']}
+    base_channels: {hift["base_channels"]}
     nb_harmonics: 8
     sampling_rate: !ref <sample_rate>
     nsf_alpha: 0.1
@@ -236,7 +270,7 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
     f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
         num_class: 1
         in_channels: 80
-        cond_channels: {hift['cond_channels']}
+        cond_channels: {hift["cond_channels"]}
 
 # processor functions
 get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
@@ -261,8 +295,12 @@ def _shape_eos(llm: Qwen2LM, seed: int) -> None:
     cfg = llm.config
     gen = torch.Generator().manual_seed(seed)
     speech = torch.randint(0, cfg.speech_token_size, (40,), generator=gen).tolist()
-    rows = ([(ROW_SOS, cfg.sos)] + [(ROW_TEXT, t) for t in range(3, 23)] + [(ROW_TASK, cfg.task_id)]
-            + [(ROW_SPEECH, t) for t in speech])
+    rows = (
+        [(ROW_SOS, cfg.sos)]
+        + [(ROW_TEXT, t) for t in range(3, 23)]
+        + [(ROW_TASK, cfg.task_id)]
+        + [(ROW_SPEECH, t) for t in speech]
+    )
     logits = llm(llm.embed_rows(rows))[0, :, : cfg.speech_token_size]  # [n, 6561]
     fourth = logits.topk(4, dim=-1).values[:, -1].median()
     dec = llm.llm_decoder
@@ -279,7 +317,7 @@ def qwen_checkpoint(llm_state: dict[str, torch.Tensor], tie_word_embeddings: boo
     ``lm_head.weight``): llm.pt's ``llm.model.`` prefix dropped.  With tied embeddings ``lm_head`` is
     left out, as ``save_pretrained`` writes it and as Qwen2.5-0.5B ships (``from_pretrained`` ties it
     back); untied, it must be there."""
-    out = {k[len(_QWEN_PREFIX):]: v for k, v in llm_state.items() if k.startswith(_QWEN_PREFIX)}
+    out = {k[len(_QWEN_PREFIX) :]: v for k, v in llm_state.items() if k.startswith(_QWEN_PREFIX)}
     if tie_word_embeddings:
         out.pop("lm_head.weight", None)
     elif "lm_head.weight" not in out:
@@ -305,7 +343,9 @@ def _check_tiny_config(tree: dict[str, Any], qwen: dict[str, Any], data: dict[st
     if ours != theirs:
         wrong.append("llm")
     if wrong:
-        raise ValueError(f"config_tiny.json has {', '.join(wrong)} settings the model-directory template cannot write")
+        raise ValueError(
+            f"config_tiny.json has {', '.join(wrong)} settings the model-directory template cannot write"
+        )
 
 
 def write_model_dir(out_dir: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
@@ -338,7 +378,9 @@ def write_model_dir(out_dir: str | Path, size: Size = "tiny", seed: int = 0) -> 
         tied = bool(qwen.get("tie_word_embeddings", True))
         embed = state["llm.model.model.embed_tokens.weight"]
         # the release's llm.pt holds the (unused) lm_head: tied, a copy of the embeddings
-        state[LM_HEAD_KEY] = embed if tied else torch.randn(embed.shape, generator=torch.Generator().manual_seed(seed))
+        state[LM_HEAD_KEY] = (
+            embed if tied else torch.randn(embed.shape, generator=torch.Generator().manual_seed(seed))
+        )
         torch.save(state, out / "llm.pt")
         save_file(qwen_checkpoint(state, tied), str(qwen_dir / QWEN_WEIGHTS), metadata={"format": "pt"})
         del llm, state, embed
@@ -359,8 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cosyvoice.tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", help="output directory")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    p.add_argument("--tiny-config", metavar="JSON", default=None,
-                   help="take the hyper-parameters of a fixture set's config_tiny.json (instead of --size)")
+    p.add_argument(
+        "--tiny-config",
+        metavar="JSON",
+        default=None,
+        help="take the hyper-parameters of a fixture set's config_tiny.json (instead of --size)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -370,8 +416,10 @@ def main(argv: list[str] | None = None) -> None:
     out = write_model_dir(args.dir, size, args.seed)
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     name = args.size if args.tiny_config is None else args.tiny_config
-    print(f"wrote {name} CosyVoice2 model directory {out} ({total / 1e6:.1f} MB) "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {name} CosyVoice2 model directory {out} ({total / 1e6:.1f} MB) "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
 
 
 if __name__ == "__main__":

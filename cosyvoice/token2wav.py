@@ -132,8 +132,11 @@ class Rounds:
             solo = [plan for plan in plans if plan.pieces is None]
             for plan in solo:
                 job = plan.job
-                plan.mels = [t2w._flow_chunk(job.stream, job.hop) if job.hop is not None
-                             else t2w._flow_final(job.stream)]
+                plan.mels = [
+                    t2w._flow_chunk(job.stream, job.hop)
+                    if job.hop is not None
+                    else t2w._flow_final(job.stream)
+                ]
             pending = [plan for plan in plans if plan.pieces]
             groups: dict[int, list[_Plan]] = {}
             for plan in pending:  # one chunk each; a final partial chunk goes with its like
@@ -167,7 +170,9 @@ class Rounds:
         if plan.pieces is None:
             return plan.mels[0]
         flow = job.stream.flow_stream
-        return flow.complete_emit(job.hop, plan.mels) if job.hop is not None else flow.complete_finish(plan.mels)
+        return (
+            flow.complete_emit(job.hop, plan.mels) if job.hop is not None else flow.complete_finish(plan.mels)
+        )
 
     def _finish(self, plan: _Plan, free: bool) -> None:
         self.plans.remove(plan)
@@ -245,7 +250,9 @@ def _as_batch(x, dims: int, dtype: torch.dtype, device: torch.device | None = No
     if t.dim() == dims - 1:
         t = t.unsqueeze(0)
     if t.dim() != dims or t.shape[0] != 1:
-        raise ValueError(f"expected a tensor of {dims - 1} or {dims} dims (batch 1), got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"expected a tensor of {dims - 1} or {dims} dims (batch 1), got shape {tuple(t.shape)}"
+        )
     return t
 
 
@@ -274,8 +281,16 @@ class Token2Wav:
         self._lock = threading.Lock()
 
     # --- per-request lifecycle -----------------------------------------------------------------
-    def open(self, uuid: Hashable, prompt_token, prompt_feat, embedding, schedule: HopSchedule | None = None,
-             mode: str = "cached", seed: int | None = None) -> None:
+    def open(
+        self,
+        uuid: Hashable,
+        prompt_token,
+        prompt_feat,
+        embedding,
+        schedule: HopSchedule | None = None,
+        mode: str = "cached",
+        seed: int | None = None,
+    ) -> None:
         """Starts a stream. prompt_token [P] or [1, P]; prompt_feat [F, 80] or [1, F, 80];
         embedding [192] or [1, 192]. `seed` fixes the vocoder's noise (random if None)."""
         if mode not in MODES:
@@ -286,7 +301,9 @@ class Token2Wav:
         if mode == "cached":
             chunk = self.flow.cfg.chunk_tokens
             if schedule.first % chunk or schedule.max % chunk:
-                raise ValueError(f"cached mode needs hops that are multiples of the {chunk}-token chunk: {schedule}")
+                raise ValueError(
+                    f"cached mode needs hops that are multiples of the {chunk}-token chunk: {schedule}"
+                )
         generator = self._generator(seed)
         stream = _Stream(prompt_token, prompt_feat, embedding, schedule, mode, generator, pad, schedule.first)
         with self._lock:
@@ -295,8 +312,9 @@ class Token2Wav:
             self._streams[uuid] = stream
         if mode == "cached":
             try:
-                stream.flow_stream = FlowStream(self.flow, prompt_token, prompt_feat, embedding,
-                                                left_chunks=self.left_chunks)
+                stream.flow_stream = FlowStream(
+                    self.flow, prompt_token, prompt_feat, embedding, left_chunks=self.left_chunks
+                )
             except BaseException:
                 self.close(uuid)
                 raise
@@ -304,8 +322,12 @@ class Token2Wav:
     def push(self, uuid: Hashable, tokens: Sequence[int] | Tensor | np.ndarray) -> None:
         """Appends generated speech tokens (cheap, no model work; safe while another thread pulls)."""
         stream = self._get(uuid)
-        ids = [int(t) for t in torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, Tensor)
-                                               else tokens).reshape(-1)]
+        ids = [
+            int(t)
+            for t in torch.as_tensor(
+                np.asarray(tokens) if not isinstance(tokens, Tensor) else tokens
+            ).reshape(-1)
+        ]
         with stream.token_lock:  # never waits for a chunk being computed
             if stream.closed:
                 raise KeyError(f"stream {uuid!r} was closed")
@@ -343,8 +365,11 @@ class Token2Wav:
             return Job(uuid, stream, None) if finished else None
 
     @torch.inference_mode()
-    def run(self, jobs: Sequence[Job], on_chunk: Callable[[Job, np.ndarray | None], None] | None = None,
-            ) -> list[np.ndarray | None]:
+    def run(
+        self,
+        jobs: Sequence[Job],
+        on_chunk: Callable[[Job, np.ndarray | None], None] | None = None,
+    ) -> list[np.ndarray | None]:
         """Compute the jobs of different streams together (:class:`Rounds` until all are done):
         each is handed to ``on_chunk`` as soon as it is vocoded (its audio, or None for a final
         flush with nothing left).  Returns each job's audio."""
@@ -416,8 +441,11 @@ class Token2Wav:
         if len(streams) == 1:
             return [self._vocode(streams[0], mels[0], streams[0].source_cache)]
         caches = [s.source_cache for s in streams]
-        speech, source = self.hift.inference(torch.cat(mels), None if caches[0] is None else torch.cat(caches),
-                                             generator=[s.generator for s in streams])
+        speech, source = self.hift.inference(
+            torch.cat(mels),
+            None if caches[0] is None else torch.cat(caches),
+            generator=[s.generator for s in streams],
+        )
         return [(speech[i : i + 1], source[i : i + 1]) for i in range(len(streams))]
 
     def cancel(self, uuid: Hashable) -> None:
@@ -455,7 +483,7 @@ class Token2Wav:
     def _sync_tokens(stream: _Stream) -> int:
         """Snapshot of the pushed tokens for this pull (handed on to the FlowStream); returns the count."""
         with stream.token_lock:
-            tokens = stream.tokens[stream.flow_pushed:]
+            tokens = stream.tokens[stream.flow_pushed :]
             stream.flow_pushed = len(stream.tokens)
         if stream.flow_stream is not None and tokens:
             stream.flow_stream.push(tokens)
@@ -473,10 +501,16 @@ class Token2Wav:
         dev = self.flow_device
         token = torch.tensor(tokens, dtype=torch.long, device=dev).unsqueeze(0)
         return self.flow.inference(
-            token=token, token_len=_len(token.shape[1], dev),
-            prompt_token=stream.prompt_token, prompt_token_len=_len(stream.prompt_token.shape[1], dev),
-            prompt_feat=stream.prompt_feat, prompt_feat_len=_len(stream.prompt_feat.shape[1], dev),
-            embedding=stream.embedding, streaming=streaming, finalize=finalize)
+            token=token,
+            token_len=_len(token.shape[1], dev),
+            prompt_token=stream.prompt_token,
+            prompt_token_len=_len(stream.prompt_token.shape[1], dev),
+            prompt_feat=stream.prompt_feat,
+            prompt_feat_len=_len(stream.prompt_feat.shape[1], dev),
+            embedding=stream.embedding,
+            streaming=streaming,
+            finalize=finalize,
+        )
 
     def _flow_chunk(self, stream: _Stream, hop: int) -> Tensor:
         """Mel [1, 80, 2·hop] of tokens [offset, offset + hop)."""
@@ -486,7 +520,7 @@ class Token2Wav:
         with stream.token_lock:
             tokens = stream.tokens[:end]
         mel = self._flow(stream, tokens, streaming=True, finalize=False)
-        return mel[:, :, self.token_mel_ratio * stream.token_offset:]
+        return mel[:, :, self.token_mel_ratio * stream.token_offset :]
 
     def _flow_final(self, stream: _Stream) -> Tensor:
         """Mel of every token from the offset on (no lookahead left)."""
@@ -497,7 +531,7 @@ class Token2Wav:
         if not tokens:
             return torch.zeros(1, self.flow.cfg.output_size, 0, device=self.flow_device)
         mel = self._flow(stream, tokens, streaming=stream.mode == "recompute", finalize=True)
-        return mel[:, :, self.token_mel_ratio * stream.token_offset:]
+        return mel[:, :, self.token_mel_ratio * stream.token_offset :]
 
     # --- vocoder -------------------------------------------------------------------------------
     def _vocode(self, stream: _Stream, mel: Tensor, cache_source: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -506,23 +540,35 @@ class Token2Wav:
 
     def _prompt(self, prompt_token, prompt_feat, embedding) -> tuple[Tensor, Tensor, Tensor]:
         dev = self.flow_device
-        return (_as_batch(prompt_token, 2, torch.long, dev), _as_batch(prompt_feat, 3, torch.float32, dev),
-                _as_batch(embedding, 2, torch.float32, dev))
+        return (
+            _as_batch(prompt_token, 2, torch.long, dev),
+            _as_batch(prompt_feat, 3, torch.float32, dev),
+            _as_batch(embedding, 2, torch.float32, dev),
+        )
 
     def _generator(self, seed: int | None) -> torch.Generator:
-        return torch.Generator(device=self.hift_device).manual_seed(secrets.randbits(63) if seed is None else seed)
+        return torch.Generator(device=self.hift_device).manual_seed(
+            secrets.randbits(63) if seed is None else seed
+        )
 
     # --- non-streaming -------------------------------------------------------------------------
     @torch.inference_mode()
-    def token2wav(self, tokens, prompt_token, prompt_feat, embedding, speed: float = 1.0,
-                  seed: int | None = None) -> np.ndarray:
+    def token2wav(
+        self, tokens, prompt_token, prompt_feat, embedding, speed: float = 1.0, seed: int | None = None
+    ) -> np.ndarray:
         """Whole utterance at once (official non-streaming: one full-attention flow call).
         `speed` ≠ 1 stretches the mel linearly to int(T / speed) frames before the vocoder."""
         if speed <= 0:
             raise ValueError("speed must be positive")
         tokens = [int(t) for t in np.asarray(tokens).reshape(-1)]
-        stream = _Stream(*self._prompt(prompt_token, prompt_feat, embedding), HopSchedule(), "exact",
-                         self._generator(seed), 0, 0)
+        stream = _Stream(
+            *self._prompt(prompt_token, prompt_feat, embedding),
+            HopSchedule(),
+            "exact",
+            self._generator(seed),
+            0,
+            0,
+        )
         if not tokens:
             return np.zeros(0, dtype=np.float32)
         mel = self._flow(stream, tokens, streaming=False, finalize=True)

@@ -48,8 +48,13 @@ class _Owner:
 
 
 class Admission:
-    def __init__(self, capacity: int, per_owner: int | None = None, queue_timeout: float = 5.0,
-                 max_waiting: int | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        per_owner: int | None = None,
+        queue_timeout: float = 5.0,
+        max_waiting: int | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity

@@ -29,6 +29,7 @@ def _is_loopback(host: str) -> bool:
 
 def _number(kind: type, minimum: float, what: str):
     """An argparse type: ``kind`` no smaller than ``minimum``, with a readable error otherwise."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -37,6 +38,7 @@ def _number(kind: type, minimum: float, what: str):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
+
     return parse
 
 
@@ -51,11 +53,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .protocol import Limits
     from .server import DrainingServer, ServerConfig, create_app, uvicorn_config
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     token = args.token or os.environ.get("REALTIME_TOKEN") or None
     if not token and not _is_loopback(args.host):
-        log.warning("serving on %s WITHOUT an API token: anyone who can reach this address can use it "
-                    "(set --token or REALTIME_TOKEN)", args.host)
+        log.warning(
+            "serving on %s WITHOUT an API token: anyone who can reach this address can use it "
+            "(set --token or REALTIME_TOKEN)",
+            args.host,
+        )
     engine_name = args.engine or ("cosyvoice2" if args.model_dir else "piper")
     engine_kwargs: dict[str, object] = {}
     if engine_name == "cosyvoice2":
@@ -69,32 +76,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for alias in args.voice_alias or []:
         name, _, voice = alias.partition("=")
         if not name or voice not in {v.id for v in engine.voices()}:
-            print(f"realtime serve: --voice-alias {alias!r}: expected NAME=VOICE with one of the engine's voices "
-                  f"({', '.join(v.id for v in engine.voices())})", file=sys.stderr)
+            print(
+                f"realtime serve: --voice-alias {alias!r}: expected NAME=VOICE with one of the engine's voices "
+                f"({', '.join(v.id for v in engine.voices())})",
+                file=sys.stderr,
+            )
             return 2
         aliases[name] = voice
-    limits = Limits(max_frame_bytes=args.max_frame_bytes, max_context_chars=args.max_text_chars,
-                    max_open_contexts=args.max_contexts)
-    config = ServerConfig(token=token, limits=limits, max_sessions=args.max_sessions,
-                          max_streams=args.max_streams, max_streams_per_session=args.max_streams_per_session,
-                          send_timeout=args.send_timeout, idle_timeout=args.idle_timeout,
-                          context_idle_timeout=args.context_idle_timeout, queue_timeout=args.queue_timeout,
-                          buffer_seconds=args.buffer_ms / 1000, frame_ms=args.frame_ms,
-                          realtime_lead_ms=args.realtime_lead_ms, realtime_batch_ms=args.realtime_batch_ms,
-                          header_timeout=args.header_timeout, close_timeout=args.close_timeout,
-                          voice_aliases=aliases)
+    limits = Limits(
+        max_frame_bytes=args.max_frame_bytes,
+        max_context_chars=args.max_text_chars,
+        max_open_contexts=args.max_contexts,
+    )
+    config = ServerConfig(
+        token=token,
+        limits=limits,
+        max_sessions=args.max_sessions,
+        max_streams=args.max_streams,
+        max_streams_per_session=args.max_streams_per_session,
+        send_timeout=args.send_timeout,
+        idle_timeout=args.idle_timeout,
+        context_idle_timeout=args.context_idle_timeout,
+        queue_timeout=args.queue_timeout,
+        buffer_seconds=args.buffer_ms / 1000,
+        frame_ms=args.frame_ms,
+        realtime_lead_ms=args.realtime_lead_ms,
+        realtime_batch_ms=args.realtime_batch_ms,
+        header_timeout=args.header_timeout,
+        close_timeout=args.close_timeout,
+        voice_aliases=aliases,
+    )
     app = create_app(engine, config)
-    log.info("engine %s (%d Hz), %d streams at once, voices: %s", engine.name, engine.sample_rate,
-             args.max_streams or engine.capacity, ", ".join(v.id for v in engine.voices()))
-    server = DrainingServer(uvicorn_config(app, config, host=args.host, port=args.port, log_level=args.log_level),
-                            app.state.service, args.drain_timeout)
+    log.info(
+        "engine %s (%d Hz), %d streams at once, voices: %s",
+        engine.name,
+        engine.sample_rate,
+        args.max_streams or engine.capacity,
+        ", ".join(v.id for v in engine.voices()),
+    )
+    server = DrainingServer(
+        uvicorn_config(app, config, host=args.host, port=args.port, log_level=args.log_level),
+        app.state.service,
+        args.drain_timeout,
+    )
     server.run()
     return 0
 
 
 def _deltas(text: str, chars_per_token: int = 4) -> list[str]:
     """Split text like an LLM streams it: short pieces that do not respect word boundaries."""
-    return [text[i:i + chars_per_token] for i in range(0, len(text), chars_per_token)]
+    return [text[i : i + chars_per_token] for i in range(0, len(text), chars_per_token)]
 
 
 async def _say(args: argparse.Namespace, text: str) -> int:
@@ -170,9 +201,11 @@ async def _say(args: argparse.Namespace, text: str) -> int:
             f.write(audio)
     ttfa = (t_first_audio - t_first_text) * 1000 if t_first_audio and t_first_text else float("nan")
     wall = t_end - (t_first_text or t_end)
-    report = (f"time to first audio: {ttfa:.0f} ms | audio: {duration:.2f} s at {rate} Hz ({fmt}/{container}) | "
-              f"wall: {wall:.2f} s | real-time factor: {stats.get('rtf', float('nan'))} (server) "
-              f"{(wall / duration) if duration else float('nan'):.3f} (client)")
+    report = (
+        f"time to first audio: {ttfa:.0f} ms | audio: {duration:.2f} s at {rate} Hz ({fmt}/{container}) | "
+        f"wall: {wall:.2f} s | real-time factor: {stats.get('rtf', float('nan'))} (server) "
+        f"{(wall / duration) if duration else float('nan'):.3f} (client)"
+    )
     print(report, file=sys.stderr)
     return 0
 
@@ -188,7 +221,9 @@ def cmd_say(args: argparse.Namespace) -> int:
         return asyncio.run(_say(args, text))
     except InvalidStatus as e:  # refused before the upgrade: 401/403 without a good token, 503 ...
         status = e.response.status_code
-        hint = {401: " (this server wants a token: --token or REALTIME_TOKEN)", 403: " (wrong token)"}.get(status, "")
+        hint = {401: " (this server wants a token: --token or REALTIME_TOKEN)", 403: " (wrong token)"}.get(
+            status, ""
+        )
         print(f"realtime say: the server refused the connection: HTTP {status}{hint}", file=sys.stderr)
         return 1
     except ConnectionClosed as e:
@@ -202,78 +237,186 @@ def cmd_say(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="realtime", description="Real-time streaming TTS service (CosyVoice2 bistream, embedded default voice).")
+    p = argparse.ArgumentParser(
+        prog="realtime",
+        description="Real-time streaming TTS service (CosyVoice2 bistream, embedded default voice).",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the service", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Serve WebSocket /v1/tts/stream, POST /v1/tts, the official CosyVoice HTTP routes, "
-                                   "the OpenAI speech API (POST /v1/audio/speech, GET /v1/models), POST "
-                                   "/api/tts/stream, /health, /v1/voices, /metrics and the web client at /.")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback address without a token logs a warning)")
-    s.add_argument("--port", type=_non_negative_int, default=8000, help="port to listen on (0: any free port)")
-    s.add_argument("--engine", choices=("piper", "cosyvoice2", "tone"), default=None,
-                   help="synthesis engine (default: cosyvoice2 when --model-dir is given, else the embedded piper voice)")
-    s.add_argument("--model-dir", default=None, help="official CosyVoice2-0.5B model directory (for --engine cosyvoice2)")
+    s = sub.add_parser(
+        "serve",
+        help="run the service",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve WebSocket /v1/tts/stream, POST /v1/tts, the official CosyVoice HTTP routes, "
+        "the OpenAI speech API (POST /v1/audio/speech, GET /v1/models), POST "
+        "/api/tts/stream, /health, /v1/voices, /metrics and the web client at /.",
+    )
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (a non-loopback address without a token logs a warning)",
+    )
+    s.add_argument(
+        "--port", type=_non_negative_int, default=8000, help="port to listen on (0: any free port)"
+    )
+    s.add_argument(
+        "--engine",
+        choices=("piper", "cosyvoice2", "tone"),
+        default=None,
+        help="synthesis engine (default: cosyvoice2 when --model-dir is given, else the embedded piper voice)",
+    )
+    s.add_argument(
+        "--model-dir", default=None, help="official CosyVoice2-0.5B model directory (for --engine cosyvoice2)"
+    )
     s.add_argument("--device", default="cpu", help="cosyvoice2: cpu or cuda")
-    s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="cosyvoice2: model precision")
-    s.add_argument("--lm", default="batched", choices=("batched", "per-request"),
-                   help="cosyvoice2: one batched LM stage for all streams, or each stream's LM alone in its own "
-                        "thread (the pre-batching path, for comparison)")
+    s.add_argument(
+        "--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="cosyvoice2: model precision"
+    )
+    s.add_argument(
+        "--lm",
+        default="batched",
+        choices=("batched", "per-request"),
+        help="cosyvoice2: one batched LM stage for all streams, or each stream's LM alone in its own "
+        "thread (the pre-batching path, for comparison)",
+    )
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
-    s.add_argument("--voice-alias", action="append", metavar="NAME=VOICE",
-                   help="another name for one of the engine's voices, for clients of other APIs (repeatable; "
-                        "OpenAI's voice names not given here mean the default voice)")
-    s.add_argument("--max-streams", type=_positive_int, default=None,
-                   help="utterances (WebSocket contexts, HTTP syntheses) speaking at once; more wait up to "
-                        "--queue-timeout, then get 'overloaded' with retry_after_ms (default: the engine's own "
-                        "estimate, logged at start; a context waiting for its first text takes no place)")
-    s.add_argument("--max-streams-per-session", type=_positive_int, default=None,
-                   help="places one WebSocket may hold at once; its other contexts wait for its own "
-                        "(default: half of --max-streams, at least 1)")
-    s.add_argument("--queue-timeout", type=_positive_float, default=5.0,
-                   help="seconds an utterance may wait for a place held by others before 'overloaded'")
+    s.add_argument(
+        "--voice-alias",
+        action="append",
+        metavar="NAME=VOICE",
+        help="another name for one of the engine's voices, for clients of other APIs (repeatable; "
+        "OpenAI's voice names not given here mean the default voice)",
+    )
+    s.add_argument(
+        "--max-streams",
+        type=_positive_int,
+        default=None,
+        help="utterances (WebSocket contexts, HTTP syntheses) speaking at once; more wait up to "
+        "--queue-timeout, then get 'overloaded' with retry_after_ms (default: the engine's own "
+        "estimate, logged at start; a context waiting for its first text takes no place)",
+    )
+    s.add_argument(
+        "--max-streams-per-session",
+        type=_positive_int,
+        default=None,
+        help="places one WebSocket may hold at once; its other contexts wait for its own "
+        "(default: half of --max-streams, at least 1)",
+    )
+    s.add_argument(
+        "--queue-timeout",
+        type=_positive_float,
+        default=5.0,
+        help="seconds an utterance may wait for a place held by others before 'overloaded'",
+    )
     s.add_argument("--max-sessions", type=_positive_int, default=200, help="maximum open WebSocket sessions")
-    s.add_argument("--max-contexts", type=_positive_int, default=8, help="maximum open contexts per WebSocket")
-    s.add_argument("--max-text-chars", type=_positive_int, default=100_000, help="maximum characters of text per context")
-    s.add_argument("--max-frame-bytes", type=_positive_int, default=4 << 20, help="maximum size of one client frame")
-    s.add_argument("--send-timeout", type=_positive_float, default=10.0, help="close a client that does not read a frame for this many seconds")
-    s.add_argument("--idle-timeout", type=_positive_float, default=300.0,
-                   help="close a WebSocket with no open context that has sent no message and no ping for this many seconds")
-    s.add_argument("--context-idle-timeout", type=_positive_float, default=30.0,
-                   help="end a context (typed 'timeout' error) that has had no text and produced no audio for "
-                        "this many seconds without an 'end'")
-    s.add_argument("--header-timeout", type=_positive_float, default=10.0,
-                   help="seconds a client has to send its HTTP request headers (WebSocket upgrades included)")
-    s.add_argument("--close-timeout", type=_positive_float, default=5.0,
-                   help="seconds a closing connection may keep unsent data or an unanswered close frame before "
-                        "it is aborted")
-    s.add_argument("--buffer-ms", type=_positive_int, default=1000, help="audio buffered per context before the engine is paused")
-    s.add_argument("--frame-ms", type=int, default=20, choices=(10, 20, 40, 60, 100),
-                   help="audio per PCM/G.711 frame (Opus packets are always 20 ms); larger frames cost less CPU per second of audio")
-    s.add_argument("--realtime-lead-ms", type=_non_negative_int, default=300,
-                   help="pacing realtime: audio kept queued at the client ahead of playback (at least this much)")
-    s.add_argument("--realtime-batch-ms", type=_non_negative_int, default=100,
-                   help="pacing realtime: a paced session wakes once per this much audio and sends what is due, "
-                        "so the client holds between lead and lead + batch + 30 ms; 0 sends frame by frame (more CPU)")
-    s.add_argument("--drain-timeout", type=_non_negative_float, default=60.0,
-                   help="on SIGTERM: stop admitting (readiness fails, new clients get 503 going_away), let open "
-                        "contexts finish for up to this many seconds, then close the rest with going_away/1001 "
-                        "and exit 0; a second signal exits at once")
-    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity")
+    s.add_argument(
+        "--max-contexts", type=_positive_int, default=8, help="maximum open contexts per WebSocket"
+    )
+    s.add_argument(
+        "--max-text-chars", type=_positive_int, default=100_000, help="maximum characters of text per context"
+    )
+    s.add_argument(
+        "--max-frame-bytes", type=_positive_int, default=4 << 20, help="maximum size of one client frame"
+    )
+    s.add_argument(
+        "--send-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="close a client that does not read a frame for this many seconds",
+    )
+    s.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=300.0,
+        help="close a WebSocket with no open context that has sent no message and no ping for this many seconds",
+    )
+    s.add_argument(
+        "--context-idle-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="end a context (typed 'timeout' error) that has had no text and produced no audio for "
+        "this many seconds without an 'end'",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds a client has to send its HTTP request headers (WebSocket upgrades included)",
+    )
+    s.add_argument(
+        "--close-timeout",
+        type=_positive_float,
+        default=5.0,
+        help="seconds a closing connection may keep unsent data or an unanswered close frame before "
+        "it is aborted",
+    )
+    s.add_argument(
+        "--buffer-ms",
+        type=_positive_int,
+        default=1000,
+        help="audio buffered per context before the engine is paused",
+    )
+    s.add_argument(
+        "--frame-ms",
+        type=int,
+        default=20,
+        choices=(10, 20, 40, 60, 100),
+        help="audio per PCM/G.711 frame (Opus packets are always 20 ms); larger frames cost less CPU per second of audio",
+    )
+    s.add_argument(
+        "--realtime-lead-ms",
+        type=_non_negative_int,
+        default=300,
+        help="pacing realtime: audio kept queued at the client ahead of playback (at least this much)",
+    )
+    s.add_argument(
+        "--realtime-batch-ms",
+        type=_non_negative_int,
+        default=100,
+        help="pacing realtime: a paced session wakes once per this much audio and sends what is due, "
+        "so the client holds between lead and lead + batch + 30 ms; 0 sends frame by frame (more CPU)",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=_non_negative_float,
+        default=60.0,
+        help="on SIGTERM: stop admitting (readiness fails, new clients get 503 going_away), let open "
+        "contexts finish for up to this many seconds, then close the rest with going_away/1001 "
+        "and exit 0; a second signal exits at once",
+    )
+    s.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity"
+    )
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("say", help="stream text to a server and save the audio", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Stream TEXT (or stdin with '-') in LLM-sized deltas and write the audio.")
+    c = sub.add_parser(
+        "say",
+        help="stream text to a server and save the audio",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Stream TEXT (or stdin with '-') in LLM-sized deltas and write the audio.",
+    )
     c.add_argument("text", help="text to speak, or - to read stdin")
     c.add_argument("--url", default="ws://127.0.0.1:8000", help="server WebSocket URL")
     c.add_argument("--token", default=os.environ.get("REALTIME_TOKEN"), help="API token (env REALTIME_TOKEN)")
     c.add_argument("--voice", default=None)
-    c.add_argument("--format", default="pcm_s16le", choices=("pcm_s16le", "pcm_f32le", "mulaw", "alaw", "opus"))
-    c.add_argument("--container", default=None, choices=("raw", "wav", "ogg"), help="default: from the output file's extension")
+    c.add_argument(
+        "--format", default="pcm_s16le", choices=("pcm_s16le", "pcm_f32le", "mulaw", "alaw", "opus")
+    )
+    c.add_argument(
+        "--container",
+        default=None,
+        choices=("raw", "wav", "ogg"),
+        help="default: from the output file's extension",
+    )
     c.add_argument("--sample-rate", type=int, default=None)
     c.add_argument("--speed", type=float, default=1.0)
-    c.add_argument("--tokens-per-second", type=_non_negative_float, default=30.0, help="LLM-like pacing of the text deltas (0: all at once)")
+    c.add_argument(
+        "--tokens-per-second",
+        type=_non_negative_float,
+        default=30.0,
+        help="LLM-like pacing of the text deltas (0: all at once)",
+    )
     c.add_argument("-o", "--output", default=None, help="output file (.wav, .ogg, .raw) or - for stdout")
     c.set_defaults(func=cmd_say)
     return p

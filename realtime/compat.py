@@ -32,9 +32,13 @@ from .validation import check_text, parse_json
 
 # ---- the official CosyVoice FastAPI server ---------------------------------------------------------
 
-OFFICIAL_MODES = {"inference_sft": "sft", "inference_zero_shot": "zero_shot",
-                  "inference_cross_lingual": "cross_lingual", "inference_instruct": "instruct",
-                  "inference_instruct2": "instruct2"}
+OFFICIAL_MODES = {
+    "inference_sft": "sft",
+    "inference_zero_shot": "zero_shot",
+    "inference_cross_lingual": "cross_lingual",
+    "inference_instruct": "instruct",
+    "inference_instruct2": "instruct2",
+}
 
 
 async def _fields(request: Request, service: Service) -> tuple[dict[str, str], dict[str, UploadFile]]:
@@ -87,25 +91,44 @@ async def official(request: Request) -> Response:
         if not text.strip():
             raise ProtocolError("bad_request", "tts_text is required")
         if len(text) > config.limits.max_context_chars:
-            raise ProtocolError("too_large", f"tts_text may hold at most {config.limits.max_context_chars} characters")
+            raise ProtocolError(
+                "too_large", f"tts_text may hold at most {config.limits.max_context_chars} characters"
+            )
         mode = OFFICIAL_MODES[route]
         if mode == "instruct":
             if "instruct2" not in info.modes:
-                raise ProtocolError("bad_request", f"/inference_instruct needs an engine that follows instructions "
-                                    f"(instruct2, e.g. cosyvoice2); engine {info.engine_name!r} cannot")
+                raise ProtocolError(
+                    "bad_request",
+                    f"/inference_instruct needs an engine that follows instructions "
+                    f"(instruct2, e.g. cosyvoice2); engine {info.engine_name!r} cannot",
+                )
             if not fields.get("instruct_text"):
                 raise ProtocolError("bad_request", "instruct_text is required")
             mode = "instruct2"  # CosyVoice 1's speaker + instruction: instruct2 with that speaker's voice
         elif mode != "sft" and prompt_wav is None:
             raise ProtocolError("bad_request", f"/{route} needs the prompt_wav file field")
-        requested = {"voice": fields.get("spk_id") or info.default_voice, "mode": mode,
-                     "prompt_text": fields.get("prompt_text"), "instruct_text": fields.get("instruct_text")}
-        voice = parse_voice_options({k: v for k, v in requested.items() if v}, VoiceOptions(prompt_audio=prompt_wav),
-                                    info, config.limits)
+        requested = {
+            "voice": fields.get("spk_id") or info.default_voice,
+            "mode": mode,
+            "prompt_text": fields.get("prompt_text"),
+            "instruct_text": fields.get("instruct_text"),
+        }
+        voice = parse_voice_options(
+            {k: v for k, v in requested.items() if v},
+            VoiceOptions(prompt_audio=prompt_wav),
+            info,
+            config.limits,
+        )
         rate = service.engine.sample_rate
         encoder = make_encoder("pcm_s16le", rate, "raw", rate)
-        return await synthesis_response(service, text, synthesis_options(voice), encoder,
-                                        "application/octet-stream", {"X-Sample-Rate": str(rate)})
+        return await synthesis_response(
+            service,
+            text,
+            synthesis_options(voice),
+            encoder,
+            "application/octet-stream",
+            {"X-Sample-Rate": str(rate)},
+        )
     except (ProtocolError, EngineError) as e:
         return error_from(e, service.metrics)
 
@@ -113,11 +136,29 @@ async def official(request: Request) -> Response:
 # ---- OpenAI: POST /v1/audio/speech, GET /v1/models ----------------------------------------------------
 
 # response_format -> (our format, container, sample rate): OpenAI's pcm and wav are 24 kHz 16-bit
-OPENAI_FORMATS = {"mp3": ("mp3", "raw", 24000), "opus": ("opus", "ogg", 48000), "aac": ("aac", "raw", 24000),
-                  "flac": ("flac", "raw", 24000), "wav": ("pcm_s16le", "wav", 24000),
-                  "pcm": ("pcm_s16le", "raw", 24000)}
-OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
-                 "marin", "cedar")
+OPENAI_FORMATS = {
+    "mp3": ("mp3", "raw", 24000),
+    "opus": ("opus", "ogg", 48000),
+    "aac": ("aac", "raw", 24000),
+    "flac": ("flac", "raw", 24000),
+    "wav": ("pcm_s16le", "wav", 24000),
+    "pcm": ("pcm_s16le", "raw", 24000),
+}
+OPENAI_VOICES = (
+    "alloy",
+    "ash",
+    "ballad",
+    "coral",
+    "echo",
+    "fable",
+    "nova",
+    "onyx",
+    "sage",
+    "shimmer",
+    "verse",
+    "marin",
+    "cedar",
+)
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 _SPEECH_KEYS = {"model", "input", "voice", "instructions", "response_format", "speed", "stream_format"}
 OPENAI_MAX_INPUT = 4096
@@ -134,8 +175,9 @@ def resolve_voice(name: str, service: Service) -> str:
         return aliases[name]
     if name in OPENAI_VOICES and info.default_voice is not None:
         return info.default_voice
-    raise ProtocolError("unknown_voice", f"unknown voice {name!r}; see GET /v1/voices (OpenAI's voice names "
-                        "are accepted too)")
+    raise ProtocolError(
+        "unknown_voice", f"unknown voice {name!r}; see GET /v1/voices (OpenAI's voice names are accepted too)"
+    )
 
 
 class SseAudio:
@@ -158,8 +200,12 @@ class SseAudio:
 
     def done(self) -> bytes:
         # usage in what this server counts (OpenAI's token counts mean nothing here)
-        return self._event({"type": "speech.audio.done",
-                            "usage": {"input_characters": self.input_chars, "output_bytes": self.audio_bytes}})
+        return self._event(
+            {
+                "type": "speech.audio.done",
+                "usage": {"input_characters": self.input_chars, "output_bytes": self.audio_bytes},
+            }
+        )
 
     def error(self, code: str, message: str) -> bytes:
         return self._event({"type": "error", "error": {"code": code, "message": message}})
@@ -172,7 +218,9 @@ async def speech(request: Request) -> Response:
     service.metrics.http_requests.labels("/v1/audio/speech").inc()
     config, info = service.config, service.info
     try:
-        body = parse_json(await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body")
+        body = parse_json(
+            await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body"
+        )
         if not isinstance(body, dict):
             raise ProtocolError("bad_request", "body must be a JSON object")
         unknown = set(body) - _SPEECH_KEYS
@@ -213,8 +261,15 @@ async def speech(request: Request) -> Response:
         encoder = make_encoder(fmt, rate, container, service.engine.sample_rate)
         headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else {}
         events = SseAudio(len(text)) if stream_format == "sse" else None
-        return await synthesis_response(service, text, synthesis_options(options), encoder,
-                                        events.media_type if events else encoder.content_type, headers, events)
+        return await synthesis_response(
+            service,
+            text,
+            synthesis_options(options),
+            encoder,
+            events.media_type if events else encoder.content_type,
+            headers,
+            events,
+        )
     except (ProtocolError, EngineError) as e:
         return error_from(e, service.metrics)
 
@@ -223,15 +278,32 @@ async def models(request: Request) -> Response:
     """``GET /v1/models``: the model names the speech route accepts (all speak with this engine)."""
     engine = _service(request).engine
     names = (engine.name, *OPENAI_MODELS)
-    return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                                     "owned_by": "cosyvoice-realtime"} for name in names]})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "cosyvoice-realtime"}
+                for name in names
+            ],
+        }
+    )
 
 
 # ---- VoxCPM-style: POST /api/tts/stream -------------------------------------------------------------
 
 # that API's tuning fields, which mean nothing to our engines: accepted, reported as ignored
-VOXCPM_IGNORED = {"cfg_value", "inference_timesteps", "min_len", "max_len", "normalize", "denoise",
-                  "retry_badcase", "retry_badcase_max_times", "retry_badcase_ratio_threshold", "do_normalize"}
+VOXCPM_IGNORED = {
+    "cfg_value",
+    "inference_timesteps",
+    "min_len",
+    "max_len",
+    "normalize",
+    "denoise",
+    "retry_badcase",
+    "retry_badcase_max_times",
+    "retry_badcase_ratio_threshold",
+    "do_normalize",
+}
 
 
 async def tts_stream(request: Request) -> Response:
@@ -251,25 +323,38 @@ async def tts_stream(request: Request) -> Response:
         if not text.strip():
             raise ProtocolError("bad_request", "text is required")
         if len(text) > config.limits.max_context_chars:
-            raise ProtocolError("too_large", f"text may hold at most {config.limits.max_context_chars} characters")
+            raise ProtocolError(
+                "too_large", f"text may hold at most {config.limits.max_context_chars} characters"
+            )
         requested: dict = {"voice": fields.get("voice") or info.default_voice}
         if prompt_audio is not None:
             if "zero_shot" not in info.modes:
-                raise ProtocolError("bad_request", f"prompt_audio (voice cloning) needs an engine with zero_shot; "
-                                    f"engine {info.engine_name!r} has {list(info.modes)}")
+                raise ProtocolError(
+                    "bad_request",
+                    f"prompt_audio (voice cloning) needs an engine with zero_shot; "
+                    f"engine {info.engine_name!r} has {list(info.modes)}",
+                )
             if not fields.get("prompt_text"):
-                raise ProtocolError("bad_request", "prompt_text (the words spoken in prompt_audio) is required "
-                                    "with prompt_audio")
+                raise ProtocolError(
+                    "bad_request",
+                    "prompt_text (the words spoken in prompt_audio) is required with prompt_audio",
+                )
             requested = {"mode": "zero_shot", "prompt_text": fields["prompt_text"]}
         elif fields.get("prompt_text"):
             raise ProtocolError("bad_request", "prompt_text goes with a prompt_audio file")
-        options = parse_voice_options({k: v for k, v in requested.items() if v},
-                                      VoiceOptions(prompt_audio=prompt_audio), info, config.limits)
+        options = parse_voice_options(
+            {k: v for k, v in requested.items() if v},
+            VoiceOptions(prompt_audio=prompt_audio),
+            info,
+            config.limits,
+        )
         rate = service.engine.sample_rate
         encoder = make_encoder("pcm_s16le", rate, "wav", rate)
         ignored = sorted(set(fields) & VOXCPM_IGNORED)
         headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else {}
-        return await synthesis_response(service, text, synthesis_options(options), encoder, "audio/wav", headers)
+        return await synthesis_response(
+            service, text, synthesis_options(options), encoder, "audio/wav", headers
+        )
     except (ProtocolError, EngineError) as e:
         return error_from(e, service.metrics)
 

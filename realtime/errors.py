@@ -34,8 +34,14 @@ class ProtocolError(Exception):
     """A request refused with a typed error.  ``retry_after_ms`` goes with ``overloaded``: when
     trying again is likely to succeed."""
 
-    def __init__(self, code: str, message: str, context_id: str | None = None, fatal: bool = False,
-                 retry_after_ms: int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        context_id: str | None = None,
+        fatal: bool = False,
+        retry_after_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         if code not in ERROR_CODES:
             raise ValueError(f"unknown error code {code!r}")

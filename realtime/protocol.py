@@ -30,7 +30,6 @@ TRANSPORTS = ("binary", "json")
 PACINGS = ("asap", "realtime")
 
 
-
 @dataclass(frozen=True)
 class Limits:
     """Bounds on what one socket may send; everything a client controls is bounded."""
@@ -171,8 +170,9 @@ class SessionInfo:
     lookup_voice: Callable[[str], bool] | None = None
 
     def has_voice(self, voice: str | None) -> bool:
-        return voice in self.voices or (voice is not None and self.lookup_voice is not None
-                                        and self.lookup_voice(voice))
+        return voice in self.voices or (
+            voice is not None and self.lookup_voice is not None and self.lookup_voice(voice)
+        )
 
 
 @dataclass
@@ -197,8 +197,13 @@ class Protocol:
         if self.closed:
             return []
         try:
-            if len(data) > self.limits.max_frame_bytes or len(data.encode("utf-8", "surrogatepass")) > self.limits.max_frame_bytes:
-                raise ProtocolError("too_large", f"frame exceeds {self.limits.max_frame_bytes} bytes", fatal=True)
+            if (
+                len(data) > self.limits.max_frame_bytes
+                or len(data.encode("utf-8", "surrogatepass")) > self.limits.max_frame_bytes
+            ):
+                raise ProtocolError(
+                    "too_large", f"frame exceeds {self.limits.max_frame_bytes} bytes", fatal=True
+                )
             msg = parse_json(data, what="frame")
             if not isinstance(msg, dict):
                 raise ProtocolError("bad_request", "a message must be a JSON object")
@@ -218,13 +223,20 @@ class Protocol:
     def _dispatch(self, msg: dict) -> list[Event]:
         kind = msg.get("type")
         if not isinstance(kind, str) or kind not in _MESSAGE_KEYS:
-            raise ProtocolError("bad_request", f"unknown message type {kind!r}; expected one of {sorted(_MESSAGE_KEYS)}")
+            raise ProtocolError(
+                "bad_request", f"unknown message type {kind!r}; expected one of {sorted(_MESSAGE_KEYS)}"
+            )
         unknown = set(msg) - _MESSAGE_KEYS[kind]
         if unknown:
             raise ProtocolError("bad_request", f"unknown key(s) for {kind!r}: {sorted(unknown)}")
         cid = msg.get("context_id")
-        if cid is not None and (not isinstance(cid, str) or not cid or len(cid) > self.limits.max_context_id_chars):
-            raise ProtocolError("bad_request", f"context_id must be a non-empty string of at most {self.limits.max_context_id_chars} characters")
+        if cid is not None and (
+            not isinstance(cid, str) or not cid or len(cid) > self.limits.max_context_id_chars
+        ):
+            raise ProtocolError(
+                "bad_request",
+                f"context_id must be a non-empty string of at most {self.limits.max_context_id_chars} characters",
+            )
         if kind == "start":
             return self._start(msg)
         if kind == "cancel":
@@ -233,7 +245,9 @@ class Protocol:
 
     def _start(self, msg: dict) -> list[Event]:
         if self.started or self.contexts:
-            raise ProtocolError("bad_request", "start must be the first message of a session and may be sent once")
+            raise ProtocolError(
+                "bad_request", "start must be the first message of a session and may be sent once"
+            )
         voice = self._voice_options(msg, self.voice_defaults)
         self.output = parse_output_options(msg, self.info)
         self.voice_defaults = voice
@@ -241,17 +255,21 @@ class Protocol:
 
     def _ready(self) -> Send:
         self.started = True
-        return Send(_json({
-            "type": "ready",
-            "session_id": self.session_id,
-            "format": self.output.format,
-            "sample_rate": self.sample_rate,
-            "container": self.output.container,
-            "audio_transport": self.output.audio_transport,
-            "pacing": self.output.pacing,
-            "voice": self.voice_defaults.voice,
-            "engine": self.info.engine_name,
-        }))
+        return Send(
+            _json(
+                {
+                    "type": "ready",
+                    "session_id": self.session_id,
+                    "format": self.output.format,
+                    "sample_rate": self.sample_rate,
+                    "container": self.output.container,
+                    "audio_transport": self.output.audio_transport,
+                    "pacing": self.output.pacing,
+                    "voice": self.voice_defaults.voice,
+                    "engine": self.info.engine_name,
+                }
+            )
+        )
 
     @property
     def sample_rate(self) -> int:
@@ -269,7 +287,11 @@ class Protocol:
             if not isinstance(text, str):
                 raise ProtocolError("bad_request", "text must be a string", cid)
             if len(text) > self.limits.max_text_frame_chars:
-                raise ProtocolError("too_large", f"a text delta may hold at most {self.limits.max_text_frame_chars} characters", cid)
+                raise ProtocolError(
+                    "too_large",
+                    f"a text delta may hold at most {self.limits.max_text_frame_chars} characters",
+                    cid,
+                )
         explicit = cid is not None
         if cid is None:
             cid = self.current if self.current in self.contexts else None
@@ -280,7 +302,11 @@ class Protocol:
             if cid is not None and cid in self._finished:
                 raise ProtocolError("bad_request", f"context {cid!r} is finished; use a new context_id", cid)
             if len(self.contexts) >= self.limits.max_open_contexts:
-                raise ProtocolError("overloaded", f"at most {self.limits.max_open_contexts} contexts may be open on one socket", cid)
+                raise ProtocolError(
+                    "overloaded",
+                    f"at most {self.limits.max_open_contexts} contexts may be open on one socket",
+                    cid,
+                )
             options = self._voice_options(msg, self.voice_defaults)
             if not self.started:
                 events.append(self._ready())
@@ -289,14 +315,18 @@ class Protocol:
             events.append(OpenContext(cid, options))
         else:
             if _VOICE_KEYS & set(msg):
-                raise ProtocolError("bad_request", "voice options may only be set on a context's first message", cid)
+                raise ProtocolError(
+                    "bad_request", "voice options may only be set on a context's first message", cid
+                )
             if ctx.state is not ContextState.OPEN:
                 raise ProtocolError("bad_request", f"context {cid!r} has ended; no more {kind} for it", cid)
         self.current = cid
         if kind == "text":
             assert isinstance(text, str)
             if ctx.chars + len(text) > self.limits.max_context_chars:
-                raise ProtocolError("too_large", f"a context may hold at most {self.limits.max_context_chars} characters", cid)
+                raise ProtocolError(
+                    "too_large", f"a context may hold at most {self.limits.max_context_chars} characters", cid
+                )
             ctx.chars += len(text)
             if text:
                 events.append(PushText(cid, text))
@@ -325,7 +355,9 @@ class Protocol:
         return [CancelContext(c.id) for c in targets]
 
     def _error_events(self, e: ProtocolError) -> list[Event]:
-        events: list[Event] = [Send(self.error_frame(e.code, e.message, e.fatal, e.context_id, e.retry_after_ms), e.code)]
+        events: list[Event] = [
+            Send(self.error_frame(e.code, e.message, e.fatal, e.context_id, e.retry_after_ms), e.code)
+        ]
         if e.fatal:
             self.closed = True
             events.append(Close(e.close_code, e.message[:120]))
@@ -340,15 +372,27 @@ class Protocol:
         ctx.seq += 1
         if self.output.audio_transport == "binary":
             return data
-        return _json({"type": "audio", "context_id": context_id, "seq": ctx.seq,
-                      "data": base64.b64encode(data).decode("ascii")})
+        return _json(
+            {
+                "type": "audio",
+                "context_id": context_id,
+                "seq": ctx.seq,
+                "data": base64.b64encode(data).decode("ascii"),
+            }
+        )
 
     def mark(self, context_id: str, text_offset: int, audio_ms: float) -> str | None:
         ctx = self.contexts.get(context_id)
         if ctx is None or ctx.state is ContextState.CANCELLING:
             return None
-        return _json({"type": "mark", "context_id": context_id, "text_offset": text_offset,
-                      "audio_ms": round(audio_ms, 1)})
+        return _json(
+            {
+                "type": "mark",
+                "context_id": context_id,
+                "text_offset": text_offset,
+                "audio_ms": round(audio_ms, 1),
+            }
+        )
 
     def flushed(self, context_id: str) -> str | None:
         ctx = self.contexts.get(context_id)
@@ -370,7 +414,9 @@ class Protocol:
         self._finish(context_id)
         return _json({"type": "cancelled", "context_id": context_id})
 
-    def failed(self, context_id: str, code: str, message: str, retry_after_ms: int | None = None) -> str | None:
+    def failed(
+        self, context_id: str, code: str, message: str, retry_after_ms: int | None = None
+    ) -> str | None:
         """The service gave up on a context (no capacity, no text for too long, unknown voice found
         late, model error): report it and finish the context."""
         if context_id not in self.contexts:
@@ -387,8 +433,13 @@ class Protocol:
             self._finished.popitem(last=False)
 
     @staticmethod
-    def error_frame(code: str, message: str, fatal: bool = False, context_id: str | None = None,
-                    retry_after_ms: int | None = None) -> str:
+    def error_frame(
+        code: str,
+        message: str,
+        fatal: bool = False,
+        context_id: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> str:
         body: dict[str, object] = {"type": "error", "code": code, "message": message, "fatal": fatal}
         if context_id is not None:
             body["context_id"] = context_id
@@ -421,17 +472,26 @@ def parse_voice_options(msg: dict, base: VoiceOptions, info: SessionInfo, limits
     if opts.mode not in MODES:
         raise ProtocolError("bad_request", f"mode must be one of {list(MODES)}")
     if opts.mode not in info.modes:
-        raise ProtocolError("bad_request", f"mode {opts.mode!r} is not supported by engine {info.engine_name!r} (supported: {list(info.modes)})")
+        raise ProtocolError(
+            "bad_request",
+            f"mode {opts.mode!r} is not supported by engine {info.engine_name!r} (supported: {list(info.modes)})",
+        )
     if not 0.25 <= float(opts.speed) <= 4.0:
         raise ProtocolError("bad_request", "speed must be between 0.25 and 4.0")
     if opts.token_hop_len is not None and not 1 <= opts.token_hop_len <= 200:
         raise ProtocolError("bad_request", "token_hop_len must be between 1 and 200")
     if opts.voice is not None and opts.mode == "sft" and not info.has_voice(opts.voice):
         raise ProtocolError("unknown_voice", f"unknown voice {opts.voice!r}; see GET /v1/voices")
-    if opts.mode in ("zero_shot", "cross_lingual", "instruct2") and opts.prompt_audio is None and not info.has_voice(opts.voice):
+    if (
+        opts.mode in ("zero_shot", "cross_lingual", "instruct2")
+        and opts.prompt_audio is None
+        and not info.has_voice(opts.voice)
+    ):
         raise ProtocolError("bad_request", f"mode {opts.mode} needs prompt_audio (or a registered voice)")
     if opts.mode == "zero_shot" and opts.prompt_audio is not None and not opts.prompt_text:
-        raise ProtocolError("bad_request", "zero_shot with prompt_audio needs prompt_text (the words spoken in it)")
+        raise ProtocolError(
+            "bad_request", "zero_shot with prompt_audio needs prompt_text (the words spoken in it)"
+        )
     if opts.mode == "instruct2" and not opts.instruct_text:
         raise ProtocolError("bad_request", "instruct2 needs instruct_text")
     return opts
@@ -451,7 +511,9 @@ def parse_output_options(msg: dict, info: SessionInfo) -> OutputOptions:
     if out.pacing not in PACINGS:
         raise ProtocolError("bad_request", f"pacing must be one of {list(PACINGS)}")
     if out.container not in CONTAINERS[out.format]:
-        raise ProtocolError("bad_request", f"container for {out.format} must be one of {list(CONTAINERS[out.format])}")
+        raise ProtocolError(
+            "bad_request", f"container for {out.format} must be one of {list(CONTAINERS[out.format])}"
+        )
     if info.output_check is not None:
         problem = info.output_check(out, info.native_rate)
         if problem:

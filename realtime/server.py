@@ -55,7 +55,6 @@ from .validation import check_text, parse_json
 log = logging.getLogger("realtime.server")
 
 
-
 @dataclass
 class ServerConfig:
     token: str | None = None
@@ -82,8 +81,11 @@ class ServerConfig:
 def uvicorn_config(app: ASGIApp, config: ServerConfig, **kwargs: Any) -> uvicorn.Config:
     """A uvicorn configuration that serves ``app`` with this config's protocol deadlines: the CLI
     and the tests serve the same way."""
-    deadlines = Deadlines(header_s=config.header_timeout, close_s=config.close_timeout,
-                          stall_s=config.send_timeout + config.close_timeout)
+    deadlines = Deadlines(
+        header_s=config.header_timeout,
+        close_s=config.close_timeout,
+        stall_s=config.send_timeout + config.close_timeout,
+    )
     return uvicorn.Config(app, **kwargs, **uvicorn_options(config.limits.max_frame_bytes, deadlines))
 
 
@@ -152,8 +154,12 @@ class Service:
         self.capacity = config.max_streams or engine.capacity
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
-        self.metrics.watch(lambda: self.runtime.admission.active, lambda: self.runtime.admission.capacity,
-                           lambda: self.runtime.admission.waiting, lambda: self.lifecycle.draining)
+        self.metrics.watch(
+            lambda: self.runtime.admission.active,
+            lambda: self.runtime.admission.capacity,
+            lambda: self.runtime.admission.waiting,
+            lambda: self.lifecycle.draining,
+        )
         self.metrics.add_engine(engine.stats, engine.distributions)
         self._runtime: Runtime | None = None
 
@@ -165,10 +171,15 @@ class Service:
             self._runtime = Runtime(
                 engine=self.engine,
                 admission=Admission(self.capacity, c.max_streams_per_session, c.queue_timeout),
-                buffer_seconds=c.buffer_seconds, frame_ms=c.frame_ms, send_timeout=c.send_timeout,
-                idle_timeout=c.idle_timeout, context_idle_timeout=c.context_idle_timeout,
-                realtime_lead_ms=c.realtime_lead_ms, realtime_batch_ms=c.realtime_batch_ms,
-                lifecycle=self.lifecycle, metrics=self.metrics,
+                buffer_seconds=c.buffer_seconds,
+                frame_ms=c.frame_ms,
+                send_timeout=c.send_timeout,
+                idle_timeout=c.idle_timeout,
+                context_idle_timeout=c.context_idle_timeout,
+                realtime_lead_ms=c.realtime_lead_ms,
+                realtime_batch_ms=c.realtime_batch_ms,
+                lifecycle=self.lifecycle,
+                metrics=self.metrics,
             )
         return self._runtime
 
@@ -180,8 +191,11 @@ class Service:
 
     def refuse_if_draining(self) -> None:
         if self.lifecycle.draining:
-            raise ProtocolError("going_away", "the server is shutting down; another replica will answer",
-                                retry_after_ms=RETRY_AFTER_MS)
+            raise ProtocolError(
+                "going_away",
+                "the server is shutting down; another replica will answer",
+                retry_after_ms=RETRY_AFTER_MS,
+            )
 
     async def drain(self, timeout: float) -> bool:
         """Stop admitting, let what is speaking finish (up to ``timeout`` s), close the rest."""
@@ -193,8 +207,13 @@ def _service(conn: Request | WebSocket) -> Service:
 
 
 # ---- errors -------------------------------------------------------------------------------------
-def error_response(code: str, message: str, status: int | None = None, retry_after_ms: int | None = None,
-                   metrics: Metrics | None = None) -> JSONResponse:
+def error_response(
+    code: str,
+    message: str,
+    status: int | None = None,
+    retry_after_ms: int | None = None,
+    metrics: Metrics | None = None,
+) -> JSONResponse:
     """The JSON error response of ``code`` (counted in ``metrics`` when given)."""
     if metrics is not None:
         metrics.errors.labels(code).inc()
@@ -204,7 +223,9 @@ def error_response(code: str, message: str, status: int | None = None, retry_aft
 
 
 def error_from(e: ProtocolError | EngineError, metrics: Metrics | None = None) -> JSONResponse:
-    return error_response(e.code, e.message, retry_after_ms=getattr(e, "retry_after_ms", None), metrics=metrics)
+    return error_response(
+        e.code, e.message, retry_after_ms=getattr(e, "retry_after_ms", None), metrics=metrics
+    )
 
 
 def _app_metrics(scope: Scope) -> Metrics | None:
@@ -253,22 +274,30 @@ class TokenAuth:
         problem = check_token(self.token, request.headers, request.query_params)
         if problem:
             code = 401 if problem == "missing" else 403
-            await error_response("unauthorized", f"{problem} API token", code,
-                                 metrics=_app_metrics(scope))(scope, receive, send)
+            await error_response("unauthorized", f"{problem} API token", code, metrics=_app_metrics(scope))(
+                scope, receive, send
+            )
             return
         await self.app(scope, receive, send)
 
 
 # ---- static web client ----------------------------------------------------------------------------
-_STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml",
-                 ".png": "image/png"}
+_STATIC_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
 
 
 def _is_static(path: str) -> bool:
     if path in ("/", "/index.html"):
         return True
     name = path.rsplit("/", 1)[-1]
-    return (path.startswith("/static/") or path.count("/") == 1) and any(name.endswith(s) for s in _STATIC_TYPES)
+    return (path.startswith("/static/") or path.count("/") == 1) and any(
+        name.endswith(s) for s in _STATIC_TYPES
+    )
 
 
 async def static_file(request: Request) -> Response:
@@ -278,7 +307,7 @@ async def static_file(request: Request) -> Response:
     path = importlib.resources.files("realtime.web") / name
     if not path.is_file():
         return error_response("not_found", f"{name} not found")
-    suffix = name[name.rfind("."):]
+    suffix = name[name.rfind(".") :]
     return FileResponse(str(path), media_type=_STATIC_TYPES[suffix], headers={"Cache-Control": "no-cache"})
 
 
@@ -290,7 +319,9 @@ async def stream(ws: WebSocket) -> None:
     if problem:
         service.metrics.errors.labels("unauthorized").inc()
         status = 401 if problem == "missing" else 403
-        body = JSONResponse({"error": {"code": "unauthorized", "message": f"{problem} API token"}}, status_code=status)
+        body = JSONResponse(
+            {"error": {"code": "unauthorized", "message": f"{problem} API token"}}, status_code=status
+        )
         try:
             await ws.send_denial_response(body)
         except RuntimeError:  # server without the denial extension: refuse with a policy close
@@ -298,8 +329,14 @@ async def stream(ws: WebSocket) -> None:
         return
     if service.lifecycle.draining:
         with contextlib.suppress(RuntimeError):
-            await ws.send_denial_response(error_response("going_away", "the server is shutting down; reconnect",
-                                                         retry_after_ms=RETRY_AFTER_MS, metrics=service.metrics))
+            await ws.send_denial_response(
+                error_response(
+                    "going_away",
+                    "the server is shutting down; reconnect",
+                    retry_after_ms=RETRY_AFTER_MS,
+                    metrics=service.metrics,
+                )
+            )
             return
         await ws.close(code=1001, reason="going away")
         return
@@ -307,15 +344,23 @@ async def stream(ws: WebSocket) -> None:
     if service.sessions >= config.max_sessions:
         service.metrics.errors.labels("overloaded").inc()
         with contextlib.suppress(Exception):
-            await ws.send_text(Protocol.error_frame("overloaded", "too many sessions; try again later", True,
-                                                    retry_after_ms=1000))
+            await ws.send_text(
+                Protocol.error_frame(
+                    "overloaded", "too many sessions; try again later", True, retry_after_ms=1000
+                )
+            )
             await ws.close(code=1013, reason="too many sessions")
         return
     service.sessions += 1
     try:
-        session = Session(service.runtime, Protocol(service.info, config.limits),
-                          _ws_receiver(ws), _ws_sender(ws), _ws_closer(ws),
-                          ws.scope.get("extensions", {}).get(ACTIVITY_EXTENSION))
+        session = Session(
+            service.runtime,
+            Protocol(service.info, config.limits),
+            _ws_receiver(ws),
+            _ws_sender(ws),
+            _ws_closer(ws),
+            ws.scope.get("extensions", {}).get(ACTIVITY_EXTENSION),
+        )
         await session.run()
     finally:
         service.sessions -= 1
@@ -332,6 +377,7 @@ def _ws_receiver(ws: WebSocket):
         if msg.get("text") is not None:
             return msg["text"]
         return msg.get("bytes") or b""
+
     return receive
 
 
@@ -341,6 +387,7 @@ def _ws_sender(ws: WebSocket):
             await ws.send_text(data)
         else:
             await ws.send_bytes(data)
+
     return send
 
 
@@ -348,6 +395,7 @@ def _ws_closer(ws: WebSocket):
     async def close(code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
             await ws.close(code=code, reason=reason)
+
     return close
 
 
@@ -360,9 +408,16 @@ class AudioStreamResponse(Response):
     always gives its place back.
     """
 
-    def __init__(self, synthesis: Synthesis, deliveries: AsyncIterator[Delivery], first: Delivery,
-                 media_type: str, send_timeout: float, headers: dict[str, str] | None = None,
-                 events: Any = None) -> None:
+    def __init__(
+        self,
+        synthesis: Synthesis,
+        deliveries: AsyncIterator[Delivery],
+        first: Delivery,
+        media_type: str,
+        send_timeout: float,
+        headers: dict[str, str] | None = None,
+        events: Any = None,
+    ) -> None:
         self.status_code = 200
         self.media_type = media_type
         self.background = None
@@ -371,7 +426,9 @@ class AudioStreamResponse(Response):
         self.deliveries = deliveries
         self.first = first
         self.send_timeout = send_timeout
-        self.events = events  # wraps each piece of audio (e.g. compat.SseAudio), or None: the bytes as they are
+        self.events = (
+            events  # wraps each piece of audio (e.g. compat.SseAudio), or None: the bytes as they are
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = asyncio.create_task(self._body(send))
@@ -399,14 +456,17 @@ class AudioStreamResponse(Response):
 
     async def _body(self, send: Send) -> None:
         try:
-            await self._send(send, {"type": "http.response.start", "status": self.status_code,
-                                    "headers": self.raw_headers})
+            await self._send(
+                send, {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             events, end = self.events, b""
             async for item in _chain(self.first, self.deliveries):
                 if isinstance(item, Audio):
                     for frame in item.frames:
                         body = events.frame(frame) if events else frame
-                        await self._send(send, {"type": "http.response.body", "body": body, "more_body": True})
+                        await self._send(
+                            send, {"type": "http.response.body", "body": body, "more_body": True}
+                        )
                 elif isinstance(item, Failed):
                     # headers are gone already: the stream just ends (with an error event where the
                     # format has one), and the log says why
@@ -434,13 +494,26 @@ async def _chain(first: Delivery, rest: AsyncIterator[Delivery]) -> AsyncIterato
         yield item
 
 
-async def synthesis_response(service: Service, text: str, options: SynthesisOptions, encoder: AudioEncoder,
-                             media_type: str, headers: dict[str, str] | None = None, events: Any = None) -> Response:
+async def synthesis_response(
+    service: Service,
+    text: str,
+    options: SynthesisOptions,
+    encoder: AudioEncoder,
+    media_type: str,
+    headers: dict[str, str] | None = None,
+    events: Any = None,
+) -> Response:
     """Speak ``text`` (all of it, at once) and stream the audio; an error found before the first
     audio (no capacity, a voice that cannot be used) is an HTTP error instead."""
     service.refuse_if_draining()
-    synthesis = Synthesis(service.engine, options, service.runtime.admission, f"http-{uuid.uuid4()}",
-                          service.config.buffer_seconds, service.metrics)
+    synthesis = Synthesis(
+        service.engine,
+        options,
+        service.runtime.admission,
+        f"http-{uuid.uuid4()}",
+        service.config.buffer_seconds,
+        service.metrics,
+    )
     deliveries = synthesis.deliver(encoder)
     try:
         synthesis.push(text)
@@ -448,8 +521,9 @@ async def synthesis_response(service: Service, text: str, options: SynthesisOpti
         first = await anext(deliveries)
         if isinstance(first, Failed):
             raise ProtocolError(first.code, first.message, retry_after_ms=first.retry_after_ms)
-        return AudioStreamResponse(synthesis, deliveries, first, media_type, service.config.send_timeout, headers,
-                                   events)
+        return AudioStreamResponse(
+            synthesis, deliveries, first, media_type, service.config.send_timeout, headers, events
+        )
     except BaseException:
         synthesis.close()
         await deliveries.aclose()
@@ -496,8 +570,20 @@ async def read_form(request: Request, limits: Limits, timeout: float) -> FormDat
     return form
 
 
-_TTS_KEYS = {"text", "voice", "mode", "prompt_text", "prompt_audio", "instruct_text", "speed", "token_hop_len",
-             "seed", "format", "sample_rate", "container"}
+_TTS_KEYS = {
+    "text",
+    "voice",
+    "mode",
+    "prompt_text",
+    "prompt_audio",
+    "instruct_text",
+    "speed",
+    "token_hop_len",
+    "seed",
+    "format",
+    "sample_rate",
+    "container",
+}
 
 
 async def tts(request: Request) -> Response:
@@ -506,9 +592,11 @@ async def tts(request: Request) -> Response:
     service.metrics.http_requests.labels("/v1/tts").inc()
     config, info = service.config, service.info
     try:
-        body = parse_json(await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body")
+        body = parse_json(
+            await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body"
+        )
         if not isinstance(body, dict):
-            raise ProtocolError("bad_request", "body must be a JSON object: {\"text\": ..., options}")
+            raise ProtocolError("bad_request", 'body must be a JSON object: {"text": ..., options}')
         unknown = set(body) - _TTS_KEYS
         if unknown:
             raise ProtocolError("bad_request", f"unknown key(s): {sorted(unknown)}")
@@ -516,13 +604,21 @@ async def tts(request: Request) -> Response:
         if not isinstance(text, str) or not text.strip():
             raise ProtocolError("bad_request", "text must be a non-empty string")
         if len(text) > config.limits.max_context_chars:
-            raise ProtocolError("too_large", f"text may hold at most {config.limits.max_context_chars} characters")
+            raise ProtocolError(
+                "too_large", f"text may hold at most {config.limits.max_context_chars} characters"
+            )
         body.setdefault("container", "wav" if body.get("format", "pcm_s16le") != "opus" else "ogg")
         out = parse_output_options(body, info)
         voice = parse_voice_options(body, VoiceOptions(voice=info.default_voice), info, config.limits)
-        rate = out.sample_rate if out.sample_rate is not None else default_sample_rate(out.format, service.engine.sample_rate)
+        rate = (
+            out.sample_rate
+            if out.sample_rate is not None
+            else default_sample_rate(out.format, service.engine.sample_rate)
+        )
         encoder = make_encoder(out.format, rate, out.container, service.engine.sample_rate)
-        return await synthesis_response(service, text, synthesis_options(voice), encoder, encoder.content_type)
+        return await synthesis_response(
+            service, text, synthesis_options(voice), encoder, encoder.content_type
+        )
     except (ProtocolError, EngineError) as e:
         return error_from(e, service.metrics)
 
@@ -534,13 +630,20 @@ async def register_voice(request: Request) -> Response:
     service.metrics.http_requests.labels("/v1/voices").inc()
     register = getattr(service.engine, "register_voice", None)
     if register is None:
-        return error_response("not_found", f"engine {service.engine.name!r} cannot register voices",
-                              metrics=service.metrics)
+        return error_response(
+            "not_found", f"engine {service.engine.name!r} cannot register voices", metrics=service.metrics
+        )
     try:
         form = await read_form(request, service.config.limits, service.config.body_timeout)
         voice_id, prompt_text, upload = form.get("voice_id"), form.get("prompt_text"), form.get("prompt_wav")
-        if not isinstance(voice_id, str) or not isinstance(prompt_text, str) or not isinstance(upload, UploadFile):
-            raise ProtocolError("bad_request", "multipart fields voice_id, prompt_text and prompt_wav (a file) are required")
+        if (
+            not isinstance(voice_id, str)
+            or not isinstance(prompt_text, str)
+            or not isinstance(upload, UploadFile)
+        ):
+            raise ProtocolError(
+                "bad_request", "multipart fields voice_id, prompt_text and prompt_wav (a file) are required"
+            )
         wav = await upload.read()
         if len(wav) > service.config.limits.max_prompt_audio_bytes:
             raise ProtocolError("too_large", "prompt_wav is too large")
@@ -554,10 +657,18 @@ async def register_voice(request: Request) -> Response:
 async def health(request: Request) -> Response:
     service = _service(request)
     admission = service.runtime.admission
-    return JSONResponse({"status": "draining" if service.lifecycle.draining else "ok", "engine": service.engine.name,
-                         "sample_rate": service.engine.sample_rate, "sessions": service.sessions,
-                         "streams": admission.active, "capacity": admission.capacity, "waiting": admission.waiting,
-                         "load": service.load})
+    return JSONResponse(
+        {
+            "status": "draining" if service.lifecycle.draining else "ok",
+            "engine": service.engine.name,
+            "sample_rate": service.engine.sample_rate,
+            "sessions": service.sessions,
+            "streams": admission.active,
+            "capacity": admission.capacity,
+            "waiting": admission.waiting,
+            "load": service.load,
+        }
+    )
 
 
 async def health_live(request: Request) -> Response:
@@ -570,8 +681,13 @@ async def health_ready(request: Request) -> Response:
     draining, and it has a free place; 503 otherwise, so the balancer sends new clients elsewhere."""
     service = _service(request)
     admission = service.runtime.admission
-    reason = ("draining" if service.lifecycle.draining
-              else "at capacity" if admission.active >= admission.capacity else None)
+    reason = (
+        "draining"
+        if service.lifecycle.draining
+        else "at capacity"
+        if admission.active >= admission.capacity
+        else None
+    )
     body = {"status": "ready" if reason is None else "not ready", "load": service.load}
     if reason is not None:
         body["reason"] = reason
@@ -580,16 +696,18 @@ async def health_ready(request: Request) -> Response:
 
 async def voices(request: Request) -> Response:
     engine = _service(request).engine
-    return JSONResponse({
-        "engine": engine.name,
-        "sample_rate": engine.sample_rate,
-        "default_voice": engine.default_voice,
-        "modes": list(engine.modes),
-        "voices": [v.__dict__ for v in engine.voices()],
-        "formats": list(FORMATS),
-        "sample_rates": sorted({r for f in FORMATS for r in allowed_sample_rates(f, engine.sample_rate)}),
-        "sample_rates_by_format": {f: list(allowed_sample_rates(f, engine.sample_rate)) for f in FORMATS},
-    })
+    return JSONResponse(
+        {
+            "engine": engine.name,
+            "sample_rate": engine.sample_rate,
+            "default_voice": engine.default_voice,
+            "modes": list(engine.modes),
+            "voices": [v.__dict__ for v in engine.voices()],
+            "formats": list(FORMATS),
+            "sample_rates": sorted({r for f in FORMATS for r in allowed_sample_rates(f, engine.sample_rate)}),
+            "sample_rates_by_format": {f: list(allowed_sample_rates(f, engine.sample_rate)) for f in FORMATS},
+        }
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -621,12 +739,23 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         Route("/static/{name}", static_file),
         Route("/{name}", static_file),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_exception, Exception: internal_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_exception, Exception: internal_error},
+    )
     app.router.default = not_found
     app.add_middleware(TokenAuth, token=config.token)
     app.state.service = service
     return app
 
 
-__all__ = ["ERROR_CODES", "DrainingServer", "ServerConfig", "Service", "create_app", "error_response", "session_info"]
+__all__ = [
+    "ERROR_CODES",
+    "DrainingServer",
+    "ServerConfig",
+    "Service",
+    "create_app",
+    "error_response",
+    "session_info",
+]

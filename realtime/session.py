@@ -51,7 +51,9 @@ class Runtime:
     idle_timeout: float = 300.0  # no message (pings count) and no open context for this long → close
     context_idle_timeout: float = 30.0  # an open context with no text and no audio for this long → ended
     realtime_lead_ms: int = 300
-    realtime_batch_ms: int = 100  # paced frames go out between lead and lead + batch + margin ahead (see _Pacer)
+    realtime_batch_ms: int = (
+        100  # paced frames go out between lead and lead + batch + margin ahead (see _Pacer)
+    )
     lifecycle: Lifecycle = field(default_factory=Lifecycle)  # serving or draining, and the open sessions
     metrics: Metrics = field(default_factory=Metrics)
 
@@ -63,13 +65,15 @@ class ClientGone(Exception):
 class ContextRunner:
     """One context: its synthesis and the task that encodes and sends its audio."""
 
-    def __init__(self, session: Session, context_id: str, options: SynthesisOptions,
-                 previous: ContextRunner | None) -> None:
+    def __init__(
+        self, session: Session, context_id: str, options: SynthesisOptions, previous: ContextRunner | None
+    ) -> None:
         self.session = session
         self.id = context_id
         rt = session.rt
-        self.synthesis = Synthesis(rt.engine, options, rt.admission, session.protocol.session_id, rt.buffer_seconds,
-                                   rt.metrics)
+        self.synthesis = Synthesis(
+            rt.engine, options, rt.admission, session.protocol.session_id, rt.buffer_seconds, rt.metrics
+        )
         self.previous = previous  # binary transport: speak after this one
         self.finished = asyncio.Event()  # done/cancelled/error frame sent (or abandoned)
         self.ended = False  # the client sent `end`: no more input will come
@@ -143,10 +147,15 @@ class ContextRunner:
     async def _pump(self) -> str:
         s = self.session
         out = s.protocol.output
-        encoder = make_encoder(out.format, s.protocol.sample_rate, out.container, s.rt.engine.sample_rate,
-                               frame_ms=s.rt.frame_ms)
-        pacer = _Pacer(out.pacing == "realtime", s.rt.realtime_lead_ms / 1000, s.rt.realtime_batch_ms / 1000,
-                       s.rt.metrics)
+        encoder = make_encoder(
+            out.format, s.protocol.sample_rate, out.container, s.rt.engine.sample_rate, frame_ms=s.rt.frame_ms
+        )
+        pacer = _Pacer(
+            out.pacing == "realtime",
+            s.rt.realtime_lead_ms / 1000,
+            s.rt.realtime_batch_ms / 1000,
+            s.rt.metrics,
+        )
         async with contextlib.aclosing(self.synthesis.deliver(encoder)) as deliveries:
             async for item in deliveries:
                 if isinstance(item, Audio):
@@ -170,10 +179,14 @@ class ContextRunner:
                     if stats["rtf"] is not None:
                         s.rt.metrics.rtf.observe(stats["rtf"])
                     if self.first_audio_at is not None and self._audio_end_s > 0:
-                        s.rt.metrics.delivery.observe((time.perf_counter() - self.first_audio_at) / self._audio_end_s)
+                        s.rt.metrics.delivery.observe(
+                            (time.perf_counter() - self.first_audio_at) / self._audio_end_s
+                        )
                     return "done"
                 else:
-                    await s.send_text(s.protocol.failed(self.id, item.code, item.message, item.retry_after_ms))
+                    await s.send_text(
+                        s.protocol.failed(self.id, item.code, item.message, item.retry_after_ms)
+                    )
                     return "overloaded" if item.code == "overloaded" else "error"
         return "error"
 
@@ -222,7 +235,9 @@ class ContextRunner:
             "audio_ms": round(audio_ms, 1),
             "wall_ms": round(wall_ms, 1),  # engine opened -> last audio, waiting for streamed text included
             "compute_ms": round(compute_ms, 1),  # model time spent on it (its share of batched calls)
-            "rtf": round(compute_ms / audio_ms, 3) if audio_ms else None,  # compute / audio: a real-time factor
+            "rtf": round(compute_ms / audio_ms, 3)
+            if audio_ms
+            else None,  # compute / audio: a real-time factor
             "synth_ms": round(wall_ms, 1),  # deprecated: the old name of wall_ms, kept for one release
         }
 
@@ -237,8 +252,14 @@ class _Pacer:
     sessions affordable, and the margin absorbs a busy loop's wake-up latency.
     """
 
-    def __init__(self, enabled: bool, lead: float, batch: float, metrics: Metrics | None = None,
-                 margin: float = _PACING_MARGIN) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        lead: float,
+        batch: float,
+        metrics: Metrics | None = None,
+        margin: float = _PACING_MARGIN,
+    ) -> None:
         self.enabled = enabled
         self.metrics = metrics
         self.lead = lead
@@ -278,11 +299,15 @@ class Session:
     of the client's last sign of life, WebSocket pings included (a pooled connection idle between
     turns pings and is not idle); without it only messages count."""
 
-    def __init__(self, rt: Runtime, protocol: Protocol,
-                 receive: Callable[[], Awaitable[str | bytes | None]],
-                 send_raw: Callable[[str | bytes], Awaitable[None]],
-                 close: Callable[[int, str], Awaitable[None]],
-                 activity: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        protocol: Protocol,
+        receive: Callable[[], Awaitable[str | bytes | None]],
+        send_raw: Callable[[str | bytes], Awaitable[None]],
+        close: Callable[[int, str], Awaitable[None]],
+        activity: Callable[[], float] | None = None,
+    ) -> None:
         self.rt = rt
         self.protocol = protocol
         self.loop = asyncio.get_running_loop()
@@ -344,7 +369,11 @@ class Session:
         now = self.loop.time()
         sending = self._sending
         if sending is not None and now - sending[1] > self.rt.send_timeout:
-            log.warning("session %s: client did not read for %.1fs; closing", self.protocol.session_id, self.rt.send_timeout)
+            log.warning(
+                "session %s: client did not read for %.1fs; closing",
+                self.protocol.session_id,
+                self.rt.send_timeout,
+            )
             self._stalled = sending[0]
             self._fail((1008, "client is not reading"))  # cancels the main task unless it is the one stuck
             sending[0].cancel()
@@ -355,7 +384,12 @@ class Session:
                 runner.stop()  # now, not in the task: a teardown may cancel that before it runs
                 self._spawn(self._expire(runner))
         last = max(self._last_message, self._activity() if self._activity is not None else 0.0)
-        if not self.runners and now - last > self.rt.idle_timeout and not self._closing and not self._idle_closing:
+        if (
+            not self.runners
+            and now - last > self.rt.idle_timeout
+            and not self._closing
+            and not self._idle_closing
+        ):
             self._idle_closing = True
             self._spawn(self._idle_close())
         # keep watching: the frames that say why a context or the socket ends are sends too
@@ -370,9 +404,14 @@ class Session:
         """A context that waited on its client too long (already stopped): say why."""
         await runner.wait()
         with contextlib.suppress(ClientGone):
-            await self.send_text(self.protocol.failed(
-                runner.id, "timeout", f"no text for {self.rt.context_idle_timeout:g} s: context ended "
-                "(send end when an utterance is complete)"))
+            await self.send_text(
+                self.protocol.failed(
+                    runner.id,
+                    "timeout",
+                    f"no text for {self.rt.context_idle_timeout:g} s: context ended "
+                    "(send end when an utterance is complete)",
+                )
+            )
 
     # -- draining (realtime.lifecycle) ----------------------------------------------------------
     def drain(self) -> None:
@@ -387,22 +426,34 @@ class Session:
 
     async def _go_away(self) -> None:
         with contextlib.suppress(ClientGone):
-            await self.send_text(self.protocol.error_frame(
-                "going_away", "the server is shutting down: reconnect (another replica will answer)", fatal=True,
-                retry_after_ms=RETRY_AFTER_MS))
+            await self.send_text(
+                self.protocol.error_frame(
+                    "going_away",
+                    "the server is shutting down: reconnect (another replica will answer)",
+                    fatal=True,
+                    retry_after_ms=RETRY_AFTER_MS,
+                )
+            )
         self._fail((1001, "going away"))
 
     async def _idle_close(self) -> None:
         with contextlib.suppress(ClientGone):
-            await self.send_text(self.protocol.error_frame(
-                "timeout", f"no message for {self.rt.idle_timeout:g} s: closing", fatal=True))
+            await self.send_text(
+                self.protocol.error_frame(
+                    "timeout", f"no message for {self.rt.idle_timeout:g} s: closing", fatal=True
+                )
+            )
         self._fail((1000, "idle timeout"))
 
     def _fail(self, close_with: tuple[int, str] | None) -> None:
         """The client is gone, stuck or idle: stop the receive loop too, wherever it is waiting."""
         self._closing = True
         self._close_with = close_with
-        if self._main is not None and self._main is not asyncio.current_task() and self._stalled is not self._main:
+        if (
+            self._main is not None
+            and self._main is not asyncio.current_task()
+            and self._stalled is not self._main
+        ):
             self._main.cancel()
 
     async def send_text(self, frame: str | None) -> None:
@@ -421,8 +472,11 @@ class Session:
                 if msg is None:  # disconnected
                     return
                 self._last_message = self.loop.time()
-                events = (self.protocol.receive_bytes(msg) if isinstance(msg, bytes)
-                          else self.protocol.receive_text(msg))
+                events = (
+                    self.protocol.receive_bytes(msg)
+                    if isinstance(msg, bytes)
+                    else self.protocol.receive_text(msg)
+                )
                 for ev in events:
                     if not await self._apply(ev):
                         return
@@ -451,9 +505,14 @@ class Session:
             return False
         elif isinstance(ev, OpenContext) and self._draining:
             self.rt.metrics.errors.labels("going_away").inc()
-            await self.send_text(self.protocol.failed(
-                ev.context_id, "going_away", "the server is shutting down: no new contexts on this socket; "
-                "reconnect", RETRY_AFTER_MS))
+            await self.send_text(
+                self.protocol.failed(
+                    ev.context_id,
+                    "going_away",
+                    "the server is shutting down: no new contexts on this socket; reconnect",
+                    RETRY_AFTER_MS,
+                )
+            )
         elif isinstance(ev, OpenContext):
             options = synthesis_options(ev.options)
             previous = self._last_runner if self.protocol.output.audio_transport == "binary" else None

@@ -50,9 +50,16 @@ log = logging.getLogger("realtime.synthesis")
 
 def synthesis_options(v: VoiceOptions) -> SynthesisOptions:
     """The engine's view of a context's validated voice options."""
-    return SynthesisOptions(voice=v.voice, mode=v.mode, prompt_text=v.prompt_text, prompt_audio=v.prompt_audio,
-                            instruct_text=v.instruct_text, speed=float(v.speed), token_hop_len=v.token_hop_len,
-                            seed=v.seed)
+    return SynthesisOptions(
+        voice=v.voice,
+        mode=v.mode,
+        prompt_text=v.prompt_text,
+        prompt_audio=v.prompt_audio,
+        instruct_text=v.instruct_text,
+        speed=float(v.speed),
+        token_hop_len=v.token_hop_len,
+        seed=v.seed,
+    )
 
 
 class AudioBuffer(AudioSink):
@@ -162,8 +169,15 @@ Delivery = Audio | Mark | Flushed | Finished | Failed
 class Synthesis:
     """One utterance: push text, flush, end; read :meth:`deliver`; :meth:`close` when done."""
 
-    def __init__(self, engine: Engine, options: SynthesisOptions, admission: Admission, owner: Hashable,
-                 buffer_seconds: float = 1.0, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        options: SynthesisOptions,
+        admission: Admission,
+        owner: Hashable,
+        buffer_seconds: float = 1.0,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics  # None: not counted (tests, scripts)
         self.options = options

@@ -48,7 +48,9 @@ class ServerTransport:
     """A transport proxy: writes flushed once per loop iteration, and a ``close`` that turns into
     an abort if the peer has not taken the last bytes within ``close_s``."""
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, close_s: float = 5.0) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, close_s: float = 5.0
+    ) -> None:
         self._transport = transport
         self._loop = loop
         self._close_s = close_s
@@ -79,8 +81,11 @@ class ServerTransport:
 
     def _abort_if_unsent(self) -> None:
         if self._transport.get_write_buffer_size():
-            log.info("peer did not take the last %d bytes within %.0fs; aborting the connection",
-                     self._transport.get_write_buffer_size(), self._close_s)
+            log.info(
+                "peer did not take the last %d bytes within %.0fs; aborting the connection",
+                self._transport.get_write_buffer_size(),
+                self._close_s,
+            )
             self.abort()
 
     def abort(self) -> None:
@@ -130,8 +135,10 @@ class _StallGuard:
 
 def _json_response(status: int, reason: bytes, code: str, message: str) -> bytes:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % (status, reason, len(body))) + body
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (status, reason, len(body))
+    ) + body
 
 
 class _StallGuarded:
@@ -183,9 +190,17 @@ class GuardedHttpProtocol(_StallGuarded, HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        log.info("%s: request headers did not arrive within %.0fs; closing", self.client, self.deadlines.header_s)
-        self.transport.write(_json_response(408, b"Request Timeout", "timeout",
-                                            f"request headers must arrive within {self.deadlines.header_s:g} s"))
+        log.info(
+            "%s: request headers did not arrive within %.0fs; closing", self.client, self.deadlines.header_s
+        )
+        self.transport.write(
+            _json_response(
+                408,
+                b"Request Timeout",
+                "timeout",
+                f"request headers must arrive within {self.deadlines.header_s:g} s",
+            )
+        )
         self.transport.close()
 
     def send_400_response(self, msg: str) -> None:

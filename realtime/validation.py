@@ -78,7 +78,9 @@ def check_value(value: object, limits: JsonLimits = DEFAULT_JSON_LIMITS, what: s
             check_text(item, what)
         elif isinstance(item, dict | list):
             if depth > limits.max_depth:
-                raise ProtocolError("bad_request", f"{what} is nested more than {limits.max_depth} levels deep")
+                raise ProtocolError(
+                    "bad_request", f"{what} is nested more than {limits.max_depth} levels deep"
+                )
             if isinstance(item, dict):
                 for k, v in item.items():
                     check_text(k, what)

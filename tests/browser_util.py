@@ -51,7 +51,17 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> Non
 def start_server(port: int, log_path: Path, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
     """``realtime serve`` with the default (embedded) voice on loopback, one CPU thread."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "realtime.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "realtime.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra_args,
+    ]
     with open(log_path, "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 

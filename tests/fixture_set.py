@@ -52,12 +52,29 @@ __all__ = ["SHAPE", "Lengths", "tiny_config_json", "write_fixture_set", "main"]
 # the flow's token embedding (40) differs from its encoder width (48) and the pre-lookahead hidden
 # width (56), so a test that confuses two of them fails.
 SHAPE: dict[str, Any] = {
-    "qwen": {"hidden_size": 48, "intermediate_size": 112, "num_attention_heads": 6, "num_key_value_heads": 2,
-             "num_hidden_layers": 3, "vocab_size": 1280},
+    "qwen": {
+        "hidden_size": 48,
+        "intermediate_size": 112,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 3,
+        "vocab_size": 1280,
+    },
     "flow_input_size": 40,
-    "encoder": {"output_size": 48, "attention_heads": 3, "linear_units": 80, "num_blocks": 3,
-                "pre_lookahead_channels": 56},
-    "estimator": {"channels": [48], "attention_head_dim": 12, "num_heads": 3, "n_blocks": 2, "num_mid_blocks": 1},
+    "encoder": {
+        "output_size": 48,
+        "attention_heads": 3,
+        "linear_units": 80,
+        "num_blocks": 3,
+        "pre_lookahead_channels": 56,
+    },
+    "estimator": {
+        "channels": [48],
+        "attention_head_dim": 12,
+        "num_heads": 3,
+        "n_blocks": 2,
+        "num_mid_blocks": 1,
+    },
     "hift": {"base_channels": 24, "cond_channels": 40},
 }
 
@@ -96,61 +113,128 @@ def tiny_config_json(shape: dict[str, Any] = SHAPE) -> dict[str, Any]:
     width = q["hidden_size"]
     return {
         "qwen2_config": {
-            "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-            "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": width,
-            "initializer_range": 0.02, "intermediate_size": q["intermediate_size"],
-            "max_position_embeddings": 32768, "max_window_layers": q["num_hidden_layers"],
-            "num_attention_heads": q["num_attention_heads"], "num_hidden_layers": q["num_hidden_layers"],
-            "num_key_value_heads": q["num_key_value_heads"], "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-            "sliding_window": 32768, "tie_word_embeddings": True, "use_cache": True,
-            "use_sliding_window": False, "vocab_size": q["vocab_size"],
+            "architectures": ["Qwen2ForCausalLM"],
+            "attention_dropout": 0.0,
+            "bos_token_id": 151643,
+            "eos_token_id": 151643,
+            "hidden_act": "silu",
+            "hidden_size": width,
+            "initializer_range": 0.02,
+            "intermediate_size": q["intermediate_size"],
+            "max_position_embeddings": 32768,
+            "max_window_layers": q["num_hidden_layers"],
+            "num_attention_heads": q["num_attention_heads"],
+            "num_hidden_layers": q["num_hidden_layers"],
+            "num_key_value_heads": q["num_key_value_heads"],
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0,
+            "sliding_window": 32768,
+            "tie_word_embeddings": True,
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": q["vocab_size"],
         },
         "llm": {
-            "llm_input_size": width, "llm_output_size": width, "speech_token_size": 6561, "mix_ratio": [5, 15],
-            "sos": 0, "task_id": 1, "eos_token": 6561, "fill_token": 6563, "stop_token_ids": [6561, 6562, 6563],
-            "llm_decoder_out": 6564, "speech_embedding_rows": 6564, "llm_embedding_rows": 2,
+            "llm_input_size": width,
+            "llm_output_size": width,
+            "speech_token_size": 6561,
+            "mix_ratio": [5, 15],
+            "sos": 0,
+            "task_id": 1,
+            "eos_token": 6561,
+            "fill_token": 6563,
+            "stop_token_ids": [6561, 6562, 6563],
+            "llm_decoder_out": 6564,
+            "speech_embedding_rows": 6564,
+            "llm_embedding_rows": 2,
             "sampling": {"fn": "ras_sampling", "top_p": 0.8, "top_k": 25, "win_size": 10, "tau_r": 0.1},
         },
         "flow": {
-            "input_size": shape["flow_input_size"], "output_size": 80, "spk_embed_dim": 192, "vocab_size": 6561,
-            "input_frame_rate": 25, "token_mel_ratio": 2, "pre_lookahead_len": 3, "n_timesteps": 10,
+            "input_size": shape["flow_input_size"],
+            "output_size": 80,
+            "spk_embed_dim": 192,
+            "vocab_size": 6561,
+            "input_frame_rate": 25,
+            "token_mel_ratio": 2,
+            "pre_lookahead_len": 3,
+            "n_timesteps": 10,
             "encoder": {
-                "input_size": shape["flow_input_size"], "output_size": enc["output_size"],
-                "attention_heads": enc["attention_heads"], "linear_units": enc["linear_units"],
-                "num_blocks": enc["num_blocks"], "num_up_blocks": 4, "normalize_before": True,
-                "input_layer": "linear", "pos_enc_layer_type": "rel_pos_espnet",
-                "selfattention_layer_type": "rel_selfattn", "activation_type": "swish",
-                "use_cnn_module": False, "macaron_style": False, "static_chunk_size": 25, "up_stride": 2,
-                "pre_lookahead_channels": enc["pre_lookahead_channels"], "layer_norm_eps_in_layers": 1e-12,
+                "input_size": shape["flow_input_size"],
+                "output_size": enc["output_size"],
+                "attention_heads": enc["attention_heads"],
+                "linear_units": enc["linear_units"],
+                "num_blocks": enc["num_blocks"],
+                "num_up_blocks": 4,
+                "normalize_before": True,
+                "input_layer": "linear",
+                "pos_enc_layer_type": "rel_pos_espnet",
+                "selfattention_layer_type": "rel_selfattn",
+                "activation_type": "swish",
+                "use_cnn_module": False,
+                "macaron_style": False,
+                "static_chunk_size": 25,
+                "up_stride": 2,
+                "pre_lookahead_channels": enc["pre_lookahead_channels"],
+                "layer_norm_eps_in_layers": 1e-12,
                 "layer_norm_eps_embed_and_after_norm": 1e-05,
             },
             "decoder": {
-                "in_channels": 240, "n_spks": 1, "spk_emb_dim": 80,
-                "cfm_params": {"sigma_min": 1e-06, "solver": "euler", "t_scheduler": "cosine",
-                               "training_cfg_rate": 0.2, "inference_cfg_rate": 0.7, "reg_loss_type": "l1"},
+                "in_channels": 240,
+                "n_spks": 1,
+                "spk_emb_dim": 80,
+                "cfm_params": {
+                    "sigma_min": 1e-06,
+                    "solver": "euler",
+                    "t_scheduler": "cosine",
+                    "training_cfg_rate": 0.2,
+                    "inference_cfg_rate": 0.7,
+                    "reg_loss_type": "l1",
+                },
                 "estimator": {
-                    "in_channels": 320, "out_channels": 80, "channels": list(est["channels"]), "dropout": 0.0,
-                    "attention_head_dim": est["attention_head_dim"], "n_blocks": est["n_blocks"],
-                    "num_mid_blocks": est["num_mid_blocks"], "num_heads": est["num_heads"], "act_fn": "gelu",
-                    "static_chunk_size": 50, "num_decoding_left_chunks": -1,
+                    "in_channels": 320,
+                    "out_channels": 80,
+                    "channels": list(est["channels"]),
+                    "dropout": 0.0,
+                    "attention_head_dim": est["attention_head_dim"],
+                    "n_blocks": est["n_blocks"],
+                    "num_mid_blocks": est["num_mid_blocks"],
+                    "num_heads": est["num_heads"],
+                    "act_fn": "gelu",
+                    "static_chunk_size": 50,
+                    "num_decoding_left_chunks": -1,
                 },
             },
         },
         "hift": {
-            "in_channels": 80, "base_channels": hift["base_channels"], "nb_harmonics": 8, "sampling_rate": 24000,
-            "nsf_alpha": 0.1, "nsf_sigma": 0.003, "nsf_voiced_threshold": 10, "upsample_rates": [8, 5, 3],
-            "upsample_kernel_sizes": [16, 11, 7], "istft_params": {"n_fft": 16, "hop_len": 4},
-            "resblock_kernel_sizes": [3, 7, 11], "resblock_dilation_sizes": [[1, 3, 5]] * 3,
-            "source_resblock_kernel_sizes": [7, 7, 11], "source_resblock_dilation_sizes": [[1, 3, 5]] * 3,
-            "lrelu_slope": 0.1, "audio_limit": 0.99,
+            "in_channels": 80,
+            "base_channels": hift["base_channels"],
+            "nb_harmonics": 8,
+            "sampling_rate": 24000,
+            "nsf_alpha": 0.1,
+            "nsf_sigma": 0.003,
+            "nsf_voiced_threshold": 10,
+            "upsample_rates": [8, 5, 3],
+            "upsample_kernel_sizes": [16, 11, 7],
+            "istft_params": {"n_fft": 16, "hop_len": 4},
+            "resblock_kernel_sizes": [3, 7, 11],
+            "resblock_dilation_sizes": [[1, 3, 5]] * 3,
+            "source_resblock_kernel_sizes": [7, 7, 11],
+            "source_resblock_dilation_sizes": [[1, 3, 5]] * 3,
+            "lrelu_slope": 0.1,
+            "audio_limit": 0.99,
             "f0_predictor": {"num_class": 1, "in_channels": 80, "cond_channels": hift["cond_channels"]},
         },
         "streaming": {
-            "token_hop_len": 25, "token_max_hop_len": 100, "stream_scale_factor": 2, "pre_lookahead_len": 3,
-            "mel_cache_len": 8, "source_cache_len": 3840, "speech_window": "np.hamming(7680)",
+            "token_hop_len": 25,
+            "token_max_hop_len": 100,
+            "stream_scale_factor": 2,
+            "pre_lookahead_len": 3,
+            "mel_cache_len": 8,
+            "source_cache_len": 3840,
+            "speech_window": "np.hamming(7680)",
         },
         "tiny_patch_note": "Written by tests/fixture_set.py from the cosyvoice package (NOT the official code): "
-                           "a second shape to prove the parity tests general.",
+        "a second shape to prove the parity tests general.",
         "official_source": "none: generated by our implementation",
         "runtime": {"torch": torch.__version__, "dtype": "float32", "device": "cpu", "threads": 1},
     }
@@ -210,7 +294,9 @@ def build_models(cfg: dict[str, Any], seed: int) -> tuple[Qwen2LM, CausalMaskedD
 
 
 def _save(state: dict[str, Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), metadata={"format": "pt"}
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,14 +345,27 @@ def _ids(rng: np.random.Generator, n: int, high: int) -> np.ndarray:
 def lm_forward(llm: Qwen2LM, rng: np.random.Generator, n: Lengths) -> dict[str, np.ndarray]:
     """Teacher-forced forward of sos, text, task_id, speech (full causal attention, no cache)."""
     cfg = llm.config
-    text, speech = _ids(rng, n.fwd_text, cfg.qwen["vocab_size"]), _ids(rng, n.fwd_speech, cfg.speech_token_size)
-    rows = ([(ROW_SOS, cfg.sos)] + [(ROW_TEXT, int(t)) for t in text] + [(ROW_TASK, cfg.task_id)]
-            + [(ROW_SPEECH, int(s)) for s in speech])
+    text, speech = (
+        _ids(rng, n.fwd_text, cfg.qwen["vocab_size"]),
+        _ids(rng, n.fwd_speech, cfg.speech_token_size),
+    )
+    rows = (
+        [(ROW_SOS, cfg.sos)]
+        + [(ROW_TEXT, int(t)) for t in text]
+        + [(ROW_TASK, cfg.task_id)]
+        + [(ROW_SPEECH, int(s)) for s in speech]
+    )
     xs = llm.embed_rows(rows)
     hidden = llm.backbone(inputs_embeds=xs, use_cache=False).last_hidden_state
     logits = llm.llm_decoder(hidden)[0]
-    return {"text_ids": text, "speech_ids": speech, "lm_input": xs[0].numpy(), "hidden": hidden[0].numpy(),
-            "logits": logits.numpy(), "logp": logits.log_softmax(-1).numpy()}
+    return {
+        "text_ids": text,
+        "speech_ids": speech,
+        "lm_input": xs[0].numpy(),
+        "hidden": hidden[0].numpy(),
+        "logits": logits.numpy(),
+        "logp": logits.log_softmax(-1).numpy(),
+    }
 
 
 def sampling_nucleus(logits: np.ndarray, n: Lengths, top_p: float, top_k: int) -> dict[str, np.ndarray]:
@@ -292,9 +391,13 @@ def sampling_nucleus(logits: np.ndarray, n: Lengths, top_p: float, top_k: int) -
             break
     if len(picked) < n.nucleus_rows:
         raise RuntimeError("too few logit rows with a nucleus smaller than top_k")
-    return {"logits_rows": np.array(picked, dtype=np.int64), "candidate_count": np.array(counts, dtype=np.int64),
-            "candidate_probs_padded": np.stack(padded).astype(np.float32),
-            "sorted_top30_idx": np.stack(idx30).astype(np.int64), "sorted_top30_prob": np.stack(prob30)}
+    return {
+        "logits_rows": np.array(picked, dtype=np.int64),
+        "candidate_count": np.array(counts, dtype=np.int64),
+        "candidate_probs_padded": np.stack(padded).astype(np.float32),
+        "sorted_top30_idx": np.stack(idx30).astype(np.int64),
+        "sorted_top30_prob": np.stack(prob30),
+    }
 
 
 def lm_inference(llm: Qwen2LM, rng: np.random.Generator, n: Lengths) -> dict[str, np.ndarray]:
@@ -311,15 +414,30 @@ def lm_inference(llm: Qwen2LM, rng: np.random.Generator, n: Lengths) -> dict[str
         return next(it)
 
     trace = _Trace()
-    out = list(llm.inference(text, prompt_text, prompt_speech, sampler=sampler, trace=trace,
-                             min_token_text_ratio=2, max_token_text_ratio=20))
+    out = list(
+        llm.inference(
+            text,
+            prompt_text,
+            prompt_speech,
+            sampler=sampler,
+            trace=trace,
+            min_token_text_ratio=2,
+            max_token_text_ratio=20,
+        )
+    )
     if out != choices[:-1].tolist():
         raise RuntimeError("unistream did not yield the forced tokens")
-    return {"prompt_text": prompt_text, "text": text, "prompt_speech_token": prompt_speech,
-            "forced_choices": choices, "out_tokens": np.array(out, dtype=np.int64),
-            "min_len": np.array(int(n.inf_text * 2), dtype=np.int64),
-            "max_len": np.array(int(n.inf_text * 20), dtype=np.int64),
-            **trace.arrays(), "eos_masked": np.array(masked, dtype=bool)}
+    return {
+        "prompt_text": prompt_text,
+        "text": text,
+        "prompt_speech_token": prompt_speech,
+        "forced_choices": choices,
+        "out_tokens": np.array(out, dtype=np.int64),
+        "min_len": np.array(int(n.inf_text * 2), dtype=np.int64),
+        "max_len": np.array(int(n.inf_text * 20), dtype=np.int64),
+        **trace.arrays(),
+        "eos_masked": np.array(masked, dtype=bool),
+    }
 
 
 def lm_bistream(llm: Qwen2LM, rng: np.random.Generator, n: Lengths) -> dict[str, np.ndarray]:
@@ -343,21 +461,29 @@ def lm_bistream(llm: Qwen2LM, rng: np.random.Generator, n: Lengths) -> dict[str,
             if tail[0] == n.bi_tail:
                 return cfg.eos_token  # not recorded: the tests answer eos once the choices run out
             tail[0] += 1
-        token = cfg.fill_token if len(choices) == n.bi_fill_call else int(rng.integers(0, cfg.speech_token_size))
+        token = (
+            cfg.fill_token if len(choices) == n.bi_fill_call else int(rng.integers(0, cfg.speech_token_size))
+        )
         choices.append(token)
         return token
 
     trace = _Trace(lambda: received[0])
-    yielded = list(llm.inference_bistream(text_one_at_a_time(), prompt_text, prompt_speech, sampler=sampler,
-                                          trace=trace))
+    yielded = list(
+        llm.inference_bistream(text_one_at_a_time(), prompt_text, prompt_speech, sampler=sampler, trace=trace)
+    )
     if tail[0] != n.bi_tail or cfg.fill_token not in choices:
         raise RuntimeError("bistream text too short for the sampled fill or the tail")
     p = n.bi_prompt_speech
-    return {"prompt_text": prompt_text, "prompt_speech_token": prompt_speech, "text": text,
-            "sampler_choices": np.array(choices, dtype=np.int64),
-            "sampled_fill_call": np.array(n.bi_fill_call, dtype=np.int64),
-            "yielded_tokens": np.array(yielded, dtype=np.int64), **trace.arrays(),
-            "next_fill_index_initial": np.array((p // 15 + 1) * 15 - p, dtype=np.int64)}
+    return {
+        "prompt_text": prompt_text,
+        "prompt_speech_token": prompt_speech,
+        "text": text,
+        "sampler_choices": np.array(choices, dtype=np.int64),
+        "sampled_fill_call": np.array(n.bi_fill_call, dtype=np.int64),
+        "yielded_tokens": np.array(yielded, dtype=np.int64),
+        **trace.arrays(),
+        "next_fill_index_initial": np.array((p // 15 + 1) * 15 - p, dtype=np.int64),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +491,9 @@ def lm_bistream(llm: Qwen2LM, rng: np.random.Generator, n: Lengths) -> dict[str,
 
 
 @torch.no_grad()
-def flow_sets(flow: CausalMaskedDiffWithXvec, gen: torch.Generator, n: Lengths) -> dict[str, dict[str, np.ndarray]]:
+def flow_sets(
+    flow: CausalMaskedDiffWithXvec, gen: torch.Generator, n: Lengths
+) -> dict[str, dict[str, np.ndarray]]:
     """flow_inference.npz, flow_encoder.npz (its tokens = prompt + tokens of flow_inference) and
     flow_estimator.npz."""
     cfg = flow.cfg
@@ -381,10 +509,16 @@ def flow_sets(flow: CausalMaskedDiffWithXvec, gen: torch.Generator, n: Lengths) 
     xs = flow.embed_tokens(tokens)
     lens = torch.tensor([total])
     la = cfg.pre_lookahead_len
-    enc: dict[str, np.ndarray] = {"tokens": tokens[0].numpy(), "token_len": np.array(total, dtype=np.int64),
-                                  "xs": xs[0].numpy()}
-    for mode, kwargs in (("full", {"xs": xs}), ("stream", {"xs": xs, "streaming": True}),
-                         ("stream_ctx", {"xs": xs[:, :-la], "context": xs[:, -la:], "streaming": True})):
+    enc: dict[str, np.ndarray] = {
+        "tokens": tokens[0].numpy(),
+        "token_len": np.array(total, dtype=np.int64),
+        "xs": xs[0].numpy(),
+    }
+    for mode, kwargs in (
+        ("full", {"xs": xs}),
+        ("stream", {"xs": xs, "streaming": True}),
+        ("stream_ctx", {"xs": xs[:, :-la], "context": xs[:, -la:], "streaming": True}),
+    ):
         taps: dict[str, Tensor] = {}
         h, _ = flow.encoder(xs_lens=lens, taps=taps, **kwargs)
         for name, value in taps.items():
@@ -393,8 +527,17 @@ def flow_sets(flow: CausalMaskedDiffWithXvec, gen: torch.Generator, n: Lengths) 
 
     # inference, three modes; every Euler step of the non-streaming one
     def run(streaming: bool, finalize: bool) -> np.ndarray:
-        mel = flow.inference(token, torch.tensor([token.shape[1]]), prompt, torch.tensor([prompt.shape[1]]),
-                             prompt_feat, torch.tensor([n_pf]), emb, streaming=streaming, finalize=finalize)
+        mel = flow.inference(
+            token,
+            torch.tensor([token.shape[1]]),
+            prompt,
+            torch.tensor([prompt.shape[1]]),
+            prompt_feat,
+            torch.tensor([n_pf]),
+            emb,
+            streaming=streaming,
+            finalize=finalize,
+        )
         return mel[0].numpy()
 
     spks = flow.speaker(emb)
@@ -404,13 +547,18 @@ def flow_sets(flow: CausalMaskedDiffWithXvec, gen: torch.Generator, n: Lengths) 
     trace: list = []
     flow.decoder(mu, torch.ones(1, 1, mu.shape[2]), spks, cond, n_timesteps=cfg.n_timesteps, trace=trace)
     inf = {
-        "prompt_token": prompt[0].numpy(), "token": token[0].numpy(), "prompt_feat": prompt_feat[0].numpy(),
-        "embedding": emb[0].numpy(), "spk_proj": spks[0].numpy(), "rand_noise_head": cfm_noise()[0, :, :1024].numpy(),
+        "prompt_token": prompt[0].numpy(),
+        "token": token[0].numpy(),
+        "prompt_feat": prompt_feat[0].numpy(),
+        "embedding": emb[0].numpy(),
+        "spk_proj": spks[0].numpy(),
+        "rand_noise_head": cfm_noise()[0, :, :1024].numpy(),
         "nonstream_final_mel": run(False, True),
         "nonstream_final_step_x": torch.stack([x[0] for x, _, _ in trace]).numpy(),
         "nonstream_final_step_t": torch.stack([t for _, t, _ in trace]).numpy(),
         "nonstream_final_step_est_out": torch.stack([o for _, _, o in trace]).numpy(),
-        "stream_final_mel": run(True, True), "stream_chunk_mel": run(True, False),
+        "stream_final_mel": run(True, True),
+        "stream_chunk_mel": run(True, False),
     }
 
     # estimator: batch 2, row 1 the unconditional half of CFG
@@ -423,17 +571,26 @@ def flow_sets(flow: CausalMaskedDiffWithXvec, gen: torch.Generator, n: Lengths) 
     t = torch.full((2,), n.est_t)
     mask = torch.ones(2, 1, T)
     padded = mask.clone()
-    padded[:, :, n.est_valid:] = 0
+    padded[:, :, n.est_valid :] = 0
     est_fx = {
-        "x": x, "mask": mask, "mu": mu, "t": t, "spks": spks, "cond": cond,
+        "x": x,
+        "mask": mask,
+        "mu": mu,
+        "t": t,
+        "spks": spks,
+        "cond": cond,
         "out_nonstream": est(x, mask, mu, t, spks, cond, streaming=False),
         "out_stream": est(x, mask, mu, t, spks, cond, streaming=True),
         "mask_padded": padded,
         "out_padded_nonstream": est(x, padded, mu, t, spks, cond, streaming=False),
-        "time_emb": est.time_embedding(t), "sinusoidal_t": est.time_embeddings(t),
+        "time_emb": est.time_embedding(t),
+        "sinusoidal_t": est.time_embeddings(t),
     }
-    return {"flow_inference.npz": inf, "flow_encoder.npz": enc,
-            "flow_estimator.npz": {k: v.numpy() for k, v in est_fx.items()}}
+    return {
+        "flow_inference.npz": inf,
+        "flow_encoder.npz": enc,
+        "flow_estimator.npz": {k: v.numpy() for k, v in est_fx.items()},
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,13 +617,22 @@ def hift_set(hift: HiFTGenerator, gen: torch.Generator, n: Lengths) -> dict[str,
     inf_ini, inf_noise = draws()
     audio, inf_source = hift.inference(mel, cache, noise=inf_noise)
     return {
-        "mel": mel[0].numpy(), "f0": f0[0].numpy(), "f0_upsampled": f0_up[0, 0].numpy(), "uv": uv[0, :, 0].numpy(),
-        "sinegen_rand_ini": rand_ini.numpy(), "sinegen_noise_randn": noise[0].numpy(),
-        "source_noise_branch_randn": torch.randn(L, 1, generator=gen).numpy(), "source": source[0, :, 0].numpy(),
-        "source_stft_real": real[0].numpy(), "source_stft_imag": imag[0].numpy(),
-        "audio": hift.decode(mel, source.transpose(1, 2))[0].numpy(), "cache_source": cache[0, 0].numpy(),
-        "inference_rand_ini": inf_ini.numpy(), "inference_sinegen_noise_randn": inf_noise[0].numpy(),
-        "inference_source": inf_source[0, 0].numpy(), "inference_audio": audio[0].numpy(),
+        "mel": mel[0].numpy(),
+        "f0": f0[0].numpy(),
+        "f0_upsampled": f0_up[0, 0].numpy(),
+        "uv": uv[0, :, 0].numpy(),
+        "sinegen_rand_ini": rand_ini.numpy(),
+        "sinegen_noise_randn": noise[0].numpy(),
+        "source_noise_branch_randn": torch.randn(L, 1, generator=gen).numpy(),
+        "source": source[0, :, 0].numpy(),
+        "source_stft_real": real[0].numpy(),
+        "source_stft_imag": imag[0].numpy(),
+        "audio": hift.decode(mel, source.transpose(1, 2))[0].numpy(),
+        "cache_source": cache[0, 0].numpy(),
+        "inference_rand_ini": inf_ini.numpy(),
+        "inference_sinegen_noise_randn": inf_noise[0].numpy(),
+        "inference_source": inf_source[0, 0].numpy(),
+        "inference_audio": audio[0].numpy(),
     }
 
 
@@ -499,8 +665,14 @@ class _RecordingT2W(Token2Wav):
         return speech, source
 
 
-def token2wav_set(flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator, gen: torch.Generator,
-                  cfg: dict[str, Any], n: Lengths, seed: int) -> dict[str, np.ndarray]:
+def token2wav_set(
+    flow: CausalMaskedDiffWithXvec,
+    hift: HiFTGenerator,
+    gen: torch.Generator,
+    cfg: dict[str, Any],
+    n: Lengths,
+    seed: int,
+) -> dict[str, np.ndarray]:
     """The official chunk loop ("exact" mode, hop schedule of the config) and the non-stream call."""
     fcfg, st = flow.cfg, cfg["streaming"]
     prompt = torch.randint(0, fcfg.vocab_size, (n.t2w_prompt,), generator=gen).numpy()
@@ -515,18 +687,30 @@ def token2wav_set(flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator, gen: torc
     out = t2w.pull("fx") + t2w.pull("fx", finished=True)
     if not len(out) == len(rec.calls) == len(t2w.fed):
         raise RuntimeError("one flow call and one vocoder call per chunk expected")
-    fx: dict[str, np.ndarray] = {"tokens": tokens, "prompt_token": prompt, "prompt_feat": prompt_feat,
-                                 "embedding": emb, "n_chunks": np.array(len(out), dtype=np.int64),
-                                 "speech_window": hamming_window().numpy()}
+    fx: dict[str, np.ndarray] = {
+        "tokens": tokens,
+        "prompt_token": prompt,
+        "prompt_feat": prompt_feat,
+        "embedding": emb,
+        "n_chunks": np.array(len(out), dtype=np.int64),
+        "speech_window": hamming_window().numpy(),
+    }
     for i, ((n_tok, streaming, finalize, mel), (mel_in, cache_len, source, speech), chunk) in enumerate(
-            zip(rec.calls, t2w.fed, out, strict=True)):
-        fx.update({f"chunk{i}_n_tokens": np.array(n_tok, dtype=np.int64),
-                   f"chunk{i}_streaming": np.array(int(streaming), dtype=np.int64),
-                   f"chunk{i}_finalize": np.array(int(finalize), dtype=np.int64),
-                   f"chunk{i}_flow_mel": mel.numpy(), f"chunk{i}_hift_mel_in": mel_in.numpy(),
-                   f"chunk{i}_hift_cache_source_len": np.array(cache_len, dtype=np.int64),
-                   f"chunk{i}_hift_source": source.numpy(), f"chunk{i}_hift_speech_raw": speech.numpy(),
-                   f"chunk{i}_out": chunk})
+        zip(rec.calls, t2w.fed, out, strict=True)
+    ):
+        fx.update(
+            {
+                f"chunk{i}_n_tokens": np.array(n_tok, dtype=np.int64),
+                f"chunk{i}_streaming": np.array(int(streaming), dtype=np.int64),
+                f"chunk{i}_finalize": np.array(int(finalize), dtype=np.int64),
+                f"chunk{i}_flow_mel": mel.numpy(),
+                f"chunk{i}_hift_mel_in": mel_in.numpy(),
+                f"chunk{i}_hift_cache_source_len": np.array(cache_len, dtype=np.int64),
+                f"chunk{i}_hift_source": source.numpy(),
+                f"chunk{i}_hift_speech_raw": speech.numpy(),
+                f"chunk{i}_out": chunk,
+            }
+        )
     rec.calls.clear()
     t2w.fed.clear()
     fx["nonstream_out"] = t2w.token2wav(tokens, prompt, prompt_feat, emb, seed=seed + 1)
@@ -574,11 +758,17 @@ def frontend_set(n: Lengths, seed: int, source: dict[str, np.ndarray]) -> dict[s
     half = prompt_feat.shape[0] // 2
     counts = np.array([half - 1, half, half + 1], dtype=np.int64)
     return {
-        "wav_22050_int16": clip, "wav_16k": wav16, "wav_24k": wav24, "campplus_fbank_raw": raw,
-        "campplus_fbank": raw - raw.mean(axis=0, keepdims=True), "kaldi_mel_banks": source["kaldi_mel_banks"],
+        "wav_22050_int16": clip,
+        "wav_16k": wav16,
+        "wav_24k": wav24,
+        "campplus_fbank_raw": raw,
+        "campplus_fbank": raw - raw.mean(axis=0, keepdims=True),
+        "kaldi_mel_banks": source["kaldi_mel_banks"],
         "whisper_log_mel": F.whisper_log_mel(wav16).numpy(),
-        "whisper_mel_filters_128": source["whisper_mel_filters_128"], "prompt_feat": prompt_feat,
-        "matcha_mel_basis": source["matcha_mel_basis"], "align_token_counts": counts,
+        "whisper_mel_filters_128": source["whisper_mel_filters_128"],
+        "prompt_feat": prompt_feat,
+        "matcha_mel_basis": source["matcha_mel_basis"],
+        "align_token_counts": counts,
         "align_n": np.minimum(half, counts).astype(np.int64),
     }
 
@@ -586,8 +776,9 @@ def frontend_set(n: Lengths, seed: int, source: dict[str, np.ndarray]) -> dict[s
 # ----------------------------------------------------------------------------------------------
 
 
-def write_fixture_set(out_dir: str | Path, seed: int = 1, source_dir: str | Path | None = None,
-                      lengths: Lengths | None = None) -> Path:
+def write_fixture_set(
+    out_dir: str | Path, seed: int = 1, source_dir: str | Path | None = None, lengths: Lengths | None = None
+) -> Path:
     """Write the whole set into ``out_dir`` (created); ``source_dir`` (default: the reference set
     the tests use) supplies the model-independent constants."""
     from tests.conftest import reference_dir
@@ -634,8 +825,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tests.fixture_set", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=1, help="weights and data (default 1)")
-    p.add_argument("--source", default=None,
-                   help="fixture set to copy the model-independent constants from (default: the reference set)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="fixture set to copy the model-independent constants from (default: the reference set)",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     out = write_fixture_set(args.out_dir, args.seed, args.source)

@@ -37,8 +37,9 @@ def serve_server(engine: Engine, config: ServerConfig | None = None) -> Iterator
     config = config or ServerConfig()
     app = create_app(engine, config)
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn_config(app, config, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -123,7 +123,10 @@ def test_pcm_and_g711_roundtrip(fmt: str, container: str, rate: int) -> None:
         y, sf_rate = sf.read(io.BytesIO(blob), dtype="float64")
         info = sf.info(io.BytesIO(blob))
         assert sf_rate == rate
-        assert info.subtype == {"pcm_s16le": "PCM_16", "pcm_f32le": "FLOAT", "mulaw": "ULAW", "alaw": "ALAW"}[fmt]
+        assert (
+            info.subtype
+            == {"pcm_s16le": "PCM_16", "pcm_f32le": "FLOAT", "mulaw": "ULAW", "alaw": "ALAW"}[fmt]
+        )
         y_av, av_rate, codec = av_decode_container(blob)
         assert (codec, av_rate) == (fmt.replace("mulaw", "pcm_mulaw").replace("alaw", "pcm_alaw"), rate)
         np.testing.assert_allclose(y_av, y, atol=1e-4)
@@ -190,7 +193,11 @@ def test_opus_raw_packets(rate: int) -> None:
     for p in packets:  # RFC 6716 TOC: frame count code 0 (one frame) and a 20 ms configuration
         config, code = p[0] >> 3, p[0] & 3
         assert code == 0
-        assert (config < 12 and config % 4 == 1) or (12 <= config < 16 and config % 2 == 1) or (config >= 16 and config % 4 == 3)
+        assert (
+            (config < 12 and config % 4 == 1)
+            or (12 <= config < 16 and config % 2 == 1)
+            or (config >= 16 and config % 4 == 3)
+        )
     # FFmpeg's own Opus decoder (not libopus), one packet at a time.
     dec = av.CodecContext.create("opus", "r")
     dec.sample_rate, dec.layout, dec.extradata = 48000, "mono", enc.opus_head
@@ -226,8 +233,16 @@ def parse_ogg(blob: bytes) -> list[dict]:
         page = bytearray(blob[pos : pos + size])
         page[22:26] = b"\0\0\0\0"
         assert crc == bitwise_ogg_crc(bytes(page))
-        pages.append({"flags": flags, "granule": granule, "serial": serial, "seq": seq, "lacing": lacing,
-                      "body": bytes(page[27 + n :])})
+        pages.append(
+            {
+                "flags": flags,
+                "granule": granule,
+                "serial": serial,
+                "seq": seq,
+                "lacing": lacing,
+                "body": bytes(page[27 + n :]),
+            }
+        )
         pos += size
     return pages
 
@@ -402,7 +417,9 @@ def test_wav_s16_readable_by_stdlib_wave() -> None:
 
 def test_s16_clips_and_rounds() -> None:
     enc = make_encoder("pcm_s16le", 24000, "raw", 24000)
-    x = np.array([0.0, 1.0, -1.0, 1.7, -3.0, 0.6 / 32767, -0.6 / 32767, 0.4 / 32767, np.nan], dtype=np.float32)
+    x = np.array(
+        [0.0, 1.0, -1.0, 1.7, -3.0, 0.6 / 32767, -0.6 / 32767, 0.4 / 32767, np.nan], dtype=np.float32
+    )
     (data,) = enc.encode(x)
     assert np.frombuffer(data, "<i2").tolist() == [0, 32767, -32767, 32767, -32767, 1, -1, 0, 0]
 
@@ -467,7 +484,9 @@ def test_g711_agrees_with_ffmpeg(law: str) -> None:
     assert levels.size == (255 if law == "mulaw" else 256)  # μ-law has +0 and -0
     x = ALL_INT16.astype(np.int64)
     i = np.searchsorted(levels, decoded)
-    gap = np.maximum(levels[np.minimum(i + 1, levels.size - 1)] - decoded, decoded - levels[np.maximum(i - 1, 0)])
+    gap = np.maximum(
+        levels[np.minimum(i + 1, levels.size - 1)] - decoded, decoded - levels[np.maximum(i - 1, 0)]
+    )
     inside = np.abs(x) <= levels[-1]
     lsb = 4 if law == "mulaw" else 8
     assert np.all(np.abs(decoded - x)[inside] <= gap[inside] // 2 + lsb)
@@ -524,7 +543,9 @@ def test_validate_accepts_documented_combinations() -> None:
 def test_validate_rejects(fmt: str, rate, container: str, needle: str) -> None:
     error = validate_audio_format(fmt, rate, container, 22050)
     assert error is not None and needle in error
-    if isinstance(fmt, str) and fmt in CODECS:  # an HTTP-only format: make_encoder has it (tests/test_compat.py decodes it)
+    if (
+        isinstance(fmt, str) and fmt in CODECS
+    ):  # an HTTP-only format: make_encoder has it (tests/test_compat.py decodes it)
         return
     with pytest.raises(ValueError):
         make_encoder(fmt, rate, container, 22050)
@@ -560,7 +581,9 @@ def test_content_types() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    rates=st.sampled_from([(22050, 48000), (22050, 8000), (24000, 16000), (24000, 48000), (16000, 22050), (48000, 8000)]),
+    rates=st.sampled_from(
+        [(22050, 48000), (22050, 8000), (24000, 16000), (24000, 48000), (16000, 22050), (48000, 8000)]
+    ),
     n=st.integers(0, 6000),
     sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=6),
 )

@@ -37,22 +37,31 @@ LONG_TEXT = " ".join(
 def session(tmp_path_factory):
     """(server URL, page, problems): Chromium starts while the server loads and warms its voice."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (run tests/ensure_chromium.sh as root, or apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+        pytest.skip(
+            f"{CHROMIUM} is missing (run tests/ensure_chromium.sh as root, or apt-get install chromium)"
+        )
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("server") / "serve.log"
     proc = start_server(port, log)
     try:
         with sync_api.sync_playwright() as pw:
-            context = launch_chromium(pw, tmp_path_factory.mktemp("chromium-profile"), viewport={"width": 1280, "height": 900})
+            context = launch_chromium(
+                pw, tmp_path_factory.mktemp("chromium-profile"), viewport={"width": 1280, "height": 900}
+            )
             try:
                 wait_healthy(url, proc)
             except Exception as e:
                 pytest.fail(f"realtime serve did not start: {e}\n{log.read_text(errors='replace')[-3000:]}")
             page = context.new_page()
             problems: list[str] = []
-            page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+            page.on(
+                "console",
+                lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None,
+            )
             page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
             page.goto(url + "/")
             page.wait_for_function("window.ttsClient && window.ttsClient.state.connected", timeout=20_000)
@@ -87,7 +96,9 @@ def test_page_connects_and_audio_clock_runs_headless(browser):
     st = state(page)
     assert st["connection"] == "connected" and st["session_id"]
     assert page.evaluate("typeof AudioWorkletNode") == "function"
-    assert page.evaluate("typeof AudioDecoder") == "function", "WebCodecs needs a secure context (loopback is one)"
+    assert page.evaluate("typeof AudioDecoder") == "function", (
+        "WebCodecs needs a secure context (loopback is one)"
+    )
     # Without a sound card, headless Chromium renders into a fake output: the context must still
     # be running and its clock advancing, or nothing would ever play.
     clock = page.evaluate("""async () => {
@@ -130,8 +141,9 @@ def test_plays_more_than_a_second_without_underrun(browser, fmt, rate):
     else:
         assert kbps == pytest.approx(rate * 16 / 1000, rel=1e-3)
     # the readout repaints on the next frame after the utterance ends: wait for the average to show
-    page.wait_for_function("document.getElementById('m-bitrate-label').textContent === 'Bitrate, average'",
-                           timeout=5000)
+    page.wait_for_function(
+        "document.getElementById('m-bitrate-label').textContent === 'Bitrate, average'", timeout=5000
+    )
     shown = page.inner_text("#m-bitrate")
     assert shown.endswith(" kbit/s") and float(shown.split()[0]) == pytest.approx(kbps, abs=0.051)
 
@@ -143,7 +155,9 @@ def test_stop_silences_at_once_and_server_acks_cancel(browser):
         "(text) => { window.__utt = window.ttsClient.speak(text, {format: 'opus', sampleRate: 48000, tokensPerSecond: 12}); }",
         LONG_TEXT,
     )
-    page.wait_for_function("window.ttsClient.state.speaking && window.ttsClient.state.played_ms > 600", timeout=30_000)
+    page.wait_for_function(
+        "window.ttsClient.state.speaking && window.ttsClient.state.played_ms > 600", timeout=30_000
+    )
     session = state(page)["session_id"]
     # The page mid-utterance, level meter moving, is the screenshot worth looking at.
     ARTIFACTS.mkdir(exist_ok=True)
@@ -171,7 +185,8 @@ def test_new_utterance_right_after_stop_on_same_socket(browser):
     page, _ = browser
     session = state(page)["session_id"]
     page.evaluate(
-        "(text) => { window.__utt = window.ttsClient.speak(text, {format: 'opus', sampleRate: 48000}); }", LONG_TEXT
+        "(text) => { window.__utt = window.ttsClient.speak(text, {format: 'opus', sampleRate: 48000}); }",
+        LONG_TEXT,
     )
     page.wait_for_function("window.ttsClient.state.played_ms > 300", timeout=30_000)
     acks = state(page)["cancelled_acks"]
@@ -180,7 +195,9 @@ def test_new_utterance_right_after_stop_on_same_socket(browser):
     result = speak(page, "Sorry, go ahead.", format="opus", sampleRate=48000)
     assert page.evaluate("window.__utt.then(r => r.stopped)") is True
     assert result["stopped"] is False and result["played_ms"] > 300
-    assert abs(result["played_ms"] - result["stats"]["audio_ms"]) < 60, "audio of the cancelled context leaked in"
+    assert abs(result["played_ms"] - result["stats"]["audio_ms"]) < 60, (
+        "audio of the cancelled context leaked in"
+    )
     st = state(page)
     assert st["session_id"] == session and st["cancelled_acks"] == acks + 1
 
@@ -265,7 +282,8 @@ def test_chat_panel_streams_completion_deltas_into_speech(browser, server):
     page.fill("#chat-prompt", "Why stream?")
     page.click("#chat-send")
     page.wait_for_function(
-        f"window.ttsClient.state.done_acks > {before['done_acks']} && !window.ttsClient.state.speaking", timeout=30_000
+        f"window.ttsClient.state.done_acks > {before['done_acks']} && !window.ttsClient.state.speaking",
+        timeout=30_000,
     )
     st = state(page)
     assert seen and seen[0]["stream"] is True and seen[0]["model"] == "test-model"
@@ -276,8 +294,14 @@ def test_chat_panel_streams_completion_deltas_into_speech(browser, server):
 
     # A chat endpoint that fails mid-stream: the error is shown, the voice stops.
     page.unroute(url)
-    page.route(url, lambda r: r.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
-                                        body=_sse(json.dumps({"error": {"message": "quota exceeded"}}))))
+    page.route(
+        url,
+        lambda r: r.fulfill(
+            status=200,
+            headers={"Content-Type": "text/event-stream"},
+            body=_sse(json.dumps({"error": {"message": "quota exceeded"}})),
+        ),
+    )
     page.click("#chat-send")
     page.wait_for_selector("#error-banner:not([hidden])", timeout=10_000)
     assert "quota exceeded" in page.inner_text("#error-banner")

@@ -19,8 +19,22 @@ from tests.serving import free_port
 @pytest.fixture(scope="module")
 def tone_server():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", str(port),
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "realtime.cli",
+            "serve",
+            "--engine",
+            "tone",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -39,8 +53,13 @@ def tone_server():
 
 def say(base: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     url = base.replace("http://", "ws://")
-    return subprocess.run([sys.executable, "-m", "realtime.cli", "say", *args, "--url", url],
-                          input=stdin, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "realtime.cli", "say", *args, "--url", url],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_say_writes_wav_and_reports_latency(tone_server, tmp_path):
@@ -56,7 +75,9 @@ def test_say_reads_stdin_and_writes_ogg(tone_server, tmp_path):
     import av
 
     out = tmp_path / "out.ogg"
-    r = say(tone_server, "-", "--format", "opus", "-o", str(out), "--tokens-per-second", "0", stdin="one two ")
+    r = say(
+        tone_server, "-", "--format", "opus", "-o", str(out), "--tokens-per-second", "0", stdin="one two "
+    )
     assert r.returncode == 0, r.stderr
     with av.open(str(out)) as c:
         n = sum(f.samples for f in c.decode(audio=0))
@@ -72,9 +93,26 @@ def test_say_reports_refusals_in_one_line(tmp_path):
     """A server that wants a token (401 without one, 403 with a wrong one): one clear line and exit
     1, no traceback."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", str(port),
-                             "--token", "sekret", "--voice-alias", "nova=b", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "realtime.cli",
+            "serve",
+            "--engine",
+            "tone",
+            "--port",
+            str(port),
+            "--token",
+            "sekret",
+            "--voice-alias",
+            "nova=b",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -91,8 +129,11 @@ def test_say_reports_refusals_in_one_line(tmp_path):
             assert len(r.stderr.strip().splitlines()) == 1
         r = say(base, "one two ", "--token", "sekret", "-o", str(tmp_path / "a.wav"))
         assert r.returncode == 0, r.stderr
-        speech = httpx.post(base + "/v1/audio/speech", headers={"Authorization": "Bearer sekret"},
-                            json={"model": "tts-1", "voice": "nova", "input": "one two ", "response_format": "wav"})
+        speech = httpx.post(
+            base + "/v1/audio/speech",
+            headers={"Authorization": "Bearer sekret"},
+            json={"model": "tts-1", "voice": "nova", "input": "one two ", "response_format": "wav"},
+        )
         x, rate = sf.read(io.BytesIO(speech.content))
         assert speech.status_code == 200 and len(x) == 2 * 4800
     finally:
@@ -101,14 +142,33 @@ def test_say_reports_refusals_in_one_line(tmp_path):
 
 
 def test_serve_refuses_an_alias_of_a_voice_it_does_not_have():
-    r = subprocess.run([sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", "1",
-                        "--voice-alias", "nova=nobody"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "realtime.cli",
+            "serve",
+            "--engine",
+            "tone",
+            "--port",
+            "1",
+            "--voice-alias",
+            "nova=nobody",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--voice-alias" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_say_without_server_fails_cleanly():
-    r = subprocess.run([sys.executable, "-m", "realtime.cli", "say", "hi", "--url", f"ws://127.0.0.1:{free_port()}"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "realtime.cli", "say", "hi", "--url", f"ws://127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -119,19 +179,30 @@ def test_serve_help_documents_every_option():
         for flag in action.option_strings:
             assert flag in help_text
         assert action.help, f"{action.option_strings} has no help text"
-    for flag in ("--max-streams", "--max-streams-per-session", "--queue-timeout", "--idle-timeout",
-                 "--context-idle-timeout", "--header-timeout", "--close-timeout", "--send-timeout"):
+    for flag in (
+        "--max-streams",
+        "--max-streams-per-session",
+        "--queue-timeout",
+        "--idle-timeout",
+        "--context-idle-timeout",
+        "--header-timeout",
+        "--close-timeout",
+        "--send-timeout",
+    ):
         assert flag in help_text
 
 
-@pytest.mark.parametrize(("flag", "value", "needle"), [
-    ("--max-streams", "0", "at least 1"),
-    ("--context-idle-timeout", "0", "greater than 0"),
-    ("--max-sessions", "-3", "at least 1"),
-    ("--send-timeout", "0", "greater than 0"),
-    ("--realtime-batch-ms", "-1", "0 or more"),
-    ("--realtime-lead-ms", "soon", "not a number"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--max-streams", "0", "at least 1"),
+        ("--context-idle-timeout", "0", "greater than 0"),
+        ("--max-sessions", "-3", "at least 1"),
+        ("--send-timeout", "0", "greater than 0"),
+        ("--realtime-batch-ms", "-1", "0 or more"),
+        ("--realtime-lead-ms", "soon", "not a number"),
+    ],
+)
 def test_serve_refuses_bad_numbers_with_a_message(flag: str, value: str, needle: str):
     parser = build_parser()
     with pytest.raises(SystemExit) as e:
@@ -156,8 +227,12 @@ def test_loopback_detection_and_llm_like_deltas():
 
 
 def test_serve_refuses_cosyvoice2_without_model_dir():
-    r = subprocess.run([sys.executable, "-m", "realtime.cli", "serve", "--engine", "cosyvoice2", "--port", "1"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "realtime.cli", "serve", "--engine", "cosyvoice2", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--model-dir" in r.stderr
 
 
@@ -166,4 +241,8 @@ def test_metrics_count_sessions(tone_server, tmp_path):
     text = httpx.get(tone_server + "/metrics").text
     line = next(ln for ln in text.splitlines() if ln.startswith("realtime_sessions_total"))
     assert float(line.split()[-1]) >= 1
-    assert np.isfinite(float(next(ln for ln in text.splitlines() if ln.startswith("realtime_audio_seconds_total")).split()[-1]))
+    assert np.isfinite(
+        float(
+            next(ln for ln in text.splitlines() if ln.startswith("realtime_audio_seconds_total")).split()[-1]
+        )
+    )

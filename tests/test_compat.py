@@ -58,7 +58,9 @@ def pitch(x: np.ndarray, rate: int) -> float:
 # ---- the official client ------------------------------------------------------------------------------
 
 
-def official_client(base: str, mode: str, headers: dict | None = None, **args) -> tuple[int, bytes, np.ndarray]:
+def official_client(
+    base: str, mode: str, headers: dict | None = None, **args
+) -> tuple[int, bytes, np.ndarray]:
     """What runtime/python/fastapi/client.py does for ``mode``: GET with the fields as a form
     body (files for the prompt modes), then the body read as int16 without looking at the status."""
     url = f"{base}/inference_{mode}"
@@ -71,9 +73,15 @@ def official_client(base: str, mode: str, headers: dict | None = None, **args) -
         payload = {"tts_text": args["tts_text"]}
         files = [("prompt_wav", ("prompt_wav", io.BytesIO(args["prompt_wav"]), "application/octet-stream"))]
     else:
-        payload = {"tts_text": args["tts_text"], "spk_id": args["spk_id"], "instruct_text": args["instruct_text"]}
+        payload = {
+            "tts_text": args["tts_text"],
+            "spk_id": args["spk_id"],
+            "instruct_text": args["instruct_text"],
+        }
         files = None
-    response = requests.request("GET", url, data=payload, files=files, stream=True, headers=headers, timeout=120)
+    response = requests.request(
+        "GET", url, data=payload, files=files, stream=True, headers=headers, timeout=120
+    )
     audio = b"".join(response.iter_content(chunk_size=16000))
     return response.status_code, audio, np.frombuffer(audio[: len(audio) // 2 * 2], dtype=np.int16)
 
@@ -86,8 +94,12 @@ def error(body: bytes) -> dict:
 def test_the_official_client_in_every_mode_on_cosyvoice2(cv_server):
     wav = prompt_wav()
     text = "Hello world, this is a test of the official client."
-    cases = {"sft": {"spk_id": EN}, "zero_shot": {"prompt_text": "A prompt sentence.", "prompt_wav": wav},
-             "cross_lingual": {"prompt_wav": wav}, "instruct": {"spk_id": ZH, "instruct_text": "Speak slowly."}}
+    cases = {
+        "sft": {"spk_id": EN},
+        "zero_shot": {"prompt_text": "A prompt sentence.", "prompt_wav": wav},
+        "cross_lingual": {"prompt_wav": wav},
+        "instruct": {"spk_id": ZH, "instruct_text": "Speak slowly."},
+    }
     for mode, args in cases.items():
         status, body, pcm = official_client(cv_server, mode, tts_text=text, **args)
         assert status == 200, (mode, body[:300])
@@ -104,13 +116,26 @@ def test_the_official_client_with_x_api_token_and_its_refusals(tone_server):
     status, body, _ = official_client(tone_server, "sft", tts_text=WORDS, spk_id="b")
     assert status == 401 and error(body)["code"] == "unauthorized"
     # CosyVoice 1's instruct mode on an engine that cannot follow instructions: a typed error
-    status, body, _ = official_client(tone_server, "instruct", {"X-API-TOKEN": TOKEN}, tts_text=WORDS, spk_id="a",
-                                      instruct_text="Speak slowly.")
+    status, body, _ = official_client(
+        tone_server,
+        "instruct",
+        {"X-API-TOKEN": TOKEN},
+        tts_text=WORDS,
+        spk_id="a",
+        instruct_text="Speak slowly.",
+    )
     assert status == 400 and "instruct2" in error(body)["message"]
-    status, body, _ = official_client(tone_server, "sft", {"X-API-TOKEN": TOKEN}, tts_text=WORDS, spk_id="nobody")
+    status, body, _ = official_client(
+        tone_server, "sft", {"X-API-TOKEN": TOKEN}, tts_text=WORDS, spk_id="nobody"
+    )
     assert error(body)["code"] == "unknown_voice"
-    r = requests.get(f"{tone_server}/inference_sft", data={"tts_text": WORDS}, headers={"X-API-TOKEN": TOKEN},
-                     files={"evil": ("x.bin", b"x")}, timeout=30)
+    r = requests.get(
+        f"{tone_server}/inference_sft",
+        data={"tts_text": WORDS},
+        headers={"X-API-TOKEN": TOKEN},
+        files={"evil": ("x.bin", b"x")},
+        timeout=30,
+    )
     assert r.status_code == 400 and "evil" in r.json()["error"]["message"]
 
 
@@ -141,7 +166,8 @@ def client(tone_server):
 @pytest.mark.parametrize("response_format", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
 def test_openai_sdk_streams_every_format(client, response_format):
     with client.audio.speech.with_streaming_response.create(
-            model="tts-1", voice="nova", input=WORDS, response_format=response_format) as response:
+        model="tts-1", voice="nova", input=WORDS, response_format=response_format
+    ) as response:
         pieces = list(response.iter_bytes())
         content_type = response.headers["content-type"]
     data = b"".join(pieces)
@@ -155,11 +181,15 @@ def test_openai_sdk_streams_every_format(client, response_format):
 
 def test_openai_sse_events_carry_the_audio(client):
     with client.audio.speech.with_streaming_response.create(
-            model="gpt-4o-mini-tts", voice="alloy", input=WORDS, response_format="pcm",
-            extra_body={"stream_format": "sse"}) as response:
+        model="gpt-4o-mini-tts",
+        voice="alloy",
+        input=WORDS,
+        response_format="pcm",
+        extra_body={"stream_format": "sse"},
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = response.read().decode()
-    events = [json.loads(line[len("data: "):]) for line in raw.split("\n\n") if line.startswith("data: ")]
+    events = [json.loads(line[len("data: ") :]) for line in raw.split("\n\n") if line.startswith("data: ")]
     assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
     assert events[-1]["type"] == "speech.audio.done"
     pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
@@ -183,8 +213,8 @@ def test_openai_refusals_are_typed(client, tone_server):
 
 def test_openai_instructions_on_an_engine_without_instruct2_are_reported_as_ignored(client):
     with client.audio.speech.with_streaming_response.create(
-            model="gpt-4o-mini-tts", voice="alloy", input=WORDS, instructions="Cheerfully.",
-            response_format="wav") as response:
+        model="gpt-4o-mini-tts", voice="alloy", input=WORDS, instructions="Cheerfully.", response_format="wav"
+    ) as response:
         assert response.headers["X-Ignored-Fields"] == "instructions"
         assert len(decode(response.read(), "wav")[0]) == 6 * 4800
 
@@ -198,8 +228,12 @@ def test_openai_models_list(client):
 def test_openai_instructions_follow_instruct2_on_cosyvoice2(cv_server):
     cv = openai.OpenAI(base_url=cv_server + "/v1", api_key="unused")
     with cv.audio.speech.with_streaming_response.create(
-            model="tts-1", voice=EN, input="Hello world, this is a test.", instructions="Speak slowly.",
-            response_format="pcm") as response:
+        model="tts-1",
+        voice=EN,
+        input="Hello world, this is a test.",
+        instructions="Speak slowly.",
+        response_format="pcm",
+    ) as response:
         assert "X-Ignored-Fields" not in response.headers
         pcm = response.read()
     assert len(pcm) > 0 and len(pcm) % (2 * SAMPLES_PER_TOKEN) == 0
@@ -210,16 +244,28 @@ def test_openai_instructions_follow_instruct2_on_cosyvoice2(cv_server):
 
 def test_api_tts_stream_as_its_clients_call_it(tone_server):
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    r = requests.post(f"{tone_server}/api/tts/stream", data={"text": WORDS, "inference_timesteps": 5},
-                      headers=auth, stream=True, timeout=30)
+    r = requests.post(
+        f"{tone_server}/api/tts/stream",
+        data={"text": WORDS, "inference_timesteps": 5},
+        headers=auth,
+        stream=True,
+        timeout=30,
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
     assert r.headers["X-Ignored-Fields"] == "inference_timesteps"
     x, rate = sf.read(io.BytesIO(b"".join(r.iter_content(8192))), dtype="float32")
     assert rate == 24000 and len(x) == 6 * 4800
-    r = requests.post(f"{tone_server}/api/tts/stream", data={"text": WORDS, "temperature": 0.7}, headers=auth, timeout=30)
+    r = requests.post(
+        f"{tone_server}/api/tts/stream", data={"text": WORDS, "temperature": 0.7}, headers=auth, timeout=30
+    )
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
-    r = requests.post(f"{tone_server}/api/tts/stream", data={"text": WORDS, "prompt_text": "hi"}, headers=auth,
-                      files={"prompt_audio": ("p.wav", prompt_wav(), "audio/wav")}, timeout=30)
+    r = requests.post(
+        f"{tone_server}/api/tts/stream",
+        data={"text": WORDS, "prompt_text": "hi"},
+        headers=auth,
+        files={"prompt_audio": ("p.wav", prompt_wav(), "audio/wav")},
+        timeout=30,
+    )
     assert r.status_code == 400 and "zero_shot" in r.json()["error"]["message"]
     r = requests.post(f"{tone_server}/api/tts/stream", data={"text": ""}, headers=auth, timeout=30)
     assert r.status_code == 400
@@ -227,11 +273,17 @@ def test_api_tts_stream_as_its_clients_call_it(tone_server):
 
 @pytest.mark.slow
 def test_api_tts_stream_clones_a_voice_on_cosyvoice2(cv_server):
-    r = requests.post(f"{cv_server}/api/tts/stream", data={"text": "Hello world, this is a test.",
-                                                            "prompt_text": "A prompt sentence.", "cfg_value": 2.0},
-                      files={"prompt_audio": ("p.wav", prompt_wav(), "audio/wav")}, stream=True, timeout=120)
+    r = requests.post(
+        f"{cv_server}/api/tts/stream",
+        data={"text": "Hello world, this is a test.", "prompt_text": "A prompt sentence.", "cfg_value": 2.0},
+        files={"prompt_audio": ("p.wav", prompt_wav(), "audio/wav")},
+        stream=True,
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     x, rate = sf.read(io.BytesIO(b"".join(r.iter_content(8192))), dtype="float32")
     assert rate == 24000 and len(x) > 0 and len(x) % SAMPLES_PER_TOKEN == 0
-    r = requests.post(f"{cv_server}/api/tts/stream", data={"text": "Hello.", "prompt_text": "A prompt."}, timeout=30)
+    r = requests.post(
+        f"{cv_server}/api/tts/stream", data={"text": "Hello.", "prompt_text": "A prompt."}, timeout=30
+    )
     assert r.status_code == 400 and "prompt_audio" in r.json()["error"]["message"]

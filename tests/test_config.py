@@ -79,14 +79,21 @@ def test_model_yaml_reads_as_data_with_refs_resolved(tmp_path):
     llm = tree["llm"]
     assert llm["__new__"] == "cosyvoice.llm.llm.Qwen2LM"
     assert llm["llm_input_size"] == 896 and llm["llm"]["pretrain_path"] == "/m/CosyVoice-BlankEN"
-    assert llm["sampling"] == {"__name__": "cosyvoice.utils.common.ras_sampling", "top_p": 0.8,
-                               "top_k": 25, "win_size": 10, "tau_r": 0.1}
+    assert llm["sampling"] == {
+        "__name__": "cosyvoice.utils.common.ras_sampling",
+        "top_p": 0.8,
+        "top_k": 25,
+        "win_size": 10,
+        "tau_r": 0.1,
+    }
     assert tree["__set_seed1"] == {"__apply__": "random.seed", "args": [1986]}
     estimator = tree["flow"]["decoder"]["estimator"]
     assert estimator["static_chunk_size"] == 50
     assert tree["flow"]["decoder"]["cfm_params"]["content"]["sigma_min"] == 1e-6  # a float, not "1e-06"
     assert tree["hifigan"]["generator"] == tree["hift"] and tree["hift"]["sampling_rate"] == 24000
-    assert tree["hifigan"]["discriminator"]["mpd"] == {"__new__": "matcha.hifigan.models.MultiPeriodDiscriminator"}
+    assert tree["hifigan"]["discriminator"]["mpd"] == {
+        "__new__": "matcha.hifigan.models.MultiPeriodDiscriminator"
+    }
     assert tree["data_pipeline"][0]["token_path"] == "/m/CosyVoice-BlankEN"
 
 
@@ -157,10 +164,20 @@ def test_bad_yaml_and_refs_fail_clearly(tmp_path, text, message):
 def test_llm_config_defaults_are_the_real_model(tmp_path):
     cfg = LLMConfig()
     assert (cfg.llm_input_size, cfg.speech_token_size, cfg.mix_ratio) == (896, 6561, (5, 15))
-    assert (cfg.eos_token, cfg.fill_token, cfg.stop_token_ids, cfg.vocab_out) == (6561, 6563, (6561, 6562, 6563), 6564)
+    assert (cfg.eos_token, cfg.fill_token, cfg.stop_token_ids, cfg.vocab_out) == (
+        6561,
+        6563,
+        (6561, 6562, 6563),
+        6564,
+    )
     assert (cfg.top_p, cfg.top_k, cfg.win_size, cfg.tau_r) == (0.8, 25, 10, 0.1)
     qwen = cfg.qwen2_config()
-    assert (qwen.hidden_size, qwen.num_hidden_layers, qwen.num_key_value_heads, qwen.vocab_size) == (896, 24, 2, 151936)
+    assert (qwen.hidden_size, qwen.num_hidden_layers, qwen.num_key_value_heads, qwen.vocab_size) == (
+        896,
+        24,
+        2,
+        151936,
+    )
     assert qwen._attn_implementation == "sdpa"
     from_yaml = LLMConfig.from_yaml(read_model_yaml(write(tmp_path, MODEL_YAML)))
     assert from_yaml == cfg
@@ -182,20 +199,37 @@ def test_llm_config_from_tiny_json():
     llm, q = data["llm"], data["qwen2_config"]
     cfg = LLMConfig.from_tiny_json(data)
     assert (cfg.llm_input_size, cfg.llm_output_size, cfg.speech_token_size) == (
-        llm["llm_input_size"], llm["llm_output_size"], llm["speech_token_size"])
+        llm["llm_input_size"],
+        llm["llm_output_size"],
+        llm["speech_token_size"],
+    )
     assert cfg.qwen["num_hidden_layers"] == q["num_hidden_layers"]
     assert list(cfg.mix_ratio) == llm["mix_ratio"] and (cfg.sos, cfg.task_id) == (llm["sos"], llm["task_id"])
     sampling = llm["sampling"]
     assert (cfg.top_p, cfg.top_k, cfg.win_size, cfg.tau_r) == (
-        sampling["top_p"], sampling["top_k"], sampling["win_size"], sampling["tau_r"])
+        sampling["top_p"],
+        sampling["top_k"],
+        sampling["win_size"],
+        sampling["tau_r"],
+    )
     # the ids the json lists are the ones our config derives from speech_token_size
     assert (cfg.eos_token, cfg.fill_token, list(cfg.stop_token_ids), cfg.vocab_out) == (
-        llm["eos_token"], llm["fill_token"], llm["stop_token_ids"], llm["llm_decoder_out"])
+        llm["eos_token"],
+        llm["fill_token"],
+        llm["stop_token_ids"],
+        llm["llm_decoder_out"],
+    )
     assert cfg.vocab_out == llm["speech_embedding_rows"]
     qwen = cfg.qwen2_config()
     assert (qwen.hidden_size, qwen.num_attention_heads, qwen.vocab_size) == (
-        q["hidden_size"], q["num_attention_heads"], q["vocab_size"])
-    assert (qwen.num_key_value_heads, qwen.intermediate_size) == (q["num_key_value_heads"], q["intermediate_size"])
+        q["hidden_size"],
+        q["num_attention_heads"],
+        q["vocab_size"],
+    )
+    assert (qwen.num_key_value_heads, qwen.intermediate_size) == (
+        q["num_key_value_heads"],
+        q["intermediate_size"],
+    )
 
 
 def make_model_dir(tmp_path: Path) -> Path:

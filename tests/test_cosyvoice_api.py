@@ -26,7 +26,9 @@ EN, ZH = SFT_SPEAKERS[1], SFT_SPEAKERS[0]
 def prompt_wav(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> bytes:
     """A WAV file's bytes: a gliding tone plus a little noise (any audio works for random weights)."""
     t = np.arange(int(seconds * rate)) / rate
-    x = 0.3 * np.sin(2 * np.pi * (150 + 60 * t) * t) + 0.01 * np.random.default_rng(seed).standard_normal(t.size)
+    x = 0.3 * np.sin(2 * np.pi * (150 + 60 * t) * t) + 0.01 * np.random.default_rng(seed).standard_normal(
+        t.size
+    )
     buf = io.BytesIO()
     sf.write(buf, x.astype(np.float32), rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
@@ -70,7 +72,9 @@ def all_caches_free(cv) -> bool:
     caches before the stage's next chunk)."""
     stage = cv.model.lm_stage
     deadline = time.monotonic() + 5
-    while (stage.free_slots != stage.pool.slots or cv.model.token2wav.active_streams()) and time.monotonic() < deadline:
+    while (
+        stage.free_slots != stage.pool.slots or cv.model.token2wav.active_streams()
+    ) and time.monotonic() < deadline:
         time.sleep(0.01)
     return stage.free_slots == stage.pool.slots and not cv.model.token2wav.active_streams()
 
@@ -92,7 +96,9 @@ def test_sft_stream_and_whole_give_the_same_tokens(cv):
     x = whole[0][0].numpy()
     assert len(x) % SAMPLES_PER_TOKEN == 0 and len(x) > 0
     assert np.isfinite(x).all() and np.abs(x).max() <= 0.99 + 1e-6
-    chunks = [o["tts_speech"] for o in cv.inference_sft("Hello world, this is a test.", EN, stream=True, seed=3)]
+    chunks = [
+        o["tts_speech"] for o in cv.inference_sft("Hello world, this is a test.", EN, stream=True, seed=3)
+    ]
     streamed = np.concatenate([c[0].numpy() for c in chunks])
     assert len(streamed) == len(x)  # same LM tokens with the same seed; 960 samples per token
     again = audio(cv.inference_sft("Hello world, this is a test.", EN, seed=3))
@@ -119,7 +125,9 @@ def test_text_generator_is_bistream_and_starts_before_the_text_ends(cv):
     consumed = []
 
     def chunks():  # an LLM's pace: the model works while the text is still being written
-        for i, w in enumerate(words("Hello world, this is a small streaming test of the speech model today ok")):
+        for i, w in enumerate(
+            words("Hello world, this is a small streaming test of the speech model today ok")
+        ):
             consumed.append(i)
             time.sleep(0.15)
             yield w
@@ -132,8 +140,14 @@ def test_text_generator_is_bistream_and_starts_before_the_text_ends(cv):
         total += out["tts_speech"].shape[1]
     assert got_first_at is not None and got_first_at < len(consumed)  # audio before the last chunk
     assert total % SAMPLES_PER_TOKEN == 0
-    same = audio(cv.inference_sft(words("Hello world, this is a small streaming test of the speech model today ok"),
-                                  EN, stream=True, seed=4))
+    same = audio(
+        cv.inference_sft(
+            words("Hello world, this is a small streaming test of the speech model today ok"),
+            EN,
+            stream=True,
+            seed=4,
+        )
+    )
     assert len(same) == total  # a generator in inference_sft is the same bistream request
 
 
@@ -145,12 +159,17 @@ def test_zero_shot_cross_lingual_instruct2_and_stored_speaker(cv):
     assert "my_voice" in cv.list_available_spks()
     stored = audio(cv.inference_zero_shot("Hello there.", "", None, zero_shot_spk_id="my_voice", seed=9))
     assert np.array_equal(stored, zs)  # the stored prompt is exactly the analysed one
-    streamed = audio(cv.inference_zero_shot(words("Hello there, how are you"), "A prompt sentence.", wav,
-                                            stream=True, seed=2))
+    streamed = audio(
+        cv.inference_zero_shot(
+            words("Hello there, how are you"), "A prompt sentence.", wav, stream=True, seed=2
+        )
+    )
     assert len(streamed) % SAMPLES_PER_TOKEN == 0 and len(streamed) > 0
     cross = audio(cv.inference_cross_lingual("Hello there.", wav, seed=9))
     assert len(cross) % SAMPLES_PER_TOKEN == 0 and len(cross) > 0
-    cross_stored = audio(cv.inference_cross_lingual("Hello there.", None, zero_shot_spk_id="my_voice", seed=9))
+    cross_stored = audio(
+        cv.inference_cross_lingual("Hello there.", None, zero_shot_spk_id="my_voice", seed=9)
+    )
     assert np.array_equal(cross_stored, cross)
     instruct = audio(cv.inference_instruct2("Hello there.", "Speak slowly.", wav, stream=True, seed=9))
     assert len(instruct) % SAMPLES_PER_TOKEN == 0 and len(instruct) > 0
@@ -163,8 +182,9 @@ def test_zero_shot_cross_lingual_instruct2_and_stored_speaker(cv):
 def test_vc_gives_960_samples_per_source_token(cv):
     source = prompt_wav(1.0, seed=1)
     whole = audio(cv.inference_vc(source, prompt_wav(), seed=1))
-    n_tokens = cv.frontend.extract_speech_token(torch.from_numpy(
-        sf.read(io.BytesIO(source), dtype="float32")[0])[None])[0].shape[1]
+    n_tokens = cv.frontend.extract_speech_token(
+        torch.from_numpy(sf.read(io.BytesIO(source), dtype="float32")[0])[None]
+    )[0].shape[1]
     assert len(whole) == n_tokens * SAMPLES_PER_TOKEN
     streamed = audio(cv.inference_vc(source, prompt_wav(), stream=True, seed=1))
     assert len(streamed) == len(whole)
@@ -195,15 +215,19 @@ def test_save_spkinfo_round_trip_and_atomic_on_crash(cv, monkeypatch):
 
 def test_concurrent_requests_get_exactly_their_solo_audio(cv):
     jobs = {"a": ("Hello world, first request.", EN, 11), "b": ("Another request here ok.", ZH, 12)}
-    solo = {k: [o["tts_speech"][0].numpy() for o in cv.inference_sft(t, s, stream=True, seed=seed)]
-            for k, (t, s, seed) in jobs.items()}
+    solo = {
+        k: [o["tts_speech"][0].numpy() for o in cv.inference_sft(t, s, stream=True, seed=seed)]
+        for k, (t, s, seed) in jobs.items()
+    }
     results: dict[str, list] = {}
     barrier = threading.Barrier(2)
 
     def run(key):
         text, spk, seed = jobs[key]
         barrier.wait()
-        results[key] = [o["tts_speech"][0].numpy() for o in cv.inference_sft(text, spk, stream=True, seed=seed)]
+        results[key] = [
+            o["tts_speech"][0].numpy() for o in cv.inference_sft(text, spk, stream=True, seed=seed)
+        ]
 
     threads = [threading.Thread(target=run, args=(k,)) for k in jobs]
     for t in threads:
@@ -218,10 +242,21 @@ def test_concurrent_requests_get_exactly_their_solo_audio(cv):
 
 def test_every_streaming_request_starts_at_the_first_hop(cv):
     """The official model doubles a shared token_hop_len and never resets it (second request: 100)."""
+
     def sizes(max_tokens=80, **kw):
         # unistream also stops at 20 x the text tokens (official): the text must allow 80 tokens
-        return [o["tts_speech"].shape[1] for o in cv.inference_sft("Hello world, this is a test.", EN, stream=True,
-                                                                    sampler=never_eos, max_tokens=max_tokens, seed=1, **kw)]
+        return [
+            o["tts_speech"].shape[1]
+            for o in cv.inference_sft(
+                "Hello world, this is a test.",
+                EN,
+                stream=True,
+                sampler=never_eos,
+                max_tokens=max_tokens,
+                seed=1,
+                **kw,
+            )
+        ]
 
     first, second = sizes(), sizes()
     hold = 3840  # the vocoder keeps the last 3840 samples of a chunk for the cross-fade
@@ -231,7 +266,10 @@ def test_every_streaming_request_starts_at_the_first_hop(cv):
     hop50 = sizes(token_hop_len=50)
     assert hop50[0] == 50 * SAMPLES_PER_TOKEN - hold and sum(hop50) == 80 * SAMPLES_PER_TOKEN
     odd = sizes(40, token_hop_len=10)  # not a whole flow chunk: the recomputing loop, same lengths
-    assert odd[:2] == [10 * SAMPLES_PER_TOKEN - hold, 20 * SAMPLES_PER_TOKEN] and sum(odd) == 40 * SAMPLES_PER_TOKEN
+    assert (
+        odd[:2] == [10 * SAMPLES_PER_TOKEN - hold, 20 * SAMPLES_PER_TOKEN]
+        and sum(odd) == 40 * SAMPLES_PER_TOKEN
+    )
     with pytest.raises(ValueError, match="mel_cache_len"):
         list(cv.inference_sft_chunked(["Hi."], EN, mel_cache_len=4))
 
@@ -255,7 +293,9 @@ def test_stop_mid_lm_frees_every_cache(cv):
 def test_stop_mid_flow_and_early_close_free_every_cache(cv):
     stop = threading.Event()
     got = []
-    for out in cv.inference_sft("Hi.", EN, stream=True, sampler=never_eos, max_tokens=200, should_stop=stop, seed=1):
+    for out in cv.inference_sft(
+        "Hi.", EN, stream=True, sampler=never_eos, max_tokens=200, should_stop=stop, seed=1
+    ):
         got.append(out["tts_speech"].shape[1])
         stop.set()  # the consumer stops after the first chunk: no further flow chunk runs
     assert got == [25 * SAMPLES_PER_TOKEN - 3840]

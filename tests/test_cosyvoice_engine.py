@@ -136,9 +136,11 @@ async def test_a_hop_that_is_not_a_whole_flow_chunk_is_refused(server):
 
 async def test_zero_shot_cross_lingual_instruct2_over_the_websocket(server):
     b64 = base64.b64encode(prompt_wav()).decode()
-    for start in ({"mode": "zero_shot", "prompt_audio": b64, "prompt_text": "A prompt sentence."},
-                  {"mode": "cross_lingual", "prompt_audio": b64},
-                  {"mode": "instruct2", "prompt_audio": b64, "instruct_text": "Speak slowly."}):
+    for start in (
+        {"mode": "zero_shot", "prompt_audio": b64, "prompt_text": "A prompt sentence."},
+        {"mode": "cross_lingual", "prompt_audio": b64},
+        {"mode": "instruct2", "prompt_audio": b64, "instruct_text": "Speak slowly."},
+    ):
         audio, msgs = await speak(server, {**start, "seed": 1}, ["Hello there, ", "how are you?"])
         assert_speech(audio, msgs)
     bad = base64.b64encode(b"RIFF not really a wav").decode()
@@ -233,7 +235,8 @@ async def test_contexts_hold_no_thread_and_a_full_buffer_stops_the_lm(engine, mo
     model = engine.cv.model
     deadline = time.monotonic() + 10
     while (model.token2wav.active_streams() or model.lm_stage.free_slots != model.lm_stage.pool.slots) and (
-            time.monotonic() < deadline):
+        time.monotonic() < deadline
+    ):
         await asyncio.sleep(0.05)
     assert model.token2wav.active_streams() == [] and model.lm_stage.free_slots == model.lm_stage.pool.slots
 
@@ -241,20 +244,32 @@ async def test_contexts_hold_no_thread_and_a_full_buffer_stops_the_lm(engine, mo
 async def test_register_a_voice_then_speak_with_it(server, engine):
     wav = prompt_wav()
     async with httpx.AsyncClient(timeout=60) as http:
-        r = await http.post(server + "/v1/voices", data={"voice_id": "alice", "prompt_text": "A prompt sentence."},
-                            files={"prompt_wav": ("p.wav", wav, "audio/wav")})
+        r = await http.post(
+            server + "/v1/voices",
+            data={"voice_id": "alice", "prompt_text": "A prompt sentence."},
+            files={"prompt_wav": ("p.wav", wav, "audio/wav")},
+        )
         assert r.status_code == 201, r.text
         assert r.json()["voice"]["id"] == "alice" and r.json()["voice"]["kind"] == "zero_shot"
-        r = await http.post(server + "/v1/voices", data={"voice_id": "alice", "prompt_text": "again"},
-                            files={"prompt_wav": ("p.wav", wav, "audio/wav")})
+        r = await http.post(
+            server + "/v1/voices",
+            data={"voice_id": "alice", "prompt_text": "again"},
+            files={"prompt_wav": ("p.wav", wav, "audio/wav")},
+        )
         assert r.status_code == 409
-        r = await http.post(server + "/v1/voices", data={"voice_id": "bob", "prompt_text": "x"},
-                            files={"prompt_wav": ("p.wav", b"garbage", "audio/wav")})
+        r = await http.post(
+            server + "/v1/voices",
+            data={"voice_id": "bob", "prompt_text": "x"},
+            files={"prompt_wav": ("p.wav", b"garbage", "audio/wav")},
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
         r = await http.post(server + "/v1/voices", data={"voice_id": "bob"})
         assert r.status_code == 400
-        r = await http.post(server + "/v1/voices", data={"voice_id": "../evil", "prompt_text": "x"},
-                            files={"prompt_wav": ("p.wav", wav, "audio/wav")})
+        r = await http.post(
+            server + "/v1/voices",
+            data={"voice_id": "../evil", "prompt_text": "x"},
+            files={"prompt_wav": ("p.wav", wav, "audio/wav")},
+        )
         assert r.status_code == 400
         voices = (await http.get(server + "/v1/voices")).json()["voices"]
         assert {(v["id"], v["kind"]) for v in voices} >= {(ZH, "sft"), (EN, "sft"), ("alice", "zero_shot")}
@@ -270,24 +285,42 @@ async def test_official_routes_and_v1_tts(server):
     phase alone may sample eos at once)."""
     wav = prompt_wav()
     async with httpx.AsyncClient(timeout=60) as http:
-        r = await http.get(server + "/inference_sft", params={"tts_text": "Hello world, this is a test.", "spk_id": EN})
+        r = await http.get(
+            server + "/inference_sft", params={"tts_text": "Hello world, this is a test.", "spk_id": EN}
+        )
         assert r.status_code == 200 and len(r.content) > 0 and len(r.content) % BYTES_PER_TOKEN == 0
-        r = await http.post(server + "/inference_sft", data={"tts_text": "Hello world, this is a test.", "spk_id": ZH})
+        r = await http.post(
+            server + "/inference_sft", data={"tts_text": "Hello world, this is a test.", "spk_id": ZH}
+        )
         assert r.status_code == 200 and len(r.content) % BYTES_PER_TOKEN == 0 and len(r.content) > 0
-        form = {"tts_text": "Hello world, this is a test.", "prompt_text": "A prompt sentence.", "instruct_text": "Speak slowly."}
+        form = {
+            "tts_text": "Hello world, this is a test.",
+            "prompt_text": "A prompt sentence.",
+            "instruct_text": "Speak slowly.",
+        }
         for route in ("inference_zero_shot", "inference_cross_lingual", "inference_instruct2"):
-            r = await http.post(f"{server}/{route}", data=form, files={"prompt_wav": ("p.wav", wav, "audio/wav")})
+            r = await http.post(
+                f"{server}/{route}", data=form, files={"prompt_wav": ("p.wav", wav, "audio/wav")}
+            )
             assert r.status_code == 200, (route, r.text)
             assert len(r.content) > 0 and len(r.content) % BYTES_PER_TOKEN == 0, route
         # CosyVoice 1's instruct route (speaker + instruction): instruct2 with that speaker's voice
-        r = await http.post(server + "/inference_instruct", data={"tts_text": "Hello world, this is a test.",
-                                                                  "spk_id": EN, "instruct_text": "Speak slowly."})
+        r = await http.post(
+            server + "/inference_instruct",
+            data={"tts_text": "Hello world, this is a test.", "spk_id": EN, "instruct_text": "Speak slowly."},
+        )
         assert r.status_code == 200 and len(r.content) > 0 and len(r.content) % BYTES_PER_TOKEN == 0
-        r = await http.post(server + "/v1/tts", json={"text": "Hello world, this is a test.", "voice": EN, "format": "pcm_s16le"})
+        r = await http.post(
+            server + "/v1/tts",
+            json={"text": "Hello world, this is a test.", "voice": EN, "format": "pcm_s16le"},
+        )
         assert r.status_code == 200
         x, sr = sf.read(io.BytesIO(r.content), dtype="float32")
         assert sr == 24000 and len(x) > 0 and len(x) % SAMPLES_PER_TOKEN == 0
-        r = await http.post(server + "/v1/tts", json={"text": "Hello world, this is a test.", "voice": EN, "speed": 2.0, "seed": 1})
+        r = await http.post(
+            server + "/v1/tts",
+            json={"text": "Hello world, this is a test.", "voice": EN, "speed": 2.0, "seed": 1},
+        )
         fast, _ = sf.read(io.BytesIO(r.content), dtype="float32")
         assert len(fast) > 0 and len(fast) % 480 == 0  # speed stretches the mel: 480 samples per frame
 
@@ -296,8 +329,11 @@ def test_voices_route_refuses_registration_for_engines_without_it():
     from realtime.engines.tone import ToneEngine
 
     with serve(ToneEngine(sample_rate=24000)) as base:
-        r = httpx.post(base + "/v1/voices", data={"voice_id": "x", "prompt_text": "y"},
-                       files={"prompt_wav": ("p.wav", b"x", "audio/wav")})
+        r = httpx.post(
+            base + "/v1/voices",
+            data={"voice_id": "x", "prompt_text": "y"},
+            files={"prompt_wav": ("p.wav", b"x", "audio/wav")},
+        )
         assert r.status_code == 404
 
 
@@ -335,7 +371,8 @@ def test_cancel_before_the_prompt_is_analysed_and_mid_speech_frees_everything(en
     other.cancel()
     deadline = time.monotonic() + 10
     while (model.token2wav.active_streams() or model.lm_stage.free_slots != model.lm_stage.pool.slots) and (
-            time.monotonic() < deadline):
+        time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert model.token2wav.active_streams() == [] and model.lm_stage.free_slots == model.lm_stage.pool.slots
     with pytest.raises(TimeoutError):
@@ -350,8 +387,12 @@ async def test_metrics_carry_the_stages_batch_sizes_and_step_times(server):
     async with httpx.AsyncClient() as http:
         text = (await http.get(server + "/metrics")).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("cosyvoice_lm_batch_size", "cosyvoice_lm_step_seconds", "cosyvoice_t2w_round_size",
-                 "cosyvoice_t2w_round_seconds"):
+    for name in (
+        "cosyvoice_lm_batch_size",
+        "cosyvoice_lm_step_seconds",
+        "cosyvoice_t2w_round_size",
+        "cosyvoice_t2w_round_seconds",
+    ):
         assert families[name].type == "histogram", name
         count = {s.name: s.value for s in families[name].samples}[name + "_count"]
         assert count > 0, name

@@ -23,6 +23,7 @@ def chunk(n: int) -> AudioChunk:
 
 # -- AudioBuffer ----------------------------------------------------------------------------------
 
+
 async def test_buffer_keeps_order_and_delivers_final_item_when_full():
     buf = AudioBuffer(asyncio.get_running_loop(), capacity_samples=10)
     buf.put(chunk(6), 6)
@@ -88,6 +89,7 @@ async def test_close_drops_everything_fails_later_puts_and_wakes_both_sides():
 
 # -- realtime pacing ------------------------------------------------------------------------------
 
+
 async def test_pacer_sends_in_batches_never_too_early():
     lead, batch, frame = 0.1, 0.06, 0.02
     pacer = _Pacer(True, lead, batch)
@@ -113,6 +115,7 @@ async def test_pacer_disabled_never_waits():
 
 
 # -- write coalescing -----------------------------------------------------------------------------
+
 
 class FakeTransport:
     def __init__(self, unsent: int = 0) -> None:
@@ -187,14 +190,18 @@ async def test_close_with_bytes_the_peer_never_takes_becomes_an_abort():
 
 # -- metrics --------------------------------------------------------------------------------------
 
+
 def test_histogram_renders_cumulative_buckets():
     from prometheus_client.parser import text_string_to_metric_families
 
     metrics = Metrics()
     for v in (0.0, 0.001, 0.05, 0.5, 3.0):
         metrics.pacing_lateness.observe(v)
-    (family,) = [f for f in text_string_to_metric_families(metrics.render().decode())
-                 if f.name == "realtime_paced_send_lateness_seconds"]
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(metrics.render().decode())
+        if f.name == "realtime_paced_send_lateness_seconds"
+    ]
     buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
     assert buckets["0.001"] == 2  # le is inclusive
     assert buckets["0.05"] == 3 and buckets["0.5"] == 4 and buckets["+Inf"] == 5

@@ -22,8 +22,23 @@ from tests.serving import free_port
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "realtime.cli", "serve", "--engine", "tone", "--port", str(port),
-                             "--log-level", "warning", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "realtime.cli",
+            "serve",
+            "--engine",
+            "tone",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -59,7 +74,9 @@ async def test_sigterm_drains_open_contexts_then_exits_zero():
         async with connect(url) as idle, connect(url) as speaking:
             await idle.send(json.dumps({"type": "start"}))
             await speaking.send(json.dumps({"type": "start"}))
-            assert (await next_json(idle))["type"] == "ready" and (await next_json(speaking))["type"] == "ready"
+            assert (await next_json(idle))["type"] == "ready" and (await next_json(speaking))[
+                "type"
+            ] == "ready"
             await speaking.send(json.dumps({"type": "text", "context_id": "c1", "text": "one two "}))
             first = await asyncio.wait_for(speaking.recv(), 10)
             assert isinstance(first, bytes)  # it is speaking
@@ -77,7 +94,11 @@ async def test_sigterm_drains_open_contexts_then_exits_zero():
                 assert (await http.get(base + "/health/live")).status_code == 200
                 assert (await http.get(base + "/health")).json()["status"] == "draining"
                 r = await http.post(base + "/v1/tts", json={"text": "one two "})
-                assert r.status_code == 503 and r.json()["error"]["code"] == "going_away" and "Retry-After" in r.headers
+                assert (
+                    r.status_code == 503
+                    and r.json()["error"]["code"] == "going_away"
+                    and "Retry-After" in r.headers
+                )
                 with pytest.raises(InvalidStatus) as refused:
                     async with connect(url):
                         pass

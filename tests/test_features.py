@@ -42,7 +42,9 @@ def prompt_frames(ref) -> int:
 @pytest.mark.parity
 def test_kaldi_fbank_matches_official(ref):
     raw = F.kaldi_fbank(torch.from_numpy(ref["wav_16k"])[None])
-    assert raw.shape == ref["campplus_fbank_raw"].shape == (fbank_frames(ref), 80) and raw.dtype == torch.float32
+    assert (
+        raw.shape == ref["campplus_fbank_raw"].shape == (fbank_frames(ref), 80) and raw.dtype == torch.float32
+    )
     np.testing.assert_allclose(raw.numpy(), ref["campplus_fbank_raw"], atol=5e-4, rtol=0)
 
 
@@ -71,7 +73,9 @@ def test_matcha_filterbank_matches(ref):
 @pytest.mark.parity
 def test_whisper_log_mel_matches_official(ref):
     mel = F.whisper_log_mel(torch.from_numpy(ref["wav_16k"]))
-    assert mel.shape == ref["whisper_log_mel"].shape == (128, whisper_frames(ref)) and mel.dtype == torch.float32
+    assert (
+        mel.shape == ref["whisper_log_mel"].shape == (128, whisper_frames(ref)) and mel.dtype == torch.float32
+    )
     np.testing.assert_allclose(mel.numpy(), ref["whisper_log_mel"], atol=1e-4, rtol=0)
     # the global (max - 8) floor, i.e. (max of the result) - 2: ours sits on it wherever the
     # official result does (7698 entries on the public clip)

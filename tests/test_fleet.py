@@ -74,9 +74,23 @@ class Replica:
         self.port = free_port()
         self.index = index
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "realtime.cli", "serve", "--model-dir", str(model_dir), "--port", str(self.port),
-             "--drain-timeout", "30", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "realtime.cli",
+                "serve",
+                "--model-dir",
+                str(model_dir),
+                "--port",
+                str(self.port),
+                "--drain-timeout",
+                "30",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.base = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self) -> None:
@@ -87,7 +101,9 @@ class Replica:
                     return
             except httpx.HTTPError:
                 pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, f"replica {self.index} did not start"
+            assert self.proc.poll() is None and time.monotonic() < deadline, (
+                f"replica {self.index} did not start"
+            )
             time.sleep(0.2)
 
     def sessions_total(self) -> float:
@@ -110,8 +126,11 @@ def fleet(tmp_path_factory):
     (prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=prefix, port=port, servers=servers))
     for r in replicas:
         r.wait_ready()
-    proxy = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proxy = subprocess.Popen(
+        [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while True:
@@ -128,8 +147,13 @@ def fleet(tmp_path_factory):
     proxy.wait(10)
 
 
-async def session(url: str, text: str = TEXT, pace: float = 0.03, started: asyncio.Event | None = None,
-                  hold: asyncio.Event | None = None) -> dict:
+async def session(
+    url: str,
+    text: str = TEXT,
+    pace: float = 0.03,
+    started: asyncio.Event | None = None,
+    hold: asyncio.Event | None = None,
+) -> dict:
     """One session: stream ``text`` in 4-character deltas; returns what happened."""
     out: dict = {"audio": 0, "done": False, "errors": [], "close": None}
     try:
@@ -137,7 +161,7 @@ async def session(url: str, text: str = TEXT, pace: float = 0.03, started: async
             await ws.send(json.dumps({"type": "start", "format": "pcm_s16le"}))
             assert json.loads(await ws.recv())["type"] == "ready"
             for i in range(0, len(text), 4):
-                await ws.send(json.dumps({"type": "text", "text": text[i:i + 4]}))
+                await ws.send(json.dumps({"type": "text", "text": text[i : i + 4]}))
                 await asyncio.sleep(pace)
             if started is not None:
                 started.set()
@@ -172,8 +196,12 @@ async def test_thirty_sessions_spread_over_the_replicas(fleet):
 
 async def test_a_voice_registered_through_one_replica_is_spoken_by_another(fleet):
     base, replicas = fleet
-    r = httpx.post(replicas[0].base + "/v1/voices", data={"voice_id": "fleet-voice", "prompt_text": "A prompt."},
-                   files={"prompt_wav": ("p.wav", prompt_wav(), "audio/wav")}, timeout=60)
+    r = httpx.post(
+        replicas[0].base + "/v1/voices",
+        data={"voice_id": "fleet-voice", "prompt_text": "A prompt."},
+        files={"prompt_wav": ("p.wav", prompt_wav(), "audio/wav")},
+        timeout=60,
+    )
     assert r.status_code == 201, r.text
     async with connect(replicas[1].base.replace("http://", "ws://") + "/v1/tts/stream", max_size=None) as ws:
         await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "voice": "fleet-voice", "seed": 1}))

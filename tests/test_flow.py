@@ -97,7 +97,11 @@ def test_estimator_time_embedding(estimator, est_fx):
 @pytest.mark.parity
 @pytest.mark.parametrize(
     "key,mask,streaming",
-    [("out_nonstream", "mask", False), ("out_stream", "mask", True), ("out_padded_nonstream", "mask_padded", False)],
+    [
+        ("out_nonstream", "mask", False),
+        ("out_stream", "mask", True),
+        ("out_padded_nonstream", "mask_padded", False),
+    ],
 )
 def test_estimator_parity(estimator, est_fx, key, mask, streaming):
     f = est_fx
@@ -123,7 +127,9 @@ def _random_inputs(T: int, seed: int = 0):
     return x, mu, spks, cond, torch.tensor([0.42, 0.42])
 
 
-@pytest.mark.parametrize("splits,left_chunks", [([50, 26], None), ([100, 50, 17], None), ([150, 50, 33], 1), ([50, 50, 50, 10], 0)])
+@pytest.mark.parametrize(
+    "splits,left_chunks", [([50, 26], None), ([100, 50, 17], None), ([150, 50, 33], 1), ([50, 50, 50, 10], 0)]
+)
 def test_estimator_forward_chunk_equals_full_streaming(estimator, splits, left_chunks):
     T = sum(splits)
     x, mu, spks, cond, tt = _random_inputs(T)
@@ -132,7 +138,11 @@ def test_estimator_forward_chunk_equals_full_streaming(estimator, splits, left_c
         cache = EstimatorCache(left_chunks)
         outs, a = [], 0
         for n in splits:
-            outs.append(estimator.forward_chunk(x[..., a : a + n], mu[..., a : a + n], tt, spks, cond[..., a : a + n], cache))
+            outs.append(
+                estimator.forward_chunk(
+                    x[..., a : a + n], mu[..., a : a + n], tt, spks, cond[..., a : a + n], cache
+                )
+            )
             a += n
     assert maxdiff(torch.cat(outs, -1), full) <= TOL
     if left_chunks is not None:
@@ -158,7 +168,9 @@ def test_estimator_cache_bad_paths(estimator):
         EstimatorCache(left_chunks=-1)
     cache = EstimatorCache()
     with torch.no_grad():
-        estimator.forward_chunk(x[..., :30], mu[..., :30], tt, spks, cond[..., :30], cache)  # partial: last call
+        estimator.forward_chunk(
+            x[..., :30], mu[..., :30], tt, spks, cond[..., :30], cache
+        )  # partial: last call
         assert cache.closed and cache.nbytes() > 0
         with pytest.raises(RuntimeError):
             estimator.forward_chunk(x[..., 30:], mu[..., 30:], tt, spks, cond[..., 30:], cache)
@@ -167,7 +179,9 @@ def test_estimator_cache_bad_paths(estimator):
 
 
 def test_estimator_config_from_dict_and_rejects_unknown_layouts():
-    cfg = EstimatorConfig.from_dict({"channels": [64], "num_heads": 2, "attention_head_dim": 16, "dropout": 0.0})
+    cfg = EstimatorConfig.from_dict(
+        {"channels": [64], "num_heads": 2, "attention_head_dim": 16, "dropout": 0.0}
+    )
     assert cfg.channels == (64,) and cfg.num_heads == 2 and cfg.n_blocks == 4
     with pytest.raises(ValueError):
         CausalConditionalDecoder(EstimatorConfig(channels=(64, 64)))
@@ -212,7 +226,9 @@ def test_cfm_solver_every_euler_step(flow, tiny_cfg):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("key,enc_key", [("stream_final_mel", "stream_h_proj"), ("stream_chunk_mel", "stream_ctx_h_proj")])
+@pytest.mark.parametrize(
+    "key,enc_key", [("stream_final_mel", "stream_h_proj"), ("stream_chunk_mel", "stream_ctx_h_proj")]
+)
 def test_cfm_solver_streaming(flow, tiny_cfg, key, enc_key):
     fx, mu, mask, spks, cond, n_prompt = _solver_inputs(flow, load_npz("flow_encoder.npz")[enc_key])
     with torch.no_grad():
@@ -223,15 +239,28 @@ def test_cfm_solver_streaming(flow, tiny_cfg, key, enc_key):
 def _inference(flow, fx, streaming, finalize, token=None, n_timesteps=None):
     token = t(fx["token"])[None] if token is None else token
     prompt = t(fx["prompt_token"])[None]
-    return flow.inference(token, torch.tensor([token.shape[1]]), prompt, torch.tensor([prompt.shape[1]]),
-                          t(fx["prompt_feat"])[None], torch.tensor([fx["prompt_feat"].shape[0]]),
-                          t(fx["embedding"])[None], streaming=streaming, finalize=finalize, n_timesteps=n_timesteps)
+    return flow.inference(
+        token,
+        torch.tensor([token.shape[1]]),
+        prompt,
+        torch.tensor([prompt.shape[1]]),
+        t(fx["prompt_feat"])[None],
+        torch.tensor([fx["prompt_feat"].shape[0]]),
+        t(fx["embedding"])[None],
+        streaming=streaming,
+        finalize=finalize,
+        n_timesteps=n_timesteps,
+    )
 
 
 @pytest.mark.parity
 @pytest.mark.parametrize(
     "key,streaming,finalize",
-    [("nonstream_final_mel", False, True), ("stream_final_mel", True, True), ("stream_chunk_mel", True, False)],
+    [
+        ("nonstream_final_mel", False, True),
+        ("stream_final_mel", True, True),
+        ("stream_chunk_mel", True, False),
+    ],
 )
 def test_flow_inference_parity(flow, key, streaming, finalize):
     fx = load_npz("flow_inference.npz")
@@ -274,10 +303,22 @@ def _stream_case(n_tokens: int, seed: int, n_prompt: int = 10):
     return tokens, prompt, prompt_feat, emb
 
 
-def _recompute(flow, tokens, prompt, prompt_feat, emb, streaming, finalize, n_timesteps=None, left_chunks=None):
-    return flow.inference(tokens, torch.tensor([tokens.shape[1]]), prompt, torch.tensor([prompt.shape[1]]),
-                          prompt_feat, torch.tensor([prompt_feat.shape[1]]), emb, streaming=streaming,
-                          finalize=finalize, n_timesteps=n_timesteps, left_chunks=left_chunks)
+def _recompute(
+    flow, tokens, prompt, prompt_feat, emb, streaming, finalize, n_timesteps=None, left_chunks=None
+):
+    return flow.inference(
+        tokens,
+        torch.tensor([tokens.shape[1]]),
+        prompt,
+        torch.tensor([prompt.shape[1]]),
+        prompt_feat,
+        torch.tensor([prompt_feat.shape[1]]),
+        emb,
+        streaming=streaming,
+        finalize=finalize,
+        n_timesteps=n_timesteps,
+        left_chunks=left_chunks,
+    )
 
 
 def _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, push_step=7, **kw):
@@ -401,7 +442,9 @@ def test_flow_stream_window_equals_windowed_recompute_and_bounds_memory(flow):
         mels[lc].append(stream.finish())
     offset = 0
     for hop, mel in zip(hops, mels[1], strict=False):
-        ref = _recompute(flow, tokens[:, : offset + hop + 3], prompt, prompt_feat, emb, True, False, left_chunks=1)
+        ref = _recompute(
+            flow, tokens[:, : offset + hop + 3], prompt, prompt_feat, emb, True, False, left_chunks=1
+        )
         assert maxdiff(mel, ref[:, :, 2 * offset :]) <= TOL
         offset += hop
     ref = _recompute(flow, tokens, prompt, prompt_feat, emb, True, True, left_chunks=1)

@@ -104,9 +104,17 @@ def test_config_from_tiny_dict():
     block = tiny_json()["flow"]["encoder"]
     cfg = tiny_config()
     assert (cfg.input_size, cfg.output_size, cfg.attention_heads, cfg.linear_units, cfg.num_blocks) == (
-        block["input_size"], block["output_size"], block["attention_heads"], block["linear_units"], block["num_blocks"])
+        block["input_size"],
+        block["output_size"],
+        block["attention_heads"],
+        block["linear_units"],
+        block["num_blocks"],
+    )
     assert (cfg.num_up_blocks, cfg.static_chunk_size, cfg.up_stride) == (
-        block["num_up_blocks"], block["static_chunk_size"], block["up_stride"])
+        block["num_up_blocks"],
+        block["static_chunk_size"],
+        block["up_stride"],
+    )
     assert cfg.pre_lookahead_channels == block["pre_lookahead_channels"]
     assert cfg.layer_norm_eps == block["layer_norm_eps_in_layers"]
     assert cfg.embed_norm_eps == block["layer_norm_eps_embed_and_after_norm"]

@@ -16,12 +16,25 @@ from tests.conftest import REPO
 
 @pytest.mark.slow
 def test_gpu_suite_runs_end_to_end_on_a_cpu():
-    r = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--device", "cpu", "--quick"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    r = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "--device", "cpu", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    table = r.stdout[r.stdout.index("GPU suite on cpu"):]
-    for label in ("first audio p50 ms", "first audio p95 ms", "RTF per stream, p50", "underruns",
-                  "decode step ms, eager", "decode step ms, CUDA graphs", "| bf16 |"):
+    table = r.stdout[r.stdout.index("GPU suite on cpu") :]
+    for label in (
+        "first audio p50 ms",
+        "first audio p95 ms",
+        "RTF per stream, p50",
+        "underruns",
+        "decode step ms, eager",
+        "decode step ms, CUDA graphs",
+        "| bf16 |",
+    ):
         assert label in table, table
     errors = re.search(r"^\| errors \| (.*) \|$", table, re.M)[1].split(" | ")
     assert errors == ["0", "0"], table

@@ -59,8 +59,9 @@ def test_source_with_recorded_draws(hift, ref):
     # The initial random phase is dead (FACTS 6.1): any generator gives the same sines; only the
     # additive noise changes the source.
     with torch.no_grad():
-        other, _ = hift.m_source(f0, generator=torch.Generator().manual_seed(1234),
-                                 noise=ref["sinegen_noise_randn"][None])
+        other, _ = hift.m_source(
+            f0, generator=torch.Generator().manual_seed(1234), noise=ref["sinegen_noise_randn"][None]
+        )
     assert torch.equal(other, source)
 
 
@@ -116,8 +117,13 @@ def test_legacy_weight_norm_names_load_the_same(tiny_state, hift, ref):
 
 
 def test_load_hift_from_a_legacy_pt_file(tiny_state, ref, tmp_path):
-    legacy = {"generator." + k.replace("parametrizations.weight.original0", "weight_g")
-              .replace("parametrizations.weight.original1", "weight_v"): v for k, v in tiny_state.items()}
+    legacy = {
+        "generator."
+        + k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v
+        for k, v in tiny_state.items()
+    }
     torch.save(legacy, tmp_path / "hift.pt")
     model = load_hift(tmp_path / "hift.pt", tiny_config(), fold_weight_norm=True)
     assert not model.training
@@ -140,10 +146,18 @@ def test_strict_load_rejects_missing_and_misshapen(tiny_state):
 
 def test_convert_keeps_parametrization_names_and_strips_generator():
     t = torch.zeros(1)
-    out = convert_hift_state_dict({"generator.conv_pre.weight_g": t, "conv_pre.parametrizations.weight.original1": t,
-                                   "generator.m_source.l_linear.bias": t})
-    assert set(out) == {"conv_pre.parametrizations.weight.original0",
-                        "conv_pre.parametrizations.weight.original1", "m_source.l_linear.bias"}
+    out = convert_hift_state_dict(
+        {
+            "generator.conv_pre.weight_g": t,
+            "conv_pre.parametrizations.weight.original1": t,
+            "generator.m_source.l_linear.bias": t,
+        }
+    )
+    assert set(out) == {
+        "conv_pre.parametrizations.weight.original0",
+        "conv_pre.parametrizations.weight.original1",
+        "m_source.l_linear.bias",
+    }
 
 
 def test_remove_weight_norm_keeps_output(hift, tiny_state, ref):
@@ -158,12 +172,22 @@ def test_remove_weight_norm_keeps_output(hift, tiny_state, ref):
 
 
 def test_config_from_yaml_style_dict_gives_real_defaults():
-    tree = {"__new__": "cosyvoice.hifigan.generator.HiFTGenerator", "in_channels": 80, "base_channels": 512,
-            "nb_harmonics": 8, "sampling_rate": 24000, "upsample_rates": [8, 5, 3],
-            "istft_params": {"n_fft": 16, "hop_len": 4},
-            "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
-            "f0_predictor": {"__new__": "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor",
-                             "num_class": 1, "in_channels": 80, "cond_channels": 512}}
+    tree = {
+        "__new__": "cosyvoice.hifigan.generator.HiFTGenerator",
+        "in_channels": 80,
+        "base_channels": 512,
+        "nb_harmonics": 8,
+        "sampling_rate": 24000,
+        "upsample_rates": [8, 5, 3],
+        "istft_params": {"n_fft": 16, "hop_len": 4},
+        "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+        "f0_predictor": {
+            "__new__": "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor",
+            "num_class": 1,
+            "in_channels": 80,
+            "cond_channels": 512,
+        },
+    }
     assert HiFTConfig.from_dict(tree) == HiFTConfig()
     assert HiFTConfig().upsample_scale == 480
 

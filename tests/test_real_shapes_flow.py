@@ -35,7 +35,11 @@ def test_real_flow_matches_flow_pt_keys_and_shapes():
 
 
 def test_real_estimator_alone_matches_decoder_estimator_keys():
-    expected = {k[len("decoder.estimator."):]: v for k, v in _expected().items() if k.startswith("decoder.estimator.")}
+    expected = {
+        k[len("decoder.estimator.") :]: v
+        for k, v in _expected().items()
+        if k.startswith("decoder.estimator.")
+    }
     with torch.device("meta"):
         est = CausalConditionalDecoder(EstimatorConfig())
     ours = {k: list(v.shape) for k, v in est.state_dict().items()}

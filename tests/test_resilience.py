@@ -76,13 +76,16 @@ def port_of(base: str) -> int:
 
 # -- 1. dropped HTTP downloads give their place back ------------------------------------------------
 
+
 async def test_dropped_downloads_give_their_place_back():
     tone = ToneEngine(step_delay=0.05, capacity=2)
     with serve(tone) as base:
         port = port_of(base)
         body = json.dumps({"text": "word " * 400, "format": "pcm_s16le"}).encode()
-        request = (b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n" % len(body)) + body
+        request = (
+            b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        ) + body
         for _ in range(4):  # twice the capacity, each dropped after its first bytes
             s = await asyncio.to_thread(raw_http, port, request)
             s.settimeout(WAIT)
@@ -103,13 +106,18 @@ async def test_a_download_that_stops_reading_is_dropped_after_the_send_timeout()
     tone = ToneEngine(capacity=1)
     with serve_server(tone, ServerConfig(send_timeout=0.5, close_timeout=0.3)) as (base, server):
         body = json.dumps({"text": "word " * 3000, "format": "pcm_f32le", "sample_rate": 48000}).encode()
-        request = (b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n" % len(body)) + body
+        request = (
+            b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        ) + body
         s = await asyncio.to_thread(raw_http, port_of(base), request, 4096)  # and never reads
 
         async def dropped() -> bool:
-            return (await health(base))["streams"] == 0 and not server.server_state.connections - {None} \
+            return (
+                (await health(base))["streams"] == 0
+                and not server.server_state.connections - {None}
                 and tone.active == 0
+            )
 
         await asyncio.sleep(0.2)
         await eventually(dropped, what="the stalled download aborted and its place freed")
@@ -119,6 +127,7 @@ async def test_a_download_that_stops_reading_is_dropped_after_the_send_timeout()
 
 
 # -- 2. contexts waiting for text hold nothing; idle ones end ------------------------------------------
+
 
 async def test_empty_contexts_hold_no_capacity():
     tone = ToneEngine(capacity=2)
@@ -198,20 +207,24 @@ async def test_an_idle_socket_closes_but_pings_keep_a_pooled_one_open():
 
 # -- 4-6. every frame gets a typed answer --------------------------------------------------------------
 
-@pytest.mark.parametrize("frame", [
-    '{"type": "start", "speed": 1' + "0" * 400 + "}",
-    '{"type": "text", "text": "x", "seed": ' + "9" * 5000 + "}",
-    '{"type": "start", "speed": 1e999}',
-    '{"type": "start", "speed": NaN}',
-    '{"type": "start", "speed": -Infinity}',
-    '{"type": "text", "text": "hi", "context_id": "\\ud800"}',
-    '{"type": "text", "text": "\\udfff"}',
-    '{"type": "start", "sample_rate": 0}',
-    '{"type": "start", "sample_rate": -0}',
-    '{"type": "start", "format": "mulaw", "sample_rate": -8000}',
-    "[" * 10000 + "]" * 10000,
-    '{"type": "text", "text": "x", "voice": {"a": [[[[[[[[[[1]]]]]]]]]]}}',
-])
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type": "start", "speed": 1' + "0" * 400 + "}",
+        '{"type": "text", "text": "x", "seed": ' + "9" * 5000 + "}",
+        '{"type": "start", "speed": 1e999}',
+        '{"type": "start", "speed": NaN}',
+        '{"type": "start", "speed": -Infinity}',
+        '{"type": "text", "text": "hi", "context_id": "\\ud800"}',
+        '{"type": "text", "text": "\\udfff"}',
+        '{"type": "start", "sample_rate": 0}',
+        '{"type": "start", "sample_rate": -0}',
+        '{"type": "start", "format": "mulaw", "sample_rate": -8000}',
+        "[" * 10000 + "]" * 10000,
+        '{"type": "text", "text": "x", "voice": {"a": [[[[[[[[[[1]]]]]]]]]]}}',
+    ],
+)
 async def test_frames_the_service_cannot_take_get_a_typed_error_and_the_socket_lives(frame):
     with serve(ToneEngine()) as base:
         async with connect(ws_url(base), max_size=None) as ws:
@@ -224,16 +237,19 @@ async def test_frames_the_service_cannot_take_get_a_typed_error_and_the_socket_l
             assert msgs[-1]["type"] == "done" and len(audio) == 5 * 4800 * 2
 
 
-@pytest.mark.parametrize("body", [
-    b'{"text": "hi", "speed": 1' + b"0" * 400 + b"}",
-    b'{"text": "hi", "seed": ' + b"9" * 5000 + b"}",
-    b'{"text": "hi", "speed": NaN}',
-    b"[" * 10000 + b"]" * 10000,
-    b'{"text": "\\ud800"}',
-    b'{"text": "hi", "sample_rate": 0}',
-    b'{"text": "hi", "sample_rate": -0}',
-    b"\xff\xfe not utf-8",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"text": "hi", "speed": 1' + b"0" * 400 + b"}",
+        b'{"text": "hi", "seed": ' + b"9" * 5000 + b"}",
+        b'{"text": "hi", "speed": NaN}',
+        b"[" * 10000 + b"]" * 10000,
+        b'{"text": "\\ud800"}',
+        b'{"text": "hi", "sample_rate": 0}',
+        b'{"text": "hi", "sample_rate": -0}',
+        b"\xff\xfe not utf-8",
+    ],
+)
 async def test_http_bodies_the_service_cannot_take_are_json_400(body):
     with serve(ToneEngine()) as base:
         async with httpx.AsyncClient(timeout=WAIT) as http:
@@ -245,11 +261,13 @@ async def test_http_bodies_the_service_cannot_take_are_json_400(body):
 async def test_every_http_error_is_json_with_its_status():
     with serve(ToneEngine()) as base:
         async with httpx.AsyncClient(timeout=WAIT) as http:
-            for method, path, status, code in (("GET", "/no/such/route", 404, "not_found"),
-                                               ("GET", "/nothing.here", 404, "not_found"),
-                                               ("DELETE", "/v1/tts", 405, "method_not_allowed"),
-                                               ("POST", "/health", 405, "method_not_allowed"),
-                                               ("PUT", "/v1/voices", 405, "method_not_allowed")):
+            for method, path, status, code in (
+                ("GET", "/no/such/route", 404, "not_found"),
+                ("GET", "/nothing.here", 404, "not_found"),
+                ("DELETE", "/v1/tts", 405, "method_not_allowed"),
+                ("POST", "/health", 405, "method_not_allowed"),
+                ("PUT", "/v1/voices", 405, "method_not_allowed"),
+            ):
                 r = await http.request(method, base + path)
                 assert r.status_code == status, (method, path)
                 assert r.headers["content-type"] == "application/json" and r.json()["error"]["code"] == code
@@ -265,8 +283,12 @@ async def test_every_http_error_is_json_with_its_status():
 
 async def test_a_body_that_does_not_arrive_in_time_is_408():
     with serve(ToneEngine(), ServerConfig(body_timeout=0.5)) as base:
-        s = await asyncio.to_thread(raw_http, port_of(base), b"POST /v1/tts HTTP/1.1\r\nHost: x\r\n"
-                                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text\"")
+        s = await asyncio.to_thread(
+            raw_http,
+            port_of(base),
+            b"POST /v1/tts HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"text"',
+        )
         reply = await asyncio.to_thread(read_response, s)
         assert reply.startswith(b"HTTP/1.1 408") and b'"timeout"' in reply
         s.close()
@@ -288,11 +310,15 @@ async def test_a_whole_utterance_under_an_invalid_id_is_refused_before_it_starts
 
 # -- 7. stalls: headers, upgrades, close handshakes, clients that never read ---------------------------
 
-@pytest.mark.parametrize("partial", [
-    b"",  # connects and says nothing
-    b"GET /health HTTP/1.1\r\nHost: x\r\n",  # slow headers
-    b"GET /v1/tts/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",  # half-open upgrade
-])
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        b"",  # connects and says nothing
+        b"GET /health HTTP/1.1\r\nHost: x\r\n",  # slow headers
+        b"GET /v1/tts/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",  # half-open upgrade
+    ],
+)
 async def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closes(partial):
     with serve_server(ToneEngine(), ServerConfig(header_timeout=0.5)) as (base, server):
         s = await asyncio.to_thread(raw_http, port_of(base), partial)
@@ -303,11 +329,18 @@ async def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_clo
         s.close()
 
 
-def _upgrade(port: int, rcvbuf: int | None = None, query: str = "", status: bytes = b" 101 ") -> socket.socket:
+def _upgrade(
+    port: int, rcvbuf: int | None = None, query: str = "", status: bytes = b" 101 "
+) -> socket.socket:
     key = base64.b64encode(b"0123456789abcdef").decode()
-    s = raw_http(port, (f"GET /v1/tts/stream{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode(),
-                 rcvbuf)
+    s = raw_http(
+        port,
+        (
+            f"GET /v1/tts/stream{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode(),
+        rcvbuf,
+    )
     buf = b""
     while b"\r\n\r\n" not in buf:
         buf += s.recv(1)
@@ -331,8 +364,11 @@ async def test_a_client_that_never_reads_loses_its_socket_not_only_its_session()
         s.sendall(_frame(json.dumps({"type": "text", "text": "word " * 3000}).encode()))
 
         async def gone() -> bool:
-            return (await health(base))["sessions"] == 0 and tone.active == 0 \
+            return (
+                (await health(base))["sessions"] == 0
+                and tone.active == 0
                 and not server.server_state.connections
+            )
 
         await eventually(gone, what="session freed and TCP connection aborted")
 
@@ -359,18 +395,27 @@ async def test_a_client_that_ignores_the_close_frame_is_cut_off():
 
 # -- 8. one token rule ----------------------------------------------------------------------------------
 
+
 async def test_token_whitespace_is_one_rule_for_http_and_websocket():
     with serve(ToneEngine(), ServerConfig(token="s3cret")) as base:
         port = port_of(base)
         for value in (b"s3cret ", b" s3cret", b"s3cret"):
-            s = await asyncio.to_thread(raw_http, port, b"GET /v1/voices HTTP/1.1\r\nHost: x\r\nX-API-TOKEN: "
-                                        + value + b"\r\nConnection: close\r\n\r\n")
+            s = await asyncio.to_thread(
+                raw_http,
+                port,
+                b"GET /v1/voices HTTP/1.1\r\nHost: x\r\nX-API-TOKEN: "
+                + value
+                + b"\r\nConnection: close\r\n\r\n",
+            )
             assert (await asyncio.to_thread(read_response, s)).startswith(b"HTTP/1.1 200"), value
             async with connect(ws_url(base), additional_headers={"X-API-TOKEN": value.decode()}) as ws:
                 await ws.send(json.dumps({"type": "start"}))
                 assert json.loads(await ws.recv())["type"] == "ready"
-        s = await asyncio.to_thread(raw_http, port, b"GET /v1/voices HTTP/1.1\r\nHost: x\r\nX-API-TOKEN: s3cre t\r\n"
-                                    b"Connection: close\r\n\r\n")
+        s = await asyncio.to_thread(
+            raw_http,
+            port,
+            b"GET /v1/voices HTTP/1.1\r\nHost: x\r\nX-API-TOKEN: s3cre t\r\nConnection: close\r\n\r\n",
+        )
         assert (await asyncio.to_thread(read_response, s)).startswith(b"HTTP/1.1 403")
         with pytest.raises(websockets.InvalidStatus) as refused:
             async with connect(ws_url(base), additional_headers={"X-API-TOKEN": "s3cre t"}):
@@ -379,6 +424,7 @@ async def test_token_whitespace_is_one_rule_for_http_and_websocket():
 
 
 # -- 9. one log line per event a client causes -----------------------------------------------------------
+
 
 async def test_invalid_utf8_and_refused_sockets_cost_no_traceback_and_no_error_line(caplog):
     caplog.set_level(logging.INFO)

@@ -33,8 +33,13 @@ def decode_av(data: bytes, fmt: str | None = None, rate: int | None = None) -> t
     chunks, rate = [], None
     for frame in container.decode(audio=0):
         rate = frame.sample_rate
-        chunks.append(frame.to_ndarray().astype(np.float32).reshape(frame.layout.nb_channels if hasattr(frame.layout, "nb_channels") else 1, -1)[0]
-                      if frame.format.is_planar else frame.to_ndarray().astype(np.float32).reshape(-1))
+        chunks.append(
+            frame.to_ndarray()
+            .astype(np.float32)
+            .reshape(frame.layout.nb_channels if hasattr(frame.layout, "nb_channels") else 1, -1)[0]
+            if frame.format.is_planar
+            else frame.to_ndarray().astype(np.float32).reshape(-1)
+        )
     container.close()
     x = np.concatenate(chunks)
     if np.abs(x).max() > 2:  # integer samples
@@ -69,11 +74,21 @@ async def speak(base: str, start: dict, text: str = WORDS5):
     return ready, audio, msgs
 
 
-@pytest.mark.parametrize("fmt, container, rate", [
-    ("pcm_s16le", "raw", None), ("pcm_s16le", "wav", 16000), ("pcm_f32le", "raw", 48000), ("pcm_f32le", "wav", None),
-    ("mulaw", "raw", 8000), ("alaw", "wav", 8000), ("mulaw", "wav", 16000),
-    ("opus", "ogg", 48000), ("opus", "ogg", 24000), ("opus", "ogg", 16000),
-])  # raw Opus packets: test_raw_opus_packets_decode_one_by_one
+@pytest.mark.parametrize(
+    "fmt, container, rate",
+    [
+        ("pcm_s16le", "raw", None),
+        ("pcm_s16le", "wav", 16000),
+        ("pcm_f32le", "raw", 48000),
+        ("pcm_f32le", "wav", None),
+        ("mulaw", "raw", 8000),
+        ("alaw", "wav", 8000),
+        ("mulaw", "wav", 16000),
+        ("opus", "ogg", 48000),
+        ("opus", "ogg", 24000),
+        ("opus", "ogg", 16000),
+    ],
+)  # raw Opus packets: test_raw_opus_packets_decode_one_by_one
 async def test_full_utterance_in_each_format(server, fmt, container, rate):
     start = {"format": fmt, "container": container, **({"sample_rate": rate} if rate else {})}
     ready, audio, msgs = await speak(server, start)
@@ -83,7 +98,9 @@ async def test_full_utterance_in_each_format(server, fmt, container, rate):
     assert done["type"] == "done" and abs(done["stats"]["audio_ms"] - 1000) < 1
     assert done["stats"]["ttfa_ms"] is not None
     if container == "wav":
-        x, sr = sf.read(io.BytesIO(audio), dtype="float32") if fmt.startswith("pcm") else decode_av(audio, "wav")
+        x, sr = (
+            sf.read(io.BytesIO(audio), dtype="float32") if fmt.startswith("pcm") else decode_av(audio, "wav")
+        )
     elif fmt == "pcm_s16le":
         x, sr = np.frombuffer(audio, "<i2").astype(np.float32) / 32768, out_rate
     elif fmt == "pcm_f32le":
@@ -95,7 +112,7 @@ async def test_full_utterance_in_each_format(server, fmt, container, rate):
     assert sr in (out_rate, 48000)
     seconds = len(x) / sr
     assert abs(seconds - 1.0) < 0.03, seconds
-    rms = float(np.sqrt(np.mean(x ** 2)))
+    rms = float(np.sqrt(np.mean(x**2)))
     assert 0.15 < rms < 0.25, rms  # 0.3-amplitude sine → rms ≈ 0.21
     assert abs(dominant_hz(x, sr) - 440) < 15
 
@@ -231,14 +248,17 @@ async def test_json_transport_runs_contexts_side_by_side(server):
         assert seqs["x"] == list(range(1, len(seqs["x"]) + 1))
 
 
-@pytest.mark.parametrize("frame, code", [
-    ("not json", "bad_request"),
-    ('{"type": "dance"}', "bad_request"),
-    ('{"type": "text", "text": "x", "volume": 11}', "bad_request"),
-    ('{"type": "text", "text": ["x"]}', "bad_request"),
-    ('{"type": "start", "voice": "nobody"}', "unknown_voice"),
-    (b"\x00\x01binary", "bad_request"),
-])
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        ("not json", "bad_request"),
+        ('{"type": "dance"}', "bad_request"),
+        ('{"type": "text", "text": "x", "volume": 11}', "bad_request"),
+        ('{"type": "text", "text": ["x"]}', "bad_request"),
+        ('{"type": "start", "voice": "nobody"}', "unknown_voice"),
+        (b"\x00\x01binary", "bad_request"),
+    ],
+)
 async def test_malformed_input_gets_typed_error_and_session_survives(server, frame, code):
     async with connect(ws_url(server), max_size=None) as ws:
         await ws.send(frame)
@@ -299,8 +319,12 @@ def _raw_ws_handshake(port: int) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))
     key = base64.b64encode(b"0123456789abcdef").decode()
-    s.sendall((f"GET /v1/tts/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    s.sendall(
+        (
+            f"GET /v1/tts/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     buf = b""
     while b"\r\n\r\n" not in buf:
         buf += s.recv(1)
@@ -313,8 +337,13 @@ def _client_frame(text: str) -> bytes:
     mask = b"\x01\x02\x03\x04"
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     n = len(payload)
-    header = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 65536
-                              else bytes([0x80 | 127]) + n.to_bytes(8, "big"))
+    header = bytes([0x81]) + (
+        bytes([0x80 | n])
+        if n < 126
+        else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        if n < 65536
+        else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    )
     return header + mask + masked
 
 
@@ -340,7 +369,9 @@ def test_client_that_never_reads_is_closed_and_production_stops(tone):
 
 async def test_realtime_pacing_sends_at_playback_rate(server):
     t0 = time.perf_counter()
-    _, audio, msgs = await speak(server, {"pacing": "realtime"}, "one two three four five six seven eight nine ten ")
+    _, audio, msgs = await speak(
+        server, {"pacing": "realtime"}, "one two three four five six seven eight nine ten "
+    )
     elapsed = time.perf_counter() - t0
     assert len(audio) == 10 * 4800 * 2
     assert elapsed > 1.4  # 2 s of audio with a 0.3 s lead
@@ -359,9 +390,11 @@ async def test_auth_header_query_and_refusal(tone):
             async with connect(ws_url(base, "wrong")):
                 pass
         assert e.value.response.status_code == 403
-        for kwargs, url in (({}, ws_url(base, "s3cret")),
-                            ({"additional_headers": {"Authorization": "Bearer s3cret"}}, ws_url(base)),
-                            ({"additional_headers": {"X-API-TOKEN": "s3cret"}}, ws_url(base))):
+        for kwargs, url in (
+            ({}, ws_url(base, "s3cret")),
+            ({"additional_headers": {"Authorization": "Bearer s3cret"}}, ws_url(base)),
+            ({"additional_headers": {"X-API-TOKEN": "s3cret"}}, ws_url(base)),
+        ):
             async with connect(url, **kwargs) as ws:
                 await ws.send(json.dumps({"type": "start"}))
                 assert json.loads(await ws.recv())["type"] == "ready"
@@ -399,8 +432,12 @@ async def test_http_routes(server):
         r = await http.post(server + "/v1/tts", json={"text": WORDS5, "format": "opus"})
         x, sr = decode_av(r.content, "ogg")
         assert abs(len(x) / sr - 1.0) < 0.03
-        for bad, code in (({"text": ""}, 400), ({"text": "x", "voice": "nobody"}, 404),
-                          ({"text": "x", "loud": True}, 400), ({"text": "x", "sample_rate": 44100}, 400)):
+        for bad, code in (
+            ({"text": ""}, 400),
+            ({"text": "x", "voice": "nobody"}, 404),
+            ({"text": "x", "loud": True}, 400),
+            ({"text": "x", "sample_rate": 44100}, 400),
+        ):
             r = await http.post(server + "/v1/tts", json=bad)
             assert r.status_code == code and "error" in r.json()
         # the official CosyVoice FastAPI routes: form fields, raw int16 at the model rate
@@ -432,7 +469,9 @@ async def test_a_failing_context_reports_internal_and_the_session_lives_on():
             await ws.send(json.dumps({"type": "text", "text": "one two ", "context_id": "bad"}))
             await ws.send(json.dumps({"type": "end", "context_id": "bad"}))
             _, msgs = await collect(ws, until="error")
-            assert msgs[-1]["code"] == "internal" and msgs[-1]["context_id"] == "bad" and not msgs[-1]["fatal"]
+            assert (
+                msgs[-1]["code"] == "internal" and msgs[-1]["context_id"] == "bad" and not msgs[-1]["fatal"]
+            )
             await ws.send(json.dumps({"type": "text", "text": "x", "context_id": "bad"}))
             assert json.loads(await ws.recv())["code"] == "bad_request"  # finished: a clear error, no crash
             await ws.send(json.dumps({"type": "start"}))  # the socket still answers
@@ -442,12 +481,16 @@ async def test_a_failing_context_reports_internal_and_the_session_lives_on():
 async def test_oversize_http_body_is_413_without_reading_it_all(tone):
     with serve(tone, ServerConfig(limits=Limits(max_frame_bytes=1000))) as base:
         async with httpx.AsyncClient() as http:
-            r = await http.post(base + "/v1/tts", content=b"{" + b" " * 5000 + b"}",
-                                headers={"content-type": "application/json"})
+            r = await http.post(
+                base + "/v1/tts",
+                content=b"{" + b" " * 5000 + b"}",
+                headers={"content-type": "application/json"},
+            )
             assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
 
             async def chunks():  # no Content-Length: the limit applies while streaming
                 for _ in range(10):
                     yield b" " * 500
+
             r = await http.post(base + "/v1/tts", content=chunks())
             assert r.status_code == 413

@@ -62,8 +62,10 @@ def test_replicas_registering_at_once_keep_both_voices_and_one_id_wins_once(repl
             outcomes[name] = e.code
 
     for ids in (("bob", "carol"), ("dave", "dave")):
-        threads = [threading.Thread(target=register, args=(engine, f"{engine_name}-{voice_id}", voice_id))
-                   for engine_name, engine, voice_id in (("a", a, ids[0]), ("b", b, ids[1]))]
+        threads = [
+            threading.Thread(target=register, args=(engine, f"{engine_name}-{voice_id}", voice_id))
+            for engine_name, engine, voice_id in (("a", a, ids[0]), ("b", b, ids[1]))
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -80,8 +82,11 @@ async def test_registered_over_http_on_one_server_spoken_over_the_websocket_of_a
     root, a, b = replicas
     with serve(a) as server_a, serve(b) as server_b:
         async with httpx.AsyncClient(timeout=60) as http:
-            r = await http.post(server_a + "/v1/voices", data={"voice_id": "erin", "prompt_text": "A prompt."},
-                                files={"prompt_wav": ("p.wav", prompt_wav(), "audio/wav")})
+            r = await http.post(
+                server_a + "/v1/voices",
+                data={"voice_id": "erin", "prompt_text": "A prompt."},
+                files={"prompt_wav": ("p.wav", prompt_wav(), "audio/wav")},
+            )
             assert r.status_code == 201, r.text
         async with connect(ws_url(server_b), max_size=None) as ws:
             await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "voice": "erin", "seed": 2}))

@@ -101,7 +101,9 @@ def test_streams_joining_at_different_times_equal_each_alone(models, fx, stage):
     its solo chunks (same lengths, every mel within 1e-4, the same speech)."""
     specs = cases(fx, 3)
     sources = [Tokens() for _ in specs]
-    streams = [stage.open(uuid, src, *p, seed=seed) for (uuid, p, _, seed), src in zip(specs, sources, strict=True)]
+    streams = [
+        stage.open(uuid, src, *p, seed=seed) for (uuid, p, _, seed), src in zip(specs, sources, strict=True)
+    ]
     results: dict[str, list] = {}
     readers = [threading.Thread(target=lambda s=s: results.setdefault(s.uuid, read_all(s))) for s in streams]
     for r in readers:
@@ -179,7 +181,9 @@ def test_a_job_left_out_of_rounds_is_unchanged_and_still_equals_solo(models, fx)
 def test_cancel_frees_at_the_next_round_without_waiting_and_the_others_go_on(models, fx, stage):
     specs = cases(fx, 2)
     sources = [Tokens() for _ in specs]
-    streams = [stage.open(uuid, src, *p, seed=seed) for (uuid, p, _, seed), src in zip(specs, sources, strict=True)]
+    streams = [
+        stage.open(uuid, src, *p, seed=seed) for (uuid, p, _, seed), src in zip(specs, sources, strict=True)
+    ]
     for (_, _, tokens, _), src in zip(specs, sources, strict=True):
         src.add(tokens)  # plenty, not done: both keep computing
     deadline = time.monotonic() + WAIT
@@ -211,9 +215,12 @@ def test_open_runs_no_model_code_in_the_caller(models, fx, stage, monkeypatch):
     """The flow prompt of a stream is computed by the stage's thread, not by whoever opens it."""
     threads = []
     real_open = stage.token2wav.open
-    monkeypatch.setattr(stage.token2wav, "open",
-                        lambda *a, **kw: (threads.append(threading.current_thread().name), real_open(*a, **kw))[1])
-    (uuid, p, tokens, seed), = cases(fx, 1)
+    monkeypatch.setattr(
+        stage.token2wav,
+        "open",
+        lambda *a, **kw: (threads.append(threading.current_thread().name), real_open(*a, **kw))[1],
+    )
+    ((uuid, p, tokens, seed),) = cases(fx, 1)
     stream = stage.open(uuid, StaticTokens(tokens), *p, seed=seed)
     assert len(read_all(stream)) > 0
     assert threads == ["t2w-stage"]
@@ -221,7 +228,7 @@ def test_open_runs_no_model_code_in_the_caller(models, fx, stage, monkeypatch):
 
 def test_rounds_refuse_two_jobs_of_one_stream(models, fx):
     t2w = Token2Wav(*models)
-    (uuid, p, tokens, seed), = cases(fx, 1)
+    ((uuid, p, tokens, seed),) = cases(fx, 1)
     t2w.open(uuid, *p, seed=seed)
     t2w.push(uuid, tokens)
     rounds = Rounds(t2w)

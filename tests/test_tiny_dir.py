@@ -47,11 +47,20 @@ def test_layout_is_complete_and_official(tiny):
     md = ModelDir(tiny)
     assert md.missing() == []
     assert (tiny / "spk2info.pt").is_file()
-    assert {p.name for p in md.qwen_dir.iterdir()} >= {"config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in md.qwen_dir.iterdir()} >= {
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     text = md.yaml_path.read_text()
-    for tag in ("!new:cosyvoice.llm.llm.Qwen2LM", "!new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec",
-                "!new:cosyvoice.hifigan.generator.HiFTGenerator", "!ref <chunk_size> * <token_mel_ratio>",
-                "!new:omegaconf.DictConfig", "!apply:torch.manual_seed [1986]"):
+    for tag in (
+        "!new:cosyvoice.llm.llm.Qwen2LM",
+        "!new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec",
+        "!new:cosyvoice.hifigan.generator.HiFTGenerator",
+        "!ref <chunk_size> * <token_mel_ratio>",
+        "!new:omegaconf.DictConfig",
+        "!apply:torch.manual_seed [1986]",
+    ):
         assert tag in text
 
 
@@ -61,18 +70,29 @@ def test_weights_use_the_official_key_names_and_load_strictly(tiny):
     width, rows = cfg["llm"]["llm_input_size"], cfg["llm"]["llm_decoder_out"]
     llm = torch.load(tiny / "llm.pt", weights_only=True)
     assert LM_HEAD_KEY in llm and torch.equal(llm[LM_HEAD_KEY], llm["llm.model.model.embed_tokens.weight"])
-    assert llm["llm_decoder.weight"].shape == (rows, width) and llm["speech_embedding.weight"].shape == (rows, width)
+    assert llm["llm_decoder.weight"].shape == (rows, width) and llm["speech_embedding.weight"].shape == (
+        rows,
+        width,
+    )
     hift = torch.load(tiny / "hift.pt", weights_only=True)
     assert any(k.endswith("parametrizations.weight.original0") for k in hift)
     # the same key set and shapes as the fixture set's official TINY checkpoints
-    for name, ours in (("llm", llm), ("flow", torch.load(tiny / "flow.pt", weights_only=True)), ("hift", hift)):
+    for name, ours in (
+        ("llm", llm),
+        ("flow", torch.load(tiny / "flow.pt", weights_only=True)),
+        ("hift", hift),
+    ):
         theirs = load_file(str(reference_file(f"tiny_{name}.safetensors")))
-        assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}, name
+        assert {k: tuple(v.shape) for k, v in ours.items()} == {
+            k: tuple(v.shape) for k, v in theirs.items()
+        }, name
     flow = torch.load(tiny / "flow.pt", weights_only=True)
     assert flow["input_embedding.weight"].shape == (cfg["flow"]["vocab_size"], cfg["flow"]["input_size"])
     model = CosyVoice2Model.from_model_dir(tiny)  # strict: raises on any missing/extra key
     chunk = cfg["flow"]["decoder"]["estimator"]["static_chunk_size"] // cfg["flow"]["token_mel_ratio"]
-    assert model.flow.cfg.chunk_tokens == chunk and model.hift.cfg.base_channels == cfg["hift"]["base_channels"]
+    assert (
+        model.flow.cfg.chunk_tokens == chunk and model.hift.cfg.base_channels == cfg["hift"]["base_channels"]
+    )
 
 
 def test_blanken_holds_the_qwen2_backbone_as_a_huggingface_checkpoint(tiny):
@@ -86,7 +106,9 @@ def test_blanken_holds_the_qwen2_backbone_as_a_huggingface_checkpoint(tiny):
     stored = load_file(str(path))
     assert "model.embed_tokens.weight" in stored and "model.norm.weight" in stored
     assert "lm_head.weight" not in stored  # tie_word_embeddings: from_pretrained ties it back
-    assert stored.keys() == {k.removeprefix("llm.model.") for k in llm if k.startswith("llm.model.")} - {"lm_head.weight"}
+    assert stored.keys() == {k.removeprefix("llm.model.") for k in llm if k.startswith("llm.model.")} - {
+        "lm_head.weight"
+    }
     assert all(torch.equal(v, llm["llm.model." + k]) for k, v in stored.items())
     hf = Qwen2ForCausalLM.from_pretrained(tiny / ModelDir.QWEN_DIR)  # what the official Qwen2Encoder does
     hf_state = hf.state_dict()
@@ -95,8 +117,11 @@ def test_blanken_holds_the_qwen2_backbone_as_a_huggingface_checkpoint(tiny):
 
 
 def test_qwen_checkpoint_names_and_untied_head():
-    state = {"llm.model.model.norm.weight": torch.ones(2), "llm.model.lm_head.weight": torch.zeros(3, 2),
-             "llm_decoder.weight": torch.zeros(1, 2)}
+    state = {
+        "llm.model.model.norm.weight": torch.ones(2),
+        "llm.model.lm_head.weight": torch.zeros(3, 2),
+        "llm_decoder.weight": torch.zeros(1, 2),
+    }
     assert set(qwen_checkpoint(state, tie_word_embeddings=True)) == {"model.norm.weight"}
     untied = qwen_checkpoint(state, tie_word_embeddings=False)
     assert set(untied) == {"model.norm.weight", "lm_head.weight"}
@@ -112,7 +137,9 @@ def test_our_loader_does_not_need_the_blanken_weights(tiny, tmp_path):
     (copy / ModelDir.QWEN_DIR / QWEN_WEIGHTS).unlink()
     assert ModelDir(copy).missing() == []
     full, bare = Qwen2LM.from_model_dir(tiny), Qwen2LM.from_model_dir(copy)
-    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), bare.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(full.state_dict().values(), bare.state_dict().values(), strict=True)
+    )
     model = CosyVoice2Model.from_model_dir(copy)
     assert model.llm.config == full.config
 
@@ -146,13 +173,29 @@ def test_builtin_tiny_size_is_the_official_tiny_shape():
     2-layer, 4-head Qwen2; a 64-wide flow with 2 blocks and [64] estimator channels; HiFT 32)."""
     s = SIZES["tiny"]
     q = s["qwen"]
-    assert (q["hidden_size"], q["num_hidden_layers"], q["num_attention_heads"], q["num_key_value_heads"],
-            q["intermediate_size"], q["vocab_size"]) == (64, 2, 4, 2, 128, 1024)
+    assert (
+        q["hidden_size"],
+        q["num_hidden_layers"],
+        q["num_attention_heads"],
+        q["num_key_value_heads"],
+        q["intermediate_size"],
+        q["vocab_size"],
+    ) == (64, 2, 4, 2, 128, 1024)
     assert (s["llm_size"], s["flow_input_size"]) == (64, 64)
-    assert s["encoder"] == {"output_size": 64, "attention_heads": 4, "linear_units": 128, "num_blocks": 2,
-                            "pre_lookahead_channels": 64}
-    assert s["estimator"] == {"channels": [64], "attention_head_dim": 16, "n_blocks": 1, "num_mid_blocks": 2,
-                              "num_heads": 2}
+    assert s["encoder"] == {
+        "output_size": 64,
+        "attention_heads": 4,
+        "linear_units": 128,
+        "num_blocks": 2,
+        "pre_lookahead_channels": 64,
+    }
+    assert s["estimator"] == {
+        "channels": [64],
+        "attention_head_dim": 16,
+        "n_blocks": 1,
+        "num_mid_blocks": 2,
+        "num_heads": 2,
+    }
     assert s["hift"] == {"base_channels": 32, "cond_channels": 32}
 
 
@@ -205,8 +248,13 @@ def test_cli_writes_a_directory_and_rejects_bad_sizes(tmp_path, capsys):
 
 
 def test_a_yaml_naming_other_classes_is_refused(tiny, tmp_path):
-    text = (tiny / "cosyvoice2.yaml").read_text().replace(
-        "!new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec", "!new:cosyvoice.flow.flow.MaskedDiffWithXvec")
+    text = (
+        (tiny / "cosyvoice2.yaml")
+        .read_text()
+        .replace(
+            "!new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec", "!new:cosyvoice.flow.flow.MaskedDiffWithXvec"
+        )
+    )
     path = tmp_path / "cosyvoice2.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match="CausalMaskedDiffWithXvec"):

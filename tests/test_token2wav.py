@@ -61,7 +61,9 @@ def official_schedule() -> HopSchedule:
     """The official hop schedule from the set's streaming constants (token_hop_len, doubling by
     stream_scale_factor up to token_max_hop_len)."""
     st = tiny_json()["streaming"]
-    return HopSchedule(first=st["token_hop_len"], growth=st["stream_scale_factor"], max=st["token_max_hop_len"])
+    return HopSchedule(
+        first=st["token_hop_len"], growth=st["stream_scale_factor"], max=st["token_max_hop_len"]
+    )
 
 
 def source_cache_len() -> int:
@@ -74,7 +76,9 @@ def samples_per_token(flow, hift) -> int:
     return flow.cfg.token_mel_ratio * hift.cfg.upsample_scale
 
 
-def official_hops(n_prompt: int, n_tokens: int, schedule: HopSchedule, lookahead: int) -> tuple[list[int], int]:
+def official_hops(
+    n_prompt: int, n_tokens: int, schedule: HopSchedule, lookahead: int
+) -> tuple[list[int], int]:
     """The official chunk loop's hops for a request, computed here without Token2Wav: the first
     hop is padded so that prompt + hop is a multiple of ``schedule.first``; a chunk is cut while
     tokens - offset >= hop + lookahead, the hop growing by ``growth`` up to ``max``.  Returns the
@@ -159,7 +163,8 @@ def test_exact_mode_reproduces_official_chunk_loop(models, fx):
     ends = [sum(hops[: i + 1]) + la for i in range(len(hops))] + [n_tokens_all]
     assert [int(fx[f"chunk{i}_n_tokens"]) for i in range(n_chunks)] == ends
     assert [len(fx[f"chunk{i}_out"]) for i in range(n_chunks)] == chunk_lengths(
-        hops, rest, samples_per_token(flow, hift), source_cache_len())
+        hops, rest, samples_per_token(flow, hift), source_cache_len()
+    )
     rec = RecordingFlow(flow)
     sources = [torch.from_numpy(fx[f"chunk{i}_hift_source"]) for i in range(n_chunks)]
     t2w = ReplaySource(rec, hift, sources)
@@ -318,7 +323,10 @@ def test_caches_freed_on_finish_and_on_cancel(models, fx):
 def test_concurrent_streams_equal_each_alone(models, fx):
     flow, hift = models
     tokens = {"s1": tokens_of(fx, 40), "s2": tokens_of(fx, 145)[100:]}
-    alone = {u: np.concatenate(_stream(Token2Wav(flow, hift), u, t, fx, "cached", seed=9)) for u, t in tokens.items()}
+    alone = {
+        u: np.concatenate(_stream(Token2Wav(flow, hift), u, t, fx, "cached", seed=9))
+        for u, t in tokens.items()
+    }
     shared = Token2Wav(flow, hift)
     results, errors = {}, []
 
@@ -507,8 +515,9 @@ def test_chunks_vocoded_together_equal_each_alone(models):
     g = torch.Generator().manual_seed(7)
     mels = [torch.randn(1, hift.cfg.in_channels, 108, generator=g) * 2 - 5 for _ in range(3)]
     caches = [torch.randn(1, 1, source_cache_len(), generator=g) * 0.1 for _ in range(3)]
-    together, _ = hift.inference(torch.cat(mels), torch.cat(caches),
-                                 generator=[torch.Generator().manual_seed(k) for k in range(3)])
+    together, _ = hift.inference(
+        torch.cat(mels), torch.cat(caches), generator=[torch.Generator().manual_seed(k) for k in range(3)]
+    )
     for k in range(3):
         alone, _ = hift.inference(mels[k], caches[k], generator=torch.Generator().manual_seed(k))
         assert maxdiff(together[k], alone[0]) <= ATOL

@@ -160,8 +160,14 @@ class SampleEncoder(AudioEncoder):
     large share of the service's cost per frame) and still leaves as frames of the configured size.
     """
 
-    def __init__(self, format: str, sample_rate: int, container: str, source_rate: int,
-                 frame_samples: int | None = None) -> None:
+    def __init__(
+        self,
+        format: str,
+        sample_rate: int,
+        container: str,
+        source_rate: int,
+        frame_samples: int | None = None,
+    ) -> None:
         super().__init__(format, sample_rate, container, source_rate)
         tag, bits, self._pack = _SAMPLE_CODECS[format]
         self._frame_bytes = frame_samples * bits // 8 if frame_samples else None
@@ -169,7 +175,9 @@ class SampleEncoder(AudioEncoder):
         if container == "wav":
             self.content_type = "audio/wav"
         elif format == "mulaw":
-            self.content_type = "audio/basic" if self.sample_rate == 8000 else f"audio/PCMU;rate={self.sample_rate}"
+            self.content_type = (
+                "audio/basic" if self.sample_rate == 8000 else f"audio/PCMU;rate={self.sample_rate}"
+            )
         elif format == "alaw":
             self.content_type = f"audio/PCMA;rate={self.sample_rate}"
         else:
@@ -184,7 +192,7 @@ class SampleEncoder(AudioEncoder):
         if y.size:
             data = self._pack(y)
             step = self._frame_bytes or len(data)
-            frames.extend(data[i:i + step] for i in range(0, len(data), step))
+            frames.extend(data[i : i + step] for i in range(0, len(data), step))
             self.samples_out += y.size
         return frames
 
@@ -222,7 +230,9 @@ class OggPageWriter:
             raise ValueError("packet too large for a single Ogg page")
         n_full, last = divmod(len(packet), 255)
         lacing = bytes([255] * n_full + [last])
-        header = struct.pack("<4sBBqIIIB", b"OggS", 0, flags, granule, self.serial, self.sequence, 0, len(lacing))
+        header = struct.pack(
+            "<4sBBqIIIB", b"OggS", 0, flags, granule, self.serial, self.sequence, 0, len(lacing)
+        )
         page = header + lacing + packet
         self.sequence += 1
         return page[:22] + struct.pack("<I", ogg_crc(page)) + page[26:]
@@ -369,12 +379,15 @@ class CodecEncoder(AudioEncoder):
         super().__init__(format, sample_rate, "raw", source_rate)
         muxer, codec, self.content_type = CODECS[format]
         self._out = _Bytes()
-        self._container = av.open(self._out, "w", format=muxer, options={"flush_packets": "1"}, buffer_size=4096)
+        self._container = av.open(
+            self._out, "w", format=muxer, options={"flush_packets": "1"}, buffer_size=4096
+        )
         self._stream = self._container.add_stream(codec, rate=self.sample_rate, layout="mono")
         if bitrate and format != "flac":
             self._stream.codec_context.bit_rate = bitrate
-        self._resample = av.AudioResampler(format=self._stream.codec_context.format.name, layout="mono",
-                                           rate=self.sample_rate)
+        self._resample = av.AudioResampler(
+            format=self._stream.codec_context.format.name, layout="mono", rate=self.sample_rate
+        )
 
     def _mux(self, y: np.ndarray | None) -> list[bytes]:
         if y is None:

@@ -35,7 +35,9 @@ def default_sample_rate(format: str, native_rate: int) -> int:
     return int(native_rate)
 
 
-def validate_audio_format(format: str, sample_rate: int | None, container: str, native_rate: int) -> str | None:
+def validate_audio_format(
+    format: str, sample_rate: int | None, container: str, native_rate: int
+) -> str | None:
     """Error message for a client's audio options, or None when they are usable.
 
     ``sample_rate`` None is valid (the caller applies :func:`default_sample_rate`).

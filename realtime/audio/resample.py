@@ -38,8 +38,10 @@ class StreamResampler:
         self.in_rate = int(in_rate)
         self.out_rate = int(out_rate)
         self.passthrough = self.in_rate == self.out_rate
-        self._stream = None if self.passthrough else soxr.ResampleStream(
-            self.in_rate, self.out_rate, 1, dtype="float32", quality=quality
+        self._stream = (
+            None
+            if self.passthrough
+            else soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32", quality=quality)
         )
         self._flushed = False
 

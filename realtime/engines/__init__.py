@@ -22,7 +22,9 @@ def create_engine(name: str = "piper", model_dir: str | None = None, **kwargs: o
         return ToneEngine(**kwargs)
     if name == "cosyvoice2":
         if not model_dir:
-            raise ValueError("the cosyvoice2 engine needs --model-dir (an official CosyVoice2-0.5B directory)")
+            raise ValueError(
+                "the cosyvoice2 engine needs --model-dir (an official CosyVoice2-0.5B directory)"
+            )
         from .cosyvoice2 import CosyVoice2Engine
 
         return CosyVoice2Engine(model_dir, **kwargs)

@@ -291,7 +291,9 @@ class Engine(ABC):
     def validate(self, options: SynthesisOptions) -> None:
         """Raise :class:`EngineError` for options this engine cannot honour (cheap, event-loop safe)."""
         if options.mode not in self.modes:
-            raise EngineError("bad_request", f"mode {options.mode!r} is not supported by engine {self.name!r}")
+            raise EngineError(
+                "bad_request", f"mode {options.mode!r} is not supported by engine {self.name!r}"
+            )
         if options.voice is not None and options.voice not in {v.id for v in self.voices()}:
             raise EngineError("unknown_voice", f"unknown voice {options.voice!r}")
 
@@ -361,8 +363,9 @@ class BlockingEngine(Engine):
 class _ThreadStream(EngineStream):
     """A :class:`BlockingEngine` generator in a thread of its own, behind the stream interface."""
 
-    def __init__(self, engine: BlockingEngine, options: SynthesisOptions, sink: AudioSink,
-                 slots: ComputeSlots) -> None:
+    def __init__(
+        self, engine: BlockingEngine, options: SynthesisOptions, sink: AudioSink, slots: ComputeSlots
+    ) -> None:
         self.engine = engine
         self.options = options
         self.sink = sink

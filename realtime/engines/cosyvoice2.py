@@ -75,16 +75,31 @@ class CosyVoice2Engine(BlockingEngine):
     sample_rate = 24000
     modes = ("sft", "zero_shot", "cross_lingual", "instruct2")
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "fp32",
-                 max_token_ratio: float = 20.0, min_tokens: int = 50, left_chunks: int | None = None,
-                 lm: str = "batched", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        max_token_ratio: float = 20.0,
+        min_tokens: int = 50,
+        left_chunks: int | None = None,
+        lm: str = "batched",
+        **kwargs: Any,
+    ) -> None:
         from cosyvoice.api import CosyVoice2
 
         if kwargs:
             raise TypeError(f"unexpected engine option(s) {sorted(kwargs)}")
         super().__init__()
-        self.cv = CosyVoice2(model_dir, device=device, dtype=dtype, max_token_ratio=max_token_ratio,
-                             min_tokens=min_tokens, left_chunks=left_chunks, lm=lm)
+        self.cv = CosyVoice2(
+            model_dir,
+            device=device,
+            dtype=dtype,
+            max_token_ratio=max_token_ratio,
+            min_tokens=min_tokens,
+            left_chunks=left_chunks,
+            lm=lm,
+        )
         # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
         # token2wav stage, so admission counts the LM's KV slots (lm="per-request": a thread per
         # stream runs its own LM and token2wav, as before batching).
@@ -113,23 +128,35 @@ class CosyVoice2Engine(BlockingEngine):
     def stats(self) -> dict[str, float]:
         model = self.cv.model
         lm, t2w = model.llm.stats, model.t2w_stage.group_sizes
-        return {"cosyvoice_lm_calls_total": lm.calls, "cosyvoice_lm_requests_stepped_total": lm.requests,
-                "cosyvoice_lm_rows_total": lm.rows, "cosyvoice_kv_slots_free": model.lm_stage.free_slots,
-                "cosyvoice_kv_slots": model.lm_stage.pool.slots,
-                "cosyvoice_t2w_calls_total": sum(t2w.values()),
-                "cosyvoice_t2w_chunks_total": sum(size * n for size, n in t2w.items())}
+        return {
+            "cosyvoice_lm_calls_total": lm.calls,
+            "cosyvoice_lm_requests_stepped_total": lm.requests,
+            "cosyvoice_lm_rows_total": lm.rows,
+            "cosyvoice_kv_slots_free": model.lm_stage.free_slots,
+            "cosyvoice_kv_slots": model.lm_stage.pool.slots,
+            "cosyvoice_t2w_calls_total": sum(t2w.values()),
+            "cosyvoice_t2w_chunks_total": sum(size * n for size, n in t2w.items()),
+        }
 
     def distributions(self) -> dict[str, Distribution]:
         lm, t2w = self.cv.model.lm_stage, self.cv.model.t2w_stage
         return {
             "cosyvoice_lm_batch_size": Distribution("Requests per LM stage step", dict(lm.batch_sizes)),
-            "cosyvoice_lm_step_seconds": Distribution("Time of one LM stage step (all its requests)",
-                                                      dict(lm.step_seconds.counts), lm.step_seconds.BUCKETS,
-                                                      lm.step_seconds.total),
-            "cosyvoice_t2w_round_size": Distribution("Streams per token2wav flow round", dict(t2w.group_sizes)),
-            "cosyvoice_t2w_round_seconds": Distribution("Time of one token2wav flow round (all its streams)",
-                                                        dict(t2w.round_seconds.counts), t2w.round_seconds.BUCKETS,
-                                                        t2w.round_seconds.total),
+            "cosyvoice_lm_step_seconds": Distribution(
+                "Time of one LM stage step (all its requests)",
+                dict(lm.step_seconds.counts),
+                lm.step_seconds.BUCKETS,
+                lm.step_seconds.total,
+            ),
+            "cosyvoice_t2w_round_size": Distribution(
+                "Streams per token2wav flow round", dict(t2w.group_sizes)
+            ),
+            "cosyvoice_t2w_round_seconds": Distribution(
+                "Time of one token2wav flow round (all its streams)",
+                dict(t2w.round_seconds.counts),
+                t2w.round_seconds.BUCKETS,
+                t2w.round_seconds.total,
+            ),
         }
 
     # -- voices ---------------------------------------------------------------------------------
@@ -174,7 +201,9 @@ class CosyVoice2Engine(BlockingEngine):
         if options.token_hop_len is not None and options.token_hop_len % chunk:
             # other hops need the official loop that re-runs the flow over the whole prefix for
             # every chunk: a context's cost would grow with its length
-            raise EngineError("bad_request", f"token_hop_len must be a multiple of {chunk} (a whole flow chunk)")
+            raise EngineError(
+                "bad_request", f"token_hop_len must be a multiple of {chunk} (a whole flow chunk)"
+            )
         if options.mode == "sft" and not (options.voice or self.default_voice):
             raise EngineError("bad_request", "sft needs a voice and this model directory has no SFT speakers")
 
@@ -189,8 +218,13 @@ class CosyVoice2Engine(BlockingEngine):
                 raise EngineError("unknown_voice", f"unknown voice {voice!r}")
         if entry is not None and not _is_zero_shot(entry):  # an SFT speaker: only its embedding
             if mode == "zero_shot":
-                raise EngineError("bad_request", f"voice {voice!r} is an SFT speaker; zero_shot needs prompt_audio")
-            prompt: dict[str, Any] = {"flow_embedding": entry["embedding"], "llm_embedding": entry["embedding"]}
+                raise EngineError(
+                    "bad_request", f"voice {voice!r} is an SFT speaker; zero_shot needs prompt_audio"
+                )
+            prompt: dict[str, Any] = {
+                "flow_embedding": entry["embedding"],
+                "llm_embedding": entry["embedding"],
+            }
         elif entry is not None:  # a registered zero-shot voice (in sft mode too: it has no other use)
             prompt = dict(entry)
             mode = "zero_shot" if mode == "sft" else mode
@@ -212,7 +246,9 @@ class CosyVoice2Engine(BlockingEngine):
         if mode == "instruct2":
             from cosyvoice.api import instruct_prompt
 
-            prompt["prompt_text"], prompt["prompt_text_len"] = cv.encode(instruct_prompt(options.instruct_text or ""))
+            prompt["prompt_text"], prompt["prompt_text_len"] = cv.encode(
+                instruct_prompt(options.instruct_text or "")
+            )
         prompt.pop("text", None)
         prompt.pop("text_len", None)
         return prompt
@@ -236,11 +272,20 @@ class CosyVoice2Engine(BlockingEngine):
             ids = self.cv.frontend.stream_text_ids(deltas)
             first = next(ids, None)  # blocks until the segment has a token, or ends without one
             if first is not None:
-                model_input = {**prompt, "text": itertools.chain([first], ids),
-                               "text_len": torch.tensor([0], dtype=torch.int32)}
+                model_input = {
+                    **prompt,
+                    "text": itertools.chain([first], ids),
+                    "text_len": torch.tensor([0], dtype=torch.int32),
+                }
                 seed = None if options.seed is None else options.seed + index
-                request = self.cv.model.tts(model_input, stream=stream, speed=options.speed, seed=seed,
-                                            should_stop=lambda: text.cancelled, token_hop_len=options.token_hop_len)
+                request = self.cv.model.tts(
+                    model_input,
+                    stream=stream,
+                    speed=options.speed,
+                    seed=seed,
+                    should_stop=lambda: text.cancelled,
+                    token_hop_len=options.token_hop_len,
+                )
                 try:
                     for speech in request:
                         text.check()
@@ -293,8 +338,13 @@ class _Stream(EngineStream):
     cannot deadlock with the event loop pushing text.
     """
 
-    def __init__(self, engine: CosyVoice2Engine, options: SynthesisOptions, sink: AudioSink,
-                 prompt: dict[str, Any] | Future) -> None:
+    def __init__(
+        self,
+        engine: CosyVoice2Engine,
+        options: SynthesisOptions,
+        sink: AudioSink,
+        prompt: dict[str, Any] | Future,
+    ) -> None:
         self.engine = engine
         self.options = options
         self.sink = sink
@@ -408,12 +458,19 @@ class _Stream(EngineStream):
         options, model = self.options, self.engine.cv.model
         seed = None if options.seed is None else options.seed + segment.index
         if options.speed != 1.0:  # the mel is stretched as a whole: tokens first, then one vocoding
-            segment.speech = model.open_tokens(self.prompt, seed=seed if seed is not None else secrets.randbits(63))
+            segment.speech = model.open_tokens(
+                self.prompt, seed=seed if seed is not None else secrets.randbits(63)
+            )
             if segment.speech is not None:
                 segment.speech.subscribe(self._kick)
         else:
-            segment.speech = model.open_stream(self.prompt, seed=seed, token_hop_len=options.token_hop_len,
-                                               uuid=uuid_lib.uuid4().hex, listener=self._kick)
+            segment.speech = model.open_stream(
+                self.prompt,
+                seed=seed,
+                token_hop_len=options.token_hop_len,
+                uuid=uuid_lib.uuid4().hex,
+                listener=self._kick,
+            )
         if segment.speech is None:
             raise EngineError("overloaded", "every KV slot of the model is in use")
 

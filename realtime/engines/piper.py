@@ -42,7 +42,15 @@ from .base import (
     VoiceInfo,
 )
 
-__all__ = ["LeadConfig", "PiperConfig", "PiperEngine", "SchedulerPolicy", "phonemize", "phoneme_ids", "piece_budget"]
+__all__ = [
+    "LeadConfig",
+    "PiperConfig",
+    "PiperEngine",
+    "SchedulerPolicy",
+    "phonemize",
+    "phoneme_ids",
+    "piece_budget",
+]
 
 log = logging.getLogger("realtime.engines.piper")
 
@@ -240,7 +248,9 @@ class SegmentSpeech:
         """The next model call, cutting the next piece by ``lead`` if needed; None when the
         segment has nothing more to say (all that was left had no sound)."""
         while not self.calls and self.rest.strip():
-            cut = lead_cut(self.rest, _budget_chars(self.engine, lead, self.speed), self.engine.lead.min_words)
+            cut = lead_cut(
+                self.rest, _budget_chars(self.engine, lead, self.speed), self.engine.lead.min_words
+            )
             piece, self.rest = (self.rest, "") if cut is None else (self.rest[:cut], self.rest[cut:])
             ipa = phonemize(piece)
             parts = split_phonemes(ipa, self.engine.max_phonemes) if ipa else []
@@ -342,7 +352,9 @@ class _PiperStream(EngineStream):
     def flush(self) -> None:
         with self.scheduler.cond:
             if not self.over:
-                self._queue(self.segmenter.flush(), _Marker(self.segmenter.offset, end=False), time.monotonic())
+                self._queue(
+                    self.segmenter.flush(), _Marker(self.segmenter.offset, end=False), time.monotonic()
+                )
 
     def end(self) -> None:
         with self.scheduler.cond:
@@ -412,7 +424,9 @@ class _PiperStream(EngineStream):
     def has_work(self) -> bool:
         if self.over or self.running:
             return False
-        return (self.speech is not None and not self.speech.done) or (bool(self.queue) and isinstance(self.queue[0], Segment))
+        return (self.speech is not None and not self.speech.done) or (
+            bool(self.queue) and isinstance(self.queue[0], Segment)
+        )
 
     def start_by(self, now: float) -> float:
         """When the next call must start for the listener to hear no gap."""
@@ -638,7 +652,9 @@ class PiperEngine(Engine):
         )
         return np.clip(audio.reshape(-1), -1.0, 1.0).astype(np.float32, copy=False)  # (1,1,1,S) -> (S,)
 
-    def speak(self, segment: Segment, speed: float, clock: PlaybackClock | None = None) -> Iterator[AudioChunk]:
+    def speak(
+        self, segment: Segment, speed: float, clock: PlaybackClock | None = None
+    ) -> Iterator[AudioChunk]:
         """Audio for one segment in the calling thread, without the scheduler (tests, benchmarks):
         with a ``clock`` the pieces are cut by its lead exactly as the scheduler cuts them."""
         speech = SegmentSpeech(self, segment, speed)

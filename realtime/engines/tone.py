@@ -22,8 +22,14 @@ class ToneEngine(BlockingEngine):
     name = "tone"
     modes = ("sft",)
 
-    def __init__(self, sample_rate: int = 24000, word_ms: int = 200, step_delay: float = 0.0,
-                 capacity: int = 1024, compute_slots: int | None = None) -> None:
+    def __init__(
+        self,
+        sample_rate: int = 24000,
+        word_ms: int = 200,
+        step_delay: float = 0.0,
+        capacity: int = 1024,
+        compute_slots: int | None = None,
+    ) -> None:
         super().__init__()
         self.capacity = capacity
         self.compute_slots = compute_slots
