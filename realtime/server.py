@@ -723,7 +723,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         yield
         engine.close()
 
-    from .compat import compat_routes  # (it builds on this module's helpers)
+    from . import elevenlabs  # (these build on this module's helpers)
+    from .compat import compat_routes
 
     routes = [
         Route("/", static_file),
@@ -735,6 +736,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         Route("/metrics", metrics),
         Route("/v1/tts", tts, methods=["POST"]),
         WebSocketRoute("/v1/tts/stream", stream),
+        WebSocketRoute("/v1/text-to-speech/{voice_id}/stream-input", elevenlabs.stream_input),
+        WebSocketRoute("/v1/text-to-speech/{voice_id}/multi-stream-input", elevenlabs.multi_stream_input),
         *compat_routes(),
         Route("/static/{name}", static_file),
         Route("/{name}", static_file),

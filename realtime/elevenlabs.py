@@ -1,0 +1,346 @@
+"""ElevenLabs-compatible streaming input, so that clients written for it (Pipecat's
+``ElevenLabsTTSService(url=...)``, LiveKit's ``elevenlabs.TTS(base_url=...)``) work against our
+engines unchanged, text still streaming into the model as it arrives.
+
+``/v1/text-to-speech/{voice_id}/stream-input`` (one utterance per socket) and
+``/v1/text-to-speech/{voice_id}/multi-stream-input`` (contexts by ``context_id``):
+
+- client: ``{"text": " ", "voice_settings", "generation_config", "xi_api_key"}`` (initialise),
+  ``{"text": "...", "try_trigger_generation", "flush"}``, ``{"text": ""}`` (stream-input: end of
+  input; multi: keep-alive), ``{"context_id", "flush": true}``, ``{"context_id", "close_context":
+  true}`` (stop that context now: barge-in), ``{"close_socket": true}``;
+- server: ``{"audio": base64, "isFinal": false, "alignment", "normalizedAlignment", "contextId"}``
+  per piece of audio, then ``{"isFinal": true, "contextId"}``; errors as ``{"error", "message",
+  "code"}`` with our error codes.
+
+Query: ``output_format`` (``pcm_8000`` ... ``pcm_48000``, ``ulaw_8000``, ``mp3_<rate>_<kbps>``),
+``inactivity_timeout`` (seconds without a message before the socket is closed, default 20,
+at most 180), ``sync_alignment``, ``model_id`` and the rest of that API's tuning (accepted,
+meaningless here).  Auth: ``xi-api-key`` header, our usual carriers, or ``xi_api_key`` in the
+first message.
+
+Alignment: our engines report, after each chunk, how much of the text its audio covers (a
+``mark``: clause-level for the default voice, segment-level for CosyVoice2).  The characters of
+that span are spread evenly over the chunk's time, which is as precise as those marks, and never
+later than the audio already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .audio.encoders import AudioEncoder, CodecEncoder, SampleEncoder
+from .auth import check_token
+from .engines.base import Failed, Finished, Flushed
+from .errors import ProtocolError
+from .protocol import VoiceOptions, parse_voice_options
+from .server import Service, _service
+from .synthesis import Audio, Mark, Synthesis, synthesis_options
+from .validation import parse_json
+
+log = logging.getLogger("realtime.elevenlabs")
+
+PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+_KEYS = {
+    "text",
+    "voice_settings",
+    "generation_config",
+    "xi_api_key",
+    "try_trigger_generation",
+    "flush",
+    "context_id",
+    "close_context",
+    "close_socket",
+    "pronunciation_dictionary_locators",
+    "model_id",
+}
+
+
+def output_encoder(output_format: str, native_rate: int) -> AudioEncoder:
+    """The encoder an ``output_format`` names; ``ProtocolError`` for any other."""
+    kind, _, rest = output_format.partition("_")
+    try:
+        if kind == "pcm" and int(rest) in PCM_RATES:
+            return SampleEncoder("pcm_s16le", int(rest), "raw", native_rate)
+        if output_format == "ulaw_8000":
+            return SampleEncoder("mulaw", 8000, "raw", native_rate)
+        if kind == "mp3":
+            rate, _, kbps = rest.partition("_")
+            if int(rate) in (22050, 24000, 44100, 48000) and 8 <= int(kbps) <= 320:
+                return CodecEncoder("mp3", int(rate), native_rate, bitrate=int(kbps) * 1000)
+    except ValueError:
+        pass
+    raise ProtocolError(
+        "bad_request",
+        f"unsupported output_format {output_format!r}: pcm_8000 ... pcm_48000, "
+        "ulaw_8000 or mp3_<rate>_<kbps>",
+    )
+
+
+@dataclass
+class _Context:
+    id: str
+    synthesis: Synthesis
+    task: asyncio.Task | None = None
+    closing: bool = False  # close_context: stopped, nothing more is sent
+    text: str = ""  # everything pushed (the marks' offsets count its characters)
+    pending: list[tuple[bytes, float, float]] = field(default_factory=list)  # audio awaiting its mark
+
+
+class ElevenLabsSession:
+    def __init__(self, ws: WebSocket, service: Service, voice_id: str, multi: bool) -> None:
+        self.ws = ws
+        self.service = service
+        self.voice_id = voice_id
+        self.multi = multi
+        self.contexts: dict[str, _Context] = {}
+        self.options: VoiceOptions | None = None
+        self.output_format = ws.query_params.get("output_format", "mp3_44100_128")
+        self.inactivity = min(180.0, max(1.0, float(ws.query_params.get("inactivity_timeout", 20) or 20)))
+        self.authorized = check_token(service.config.token, ws.headers, ws.query_params) is None or (
+            ws.headers.get("xi-api-key", "").strip() == service.config.token
+        )
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    async def send(self, obj: dict) -> None:
+        async with self._send_lock:
+            if not self._closed:
+                await self.ws.send_text(json.dumps(obj, separators=(",", ":")))
+
+    async def run(self) -> None:
+        service = self.service
+        try:
+            output_encoder(self.output_format, service.engine.sample_rate)  # refuse a bad one up front
+            info = service.info
+            voice = self.voice_id if info.has_voice(self.voice_id) else None
+            if voice is None and self.voice_id not in ("default", "_"):
+                from .compat import OPENAI_VOICES
+
+                if self.voice_id not in OPENAI_VOICES and self.voice_id not in service.config.voice_aliases:
+                    raise ProtocolError(
+                        "unknown_voice", f"unknown voice {self.voice_id!r}; see GET /v1/voices"
+                    )
+                voice = service.config.voice_aliases.get(self.voice_id)
+            self.options = parse_voice_options(
+                {"voice": voice or info.default_voice}, VoiceOptions(), info, service.config.limits
+            )
+        except (ProtocolError, ValueError) as e:
+            code = getattr(e, "code", "bad_request")
+            await self.send({"error": code, "message": str(e), "code": code})
+            await self.ws.close(1008, str(e)[:120])
+            return
+        try:
+            while not self._closed:
+                try:
+                    raw = await asyncio.wait_for(self.ws.receive_text(), self.inactivity)
+                except TimeoutError:
+                    await self.send(
+                        {
+                            "error": "timeout",
+                            "code": "timeout",
+                            "message": f"no message for {self.inactivity:g} s",
+                        }
+                    )
+                    await self._close(1008, "input timeout")
+                    return
+                try:
+                    await self.handle(parse_json(raw, what="message"))
+                except ProtocolError as e:
+                    await self.send({"error": e.code, "code": e.code, "message": e.message})
+                    if not self.authorized:
+                        await self._close(1008, "unauthorized")
+                        return
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            self._closed = True
+            for ctx in list(self.contexts.values()):
+                ctx.synthesis.close()
+                if ctx.task is not None:
+                    ctx.task.cancel()
+
+    async def handle(self, msg: object) -> None:
+        if not isinstance(msg, dict):
+            raise ProtocolError("bad_request", "a message must be a JSON object")
+        unknown = set(msg) - _KEYS
+        if unknown:
+            raise ProtocolError("bad_request", f"unknown field(s) {sorted(unknown)}")
+        if not self.authorized:
+            key = msg.get("xi_api_key")
+            if not isinstance(key, str) or key.strip() != self.service.config.token:
+                raise ProtocolError("unauthorized", "missing or wrong xi-api-key")
+            self.authorized = True
+        if msg.get("close_socket"):
+            await self._finish_all()
+            await self._close(1000, "closed by client")
+            return
+        cid = msg.get("context_id") if self.multi else "default"
+        if self.multi and not isinstance(cid, str):
+            cid = "default"
+        if msg.get("close_context"):
+            ctx = self.contexts.pop(cid, None)
+            if ctx is not None:
+                ctx.closing = True
+                ctx.synthesis.close()
+                await self.send({"isFinal": True, "contextId": cid})
+            return
+        text = msg.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ProtocolError("bad_request", "text must be a string")
+        ctx = self.contexts.get(cid)
+        if text == "" and not msg.get("flush"):
+            if not self.multi and ctx is not None:  # end of input: finish, then close the socket
+                ctx.synthesis.end()
+            return
+        if ctx is None:
+            if text is not None and not text.strip() and not msg.get("flush"):
+                return  # the initialising " ": settings only
+            ctx = self._open(cid)
+        if text and (text.strip() or ctx.text):  # (a context's initialising " " is not text)
+            ctx.synthesis.push(text)
+            ctx.text += text
+        if msg.get("flush"):
+            ctx.synthesis.flush()
+
+    def _open(self, cid: str) -> _Context:
+        service = self.service
+        synthesis = Synthesis(
+            service.engine,
+            synthesis_options(self.options),
+            service.runtime.admission,
+            f"xi-{id(self)}",
+            service.config.buffer_seconds,
+            service.metrics,
+        )
+        ctx = self.contexts[cid] = _Context(cid, synthesis)
+        ctx.task = asyncio.get_running_loop().create_task(self._pump(ctx))
+        return ctx
+
+    async def _pump(self, ctx: _Context) -> None:
+        encoder = output_encoder(self.output_format, self.service.engine.sample_rate)
+        offset = 0  # characters covered by the audio sent so far
+        try:
+            async with contextlib.aclosing(ctx.synthesis.deliver(encoder)) as deliveries:
+                async for item in deliveries:
+                    if ctx.closing:
+                        return
+                    if isinstance(item, Audio):
+                        if item.frames:
+                            ctx.pending.append((b"".join(item.frames), item.start_s, item.seconds))
+                    elif isinstance(item, Mark):
+                        offset = await self._send_pending(ctx, offset, item.text_offset)
+                    elif isinstance(item, Flushed):
+                        offset = await self._send_pending(ctx, offset, offset)
+                    elif isinstance(item, Finished):
+                        await self._send_pending(ctx, offset, offset)
+                        await self.send({"isFinal": True, "contextId": ctx.id})
+                        self.contexts.pop(ctx.id, None)
+                        if not self.multi:
+                            await self._close(1000, "done")
+                        return
+                    elif isinstance(item, Failed):
+                        await self.send(
+                            {
+                                "error": item.code,
+                                "code": item.code,
+                                "message": item.message,
+                                "contextId": ctx.id,
+                            }
+                        )
+                        self.contexts.pop(ctx.id, None)
+                        return
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+        finally:
+            ctx.synthesis.close()
+
+    async def _send_pending(self, ctx: _Context, start: int, end: int) -> int:
+        """Send the audio waiting for its mark, with the characters ``[start, end)`` of the context's
+        text spread over it (times relative to each message's audio)."""
+        pending, ctx.pending = ctx.pending, []
+        total = sum(seconds for _, _, seconds in pending)
+        chars = end - start
+        done = 0
+        for k, (data, _, seconds) in enumerate(pending):
+            last = k == len(pending) - 1
+            share = chars - done if last else (round(chars * seconds / total) if total else 0)
+            alignment = _alignment(ctx.text[start + done : start + done + share], seconds)
+            done += share
+            await self.send(
+                {
+                    "audio": base64.b64encode(data).decode(),
+                    "isFinal": False,
+                    "contextId": ctx.id,
+                    "alignment": alignment,
+                    "normalizedAlignment": alignment,
+                }
+            )
+        return max(start, end)
+
+    async def _finish_all(self) -> None:
+        for ctx in list(self.contexts.values()):
+            ctx.synthesis.end()
+        tasks = [c.task for c in self.contexts.values() if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=60)
+
+    async def _close(self, code: int, reason: str) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                await self.ws.close(code, reason)
+
+
+def _alignment(text: str, seconds: float) -> dict | None:
+    """``text``'s characters spread evenly over ``seconds`` of audio (ms from that audio's start)."""
+    if not text:
+        return None
+    step = seconds * 1000 / len(text)
+    return {
+        "chars": list(text),
+        "charStartTimesMs": [round(i * step) for i in range(len(text))],
+        "charDurationsMs": [round(step)] * len(text),
+    }
+
+
+async def stream_input(ws: WebSocket) -> None:
+    await _serve(ws, multi=False)
+
+
+async def multi_stream_input(ws: WebSocket) -> None:
+    await _serve(ws, multi=True)
+
+
+async def _serve(ws: WebSocket, multi: bool) -> None:
+    service = _service(ws)
+    token = service.config.token
+    header = ws.headers.get("xi-api-key")
+    if token and header is not None and header.strip() != token:
+        await ws.send_denial_response(_denial("wrong xi-api-key", 403))
+        return
+    if service.lifecycle.draining:
+        await ws.send_denial_response(_denial("the server is shutting down", 503))
+        return
+    await ws.accept()
+    session = ElevenLabsSession(ws, service, ws.path_params["voice_id"], multi)
+    await session.run()
+
+
+def _denial(message: str, status: int):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(
+        {"error": {"code": "unauthorized" if status == 403 else "going_away", "message": message}},
+        status_code=status,
+    )
+
+
+__all__ = ["ElevenLabsSession", "multi_stream_input", "output_encoder", "stream_input"]

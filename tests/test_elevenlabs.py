@@ -1,0 +1,147 @@
+"""The ElevenLabs-compatible streaming input, driven as its clients drive it (the messages Pipecat's
+and LiveKit's ElevenLabs integrations send): a streamed turn per context, flush, barge-in with
+close_context, the single-context form ending on an empty text, auth by xi-api-key or in the
+first message, output formats; alignment inside the audio and in order."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from realtime.engines.tone import ToneEngine
+from realtime.server import ServerConfig
+from tests.serving import serve
+
+TOKEN = "xi-secret"
+WORDS = "one two three four "
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve(ToneEngine(sample_rate=24000, step_delay=0.01), ServerConfig(token=TOKEN)) as base:
+        yield base.replace("http://", "ws://")
+
+
+async def until_final(ws, context: str | None = None) -> tuple[bytes, list[dict]]:
+    audio, messages = b"", []
+    async with asyncio.timeout(30):
+        while True:
+            m = json.loads(await ws.recv())
+            messages.append(m)
+            if m.get("audio") and (context is None or m.get("contextId") == context):
+                audio += base64.b64decode(m["audio"])
+            if m.get("isFinal") and (context is None or m.get("contextId") == context):
+                return audio, messages
+
+
+def check_alignment(messages: list[dict], text: str) -> None:
+    """Every character once, in order; each message's times inside its own audio."""
+    chars = []
+    for m in messages:
+        a = m.get("alignment")
+        if not a:
+            continue
+        ms = len(base64.b64decode(m["audio"])) / 2 / 24  # pcm_24000, 16-bit
+        starts, durations = a["charStartTimesMs"], a["charDurationsMs"]
+        assert starts == sorted(starts) and len(starts) == len(durations) == len(a["chars"])
+        assert all(0 <= s and s + d <= ms + 1 for s, d in zip(starts, durations, strict=True))
+        chars += a["chars"]
+    assert "".join(chars) == text
+
+
+async def test_multi_stream_input_turns_flush_and_barge_in(server):
+    url = f"{server}/v1/text-to-speech/b/multi-stream-input?output_format=pcm_24000&sync_alignment=true"
+    async with connect(url, additional_headers={"xi-api-key": TOKEN}, max_size=None) as ws:
+        await ws.send(json.dumps({"text": " ", "context_id": "t1", "voice_settings": {"stability": 0.5},
+                                  "generation_config": {"chunk_length_schedule": [50]}}))
+        for piece in ("one ", "two ", "three ", "four "):
+            await ws.send(json.dumps({"text": piece, "context_id": "t1", "try_trigger_generation": True}))
+        await ws.send(json.dumps({"context_id": "t1", "flush": True}))
+        await ws.send(json.dumps({"context_id": "t1", "close_context": False, "text": ""}))  # keep-alive
+        # a second turn starts while the first speaks; the first is interrupted
+        await ws.send(json.dumps({"text": " ", "context_id": "t2"}))
+        await ws.send(json.dumps({"text": "five six ", "context_id": "t2", "flush": True}))
+        by_context: dict[str, list[dict]] = {"t1": [], "t2": []}
+
+        def audio_of(context: str) -> bytes:
+            return b"".join(base64.b64decode(m["audio"]) for m in by_context[context] if m.get("audio"))
+
+        async with asyncio.timeout(30):
+            while len(audio_of("t1")) < 4 * 4800 * 2:
+                m = json.loads(await ws.recv())
+                by_context[m["contextId"]].append(m)
+        assert len(audio_of("t1")) == 4 * 4800 * 2  # four 200 ms words at 24 kHz
+        check_alignment(by_context["t1"], WORDS)
+        await ws.send(json.dumps({"context_id": "t1", "close_context": True}))  # barge-in: t1 stops now
+        await ws.send(json.dumps({"close_socket": True}))  # t2 finishes what it was sent, then the socket closes
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(30):
+                while True:
+                    m = json.loads(await ws.recv())
+                    by_context[m["contextId"]].append(m)
+        assert closed.value.rcvd.code == 1000
+        messages2, audio2 = by_context["t2"], audio_of("t2")
+        assert [m for m in by_context["t1"] if m.get("isFinal")] == [{"isFinal": True, "contextId": "t1"}]
+        assert len(audio2) == 2 * 4800 * 2 and messages2[-1]["isFinal"] is True
+        check_alignment(messages2, "five six ")
+
+
+async def test_stream_input_ends_on_empty_text_and_closes(server):
+    url = f"{server}/v1/text-to-speech/a/stream-input?output_format=pcm_16000"
+    async with connect(url, max_size=None) as ws:  # the key in the first message (browsers)
+        await ws.send(json.dumps({"text": " ", "xi_api_key": TOKEN}))
+        await ws.send(json.dumps({"text": WORDS}))
+        await ws.send(json.dumps({"text": ""}))
+        audio, messages = await until_final(ws)
+        assert len(audio) == 4 * 3200 * 2  # 200 ms words at 16 kHz
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(10):
+                await ws.recv()
+        assert closed.value.rcvd.code == 1000
+
+
+async def test_refusals_are_typed(server):
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(f"{server}/v1/text-to-speech/a/stream-input", additional_headers={"xi-api-key": "no"}):
+            pass
+    assert refused.value.response.status_code == 403
+    async with connect(f"{server}/v1/text-to-speech/a/stream-input") as ws:
+        await ws.send(json.dumps({"text": " ", "xi_api_key": "wrong"}))
+        assert json.loads(await ws.recv())["code"] == "unauthorized"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd.code == 1008
+    url = f"{server}/v1/text-to-speech/a/stream-input?output_format=opus_48000"
+    async with connect(url, additional_headers={"xi-api-key": TOKEN}) as ws:
+        error = json.loads(await ws.recv())
+        assert error["code"] == "bad_request" and "output_format" in error["message"]
+    async with connect(f"{server}/v1/text-to-speech/nobody/stream-input",
+                       additional_headers={"xi-api-key": TOKEN}) as ws:
+        assert json.loads(await ws.recv())["code"] == "unknown_voice"
+    async with connect(f"{server}/v1/text-to-speech/a/stream-input", additional_headers={"xi-api-key": TOKEN}) as ws:
+        await ws.send(json.dumps({"text": "hi", "temperature": 2}))
+        assert json.loads(await ws.recv())["code"] == "bad_request"
+
+
+async def test_mp3_and_ulaw_output(server):
+    import io
+
+    import av
+
+    for fmt, check in (("mp3_44100_128", "mp3"), ("ulaw_8000", "ulaw")):
+        url = f"{server}/v1/text-to-speech/a/stream-input?output_format={fmt}"
+        async with connect(url, additional_headers={"xi-api-key": TOKEN}, max_size=None) as ws:
+            await ws.send(json.dumps({"text": WORDS}))
+            await ws.send(json.dumps({"text": ""}))
+            audio, _ = await until_final(ws)
+        if check == "ulaw":
+            assert len(audio) == 4 * 1600  # 8 kHz, a byte a sample
+        else:
+            with av.open(io.BytesIO(audio), format="mp3") as c:
+                n = sum(f.samples for f in c.decode(audio=0))
+            assert 0.8 * 44100 <= n <= 0.8 * 44100 + 4000
