@@ -8,7 +8,7 @@ engines unchanged, text still streaming into the model as it arrives.
 - client: ``{"text": " ", "voice_settings", "generation_config", "xi_api_key"}`` (initialise),
   ``{"text": "...", "try_trigger_generation", "flush"}``, ``{"text": ""}`` (stream-input: end of
   input; multi: keep-alive), ``{"context_id", "flush": true}``, ``{"context_id", "close_context":
-  true}`` (stop that context now: barge-in), ``{"close_socket": true}``;
+  true}`` (no more text for it: what was sent is spoken, then ``isFinal``), ``{"close_socket": true}``;
 - server: ``{"audio": base64, "isFinal": false, "alignment", "normalizedAlignment", "contextId"}``
   per piece of audio, then ``{"isFinal": true, "contextId"}``; errors as ``{"error", "message",
   "code"}`` with our error codes.
@@ -47,7 +47,7 @@ from .validation import parse_json
 
 log = logging.getLogger("realtime.elevenlabs")
 
-PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+PCM_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 _KEYS = {
     "text",
     "voice_settings",
@@ -89,7 +89,6 @@ class _Context:
     id: str
     synthesis: Synthesis
     task: asyncio.Task | None = None
-    closing: bool = False  # close_context: stopped, nothing more is sent
     text: str = ""  # everything pushed (the marks' offsets count its characters)
     pending: list[tuple[bytes, float, float]] = field(default_factory=list)  # audio awaiting its mark
 
@@ -186,10 +185,12 @@ class ElevenLabsSession:
         if self.multi and not isinstance(cid, str):
             cid = "default"
         if msg.get("close_context"):
-            ctx = self.contexts.pop(cid, None)
+            # no more text for it: what was sent is spoken, then isFinal (clients close a context
+            # at the end of every turn, and on barge-in drop what still comes for it)
+            ctx = self.contexts.get(cid)
             if ctx is not None:
-                ctx.closing = True
-                ctx.synthesis.close()
+                ctx.synthesis.end()
+            else:
                 await self.send({"isFinal": True, "contextId": cid})
             return
         text = msg.get("text")
@@ -230,8 +231,6 @@ class ElevenLabsSession:
         try:
             async with contextlib.aclosing(ctx.synthesis.deliver(encoder)) as deliveries:
                 async for item in deliveries:
-                    if ctx.closing:
-                        return
                     if isinstance(item, Audio):
                         if item.frames:
                             ctx.pending.append((b"".join(item.frames), item.start_s, item.seconds))

@@ -57,8 +57,16 @@ def check_alignment(messages: list[dict], text: str) -> None:
 async def test_multi_stream_input_turns_flush_and_barge_in(server):
     url = f"{server}/v1/text-to-speech/b/multi-stream-input?output_format=pcm_24000&sync_alignment=true"
     async with connect(url, additional_headers={"xi-api-key": TOKEN}, max_size=None) as ws:
-        await ws.send(json.dumps({"text": " ", "context_id": "t1", "voice_settings": {"stability": 0.5},
-                                  "generation_config": {"chunk_length_schedule": [50]}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "text": " ",
+                    "context_id": "t1",
+                    "voice_settings": {"stability": 0.5},
+                    "generation_config": {"chunk_length_schedule": [50]},
+                }
+            )
+        )
         for piece in ("one ", "two ", "three ", "four "):
             await ws.send(json.dumps({"text": piece, "context_id": "t1", "try_trigger_generation": True}))
         await ws.send(json.dumps({"context_id": "t1", "flush": True}))
@@ -77,8 +85,10 @@ async def test_multi_stream_input_turns_flush_and_barge_in(server):
                 by_context[m["contextId"]].append(m)
         assert len(audio_of("t1")) == 4 * 4800 * 2  # four 200 ms words at 24 kHz
         check_alignment(by_context["t1"], WORDS)
-        await ws.send(json.dumps({"context_id": "t1", "close_context": True}))  # barge-in: t1 stops now
-        await ws.send(json.dumps({"close_socket": True}))  # t2 finishes what it was sent, then the socket closes
+        await ws.send(json.dumps({"context_id": "t1", "close_context": True}))  # end of turn: then isFinal
+        await ws.send(
+            json.dumps({"close_socket": True})
+        )  # t2 finishes what it was sent, then the socket closes
         with pytest.raises(ConnectionClosed) as closed:
             async with asyncio.timeout(30):
                 while True:
@@ -107,7 +117,9 @@ async def test_stream_input_ends_on_empty_text_and_closes(server):
 
 async def test_refusals_are_typed(server):
     with pytest.raises(InvalidStatus) as refused:
-        async with connect(f"{server}/v1/text-to-speech/a/stream-input", additional_headers={"xi-api-key": "no"}):
+        async with connect(
+            f"{server}/v1/text-to-speech/a/stream-input", additional_headers={"xi-api-key": "no"}
+        ):
             pass
     assert refused.value.response.status_code == 403
     async with connect(f"{server}/v1/text-to-speech/a/stream-input") as ws:
@@ -120,10 +132,13 @@ async def test_refusals_are_typed(server):
     async with connect(url, additional_headers={"xi-api-key": TOKEN}) as ws:
         error = json.loads(await ws.recv())
         assert error["code"] == "bad_request" and "output_format" in error["message"]
-    async with connect(f"{server}/v1/text-to-speech/nobody/stream-input",
-                       additional_headers={"xi-api-key": TOKEN}) as ws:
+    async with connect(
+        f"{server}/v1/text-to-speech/nobody/stream-input", additional_headers={"xi-api-key": TOKEN}
+    ) as ws:
         assert json.loads(await ws.recv())["code"] == "unknown_voice"
-    async with connect(f"{server}/v1/text-to-speech/a/stream-input", additional_headers={"xi-api-key": TOKEN}) as ws:
+    async with connect(
+        f"{server}/v1/text-to-speech/a/stream-input", additional_headers={"xi-api-key": TOKEN}
+    ) as ws:
         await ws.send(json.dumps({"text": "hi", "temperature": 2}))
         assert json.loads(await ws.recv())["code"] == "bad_request"
 

@@ -1,0 +1,58 @@
+"""Pipecat's own ElevenLabsTTSService, unchanged, pointed at our server (``url=``): a spoken turn
+arrives as audio frames with word timestamps, and an interruption mid-turn stops that turn's
+audio.  Skipped where pipecat-ai is not installed (it is in the dev extra)."""
+
+from __future__ import annotations
+
+import pytest
+
+pipecat = pytest.importorskip("pipecat")
+
+from pipecat.frames.frames import (  # noqa: E402
+    InterruptionFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSTextFrame,
+)
+from pipecat.services.elevenlabs.tts import ElevenLabsTTSService  # noqa: E402
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+
+from realtime.engines.tone import ToneEngine  # noqa: E402
+from realtime.server import ServerConfig  # noqa: E402
+from tests.serving import serve  # noqa: E402
+
+TOKEN = "pipecat-key"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve(ToneEngine(sample_rate=24000, step_delay=0.02), ServerConfig(token=TOKEN)) as base:
+        yield base.replace("http://", "ws://")
+
+
+def service(url: str) -> ElevenLabsTTSService:
+    return ElevenLabsTTSService(
+        api_key=TOKEN, url=url, sample_rate=24000, settings=ElevenLabsTTSService.Settings(voice="b")
+    )
+
+
+async def test_a_spoken_turn_arrives_with_word_timestamps(server):
+    down, _ = await run_test(
+        service(server), frames_to_send=[TTSSpeakFrame("One two three four."), SleepFrame(3.0)]
+    )
+    audio = b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame))
+    assert len(audio) == 4 * 4800 * 2  # four 200 ms words, 24 kHz 16-bit
+    words = [f for f in down if isinstance(f, TTSTextFrame)]
+    assert [w.text.strip(" .") for w in words] == ["One", "two", "three", "four"]
+    times = [w.pts for w in words if w.pts is not None]
+    assert times == sorted(times)
+
+
+async def test_an_interruption_stops_the_turn(server):
+    long_text = " ".join(["word"] * 40) + "."
+    down, _ = await run_test(
+        service(server),
+        frames_to_send=[TTSSpeakFrame(long_text), SleepFrame(0.5), InterruptionFrame(), SleepFrame(1.0)],
+    )
+    audio = b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame))
+    assert 0 < len(audio) < 40 * 4800 * 2  # some of it, not the whole turn
