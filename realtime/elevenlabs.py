@@ -19,10 +19,11 @@ at most 180), ``sync_alignment``, ``model_id`` and the rest of that API's tuning
 meaningless here).  Auth: ``xi-api-key`` header, our usual carriers, or ``xi_api_key`` in the
 first message.
 
-Alignment: our engines report, after each chunk, how much of the text its audio covers (a
-``mark``: clause-level for the default voice, segment-level for CosyVoice2).  The characters of
-that span are spread evenly over the chunk's time, which is as precise as those marks, and never
-later than the audio already sent.
+Alignment: our engines say of a chunk how much of the text its audio completes (a mark: every
+clause for the default voice, the end of a segment for CosyVoice2).  Every chunk leaves at once;
+one with a mark carries the characters since the previous mark, spread evenly over its audio
+(times from that message's start, as each message's alignment restarts at zero), which is as
+precise as the marks are and never later than the audio already sent.
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ import base64
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .audio.encoders import AudioEncoder, CodecEncoder, SampleEncoder
 from .auth import check_token
-from .engines.base import Failed, Finished, Flushed
+from .engines.base import Failed, Finished
 from .errors import ProtocolError
 from .protocol import VoiceOptions, parse_voice_options
 from .server import Service, _service
-from .synthesis import Audio, Mark, Synthesis, synthesis_options
+from .synthesis import Audio, Synthesis, synthesis_options
 from .validation import parse_json
 
 log = logging.getLogger("realtime.elevenlabs")
@@ -90,7 +91,6 @@ class _Context:
     synthesis: Synthesis
     task: asyncio.Task | None = None
     text: str = ""  # everything pushed (the marks' offsets count its characters)
-    pending: list[tuple[bytes, float, float]] = field(default_factory=list)  # audio awaiting its mark
 
 
 class ElevenLabsSession:
@@ -226,20 +226,33 @@ class ElevenLabsSession:
         return ctx
 
     async def _pump(self, ctx: _Context) -> None:
+        """Each chunk's audio as soon as it exists; the characters its mark covers (since the last
+        mark) spread over it as its alignment."""
         encoder = output_encoder(self.output_format, self.service.engine.sample_rate)
         offset = 0  # characters covered by the audio sent so far
         try:
             async with contextlib.aclosing(ctx.synthesis.deliver(encoder)) as deliveries:
                 async for item in deliveries:
                     if isinstance(item, Audio):
-                        if item.frames:
-                            ctx.pending.append((b"".join(item.frames), item.start_s, item.seconds))
-                    elif isinstance(item, Mark):
-                        offset = await self._send_pending(ctx, offset, item.text_offset)
-                    elif isinstance(item, Flushed):
-                        offset = await self._send_pending(ctx, offset, offset)
+                        alignment = None
+                        if item.text_offset is not None and item.text_offset > offset:
+                            # a mark with no audio of its own (CosyVoice2's end of a segment) puts its
+                            # characters at the end of the audio sent: never later than what was heard
+                            alignment = _alignment(ctx.text[offset : item.text_offset], item.seconds)
+                            offset = item.text_offset
+                        if not item.frames and alignment is None:
+                            continue
+                        data = base64.b64encode(b"".join(item.frames)).decode() if item.frames else None
+                        await self.send(
+                            {
+                                "audio": data,
+                                "isFinal": False,
+                                "contextId": ctx.id,
+                                "alignment": alignment,
+                                "normalizedAlignment": alignment,
+                            }
+                        )
                     elif isinstance(item, Finished):
-                        await self._send_pending(ctx, offset, offset)
                         await self.send({"isFinal": True, "contextId": ctx.id})
                         self.contexts.pop(ctx.id, None)
                         if not self.multi:
@@ -260,29 +273,6 @@ class ElevenLabsSession:
             pass
         finally:
             ctx.synthesis.close()
-
-    async def _send_pending(self, ctx: _Context, start: int, end: int) -> int:
-        """Send the audio waiting for its mark, with the characters ``[start, end)`` of the context's
-        text spread over it (times relative to each message's audio)."""
-        pending, ctx.pending = ctx.pending, []
-        total = sum(seconds for _, _, seconds in pending)
-        chars = end - start
-        done = 0
-        for k, (data, _, seconds) in enumerate(pending):
-            last = k == len(pending) - 1
-            share = chars - done if last else (round(chars * seconds / total) if total else 0)
-            alignment = _alignment(ctx.text[start + done : start + done + share], seconds)
-            done += share
-            await self.send(
-                {
-                    "audio": base64.b64encode(data).decode(),
-                    "isFinal": False,
-                    "contextId": ctx.id,
-                    "alignment": alignment,
-                    "normalizedAlignment": alignment,
-                }
-            )
-        return max(start, end)
 
     async def _finish_all(self) -> None:
         for ctx in list(self.contexts.values()):

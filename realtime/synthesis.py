@@ -150,11 +150,13 @@ class AudioBuffer(AudioSink):
 
 @dataclass(frozen=True)
 class Audio:
-    """Encoded frames of one engine chunk; ``start_s`` is where it starts on the playback clock."""
+    """Encoded frames of one engine chunk; ``start_s`` is where it starts on the playback clock;
+    ``text_offset``: the engine's mark for it, when it has one (the :class:`Mark` that follows)."""
 
     frames: list[bytes]
     start_s: float
     seconds: float
+    text_offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,7 @@ class Synthesis:
             if isinstance(item, AudioChunk):
                 samples = np.asarray(item.samples, dtype=np.float32).reshape(-1)
                 frames = encoder.encode(samples)  # the whole chunk in one pass, cut into frames
-                yield Audio(frames, start, len(samples) / rate)
+                yield Audio(frames, start, len(samples) / rate, item.text_offset)
                 if item.text_offset is not None:
                     yield Mark(item.text_offset, self.samples_out * 1000 / rate)
             elif isinstance(item, Flushed):

@@ -160,3 +160,30 @@ async def test_mp3_and_ulaw_output(server):
             with av.open(io.BytesIO(audio), format="mp3") as c:
                 n = sum(f.samples for f in c.decode(audio=0))
             assert 0.8 * 44100 <= n <= 0.8 * 44100 + 4000
+
+
+async def test_cosyvoice2_audio_leaves_while_the_text_is_still_open(tmp_path):
+    """A segment's mark comes only at its end on CosyVoice2: its chunks must not wait for it."""
+    from cosyvoice.tiny import write_model_dir
+    from realtime.engines import create_engine
+
+    engine = create_engine("cosyvoice2", str(write_model_dir(tmp_path / "tiny")))
+    with serve(engine) as base:
+        url = (
+            base.replace("http://", "ws://")
+            + "/v1/text-to-speech/default/multi-stream-input?output_format=pcm_24000"
+        )
+        async with connect(url, max_size=None) as ws:
+            await ws.send(json.dumps({"text": " ", "context_id": "c"}))
+            await ws.send(
+                json.dumps(
+                    {"text": "Hello there, this is a long answer that keeps going ", "context_id": "c"}
+                )
+            )
+            async with asyncio.timeout(60):
+                first = json.loads(await ws.recv())  # before any flush or close: streamed
+            assert first["contextId"] == "c" and first["audio"] and first["isFinal"] is False
+            await ws.send(json.dumps({"context_id": "c", "close_context": True}))
+            audio, messages = await until_final(ws, "c")
+            aligned = "".join(c for m in messages if m.get("alignment") for c in m["alignment"]["chars"])
+            assert aligned == "Hello there, this is a long answer that keeps going "
