@@ -26,9 +26,9 @@ from .audio.encoders import make_encoder
 from .engines.base import EngineError
 from .errors import ProtocolError
 from .protocol import VoiceOptions, parse_voice_options
-from .server import Service, _service, error_from, read_body, read_form, synthesis_response
+from .server import Service, _service, error_from, read_body, read_form, read_json_object, synthesis_response
 from .synthesis import synthesis_options
-from .validation import check_text, parse_json
+from .validation import check_text
 
 # ---- the official CosyVoice FastAPI server ---------------------------------------------------------
 
@@ -218,14 +218,7 @@ async def speech(request: Request) -> Response:
     service.metrics.http_requests.labels("/v1/audio/speech").inc()
     config, info = service.config, service.info
     try:
-        body = parse_json(
-            await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body"
-        )
-        if not isinstance(body, dict):
-            raise ProtocolError("bad_request", "body must be a JSON object")
-        unknown = set(body) - _SPEECH_KEYS
-        if unknown:
-            raise ProtocolError("bad_request", f"unknown field(s) {sorted(unknown)}")
+        body = await read_json_object(request, config, _SPEECH_KEYS)
         text, model, voice = body.get("input"), body.get("model"), body.get("voice")
         if not isinstance(text, str) or not text.strip():
             raise ProtocolError("bad_request", "input must be a non-empty string")

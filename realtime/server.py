@@ -548,6 +548,22 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     return bytes(body)
 
 
+async def read_json_object(
+    request: Request, config: ServerConfig, allowed: set[str], shape: str = ""
+) -> dict:
+    """A JSON object body (bounded and validated like every client JSON) with no key outside
+    ``allowed``; ``shape`` tells a client what was expected."""
+    body = parse_json(
+        await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body"
+    )
+    if not isinstance(body, dict):
+        raise ProtocolError("bad_request", f"body must be a JSON object{shape}")
+    unknown = set(body) - allowed
+    if unknown:
+        raise ProtocolError("bad_request", f"unknown key(s): {sorted(unknown)}")
+    return body
+
+
 async def read_form(request: Request, limits: Limits, timeout: float) -> FormData:
     """A urlencoded or multipart form, bounded like every body (the parser reads our bytes)."""
     raw = await read_body(request, limits.max_frame_bytes, timeout)
@@ -592,14 +608,7 @@ async def tts(request: Request) -> Response:
     service.metrics.http_requests.labels("/v1/tts").inc()
     config, info = service.config, service.info
     try:
-        body = parse_json(
-            await read_body(request, config.limits.max_frame_bytes, config.body_timeout), what="body"
-        )
-        if not isinstance(body, dict):
-            raise ProtocolError("bad_request", 'body must be a JSON object: {"text": ..., options}')
-        unknown = set(body) - _TTS_KEYS
-        if unknown:
-            raise ProtocolError("bad_request", f"unknown key(s): {sorted(unknown)}")
+        body = await read_json_object(request, config, _TTS_KEYS, ': {"text": ..., options}')
         text = body.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ProtocolError("bad_request", "text must be a non-empty string")

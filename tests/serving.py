@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import uvicorn
 
 from realtime.engines.base import Engine
@@ -52,6 +55,42 @@ def serve_server(engine: Engine, config: ServerConfig | None = None) -> Iterator
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def start_cli_server(*args: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """``realtime serve --engine tone --port P *args`` in a subprocess, as a user runs it, once it
+    answers ``/health/live`` (a 401 counts: the server is up and wants a token): (process, base).
+    The caller stops it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "realtime.cli",
+            "serve",
+            "--engine",
+            "tone",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/health/live").status_code in (200, 401):
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("realtime serve did not start: " + proc.stdout.read().decode(errors="replace"))
+        time.sleep(0.1)
 
 
 def ws_url(base: str, token: str | None = None) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -13,39 +12,12 @@ import pytest
 import soundfile as sf
 
 from realtime.cli import _deltas, _is_loopback, build_parser
-from tests.serving import free_port
+from tests.serving import free_port, start_cli_server
 
 
 @pytest.fixture(scope="module")
 def tone_server():
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "realtime.cli",
-            "serve",
-            "--engine",
-            "tone",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("realtime serve did not start: " + proc.stdout.read().decode(errors="replace"))
+    proc, base = start_cli_server()
     yield base
     proc.terminate()
     proc.wait(10)
@@ -92,37 +64,8 @@ def test_say_reports_server_errors(tone_server):
 def test_say_reports_refusals_in_one_line(tmp_path):
     """A server that wants a token (401 without one, 403 with a wrong one): one clear line and exit
     1, no traceback."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "realtime.cli",
-            "serve",
-            "--engine",
-            "tone",
-            "--port",
-            str(port),
-            "--token",
-            "sekret",
-            "--voice-alias",
-            "nova=b",
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_cli_server("--token", "sekret", "--voice-alias", "nova=b")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/health", headers={"X-API-TOKEN": "sekret"}).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.1)
         for extra, needle in (((), "HTTP 401"), (("--token", "nope"), "HTTP 403")):
             r = say(base, "one two ", *extra)
             assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -17,40 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.serving import free_port
-
-
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "realtime.cli",
-            "serve",
-            "--engine",
-            "tone",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(base + "/health/live").status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("serve did not start: " + proc.stdout.read().decode(errors="replace"))
-        time.sleep(0.1)
+from tests.serving import start_cli_server
 
 
 async def next_json(ws) -> dict:
@@ -68,7 +33,7 @@ async def closed_with(ws) -> int:
 
 
 async def test_sigterm_drains_open_contexts_then_exits_zero():
-    proc, base = start_server("--drain-timeout", "20")
+    proc, base = start_cli_server("--drain-timeout", "20")
     url = base.replace("http://", "ws://") + "/v1/tts/stream"
     try:
         async with connect(url) as idle, connect(url) as speaking:
@@ -129,7 +94,7 @@ async def test_sigterm_drains_open_contexts_then_exits_zero():
 
 
 async def test_the_drain_deadline_closes_what_is_still_open():
-    proc, base = start_server("--drain-timeout", "1")
+    proc, base = start_cli_server("--drain-timeout", "1")
     url = base.replace("http://", "ws://") + "/v1/tts/stream"
     try:
         async with connect(url) as ws:
@@ -151,7 +116,7 @@ async def test_the_drain_deadline_closes_what_is_still_open():
 
 
 async def test_a_second_signal_exits_at_once():
-    proc, base = start_server("--drain-timeout", "60")
+    proc, base = start_cli_server("--drain-timeout", "60")
     url = base.replace("http://", "ws://") + "/v1/tts/stream"
     try:
         async with connect(url) as ws:
