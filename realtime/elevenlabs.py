@@ -64,18 +64,18 @@ _KEYS = {
 }
 
 
-def output_encoder(output_format: str, native_rate: int) -> AudioEncoder:
-    """The encoder an ``output_format`` names; ``ProtocolError`` for any other."""
+def parse_output_format(output_format: str) -> tuple[str, int, int | None]:
+    """(our format, sample rate, bitrate) an ``output_format`` names; ``ProtocolError`` for any other."""
     kind, _, rest = output_format.partition("_")
     try:
         if kind == "pcm" and int(rest) in PCM_RATES:
-            return SampleEncoder("pcm_s16le", int(rest), "raw", native_rate)
+            return "pcm_s16le", int(rest), None
         if output_format == "ulaw_8000":
-            return SampleEncoder("mulaw", 8000, "raw", native_rate)
+            return "mulaw", 8000, None
         if kind == "mp3":
             rate, _, kbps = rest.partition("_")
             if int(rate) in (22050, 24000, 44100, 48000) and 8 <= int(kbps) <= 320:
-                return CodecEncoder("mp3", int(rate), native_rate, bitrate=int(kbps) * 1000)
+                return "mp3", int(rate), int(kbps) * 1000
     except ValueError:
         pass
     raise ProtocolError(
@@ -83,6 +83,14 @@ def output_encoder(output_format: str, native_rate: int) -> AudioEncoder:
         f"unsupported output_format {output_format!r}: pcm_8000 ... pcm_48000, "
         "ulaw_8000 or mp3_<rate>_<kbps>",
     )
+
+
+def output_encoder(output: tuple[str, int, int | None], native_rate: int) -> AudioEncoder:
+    """A fresh encoder for a parsed ``output_format`` (one per context)."""
+    fmt, rate, bitrate = output
+    if fmt == "mp3":
+        return CodecEncoder("mp3", rate, native_rate, bitrate=bitrate)
+    return SampleEncoder(fmt, rate, "raw", native_rate)
 
 
 @dataclass
@@ -101,8 +109,8 @@ class ElevenLabsSession:
         self.multi = multi
         self.contexts: dict[str, _Context] = {}
         self.options: VoiceOptions | None = None
-        self.output_format = ws.query_params.get("output_format", "mp3_44100_128")
-        self.inactivity = min(180.0, max(1.0, float(ws.query_params.get("inactivity_timeout", 20) or 20)))
+        self.output: tuple[str, int, int | None] = ("mp3", 44100, 128_000)  # set from the query in run()
+        self.inactivity = 20.0
         self.authorized = check_token(service.config.token, ws.headers, ws.query_params) is None or (
             ws.headers.get("xi-api-key", "").strip() == service.config.token
         )
@@ -117,7 +125,12 @@ class ElevenLabsSession:
     async def run(self) -> None:
         service = self.service
         try:
-            output_encoder(self.output_format, service.engine.sample_rate)  # refuse a bad one up front
+            query = self.ws.query_params
+            self.output = parse_output_format(query.get("output_format", "mp3_44100_128"))
+            try:
+                self.inactivity = min(180.0, max(1.0, float(query.get("inactivity_timeout") or 20)))
+            except ValueError:
+                raise ProtocolError("bad_request", "inactivity_timeout must be a number of seconds") from None
             info = service.info
             voice = self.voice_id if info.has_voice(self.voice_id) else None
             if voice is None and self.voice_id not in ("default", "_"):
@@ -228,7 +241,7 @@ class ElevenLabsSession:
     async def _pump(self, ctx: _Context) -> None:
         """Each chunk's audio as soon as it exists; the characters its mark covers (since the last
         mark) spread over it as its alignment."""
-        encoder = output_encoder(self.output_format, self.service.engine.sample_rate)
+        encoder = output_encoder(self.output, self.service.engine.sample_rate)
         offset = 0  # characters covered by the audio sent so far
         try:
             async with contextlib.aclosing(ctx.synthesis.deliver(encoder)) as deliveries:
@@ -332,4 +345,4 @@ def _denial(message: str, status: int):
     )
 
 
-__all__ = ["ElevenLabsSession", "multi_stream_input", "output_encoder", "stream_input"]
+__all__ = ["ElevenLabsSession", "multi_stream_input", "output_encoder", "parse_output_format", "stream_input"]

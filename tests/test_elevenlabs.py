@@ -132,6 +132,10 @@ async def test_refusals_are_typed(server):
     async with connect(url, additional_headers={"xi-api-key": TOKEN}) as ws:
         error = json.loads(await ws.recv())
         assert error["code"] == "bad_request" and "output_format" in error["message"]
+    url = f"{server}/v1/text-to-speech/a/stream-input?inactivity_timeout=soon"
+    async with connect(url, additional_headers={"xi-api-key": TOKEN}) as ws:
+        error = json.loads(await ws.recv())
+        assert error["code"] == "bad_request" and "inactivity_timeout" in error["message"]
     async with connect(
         f"{server}/v1/text-to-speech/nobody/stream-input", additional_headers={"xi-api-key": TOKEN}
     ) as ws:
