@@ -13,6 +13,7 @@ calls per second and requests per call, token2wav chunks per flow round (from th
     python benchmarks/concurrency.py                              # TINY directory, 1/4/8/16 sessions
     python benchmarks/concurrency.py --size real --sessions 1 8   # REAL-size random weights (2.5 GB, slow on CPU)
     python benchmarks/concurrency.py --model-dir DIR --modes batched
+    python benchmarks/concurrency.py --voice clone                # a registered zero-shot voice (a 4 s prompt)
 """
 
 from __future__ import annotations
@@ -54,11 +55,17 @@ class Utterance:
     error: str | None = None
 
 
-async def utterance(url: str, text: str, tps: float) -> Utterance:
+CLONE = "bench-clone"  # the zero-shot voice --voice clone registers
+
+
+async def utterance(url: str, text: str, tps: float, voice: str = "sft") -> Utterance:
     from websockets.asyncio.client import connect
 
+    start = {"type": "start", "format": "pcm_s16le", "sample_rate": 24000}
+    if voice == "clone":
+        start.update(voice=CLONE, mode="zero_shot")
     async with connect(url, max_size=None, open_timeout=60) as ws:
-        await ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "sample_rate": 24000}))
+        await ws.send(json.dumps(start))
         json.loads(await ws.recv())
         t0 = time.perf_counter()
 
@@ -98,7 +105,10 @@ async def level(url: str, base: str, n: int, args) -> dict:
     t0 = time.perf_counter()
 
     async def session(k: int) -> list:
-        return [await utterance(url, texts[(k + i) % len(texts)], args.tps) for i in range(args.utterances)]
+        return [
+            await utterance(url, texts[(k + i) % len(texts)], args.tps, args.voice)
+            for i in range(args.utterances)
+        ]
 
     results = [r for rs in await asyncio.gather(*(session(k) for k in range(n))) for r in rs]
     wall = time.perf_counter() - t0
@@ -126,6 +136,21 @@ async def level(url: str, base: str, n: int, args) -> dict:
     }
 
 
+def register_clone(base: str) -> None:
+    """Register the zero-shot voice --voice clone speaks with: a 4 s prompt (100 speech tokens,
+    like a short real recording), so each stream's flow and LM start from a prompt."""
+    from cosyvoice.tiny import prompt_wav
+
+    r = httpx.post(
+        base + "/v1/voices",
+        data={"voice_id": CLONE, "prompt_text": "A short sentence spoken for the voice prompt."},
+        files={"prompt_wav": ("prompt.wav", prompt_wav(seconds=4.0), "audio/wav")},
+        timeout=120,
+    )
+    if r.status_code not in (201, 409):
+        raise SystemExit(f"registering the clone voice failed: {r.status_code} {r.text}")
+
+
 def model_dir(args) -> str:
     if args.model_dir:
         return args.model_dir
@@ -147,12 +172,22 @@ def main() -> None:
     p.add_argument("--utterances", type=int, default=2, help="utterances per session, one after another")
     p.add_argument("--tps", type=float, default=30.0, help="LLM tokens per second (4 characters each)")
     p.add_argument("--short", action="store_true", help="shorter texts (for the REAL size on a CPU)")
+    p.add_argument(
+        "--voice",
+        default="sft",
+        choices=("sft", "clone"),
+        help="sft: the directory's first speaker (an embedding, no prompt); clone: a registered "
+        "zero-shot voice with a 4 s prompt",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--server-args", default="", help="more arguments for realtime serve")
     p.add_argument("--json", default=None, help="also write the rows to this file (the GPU suite reads it)")
     args = p.parse_args()
     directory = model_dir(args)
-    print(f"model {directory}, text at {args.tps:g} tokens/s, {args.utterances} utterance(s) per session")
+    print(
+        f"model {directory}, voice {args.voice}, text at {args.tps:g} tokens/s, "
+        f"{args.utterances} utterance(s) per session"
+    )
     print(
         "| lm | sessions | utts | first audio p50 s | p95 s | audio s / wall s | RTF p50 | underruns | LM calls/s "
         "| requests per call | LM tokens/s | token2wav chunks per round | errors |"
@@ -177,6 +212,8 @@ def main() -> None:
         ]
         with server_process(*serve) as (base, _pid):
             url = base.replace("http://", "ws://") + "/v1/tts/stream"
+            if args.voice == "clone":
+                register_clone(base)
             asyncio.run(level(url, base, 1, argparse.Namespace(**{**vars(args), "utterances": 1})))  # warm-up
             for n in args.sessions:
                 r = asyncio.run(level(url, base, n, args))

@@ -63,6 +63,7 @@ class CosyVoice2:
         min_tokens: int = 50,
         left_chunks: int | None = None,
         lm: str = "batched",
+        prompt_cache_mb: float = 256,
     ):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
             if flag:
@@ -87,6 +88,7 @@ class CosyVoice2:
             left_chunks=left_chunks,
             cap=TokenCap(ratio=max_token_ratio, floor=min_tokens),
             lm=lm,
+            prompt_cache_mb=prompt_cache_mb,
         )
         spk2info = self.model_dir.root / "spk2info.pt"
         self.frontend = CosyVoiceFrontEnd(

@@ -15,13 +15,16 @@ attention keys/values of finished frames are kept, per request.
 from __future__ import annotations
 
 import functools
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flow_encoder import EncoderConfig, UpsampleConformerEncoder
+from .flow_encoder import EncoderCache, EncoderConfig, UpsampleConformerEncoder
 from .flow_estimator import CacheGroup, CausalConditionalDecoder, EstimatorCache, EstimatorConfig
 
 NOISE_FRAMES = 15000  # 300 s of mel at 50 Hz: the longest utterance the official noise covers
@@ -236,6 +239,7 @@ class FlowStream:
         n_timesteps: int | None = None,
         precompute_prompt: bool = True,
         kv_dtype: torch.dtype | None = None,
+        prompts: PromptStates | None = None,
     ):
         cfg = flow.cfg
         if prompt_token.dim() != 2 or prompt_token.shape[0] != 1:
@@ -275,7 +279,14 @@ class FlowStream:
         self.enc_cache = flow.encoder.new_cache(left_chunks)
         self.est_caches = [EstimatorCache(left_chunks, kv_dtype) for _ in range(self.n_timesteps)]
         if precompute_prompt:
-            self._precompute_prompt()
+            key = None if prompts is None else prompts.key(self, embedding, kv_dtype)
+            state = None if key is None else prompts.get(key)
+            if state is not None:
+                state.restore(self)
+            else:
+                self._precompute_prompt()
+                if key is not None:
+                    prompts.put(key, _PromptState.of(self))
 
     # --- token bookkeeping -------------------------------------------------------------------
     @property
@@ -419,6 +430,91 @@ class FlowStream:
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("FlowStream is closed")
+
+
+@dataclass
+class _PromptState:
+    """A stream's caches right after its prompt: the same for every stream of one voice."""
+
+    done_tokens: int
+    enc_cache: EncoderCache
+    est_caches: list[EstimatorCache]
+
+    @classmethod
+    def of(cls, stream: FlowStream) -> _PromptState:
+        return cls(stream.done_tokens, stream.enc_cache.clone(), [c.clone() for c in stream.est_caches])
+
+    def restore(self, stream: FlowStream) -> None:
+        stream.done_tokens = self.done_tokens
+        stream.enc_cache = self.enc_cache.clone()
+        stream.est_caches = [c.clone() for c in self.est_caches]
+
+    def nbytes(self) -> int:
+        return self.enc_cache.nbytes() + sum(c.nbytes() for c in self.est_caches)
+
+
+class PromptStates:
+    """The flow's state after each voice's prompt, kept so that a voice's prompt is encoded and
+    run through the 10 Euler steps once, not again for every stream that speaks with it.
+
+    A registered zero-shot voice has a prompt of a few seconds: two or more 25-token chunks of flow
+    work per stream before its first chunk can start, done one stream at a time.  Sixteen sessions
+    that open together with one voice would otherwise wait for sixteen copies of that work.  The
+    state is a pure function of the prompt (the solver's noise is fixed per frame), so a copy gives
+    exactly what a fresh computation gives.  Entries are keyed by the prompt's content and the
+    stream's settings, least recently used first out beyond ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self._states: OrderedDict[bytes, _PromptState] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(stream: FlowStream, embedding: Tensor, kv_dtype: torch.dtype | None) -> bytes | None:
+        """None for a stream with no complete prompt chunk (nothing to keep)."""
+        if stream.n_prompt < stream.cfg.chunk_tokens + stream.cfg.pre_lookahead_len:
+            return None
+        h = hashlib.blake2b(digest_size=20)
+        for t in (stream.prompt_token, stream.prompt_feat, embedding):
+            t = t.detach().contiguous().cpu()
+            h.update(repr((t.dtype, tuple(t.shape))).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(repr((stream.left_chunks, stream.n_timesteps, kv_dtype, stream.device)).encode())
+        return h.digest()
+
+    def get(self, key: bytes) -> _PromptState | None:
+        with self._lock:
+            state = self._states.get(key)
+            if state is None:
+                self.misses += 1
+                return None
+            self._states.move_to_end(key)
+            self.hits += 1
+            return state
+
+    def put(self, key: bytes, state: _PromptState) -> None:
+        size = state.nbytes()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._states.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes()
+            self._states[key] = state
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, evicted = self._states.popitem(last=False)
+                self._bytes -= evicted.nbytes()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def nbytes(self) -> int:
+        return self._bytes
 
 
 def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Tensor]:

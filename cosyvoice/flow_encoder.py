@@ -204,6 +204,14 @@ class _KVBuffer:
     def keys(self) -> tuple[Tensor, Tensor]:
         return self.k[:, self.lo : self.hi], self.v[:, self.lo : self.hi]
 
+    def clone(self) -> _KVBuffer:
+        """An independent copy of the live keys/values (appends to either leave the other as is)."""
+        copy = _KVBuffer()
+        if self.k is not None:
+            copy.k, copy.v = self.k[:, self.lo : self.hi].clone(), self.v[:, self.lo : self.hi].clone()
+        copy.lo, copy.hi, copy.start = 0, self.length, self.start
+        return copy
+
     def drop_before(self, position: int) -> None:
         count = min(max(position - self.start, 0), self.length)
         self.lo += count
@@ -255,6 +263,20 @@ class EncoderCache:
     def live_nbytes(self) -> int:
         """Bytes of cached keys/values actually in use (what grows with the utterance)."""
         return sum(b.live_nbytes() for b in self.layers + self.up_layers)
+
+    def clone(self) -> EncoderCache:
+        """An independent copy: a voice's prompt is encoded once and every stream of that voice
+        goes on from its own copy."""
+        return EncoderCache(
+            left_chunks=self.left_chunks,
+            tokens_done=self.tokens_done,
+            frames_done=self.frames_done,
+            finished=self.finished,
+            lookahead_x=None if self.lookahead_x is None else self.lookahead_x.clone(),
+            up_state=None if self.up_state is None else self.up_state.clone(),
+            layers=[b.clone() for b in self.layers],
+            up_layers=[b.clone() for b in self.up_layers],
+        )
 
 
 class _ProjectedPositions:

@@ -108,6 +108,15 @@ class KVBuffer:
     def drop_front(self, count: int) -> None:
         self.start = min(self.start + count, self.end)
 
+    def clone(self) -> KVBuffer:
+        """An independent copy of the live window (appends to either leave the other as is)."""
+        copy = KVBuffer(self.dtype)
+        if self.k is not None:
+            copy.k = self.k[:, :, self.start : self.end].clone()
+            copy.v = self.v[:, :, self.start : self.end].clone()
+            copy.end = self.length
+        return copy
+
     def nbytes(self) -> int:
         """Allocated bytes (capacity included)."""
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
@@ -150,6 +159,16 @@ class EstimatorCache:
         self.conv.clear()
         self.kv.clear()
         self.closed = True
+
+    def clone(self) -> EstimatorCache:
+        """An independent copy (see :meth:`EncoderCache.clone`)."""
+        if self.closed:
+            raise RuntimeError("cannot copy a closed estimator cache")
+        copy = EstimatorCache(self.left_chunks, self.kv_dtype)
+        copy.frames, copy.kv_start = self.frames, self.kv_start
+        copy.conv = {module: t.clone() for module, t in self.conv.items()}
+        copy.kv = {module: b.clone() for module, b in self.kv.items()}
+        return copy
 
 
 class CacheGroup(list):

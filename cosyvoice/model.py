@@ -139,10 +139,12 @@ class CosyVoice2Model:
         kv_max_len: int = 2048,
         kv_max_slots: int = 32,
         lm: str = "batched",
+        prompt_cache_mb: float = 256,
     ):
         """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
         per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
-        requests the LM stage serves at once.  ``lm="per-request"`` runs each request's LM alone
+        requests the LM stage serves at once.  ``prompt_cache_mb``: memory for the flow state of
+        the voices' prompts, each computed once for all streams of a voice (0: not kept).  ``lm="per-request"`` runs each request's LM alone
         in its caller's thread instead (the pre-batching path, kept for comparison)."""
         if lm not in LM_MODES:
             raise ValueError(f"lm must be one of {LM_MODES}")
@@ -150,7 +152,9 @@ class CosyVoice2Model:
         self.llm = llm
         self.flow = flow.eval()
         self.hift = hift.eval()
-        self.token2wav = Token2Wav(self.flow, self.hift, left_chunks=left_chunks)
+        self.token2wav = Token2Wav(
+            self.flow, self.hift, left_chunks=left_chunks, prompt_cache_bytes=int(prompt_cache_mb * 2**20)
+        )
         self.cap = cap or TokenCap()
         pool = KVPool.for_budget(
             llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots

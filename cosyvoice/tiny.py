@@ -27,11 +27,14 @@ to the length cap.  Everything is seeded; the caller's global RNG is left untouc
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
@@ -346,6 +349,18 @@ def _check_tiny_config(tree: dict[str, Any], qwen: dict[str, Any], data: dict[st
         raise ValueError(
             f"config_tiny.json has {', '.join(wrong)} settings the model-directory template cannot write"
         )
+
+
+def prompt_wav(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> bytes:
+    """A WAV file's bytes to clone a voice from on a generated directory: a gliding tone and a
+    little noise (random weights make speech tokens of any audio; tests and benchmarks need no
+    recording)."""
+    t = np.arange(int(seconds * rate)) / rate
+    noise = 0.01 * np.random.default_rng(seed).standard_normal(t.size)
+    x = 0.3 * np.sin(2 * np.pi * (150 + 60 * t) * t) + noise
+    buf = io.BytesIO()
+    sf.write(buf, x.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
 def write_model_dir(out_dir: str | Path, size: Size = "tiny", seed: int = 0) -> Path:

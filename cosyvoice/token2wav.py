@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowStream, advance_together
+from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowStream, PromptStates, advance_together
 from cosyvoice.hift import HiFTGenerator
 
 MODES = ("cached", "exact", "recompute")
@@ -268,7 +268,13 @@ class Token2Wav:
     """Shared flow + HiFT and the per-UUID stream states. Thread-safe across different UUIDs;
     calls for one UUID are serialised by that stream's lock."""
 
-    def __init__(self, flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator, left_chunks: int | None = None):
+    def __init__(
+        self,
+        flow: CausalMaskedDiffWithXvec,
+        hift: HiFTGenerator,
+        left_chunks: int | None = None,
+        prompt_cache_bytes: int = 256 << 20,
+    ):
         self.flow = flow
         self.hift = hift
         self.left_chunks = left_chunks
@@ -277,6 +283,8 @@ class Token2Wav:
         self.flow_device = _device(flow)
         self.hift_device = _device(hift)
         self.window = hamming_window().to(self.hift_device)
+        # each voice's flow prompt state, computed once (0 bytes: every stream computes its own)
+        self.prompts = PromptStates(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self._streams: dict[Hashable, _Stream] = {}
         self._lock = threading.Lock()
 
@@ -313,7 +321,12 @@ class Token2Wav:
         if mode == "cached":
             try:
                 stream.flow_stream = FlowStream(
-                    self.flow, prompt_token, prompt_feat, embedding, left_chunks=self.left_chunks
+                    self.flow,
+                    prompt_token,
+                    prompt_feat,
+                    embedding,
+                    left_chunks=self.left_chunks,
+                    prompts=self.prompts,
                 )
             except BaseException:
                 self.close(uuid)

@@ -66,7 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine_name = args.engine or ("cosyvoice2" if args.model_dir else "piper")
     engine_kwargs: dict[str, object] = {}
     if engine_name == "cosyvoice2":
-        engine_kwargs.update(device=args.device, dtype=args.dtype, lm=args.lm)
+        engine_kwargs.update(
+            device=args.device, dtype=args.dtype, lm=args.lm, prompt_cache_mb=args.prompt_cache_mb
+        )
     try:
         engine = create_engine(engine_name, args.model_dir, **engine_kwargs)
     except (ValueError, FileNotFoundError) as e:
@@ -279,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("batched", "per-request"),
         help="cosyvoice2: one batched LM stage for all streams, or each stream's LM alone in its own "
         "thread (the pre-batching path, for comparison)",
+    )
+    s.add_argument(
+        "--prompt-cache-mb",
+        type=_non_negative_float,
+        default=256,
+        help="cosyvoice2: memory for the flow state of voices' prompts, computed once per voice and "
+        "copied into each stream that speaks with it (0: every stream computes its own)",
     )
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
     s.add_argument(

@@ -17,21 +17,10 @@ import torch
 
 from cosyvoice import CosyVoice2
 from cosyvoice.model import SAMPLES_PER_TOKEN, TokenCap
-from cosyvoice.tiny import SFT_SPEAKERS, write_model_dir
+from cosyvoice.tiny import SFT_SPEAKERS, prompt_wav, write_model_dir
 
 torch.set_num_threads(1)
 EN, ZH = SFT_SPEAKERS[1], SFT_SPEAKERS[0]
-
-
-def prompt_wav(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> bytes:
-    """A WAV file's bytes: a gliding tone plus a little noise (any audio works for random weights)."""
-    t = np.arange(int(seconds * rate)) / rate
-    x = 0.3 * np.sin(2 * np.pi * (150 + 60 * t) * t) + 0.01 * np.random.default_rng(seed).standard_normal(
-        t.size
-    )
-    buf = io.BytesIO()
-    sf.write(buf, x.astype(np.float32), rate, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 def audio(outputs) -> np.ndarray:

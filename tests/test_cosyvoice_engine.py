@@ -20,7 +20,7 @@ import torch
 from websockets.asyncio.client import connect
 
 from cosyvoice.model import SAMPLES_PER_TOKEN
-from cosyvoice.tiny import SFT_SPEAKERS, write_model_dir
+from cosyvoice.tiny import SFT_SPEAKERS, prompt_wav, write_model_dir
 from realtime.admission import Admission
 from realtime.engines import create_engine
 from realtime.engines.base import (
@@ -42,14 +42,6 @@ torch.set_num_threads(1)
 ZH, EN = SFT_SPEAKERS
 BYTES_PER_TOKEN = SAMPLES_PER_TOKEN * 2  # pcm_s16le at the native 24 kHz
 TEXT = "Hello world, this is a streaming test of the tiny model."
-
-
-def prompt_wav(seconds: float = 2.0, rate: int = 16000) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    x = 0.3 * np.sin(2 * np.pi * (150 + 60 * t) * t) + 0.01 * np.random.default_rng(0).standard_normal(t.size)
-    buf = io.BytesIO()
-    sf.write(buf, x.astype(np.float32), rate, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from cosyvoice.flow import (
     CausalMaskedDiffWithXvec,
     FlowConfig,
     FlowStream,
+    PromptStates,
     advance_together,
     cfm_noise,
     euler_schedule,
@@ -425,6 +426,42 @@ def test_flow_stream_prompt_precompute_is_equivalent(flow):
     _, a = _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, precompute_prompt=True)
     _, b = _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, precompute_prompt=False)
     assert maxdiff(torch.cat(a, -1), torch.cat(b, -1)) <= TOL
+
+
+def test_prompt_states_give_every_stream_of_a_voice_the_fresh_result(flow):
+    """A voice's prompt runs through the flow once: later streams of that voice start from a copy
+    and produce exactly the mel of a stream that computed its prompt itself, also after an earlier
+    stream of the voice has run to its end (the kept state is never written through a copy)."""
+    tokens, prompt, prompt_feat, emb = _stream_case(90, seed=5, n_prompt=60)
+    hops, _ = _official_hops(60, 90)
+    _, fresh = _run_stream(flow, tokens, prompt, prompt_feat, emb, hops)
+    states = PromptStates()
+    for n in range(3):
+        stream, mels = _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, prompts=states)
+        assert torch.equal(torch.cat(mels, -1), torch.cat(fresh, -1))
+        assert stream.closed
+        assert (states.misses, states.hits) == (1, n)
+    assert len(states) == 1 and states.nbytes() > 0
+
+    # another voice (another speaker embedding) is another entry, with its own result
+    other_emb = emb.flip(-1)
+    _, other = _run_stream(flow, tokens, prompt, prompt_feat, other_emb, hops)
+    _, again = _run_stream(flow, tokens, prompt, prompt_feat, other_emb, hops, prompts=states)
+    assert torch.equal(torch.cat(again, -1), torch.cat(other, -1))
+    assert len(states) == 2 and states.misses == 2
+
+    # a prompt shorter than one chunk plus lookahead has nothing to keep
+    short = _stream_case(40, seed=6, n_prompt=20)
+    _run_stream(flow, *short, _official_hops(20, 40)[0], prompts=states)
+    assert len(states) == 2 and states.misses == 2
+
+    # bounded in bytes: the least recently used voice goes first
+    small = PromptStates(max_bytes=states.nbytes() * 3 // 4)
+    _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, prompts=small)
+    _run_stream(flow, tokens, prompt, prompt_feat, other_emb, hops, prompts=small)
+    assert len(small) == 1 and small.nbytes() <= small.max_bytes
+    _run_stream(flow, tokens, prompt, prompt_feat, other_emb, hops, prompts=small)
+    assert small.hits == 1
 
 
 def test_flow_stream_window_equals_windowed_recompute_and_bounds_memory(flow):

@@ -84,6 +84,7 @@ class CosyVoice2Engine(BlockingEngine):
         min_tokens: int = 50,
         left_chunks: int | None = None,
         lm: str = "batched",
+        prompt_cache_mb: float = 256,
         **kwargs: Any,
     ) -> None:
         from cosyvoice.api import CosyVoice2
@@ -99,6 +100,7 @@ class CosyVoice2Engine(BlockingEngine):
             min_tokens=min_tokens,
             left_chunks=left_chunks,
             lm=lm,
+            prompt_cache_mb=prompt_cache_mb,
         )
         # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
         # token2wav stage, so admission counts the LM's KV slots (lm="per-request": a thread per
@@ -136,6 +138,17 @@ class CosyVoice2Engine(BlockingEngine):
             "cosyvoice_kv_slots": model.lm_stage.pool.slots,
             "cosyvoice_t2w_calls_total": sum(t2w.values()),
             "cosyvoice_t2w_chunks_total": sum(size * n for size, n in t2w.items()),
+            **self._prompt_cache_stats(),
+        }
+
+    def _prompt_cache_stats(self) -> dict[str, float]:
+        prompts = self.cv.model.token2wav.prompts
+        if prompts is None:
+            return {}
+        return {
+            "cosyvoice_prompt_cache_hits_total": prompts.hits,
+            "cosyvoice_prompt_cache_misses_total": prompts.misses,
+            "cosyvoice_prompt_cache_bytes": prompts.nbytes(),
         }
 
     def distributions(self) -> dict[str, Distribution]:
