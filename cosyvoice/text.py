@@ -1,16 +1,12 @@
 """Text side of the CosyVoice2 frontend: the Qwen2 tokenizer with CosyVoice2's specials, text
 normalisation (whole text and incremental, for bistream) and paragraph splitting.
 
-Normalisation uses `wetext` (WeTextProcessing's runtime, whose FST graphs ship inside the wheel, so
-nothing is downloaded at run time) plus the post-rules the official frontend applies. Unlike the
-official code, which skips normalisation for streamed text, we normalise streamed LLM deltas too.
-To make streaming and whole-text normalisation agree exactly, both are defined piecewise: the text
-is cut at "safe boundaries" (whitespace between plain words, after Chinese punctuation, between
-runs of Chinese characters) that never fall inside anything the normaliser rewrites (numbers,
-dates, units, markdown, special tags), and each piece is normalised on its own. A cut is decided
-only by the characters before it and the one character after it, so a streaming normaliser can
-release a piece as soon as the next character arrives, and the result cannot depend on how the
-text was chunked.
+Normalisation is the service's one text front end (:mod:`realtime.text.frontend`, shared with the
+default voice and every route): Chinese read by wetext plus our fixes and the official post-rules,
+English by our rules, markdown, HTML and emoji stripped, CosyVoice2's special tags kept. Unlike the
+official code, which skips normalisation for streamed text, we normalise streamed LLM deltas too,
+and the front end guarantees that the streamed result equals the whole-text one however the text
+was chunked (it is defined piecewise, at safe boundaries).
 """
 
 from __future__ import annotations
@@ -19,8 +15,27 @@ import json
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
-from functools import lru_cache
 from pathlib import Path
+
+from realtime.text import chinese
+from realtime.text.frontend import Incremental, contains_chinese, is_cut, normalize
+
+__all__ = [
+    "ADDITIONAL_SPECIAL_TOKENS",
+    "ENDOFPROMPT",
+    "ENDOFTEXT",
+    "LANGUAGES",
+    "CosyVoice2Tokenizer",
+    "StreamingNormalizer",
+    "build_tiny_blank_en",
+    "contains_chinese",
+    "is_cut",
+    "is_only_punctuation",
+    "normalize_text",
+    "split_paragraph",
+    "text_normalize",
+    "warmup",
+]
 
 # CosyVoice2Tokenizer's additional special tokens, in the official order (FACTS §9).
 ADDITIONAL_SPECIAL_TOKENS = [
@@ -131,15 +146,16 @@ def build_tiny_blank_en(out_dir: str | Path, vocab_size: int = 512) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Character classes
+# Normalisation: the service's one text front end (realtime.text), read as CosyVoice2 reads
 
+# The languages CosyVoice2 speaks (its README: Chinese, English, Japanese, Korean and Chinese
+# dialects, Cantonese among them); letters of other scripts are not sent to the LM.
+LANGUAGES = ("zh", "en", "ja", "ko", "yue")
 
-def _is_cjk(c: str) -> bool:
-    return "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" or "\uf900" <= c <= "\ufaff"
-
-
-def contains_chinese(text: str) -> bool:
-    return any(_is_cjk(c) for c in text)
+# special tokens are said verbatim: the LM knows them ([laughter], <strong>, <|endofprompt|>)
+_SPECIAL = re.compile(
+    r"<\|[^|<>\s]*\|>|" + "|".join(re.escape(t) for t in ADDITIONAL_SPECIAL_TOKENS if not t.startswith("<|"))
+)
 
 
 def is_only_punctuation(text: str) -> bool:
@@ -147,232 +163,42 @@ def is_only_punctuation(text: str) -> bool:
     return all(unicodedata.category(c)[0] in "PSZ" for c in text)
 
 
-_CJK_PUNCT = "，。！？；：、"
-# a plain word, optionally followed by closing punctuation that never takes part in a rewrite
-_PLAIN_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*[,;:!?\"')]*")
-_SPECIAL = re.compile(
-    r"<\|[^|<>\s]*\|>|" + "|".join(re.escape(t) for t in ADDITIONAL_SPECIAL_TOKENS if not t.startswith("<|"))
-)
-
-
-def _starts_piece(c: str) -> bool:
-    return _is_cjk(c) or (c.isascii() and c.isalpha())
-
-
-def is_cut(text: str, i: int) -> bool:
-    """Whether text may be cut before index i: a safe boundary for piecewise normalisation.
-
-    Depends on text[:i + 1] only (and only on a bounded stretch of it), which is what makes the
-    streaming normaliser chunking-invariant.
-    """
-    if i <= 0 or i >= len(text) or text[i].isspace() or not _starts_piece(text[i]):
-        return False
-    j = i
-    while j > 0 and text[j - 1].isspace():
-        j -= 1
-    if j == 0:
-        return False
-    if j < i:  # whitespace run text[j:i]
-        k = j
-        while k > 0 and not text[k - 1].isspace():
-            k -= 1
-        token = text[k:j]
-        if _is_cjk(token[-1]) or token[-1] in _CJK_PUNCT:
-            return True
-        if _PLAIN_WORD.fullmatch(token) is None:
-            return False
-        # the word before must be plain too: rewrites such as "221 Baker Street" read two words on
-        while k > 0 and text[k - 1].isspace():
-            k -= 1
-        m = k
-        while m > 0 and not text[m - 1].isspace():
-            m -= 1
-        previous = text[m:k]
-        return not previous or _PLAIN_WORD.fullmatch(previous) is not None or _is_cjk(previous[-1])
-    prev = text[i - 1]
-    before = text[i - 2] if i >= 2 else ""
-    if prev in _CJK_PUNCT:
-        return not before.isdigit()
-    return _is_cjk(prev) and _is_cjk(text[i]) and (before == "" or _is_cjk(before) or before in _CJK_PUNCT)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Piece normalisation
-
-_MD_LINE_START = re.compile(r"^[ \t]*(?:#{1,6}[ \t]+|[-*+][ \t]+|>[ \t]*)")
-_MD_LINK_TARGET = re.compile(r"\]\([^)\s]*\)")
-
-
-def strip_markdown(text: str, line_start: bool) -> str:
-    """Remove markdown that should not be read aloud: headings, bullets, quotes, emphasis, code
-    ticks, link targets. Special tags like [laughter] are kept."""
-    lines = text.split("\n")
-    out = []
-    for n, line in enumerate(lines):
-        if n > 0 or line_start:
-            line = _MD_LINE_START.sub("", line)
-        out.append(line)
-    text = "\n".join(out)
-    text = _MD_LINK_TARGET.sub("", text)
-    parts = _SPECIAL.split(text)
-    specials = _SPECIAL.findall(text)
-    cleaned = []
-    for part in parts:
-        part = re.sub(r"(?<!\d)\*|\*(?!\d)", "", part)  # emphasis, but keep 3*4
-        part = re.sub(r"(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])", "", part)  # _emphasis_, __strong__
-        part = part.replace("`", "").replace("~~", "")
-        part = part.replace("[", "").replace("]", "")
-        cleaned.append(part)
-    result = cleaned[0]
-    for special, part in zip(specials, cleaned[1:], strict=True):
-        result += special + part
-    return result
-
-
-@lru_cache(maxsize=2)
-def _wetext(lang: str):
-    from wetext import Normalizer
-
-    return Normalizer(lang=lang, operator="tn", remove_erhua=False)
-
-
 def warmup() -> None:
-    """Load the wetext graphs now (about a second) rather than on the first request."""
-    _wetext_normalize("1", "en")
-    _wetext_normalize("1", "zh")
-
-
-@lru_cache(maxsize=4096)
-def _wetext_normalize(text: str, lang: str) -> str:
-    try:
-        return _wetext(lang).normalize(text)
-    except Exception:  # wetext asserts on some inputs; unnormalised text is still speakable
-        return text
-
-
-def _keep_space(left: str, right: str) -> bool:
-    """A space survives only between two ASCII characters (the official replace_blank rule)."""
-    return bool(left) and bool(right) and left.isascii() and right.isascii()
-
-
-def _squeeze_blanks(text: str) -> str:
-    out = []
-    for i, c in enumerate(text):
-        if c.isspace():
-            left = text[i - 1] if i > 0 else ""
-            right = text[i + 1] if i + 1 < len(text) else ""
-            if _keep_space(left, right) and not left.isspace():
-                out.append(" ")
-        else:
-            out.append(c)
-    return "".join(out)
-
-
-def _zh_post(text: str) -> str:
-    text = text.replace("\n", "")
-    text = _squeeze_blanks(text)
-    text = text.replace("²", "平方").replace("³", "立方")
-    text = text.replace(".", "。").replace(" - ", "，")
-    for c in "（）【】`":
-        text = text.replace(c, "")
-    return text.replace("——", "，")
-
-
-def _normalize_core(core: str, line_start: bool) -> str:
-    """Normalise one piece without its trailing whitespace."""
-    text = strip_markdown(core, line_start)
-    zh = contains_chinese(text)
-    parts = _SPECIAL.split(text)
-    specials = _SPECIAL.findall(text)
-    out = []
-    for n, part in enumerate(parts):
-        if n > 0:
-            out.append(specials[n - 1])
-        squeezed = re.sub(r"\s+", " ", part)
-        body = squeezed.strip()
-        if not body:
-            out.append(" " if squeezed and not zh and 0 < n < len(parts) - 1 else "")
-            continue
-        lead = " " if squeezed[0] == " " and n > 0 and not zh else ""
-        tail = " " if squeezed[-1] == " " and n < len(parts) - 1 and not zh else ""
-        normed = _wetext_normalize(body, "zh" if zh else "en")
-        out.append(lead + (_zh_post(normed) if zh else normed) + tail)
-    return "".join(out)
-
-
-_END_COMMAS = re.compile(r"[，,、]+$")
-
-
-def _normalize_piece(text: str, start: int, end: int, final: bool) -> str:
-    piece = text[start:end]
-    if start == 0:
-        piece = piece.lstrip()
-    core = piece.rstrip()
-    if not core:
-        return ""
-    k = start
-    while k > 0 and text[k - 1].isspace():
-        k -= 1
-    line_start = k == 0 or "\n" in text[k:start]
-    out = _normalize_core(core, line_start)
-    if final:
-        if contains_chinese(out):
-            out = _END_COMMAS.sub("。", out)
-        return out
-    if len(core) < len(piece) and out and _keep_space(out[-1], text[end]):
-        out += " "
-    return out
+    """Load the wetext graph now (about a second) rather than on the first request."""
+    chinese.warmup()
 
 
 def normalize_text(text: str) -> str:
-    """Whole-text normalisation: the same pieces a StreamingNormalizer would release."""
-    out = []
-    start = 0
-    for i in range(1, len(text)):
-        if is_cut(text, i):
-            out.append(_normalize_piece(text, start, i, final=False))
-            start = i
-    out.append(_normalize_piece(text, start, len(text), final=True))
-    return "".join(out)
+    """Whole-text normalisation: what a StreamingNormalizer releases for the same text."""
+    return normalize(text, "zh", keep=_SPECIAL.pattern, speaks=LANGUAGES)
 
 
 class StreamingNormalizer:
-    """Normalises LLM text deltas as they arrive, for bistream.
+    """Normalises LLM text deltas as they arrive, for bistream: the front end's
+    :class:`~realtime.text.frontend.Incremental` with CosyVoice2's reading.
 
-    push returns the normalised text that can no longer change (everything before the last safe
-    boundary seen); the tail that could still change (an unfinished number, word, markdown marker
-    or special tag) is held back until the next boundary or flush. The concatenation of all
-    outputs equals normalize_text of the whole text, however the text was chunked.
+    push returns the normalised text that can no longer change; the tail that could still change
+    (an unfinished number, word, markdown marker or special tag) is held back until the next safe
+    boundary or flush.  The concatenation of all outputs equals normalize_text of the whole text,
+    however the text was chunked.
     """
 
     def __init__(self) -> None:
-        self._text = ""
-        self._start = 0  # start of the unreleased piece
-        self._scanned = 1  # next index to test as a cut
-        self._closed = False
+        self._front = Incremental("zh", keep=_SPECIAL.pattern, speaks=LANGUAGES)
 
     def push(self, delta: str) -> str:
-        if self._closed:
-            raise RuntimeError("StreamingNormalizer already flushed")
-        self._text += delta
-        out = []
-        for i in range(max(self._scanned, self._start + 1), len(self._text)):
-            if is_cut(self._text, i):
-                out.append(_normalize_piece(self._text, self._start, i, final=False))
-                self._start = i
-        self._scanned = max(len(self._text), 1)
-        return "".join(out)
+        try:
+            return "".join(s.spoken for s in self._front.push(delta))
+        except RuntimeError:
+            raise RuntimeError("StreamingNormalizer already flushed") from None
 
     def flush(self) -> str:
-        if self._closed:
-            return ""
-        self._closed = True
-        return _normalize_piece(self._text, self._start, len(self._text), final=True)
+        return "".join(s.spoken for s in self._front.flush())
 
     @property
     def pending(self) -> str:
         """Raw text received but not yet released."""
-        return "" if self._closed else self._text[self._start :]
+        return self._front.pending
 
 
 # ---------------------------------------------------------------------------------------------------

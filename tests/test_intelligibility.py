@@ -14,7 +14,7 @@ import soxr
 
 from realtime.engines.base import AudioChunk, EngineStream, QueueSink, SynthesisOptions
 from realtime.engines.piper import PiperEngine
-from realtime.text.normalize import normalize
+from realtime.text import normalize
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..text.normalize import normalize
+from ..text import normalize
 from ..text.segment import ClauseSegmenter, PlaybackClock, Segment, SegmenterConfig, lead_cut
 from .base import (
     AudioChunk,
