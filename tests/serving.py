@@ -38,7 +38,15 @@ def serve_server(engine: Engine, config: ServerConfig | None = None) -> Iterator
     """:func:`serve`, also yielding the uvicorn server (its ``server_state.connections`` are the
     connections it still holds)."""
     config = config or ServerConfig()
-    app = create_app(engine, config)
+    with serve_asgi(create_app(engine, config), config) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serve_asgi(app, config: ServerConfig | None = None) -> Iterator[tuple[str, uvicorn.Server]]:
+    """Any ASGI app (ours, or a program built on it such as examples/twilio_bridge.py) under a real
+    uvicorn on a loopback port, with ``config``'s deadlines: (base URL, server)."""
+    config = config or ServerConfig()
     port = free_port()
     server = uvicorn.Server(
         uvicorn_config(app, config, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
