@@ -547,7 +547,8 @@ class TwilioBridge:
 
     async def twiml(self, request: Request) -> Response:
         """The TwiML a Twilio number's voice webhook answers with: a bidirectional stream here."""
-        scheme = "wss" if request.url.scheme in ("https", "wss") else "ws"
+        proto = request.headers.get("x-forwarded-proto", request.url.scheme)  # behind a TLS proxy
+        scheme = "wss" if proto in ("https", "wss") else "ws"
         host = request.headers.get("x-forwarded-host") or request.url.netloc
         url = f"{scheme}://{host}/twilio/media-stream"
         xml = f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url={quoteattr(url)}/></Connect></Response>'

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import subprocess
+import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -23,11 +26,13 @@ from websockets.exceptions import ConnectionClosed
 from examples.twilio_bridge import FRAME_BYTES, TwilioBridge
 from realtime.engines.piper import PiperEngine
 from realtime.server import ServerConfig
+from tests.conftest import REPO
 from tests.serving import free_port, serve, serve_asgi
 
 SERVICE_TOKEN = "tts-secret"
 CONTROL_TOKEN = "agent-secret"
 AUTH = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
+BRIDGE_SCRIPT = REPO / "examples" / "twilio_bridge.py"
 WAIT = 60.0  # generous: a busy CI box; no assertion is about speed
 
 
@@ -446,11 +451,77 @@ async def test_control_channel_refuses_bad_requests_with_typed_errors(bridge):
     assert call.media == []
 
 
+async def test_an_agent_in_the_bridge_process_speaks_through_call(service):
+    """The in-process hooks: ``on_call`` greets every caller, a DTMF key interrupts the greeting."""
+    digits: list[str] = []
+    interrupted: list = []
+
+    async def greet(call) -> None:
+        await call.say("Hello, thanks for calling. ", turn_id="greeting")
+        await call.say("Press any key to skip this long message about our opening hours.", end=True)
+
+    def on_dtmf(call, digit: str) -> None:
+        digits.append(digit)
+        task = asyncio.get_running_loop().create_task(call.barge_in())
+        task.add_done_callback(lambda t: interrupted.append(t.result()))
+
+    tb = TwilioBridge(service, SERVICE_TOKEN, on_call=greet, on_dtmf=on_dtmf)
+    with serve_asgi(tb.app) as (base, _server):
+        call = await FakeTwilio.dial(base)
+        await call.until(lambda: len(call.played) >= 1)
+        await call.send({"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": "1"}})
+        await call.until(lambda: ("clear",) in call.log)
+        await call.hang_up()
+    assert digits == ["1"]
+    (heard,) = interrupted
+    assert heard.turn_id == "greeting" and heard.text == "Hello, thanks for calling."[: heard.text_offset]
+    assert heard.text_offset == offset_of(call.played[0]) > 0
+    assert call.sent_marks()[0].startswith("greeting:")
+
+
+async def test_the_bridge_runs_as_its_own_program(service):
+    """``python examples/twilio_bridge.py`` as a user starts it, with tokens on both sides."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(BRIDGE_SCRIPT), "--service", service, "--token", SERVICE_TOKEN]
+        + ["--control-token", CONTROL_TOKEN, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT) as http:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await http.get("/twiml")).status_code == 200:
+                            break
+                    assert proc.poll() is None, proc.stdout.read().decode()
+                    await asyncio.sleep(0.1)
+            call = await FakeTwilio.dial(base)
+            await until_call_known(http, call)
+            await say(http, call, "Hello from the bridge.", end=True)
+            await call.until(lambda: "turn-1:end" in call.played)
+            info = await call_info(http, call)
+            await call.hang_up()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert info["turns"][0]["heard"] == "Hello from the bridge." and len(call.media) > 0
+
+
 async def test_twiml_points_twilio_at_the_media_stream(bridge):
     base, _ = bridge
+    proxied = {"x-forwarded-proto": "https", "x-forwarded-host": "bridge.example.com"}
     async with httpx.AsyncClient(base_url=base) as http:
-        r = await http.post("/twiml")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
-    stream = ET.fromstring(r.text).find("./Connect/Stream")
-    assert stream is not None
-    assert stream.get("url") == base.replace("http://", "ws://") + "/twilio/media-stream"
+        direct, behind_tls = await http.post("/twiml"), await http.get("/twiml", headers=proxied)
+    urls = []
+    for r in (direct, behind_tls):
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
+        stream = ET.fromstring(r.text).find("./Connect/Stream")
+        assert stream is not None
+        urls.append(stream.get("url"))
+    assert urls == [
+        base.replace("http://", "ws://") + "/twilio/media-stream",
+        "wss://bridge.example.com/twilio/media-stream",
+    ]
