@@ -252,8 +252,8 @@ class Call:
         self._held.clear()
         self._held_marks.clear()
         self.current = None
-        heard = Heard(heard_turn.id, heard_turn.text[: heard_turn.heard_offset], heard_turn.heard_offset)
-        heard.audio_ms = heard_turn.heard_ms
+        t = heard_turn
+        heard = Heard(t.id, t.text[: t.heard_offset], t.heard_offset, t.heard_ms)
         await self._to_twilio({"event": "clear", "streamSid": self.stream_sid})
         waiting = [t for t in audible if t.in_service and not t.finished.is_set()]
         if waiting and not self.closed:
@@ -298,7 +298,7 @@ class Call:
         for t in self.turns.values():
             if t.audible:
                 t.state = "interrupted" if t.in_service else "played"
-        with contextlib.suppress(ConnectionClosed, OSError):
+        with contextlib.suppress(ConnectionClosed, OSError, TimeoutError):
             async with asyncio.timeout(CANCEL_TIMEOUT):
                 if any(t.in_service and not t.finished.is_set() for t in self.turns.values()):
                     await self.service.send(json.dumps({"type": "cancel"}))
@@ -505,11 +505,11 @@ class TwilioBridge:
             except (binascii.Error, ValueError):
                 raise BadFrame("bad_payload", "media payload is not base64") from None
             if self.on_media is not None and event["media"].get("track", "inbound") == "inbound":
-                self.on_media(call, audio)
+                _hook(self.on_media, call, audio)
         elif kind == "mark":
             call.echoed(event["mark"]["name"])
         elif kind == "dtmf" and self.on_dtmf is not None:
-            self.on_dtmf(call, event["dtmf"]["digit"])
+            _hook(self.on_dtmf, call, event["dtmf"]["digit"])
 
     async def _start(self, ws: WebSocket, event: dict, ignored: Counter) -> Call | None:
         """Open the call's service socket; None (logged) if the service cannot be had."""
@@ -596,6 +596,15 @@ class TwilioBridge:
             return JSONResponse({"interrupted": heard.turn_id is not None, **heard.body()})
         except BridgeError as e:
             return error_response(e.code, e.message, e.status)
+
+
+def _hook(hook: Callable, *args: object) -> None:
+    """Run an agent's hook; if it raises, its traceback is logged (the agent's bug, not Twilio's)
+    and the call goes on."""
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("the %s hook failed; the call goes on", getattr(hook, "__name__", "agent"))
 
 
 async def _json_body(request: Request, allowed: set[str]) -> dict:
