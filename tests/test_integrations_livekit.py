@@ -110,12 +110,11 @@ async def test_closing_a_stream_mid_turn_cancels_it_and_the_next_stream_uses_the
         # the server stopped the first turn (else its 4 s of synthesis would still be running)
         busy = engine.active
         assert tts.session_id == session  # one pooled socket for both turns
-        late = tts._conn.late_audio
     assert after == 0
     assert 0 < sum(received) < 200 * WORD_BYTES
     assert len(audio) == 2 * WORD_BYTES and [w.strip(" .") for w in timed] == ["Five", "six"]
     assert busy == 0
-    report("native LiveKit", frames_after_interruption=after, in_flight_audio_dropped=late)
+    report("native LiveKit", frames_after_interruption=after)
 
 
 async def test_streams_side_by_side_share_the_socket_and_keep_their_own_audio(server):
@@ -129,6 +128,19 @@ async def test_streams_side_by_side_share_the_socket_and_keep_their_own_audio(se
         await b.aclose()
     assert len(audio_a) == 3 * WORD_BYTES and "".join(timed_a) == "One two three."
     assert len(audio_b) == 2 * WORD_BYTES and "".join(timed_b) == "Four five."
+
+
+async def test_prewarm_opens_the_socket_and_new_options_apply_to_the_next_stream(server):
+    async with TTS(url=server, token=TOKEN, voice="b", sample_rate=TONE_RATE) as tts:
+        tts.prewarm()
+        while tts.session_id is None:
+            await asyncio.sleep(0.01)
+        session = tts.session_id
+        audio_b, _, _ = await speak(tts.stream(), ["One."])
+        tts.update_options(voice="a")
+        audio_a, _, _ = await speak(tts.stream(), ["One."])
+        assert tts.session_id == session
+    assert len(audio_a) == len(audio_b) == WORD_BYTES and audio_a != audio_b
 
 
 async def test_synthesize_gives_the_whole_text_with_its_transcript(server):
@@ -152,7 +164,7 @@ async def test_a_socket_the_server_closed_is_reopened_for_the_next_stream(engine
             audio1, _, _ = await speak(first, ["One two."])
             await first.aclose()
             session = tts.session_id
-            while not tts._conn.closed:  # the server's idle timeout closes the socket
+            while tts.connected:  # the server's idle timeout closes the socket
                 await asyncio.sleep(0.05)
             second = tts.stream()
             audio2, timed2, _ = await speak(second, ["Three four."])
@@ -170,7 +182,7 @@ async def test_a_dropped_socket_is_reopened_for_the_next_stream(engine):
             await first.aclose()
             session = tts.session_id
             drop_connections(server)
-            while not tts._conn.closed:
+            while tts.connected:
                 await asyncio.sleep(0.05)
             second = tts.stream()
             audio, timed, _ = await speak(second, ["Three four."])

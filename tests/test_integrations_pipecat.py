@@ -26,6 +26,7 @@ from pipecat.frames.frames import (  # noqa: E402
     TTSSpeakFrame,
     TTSStoppedFrame,
     TTSTextFrame,
+    TTSUpdateSettingsFrame,
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed  # noqa: E402
 from pipecat.services.tts_service import TextAggregationMode  # noqa: E402
@@ -171,6 +172,31 @@ async def test_an_interruption_cancels_the_turn_and_the_next_turn_uses_the_same_
     assert engine_busy_at_second_turn_end == [0]
     assert len(timeline.sessions) == 1 and None not in timeline.sessions
     report("native Pipecat", frames_after_interruption=len(after))
+
+
+async def test_a_new_voice_applies_from_the_next_turn_on_the_same_socket(server):
+    tts = service(server)  # voice "b"
+    timeline = Timeline(tts)
+    await run_test(
+        tts,
+        frames_to_send=[
+            TTSSpeakFrame("One."),
+            SleepFrame(0.5),
+            TTSUpdateSettingsFrame(delta=RealtimeTTSService.Settings(voice="a", speed=1.0)),
+            TTSSpeakFrame("One."),
+            SleepFrame(0.5),
+            TTSSpeakFrame("One."),
+            SleepFrame(0.5),
+        ],
+        observers=[timeline],
+    )
+    turns: dict[str, bytes] = {}
+    for f in timeline.audio():
+        turns[f.context_id] = turns.get(f.context_id, b"") + f.audio
+    b, a1, a2 = turns.values()
+    assert len(b) == len(a1) == WORD_BYTES
+    assert b != a1 and a1 == a2  # the tone engine's voices differ in pitch
+    assert len(timeline.sessions) == 1
 
 
 async def test_word_times_from_marks_when_words_are_not_asked_for(server):

@@ -35,6 +35,18 @@ class HandshakeError(RuntimeError):
         self.code = code
         self.message = message
 
+    @property
+    def retryable(self) -> bool:
+        """Whether trying again later can help (a full server), or not (a bad option)."""
+        return self.code in ("overloaded", "internal", "timeout")
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of the code (docs/protocol.md, "Errors and close codes")."""
+        return {"unauthorized": 401, "unknown_voice": 404, "overloaded": 503, "internal": 500}.get(
+            self.code, 400
+        )
+
 
 def stream_url(url: str) -> str:
     """The WebSocket address of the stream endpoint for ``url``: a server's base address

@@ -82,7 +82,6 @@ class _Connection:
         self.ws = ws
         self.ready = ready
         self.closed = False
-        self.late_audio = 0  # audio messages that arrived for cancelled contexts (dropped)
         self._inboxes: dict[str, asyncio.Queue] = {}
         self._cancelled: set[str] = set()
         self._unanswered: set[str] = set()  # contexts opened that have heard nothing back yet
@@ -156,10 +155,8 @@ class _Connection:
                         self._unanswered.discard(refused)
                         if refused in self._inboxes:
                             self._inboxes[refused].put_nowait({**msg, "context_id": refused})
-                elif cid in self._cancelled:
-                    if msg.get("type") == "audio":
-                        self.late_audio += 1
-                    elif msg.get("type") in ("cancelled", "done", "error"):
+                elif cid in self._cancelled:  # late audio of an interrupted turn: dropped
+                    if msg.get("type") in ("cancelled", "done", "error"):
                         self._cancelled.discard(cid)
                 elif cid is None and msg.get("type") == "error":
                     # about the socket (a fatal one closes it): every context hears of it
@@ -237,6 +234,11 @@ class TTS(tts.TTS):
     def word_timestamps_from_server(self) -> bool:
         """Whether word times come from ``words`` messages (True) or are derived from ``mark``s."""
         return bool(self._conn and self._conn.ready.words)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the pooled socket is open (the next stream then reuses it)."""
+        return self._conn is not None and not self._conn.closed
 
     def update_options(
         self, *, voice: str | None = None, mode: str | None = None, speed: float | None = None
@@ -319,7 +321,7 @@ class SynthesizeStream(tts.SynthesizeStream):
                 retryable=status >= 500,
             ) from e
         except HandshakeError as e:
-            raise APIStatusError(str(e), status_code=400, retryable=False) from e
+            raise APIStatusError(str(e), status_code=e.status, retryable=e.retryable) from e
         except Exception as e:
             raise APIConnectionError("could not connect to the TTS server") from e
 

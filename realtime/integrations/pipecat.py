@@ -187,9 +187,9 @@ class RealtimeTTSService(WebsocketTTSService):
             await self._call_event_handler("on_connected")
         except HandshakeError as e:
             self._websocket = None
-            # a wrong voice or format: retrying cannot help
+            # a wrong format cannot work on a retry; a full server may
             await self.push_error(
-                error_msg=f"{self} refused: {e}", exception=e, force_treat_as_permanent=True
+                error_msg=f"{self} refused: {e}", exception=e, force_treat_as_permanent=not e.retryable
             )
         except Exception as e:
             self._websocket = None
