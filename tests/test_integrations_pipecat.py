@@ -284,12 +284,17 @@ async def test_an_unknown_voice_is_an_error_not_a_hang(server):
     assert any(isinstance(f, ErrorFrame) and "unknown_voice" in f.error for f in up)
 
 
-async def test_the_default_voice_streams_a_turn_with_its_words_timed_in_order():
+@pytest.mark.parametrize("words", [True, False], ids=["words", "marks"])
+async def test_the_default_voice_streams_a_turn_with_its_words_timed_in_order(words):
     from realtime.engines.piper import PiperEngine
 
     with serve(PiperEngine(), ServerConfig(token=TOKEN)) as base:
         tts = RealtimeTTSService(
-            url=base, token=TOKEN, sample_rate=24000, text_aggregation_mode=TextAggregationMode.TOKEN
+            url=base,
+            token=TOKEN,
+            sample_rate=24000,
+            text_aggregation_mode=TextAggregationMode.TOKEN,
+            word_timestamps=words,
         )
         timeline = Timeline(tts)
         await run_test(
@@ -300,7 +305,8 @@ async def test_the_default_voice_streams_a_turn_with_its_words_timed_in_order():
     assert [w.text for w in words] == SENTENCE.split()
     times = [(w.pts - words[0].pts) / 1e9 for w in words]
     assert times == sorted(times) and times[-1] < audio_s
-    report("native Pipecat (default voice)", first_audio_ms=timeline.first_audio_ms(), audio_s=audio_s)
+    if words:
+        report("native Pipecat (default voice)", first_audio_ms=timeline.first_audio_ms(), audio_s=audio_s)
 
 
 def test_without_the_framework_the_import_error_names_the_extra():
