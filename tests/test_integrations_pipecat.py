@@ -301,9 +301,9 @@ async def test_the_default_voice_streams_a_turn_with_its_words_timed_in_order(wo
             tts, frames_to_send=[*streamed_turn(*SENTENCE_PIECES), SleepFrame(4.0)], observers=[timeline]
         )
     audio_s = len(b"".join(f.audio for f in timeline.audio())) / 2 / 24000
-    words = words_of(timeline)
-    assert [w.text for w in words] == SENTENCE.split()
-    times = [(w.pts - words[0].pts) / 1e9 for w in words]
+    timed = words_of(timeline)
+    assert [w.text for w in timed] == SENTENCE.split()
+    times = [(w.pts - timed[0].pts) / 1e9 for w in timed]
     assert times == sorted(times) and times[-1] < audio_s
     if words:
         report("native Pipecat (default voice)", first_audio_ms=timeline.first_audio_ms(), audio_s=audio_s)
