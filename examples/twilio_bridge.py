@@ -22,10 +22,11 @@ interrupts it over a small HTTP control channel (or in process, through :class:`
 
 Audio: the service paces μ-law 8 kHz at playback rate (300 ms ahead), the bridge cuts it into
 20 ms ``media`` messages (160 bytes) and forwards each as it comes, so Twilio holds well under half
-a second and ``clear`` drops at most that.  After the audio up to each of the service's marks the
-bridge sends Twilio a ``mark`` named ``TURN:OFFSET`` (and ``TURN:end`` after a turn's last audio);
-Twilio echoes a mark once the caller has heard the audio before it, so the last echoed mark of a
-turn is how much of its text the caller heard.  That is frozen at barge-in: the marks Twilio
+a second and ``clear`` drops at most that.  After the audio that ends each word (the service's
+``words`` messages, asked for with ``timestamps: "words"``; a service without them gives clause
+``mark``s only) the bridge sends Twilio a ``mark`` named ``TURN:OFFSET`` (and ``TURN:end`` after a
+turn's last audio); Twilio echoes a mark once the caller has heard the audio before it, so the
+last echoed mark of a turn is how much of its text the caller heard, to the word.  That is frozen at barge-in: the marks Twilio
 returns after a ``clear`` name audio that was dropped, not heard.
 
 Bad input from Twilio never ends in a stack trace: an unreadable frame, a frame of an unknown
@@ -58,6 +59,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from realtime.auth import check_token
 from realtime.errors import ProtocolError
+from realtime.integrations._client import HandshakeError, auth_headers, handshake, stream_url
 from realtime.server import error_response, read_body
 from realtime.validation import parse_json
 
@@ -181,7 +183,9 @@ class Turn:
 class Call:
     """One Twilio stream and its service socket.  The agent's side: :meth:`say`, :meth:`barge_in`."""
 
-    def __init__(self, twilio: WebSocket, start: dict, service: ClientConnection, ignored: Counter) -> None:
+    def __init__(
+        self, twilio: WebSocket, start: dict, service: ClientConnection, ignored: Counter, word_marks: bool
+    ) -> None:
         info = start["start"]
         self.call_sid: str = info["callSid"]
         self.stream_sid: str = info["streamSid"]
@@ -190,6 +194,7 @@ class Call:
         self.twilio = twilio
         self.service = service
         self.ignored = ignored  # Twilio frames ignored, by code
+        self.word_marks = word_marks  # a mark per word (the service sends `words`), else per clause
         self.turns: dict[str, Turn] = {}
         self.current: Turn | None = None  # the turn text goes to
         self._speaking: list[Turn] = []  # turns with a service context not yet over, oldest first
@@ -270,6 +275,7 @@ class Call:
             "stream_sid": self.stream_sid,
             "custom_parameters": self.custom_parameters,
             "closed": self.closed,
+            "word_marks": self.word_marks,
             "turns": [t.info() for t in self.turns.values()],
             "ignored_frames": dict(self.ignored),
         }
@@ -376,13 +382,11 @@ class Call:
             return
         if turn is None:
             return  # ready, or an acknowledgement of a turn the bridge has forgotten
-        if kind == "mark" and turn.state != "interrupted":
-            name = f"{turn.id}:{m['text_offset']}"
-            self._marks[name] = (turn, int(m["text_offset"]), float(m["audio_ms"]))
-            if self._held:  # its audio ends inside the frame not yet complete: after that frame
-                self._held_marks.append(name)
-            else:
-                await self._mark(turn, name)
+        if kind == "mark":
+            await self._position(turn, int(m["text_offset"]), float(m["audio_ms"]))
+        elif kind == "words":  # each word's end, as a mark of its own: heard text to the word
+            for w in m.get("words", []):
+                await self._position(turn, int(w["end"]), float(w["end_ms"]))
         elif kind in ("done", "cancelled", "error"):
             if kind == "done" and turn.state == "ended":
                 turn.state = "spoken"
@@ -396,6 +400,17 @@ class Call:
             if turn in self._speaking:
                 self._speaking.remove(turn)
             turn.finished.set()
+
+    async def _position(self, turn: Turn, offset: int, audio_ms: float) -> None:
+        """The text up to ``offset`` is in the audio sent: a Twilio mark ``TURN:OFFSET`` after it."""
+        name = f"{turn.id}:{offset}"
+        if turn.state == "interrupted" or name in self._marks:
+            return
+        self._marks[name] = (turn, offset, audio_ms)
+        if self._held:  # its audio ends inside the frame not yet complete: after that frame
+            self._held_marks.append(name)
+        else:
+            await self._mark(turn, name)
 
     async def _finish_audio(self, turn: Turn) -> None:
         """The turn's last audio: its partial frame padded to 20 ms, its marks, then ``TURN:end``."""
@@ -432,8 +447,7 @@ class TwilioBridge:
         on_media: OnMedia | None = None,
         on_dtmf: Callable[[Call, str], None] | None = None,
     ) -> None:
-        base = service_url.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1)
-        self.service_url = base if base.endswith("/v1/tts/stream") else base + "/v1/tts/stream"
+        self.service_url = stream_url(service_url)
         self.service_token = service_token
         self.control_token = control_token
         self.voice = voice
@@ -513,28 +527,29 @@ class TwilioBridge:
 
     async def _start(self, ws: WebSocket, event: dict, ignored: Counter) -> Call | None:
         """Open the call's service socket; None (logged) if the service cannot be had."""
+        # word times when the service has them (a mark per word: heard text to the word), its
+        # clause marks otherwise (an older service refuses `timestamps`; handshake drops it)
         start = {"type": "start", "format": "mulaw", "sample_rate": 8000, "pacing": "realtime"}
+        start["timestamps"] = "words"
         if self.voice:
             start["voice"] = self.voice
-        headers = {"Authorization": f"Bearer {self.service_token}"} if self.service_token else None
         try:
             service = await connect(
-                self.service_url, additional_headers=headers, open_timeout=SERVICE_READY_TIMEOUT
+                self.service_url,
+                additional_headers=auth_headers(self.service_token),
+                open_timeout=SERVICE_READY_TIMEOUT,
             )
         except (OSError, InvalidHandshake, TimeoutError) as e:
             log.error("call %s: cannot reach the TTS service: %s", event["start"]["callSid"], e)
             return None
         try:
             async with asyncio.timeout(SERVICE_READY_TIMEOUT):
-                await service.send(json.dumps(start))
-                ready = json.loads(await service.recv())
-            if ready.get("type") != "ready":
-                raise ValueError(f"{ready.get('code')}: {ready.get('message')}")
-        except (ConnectionClosed, OSError, TimeoutError, ValueError) as e:
+                ready = await handshake(service.send, service.recv, start, optional=("timestamps",))
+        except (ConnectionClosed, OSError, TimeoutError, HandshakeError) as e:
             log.error("call %s: the TTS service refused the session: %s", event["start"]["callSid"], e)
             await service.close()
             return None
-        call = Call(ws, event, service, ignored)
+        call = Call(ws, event, service, ignored, word_marks=ready.words)
         old = self.calls.get(call.call_sid)
         if old is not None:  # Twilio reconnected the stream: the old one is over
             await old.close()

@@ -66,13 +66,17 @@ class FakeTwilio:
         self.first_media_at: float | None = None  # perf_counter
         self.played: list[str] = []  # marks echoed because their audio played
         self.returned: list[str] = []  # marks echoed by a clear (dropped, never heard)
+        self.played_at_clear: list[str] = []  # the marks played when the (last) clear came
         self.frames_when_played: dict[str, int] = {}  # media received when a mark's audio had played
         self.foreign: list[dict] = []  # messages without our streamSid or of unknown events
         self.close_code: int | None = None
         self._play_until = 0.0  # loop time at which the audio queued so far has played
-        self._pending: dict[str, asyncio.TimerHandle] = {}
+        self._pending: list[tuple[float, str]] = []  # marks not yet echoed, in order, with when they play
+        self._timers: list[asyncio.TimerHandle] = []
+        self._outbox: asyncio.Queue[dict] = asyncio.Queue()  # echoes, sent in order by one task
         self._changed = asyncio.Event()
         self._tasks = [self.loop.create_task(self._read()), self.loop.create_task(self._speak())]
+        self._tasks.append(self.loop.create_task(self._send_echoes()))
 
     @classmethod
     async def dial(cls, bridge_base: str, **params: str) -> FakeTwilio:
@@ -129,8 +133,8 @@ class FakeTwilio:
                     self._media(base64.b64decode(msg["media"]["payload"]))
                 elif event == "mark":
                     self.log.append(("mark", msg["mark"]["name"]))
-                    name = msg["mark"]["name"]
-                    self._pending[name] = self.loop.call_at(self._play_until, self._echo, name, True)
+                    self._pending.append((self._play_until, msg["mark"]["name"]))
+                    self._timers.append(self.loop.call_at(self._play_until, self._play_due))
                 else:
                     self.log.append(("clear",))
                     self._clear()
@@ -146,19 +150,28 @@ class FakeTwilio:
         self.log.append(("media", audio))
         self._play_until = max(self.loop.time(), self._play_until) + 0.02
 
+    def _play_due(self) -> None:
+        """Echo, in the order they were sent, the marks whose audio has played."""
+        while self._pending and self._pending[0][0] <= self.loop.time():
+            self._echo(self._pending.pop(0)[1], played=True)
+
     def _clear(self) -> None:
-        for name, timer in list(self._pending.items()):
-            timer.cancel()
-            self._echo(name, False)
+        """The buffered audio is dropped; its marks come back at once, unplayed."""
+        self.played_at_clear = list(self.played)
+        while self._pending:
+            self._echo(self._pending.pop(0)[1], played=False)
         self._play_until = self.loop.time()
 
     def _echo(self, name: str, played: bool) -> None:
-        self._pending.pop(name, None)
         (self.played if played else self.returned).append(name)
         if played:
             self.frames_when_played[name] = len(self.media)
-        self.loop.create_task(self._send_quietly({"event": "mark", "mark": {"name": name}}))
+        self._outbox.put_nowait({"event": "mark", "mark": {"name": name}})
         self._changed.set()
+
+    async def _send_echoes(self) -> None:
+        while True:
+            await self._send_quietly(await self._outbox.get())
 
     async def _send_quietly(self, msg: dict) -> None:
         try:
@@ -192,7 +205,7 @@ class FakeTwilio:
         await self.until(lambda: self.close_code is not None)
         for task in self._tasks:
             task.cancel()
-        for timer in self._pending.values():
+        for timer in self._timers:
             timer.cancel()
 
 
@@ -254,7 +267,12 @@ async def test_a_turn_reaches_twilio_as_paced_20ms_frames_with_marks_echoed(brid
     assert marks[-1] == "turn-1:end" and len(marks) >= 2
     offsets = [offset_of(m) for m in marks[:-1]]
     assert offsets == sorted(offsets) and offsets[-1] == len(text)
-    assert all(text[o - 1] in ".!?," for o in offsets)  # the default voice marks clauses
+    # each at the end of a word (a clause's, or every word's where the service sends `words`)
+    assert all(text[o - 1].strip() and (o == len(text) or not text[o].isalnum()) for o in offsets)
+    if info["word_marks"]:  # a service with `words`: a mark at every word's end, heard to the word
+        assert {o for o in offsets} >= {
+            len(w.rstrip(".,")) + text.index(w) for w in ("Sure,", "weather", "umbrella.")
+        }
     assert call.log[0][0] == "media"
     assert call.played == marks and call.returned == []
     # realtime pacing: when the caller had heard the first sentence, the rest was still to come
@@ -283,7 +301,7 @@ async def test_barge_in_clears_twilio_cancels_the_turn_and_says_what_was_heard(b
         health = httpx.get(service + "/health", headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}).json()
         assert health["streams"] == 0
         await call.until(lambda: ("clear",) in call.log)
-        played_before_clear = list(call.played)
+        played_before_clear = call.played_at_clear
         # the rest of the turn was several seconds of audio the service paces out 20 ms at a time:
         # a second is ample for it to show up if the bridge let any through after the clear
         await asyncio.sleep(1.0)
@@ -475,7 +493,7 @@ async def test_an_agent_in_the_bridge_process_speaks_through_call(service):
     assert digits == ["1"]
     (heard,) = interrupted
     assert heard.turn_id == "greeting" and heard.text == "Hello, thanks for calling."[: heard.text_offset]
-    assert heard.text_offset == offset_of(call.played[0]) > 0
+    assert heard.text_offset == offset_of(call.played_at_clear[-1]) > 0
     assert call.sent_marks()[0].startswith("greeting:")
 
 
