@@ -117,6 +117,22 @@ async def test_closing_a_stream_mid_turn_cancels_it_and_the_next_stream_uses_the
     report("native LiveKit", frames_after_interruption=after)
 
 
+async def test_flush_speaks_what_has_arrived_without_ending_the_input(server):
+    async with TTS(url=server, token=TOKEN, sample_rate=TONE_RATE) as tts:
+        stream = tts.stream()
+        stream.push_text("One two")  # "two" may go on ("twofold"): the engine waits for more
+        stream.flush()
+        audio = b""
+        async with asyncio.timeout(10):  # a hang guard: without the flush "two" never comes
+            async for event in stream:
+                audio += event.frame.data.tobytes()
+                if len(audio) >= 2 * WORD_BYTES:
+                    break
+        stream.end_input()
+        await stream.aclose()
+    assert len(audio) == 2 * WORD_BYTES
+
+
 async def test_streams_side_by_side_share_the_socket_and_keep_their_own_audio(server):
     tts = TTS(url=server, token=TOKEN, voice="b", sample_rate=TONE_RATE)
     async with tts:
