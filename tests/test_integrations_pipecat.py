@@ -134,6 +134,21 @@ async def test_a_streamed_turn_arrives_as_audio_with_its_words_in_order(server):
     report("native Pipecat", first_audio_ms=timeline.first_audio_ms())
 
 
+async def test_sentences_of_one_turn_are_one_context_with_their_spaces(server):
+    tts = service(server)  # Pipecat's default: whole sentences
+    timeline = Timeline(tts)
+    await run_test(
+        tts,
+        frames_to_send=[*streamed_turn("One two", ". Three", " four."), SleepFrame(1.5)],
+        observers=[timeline],
+    )
+    audio = timeline.audio()
+    assert len({f.context_id for f in audio}) == 1
+    # "two." and "Three" stay two words: the sentences are sent with the space between them
+    assert len(b"".join(f.audio for f in audio)) == 4 * WORD_BYTES
+    assert [w.text.strip(" .") for w in words_of(timeline)] == ["One", "two", "Three", "four"]
+
+
 async def test_an_interruption_cancels_the_turn_and_the_next_turn_uses_the_same_socket(server, engine):
     tts = service(server)
     timeline = Timeline(tts)
