@@ -67,6 +67,7 @@ class FakeTwilio:
         self.played: list[str] = []  # marks echoed because their audio played
         self.returned: list[str] = []  # marks echoed by a clear (dropped, never heard)
         self.played_at_clear: list[str] = []  # the marks played when the (last) clear came
+        self.dropped_ms = 0.0  # audio the (last) clear dropped from the buffer
         self.frames_when_played: dict[str, int] = {}  # media received when a mark's audio had played
         self.foreign: list[dict] = []  # messages without our streamSid or of unknown events
         self.close_code: int | None = None
@@ -158,6 +159,7 @@ class FakeTwilio:
     def _clear(self) -> None:
         """The buffered audio is dropped; its marks come back at once, unplayed."""
         self.played_at_clear = list(self.played)
+        self.dropped_ms = max(0.0, self._play_until - self.loop.time()) * 1000
         while self._pending:
             self._echo(self._pending.pop(0)[1], played=False)
         self._play_until = self.loop.time()
@@ -270,7 +272,7 @@ async def test_a_turn_reaches_twilio_as_paced_20ms_frames_with_marks_echoed(brid
     # each at the end of a word (a clause's, or every word's where the service sends `words`)
     assert all(text[o - 1].strip() and (o == len(text) or not text[o].isalnum()) for o in offsets)
     if info["word_marks"]:  # a service with `words`: a mark at every word's end, heard to the word
-        assert {o for o in offsets} >= {
+        assert set(offsets) >= {
             len(w.rstrip(".,")) + text.index(w) for w in ("Sure,", "weather", "umbrella.")
         }
     assert call.log[0][0] == "media"
@@ -314,7 +316,10 @@ async def test_barge_in_clears_twilio_cancels_the_turn_and_says_what_was_heard(b
         info2 = await call_info(http, call)
         await call.hang_up()
 
-    print(f"\ntwilio bridge: {after_interruption} media frames after the interruption")
+    print(
+        f"\ntwilio bridge: {after_interruption} media frames after the interruption "
+        f"({call.dropped_ms:.0f} ms of buffered audio dropped by the clear)"
+    )
     assert heard["interrupted"] is True and heard["turn_id"] == "turn-1"
     last = offset_of(played_before_clear[-1])
     assert 0 < last < len(text)
