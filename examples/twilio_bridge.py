@@ -275,6 +275,7 @@ class Call:
             "stream_sid": self.stream_sid,
             "custom_parameters": self.custom_parameters,
             "closed": self.closed,
+            "service_connected": not self.reader.done(),
             "word_marks": self.word_marks,
             "turns": [t.info() for t in self.turns.values()],
             "ignored_frames": dict(self.ignored),

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from examples.twilio_bridge import FRAME_BYTES, TwilioBridge
 from realtime.engines.piper import PiperEngine
+from realtime.engines.tone import ToneEngine
 from realtime.server import ServerConfig
 from tests.conftest import REPO
 from tests.serving import free_port, serve, serve_asgi
@@ -333,6 +334,54 @@ async def test_barge_in_clears_twilio_cancels_the_turn_and_says_what_was_heard(b
     turn2 = info2["turns"][1]
     assert turn2["state"] == "played" and turn2["heard"] == "Okay, I will stop." and turn2["frames"] > 0
     assert call.log.index(("clear",)) < len(call.log) - turn2["frames"]
+
+
+async def test_barge_in_after_the_service_finished_still_clears_what_twilio_holds(bridge):
+    """A short answer is synthesized before the caller has heard it: the service is done, Twilio
+    still plays it, and a barge-in must still clear it and say how much was heard."""
+    base, _ = bridge
+    text = "Yes, it is open today."
+    async with httpx.AsyncClient(base_url=base, timeout=WAIT) as http:
+        call = await FakeTwilio.dial(base)
+        await until_call_known(http, call)
+        await say(http, call, text, end=True)
+        await call.until(lambda: "turn-1:end" in call.sent_marks())  # all of it sent, not yet played
+        assert "turn-1:end" not in call.played
+        r = await http.post(f"/calls/{call.call_sid}/barge_in", headers=AUTH)
+        await call.until(lambda: ("clear",) in call.log)
+        info = await call_info(http, call)
+        await call.hang_up()
+    heard = r.json()
+    assert heard["interrupted"] is True and heard["turn_id"] == "turn-1"
+    last = offset_of(call.played_at_clear[-1]) if call.played_at_clear else 0
+    assert heard["heard"] == text[:last] and len(heard["heard"]) < len(text)
+    assert "turn-1:end" in call.returned
+    assert info["turns"][0]["state"] == "interrupted" and info["turns"][0]["heard"] == heard["heard"]
+
+
+async def test_a_call_whose_service_went_away_refuses_text_with_502():
+    service_run = serve(ToneEngine(word_ms=50))
+    service = service_run.__enter__()
+    try:
+        tb = TwilioBridge(service)
+        with serve_asgi(tb.app) as (base, _server):
+            async with httpx.AsyncClient(base_url=base, timeout=WAIT) as http:
+                call = await FakeTwilio.dial(base)
+                await until_call_known(http, call)
+                await say(http, call, "one two ", end=True)
+                await call.until(lambda: "turn-1:end" in call.played)
+                service_run.__exit__(None, None, None)  # the service stops: its sockets close
+                service_run = None
+                async with asyncio.timeout(WAIT):
+                    while (await call_info(http, call))["service_connected"]:
+                        await asyncio.sleep(0.05)
+                r = await http.post(f"/calls/{call.call_sid}/say", json={"text": "three"}, headers=AUTH)
+                await call.hang_up()
+    finally:
+        if service_run is not None:
+            service_run.__exit__(None, None, None)
+    assert (r.status_code, r.json()["error"]["code"]) == (502, "internal")
+    assert call.close_code == 1000
 
 
 async def test_barge_in_with_nothing_playing_clears_nothing(bridge):
