@@ -26,12 +26,13 @@ a second and ``clear`` drops at most that.  After the audio that ends each word 
 ``words`` messages, asked for with ``timestamps: "words"``; a service without them gives clause
 ``mark``s only) the bridge sends Twilio a ``mark`` named ``TURN:OFFSET`` (and ``TURN:end`` after a
 turn's last audio); Twilio echoes a mark once the caller has heard the audio before it, so the
-last echoed mark of a turn is how much of its text the caller heard, to the word.  That is frozen at barge-in: the marks Twilio
-returns after a ``clear`` name audio that was dropped, not heard.
+last echoed mark of a turn is how much of its text the caller heard, to the word.  That is frozen
+at barge-in: the marks Twilio returns after a ``clear`` name audio that was dropped, not heard.
 
 Bad input from Twilio never ends in a stack trace: an unreadable frame, a frame of an unknown
 event, media before ``start`` are logged with a code and ignored (counted per call); a ``start``
-without the ids the stream needs closes the socket with 1008.
+without the ids the stream needs (or with another media format) closes the socket with 1008, and
+a service that cannot be reached closes it with 1011.
 """
 
 from __future__ import annotations
