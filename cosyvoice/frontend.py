@@ -65,6 +65,12 @@ class TextIds:
         self._carry = text[len(body) :]
         return self._encode(body) if body else []
 
+    @property
+    def held(self) -> int:
+        """Characters of the pushed text whose ids have not been returned yet (the normaliser holds
+        them until they can no longer change): how far behind the text its ids are."""
+        return len(self._normalizer.pending) if self._normalizer else 0
+
     def end(self) -> list[int]:
         """Ids of everything held back (the text is over)."""
         tail = self._carry + (self._normalizer.flush() if self._normalizer else "")

@@ -76,6 +76,10 @@ class LMRequest:
         self.tokens: list[int] = []  # speech tokens yielded (no fills)
         self.error: Exception | None = None
         self.n_text = 0  # text tokens taken (bistream: as the official loop pulls them)
+        # bistream: (text tokens fed so far, speech tokens yielded before them), each time more of
+        # the text goes in: what ties a group of text tokens to the speech generated after it
+        # (word timing; see realtime.engines.cosyvoice2)
+        self.text_fed: list[tuple[int, int]] = []
         self.bistream = text is None
         self._ready = True  # ``_rows`` are still to be fed
         if self.bistream:
@@ -141,6 +145,7 @@ class LMRequest:
                     self._rows = self._rows + self._text + [(ROW_TASK, self.config.task_id)]
                     self._text = []
                     self._phase, self._ready = _FINAL, True
+                    self._fed()
                 return
             item = self._items.popleft()
             self.n_text += len(item)
@@ -159,6 +164,13 @@ class LMRequest:
                 # the fill token itself is never fed: the next group replaces it
                 self._rows = group if after_fill else self._rows + group
             self._phase, self._ready = _DECODE, True
+            self._fed()
+
+    def _fed(self) -> None:
+        """Record how much of the text (prompt text not counted) is in the rows now."""
+        fed = max(0, self.n_text - len(self._text))  # the prompt text goes in first
+        if fed and (not self.text_fed or self.text_fed[-1][0] < fed):
+            self.text_fed.append((fed, len(self.tokens)))
 
     # -- a step ------------------------------------------------------------------------------------
     def accept(self, logp: torch.Tensor) -> int | None:

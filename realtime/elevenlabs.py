@@ -43,7 +43,7 @@ from .engines.base import Failed, Finished
 from .errors import ProtocolError
 from .protocol import VoiceOptions, parse_voice_options
 from .server import Service, _service
-from .synthesis import Audio, Synthesis, synthesis_options
+from .synthesis import Audio, Synthesis, Word, synthesis_options
 from .validation import parse_json
 
 log = logging.getLogger("realtime.elevenlabs")
@@ -248,11 +248,14 @@ class ElevenLabsSession:
                 async for item in deliveries:
                     if isinstance(item, Audio):
                         alignment = None
-                        if item.text_offset is not None and item.text_offset > offset:
+                        upto = max(item.text_offset or 0, item.words[-1].end if item.words else 0)
+                        if upto > offset:
                             # a mark with no audio of its own (CosyVoice2's end of a segment) puts its
                             # characters at the end of the audio sent: never later than what was heard
-                            alignment = _alignment(ctx.text[offset : item.text_offset], item.seconds)
-                            offset = item.text_offset
+                            alignment = _alignment(
+                                ctx.text, offset, upto, item.words, item.start_s * 1000, item.seconds * 1000
+                            )
+                            offset = upto
                         if not item.frames and alignment is None:
                             continue
                         data = base64.b64encode(b"".join(item.frames)).decode() if item.frames else None
@@ -301,15 +304,40 @@ class ElevenLabsSession:
                 await self.ws.close(code, reason)
 
 
-def _alignment(text: str, seconds: float) -> dict | None:
-    """``text``'s characters spread evenly over ``seconds`` of audio (ms from that audio's start)."""
-    if not text:
+def _alignment(
+    text: str, begin: int, end: int, words: tuple[Word, ...], origin_ms: float, length_ms: float
+) -> dict | None:
+    """Characters ``begin:end`` of ``text`` timed in ms from ``origin_ms``, the start of the
+    message's audio (``length_ms`` long): a word's characters spread over the word's own time, the
+    spaces and punctuation between two words over the gap between them, what follows the last word
+    over the rest of the audio; with no words, everything spread evenly over the audio."""
+    if end <= begin:
         return None
-    step = seconds * 1000 / len(text)
+    pieces: list[tuple[int, int, float, float]] = []  # (from, to, start ms, end ms), relative
+    at, clock = begin, 0.0
+
+    def rel(ms: float) -> float:
+        return min(max(ms - origin_ms, clock), length_ms)
+
+    for w in words:
+        if w.end <= at:  # already told with an earlier message
+            continue
+        start, finish = rel(w.start_ms), rel(w.end_ms)
+        if w.start > at:
+            pieces.append((at, w.start, clock, start))
+        pieces.append((max(at, w.start), w.end, start, finish))
+        at, clock = w.end, finish
+    if end > at:
+        pieces.append((at, end, clock, length_ms))
+    starts: list[float] = []
+    for a, b, t0, t1 in pieces:
+        step = (t1 - t0) / (b - a)
+        starts += [t0 + k * step for k in range(b - a)]
+    bounds = [round(t) for t in starts] + [round(max(starts[-1], pieces[-1][3]))]
     return {
-        "chars": list(text),
-        "charStartTimesMs": [round(i * step) for i in range(len(text))],
-        "charDurationsMs": [round(step)] * len(text),
+        "chars": list(text[begin:end]),
+        "charStartTimesMs": bounds[:-1],
+        "charDurationsMs": [bounds[k + 1] - bounds[k] for k in range(len(starts))],
     }
 
 

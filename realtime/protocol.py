@@ -17,9 +17,10 @@ import binascii
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Protocol as _Shape
 
 from .audio.formats import CONTAINERS, FORMATS, default_sample_rate
 from .errors import ProtocolError
@@ -28,6 +29,7 @@ from .validation import parse_json
 MODES = ("sft", "zero_shot", "cross_lingual", "instruct2")
 TRANSPORTS = ("binary", "json")
 PACINGS = ("asap", "realtime")
+TIMESTAMPS = ("none", "words")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class OutputOptions:
     container: str = "raw"
     audio_transport: str = "binary"
     pacing: str = "asap"
+    timestamps: str = "none"  # "words": a `words` message with the model's word timing
 
 
 # option name -> (accepted JSON types, group) ; group "voice" may appear on a context's first message
@@ -83,6 +86,7 @@ _OPTION_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "container": ((str,), "output"),
     "audio_transport": ((str,), "output"),
     "pacing": ((str,), "output"),
+    "timestamps": ((str,), "output"),
 }
 _VOICE_KEYS = {k for k, (_, g) in _OPTION_TYPES.items() if g == "voice"}
 _COMMON_KEYS = {"type", "context_id"}
@@ -93,6 +97,15 @@ _MESSAGE_KEYS = {
     "end": _COMMON_KEYS | _VOICE_KEYS,
     "cancel": _COMMON_KEYS,
 }
+
+
+class WordSpan(_Shape):
+    """What :meth:`Protocol.words` reads of a word (``realtime.synthesis.Word`` has it)."""
+
+    start: int
+    end: int
+    start_ms: float
+    end_ms: float
 
 
 # ---- events handed to the glue ---------------------------------------------------------------
@@ -154,6 +167,7 @@ class _Context:
     chars: int = 0
     seq: int = 0
     pending_flushes: int = 0
+    text: list[str] = field(default_factory=list)  # its deltas, kept only for `words` messages
 
 
 @dataclass
@@ -265,6 +279,7 @@ class Protocol:
                     "container": self.output.container,
                     "audio_transport": self.output.audio_transport,
                     "pacing": self.output.pacing,
+                    "timestamps": self.output.timestamps,
                     "voice": self.voice_defaults.voice,
                     "engine": self.info.engine_name,
                 }
@@ -329,6 +344,8 @@ class Protocol:
                 )
             ctx.chars += len(text)
             if text:
+                if self.output.timestamps == "words":
+                    ctx.text.append(text)
                 events.append(PushText(cid, text))
         elif kind == "flush":
             ctx.pending_flushes += 1
@@ -391,6 +408,35 @@ class Protocol:
                 "context_id": context_id,
                 "text_offset": text_offset,
                 "audio_ms": round(audio_ms, 1),
+            }
+        )
+
+    def words(self, context_id: str, words: Sequence[WordSpan]) -> str | None:
+        """The ``words`` message for words the context's audio sent so far holds (each a raw-text
+        range and its times); None when the session asked for no timestamps or the context is
+        being cancelled."""
+        ctx = self.contexts.get(context_id)
+        if self.output.timestamps != "words" or ctx is None or ctx.state is ContextState.CANCELLING:
+            return None
+        if not words:
+            return None
+        if len(ctx.text) > 1:
+            ctx.text[:] = ["".join(ctx.text)]
+        text = ctx.text[0] if ctx.text else ""
+        return _json(
+            {
+                "type": "words",
+                "context_id": context_id,
+                "words": [
+                    {
+                        "word": text[w.start : w.end],
+                        "start": w.start,
+                        "end": w.end,
+                        "start_ms": round(w.start_ms, 1),
+                        "end_ms": round(w.end_ms, 1),
+                    }
+                    for w in words
+                ],
             }
         )
 
@@ -498,9 +544,10 @@ def parse_voice_options(msg: dict, base: VoiceOptions, info: SessionInfo, limits
 
 
 def parse_output_options(msg: dict, info: SessionInfo) -> OutputOptions:
-    """Validate the output options in ``msg`` (format, rate, container, transport, pacing)."""
+    """Validate the output options in ``msg`` (format, rate, container, transport, pacing,
+    timestamps)."""
     out = OutputOptions()
-    for key in ("format", "sample_rate", "container", "audio_transport", "pacing"):
+    for key in ("format", "sample_rate", "container", "audio_transport", "pacing", "timestamps"):
         if key in msg:
             _check_type(key, msg[key])
             out = replace(out, **{key: msg[key]})
@@ -510,6 +557,8 @@ def parse_output_options(msg: dict, info: SessionInfo) -> OutputOptions:
         raise ProtocolError("bad_request", f"audio_transport must be one of {list(TRANSPORTS)}")
     if out.pacing not in PACINGS:
         raise ProtocolError("bad_request", f"pacing must be one of {list(PACINGS)}")
+    if out.timestamps not in TIMESTAMPS:
+        raise ProtocolError("bad_request", f"timestamps must be one of {list(TIMESTAMPS)}")
     if out.container not in CONTAINERS[out.format]:
         raise ProtocolError(
             "bad_request", f"container for {out.format} must be one of {list(CONTAINERS[out.format])}"

@@ -169,6 +169,8 @@ class ContextRunner:
                         await self._send_audio(frame)
                         pacer.sent()
                     self.last_activity = s.loop.time()
+                    if item.words:  # after the frames holding their ends
+                        await s.send_text(s.protocol.words(self.id, item.words))
                 elif isinstance(item, Mark):
                     await s.send_text(s.protocol.mark(self.id, item.text_offset, item.audio_ms))
                 elif isinstance(item, Flushed):

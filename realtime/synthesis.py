@@ -41,6 +41,7 @@ from .engines.base import (
     Flushed,
     Output,
     SynthesisOptions,
+    WordTime,
 )
 from .metrics import Metrics
 from .protocol import VoiceOptions
@@ -149,14 +150,28 @@ class AudioBuffer(AudioSink):
 
 
 @dataclass(frozen=True)
+class Word:
+    """A word of the context's raw text (``start:end``) and when it is heard (ms of the context's
+    audio, after speed)."""
+
+    start: int
+    end: int
+    start_ms: float
+    end_ms: float
+
+
+@dataclass(frozen=True)
 class Audio:
     """Encoded frames of one engine chunk; ``start_s`` is where it starts on the playback clock;
-    ``text_offset``: the engine's mark for it, when it has one (the :class:`Mark` that follows)."""
+    ``text_offset``: the engine's mark for it, when it has one (the :class:`Mark` that follows);
+    ``words``: the words whose end this audio (or audio already delivered) holds, to be told to the
+    client once these frames have gone."""
 
     frames: list[bytes]
     start_s: float
     seconds: float
     text_offset: int | None = None
+    words: tuple[Word, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -195,6 +210,8 @@ class Synthesis:
         self._ticket: Ticket | None = None
         self._opened_at: float | None = None
         self._closed = False
+        self._word_offset = 0  # raw offset where the last word delivered ends
+        self._word_ms = 0.0  # and its end on the audio clock
 
     # -- input (event loop) -----------------------------------------------------------------------
     def push(self, text: str) -> None:
@@ -271,7 +288,8 @@ class Synthesis:
             if isinstance(item, AudioChunk):
                 samples = np.asarray(item.samples, dtype=np.float32).reshape(-1)
                 frames = encoder.encode(samples)  # the whole chunk in one pass, cut into frames
-                yield Audio(frames, start, len(samples) / rate, item.text_offset)
+                words = self._words(item.words, start * 1000, self.samples_out * 1000 / rate)
+                yield Audio(frames, start, len(samples) / rate, item.text_offset, words)
                 if item.text_offset is not None:
                     yield Mark(item.text_offset, self.samples_out * 1000 / rate)
             elif isinstance(item, Flushed):
@@ -288,6 +306,21 @@ class Synthesis:
                     self.metrics.errors.labels(item.code).inc()
                 yield item
                 return
+
+    def _words(self, words: tuple[WordTime, ...], start_ms: float, end_ms: float) -> tuple[Word, ...]:
+        """The engine's word times of a chunk starting at ``start_ms`` on the context's audio clock,
+        held to what a client may be told whatever the engine says: in text order, each word once,
+        times monotonic and never past ``end_ms``, the end of the audio delivered with it."""
+        out = []
+        for w in words:
+            if w.end <= self._word_offset or w.end <= w.start:
+                continue  # already told (or empty)
+            begin = max(start_ms + w.start_s * 1000, self._word_ms)
+            finish = min(max(start_ms + w.end_s * 1000, begin), end_ms)
+            begin = min(begin, finish)
+            out.append(Word(max(w.start, self._word_offset), w.end, begin, finish))
+            self._word_offset, self._word_ms = w.end, finish
+        return tuple(out)
 
     # -- cleanup --------------------------------------------------------------------------------
     def _release(self) -> None:

@@ -189,5 +189,7 @@ async def test_cosyvoice2_audio_leaves_while_the_text_is_still_open(tmp_path):
             assert first["contextId"] == "c" and first["audio"] and first["isFinal"] is False
             await ws.send(json.dumps({"context_id": "c", "close_context": True}))
             audio, messages = await until_final(ws, "c")
-            aligned = "".join(c for m in messages if m.get("alignment") for c in m["alignment"]["chars"])
+            aligned = "".join(
+                c for m in [first, *messages] if m.get("alignment") for c in m["alignment"]["chars"]
+            )
             assert aligned == "Hello there, this is a long answer that keeps going "

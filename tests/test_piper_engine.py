@@ -394,15 +394,15 @@ def one_core():
 def test_calls_go_least_slack_first(one_core, monkeypatch):
     order: list[int] = []
     gate = threading.Event()
-    real = one_core.run_ids
+    real = one_core.infer
 
-    def run_ids(ids, speed):
+    def infer(ids, speed):
         order.append(len(ids))
         if len(order) == 1:
             gate.wait(WAIT)  # the single core is busy until we say so
         return real(ids, speed)
 
-    monkeypatch.setattr(one_core, "run_ids", run_ids)
+    monkeypatch.setattr(one_core, "infer", infer)
     blocker, blocker_sink = open_stream(one_core)
     blocker.push("Hold the core. ")
     deadline = time.monotonic() + WAIT

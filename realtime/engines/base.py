@@ -153,17 +153,37 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+@dataclass(frozen=True)
+class WordTime:
+    """When one word of the context's text is heard, as the model itself timed it.
+
+    ``start``/``end`` are offsets into the raw text the client sent to the context (the
+    concatenation of its deltas, end exclusive, counted like ``text_offset``), so a token the
+    normaliser rewrote as several spoken words ("3:45") is one word.  ``start_s``/``end_s`` are
+    seconds from the first sample of the chunk that carries the word: a word travels with the chunk
+    holding its end (``end_s`` is at most that chunk's duration), and ``start_s`` is negative when
+    the word began in an earlier chunk of the same stream.
+    """
+
+    start: int
+    end: int
+    start_s: float
+    end_s: float
+
+
 @dataclass
 class AudioChunk:
     """Mono float32 samples at the engine's ``sample_rate``.
 
     ``text_offset``, when set, says that the context's text up to that character (of the raw text
     the client sent) is fully spoken once this chunk has played; the service turns it into a
-    ``mark`` message.
+    ``mark`` message.  ``words``: the words whose end this chunk's audio holds, in text order, for
+    engines that can time words (see :class:`WordTime`); an engine that cannot leaves it empty.
     """
 
     samples: np.ndarray
     text_offset: int | None = None
+    words: tuple[WordTime, ...] = ()
 
 
 @dataclass(frozen=True)

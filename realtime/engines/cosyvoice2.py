@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cosyvoice.lm_stage import LMHandle
 from cosyvoice.model import DONE, flow_prompt
 
 from .base import (
@@ -57,6 +58,7 @@ from .base import (
     SynthesisOptions,
     TextStream,
     VoiceInfo,
+    WordTime,
 )
 
 log = logging.getLogger("realtime.engines.cosyvoice2")
@@ -326,11 +328,107 @@ def _segment_deltas(text: TextStream, marker: list[Flush | End]) -> Iterator[str
             return
 
 
+_TOKEN_S = 0.04  # one speech token is 40 ms of audio at speed 1 (25 tokens per second)
+_WORD = re.compile(r"\S+")
+_OPENERS, _CLOSERS = "\"'“‘([{*_", "\"'”’)]}*_.,;:!?…"
+
+
+class _WordTiming:
+    """Word times of one segment from the bistream schedule: as coarse as the model is honest.
+
+    The LM reads text in groups of 5 tokens and writes up to 15 speech tokens (40 ms each) after
+    each group, so all the schedule says of a word is after which speech token its text went in.
+    A word is placed there: its text tokens are found from where its characters are in the text
+    (ids of each pushed delta spread over the characters it released), and a token's place on the
+    speech axis is interpolated between the speech tokens at which its group and the next went in.
+    The LM may speak a word later than that (it looks ahead), never earlier.  A word is told once its
+    end is on audio already put, and the segment's end tells the rest, so no time is ever later
+    than the audio sent.
+    """
+
+    def __init__(self, start: int, speed: float) -> None:
+        self.raw = ""  # the segment's text
+        self.start = start  # raw offset of its first character in the context
+        self.points: list[tuple[int, int]] = [(0, 0)]  # (ids returned, raw characters released)
+        self.token_s = _TOKEN_S / speed
+        self.audio_s = 0.0  # audio of the segment put so far
+        self.told = 0  # raw characters up to the end of the last word told
+
+    def pushed(self, text: str, ids: int, held: int) -> None:
+        self.raw += text
+        self._point(ids, len(self.raw) - held)
+
+    def ended(self, ids: int) -> None:
+        self._point(ids, len(self.raw))
+
+    def _point(self, ids: int, released: int) -> None:
+        n, r = self.points[-1]
+        if ids > 0 and released > r:
+            self.points.append((n + ids, released))
+
+    def take(self, request: Any, chunk_s: float, final: bool) -> tuple[WordTime, ...]:
+        """The words whose end is on the audio put so far (all of them when ``final``), with times
+        from ``chunk_s`` (where the chunk carrying them starts in the segment)."""
+        fed = list(getattr(request, "text_fed", ()))
+        schedule = [(0 if k == 0 else fed[k - 1][0], s) for k, (_, s) in enumerate(fed)]
+        if request is not None and request.finished and fed:
+            schedule.append((fed[-1][0], len(request.tokens)))
+        out = []
+        for m in _WORD.finditer(self.raw, self.told):
+            a, b = _trim(self.raw, m.start(), m.end())
+            if b <= a:
+                continue
+            t0, t1 = self._time(schedule, a), self._time(schedule, b)
+            if not final and (t1 is None or t1 > self.audio_s):
+                break
+            t1 = self.audio_s if t1 is None else min(t1, self.audio_s)
+            t0 = t1 if t0 is None else min(t0, t1)
+            out.append(WordTime(self.start + a, self.start + b, t0 - chunk_s, t1 - chunk_s))
+            self.told = m.end()
+        return tuple(out)
+
+    def _time(self, schedule: list[tuple[int, int]], raw: int) -> float | None:
+        """Seconds into the segment at which the text token at raw character ``raw`` went in, or
+        None while that is not known."""
+        token = _interpolate([(r, n) for n, r in self.points], raw)
+        if token is None:
+            return None
+        speech = _interpolate(schedule, token)
+        return None if speech is None else speech * self.token_s
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at ``x`` on the polyline through ``points`` (x non-decreasing); None past its end."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if points and x == points[-1][0]:
+        return points[-1][1]
+    return None
+
+
+def _trim(text: str, a: int, b: int) -> tuple[int, int]:
+    """A whitespace-delimited token without the quotes, brackets and punctuation around it."""
+    while a < b and text[a] in _OPENERS:
+        a += 1
+    while b > a and text[b - 1] in _CLOSERS:
+        b -= 1
+    return a, b
+
+
+def _request(segment: _Segment) -> Any:
+    """The LM request behind a segment's speech (a stream over the stages, or a token handle)."""
+    speech = segment.speech
+    handle = speech if isinstance(speech, LMHandle) else getattr(speech, "tokens", None)
+    return getattr(handle, "request", None)
+
+
 class _Segment:
     """A context's text up to a flush or its end: one request (opened at its first token id)."""
 
-    def __init__(self, engine: CosyVoice2Engine, index: int) -> None:
+    def __init__(self, engine: CosyVoice2Engine, index: int, start: int = 0, speed: float = 1.0) -> None:
         self.index = index
+        self.timing = _WordTiming(start, speed)
         self.text = engine.cv.frontend.text_ids()
         self.speech: Any = None  # SpeechStream (streamed) or LMHandle (speed != 1)
         self.marker: Flush | End | None = None  # how its text ended
@@ -432,13 +530,18 @@ class _Stream(EngineStream):
             if segment is None:
                 if not self._inbox:
                     return
-                segment = self._segment = _Segment(self.engine, next(self._segments))
+                segment = self._segment = _Segment(
+                    self.engine, next(self._segments), self._offset, self.options.speed
+                )
             self._take_text(segment)
             self._take_audio(segment)
             if segment.marker is None or not segment.spoken:
                 return
             self._spent += _compute(segment)
-            if not self._put(AudioChunk(np.zeros(0, dtype=np.float32), text_offset=segment.offset)):
+            words = segment.timing.take(_request(segment), segment.timing.audio_s, final=True)
+            if not self._put(
+                AudioChunk(np.zeros(0, dtype=np.float32), text_offset=segment.offset, words=words)
+            ):
                 return
             self._segment = None
             if isinstance(segment.marker, End):
@@ -454,9 +557,11 @@ class _Stream(EngineStream):
             if isinstance(item, str):
                 self._offset += len(item)
                 ids = segment.text.push(item)
+                segment.timing.pushed(item, len(ids), segment.text.held)
             else:
                 segment.marker, segment.offset = item, self._offset
                 ids = segment.text.end()
+                segment.timing.ended(len(ids))
             if ids:
                 if segment.speech is None:
                     self._open(segment)
@@ -500,7 +605,10 @@ class _Stream(EngineStream):
             if chunk is DONE:
                 segment.spoken = True
                 return
-            if not self._put(AudioChunk(chunk), len(chunk)):
+            at = segment.timing.audio_s
+            segment.timing.audio_s += len(chunk) / self.engine.sample_rate
+            words = segment.timing.take(_request(segment), at, final=False)
+            if not self._put(AudioChunk(chunk, words=words), len(chunk)):
                 return
 
     def _take_whole(self, segment: _Segment) -> None:
@@ -524,6 +632,7 @@ class _Stream(EngineStream):
         if segment.whole.done():
             audio = segment.whole.result()
             segment.spoken = True
+            segment.timing.audio_s = len(audio) / self.engine.sample_rate
             if len(audio):
                 self._put(AudioChunk(audio), len(audio))
 

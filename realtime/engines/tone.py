@@ -8,14 +8,25 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .base import AudioChunk, BlockingEngine, End, Flush, Flushed, SynthesisOptions, TextStream, VoiceInfo
+from .base import (
+    AudioChunk,
+    BlockingEngine,
+    End,
+    Flush,
+    Flushed,
+    SynthesisOptions,
+    TextStream,
+    VoiceInfo,
+    WordTime,
+)
 
 _WORD = re.compile(r"\S+\s")
 
 
 class ToneEngine(BlockingEngine):
     """Each complete word (a run of non-space followed by a space) becomes ``word_ms`` of a sine
-    whose pitch depends on the voice, so tests can tell the audio of two sessions apart.
+    whose pitch depends on the voice, so tests can tell the audio of two sessions apart; the
+    sine is that word's time (its ``words``).
     ``step_delay`` simulates model time per word (seconds); ``capacity`` and ``compute_slots``
     are the admission and compute limits a test wants to exercise (a tone costs next to nothing)."""
 
@@ -80,23 +91,26 @@ class ToneEngine(BlockingEngine):
                     force = True
                 elif isinstance(item, End):
                     force = done = True
-                words = _WORD.findall(pending)
-                spoken = sum(len(w) for w in words)
+                # (offset in pending, word with its trailing space) of every complete word
+                words = [(m.start(), m.group()) for m in _WORD.finditer(pending)]
+                spoken = words[-1][0] + len(words[-1][1]) if words else 0
                 if force and pending[spoken:].strip():
-                    words.append(pending[spoken:])
+                    tail = pending[spoken:]
+                    words.append((spoken + len(tail) - len(tail.lstrip()), tail.lstrip()))
+                if force:
                     spoken = len(pending)
-                elif force:
-                    spoken = len(pending)
-                for w in words:
+                for at, w in words:
                     text.check()
                     if self.step_delay:
                         time.sleep(self.step_delay)
-                    consumed += len(w)
                     audio = self._word(hz, phase)
+                    # the tone is the word: it is heard for the whole chunk
+                    start = consumed + at
+                    word = WordTime(start, start + len(w.rstrip()), 0.0, len(audio) / self.sample_rate)
                     self.produced_samples += len(audio)
-                    yield AudioChunk(audio, text_offset=consumed)
+                    yield AudioChunk(audio, text_offset=start + len(w), words=(word,))
                     phase += self.sample_rate * self.word_ms // 1000
-                consumed += spoken - sum(len(w) for w in words)
+                consumed += spoken
                 pending = pending[spoken:]
                 if isinstance(item, Flush):
                     yield Flushed()
