@@ -193,3 +193,49 @@ async def test_cosyvoice2_audio_leaves_while_the_text_is_still_open(tmp_path):
                 c for m in [first, *messages] if m.get("alignment") for c in m["alignment"]["chars"]
             )
             assert aligned == "Hello there, this is a long answer that keeps going "
+
+
+async def test_alignment_comes_from_the_voices_word_times(tmp_path):
+    """On a voice whose durations are known (a tiny Piper-shaped voice), each word's characters are
+    placed at that word's time as our own ``words`` message gives it, not spread over the chunk."""
+    from realtime.engines.piper import LeadConfig, PiperEngine
+    from tests.serving import ws_url
+    from tests.tiny_piper import CONFIG, write_tiny_piper
+
+    text = "Meet me at 3:45, then pay $12.50 today."
+    engine = PiperEngine(
+        write_tiny_piper(tmp_path / "tiny.onnx"), CONFIG, warmup=False, lead=LeadConfig(enabled=False)
+    )
+    with serve(engine) as base:
+        async with connect(ws_url(base), max_size=None) as ws:  # our protocol: the words
+            await ws.send(json.dumps({"type": "start", "timestamps": "words", "audio_transport": "json"}))
+            await ws.send(json.dumps({"type": "text", "text": text}))
+            await ws.send(json.dumps({"type": "end"}))
+            words = []
+            async with asyncio.timeout(30):
+                while (m := json.loads(await ws.recv()))["type"] != "done":
+                    words += m.get("words", [])
+        url = base.replace("http://", "ws://") + "/v1/text-to-speech/joe/stream-input?output_format=pcm_22050"
+        async with connect(url, max_size=None) as ws:
+            await ws.send(json.dumps({"text": " "}))
+            await ws.send(json.dumps({"text": text}))
+            await ws.send(json.dumps({"text": ""}))
+            _, messages = await until_final(ws)
+    assert [w["word"] for w in words] == ["Meet", "me", "at", "3:45", "then", "pay", "$12.50", "today"]
+    at_ms: list[float] = []  # every character's start on the audio clock
+    elapsed, chars = 0.0, ""
+    for m in messages:
+        ms = len(base64.b64decode(m["audio"])) / 2 / 22.05 if m.get("audio") else 0.0
+        if a := m.get("alignment"):
+            starts, durations = a["charStartTimesMs"], a["charDurationsMs"]
+            assert starts == sorted(starts)
+            assert all(0 <= s and s + d <= ms + 1 for s, d in zip(starts, durations, strict=True))
+            at_ms += [elapsed + s for s in starts]
+            chars += "".join(a["chars"])
+        elapsed += ms
+    assert chars == text
+    for w in words:
+        assert at_ms[w["start"]] == pytest.approx(w["start_ms"], abs=1.01)
+        assert all(
+            w["start_ms"] - 1.01 <= at_ms[k] <= w["end_ms"] + 1.01 for k in range(w["start"], w["end"])
+        )
