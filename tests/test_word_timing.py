@@ -283,6 +283,40 @@ async def test_tiny_voice_word_times_are_its_durations(tiny, speed):
         assert w["end_ms"] == pytest.approx(min(end * HOP, voiced_end) / 22.05, abs=0.051)
 
 
+def test_a_word_cut_between_model_calls_is_one_word_from_its_first_call_to_its_last(tmp_path):
+    """With little lead the engine cuts a clause into short model calls, here inside the words
+    "$12.50" became: it still comes back once, from its first phoneme in one chunk to its last in
+    another, at the times the calls' durations give."""
+    from realtime.text.segment import PlaybackClock
+
+    lead = LeadConfig(first_s=0.12, max_s=0.12, smoothing=0.0)  # every call ~10 characters
+    engine = PiperEngine(write_tiny_piper(tmp_path / "tiny.onnx"), CONFIG, warmup=False, lead=lead)
+    engine.cost_per_char = 0.012
+    text = "Pay $12.50 today."
+    recording = Recording(engine)
+    try:
+        chunks = list(engine.speak(Segment(text, 0, len(text)), 1.0, PlaybackClock()))
+    finally:
+        engine.close()
+    assert len(recording.calls) == len(chunks) >= 3
+    got, expected_ipa, at = [], [], 0.0
+    for (ids, raw, durations), chunk in zip(recording.calls, chunks, strict=True):
+        got += [(w.start, w.end, at + w.start_s, at + w.end_s) for w in chunk.words]
+        voiced = len(raw) // 220 * 220  # the trim keeps whole 10 ms frames of voice
+        for first, end in decoded_word_frames(ids, durations, engine.config.phoneme_id_map):
+            expected_ipa.append((at + first * HOP / 22050, at + min(end * HOP, voiced) / 22050))
+        at += len(chunk.samples) / 22050
+    expected, k = [], 0
+    for start, end, n in spoken_words_per_source_word(text):
+        expected.append((start, end, expected_ipa[k][0], expected_ipa[k + n - 1][1]))
+        k += n
+    assert [text[a:b] for a, b, _, _ in got] == ["Pay", "$12.50", "today"]
+    for g, e in zip(got, expected, strict=True):
+        assert g[:2] == e[:2] and g[2:] == pytest.approx(e[2:], abs=1e-9)
+    [dollars] = [w for c in chunks for w in c.words if text[w.start : w.end] == "$12.50"]
+    assert dollars.start_s < 0  # it travels with the chunk of its end, and began in an earlier one
+
+
 # -- the real embedded voice --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def joe():

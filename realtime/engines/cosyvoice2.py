@@ -21,6 +21,7 @@ LM and token2wav of its requests itself (:class:`~realtime.engines.base.Blocking
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import re
@@ -40,6 +41,7 @@ import torch
 
 from cosyvoice.lm_stage import LMHandle
 from cosyvoice.model import DONE, flow_prompt
+from cosyvoice.text import LANGUAGES
 
 from .base import (
     END,
@@ -182,9 +184,11 @@ class CosyVoice2Engine(BlockingEngine):
         out = []
         for spk_id, entry in self._spk2info().items():
             if _is_zero_shot(entry):
-                out.append(VoiceInfo(spk_id, spk_id, "multi", "zero_shot", "registered zero-shot prompt"))
+                out.append(
+                    VoiceInfo(spk_id, spk_id, "zh", "zero_shot", "registered zero-shot prompt", LANGUAGES)
+                )
             else:
-                out.append(VoiceInfo(spk_id, spk_id, "multi", "sft", "CosyVoice2 SFT speaker"))
+                out.append(VoiceInfo(spk_id, spk_id, "zh", "sft", "CosyVoice2 SFT speaker", LANGUAGES))
         return out
 
     def register_voice(self, voice_id: str, wav_bytes: bytes, prompt_text: str) -> VoiceInfo:
@@ -207,7 +211,7 @@ class CosyVoice2Engine(BlockingEngine):
             raise EngineError("conflict", f"voice {voice_id!r} already exists") from None
         except Exception as e:
             raise EngineError("internal", f"could not save spk2info.pt: {type(e).__name__}") from None
-        return VoiceInfo(voice_id, voice_id, "multi", "zero_shot", "registered zero-shot prompt")
+        return VoiceInfo(voice_id, voice_id, "zh", "zero_shot", "registered zero-shot prompt", LANGUAGES)
 
     # -- synthesis ------------------------------------------------------------------------------
     def validate(self, options: SynthesisOptions) -> None:
@@ -347,38 +351,47 @@ class _WordTiming:
     """
 
     def __init__(self, start: int, speed: float) -> None:
-        self.raw = ""  # the segment's text
+        self.pieces: list[str] = []  # the segment's text, as pushed (joined when read)
+        self.length = 0
         self.start = start  # raw offset of its first character in the context
-        self.points: list[tuple[int, int]] = [(0, 0)]  # (ids returned, raw characters released)
+        # raw characters released -> text ids returned for them, after each push
+        self.released: list[float] = [0]
+        self.ids: list[float] = [0]
         self.token_s = _TOKEN_S / speed
         self.audio_s = 0.0  # audio of the segment put so far
         self.told = 0  # raw characters up to the end of the last word told
 
     def pushed(self, text: str, ids: int, held: int) -> None:
-        self.raw += text
-        self._point(ids, len(self.raw) - held)
+        self.pieces.append(text)
+        self.length += len(text)
+        self._point(ids, self.length - held)
 
     def ended(self, ids: int) -> None:
-        self._point(ids, len(self.raw))
+        self._point(ids, self.length)
 
     def _point(self, ids: int, released: int) -> None:
-        n, r = self.points[-1]
-        if ids > 0 and released > r:
-            self.points.append((n + ids, released))
+        if ids > 0 and released > self.released[-1]:
+            self.released.append(released)
+            self.ids.append(self.ids[-1] + ids)
 
     def take(self, request: Any, chunk_s: float, final: bool) -> tuple[WordTime, ...]:
         """The words whose end is on the audio put so far (all of them when ``final``), with times
         from ``chunk_s`` (where the chunk carrying them starts in the segment)."""
         fed = list(getattr(request, "text_fed", ()))
-        schedule = [(0 if k == 0 else fed[k - 1][0], s) for k, (_, s) in enumerate(fed)]
+        # text token -> speech token: group k (tokens fed[k-1][0]..fed[k][0]) went in at fed[k][1]
+        tokens = [0 if k == 0 else fed[k - 1][0] for k in range(len(fed))]
+        speech = [s for _, s in fed]
         if request is not None and request.finished and fed:
-            schedule.append((fed[-1][0], len(request.tokens)))
+            tokens.append(fed[-1][0])
+            speech.append(len(request.tokens))
+        raw = "".join(self.pieces)
+        self.pieces = [raw]
         out = []
-        for m in _WORD.finditer(self.raw, self.told):
-            a, b = _trim(self.raw, m.start(), m.end())
+        for m in _WORD.finditer(raw, self.told):
+            a, b = _trim(raw, m.start(), m.end())
             if b <= a:
                 continue
-            t0, t1 = self._time(schedule, a), self._time(schedule, b)
+            t0, t1 = self._time(tokens, speech, a), self._time(tokens, speech, b)
             if not final and (t1 is None or t1 > self.audio_s):
                 break
             t1 = self.audio_s if t1 is None else min(t1, self.audio_s)
@@ -387,24 +400,23 @@ class _WordTiming:
             self.told = m.end()
         return tuple(out)
 
-    def _time(self, schedule: list[tuple[int, int]], raw: int) -> float | None:
+    def _time(self, tokens: list[float], speech: list[float], raw: int) -> float | None:
         """Seconds into the segment at which the text token at raw character ``raw`` went in, or
         None while that is not known."""
-        token = _interpolate([(r, n) for n, r in self.points], raw)
-        if token is None:
-            return None
-        speech = _interpolate(schedule, token)
-        return None if speech is None else speech * self.token_s
+        token = _interpolate(self.released, self.ids, raw)
+        at = None if token is None else _interpolate(tokens, speech, token)
+        return None if at is None else at * self.token_s
 
 
-def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    """y at ``x`` on the polyline through ``points`` (x non-decreasing); None past its end."""
-    for (x0, y0), (x1, y1) in itertools.pairwise(points):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    if points and x == points[-1][0]:
-        return points[-1][1]
-    return None
+def _interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
+    """y at ``x`` on the polyline through (``xs``, ``ys``) (``xs`` non-decreasing); None outside."""
+    i = bisect.bisect_right(xs, x)
+    if i == 0 or (i == len(xs) and x > xs[-1]):
+        return None
+    if i == len(xs):
+        return ys[-1]
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
 def _trim(text: str, a: int, b: int) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..text import normalize
+from ..text import normalize, spans
 from ..text.segment import ClauseSegmenter, PlaybackClock, Segment, SegmenterConfig, lead_cut
 from .base import (
     AudioChunk,
@@ -371,8 +371,6 @@ class _SourceMap:
     became is the one raw word."""
 
     def __init__(self, segment: Segment, normalized: str) -> None:
-        from ..text.frontend import spans
-
         kept = [s for s in spans(segment.text) if s.spoken]
         self.ok = "".join(s.spoken for s in kept) == normalized  # the same normaliser, or no timing
         self.base = segment.start
@@ -399,10 +397,9 @@ class _SourceMap:
 
 
 def _source_map(segment: Segment, normalized: str) -> _SourceMap | None:
-    try:
-        mapping = _SourceMap(segment, normalized)
-    except ImportError:  # no text front end with spans: audio without word timing
-        return None
+    """The segment's map to raw offsets; None (no word timing) if the spans do not read as the
+    text the voice speaks."""
+    mapping = _SourceMap(segment, normalized)
     return mapping if mapping.ok and mapping.spans else None
 
 
