@@ -22,6 +22,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "method_not_allowed": ErrorCode(1008, 405),
     "unknown_voice": ErrorCode(1008, 404),
     "conflict": ErrorCode(1008, 409),
+    "unsupported_language": ErrorCode(1008, 422),  # nothing of the text is in the voice's languages
     "too_large": ErrorCode(1009, 413),
     "timeout": ErrorCode(1008, 408),  # the client left the service waiting (no text, no read)
     "overloaded": ErrorCode(1013, 503),

@@ -461,14 +461,27 @@ class Protocol:
         return _json({"type": "cancelled", "context_id": context_id})
 
     def failed(
-        self, context_id: str, code: str, message: str, retry_after_ms: int | None = None
+        self,
+        context_id: str,
+        code: str,
+        message: str,
+        retry_after_ms: int | None = None,
+        extra: dict[str, object] | None = None,
     ) -> str | None:
         """The service gave up on a context (no capacity, no text for too long, unknown voice found
-        late, model error): report it and finish the context."""
+        late, model error, nothing the voice can say): report it and finish the context."""
         if context_id not in self.contexts:
             return None
         self._finish(context_id)
-        return self.error_frame(code, message, False, context_id, retry_after_ms)
+        return self.error_frame(code, message, False, context_id, retry_after_ms, extra)
+
+    def warning(self, context_id: str, code: str, message: str, extra: dict[str, object]) -> str | None:
+        """Something about a context the client should know that does not end it (text the voice
+        cannot say was skipped)."""
+        ctx = self.contexts.get(context_id)
+        if ctx is None or ctx.state is ContextState.CANCELLING:
+            return None
+        return _json({"type": "warning", "code": code, "context_id": context_id, "message": message, **extra})
 
     def _finish(self, context_id: str) -> None:
         self.contexts.pop(context_id, None)
@@ -485,13 +498,14 @@ class Protocol:
         fatal: bool = False,
         context_id: str | None = None,
         retry_after_ms: int | None = None,
+        extra: dict[str, object] | None = None,
     ) -> str:
         body: dict[str, object] = {"type": "error", "code": code, "message": message, "fatal": fatal}
         if context_id is not None:
             body["context_id"] = context_id
         if retry_after_ms is not None:
             body["retry_after_ms"] = retry_after_ms
-        return _json(body)
+        return _json({**body, **(extra or {})})
 
     def open_contexts(self) -> list[str]:
         return list(self.contexts)

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import uvicorn
 from starlette.applications import Starlette
@@ -49,6 +50,7 @@ from .protocol import (
 )
 from .session import Runtime, Session
 from .synthesis import Audio, Delivery, Synthesis, synthesis_options
+from .text import unspeakable
 from .transport import ACTIVITY_EXTENSION, Deadlines, uvicorn_options
 from .validation import check_text, parse_json
 
@@ -521,6 +523,14 @@ async def synthesis_response(
         first = await anext(deliveries)
         if isinstance(first, Failed):
             raise ProtocolError(first.code, first.message, retry_after_ms=first.retry_after_ms)
+        languages = service.engine.languages(options.voice)
+        skipped = unspeakable(text, languages) if languages else []
+        if skipped:  # the rest is spoken; the headers say what is not (percent-encoded UTF-8)
+            headers = {
+                **(headers or {}),
+                "X-Voice-Languages": ",".join(languages),
+                "X-Skipped-Text": quote(" ".join(skipped)),
+            }
         return AudioStreamResponse(
             synthesis, deliveries, first, media_type, service.config.send_timeout, headers, events
         )

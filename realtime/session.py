@@ -31,7 +31,7 @@ from .protocol import (
     PushText,
     Send,
 )
-from .synthesis import Audio, Mark, Synthesis, synthesis_options
+from .synthesis import Audio, LanguageWarning, Mark, Synthesis, Unspeakable, synthesis_options
 
 log = logging.getLogger("realtime.session")
 
@@ -175,6 +175,8 @@ class ContextRunner:
                     await s.send_text(s.protocol.mark(self.id, item.text_offset, item.audio_ms))
                 elif isinstance(item, Flushed):
                     await s.send_text(s.protocol.flushed(self.id))
+                elif isinstance(item, LanguageWarning):
+                    await s.send_text(s.protocol.warning(self.id, item.code, item.message, item.fields))
                 elif isinstance(item, Finished):
                     stats = self._stats()
                     await s.send_text(s.protocol.done(self.id, stats))
@@ -187,7 +189,13 @@ class ContextRunner:
                     return "done"
                 else:
                     await s.send_text(
-                        s.protocol.failed(self.id, item.code, item.message, item.retry_after_ms)
+                        s.protocol.failed(
+                            self.id,
+                            item.code,
+                            item.message,
+                            item.retry_after_ms,
+                            item.fields if isinstance(item, Unspeakable) else None,
+                        )
                     )
                     return "overloaded" if item.code == "overloaded" else "error"
         return "error"

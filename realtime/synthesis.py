@@ -45,6 +45,7 @@ from .engines.base import (
 )
 from .metrics import Metrics
 from .protocol import VoiceOptions
+from .text.frontend import ScriptWatch
 
 log = logging.getLogger("realtime.synthesis")
 
@@ -180,7 +181,42 @@ class Mark:
     audio_ms: float
 
 
-Delivery = Audio | Mark | Flushed | Finished | Failed
+def _skipped_message(skipped: str, languages: tuple[str, ...]) -> str:
+    shown = skipped if len(skipped) <= 80 else skipped[:77] + "..."
+    return f"the voice speaks {', '.join(languages)}; text in another script is not spoken: {shown!r}"
+
+
+@dataclass(frozen=True)
+class LanguageWarning:
+    """Text in a script none of the voice's languages is written in was skipped (not spoken)."""
+
+    skipped: str
+    languages: tuple[str, ...]
+    code: str = "unsupported_language"
+
+    @property
+    def message(self) -> str:
+        return _skipped_message(self.skipped, self.languages)
+
+    @property
+    def fields(self) -> dict[str, object]:
+        return {"skipped": self.skipped, "languages": list(self.languages)}
+
+
+@dataclass(frozen=True)
+class Unspeakable(Failed):
+    """Nothing of the context's text is in a script the voice can say: it ends with this error
+    rather than with silence and a normal end."""
+
+    skipped: str = ""
+    languages: tuple[str, ...] = ()
+
+    @property
+    def fields(self) -> dict[str, object]:
+        return {"skipped": self.skipped, "languages": list(self.languages)}
+
+
+Delivery = Audio | Mark | Flushed | Finished | Failed | LanguageWarning
 
 
 class Synthesis:
@@ -210,13 +246,16 @@ class Synthesis:
         self._ticket: Ticket | None = None
         self._opened_at: float | None = None
         self._closed = False
+        self._watch: ScriptWatch | None = None  # text the voice cannot say (made at the first text)
+        self._refused = False  # nothing of the text could be said: ended with Unspeakable
         self._word_offset = 0  # raw offset where the last word delivered ends
         self._word_ms = 0.0  # and its end on the audio clock
 
     # -- input (event loop) -----------------------------------------------------------------------
     def push(self, text: str) -> None:
-        if self._closed or not text:
+        if self._closed or self._refused or not text:
             return
+        self._check_script(text)
         if self.stream is not None:
             self.stream.push(text)
             return
@@ -225,10 +264,42 @@ class Synthesis:
             self._opening = asyncio.get_running_loop().create_task(self._open(), name="synthesis-open")
 
     def flush(self) -> None:
+        if self._watch is not None and not self._refused:
+            self._warn(self._watch.close())
         self._control("flush", Flushed())
 
     def end(self) -> None:
+        if self._watch is not None and not self._closed and not self._refused:
+            runs = self._watch.close()
+            if runs and not self._watch.spoke:
+                self._refuse(runs[0])
+                return
+            self._warn(runs)
         self._control("end", Finished())
+
+    # -- text the voice cannot say ------------------------------------------------------------------
+    def _check_script(self, text: str) -> None:
+        """Skipped text is never dropped in silence: a run of text in a script none of the voice's
+        languages is written in (the front end does not read it) becomes a warning as soon as it
+        is complete, or, when nothing of the text can be said, the context's error at its end."""
+        if self._watch is None:
+            self._watch = ScriptWatch(self.engine.languages(self.options.voice))
+        if self._watch.languages:
+            self._warn(self._watch.push(text))
+
+    def _warn(self, runs: list[str]) -> None:
+        for run in runs:
+            self.buffer.put(LanguageWarning(run, self._watch.languages))
+
+    def _refuse(self, skipped: str) -> None:
+        self._refused = True
+        self._pending = []
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                self.stream.cancel()
+        languages = self._watch.languages
+        message = "nothing to say: " + _skipped_message(skipped, languages)
+        self.buffer.put(Unspeakable("unsupported_language", message, None, skipped, languages))
 
     def _control(self, op: str, answer: Flushed | Finished) -> None:
         if self._closed:
@@ -244,6 +315,9 @@ class Synthesis:
         asked = time.perf_counter()
         try:
             self._ticket = await self.admission.acquire(self.owner)
+            if self._refused:  # nothing to say after all: the place goes back
+                self._release()
+                return
             self._opened_at = time.perf_counter()
             if self.metrics is not None:
                 self.metrics.queue_wait.observe(self._opened_at - asked)
@@ -294,6 +368,8 @@ class Synthesis:
                     yield Mark(item.text_offset, self.samples_out * 1000 / rate)
             elif isinstance(item, Flushed):
                 yield Audio(encoder.flush(), start, 0.0)  # Opus holds < 20 ms until flushed
+                yield item
+            elif isinstance(item, LanguageWarning):
                 yield item
             elif isinstance(item, Finished):
                 yield Audio(encoder.finish(), start, 0.0)

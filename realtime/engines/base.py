@@ -247,11 +247,20 @@ class SynthesisOptions:
 
 @dataclass(frozen=True)
 class VoiceInfo:
+    """``language`` is the voice's primary language; ``languages`` every language it speaks
+    (codes as in :mod:`realtime.text.frontend`: "en", "zh", "ja", ...; default: the primary).
+    Text in a script none of them is written in is not spoken, and the service says so."""
+
     id: str
     name: str
     language: str
     kind: str = "builtin"  # builtin | sft | zero_shot
     description: str = ""
+    languages: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.languages:
+            object.__setattr__(self, "languages", (self.language.split("-")[0].lower(),))
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -307,6 +316,16 @@ class Engine(ABC):
 
     @abstractmethod
     def voices(self) -> list[VoiceInfo]: ...
+
+    def languages(self, voice: str | None) -> tuple[str, ...]:
+        """The languages ``voice`` speaks (None: the default voice); () when the engine has no
+        such voice, and then nothing is checked."""
+        voices = self.voices()
+        wanted = voice if voice is not None else self.default_voice
+        for v in voices:
+            if v.id == wanted:
+                return v.languages
+        return voices[0].languages if voices and voice is None else ()
 
     def validate(self, options: SynthesisOptions) -> None:
         """Raise :class:`EngineError` for options this engine cannot honour (cheap, event-loop safe)."""

@@ -23,6 +23,7 @@ _PHONE = re.compile(
 _MOBILE = re.compile(r"(?<!\d)1[3-9]\d{9}(?!\d)")
 _TIMES = re.compile(r"(?<=\d)\s*[*×]\s*(?=\d)")
 _DIVIDE = re.compile(r"(?<=\d)\s*÷\s*(?=\d)")
+_RANGE = re.compile(r"(?<=\d)\s*[~～]\s*(?=\d)")  # 15~20℃
 _ABOUT = re.compile(r"(?<![约大概])[~～](?=\s?[$€£¥￥]?\d)")
 _MONEY = re.compile(r"([$€£¥￥])\s?(\d[\d,]*(?:\.\d+)?)")
 _LETTER_DASH_DIGIT = re.compile(r"(?<=[A-Za-z])-(?=\d)")
@@ -46,14 +47,16 @@ _READ_SYMBOLS = set("°℃℉")
 def _drop(text: str, keep_letter: Callable[[str], bool]) -> str:
     """Emoji and letters of scripts the voice does not speak are not read."""
     out = []
-    for c in text:
+    for i, c in enumerate(text):
         cat = unicodedata.category(c)
         if cat[0] == "L" and not keep_letter(c):
             continue
         if cat == "So" and c in _READ_SYMBOLS:  # wetext reads these ("-5°C", "20℃")
             out.append(c)
             continue
-        if cat in ("So", "Sk", "Co", "Cn", "Cs", "Cf", "Me") or (cat == "Mn" and not out):
+        if cat in ("So", "Sk", "Co", "Cn", "Cs", "Cf", "Me") or (
+            cat == "Mn" and not (i and text[i - 1].isalpha())
+        ):
             continue
         out.append(c)
     return "".join(out)
@@ -114,6 +117,7 @@ def read(text: str, keep_letter: Callable[[str], bool]) -> str:
     text = _MOBILE.sub(_phone, text)
     text = _TIMES.sub("乘", text)
     text = _DIVIDE.sub("除以", text)
+    text = _RANGE.sub("到", text)
     text = _ABOUT.sub("约", text)
     text = _MONEY.sub(_money, text)
     text = _LETTER_DASH_DIGIT.sub("", text)

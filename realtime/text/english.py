@@ -340,12 +340,12 @@ def _fraction(m: re.Match[str]) -> str:
     a, b = int(m[1]), int(m[2])
     if (a, b) == (24, 7):
         return "twenty-four seven"
+    if (a, b) == (50, 50):
+        return "fifty-fifty"
+    if a <= b and b in (5, 10, 100):  # a score: 8/10
+        return f"{cardinal(a)} out of {cardinal(b)}"
     if b == 0 or a >= b or b > 10:
-        return (
-            f"{cardinal(a)} out of {cardinal(b)}"
-            if a <= b and b in (5, 10, 100)
-            else f"{cardinal(a)} over {cardinal(b)}"
-        )
+        return f"{cardinal(a)} over {cardinal(b)}"
     if b == 2:
         den = "half" if a == 1 else "halves"
     elif b == 4:
@@ -361,6 +361,11 @@ def _unit(m: re.Match[str]) -> str:
     if num.lstrip("-−") == "1":
         words = _singular(words)
     return f"{number_words(num)} {words}"
+
+
+def _feet_inches(m: re.Match[str]) -> str:
+    feet, inches = int(m[1]), int(m[2])
+    return f"{cardinal(feet)} {'foot' if feet == 1 else 'feet'} {cardinal(inches)} {'inch' if inches == 1 else 'inches'}"
 
 
 def _phone(m: re.Match[str]) -> str:
@@ -455,16 +460,16 @@ _EN_RULES: list[tuple[str, Reading, bool]] = [
     (r"(?:\A|(?<=\n)[ \t]*)(?:(?:#{1,6}|[-*+•]|\d{1,3}[.)])[ \t]+|>+[ \t]*)", _const(""), False),
     (r"!?\[|\]\([^)\s]*\)|\]", _const(""), False),
     # -- addresses
-    (r"(?<![\w@])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+",
+    (r"(?<![A-Za-z0-9.+_-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+",
      _w(lambda m: f"{m[0].split('@')[0].replace('.', ' dot ')} at {_speak_host(m[0].split('@')[1])}"), True),
-    (r"\b(?:https?://|www\.)([A-Za-z0-9.-]+)(?:[^\s<>()\[\]{}\"'—–]*[^\s<>()\[\]{}\"'.,;:!?—–])?",
+    (r"(?<![A-Za-z0-9])(?:https?://|www\.)([A-Za-z0-9.-]+)(?:[!#-'*-;=?-Z_a-z~]*[#-&*-+/-9=?-Z_a-z~])?",
      _w(lambda m: _speak_host(m[1])), True),
-    (r"\b(?:[A-Za-z0-9-]+\.)+(?:com|org|net|io|ai|dev|edu|gov|app|co|uk|de|fr|ca|us)\b(?!\.?\w)"
-     r"(?:/[^\s]*[^\s.,;:!?)])?", _w(lambda m: _speak_host(m[0].split("/")[0])), True),
+    (r"(?<![A-Za-z0-9.-])(?:[A-Za-z0-9-]+\.)+(?:com|org|net|io|ai|dev|edu|gov|app|co|uk|de|fr|ca|us)"
+     r"(?![A-Za-z0-9]|\.[A-Za-z0-9])(?:/[!#-'*-;=?-Z_a-z~]*[#-&*-+/-9=?-Z_a-z~])?", _w(lambda m: _speak_host(m[0].split("/")[0])), True),
     # -- money, phone numbers, dates, times
     (r"(?<![\w.])([-−]?)([$€£¥])\s?(\d[\d,]*(?:\.\d+)?)(?:\s?(thousand|million|billion|trillion|bn|[kKmMbBtT])\b)?",
      _w(_money), True),
-    (r"(?<![\w.+-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)[ ]?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w-])"
+    (r"(?<![\w.+-])(?:\+\d{1,3}[ .-]?|1[ .-])?(?:\(\d{3}\)[ ]?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w-])"
      r"|(?<![\w.-])\d{3}-\d{4}(?![\w-]|\.\d)", _w(_phone), True),
     (r"\b(\d{4})-(\d{2})-(\d{2})\b", _w(_iso_date), True),
     (r"(?<![\w/.])(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})(?![\w/])", _w(_us_date), True),
@@ -472,17 +477,19 @@ _EN_RULES: list[tuple[str, Reading, bool]] = [
      r"(?:\s*([aApP])\.?[mM]\.?(?![A-Za-z]))?(?![\d:])", _w(_clock), True),
     (r"(?<![\d.,:])(\d{1,2})\s*([aApP])\.?[mM]\b\.?", _w(_time_words), True),
     (rf"\b({_MONTH_RE})\s+(\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(\d{{4}})\b)?", _w(_month_day), True),
+    (rf"\b({_MONTH_RE})\s+(1[1-9]\d\d|20\d\d)\b(?![\d,]|[.:]\d)", _w(lambda m: f"{_month(m[1])} {year(int(m[2]))}"), True),
     (rf"\b(\d{{1,2}})(?:st|nd|rd|th)?\s+({_MONTH_RE})\b(?:,?\s+(\d{{4}})\b)?", _w(_day_month), True),
     (r"(?<![\d.,])'?(\d0|1\d\d0|20\d0)'?s\b", _w(_decade), True),
     # -- quantities
     (rf"(?<![\w.])([-−]?{_NUM})\s?%", _w(lambda m: f"{number_words(m[1])} percent"), True),
     (rf"(?<![\w.])([-−]?{_NUM})(?:[ ]?({_UNIT_ALTS})|({_TIGHT_ALTS}))(?![\w/²³])", _w(_unit), True),
+    (r"(?<![\w.])(\d{1,2})'(\d{1,2})(?:\"|'')", _w(_feet_inches), True),
     (r"(?<![\w.])(\d+(?:\.\d+)?)(k|K|M|B|bn|T)\b",
      _w(lambda m: f"{number_words(m[1])} {_MAGNITUDE[m[2].lower()]}"), True),
     (r"\b(\d+)(?:st|nd|rd|th)\b", _w(lambda m: ordinal(int(m[1]))), True),
     (r"(?<![\d/.])(\d{1,3}(?:\.\d+)?)/(\d{1,3})(?![\d/])", _w(_fraction), True),
     (r"(?<![\w.])\d+(?:\.\d+){2,}(?![\w]|\.\d)", _w(_version), True),
-    (r"(?<![\d,.$€£¥-])\b(1[1-9]\d\d|20\d\d)\b(?!\d|[,.]\d|%)", _w(lambda m: year(int(m[1]))), True),
+    (r"(?<![\d,.$€£¥])\b(1[1-9]\d\d|20\d\d)\b(?!\d|[,.]\d|%)", _w(lambda m: year(int(m[1]))), True),
     # -- operators between numbers, ranges, signs
     (r"(?<=\d) [-−] (?=\d)", _const(" minus "), False),
     (r"(?:(?<=[\d%])|(?<=\d[aApP][mM])|(?<=\d[aApP]\.[mM]\.))[ ]?[-–][ ]?(?=[$€£¥]?\d)", _const(" to "), False),

@@ -36,6 +36,7 @@ __all__ = [
     "Incremental",
     "is_cut",
     "unspeakable",
+    "ScriptWatch",
     "script",
     "speakable",
     "contains_chinese",
@@ -143,6 +144,40 @@ def unspeakable(text: str, languages: Iterable[str]) -> list[str]:
     return runs
 
 
+class ScriptWatch:
+    """:func:`unspeakable` as text arrives: :meth:`push` returns the runs a delta completed (a
+    speakable letter or a digit followed them), :meth:`close` the one still open.  The runs are
+    those of the whole text, however it was chunked; ``spoke`` says whether anything speakable
+    (a letter of the voice's scripts, or a digit) has come."""
+
+    def __init__(self, languages: Iterable[str]) -> None:
+        self.languages = tuple(languages)
+        self._can = speakable(self.languages)
+        self._run: list[str] = []  # the open run, up to its last unspeakable letter
+        self._gap: list[str] = []  # what came after that letter (spaces, punctuation)
+        self.spoke = False
+
+    def push(self, delta: str) -> list[str]:
+        done: list[str] = []
+        for c in delta:
+            kind = script(c)
+            if kind is not None and not self._can(c):
+                self._run += self._gap if self._run else []
+                self._run.append(c)
+                self._gap = []
+            elif kind is not None or c.isdigit():
+                self.spoke = True
+                done += self.close()
+            elif self._run:
+                self._gap.append(c)
+        return done
+
+    def close(self) -> list[str]:
+        """The open run (at a flush or the end: what follows is spoken on its own)."""
+        run, self._run, self._gap = "".join(self._run), [], []
+        return [run] if run else []
+
+
 # -- safe boundaries -------------------------------------------------------------------------------
 
 
@@ -235,8 +270,8 @@ class _Reader:
         return out
 
     def _zh(self, r: Raw) -> Raw:
-        if not r.run:
-            return r
+        if not r.run:  # markup, or an address read in English words: its dots and at in Chinese
+            return Raw(r.start, r.end, r.spoken.replace(" dot ", "点").replace(" at ", "艾特"))
         said = chinese.read(r.spoken, self.keep_letter)
         text = r.spoken
         lead = text[: len(text) - len(text.lstrip())]
@@ -284,7 +319,6 @@ class _Reader:
                     pending is not None
                     or (r.word and self.last.isalnum())
                     or (word_before and first.isalnum())
-                    or (self.last in ".,;:!?" and first.isalnum())
                 )
                 sep = self._separator(first, pending is not None and pending[1]) if need else ""
                 if sep:
