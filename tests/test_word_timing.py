@@ -21,16 +21,17 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from realtime.engines.base import AudioChunk
 from realtime.engines.piper import LeadConfig, PiperEngine, expose_durations
 from realtime.engines.tone import ToneEngine
 from realtime.errors import ProtocolError
 from realtime.protocol import Protocol, SessionInfo, parse_output_options
 from realtime.synthesis import Word
-from realtime.text import spans
 from realtime.text.segment import Segment
 from tests.serving import serve, ws_url
 from tests.tiny_piper import CONFIG, HOP, frames_table, write_tiny_piper
+from tests.word_timing_util import recording_chunks, reference_words, trim_offset
+
+CONFIG_MAP = {k: list(v) for k, v in json.loads(CONFIG.read_text(encoding="utf-8"))["phoneme_id_map"].items()}
 
 WAIT = 120.0  # generous: a busy CI box; nothing here is about speed
 SENTENCES = [
@@ -83,51 +84,6 @@ def checked_words(events: list[dict], text: str) -> list[dict]:
                 assert w["start_ms"] >= words[-1]["end_ms"]
             words.append(w)
     return words
-
-
-def decoded_word_frames(ids: list[int], durations: np.ndarray, id_map: dict[str, list[int]]):
-    """Independently of the engine's code: the ids decoded back to symbols (BOS, PAD, then symbol
-    and PAD pairs, EOS), split into words at the space symbol with punctuation dropped, and each
-    word's first and end frame (its last symbol's PAD included)."""
-    symbol = {v[0]: k for k, v in id_map.items()}
-    assert len(ids) % 2 == 1 and symbol[ids[0]] == "^" and symbol[ids[-1]] == "$"
-    starts = np.concatenate([[0], np.cumsum(durations)])
-    words, current = [], None
-    for i in range(2, len(ids) - 1, 2):
-        letter = symbol[ids[i]] not in " ,.;:!?\"'“”‘’()—–-…"
-        if letter and current is None:
-            current = [starts[i], starts[i + 2]]
-        elif letter:
-            current[1] = starts[i + 2]
-        elif current is not None:
-            words.append(tuple(current))
-            current = None
-    if current is not None:
-        words.append(tuple(current))
-    return words
-
-
-class Recording:
-    """Wraps ``engine.infer``: every model call's ids, audio and exposed durations, in order."""
-
-    def __init__(self, engine: PiperEngine) -> None:
-        self.calls: list[tuple[list[int], np.ndarray, np.ndarray]] = []
-        self._real = engine.infer
-        engine.infer = self
-
-    def __call__(self, ids, speed):
-        raw, durations = self._real(ids, speed)
-        self.calls.append((list(ids), raw, durations))
-        return raw, durations
-
-
-def trim_offset(raw: np.ndarray, chunk: np.ndarray) -> int:
-    """Where the chunk's audio starts in the model's output (found by matching samples)."""
-    probe = chunk[:64]
-    for k in range(len(raw) - 63):
-        if np.array_equal(raw[k : k + 64], probe):
-            return k
-    raise AssertionError("chunk not found in the model's audio")
 
 
 # -- the option and the message (sans I/O) -----------------------------------------------------
@@ -238,83 +194,76 @@ def tiny(tmp_path_factory):
         yield engine, base
 
 
-def spoken_words_per_source_word(text: str) -> list[tuple[int, int, int]]:
-    """(start, end, IPA words it becomes) of every spoken source word, from the text front end's
-    spans (interface 1) and the G2P: how many of the decoded words make one source word."""
-    from realtime.engines.piper import phonemize
-
-    out = []
-    for s in spans(text):
-        if not s.spoken.strip() or not any(c.isalnum() for c in s.spoken):
-            continue
-        source = text[s.start : s.end]
-        if s.spoken == source:  # kept as written: its words are words of their own
-            for m in re.finditer(r"[\w'’-]+", source):
-                out.append((s.start + m.start(), s.start + m.end(), 1))
-        else:
-            out.append((s.start, s.end, len(phonemize(s.spoken).split())))
-    return out
-
-
 @pytest.mark.parametrize("speed", [1.0, 2.0])
 async def test_tiny_voice_word_times_are_its_durations(tiny, speed):
     tiny, base = tiny
     text = "Meet me at 3:45 for $12.50 today"
-    recording = Recording(tiny)
-    try:
+    with recording_chunks() as made:
         _, events = await speak(base, [text], {"timestamps": "words", "speed": speed})
-    finally:
-        del tiny.infer
     words = checked_words(events, text)
     assert [w["word"] for w in words] == ["Meet", "me", "at", "3:45", "for", "$12.50", "today"]
-    [(ids, raw, durations)] = recording.calls  # one clause, one call
+    [call] = made  # one clause, one call
     table = np.ceil(frames_table() / speed - 1e-3)  # what ceil(exp(logw) * length_scale / speed) gives
-    assert np.array_equal(durations, table[ids])
-    frames = decoded_word_frames(ids, table[ids], tiny.config.phoneme_id_map)
-    expected, k = [], 0
-    for start, end, n in spoken_words_per_source_word(text):
-        expected.append((text[start:end], frames[k][0], frames[k + n - 1][1]))
-        k += n
-    assert k == len(frames)
-    voiced_end = len(raw) // 220 * 220  # the trim keeps whole 10 ms frames of voice
-    for w, (word, first, end) in zip(words, expected, strict=True):
-        assert w["word"] == word
-        assert w["start_ms"] == pytest.approx(first * HOP / 22.05, abs=0.051)
-        assert w["end_ms"] == pytest.approx(min(end * HOP, voiced_end) / 22.05, abs=0.051)
+    assert np.array_equal(call.durations, table[call.ids])  # the durations we chose
+    assert trim_offset(call.raw, call.samples) == 0  # loud from the first sample
+    expected = reference_words(made, text, tiny.config.phoneme_id_map, 22050)
+    for w, (start, end, start_ms, end_ms) in zip(words, expected, strict=True):
+        assert (w["start"], w["end"]) == (start, end)
+        assert w["start_ms"] == pytest.approx(start_ms, abs=0.051)  # the wire rounds to 0.1 ms
+        assert w["end_ms"] == pytest.approx(end_ms, abs=0.051)
+    assert words[0]["start_ms"] == pytest.approx(sum(table[call.ids[:2]]) * HOP / 22.05, abs=0.051)
 
 
-def test_a_word_cut_between_model_calls_is_one_word_from_its_first_call_to_its_last(tmp_path):
-    """With little lead the engine cuts a clause into short model calls, here inside the words
-    "$12.50" became: it still comes back once, from its first phoneme in one chunk to its last in
-    another, at the times the calls' durations give."""
+def speak_in_pieces(engine: PiperEngine, text: str) -> tuple[list, list, list]:
+    """(chunks, recorded calls, words on the segment's clock in ms) of one segment."""
     from realtime.text.segment import PlaybackClock
 
+    try:
+        with recording_chunks() as made:
+            chunks = list(engine.speak(Segment(text, 0, len(text)), 1.0, PlaybackClock()))
+    finally:
+        engine.close()
+    got, at = [], 0.0
+    for chunk in chunks:
+        got += [(w.start, w.end, (at + w.start_s) * 1000, (at + w.end_s) * 1000) for w in chunk.words]
+        at += len(chunk.samples) / engine.sample_rate
+    return chunks, made, got
+
+
+def test_a_word_split_between_model_calls_is_one_word_from_its_first_call_to_its_last(tmp_path):
+    """A clause longer than a model call may be (``max_phonemes``) is cut at word gaps, here inside
+    the words "$12.50" became: it still comes back once, from its first phoneme in one chunk to its
+    last in another, at the times the calls' durations give."""
+    engine = PiperEngine(
+        write_tiny_piper(tmp_path / "tiny.onnx"),
+        CONFIG,
+        warmup=False,
+        lead=LeadConfig(enabled=False),
+        max_phonemes=12,
+    )
+    text = "Pay $12.50 today."
+    chunks, made, got = speak_in_pieces(engine, text)
+    assert len(made) == len(chunks) >= 3
+    assert [text[a:b] for a, b, _, _ in got] == ["Pay", "$12.50", "today"]
+    expected = reference_words(made, text, CONFIG_MAP, 22050)
+    for g, e in zip(got, expected, strict=True):
+        assert g[:2] == e[:2] and g[2:] == pytest.approx(e[2:], abs=1e-6)
+    [dollars] = [w for c in chunks for w in c.words if text[w.start : w.end] == "$12.50"]
+    assert dollars.start_s < 0  # it travels with the chunk of its end, and began in an earlier one
+
+
+def test_pieces_cut_for_latency_keep_a_rewritten_token_whole(tmp_path):
+    """With little lead the engine cuts a clause into short model calls at word gaps, but not
+    inside what one source token became: "twelve dollars and fifty cents" is said in one call."""
     lead = LeadConfig(first_s=0.12, max_s=0.12, smoothing=0.0)  # every call ~10 characters
     engine = PiperEngine(write_tiny_piper(tmp_path / "tiny.onnx"), CONFIG, warmup=False, lead=lead)
     engine.cost_per_char = 0.012
-    text = "Pay $12.50 today."
-    recording = Recording(engine)
-    try:
-        chunks = list(engine.speak(Segment(text, 0, len(text)), 1.0, PlaybackClock()))
-    finally:
-        engine.close()
-    assert len(recording.calls) == len(chunks) >= 3
-    got, expected_ipa, at = [], [], 0.0
-    for (ids, raw, durations), chunk in zip(recording.calls, chunks, strict=True):
-        got += [(w.start, w.end, at + w.start_s, at + w.end_s) for w in chunk.words]
-        voiced = len(raw) // 220 * 220  # the trim keeps whole 10 ms frames of voice
-        for first, end in decoded_word_frames(ids, durations, engine.config.phoneme_id_map):
-            expected_ipa.append((at + first * HOP / 22050, at + min(end * HOP, voiced) / 22050))
-        at += len(chunk.samples) / 22050
-    expected, k = [], 0
-    for start, end, n in spoken_words_per_source_word(text):
-        expected.append((start, end, expected_ipa[k][0], expected_ipa[k + n - 1][1]))
-        k += n
-    assert [text[a:b] for a, b, _, _ in got] == ["Pay", "$12.50", "today"]
-    for g, e in zip(got, expected, strict=True):
-        assert g[:2] == e[:2] and g[2:] == pytest.approx(e[2:], abs=1e-9)
-    [dollars] = [w for c in chunks for w in c.words if text[w.start : w.end] == "$12.50"]
-    assert dollars.start_s < 0  # it travels with the chunk of its end, and began in an earlier one
+    text = "Pay me $12.50 today, or else."
+    chunks, made, got = speak_in_pieces(engine, text)
+    assert len(made) >= 3
+    assert [text[a:b] for a, b, _, _ in got] == ["Pay", "me", "$12.50", "today", "or", "else"]
+    assert all(w.start_s >= 0 for c in chunks for w in c.words)  # every word within one call
+    assert got[2][2:] == pytest.approx(reference_words(made, text, CONFIG_MAP, 22050)[2][2:], abs=1e-6)
 
 
 # -- the real embedded voice --------------------------------------------------------------------
@@ -328,39 +277,30 @@ def joe():
 
 def word_timing_errors(engine: PiperEngine, sentences: list[str]) -> list[float]:
     """|engine's word time - the time read independently from the model's exposed durations|, in
-    ms, for every word start and end of ``sentences`` (each its own segment, one model call)."""
+    ms, for every word start and end of ``sentences`` (each its own segment)."""
     errors = []
-    recording = Recording(engine)
-    try:
-        for text in sentences:
-            recording.calls.clear()
+    for text in sentences:
+        with recording_chunks() as made:
             chunks = list(engine.speak(Segment(text, 0, len(text)), 1.0))
-            [(ids, raw, durations)] = recording.calls
-            [chunk] = [c for c in chunks if len(c.samples)]
-            assert isinstance(chunk, AudioChunk) and durations is not None
-            hop = len(raw) / durations.sum()
-            cut = trim_offset(raw, chunk.samples)
-            expected = decoded_word_frames(ids, durations, engine.config.phoneme_id_map)
-            source = [m for m in re.finditer(r"[\w'’-]+", text)]
-            assert [text[w.start : w.end] for w in chunk.words] == [m.group() for m in source]
-            assert len(expected) == len(chunk.words)
-            voiced = (len(chunk.samples) - engine.sample_rate * 0.3) / engine.sample_rate  # tail: 0.3 s
-            for w, (first, end) in zip(chunk.words, expected, strict=True):
-                start_s = max(0.0, first * hop - cut) / engine.sample_rate
-                end_s = min(max(0.0, end * hop - cut) / engine.sample_rate, voiced)
-                errors += [abs(w.start_s - start_s) * 1000, abs(w.end_s - end_s) * 1000]
-    finally:
-        del engine.infer
+        got, at = [], 0.0
+        for chunk in chunks:
+            got += [(w.start, w.end, (at + w.start_s) * 1000, (at + w.end_s) * 1000) for w in chunk.words]
+            at += len(chunk.samples) / engine.sample_rate
+        assert [text[a:b] for a, b, _, _ in got] == re.findall(r"[\w'’-]+", text)
+        expected = reference_words(made, text, engine.config.phoneme_id_map, engine.sample_rate)
+        for g, e in zip(got, expected, strict=True):
+            assert g[:2] == e[:2]
+            errors += [abs(g[2] - e[2]), abs(g[3] - e[3])]
     return errors
 
 
 def test_default_voice_word_times_match_its_own_durations(joe):
     errors = word_timing_errors(joe[0], SENTENCES)
     print(
-        f"word timing error over {len(errors)} times: mean {np.mean(errors):.3f} ms, max {max(errors):.3f} ms"
+        f"word timing error over {len(errors)} times: mean {np.mean(errors):.4f} ms, max {max(errors):.4f} ms"
     )
     assert len(errors) == 2 * sum(len(re.findall(r"[\w'’-]+", s)) for s in SENTENCES)
-    assert max(errors) < 0.5  # the same durations: only float rounding may differ
+    assert max(errors) < 0.01  # the same durations: only float rounding may differ
 
 
 async def test_default_voice_rewritten_tokens_are_one_word_with_their_source_offsets(joe):

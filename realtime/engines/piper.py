@@ -387,6 +387,18 @@ class _SourceMap:
         y = self.spans[j].start + (b - self.starts[j]) if self.verbatim[j] else self.spans[j].end
         return self.base + x, self.base + y
 
+    def whole(self, at: int, cut: int) -> int:
+        """``cut`` (a normalised offset, cutting a piece that starts at ``at``) moved out of a
+        rewritten span: to the span's start, or to its end if nothing would be left before it.  A
+        listener hears "twelve dollars and fifty cents" in one breath, and it stays one word."""
+        j = bisect.bisect_right(self.starts, cut - 1) - 1
+        if j < 0 or self.verbatim[j]:
+            return cut
+        start, end = self.starts[j], self.starts[j] + len(self.spans[j].spoken)
+        if not start < cut < end:
+            return cut
+        return start if self.text[at:start].strip() else end
+
     def continues(self, b: int) -> bool:
         """Whether a word ending at normalised offset ``b`` is followed by more words of the same
         rewritten span."""
@@ -444,6 +456,8 @@ class SegmentSpeech:
             cut = lead_cut(
                 self.rest, _budget_chars(self.engine, lead, self.speed), self.engine.lead.min_words
             )
+            if cut is not None and self.map is not None:
+                cut = self.map.whole(self.spoken, self.spoken + cut) - self.spoken
             piece, self.rest = (self.rest, "") if cut is None else (self.rest[:cut], self.rest[cut:])
             at, self.spoken = self.spoken, self.spoken + len(piece)
             ipa, words = phonemize_words(piece)
