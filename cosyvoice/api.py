@@ -40,8 +40,6 @@ log = logging.getLogger("cosyvoice")
 Text = str | Iterable[str]
 PromptWav = WavSource | torch.Tensor
 # zero-shot speaker fields that belong to the LM prompt (dropped for cross-lingual / instruct2)
-_LM_PROMPT_SPEECH = ("llm_prompt_speech_token", "llm_prompt_speech_token_len")
-_LM_PROMPT_TEXT = ("prompt_text", "prompt_text_len")
 
 
 class CosyVoice2:
@@ -189,7 +187,7 @@ class CosyVoice2:
         text_frontend: bool = True,
         **kwargs: Any,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        prompt = self.frontend.frontend_sft("", spk_id)
+        prompt = self.frontend.prompt_input("sft", speaker=self._speaker(spk_id))
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
@@ -204,10 +202,9 @@ class CosyVoice2:
         text_frontend: bool = True,
         **kwargs: Any,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        prompt = self._prompt(prompt_wav, zero_shot_spk_id)
         if not zero_shot_spk_id:
-            normalized = self.frontend.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
-            prompt["prompt_text"], prompt["prompt_text_len"] = self.encode(normalized)
+            prompt_text = self.frontend.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
+        prompt = self._prompt("zero_shot", prompt_wav, zero_shot_spk_id, prompt_text=prompt_text)
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
@@ -221,9 +218,7 @@ class CosyVoice2:
         text_frontend: bool = True,
         **kwargs: Any,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        prompt = self._prompt(prompt_wav, zero_shot_spk_id)
-        for key in _LM_PROMPT_TEXT + _LM_PROMPT_SPEECH:
-            prompt.pop(key, None)
+        prompt = self._prompt("cross_lingual", prompt_wav, zero_shot_spk_id)
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
@@ -239,10 +234,9 @@ class CosyVoice2:
         **kwargs: Any,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """``instruct_text`` is the LM's prompt text; ``<|endofprompt|>`` is appended if missing."""
-        prompt = self._prompt(prompt_wav, zero_shot_spk_id)
-        for key in _LM_PROMPT_SPEECH:
-            prompt.pop(key, None)
-        prompt["prompt_text"], prompt["prompt_text_len"] = self.encode(instruct_prompt(instruct_text))
+        prompt = self._prompt(
+            "instruct2", prompt_wav, zero_shot_spk_id, instruct_text=instruct_prompt(instruct_text)
+        )
         for text in self._segments(tts_text, text_frontend):
             yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
@@ -301,18 +295,28 @@ class CosyVoice2:
             return [_RawIds(self.frontend.tokenizer, tts_text)]
         return [iter(tts_text)]
 
-    def _prompt(self, prompt_wav: PromptWav | None, zero_shot_spk_id: str) -> dict[str, Any]:
+    def _prompt(
+        self, mode: str, prompt_wav: PromptWav | None, zero_shot_spk_id: str, **texts: str
+    ) -> dict[str, Any]:
+        """A stored speaker must be a zero-shot prompt here (an SFT speaker has nothing to clone)."""
         if zero_shot_spk_id:
-            speakers = self.spkinfo()
-            if zero_shot_spk_id not in speakers:
-                raise KeyError(f"unknown speaker {zero_shot_spk_id!r}")
-            entry = dict(speakers[zero_shot_spk_id])
+            entry = self._speaker(zero_shot_spk_id)
             if "flow_prompt_speech_token" not in entry:
                 raise ValueError(f"speaker {zero_shot_spk_id!r} is an SFT speaker, not a zero-shot prompt")
-            return entry
+            return self.frontend.prompt_input(mode, speaker=entry, **texts)
         if prompt_wav is None:
             raise ValueError("a prompt_wav or a zero_shot_spk_id is needed")
-        return self.frontend.frontend_zero_shot("", "", prompt_wav, self.sample_rate)
+        return self.frontend.prompt_input(
+            mode, prompt_wav=prompt_wav, resample_rate=self.sample_rate, **texts
+        )
+
+    def _speaker(self, spk_id: str) -> dict[str, Any]:
+        """The speaker's entry as the shared spk2info.pt has it now (another process may have
+        registered it since we loaded)."""
+        speakers = self.spkinfo()
+        if spk_id not in speakers:
+            raise KeyError(f"unknown speaker {spk_id!r}; available: {sorted(speakers)}")
+        return speakers[spk_id]
 
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of ``text`` as a model input ([1, L] int32, [1] int32)."""

@@ -40,6 +40,12 @@ def _session(path: str | Path, device: str) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
+PROMPT_MODES = ("sft", "zero_shot", "cross_lingual", "instruct2")
+# the LM's share of a zero-shot prompt, which cross_lingual and instruct2 leave out
+LM_PROMPT_TEXT = ("prompt_text", "prompt_text_len")
+LM_PROMPT_SPEECH = ("llm_prompt_speech_token", "llm_prompt_speech_token_len")
+
+
 def _ids(ids: list[int], device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return (
         torch.tensor([ids], dtype=torch.int32, device=device),
@@ -180,12 +186,61 @@ class CosyVoiceFrontEnd:
 
     # ------------------------------------------------------------------------------ modes
 
+    def prompt_input(
+        self,
+        mode: str,
+        *,
+        speaker: str | dict | None = None,
+        prompt_wav: WavSource | torch.Tensor | None = None,
+        prompt_text: str = "",
+        instruct_text: str = "",
+        resample_rate: int = 24000,
+    ) -> dict:
+        """A mode's model input without its text: the one place the modes' rules live (the
+        official ``frontend_*`` methods, the Python API and the service's engine all build here).
+
+        The voice is ``speaker`` (an id in spk2info, or an entry already looked up) or
+        ``prompt_wav``.  ``sft``: the speaker's embedding alone (a registered zero-shot speaker's
+        too, as official).  ``zero_shot``: the speaker's stored prompt, or the prompt audio's with
+        ``prompt_text`` (tokenized as given: callers normalise it).  ``cross_lingual``: that prompt
+        without the LM's prompt text and speech.  ``instruct2``: the LM's prompt text is
+        ``instruct_text`` (raw, ending in ``<|endofprompt|>``), without LM prompt speech; a stored
+        speaker's prompt text is replaced by it.  An SFT speaker has only an embedding, so it is
+        that in every mode but ``zero_shot``, which needs a prompt."""
+        if mode not in PROMPT_MODES:
+            raise ValueError(f"mode must be one of {PROMPT_MODES}, got {mode!r}")
+        if speaker is not None:
+            entry = self._speaker(speaker) if isinstance(speaker, str) else speaker
+            name = speaker if isinstance(speaker, str) else "this speaker"
+        elif prompt_wav is not None:
+            entry = self._prompt_features(prompt_wav, resample_rate)
+            if mode == "zero_shot":
+                entry["prompt_text"], entry["prompt_text_len"] = _ids(
+                    self.tokenizer.encode(prompt_text), self.device
+                )
+        else:
+            raise ValueError(f"{mode} needs a prompt wav or a speaker")
+        if mode == "sft" or "flow_prompt_speech_token" not in entry:
+            if mode == "zero_shot":
+                raise ValueError(f"{name!r} is an SFT speaker, not a zero-shot prompt")
+            # an SFT speaker stores 'embedding'; a zero-shot prompt 'flow_embedding'
+            embedding = entry["embedding"] if "embedding" in entry else entry["flow_embedding"]
+            model_input = {"llm_embedding": embedding, "flow_embedding": embedding}
+        else:
+            model_input = {k: v for k, v in entry.items() if k not in ("text", "text_len")}
+        if mode == "cross_lingual":
+            for key in LM_PROMPT_TEXT + LM_PROMPT_SPEECH:
+                model_input.pop(key, None)
+        elif mode == "instruct2":
+            for key in LM_PROMPT_SPEECH:
+                model_input.pop(key, None)
+            model_input["prompt_text"], model_input["prompt_text_len"] = _ids(
+                self.tokenizer.encode(instruct_text), self.device
+            )
+        return model_input
+
     def frontend_sft(self, tts_text: Text, spk_id: str) -> dict:
-        text, text_len = self._extract_text_token(tts_text)
-        speaker = self._speaker(spk_id)
-        # an SFT speaker stores 'embedding'; a registered zero-shot speaker stores 'flow_embedding'
-        embedding = speaker["embedding"] if "embedding" in speaker else speaker["flow_embedding"]
-        return {"text": text, "text_len": text_len, "llm_embedding": embedding, "flow_embedding": embedding}
+        return self._with_text(tts_text, self.prompt_input("sft", speaker=spk_id))
 
     def frontend_zero_shot(
         self,
@@ -196,47 +251,49 @@ class CosyVoiceFrontEnd:
         zero_shot_spk_id: str = "",
     ) -> dict:
         """prompt_text is used as given (the API normalises it, without splitting)."""
-        text, text_len = self._extract_text_token(tts_text)
-        if zero_shot_spk_id:
-            model_input = dict(self._speaker(zero_shot_spk_id))
-        else:
-            if prompt_wav is None:
-                raise ValueError("zero-shot needs a prompt wav or a zero_shot_spk_id")
-            model_input = self._prompt_features(prompt_wav, resample_rate)
-            prompt_text_ids, prompt_text_len = _ids(self.tokenizer.encode(prompt_text), self.device)
-            model_input = {"prompt_text": prompt_text_ids, "prompt_text_len": prompt_text_len, **model_input}
-        model_input["text"] = text
-        model_input["text_len"] = text_len
-        return model_input
+        return self._with_text(
+            tts_text,
+            self.prompt_input(
+                "zero_shot",
+                speaker=zero_shot_spk_id or None,
+                prompt_wav=prompt_wav,
+                prompt_text=prompt_text,
+                resample_rate=resample_rate,
+            ),
+        )
 
     def frontend_cross_lingual(
         self, tts_text: Text, prompt_wav: WavSource | torch.Tensor | None, resample_rate: int = 24000,
         zero_shot_spk_id: str = "",
     ) -> dict:  # fmt: skip
-        model_input = self.frontend_zero_shot(tts_text, "", prompt_wav, resample_rate, zero_shot_spk_id)
-        for key in (
-            "prompt_text",
-            "prompt_text_len",
-            "llm_prompt_speech_token",
-            "llm_prompt_speech_token_len",
-        ):
-            model_input.pop(key, None)
-        return model_input
+        return self._with_text(
+            tts_text,
+            self.prompt_input(
+                "cross_lingual",
+                speaker=zero_shot_spk_id or None,
+                prompt_wav=prompt_wav,
+                resample_rate=resample_rate,
+            ),
+        )
 
     def frontend_instruct2(
         self, tts_text: Text, instruct_text: str, prompt_wav: WavSource | torch.Tensor | None,
         resample_rate: int = 24000, zero_shot_spk_id: str = "",
     ) -> dict:  # fmt: skip
         """instruct_text is the LM prompt text, raw; it must end with <|endofprompt|>."""
-        model_input = self.frontend_zero_shot(
-            tts_text, instruct_text, prompt_wav, resample_rate, zero_shot_spk_id
+        return self._with_text(
+            tts_text,
+            self.prompt_input(
+                "instruct2",
+                speaker=zero_shot_spk_id or None,
+                prompt_wav=prompt_wav,
+                instruct_text=instruct_text,
+                resample_rate=resample_rate,
+            ),
         )
-        if zero_shot_spk_id:  # a stored speaker's prompt text is replaced by the instruction
-            model_input["prompt_text"], model_input["prompt_text_len"] = _ids(
-                self.tokenizer.encode(instruct_text), self.device
-            )
-        model_input.pop("llm_prompt_speech_token", None)
-        model_input.pop("llm_prompt_speech_token_len", None)
+
+    def _with_text(self, tts_text: Text, model_input: dict) -> dict:
+        model_input["text"], model_input["text_len"] = self._extract_text_token(tts_text)
         return model_input
 
     def frontend_vc(

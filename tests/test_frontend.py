@@ -157,6 +157,42 @@ def test_cross_lingual_and_instruct2_drop_the_lm_prompt(frontend, prompt_wav_byt
         frontend.frontend_zero_shot("x", "y", None)
 
 
+def test_prompt_input_is_each_modes_rule_for_every_kind_of_voice(frontend, prompt_wav_bytes):
+    """The one builder of a mode's prompt: stored zero-shot speaker, SFT speaker and prompt audio,
+    in each mode; the official frontend_* methods are it plus the text."""
+    entry = frontend.prompt_input("zero_shot", prompt_wav=prompt_wav_bytes, prompt_text="prompt words")
+    assert set(entry) == PROMPT_KEYS
+    frontend.spk2info["dave"] = entry
+    try:
+        stored = frontend.prompt_input("zero_shot", speaker="dave", prompt_text="ignored: the stored one")
+        assert torch.equal(stored["prompt_text"], entry["prompt_text"])
+        instruct = "Whisper.<|endofprompt|>"
+        ins = frontend.prompt_input("instruct2", speaker="dave", instruct_text=instruct)
+        ids = ins["prompt_text"][0].tolist()  # replaces the stored text
+        assert ids == frontend.tokenizer.encode(instruct) and ids[-1] == frontend.tokenizer.token_id(
+            "<|endofprompt|>"
+        )
+        assert "llm_prompt_speech_token" not in ins and torch.equal(
+            ins["prompt_speech_feat"], entry["prompt_speech_feat"]
+        )
+        assert set(frontend.prompt_input("sft", speaker="dave")) == {"llm_embedding", "flow_embedding"}
+        official = frontend.frontend_instruct2("Hi", instruct, None, zero_shot_spk_id="dave")
+        assert set(official) == set(ins) | {"text", "text_len"}
+    finally:
+        del frontend.spk2info["dave"]
+    # an SFT speaker is its embedding in every mode but zero_shot, which needs a prompt
+    for mode in ("sft", "cross_lingual", "instruct2"):
+        mi = frontend.prompt_input(mode, speaker="bob", instruct_text="Slowly.<|endofprompt|>")
+        assert torch.equal(mi["flow_embedding"], frontend.spk2info["bob"]["embedding"])
+        assert "flow_prompt_speech_token" not in mi and ("prompt_text" in mi) == (mode == "instruct2")
+    with pytest.raises(ValueError, match="SFT speaker"):
+        frontend.prompt_input("zero_shot", speaker="bob")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        frontend.prompt_input("vc", speaker="bob")
+    with pytest.raises(ValueError, match="needs a prompt wav or a speaker"):
+        frontend.prompt_input("cross_lingual")
+
+
 def test_vc_uses_source_tokens_and_untrimmed_prompt(frontend, prompt_wav_bytes, ref):
     source = torch.from_numpy(ref["wav_16k"][:16000])[None]  # a 16 kHz tensor works as input too
     assert source.shape[1] == 16000

@@ -66,8 +66,6 @@ from .base import (
 log = logging.getLogger("realtime.engines.cosyvoice2")
 
 VOICE_ID = re.compile(r"^[\w][\w .\-]{0,63}$")
-_LM_PROMPT_TEXT = ("prompt_text", "prompt_text_len")
-_LM_PROMPT_SPEECH = ("llm_prompt_speech_token", "llm_prompt_speech_token_len")
 
 
 def _is_zero_shot(entry: dict[str, Any]) -> bool:
@@ -240,37 +238,27 @@ class CosyVoice2Engine(BlockingEngine):
                 raise EngineError(
                     "bad_request", f"voice {voice!r} is an SFT speaker; zero_shot needs prompt_audio"
                 )
-            prompt: dict[str, Any] = {
-                "flow_embedding": entry["embedding"],
-                "llm_embedding": entry["embedding"],
-            }
         elif entry is not None:  # a registered zero-shot voice (in sft mode too: it has no other use)
-            prompt = dict(entry)
             mode = "zero_shot" if mode == "sft" else mode
-        else:
-            if options.prompt_audio is None:
-                raise EngineError("bad_request", f"mode {mode} needs prompt_audio or a registered voice")
-            if mode == "sft":  # a voice given only as audio: its timbre, without an LM prompt
-                mode = "cross_lingual"
-            try:
-                prompt = cv.frontend.frontend_zero_shot("", "", options.prompt_audio, cv.sample_rate)
-            except Exception as e:
-                raise EngineError("bad_request", f"prompt_audio is not a usable WAV file: {e}") from None
-            if mode == "zero_shot":
-                text = cv.frontend.text_normalize(options.prompt_text or "", split=False)
-                prompt["prompt_text"], prompt["prompt_text_len"] = cv.encode(text)
-        if mode in ("cross_lingual", "instruct2"):
-            for key in _LM_PROMPT_SPEECH + (_LM_PROMPT_TEXT if mode == "cross_lingual" else ()):
-                prompt.pop(key, None)
-        if mode == "instruct2":
+        elif options.prompt_audio is None:
+            raise EngineError("bad_request", f"mode {mode} needs prompt_audio or a registered voice")
+        elif mode == "sft":  # a voice given only as audio: its timbre, without an LM prompt
+            mode = "cross_lingual"
+        texts = {}
+        if mode == "zero_shot" and entry is None:
+            texts["prompt_text"] = cv.frontend.text_normalize(options.prompt_text or "", split=False)
+        elif mode == "instruct2":
             from cosyvoice.api import instruct_prompt
 
-            prompt["prompt_text"], prompt["prompt_text_len"] = cv.encode(
-                instruct_prompt(options.instruct_text or "")
+            texts["instruct_text"] = instruct_prompt(options.instruct_text or "")
+        if entry is not None:
+            return cv.frontend.prompt_input(mode, speaker=entry, **texts)
+        try:
+            return cv.frontend.prompt_input(
+                mode, prompt_wav=options.prompt_audio, resample_rate=cv.sample_rate, **texts
             )
-        prompt.pop("text", None)
-        prompt.pop("text_len", None)
-        return prompt
+        except Exception as e:
+            raise EngineError("bad_request", f"prompt_audio is not a usable WAV file: {e}") from None
 
     def open(self, options: SynthesisOptions, sink: AudioSink) -> EngineStream:
         if self.cv.model.lm_mode != "batched":
