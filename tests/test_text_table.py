@@ -221,6 +221,26 @@ EN: list[tuple[str, str]] = [
     ('Use Ctrl+C to copy.', 'Use Ctrl plus C to copy.'),
     ('The ratio 3:2 is fine.', 'The ratio three to two is fine.'),
     ('In 2023-2024 we grew.', 'In twenty twenty-three to twenty twenty-four we grew.'),
+    ("It's a 5-star hotel.", "It's a five-star hotel."),
+    ('Use 3rd-party tools.', 'Use third-party tools.'),
+    ("It's 10x faster.", "It's ten times faster."),
+    ('Watch in 4K video.', 'Watch in four K video.'),
+    ('Update to iOS 17 or Windows 11.', 'Update to iOS seventeen or Windows eleven.'),
+    ('I code in C++ and C#.', 'I code in C plus plus and C sharp.'),
+    ('Use .NET or node.js.', 'Use dot net or node.js.'),
+    ("It's 1:30.", "It's one thirty."),
+    ('Earn $50k/year.', 'Earn fifty thousand dollars per year.'),
+    ('It is 0.1%.', 'It is zero point one percent.'),
+    ('x = 5', 'x equals five'),
+    ('f(x) = 2x + 1', 'f(x) equals two x plus one'),
+    ('He\'s 6\'2".', "He's six feet two inches."),
+    ('Call +44 20 7946 0958.', 'Call plus four four, two zero, seven nine four six, zero nine five eight.'),
+    ("It's 11:00 AM EST.", "It's eleven a.m. EST."),
+    ('Tickets: $25-$30.', 'Tickets: twenty-five dollars to thirty dollars.'),
+    ('Temp: 98.6°F.', 'Temp: ninety-eight point six degrees Fahrenheit.'),
+    ('1000s of users', 'thousands of users'),
+    ('Python3 code', 'Python three code'),
+    ('Follow #hashtag and @user.', 'Follow hashtag and at user.'),
 ]  # fmt: skip
 
 # Chinese, read by CosyVoice2 (language "zh": Chinese through wetext and our fixes, English pieces
@@ -302,14 +322,14 @@ ZH: list[tuple[str, str]] = [
     ('总共花了1,250.5元。', '总共花了一千二百五十点五元。'),
     ('电话：021-12345678。', '电话：零二幺，幺二三四五六七八。'),
     ('好的👌，明白了。', '好的，明白了。'),
-    ('用户增长了2倍。', '用户增长了二倍。'),
+    ('用户增长了2倍。', '用户增长了两倍。'),
     ('这是第100次尝试。', '这是第一百次尝试。'),
     ('> 学而时习之，不亦说乎？', '学而时习之，不亦说乎？'),
     ('速度达到了每秒3万次。', '速度达到了每秒三万次。'),
     ('你好 ,、', '你好。'),
     ('我喜欢Python和JavaScript。', '我喜欢Python和JavaScript。'),
     ('今天是星期一。', '今天是星期一。'),
-    ('一共有3种方法：A、B和C。', '一共有三种方法：A, B和C。'),
+    ('一共有3种方法：A、B和C。', '一共有三种方法：A、B和C。'),
 ]  # fmt: skip
 
 

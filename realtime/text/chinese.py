@@ -26,8 +26,10 @@ _DIVIDE = re.compile(r"(?<=\d)\s*÷\s*(?=\d)")
 _RANGE = re.compile(r"(?<=\d)\s*[~～]\s*(?=\d)")  # 15~20℃
 _ABOUT = re.compile(r"(?<![约大概])[~～](?=\s?[$€£¥￥]?\d)")
 _MONEY = re.compile(r"([$€£¥￥])\s?(\d[\d,]*(?:\.\d+)?)")
+_TWO = re.compile(r"(?<![\d.])2(?=倍)")  # 两倍, as wetext already says 两个
 _LETTER_DASH_DIGIT = re.compile(r"(?<=[A-Za-z])-(?=\d)")
-_MARKUP = re.compile(r"\*+|`+|~+|～|(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])|#+|[\[\]{}|\\^•·]")
+_MARKUP = re.compile(r"\*+|`+|~+|～|_+|#+|[\[\]{}|\\^•·]|(?<!\d)\s*[<>]|[<>]\s*(?!\d)")
+_ORDINAL = re.compile(r"(?<![\w.])(\d+)(?:st|nd|rd|th)\b")  # 21st -> 第21
 
 
 def _phone(m: re.Match[str]) -> str:
@@ -120,9 +122,12 @@ def read(text: str, keep_letter: Callable[[str], bool]) -> str:
     text = _RANGE.sub("到", text)
     text = _ABOUT.sub("约", text)
     text = _MONEY.sub(_money, text)
+    text = _TWO.sub("两", text)
     text = _LETTER_DASH_DIGIT.sub("", text)
+    text = _ORDINAL.sub(r"第\1", text)
     text = _MARKUP.sub(" ", text)
     text = " ".join(_drop(text, keep_letter).split())
     if not text:
         return ""
-    return _post(wetext_normalize(text, "zh"))
+    # wetext escapes some quotes (\\"); there is no backslash in its input (markup went above)
+    return _post(wetext_normalize(text, "zh").replace("\\", ""))

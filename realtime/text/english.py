@@ -189,14 +189,12 @@ _UNITS = {
     "℃": "degrees Celsius",
     "°F": "degrees Fahrenheit",
     "°": "degrees",
-    "K": "kelvin",
     "in": "inches",
     "x": "times",
 }
-_TIGHT_UNITS = ("in", "x", "K")  # only straight after the numeral: "5 in a row", "3 x 4", "5 K"
+_TIGHT_UNITS = ("in", "x")  # only straight after the numeral: "5 in a row", "3 x 4"
 _SINGULAR = {"feet": "foot", "inches": "inch", "hours": "hour", "times": "time", "hertz": "hertz"}
 _UNIT_ALTS = "|".join(re.escape(u) for u in sorted(_UNITS, key=len, reverse=True) if u not in _TIGHT_UNITS)
-_TIGHT_ALTS = "|".join(_TIGHT_UNITS)
 
 _SYMBOL_WORDS = {
     "&": " and ",
@@ -250,11 +248,18 @@ def _singular(unit: str) -> str:
     return f"{first} {rest}".strip()
 
 
-def _speak_host(host: str, dot: str = " dot ") -> str:
+def _spell(name: str) -> str:
+    """A name in an address: its digits as words ("web3" -> "web three"), dots said."""
+    name = re.sub(r"\d+", lambda m: f" {number_words(m[0])} ", name)
+    name = re.sub(r"[._+-]+", lambda m: " dot " if "." in m[0] else " ", name)
+    return " ".join(name.split())
+
+
+def _speak_host(host: str) -> str:
     host = host.rstrip(".").lower()
     if host.startswith("www."):
         host = host[4:]
-    return dot.join(p for p in host.split(".") if p)
+    return _spell(host)
 
 
 def _money(m: re.Match[str]) -> str:
@@ -330,6 +335,8 @@ def _us_date(m: re.Match[str]) -> str | None:
 
 def _decade(m: re.Match[str]) -> str:
     n = int(m[1])
+    if n % 1000 == 0:  # "1000s of users", "the 2000s"
+        return "thousands" if n == 1000 else cardinal(n) + "s"
     words = year(n) if n >= 1000 else cardinal(n)
     return words[:-1] + "ies" if words.endswith("y") else words + ("es" if words.endswith("x") else "s")
 
@@ -461,7 +468,7 @@ _EN_RULES: list[tuple[str, Reading, bool]] = [
     (r"!?\[|\]\([^)\s]*\)|\]", _const(""), False),
     # -- addresses
     (r"(?<![A-Za-z0-9.+_-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+",
-     _w(lambda m: f"{m[0].split('@')[0].replace('.', ' dot ')} at {_speak_host(m[0].split('@')[1])}"), True),
+     _w(lambda m: f"{_spell(m[0].split('@')[0])} at {_speak_host(m[0].split('@')[1])}"), True),
     (r"(?<![A-Za-z0-9])(?:https?://|www\.)([A-Za-z0-9.-]+)(?:[!#-'*-;=?-Z_a-z~]*[#-&*-+/-9=?-Z_a-z~])?",
      _w(lambda m: _speak_host(m[1])), True),
     (r"(?<![A-Za-z0-9.-])(?:[A-Za-z0-9-]+\.)+(?:com|org|net|io|ai|dev|edu|gov|app|co|uk|de|fr|ca|us)"
@@ -470,7 +477,8 @@ _EN_RULES: list[tuple[str, Reading, bool]] = [
     (r"(?<![\w.])([-−]?)([$€£¥])\s?(\d[\d,]*(?:\.\d+)?)(?:\s?(thousand|million|billion|trillion|bn|[kKmMbBtT])\b)?",
      _w(_money), True),
     (r"(?<![\w.+-])(?:\+\d{1,3}[ .-]?|1[ .-])?(?:\(\d{3}\)[ ]?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w-])"
-     r"|(?<![\w.-])\d{3}-\d{4}(?![\w-]|\.\d)", _w(_phone), True),
+     r"|(?<![\w.-])\d{3}-\d{4}(?![\w-]|\.\d)"
+     r"|(?<![\w+])\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}(?![\w-])", _w(_phone), True),
     (r"\b(\d{4})-(\d{2})-(\d{2})\b", _w(_iso_date), True),
     (r"(?<![\w/.])(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})(?![\w/])", _w(_us_date), True),
     (r"(?<![\d.,:])(\d{1,2})(?::|\.(?=\d\d\s*[aApP]\.?[mM]\b))(\d{2})(?::(\d{2}))?"
@@ -482,9 +490,9 @@ _EN_RULES: list[tuple[str, Reading, bool]] = [
     (r"(?<![\d.,])'?(\d0|1\d\d0|20\d0)'?s\b", _w(_decade), True),
     # -- quantities
     (rf"(?<![\w.])([-−]?{_NUM})\s?%", _w(lambda m: f"{number_words(m[1])} percent"), True),
-    (rf"(?<![\w.])([-−]?{_NUM})(?:[ ]?({_UNIT_ALTS})|({_TIGHT_ALTS}))(?![\w/²³])", _w(_unit), True),
+    (rf"(?<![\w.])([-−]?{_NUM})(?:[ ]?({_UNIT_ALTS})(?![\w/²³])|(in(?![\w/])|x(?=[ \t]+[A-Za-z]|[ \t]*[.,;:!?)]|[ \t]*$)))", _w(_unit), True),
     (r"(?<![\w.])(\d{1,2})'(\d{1,2})(?:\"|'')", _w(_feet_inches), True),
-    (r"(?<![\w.])(\d+(?:\.\d+)?)(k|K|M|B|bn|T)\b",
+    (r"(?<![\w.])(\d+(?:\.\d+)?)(k|M|B|bn|T)\b",
      _w(lambda m: f"{number_words(m[1])} {_MAGNITUDE[m[2].lower()]}"), True),
     (r"\b(\d+)(?:st|nd|rd|th)\b", _w(lambda m: ordinal(int(m[1]))), True),
     (r"(?<![\d/.])(\d{1,3}(?:\.\d+)?)/(\d{1,3})(?![\d/])", _w(_fraction), True),
@@ -508,6 +516,8 @@ _EN_RULES: list[tuple[str, Reading, bool]] = [
     (r"(?<=\d):(?=\d)", _const(" to "), False),  # a ratio: what the clock rule left (2:1, 16:9)
     (r"~(?=\s?[$€£¥]?\d)", _const(" about "), False),
     (r"#(?=\d)", _const(" number "), False),
+    (r"(?<=\b[CF])#", _const(" sharp"), False),
+    (r"(?<![\w.])\.NET\b", _const("dot net"), True),
     (r"(?<![\w.,)%])[-−](?=\.?\d)", _const(" minus "), False),
     (rf"(?<![\d.,])(?:{_NUM}|\.\d+)(?!\d)", _w(_number), True),
     # -- abbreviations

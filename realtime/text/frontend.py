@@ -260,7 +260,8 @@ class _Reader:
         self.last = ""  # the last character said so far ("" before anything)
 
     def piece(self, text: str, start: int, end: int, final: bool) -> list[Span]:
-        zh = self.language == "zh" and contains_chinese(text[start:end])
+        piece = text[start:end]
+        zh = self.language == "zh" and (contains_chinese(piece) or any(c in _CJK_PUNCT for c in piece))
         raws = lex(text, start, end, self.keep, self.keep_letter, markup_only=zh)
         if zh:
             raws = [self._zh(r) for r in raws]
