@@ -207,6 +207,21 @@ def test_streaming_equals_whole_text_for_any_chunking(case):
     assert "".join(outs) == normalize_text(text)
 
 
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_texts_and_splits(), st.sampled_from(["en", "zh"]))
+def test_the_front_end_spans_are_the_same_for_any_chunking(case, language):
+    # the property above, for the one front end both voices read through (spans, not just text)
+    from realtime.text import normalize, spans
+    from realtime.text.frontend import Incremental
+
+    text, cuts = case
+    front = Incremental(language)
+    bounds = [0, *cuts, len(text)]
+    got = [s for a, b in zip(bounds, bounds[1:], strict=False) for s in front.push(text[a:b])] + front.flush()
+    assert got == spans(text, language)
+    assert "".join(s.spoken for s in got) == normalize(text, language)
+
+
 # ------------------------------------------------------------------------------------- splitting
 
 
