@@ -26,7 +26,8 @@ from .audio.encoders import make_encoder
 from .engines.base import EngineError
 from .errors import ProtocolError
 from .protocol import VoiceOptions, parse_voice_options
-from .server import Service, _service, error_from, read_body, read_form, read_json_object, synthesis_response
+from .routes.synthesis import read_body, read_form, read_json_object, synthesis_response
+from .service import Service, error_from, service_of
 from .synthesis import synthesis_options
 from .validation import check_text
 
@@ -81,7 +82,7 @@ async def official(request: Request) -> Response:
     ``/inference_instruct`` (CosyVoice 1's speaker + instruct text) is spoken as instruct2 with
     that speaker's voice where the engine has instruct2."""
     route = request.url.path.strip("/")
-    service = _service(request)
+    service = service_of(request)
     service.metrics.http_requests.labels("/" + route).inc()
     config, info = service.config, service.info
     try:
@@ -214,7 +215,7 @@ class SseAudio:
 async def speech(request: Request) -> Response:
     """``POST /v1/audio/speech``: JSON ``{model, input, voice, instructions?, response_format?,
     speed?, stream_format?}``; the audio streams from the first chunk."""
-    service = _service(request)
+    service = service_of(request)
     service.metrics.http_requests.labels("/v1/audio/speech").inc()
     config, info = service.config, service.info
     try:
@@ -269,7 +270,7 @@ async def speech(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     """``GET /v1/models``: the model names the speech route accepts (all speak with this engine)."""
-    engine = _service(request).engine
+    engine = service_of(request).engine
     names = (engine.name, *OPENAI_MODELS)
     return JSONResponse(
         {
@@ -303,7 +304,7 @@ async def tts_stream(request: Request) -> Response:
     """``POST /api/tts/stream``: form ``text``, optional ``prompt_audio`` file and ``prompt_text``
     (zero-shot where the engine has it); a 16-bit WAV at the engine's rate that plays while it
     downloads."""
-    service = _service(request)
+    service = service_of(request)
     service.metrics.http_requests.labels("/api/tts/stream").inc()
     config, info = service.config, service.info
     try:

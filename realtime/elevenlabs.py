@@ -42,7 +42,7 @@ from .auth import check_token
 from .engines.base import Failed, Finished
 from .errors import ProtocolError
 from .protocol import VoiceOptions, parse_voice_options
-from .server import Service, _service
+from .service import Service, service_of
 from .synthesis import Audio, Synthesis, Word, synthesis_options
 from .validation import parse_json
 
@@ -350,7 +350,7 @@ async def multi_stream_input(ws: WebSocket) -> None:
 
 
 async def _serve(ws: WebSocket, multi: bool) -> None:
-    service = _service(ws)
+    service = service_of(ws)
     token = service.config.token
     header = ws.headers.get("xi-api-key")
     if token and header is not None and header.strip() != token:
