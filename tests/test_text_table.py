@@ -381,7 +381,11 @@ def test_english_default_voice_path(text, said):
     segmenter = ClauseSegmenter()
     segments = segmenter.push(text) + segmenter.end()
     assert "".join(s.text for s in segments) == text
-    assert _words(" ".join(piper.normalize(s.text) for s in segments)) == _words(said)
+    clauses = " ".join(said for said in (piper.normalize(s.text) for s in segments) if said)
+    if "\n" in text:  # it cuts at line breaks, and its pause there is the comma's
+        assert _words(clauses) == _words(said)
+    else:
+        assert clauses == said
 
 
 @pytest.mark.parametrize("text, said", EN)
