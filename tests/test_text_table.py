@@ -546,3 +546,19 @@ async def test_http_refuses_text_with_nothing_to_say_and_marks_what_it_skipped(d
         assert unquote(r.headers["x-skipped-text"]) == "你好"
         r = await client.post(default_voice + "/v1/tts", json={"text": "Hello world."})
         assert r.status_code == 200 and "x-skipped-text" not in r.headers
+
+
+async def test_cosyvoice2_speaks_its_five_languages_and_names_them(tmp_path):
+    from cosyvoice.tiny import write_model_dir
+    from realtime.engines import create_engine
+
+    engine = create_engine("cosyvoice2", str(write_model_dir(tmp_path / "tiny")))
+    with serve(engine) as base:
+        async with httpx.AsyncClient() as client:
+            voices = (await client.get(base + "/v1/voices")).json()["voices"]
+        assert voices and all(v["languages"] == ["zh", "en", "ja", "ko", "yue"] for v in voices)
+        _, msgs = await _speak(base, ["你好，hello, こんにちは 안녕"])
+        assert msgs[-1]["type"] == "done" and not any(m["type"] == "warning" for m in msgs)
+        _, msgs = await _speak(base, ["Привет, мир"])
+        assert msgs[-1]["code"] == "unsupported_language" and msgs[-1]["skipped"] == "Привет, мир"
+        assert msgs[-1]["languages"] == ["zh", "en", "ja", "ko", "yue"]
