@@ -23,12 +23,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .audio.encoders import make_encoder
-from .engines.base import EngineError
+from .engines.base import EngineError, SynthesisOptions
 from .errors import ProtocolError
-from .protocol import VoiceOptions, parse_voice_options
+from .protocol import parse_voice_options
 from .routes.synthesis import read_body, read_form, read_json_object, synthesis_response
 from .service import Service, error_from, service_of
-from .synthesis import synthesis_options
 from .validation import check_text
 
 # ---- the official CosyVoice FastAPI server ---------------------------------------------------------
@@ -116,7 +115,7 @@ async def official(request: Request) -> Response:
         }
         voice = parse_voice_options(
             {k: v for k, v in requested.items() if v},
-            VoiceOptions(prompt_audio=prompt_wav),
+            SynthesisOptions(prompt_audio=prompt_wav),
             info,
             config.limits,
         )
@@ -125,7 +124,7 @@ async def official(request: Request) -> Response:
         return await synthesis_response(
             service,
             text,
-            synthesis_options(voice),
+            voice,
             encoder,
             "application/octet-stream",
             {"X-Sample-Rate": str(rate)},
@@ -250,7 +249,7 @@ async def speech(request: Request) -> Response:
                 requested |= {"mode": "instruct2", "instruct_text": instructions}
             else:
                 ignored.append("instructions")
-        options = parse_voice_options(requested, VoiceOptions(), info, config.limits)
+        options = parse_voice_options(requested, SynthesisOptions(), info, config.limits)
         fmt, container, rate = OPENAI_FORMATS[response_format]
         encoder = make_encoder(fmt, rate, container, service.engine.sample_rate)
         headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else {}
@@ -258,7 +257,7 @@ async def speech(request: Request) -> Response:
         return await synthesis_response(
             service,
             text,
-            synthesis_options(options),
+            options,
             encoder,
             events.media_type if events else encoder.content_type,
             headers,
@@ -338,7 +337,7 @@ async def tts_stream(request: Request) -> Response:
             raise ProtocolError("bad_request", "prompt_text goes with a prompt_audio file")
         options = parse_voice_options(
             {k: v for k, v in requested.items() if v},
-            VoiceOptions(prompt_audio=prompt_audio),
+            SynthesisOptions(prompt_audio=prompt_audio),
             info,
             config.limits,
         )
@@ -346,9 +345,7 @@ async def tts_stream(request: Request) -> Response:
         encoder = make_encoder("pcm_s16le", rate, "wav", rate)
         ignored = sorted(set(fields) & VOXCPM_IGNORED)
         headers = {"X-Ignored-Fields": ",".join(ignored)} if ignored else {}
-        return await synthesis_response(
-            service, text, synthesis_options(options), encoder, "audio/wav", headers
-        )
+        return await synthesis_response(service, text, options, encoder, "audio/wav", headers)
     except (ProtocolError, EngineError) as e:
         return error_from(e, service.metrics)
 

@@ -39,11 +39,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .audio.encoders import AudioEncoder, CodecEncoder, SampleEncoder
 from .auth import check_token
-from .engines.base import Failed, Finished
+from .engines.base import Failed, Finished, SynthesisOptions
 from .errors import ProtocolError
-from .protocol import VoiceOptions, parse_voice_options
+from .protocol import parse_voice_options
 from .service import Service, service_of
-from .synthesis import Audio, Synthesis, Word, synthesis_options
+from .synthesis import Audio, Synthesis, Word
 from .validation import parse_json
 
 log = logging.getLogger("realtime.elevenlabs")
@@ -108,7 +108,7 @@ class ElevenLabsSession:
         self.voice_id = voice_id
         self.multi = multi
         self.contexts: dict[str, _Context] = {}
-        self.options: VoiceOptions | None = None
+        self.options: SynthesisOptions | None = None
         self.output: tuple[str, int, int | None] = ("mp3", 44100, 128_000)  # set from the query in run()
         self.inactivity = 20.0
         self.authorized = check_token(service.config.token, ws.headers, ws.query_params) is None or (
@@ -142,7 +142,7 @@ class ElevenLabsSession:
                     )
                 voice = service.config.voice_aliases.get(self.voice_id)
             self.options = parse_voice_options(
-                {"voice": voice or info.default_voice}, VoiceOptions(), info, service.config.limits
+                {"voice": voice or info.default_voice}, SynthesisOptions(), info, service.config.limits
             )
         except (ProtocolError, ValueError) as e:
             code = getattr(e, "code", "bad_request")
@@ -228,7 +228,7 @@ class ElevenLabsSession:
         service = self.service
         synthesis = Synthesis(
             service.engine,
-            synthesis_options(self.options),
+            self.options,
             service.runtime.admission,
             f"xi-{id(self)}",
             service.config.buffer_seconds,

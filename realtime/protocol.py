@@ -23,6 +23,7 @@ from enum import Enum
 from typing import Protocol as _Shape
 
 from .audio.formats import CONTAINERS, FORMATS, default_sample_rate
+from .engines.base import SynthesisOptions
 from .errors import ProtocolError
 from .validation import parse_json
 
@@ -43,20 +44,6 @@ class Limits:
     max_context_id_chars: int = 128
     max_prompt_audio_bytes: int = 3 << 20  # decoded prompt WAV
     max_prompt_text_chars: int = 4_000  # prompt_text, instruct_text
-
-
-@dataclass(frozen=True)
-class VoiceOptions:
-    """Per-context synthesis options; a context inherits the session's and may override them."""
-
-    voice: str | None = None
-    mode: str = "sft"
-    prompt_text: str | None = None
-    prompt_audio: bytes | None = None
-    instruct_text: str | None = None
-    speed: float = 1.0
-    token_hop_len: int | None = None
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +114,7 @@ class Close:
 @dataclass(frozen=True)
 class OpenContext:
     context_id: str
-    options: VoiceOptions
+    options: SynthesisOptions
 
 
 @dataclass(frozen=True)
@@ -198,7 +185,7 @@ class Protocol:
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def __post_init__(self) -> None:
-        self.voice_defaults = VoiceOptions(voice=self.info.default_voice)
+        self.voice_defaults = SynthesisOptions(voice=self.info.default_voice)
         self.output = OutputOptions()
         self.started = False  # `ready` sent
         self.closed = False
@@ -292,7 +279,7 @@ class Protocol:
             return self.output.sample_rate
         return default_sample_rate(self.output.format, self.info.native_rate)
 
-    def _voice_options(self, msg: dict, base: VoiceOptions) -> VoiceOptions:
+    def _voice_options(self, msg: dict, base: SynthesisOptions) -> SynthesisOptions:
         return parse_voice_options(msg, base, self.info, self.limits)
 
     def _context_message(self, kind: str, msg: dict, cid: str | None) -> list[Event]:
@@ -511,13 +498,17 @@ class Protocol:
         return list(self.contexts)
 
 
-def parse_voice_options(msg: dict, base: VoiceOptions, info: SessionInfo, limits: Limits) -> VoiceOptions:
+def parse_voice_options(
+    msg: dict, base: SynthesisOptions, info: SessionInfo, limits: Limits
+) -> SynthesisOptions:
     """Validate the voice options in ``msg`` on top of ``base``; raises :class:`ProtocolError`."""
     changes: dict[str, object] = {}
     for key in _VOICE_KEYS & set(msg):
         value = msg[key]
         _check_type(key, value, limits.max_prompt_text_chars)
         changes[key] = value
+    if "speed" in changes:
+        changes["speed"] = float(changes["speed"])  # JSON's 1 is the engine's 1.0
     opts = replace(base, **changes)
     if "prompt_audio" in changes:
         raw = changes["prompt_audio"]
@@ -536,7 +527,7 @@ def parse_voice_options(msg: dict, base: VoiceOptions, info: SessionInfo, limits
             "bad_request",
             f"mode {opts.mode!r} is not supported by engine {info.engine_name!r} (supported: {list(info.modes)})",
         )
-    if not 0.25 <= float(opts.speed) <= 4.0:
+    if not 0.25 <= opts.speed <= 4.0:
         raise ProtocolError("bad_request", "speed must be between 0.25 and 4.0")
     if opts.token_hop_len is not None and not 1 <= opts.token_hop_len <= 200:
         raise ProtocolError("bad_request", "token_hop_len must be between 1 and 200")

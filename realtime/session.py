@@ -31,7 +31,7 @@ from .protocol import (
     PushText,
     Send,
 )
-from .synthesis import Audio, LanguageWarning, Mark, Synthesis, Unspeakable, synthesis_options
+from .synthesis import Audio, LanguageWarning, Mark, Synthesis, Unspeakable
 
 log = logging.getLogger("realtime.session")
 
@@ -524,7 +524,7 @@ class Session:
                 )
             )
         elif isinstance(ev, OpenContext):
-            options = synthesis_options(ev.options)
+            options = ev.options
             previous = self._last_runner if self.protocol.output.audio_transport == "binary" else None
             if previous is not None and previous.finished.is_set():
                 previous = None

@@ -44,24 +44,9 @@ from .engines.base import (
     WordTime,
 )
 from .metrics import Metrics
-from .protocol import VoiceOptions
 from .text.frontend import ScriptWatch
 
 log = logging.getLogger("realtime.synthesis")
-
-
-def synthesis_options(v: VoiceOptions) -> SynthesisOptions:
-    """The engine's view of a context's validated voice options."""
-    return SynthesisOptions(
-        voice=v.voice,
-        mode=v.mode,
-        prompt_text=v.prompt_text,
-        prompt_audio=v.prompt_audio,
-        instruct_text=v.instruct_text,
-        speed=float(v.speed),
-        token_hop_len=v.token_hop_len,
-        seed=v.seed,
-    )
 
 
 class AudioBuffer(AudioSink):

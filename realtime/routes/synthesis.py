@@ -23,12 +23,11 @@ from ..engines.base import EngineError, Failed, SynthesisOptions
 from ..errors import ProtocolError
 from ..protocol import (
     Limits,
-    VoiceOptions,
     parse_output_options,
     parse_voice_options,
 )
 from ..service import ServerConfig, Service, error_from, service_of
-from ..synthesis import Audio, Delivery, Synthesis, synthesis_options
+from ..synthesis import Audio, Delivery, Synthesis
 from ..text import unspeakable
 from ..validation import check_text, parse_json
 
@@ -262,15 +261,13 @@ async def tts(request: Request) -> Response:
             )
         body.setdefault("container", "wav" if body.get("format", "pcm_s16le") != "opus" else "ogg")
         out = parse_output_options(body, info)
-        voice = parse_voice_options(body, VoiceOptions(voice=info.default_voice), info, config.limits)
+        voice = parse_voice_options(body, SynthesisOptions(voice=info.default_voice), info, config.limits)
         rate = (
             out.sample_rate
             if out.sample_rate is not None
             else default_sample_rate(out.format, service.engine.sample_rate)
         )
         encoder = make_encoder(out.format, rate, out.container, service.engine.sample_rate)
-        return await synthesis_response(
-            service, text, synthesis_options(voice), encoder, encoder.content_type
-        )
+        return await synthesis_response(service, text, voice, encoder, encoder.content_type)
     except (ProtocolError, EngineError) as e:
         return error_from(e, service.metrics)
