@@ -241,6 +241,10 @@ EN: list[tuple[str, str]] = [
     ('1000s of users', 'thousands of users'),
     ('Python3 code', 'Python three code'),
     ('Follow #hashtag and @user.', 'Follow hashtag and at user.'),
+    ('Sure! Here are **3 quick tips** for better sleep:\n\n1. **Keep a schedule** – go to bed at 10:30 PM and wake at 6:30 AM.\n2. Keep your room at ~18–20°C (64–68°F).\n3. Avoid caffeine after 2 p.m.; a 12-oz coffee has ~95 mg.\n\n> "Sleep is the best meditation." — Dalai Lama\n\nFor more, see [this guide](https://www.sleepfoundation.org/tips) or email help@sleep.org. 😴', 'Sure! Here are three quick tips for better sleep: Keep a schedule, go to bed at ten thirty p.m. and wake at six thirty a.m. Keep your room at about eighteen to twenty degrees Celsius (sixty-four to sixty-eight degrees Fahrenheit). Avoid caffeine after two p.m.; a twelve ounces coffee has about ninety-five milligrams. "Sleep is the best meditation.", Dalai Lama, For more, see this guide or email help at sleep dot org.'),
+    ('The total comes to $1,249.99 (incl. 8.25% tax). Your order #A1234 ships on Dec 2nd via UPS; expect delivery in 3–5 business days. Questions? Call 1 (800) 555-0199, Mon–Fri 9am–5pm EST.', 'The total comes to one thousand two hundred forty-nine dollars and ninety-nine cents (including eight point two five percent tax). Your order number A one two three four ships on December second via UPS; expect delivery in three to five business days. Questions? Call one, eight zero zero, five five five, zero one nine nine, Monday to Friday nine a.m. to five p.m. EST.'),
+    ('Open Mon-Sat.', 'Open Monday to Saturday.'),
+    ('a 5-km run', 'a five kilometers run'),
 ]  # fmt: skip
 
 # Chinese, read by CosyVoice2 (language "zh": Chinese through wetext and our fixes, English pieces
@@ -330,6 +334,8 @@ ZH: list[tuple[str, str]] = [
     ('我喜欢Python和JavaScript。', '我喜欢Python和JavaScript。'),
     ('今天是星期一。', '今天是星期一。'),
     ('一共有3种方法：A、B和C。', '一共有三种方法：A、B和C。'),
+    ('好的！以下是**3个**建议：\n\n1. 每天晚上10:30前睡觉；\n2. 室温保持在18~20℃；\n3. 下午2点后不要喝咖啡，一杯约含95mg咖啡因。\n\n详情请访问https://www.example.com 或致电400-820-8820。😊', '好的！以下是三个建议：每天晚上十点三十分前睡觉；室温保持在十八到二十摄氏度；下午两点后不要喝咖啡，一杯约含九十五毫克咖啡因。详情请访问example点com或致电四零零，八二零，八八二零。'),
+    ('下午2点半见。', '下午两点半见。'),
 ]  # fmt: skip
 
 

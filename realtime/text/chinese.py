@@ -26,7 +26,7 @@ _DIVIDE = re.compile(r"(?<=\d)\s*÷\s*(?=\d)")
 _RANGE = re.compile(r"(?<=\d)\s*[~～]\s*(?=\d)")  # 15~20℃
 _ABOUT = re.compile(r"(?<![约大概])[~～](?=\s?[$€£¥￥]?\d)")
 _MONEY = re.compile(r"([$€£¥￥])\s?(\d[\d,]*(?:\.\d+)?)")
-_TWO = re.compile(r"(?<![\d.])2(?=倍)")  # 两倍, as wetext already says 两个
+_TWO = re.compile(r"(?<![\d.])2(?=倍|点(?!\d))")  # 两倍, 两点 (o'clock), as wetext says 两个
 _LETTER_DASH_DIGIT = re.compile(r"(?<=[A-Za-z])-(?=\d)")
 _MARKUP = re.compile(r"\*+|`+|~+|～|_+|#+|[\[\]{}|\\^•·]|(?<!\d)\s*[<>]|[<>]\s*(?!\d)")
 _ORDINAL = re.compile(r"(?<![\w.])(\d+)(?:st|nd|rd|th)\b")  # 21st -> 第21

@@ -112,6 +112,8 @@ def number_words(s: str) -> str:
 _NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 _MONTHS = "January February March April May June July August September October November December".split()
 _MONTH_RE = "|".join(_MONTHS + [m[:3] + r"\.?" for m in _MONTHS if m != "May"] + ["Sept\\.?"])
+_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+_DAY_RE = "|".join(_DAYS + ["Mon", "Tues?", "Wed", "Thu(?:rs?)?", "Fri", "Sat", "Sun"])
 _CURRENCY = {"$": ("dollar", "cent"), "€": ("euro", "cent"), "£": ("pound", "penny"), "¥": ("yen", "")}
 _MAGNITUDE = {"k": "thousand", "m": "million", "b": "billion", "bn": "billion", "t": "trillion"}
 
@@ -300,6 +302,10 @@ def _clock(m: re.Match[str]) -> str:
     return words
 
 
+def _day(name: str) -> str:
+    return next(x for x in _DAYS if x.startswith(name[:3]))
+
+
 def _month(name: str) -> str:
     return next(x for x in _MONTHS if x.startswith(name[:3]))
 
@@ -414,6 +420,8 @@ _ABBREVIATIONS = {
     "mt": "Mount",
     "vs": "versus",
     "approx": "approximately",
+    "incl": "including",
+    "excl": "excluding",
     "inc": "Incorporated",
     "ltd": "Limited",
     "corp": "Corporation",
@@ -490,7 +498,7 @@ _EN_RULES: list[tuple[str, Reading, bool]] = [
     (r"(?<![\d.,])'?(\d0|1\d\d0|20\d0)'?s\b", _w(_decade), True),
     # -- quantities
     (rf"(?<![\w.])([-−]?{_NUM})\s?%", _w(lambda m: f"{number_words(m[1])} percent"), True),
-    (rf"(?<![\w.])([-−]?{_NUM})(?:[ ]?({_UNIT_ALTS})(?![\w/²³])|(in(?![\w/])|x(?=[ \t]+[A-Za-z]|[ \t]*[.,;:!?)]|[ \t]*$)))", _w(_unit), True),
+    (rf"(?<![\w.])([-−]?{_NUM})(?:[ -]?({_UNIT_ALTS})(?![\w/²³])|(in(?![\w/])|x(?=[ \t]+[A-Za-z]|[ \t]*[.,;:!?)]|[ \t]*$)))", _w(_unit), True),
     (r"(?<![\w.])(\d{1,2})'(\d{1,2})(?:\"|'')", _w(_feet_inches), True),
     (r"(?<![\w.])(\d+(?:\.\d+)?)(k|M|B|bn|T)\b",
      _w(lambda m: f"{number_words(m[1])} {_MAGNITUDE[m[2].lower()]}"), True),
@@ -515,14 +523,17 @@ _EN_RULES: list[tuple[str, Reading, bool]] = [
     (r"\^(?=\w)", _const(" to the power of "), False),
     (r"(?<=\d):(?=\d)", _const(" to "), False),  # a ratio: what the clock rule left (2:1, 16:9)
     (r"~(?=\s?[$€£¥]?\d)", _const(" about "), False),
-    (r"#(?=\d)", _const(" number "), False),
+    (r"#(?=[A-Z]?\d)", _const(" number "), False),
+    (r"(?<=[A-Za-z])\d{4,}(?![\d.,])", _w(lambda m: digits(m[0])), True),  # a code: A1234
     (r"(?<=\b[CF])#", _const(" sharp"), False),
     (r"(?<![\w.])\.NET\b", _const("dot net"), True),
     (r"(?<![\w.,)%])[-−](?=\.?\d)", _const(" minus "), False),
     (rf"(?<![\d.,])(?:{_NUM}|\.\d+)(?!\d)", _w(_number), True),
     # -- abbreviations
-    (r"\b(?:Dr|Mr|Mrs|Ms|Prof|St|Jr|Sr|Mt|approx|Inc|Ltd|Corp|Fig|Dept)\.|\b[eE]\.\s?[gG]\.(?=\s|$|,)"
+    (r"\b(?:Dr|Mr|Mrs|Ms|Prof|St|Jr|Sr|Mt|approx|incl|excl|Inc|Ltd|Corp|Fig|Dept)\.|\b[eE]\.\s?[gG]\.(?=\s|$|,)"
      r"|\b[iI]\.\s?[eE]\.(?=\s|$|,)|\betc\.|\bvs\b\.?|\bNo\.(?=\s*\d)|\b[aApP]\.[mM]\.", _abbreviation, True),
+    (rf"\b({_DAY_RE})\.?[ ]?[-–][ ]?({_DAY_RE})\b",
+     _w(lambda m: f"{_day(m[1])} to {_day(m[2])}"), True),
     # -- dashes and emphasis
     (r"(?<!\S)[-–—]{1,3}(?!\S)|[—–]|(?<=\w)--(?=\w)", _const(", "), False),
     (r"(?<=[A-Za-z0-9])_+(?=[A-Za-z0-9])", _const(" "), False),  # snake_case
