@@ -309,7 +309,14 @@ class Protocol:
                     f"at most {self.limits.max_open_contexts} contexts may be open on one socket",
                     cid,
                 )
-            options = self._voice_options(msg, self.voice_defaults)
+            try:
+                options = self._voice_options(msg, self.voice_defaults)
+            except ProtocolError as e:
+                if not explicit:  # no context exists: the session is as it was
+                    raise
+                # the client's context is refused: the error names it, and the id is spent
+                self._finish(cid)
+                raise ProtocolError(e.code, e.message, cid, e.fatal, e.retry_after_ms) from None
             if not self.started:
                 events.append(self._ready())
             cid = cid or str(uuid.uuid4())

@@ -264,6 +264,21 @@ def test_per_context_voice_override_only_on_first_message():
     assert only_error(send(p, type="text", text="y", context_id="d", format="opus"))["code"] == "bad_request"
 
 
+def test_bad_voice_options_on_a_named_context_name_it_and_spend_its_id():
+    """A client that names its context hears which one was refused, and a later message to that
+    id is refused too, instead of silently opening an empty context with the defaults."""
+    p = make()
+    send(p, type="start")
+    err = only_error(send(p, type="text", text="hi", context_id="t1", voice="nobody"))
+    assert (err["code"], err["context_id"], err["fatal"]) == ("unknown_voice", "t1", False)
+    assert "t1" not in p.open_contexts()
+    later = only_error(send(p, type="end", context_id="t1"))
+    assert later["code"] == "bad_request" and later["context_id"] == "t1"
+    # without a context id nothing was opened, so the error names none
+    assert "context_id" not in only_error(send(p, type="text", text="hi", voice="nobody"))
+    assert any(isinstance(e, OpenContext) for e in send(p, type="text", text="ok", context_id="t2"))
+
+
 def test_zero_shot_needs_prompt_text_and_decodes_prompt_audio():
     p = make(modes=("sft", "zero_shot", "instruct2"))
     wav = base64.b64encode(b"RIFF....WAVE").decode()
