@@ -233,6 +233,7 @@ class Synthesis:
         self._closed = False
         self._watch: ScriptWatch | None = None  # text the voice cannot say (made at the first text)
         self._refused = False  # nothing of the text could be said: ended with Unspeakable
+        self._skipped: list[str] = []  # every run warned about so far
         self._word_offset = 0  # raw offset where the last word delivered ends
         self._word_ms = 0.0  # and its end on the audio clock
 
@@ -256,8 +257,8 @@ class Synthesis:
     def end(self) -> None:
         if self._watch is not None and not self._closed and not self._refused:
             runs = self._watch.close()
-            if runs and not self._watch.spoke:
-                self._refuse(runs[0])
+            if (runs or self._skipped) and not self._watch.spoke:  # all of it skipped, flushes included
+                self._refuse(" ".join(self._skipped + runs))
                 return
             self._warn(runs)
         self._control("end", Finished())
@@ -275,6 +276,7 @@ class Synthesis:
     def _warn(self, runs: list[str]) -> None:
         for run in runs:
             self.buffer.put(LanguageWarning(run, self._watch.languages))
+            self._skipped.append(run)
 
     def _refuse(self, skipped: str) -> None:
         self._refused = True

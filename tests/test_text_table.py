@@ -524,6 +524,14 @@ async def test_chinese_to_the_english_voice_is_an_error_not_silence(default_voic
     assert msgs[-1]["type"] == "done" and not any(m["type"] == "warning" for m in msgs)
 
 
+async def test_a_flush_does_not_hide_that_nothing_was_speakable(default_voice):
+    _, msgs = await _speak(default_voice, ["你好，世界。"], flush=True)
+    # the flush is acknowledged or not depending on whether the engine got to it before the end
+    kinds = [(m["type"], m.get("code")) for m in msgs if m["type"] not in ("mark", "flushed")]
+    assert kinds == [("warning", "unsupported_language"), ("error", "unsupported_language")]
+    assert msgs[0]["skipped"] == "你好，世界" and msgs[-1]["skipped"] == "你好，世界"
+
+
 async def test_mixed_text_is_spoken_with_a_warning_for_what_was_skipped(default_voice):
     audio, msgs = await _speak(
         default_voice, ["Hello 你", "好 world, see you at 3 点见面", " soon."], flush=True
