@@ -23,11 +23,10 @@ from enum import Enum
 from typing import Protocol as _Shape
 
 from .audio.formats import CONTAINERS, FORMATS, default_sample_rate
-from .engines.base import SynthesisOptions
+from .engines.base import EngineError, SynthesisOptions, check_options
 from .errors import ProtocolError
 from .validation import parse_json
 
-MODES = ("sft", "zero_shot", "cross_lingual", "instruct2")
 TRANSPORTS = ("binary", "json")
 PACINGS = ("asap", "realtime")
 TIMESTAMPS = ("none", "words")
@@ -527,31 +526,10 @@ def parse_voice_options(
         except (binascii.Error, ValueError):
             raise ProtocolError("bad_request", "prompt_audio must be base64 (a WAV file)") from None
         opts = replace(opts, prompt_audio=audio)
-    if opts.mode not in MODES:
-        raise ProtocolError("bad_request", f"mode must be one of {list(MODES)}")
-    if opts.mode not in info.modes:
-        raise ProtocolError(
-            "bad_request",
-            f"mode {opts.mode!r} is not supported by engine {info.engine_name!r} (supported: {list(info.modes)})",
-        )
-    if not 0.25 <= opts.speed <= 4.0:
-        raise ProtocolError("bad_request", "speed must be between 0.25 and 4.0")
-    if opts.token_hop_len is not None and not 1 <= opts.token_hop_len <= 200:
-        raise ProtocolError("bad_request", "token_hop_len must be between 1 and 200")
-    if opts.voice is not None and opts.mode == "sft" and not info.has_voice(opts.voice):
-        raise ProtocolError("unknown_voice", f"unknown voice {opts.voice!r}; see GET /v1/voices")
-    if (
-        opts.mode in ("zero_shot", "cross_lingual", "instruct2")
-        and opts.prompt_audio is None
-        and not info.has_voice(opts.voice)
-    ):
-        raise ProtocolError("bad_request", f"mode {opts.mode} needs prompt_audio (or a registered voice)")
-    if opts.mode == "zero_shot" and opts.prompt_audio is not None and not opts.prompt_text:
-        raise ProtocolError(
-            "bad_request", "zero_shot with prompt_audio needs prompt_text (the words spoken in it)"
-        )
-    if opts.mode == "instruct2" and not opts.instruct_text:
-        raise ProtocolError("bad_request", "instruct2 needs instruct_text")
+    try:
+        check_options(opts, info.modes, info.has_voice, info.engine_name)
+    except EngineError as e:
+        raise ProtocolError(e.code, e.message) from None
     return opts
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -245,6 +245,40 @@ class SynthesisOptions:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+MODES = ("sft", "zero_shot", "cross_lingual", "instruct2")
+SPEED_RANGE = (0.25, 4.0)
+
+
+def check_options(
+    options: SynthesisOptions, modes: Sequence[str], has_voice: Callable[[str | None], bool], engine: str
+) -> None:
+    """Raise :class:`EngineError` if ``options`` break a rule every engine shares.  The one place
+    these rules live: the protocol applies them to a client's options before a context opens (as
+    a typed error frame, on every route), and :meth:`Engine.validate` applies them again for
+    callers that reach an engine directly."""
+    if options.mode not in MODES:
+        raise EngineError("bad_request", f"mode must be one of {list(MODES)}")
+    if options.mode not in modes:
+        raise EngineError(
+            "bad_request",
+            f"mode {options.mode!r} is not supported by engine {engine!r} (supported: {list(modes)})",
+        )
+    if not SPEED_RANGE[0] <= options.speed <= SPEED_RANGE[1]:
+        raise EngineError("bad_request", f"speed must be between {SPEED_RANGE[0]} and {SPEED_RANGE[1]}")
+    if options.token_hop_len is not None and not 1 <= options.token_hop_len <= 200:
+        raise EngineError("bad_request", "token_hop_len must be between 1 and 200")
+    if options.voice is not None and options.mode == "sft" and not has_voice(options.voice):
+        raise EngineError("unknown_voice", f"unknown voice {options.voice!r}; see GET /v1/voices")
+    if options.mode != "sft" and options.prompt_audio is None and not has_voice(options.voice):
+        raise EngineError("bad_request", f"mode {options.mode} needs prompt_audio (or a registered voice)")
+    if options.mode == "zero_shot" and options.prompt_audio is not None and not options.prompt_text:
+        raise EngineError(
+            "bad_request", "zero_shot with prompt_audio needs prompt_text (the words spoken in it)"
+        )
+    if options.mode == "instruct2" and not options.instruct_text:
+        raise EngineError("bad_request", "instruct2 needs instruct_text")
+
+
 @dataclass(frozen=True)
 class VoiceInfo:
     """``language`` is the voice's primary language; ``languages`` every language it speaks
@@ -329,12 +363,7 @@ class Engine(ABC):
 
     def validate(self, options: SynthesisOptions) -> None:
         """Raise :class:`EngineError` for options this engine cannot honour (cheap, event-loop safe)."""
-        if options.mode not in self.modes:
-            raise EngineError(
-                "bad_request", f"mode {options.mode!r} is not supported by engine {self.name!r}"
-            )
-        if options.voice is not None and options.voice not in {v.id for v in self.voices()}:
-            raise EngineError("unknown_voice", f"unknown voice {options.voice!r}")
+        check_options(options, self.modes, lambda voice: any(v.id == voice for v in self.voices()), self.name)
 
     @abstractmethod
     def open(self, options: SynthesisOptions, sink: AudioSink) -> EngineStream:

@@ -36,7 +36,6 @@ from .base import (
     AudioChunk,
     AudioSink,
     Engine,
-    EngineError,
     EngineStream,
     Failed,
     Finished,
@@ -917,11 +916,6 @@ class PiperEngine(Engine):
                 description="Piper en_US joe (medium, 22.05 kHz), the embedded default voice",
             )
         ]
-
-    def validate(self, options: SynthesisOptions) -> None:
-        super().validate(options)
-        if not 0.25 <= options.speed <= 4.0:
-            raise EngineError("bad_request", f"speed {options.speed} is outside 0.25..4")
 
     def open(self, options: SynthesisOptions, sink: AudioSink) -> EngineStream:
         self.validate(options)
