@@ -240,7 +240,9 @@ def split_paragraph(
     start = 0
     i = 0
     while i < len(text):
-        if text[i] in marks:
+        # a full stop straight before a letter is inside a token the front end wrote ("p.m.",
+        # "U.S."), not a sentence end: a segment must not end between "p." and "m."
+        if text[i] in marks and not (text[i] == "." and text[i + 1 : i + 2].isalpha()):
             end = i + 1
             if end < len(text) and text[end] in '"”':  # keep a closing quote with its sentence
                 end += 1

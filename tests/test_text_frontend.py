@@ -244,6 +244,14 @@ def test_split_paragraph_chinese_counts_characters_and_merges_short_tail():
     assert segments[-1].endswith("吧。好。")  # the 2-character tail joined its neighbour
 
 
+def test_split_paragraph_never_cuts_inside_p_m(tokenizer):
+    # cutting at every full stop, this text's segments end after "p." and start with "m."
+    text = "We meet at three thirty p.m. on the U.S. side of the river. " * 12
+    segments = split_paragraph(text.strip(), tokenizer.encode, "en")
+    assert len(segments) > 1 and "".join(segments) == text.strip()
+    assert not any(s.endswith(("p.", "U.")) or s.lstrip().startswith(("m.", "S.")) for s in segments)
+
+
 def test_split_paragraph_adds_final_mark_and_keeps_quotes():
     assert split_paragraph("no ending", lambda s: s.split(), "en") == ["no ending."]
     assert split_paragraph('他说："好。"然后走了。', len, "zh") == ['他说："好。"然后走了。']
