@@ -641,7 +641,7 @@ class _PiperStream(EngineStream):
 
     def cancel(self) -> None:
         with self.scheduler.cond:
-            self._stop()
+            self.stop()
 
     # -- the scheduler's side (under its lock) --------------------------------------------------
     def _queue(self, segments: list[Segment], marker: _Marker | None, now: float) -> None:
@@ -653,25 +653,25 @@ class _PiperStream(EngineStream):
         if self.ready_since is None:
             self.ready_since = now
         self.scheduler.attach(self)
-        self._settle()
+        self.settle()
 
     def _hurry(self, now: float) -> bool:
         """The listener would run dry before a clause can complete: release the words there are."""
         return self.clock.end is not None and self.clock.lead(now) < self.engine.lead.refill_s
 
-    def _poll(self, now: float) -> None:
+    def take_text(self, now: float) -> None:
         """Release text the segmenter has held long enough (the producer paused mid-clause)."""
         if not self.over and self.segmenter.pending.strip():
             segments = self.segmenter.poll(now, self._hurry(now))
             if segments:
                 self._queue(segments, None, now)
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """Emit the flushes and the end that no longer wait for audio."""
         while not self.over and not self.running and (self.speech is None or self.speech.done):
             if self.speech is not None:
                 if not self.speech.ended:  # its last words had no sound: the mark is still due
-                    self._put(
+                    self.put(
                         AudioChunk(
                             np.zeros(0, dtype=np.float32),
                             text_offset=self.speech.segment.end,
@@ -685,21 +685,21 @@ class _PiperStream(EngineStream):
             if marker.offset > self.reported:
                 # text with nothing to say (punctuation, markup, whitespace) still counts as
                 # spoken, so the marks reach the end of what was sent
-                self._put(AudioChunk(np.zeros(0, dtype=np.float32), text_offset=marker.offset))
+                self.put(AudioChunk(np.zeros(0, dtype=np.float32), text_offset=marker.offset))
             if marker.end:
-                self._put(Finished())
-                self._stop()
+                self.put(Finished())
+                self.stop()
             else:
-                self._put(Flushed())
+                self.put(Flushed())
 
-    def _put(self, item: AudioChunk | Flushed | Finished | Failed) -> None:
+    def put(self, item: AudioChunk | Flushed | Finished | Failed) -> None:
         if isinstance(item, AudioChunk) and item.text_offset is not None:
             self.reported = item.text_offset
         samples = len(item.samples) if isinstance(item, AudioChunk) else 0
         if not self.sink.put(item, samples):
-            self._stop()  # the consumer is gone
+            self.stop()  # the consumer is gone
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         self.over = True
         self.queue.clear()
         self.scheduler.detach(self)
@@ -772,8 +772,8 @@ class _Scheduler:
                 now = time.monotonic()
                 waiting_text = False
                 for stream in list(self.streams.values()):
-                    stream._poll(now)
-                    stream._settle()
+                    stream.take_text(now)
+                    stream.settle()
                     waiting_text = waiting_text or bool(stream.segmenter.pending.strip())
                 best, start_by = self._best(now)
                 if best is None:
@@ -832,15 +832,15 @@ class _Scheduler:
         stream.ready_since = done
         if error is not None:
             if not stream.over:
-                stream._put(Failed("internal", f"synthesis failed: {type(error).__name__}"))
-                stream._stop()
+                stream.put(Failed("internal", f"synthesis failed: {type(error).__name__}"))
+                stream.stop()
         elif chunk is not None:
             # the wait for a core counts: the listener waits too, so pieces shrink under load
-            self.engine._learn(done - since, chars, stream.speed)
+            self.engine.learn(done - since, chars, stream.speed)
             if not stream.over:
                 stream.clock.played(len(chunk.samples) / self.engine.sample_rate, done)
-                stream._put(chunk)
-        stream._settle()
+                stream.put(chunk)
+        stream.settle()
         self.cond.notify_all()
 
 
@@ -955,13 +955,13 @@ class PiperEngine(Engine):
                 return
             t0 = time.perf_counter()
             raw, durations = self.infer(call.ids, speed)
-            self._learn(time.perf_counter() - t0, call.chars, speed)
+            self.learn(time.perf_counter() - t0, call.chars, speed)
             chunk = speech.chunk(call, raw, durations)
             if clock is not None:
                 clock.played(len(chunk.samples) / self.sample_rate, time.monotonic())
             yield chunk
 
-    def _learn(self, seconds: float, chars: float, speed: float) -> None:
+    def learn(self, seconds: float, chars: float, speed: float) -> None:
         """Fold one call's cost into the running estimate the piece budget is divided by."""
         if chars < 4:
             return  # too little text for a meaningful rate
