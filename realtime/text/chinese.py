@@ -17,9 +17,13 @@ _PHONE_DIGITS = "零幺二三四五六七八九"  # a phone number's 1 is 幺, a
 _CURRENCY = {"$": "美元", "€": "欧元", "£": "英镑", "¥": "元", "￥": "元"}
 
 _PHONE = re.compile(
-    r"(?<![\d.-])(?:\+\d{1,3}[ -]?)?(?:1\d{2}[ -]?\d{4}[ -]?\d{4}|\(?\d{3,4}\)?[ -]\d{3,4}[ -]?\d{4}|\d{3}-\d{4})"
+    r"(?<![\d.-])(?:\+\d{1,3}[ -]?)?(?:1\d{2}[ -]?\d{4}[ -]?\d{4}|\(?\d{3,4}\)?[ -]\d{3,4}[ -]?\d{4}|\d{3}-\d{4}|[(（]\d{3,4}[)）][ -]?\d{7,8})"
     r"(?![\d-]|\s*[\u4e00-\u9fff%])"  # not "100-2000元", a range
 )
+_CODE = re.compile(r"(?<=[A-Za-z])\d{4,}")  # SF1234567890: a code, digit by digit
+_VERSION = re.compile(r"(?<![\d.])\d+(?:\.\d+){2,}(?![\d.])")  # 2.1.0
+_NEGATIVE_PERCENT = re.compile(r"(?<![\dA-Za-z.])[-−](?=\d[\d.]*%)")  # wetext: 百分之负三
+_NTH = re.compile(r"第(\d+)")  # wetext reads 第2季度 as 第两季度
 _MOBILE = re.compile(r"(?<!\d)1[3-9]\d{9}(?!\d)")
 _TIMES = re.compile(r"(?<=\d)\s*[*×]\s*(?=\d)")
 _DIVIDE = re.compile(r"(?<=\d)\s*÷\s*(?=\d)")
@@ -29,7 +33,7 @@ _MONEY = re.compile(r"([$€£¥￥])\s?(\d[\d,]*(?:\.\d+)?)")
 _TWO = re.compile(r"(?<![\d.])2(?=倍|点(?!\d))")  # 两倍, 两点 (o'clock), as wetext says 两个
 _LETTER_DASH_DIGIT = re.compile(r"(?<=[A-Za-z])-(?=\d)")
 _MARKUP = re.compile(r"\*+|`+|~+|～|_+|#+|[\[\]{}|\\^•·]|(?<!\d)\s*[<>]|[<>]\s*(?!\d)")
-_ORDINAL = re.compile(r"(?<![\w.])(\d+)(?:st|nd|rd|th)\b")  # 21st -> 第21
+_ORDINAL = re.compile(r"(?<![\dA-Za-z.])(\d+)(?:st|nd|rd|th)(?![A-Za-z])")  # 21st -> 第21
 
 
 def _phone(m: re.Match[str]) -> str:
@@ -117,6 +121,9 @@ def read(text: str, keep_letter: Callable[[str], bool]) -> str:
     """A stretch of Chinese text (no markup tags, no URLs: the lexer took those) -> what is said."""
     text = _PHONE.sub(_phone, text)
     text = _MOBILE.sub(_phone, text)
+    text = _CODE.sub(lambda m: "".join(_PHONE_DIGITS[int(d)] for d in m[0]), text)
+    text = _VERSION.sub(lambda m: "点".join(wetext_normalize(p, "zh") for p in m[0].split(".")), text)
+    text = _NEGATIVE_PERCENT.sub("负", text)
     text = _TIMES.sub("乘", text)
     text = _DIVIDE.sub("除以", text)
     text = _RANGE.sub("到", text)
@@ -125,6 +132,7 @@ def read(text: str, keep_letter: Callable[[str], bool]) -> str:
     text = _TWO.sub("两", text)
     text = _LETTER_DASH_DIGIT.sub("", text)
     text = _ORDINAL.sub(r"第\1", text)
+    text = _NTH.sub(lambda m: "第" + wetext_normalize(m[1], "zh"), text)
     text = _MARKUP.sub(" ", text)
     text = " ".join(_drop(text, keep_letter).split())
     if not text:
