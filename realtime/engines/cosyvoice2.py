@@ -178,6 +178,10 @@ class CosyVoice2Engine(BlockingEngine):
     def _spk2info(self) -> dict[str, dict[str, Any]]:
         return self.cv.spkinfo()  # includes what other replicas sharing the directory registered
 
+    def languages(self, voice: str | None) -> tuple[str, ...]:
+        """Every voice of the model speaks the model's languages, a prompt given per request too."""
+        return LANGUAGES
+
     def voices(self) -> list[VoiceInfo]:
         out = []
         for spk_id, entry in self._spk2info().items():
