@@ -29,7 +29,7 @@ from pipecat.frames.frames import (  # noqa: E402
     TTSUpdateSettingsFrame,
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed  # noqa: E402
-from pipecat.services.tts_service import TextAggregationMode  # noqa: E402
+from pipecat.services.tts_service import TextAggregationMode, TTSService  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 
 from realtime.engines.tone import ToneEngine  # noqa: E402
@@ -53,7 +53,7 @@ class Timeline(BaseObserver):
     """What the service pushed, in order, with the time it did (and when the first frame reached
     it): what a transport downstream would have played, and when."""
 
-    def __init__(self, service: RealtimeTTSService) -> None:
+    def __init__(self, service: TTSService) -> None:
         super().__init__(observe_every_push=True)
         self.service = service
         self.pushed: list[tuple[float, object]] = []
@@ -69,7 +69,7 @@ class Timeline(BaseObserver):
         if data.source is self.service:
             self.pushed.append((now, data.frame))
             if isinstance(data.frame, TTSAudioRawFrame):
-                self.sessions.add(self.service.session_id)
+                self.sessions.add(getattr(self.service, "session_id", None))  # (ours has one)
             if isinstance(data.frame, TTSStoppedFrame) and self.on_stopped:
                 self.on_stopped(data.frame)
 

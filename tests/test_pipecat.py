@@ -19,7 +19,9 @@ from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 
 from realtime.engines.tone import ToneEngine  # noqa: E402
 from realtime.server import ServerConfig  # noqa: E402
+from tests.framework_util import report  # noqa: E402
 from tests.serving import serve  # noqa: E402
+from tests.test_integrations_pipecat import Timeline  # noqa: E402
 
 TOKEN = "pipecat-key"
 
@@ -37,8 +39,10 @@ def service(url: str) -> ElevenLabsTTSService:
 
 
 async def test_a_spoken_turn_arrives_with_word_timestamps(server):
+    tts = service(server)
+    timeline = Timeline(tts)
     down, _ = await run_test(
-        service(server), frames_to_send=[TTSSpeakFrame("One two three four."), SleepFrame(3.0)]
+        tts, frames_to_send=[TTSSpeakFrame("One two three four."), SleepFrame(3.0)], observers=[timeline]
     )
     audio = b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame))
     assert len(audio) == 4 * 4800 * 2  # four 200 ms words, 24 kHz 16-bit
@@ -46,13 +50,21 @@ async def test_a_spoken_turn_arrives_with_word_timestamps(server):
     assert [w.text.strip(" .") for w in words] == ["One", "two", "three", "four"]
     times = [w.pts for w in words if w.pts is not None]
     assert times == sorted(times)
+    report("Pipecat ElevenLabs", first_audio_ms=timeline.first_audio_ms())
 
 
 async def test_an_interruption_stops_the_turn(server):
     long_text = " ".join(["word"] * 40) + "."
+    tts = service(server)
+    timeline = Timeline(tts)
     down, _ = await run_test(
-        service(server),
+        tts,
         frames_to_send=[TTSSpeakFrame(long_text), SleepFrame(0.5), InterruptionFrame(), SleepFrame(1.0)],
+        observers=[timeline],
     )
     audio = b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame))
     assert 0 < len(audio) < 40 * 4800 * 2  # some of it, not the whole turn
+    cut = timeline.index(InterruptionFrame)
+    after = [f for _, f in timeline.pushed[cut:] if isinstance(f, TTSAudioRawFrame)]
+    assert after == []  # nothing of the interrupted turn is pushed after the interruption
+    report("Pipecat ElevenLabs", frames_after_interruption=len(after))
