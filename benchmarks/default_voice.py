@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from realtime.engines.base import AudioChunk, QueueSink, SynthesisOptions  # noqa: E402
 from realtime.engines.piper import LeadConfig, PiperEngine, phoneme_ids, phonemize  # noqa: E402
-from realtime.text.normalize import normalize  # noqa: E402
+from realtime.text import normalize  # noqa: E402
 
 TEXTS = {
     "short": "Hello there, how can I help you today?",
