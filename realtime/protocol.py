@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -400,7 +401,7 @@ class Protocol:
                 "type": "mark",
                 "context_id": context_id,
                 "text_offset": text_offset,
-                "audio_ms": round(audio_ms, 1),
+                "audio_ms": floor_ms(audio_ms),
             }
         )
 
@@ -425,8 +426,8 @@ class Protocol:
                         "word": text[w.start : w.end],
                         "start": w.start,
                         "end": w.end,
-                        "start_ms": round(w.start_ms, 1),
-                        "end_ms": round(w.end_ms, 1),
+                        "start_ms": floor_ms(w.start_ms),
+                        "end_ms": floor_ms(w.end_ms),
                     }
                     for w in words
                 ],
@@ -502,6 +503,11 @@ class Protocol:
 
     def open_contexts(self) -> list[str]:
         return list(self.contexts)
+
+
+def floor_ms(ms: float) -> float:
+    """A time told to the client, to 0.1 ms and rounded down: never later than the audio it is on."""
+    return math.floor(ms * 10) / 10
 
 
 def parse_voice_options(

@@ -30,6 +30,7 @@ from .protocol import (
     Protocol,
     PushText,
     Send,
+    floor_ms,
 )
 from .synthesis import Audio, LanguageWarning, Mark, Synthesis, Unspeakable
 
@@ -178,7 +179,7 @@ class ContextRunner:
                 elif isinstance(item, LanguageWarning):
                     await s.send_text(s.protocol.warning(self.id, item.code, item.message, item.fields))
                 elif isinstance(item, Finished):
-                    stats = self._stats()
+                    stats = self._stats(encoder.samples_out * 1000 / encoder.sample_rate)
                     await s.send_text(s.protocol.done(self.id, stats))
                     if stats["rtf"] is not None:
                         s.rt.metrics.rtf.observe(stats["rtf"])
@@ -232,9 +233,9 @@ class ContextRunner:
             self._unyielded = 0
             await asyncio.sleep(0)
 
-    def _stats(self) -> dict:
-        rate = self.session.rt.engine.sample_rate
-        audio_ms = self.synthesis.samples_out * 1000 / rate
+    def _stats(self, audio_ms: float) -> dict:
+        """``audio_ms``: the audio this client got (at its rate, so a resampler's rounding never
+        makes it longer than what arrived)."""
         wall_ms = self.synthesis.synth_seconds * 1000
         compute_ms = self.synthesis.compute_seconds * 1000
         ttfa = None
@@ -242,7 +243,7 @@ class ContextRunner:
             ttfa = round((self.first_audio_at - self.first_text_at) * 1000, 1)
         return {
             "ttfa_ms": ttfa,
-            "audio_ms": round(audio_ms, 1),
+            "audio_ms": floor_ms(audio_ms),
             "wall_ms": round(wall_ms, 1),  # engine opened -> last audio, waiting for streamed text included
             "compute_ms": round(compute_ms, 1),  # model time spent on it (its share of batched calls)
             "rtf": round(compute_ms / audio_ms, 3)

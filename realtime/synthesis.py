@@ -349,10 +349,13 @@ class Synthesis:
             if isinstance(item, AudioChunk):
                 samples = np.asarray(item.samples, dtype=np.float32).reshape(-1)
                 frames = encoder.encode(samples)  # the whole chunk in one pass, cut into frames
-                words = self._words(item.words, start * 1000, self.samples_out * 1000 / rate)
+                # what the client has once these frames are sent: a resampler holds back a few ms
+                # of the engine's audio, so a word or mark is never placed past the audio sent
+                sent_ms = min(self.samples_out / rate, encoder.samples_out / encoder.sample_rate) * 1000
+                words = self._words(item.words, start * 1000, sent_ms)
                 yield Audio(frames, start, len(samples) / rate, item.text_offset, words)
                 if item.text_offset is not None:
-                    yield Mark(item.text_offset, self.samples_out * 1000 / rate)
+                    yield Mark(item.text_offset, sent_ms)
             elif isinstance(item, Flushed):
                 yield Audio(encoder.flush(), start, 0.0)  # Opus holds < 20 ms until flushed
                 yield item
