@@ -243,6 +243,7 @@ class ElevenLabsSession:
         mark) spread over it as its alignment."""
         encoder = output_encoder(self.output, self.service.engine.sample_rate)
         offset = 0  # characters covered by the audio sent so far
+        told_ms = 0  # where the last alignment sent ends on the context's audio clock (whole ms)
         try:
             async with contextlib.aclosing(ctx.synthesis.deliver(encoder)) as deliveries:
                 async for item in deliveries:
@@ -250,12 +251,16 @@ class ElevenLabsSession:
                         alignment = None
                         upto = max(item.text_offset or 0, item.words[-1].end if item.words else 0)
                         if upto > offset:
+                            # the spaces after the last word take the rest of the message's audio
+                            while upto < len(ctx.text) and ctx.text[upto].isspace():
+                                upto += 1
                             # a mark with no audio of its own (CosyVoice2's end of a segment) puts its
                             # characters at the end of the audio sent: never later than what was heard
+                            end_ms = round((item.start_s + item.seconds) * 1000)
                             alignment = _alignment(
-                                ctx.text, offset, upto, item.words, item.start_s * 1000, item.seconds * 1000
+                                ctx.text, offset, upto, item.words, told_ms, max(end_ms - told_ms, 0)
                             )
-                            offset = upto
+                            offset, told_ms = upto, max(end_ms, told_ms)
                         if not item.frames and alignment is None:
                             continue
                         data = base64.b64encode(b"".join(item.frames)).decode() if item.frames else None
@@ -307,10 +312,14 @@ class ElevenLabsSession:
 def _alignment(
     text: str, begin: int, end: int, words: tuple[Word, ...], origin_ms: float, length_ms: float
 ) -> dict | None:
-    """Characters ``begin:end`` of ``text`` timed in ms from ``origin_ms``, the start of the
-    message's audio (``length_ms`` long): a word's characters spread over the word's own time, the
-    spaces and punctuation between two words over the gap between them, what follows the last word
-    over the rest of the audio; with no words, everything spread evenly over the audio."""
+    """Characters ``begin:end`` of ``text`` timed in ms from ``origin_ms`` (where the previous
+    message's alignment ended: the start of this message's audio, unless audio came without
+    characters since) to ``origin_ms + length_ms`` (the end of this message's audio): a word's
+    characters spread over the word's own time, the spaces and punctuation between two words over
+    the gap between them, what follows the last word (or the last character) over the rest of the
+    audio; with no words, everything spread evenly.  So each alignment spans exactly the audio
+    since the previous one, and a client that adds up the spans (Pipecat) places every character
+    where it is in the context's audio, to the millisecond."""
     if end <= begin:
         return None
     pieces: list[tuple[int, int, float, float]] = []  # (from, to, start ms, end ms), relative
@@ -333,7 +342,7 @@ def _alignment(
     for a, b, t0, t1 in pieces:
         step = (t1 - t0) / (b - a)
         starts += [t0 + k * step for k in range(b - a)]
-    bounds = [round(t) for t in starts] + [round(max(starts[-1], pieces[-1][3]))]
+    bounds = [round(t) for t in starts] + [round(max(starts[-1], pieces[-1][3], length_ms))]
     return {
         "chars": list(text[begin:end]),
         "charStartTimesMs": bounds[:-1],

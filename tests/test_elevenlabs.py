@@ -239,3 +239,32 @@ async def test_alignment_comes_from_the_voices_word_times(tmp_path):
         assert all(
             w["start_ms"] - 1.01 <= at_ms[k] <= w["end_ms"] + 1.01 for k in range(w["start"], w["end"])
         )
+
+
+async def test_alignments_add_up_to_the_audio_as_pipecat_reads_them():
+    """Pipecat places a message's characters at the sum of the earlier alignments' spans plus their
+    own times.  Each alignment spans exactly the audio since the previous one (the pause after a
+    clause included), so that sum is where each character is in the audio: no drift however long
+    the turn (measured before: 66 ms mean, 150 ms max early over three answers)."""
+    from realtime.engines.piper import PiperEngine
+
+    text = "Sure, the weather in Paris is sunny today. Anything else? I can also check tomorrow."
+    with serve(PiperEngine()) as base:
+        url = base.replace("http://", "ws://") + "/v1/text-to-speech/joe/stream-input?output_format=pcm_22050"
+        async with connect(url, max_size=None) as ws:
+            await ws.send(json.dumps({"text": " "}))
+            for i in range(0, len(text), 4):  # as an LLM streams it: the voice starts mid-clause
+                await ws.send(json.dumps({"text": text[i : i + 4]}))
+                await asyncio.sleep(0.03)
+            await ws.send(json.dumps({"text": ""}))
+            _, messages = await until_final(ws)
+    summed_ms, on_clock, told, elapsed = [], [], 0, 0.0
+    for m in messages:
+        if a := m.get("alignment"):
+            summed_ms += [told + s for s in a["charStartTimesMs"]]
+            on_clock += [elapsed + s for s in a["charStartTimesMs"]]
+            told += a["charStartTimesMs"][-1] + a["charDurationsMs"][-1]
+        elapsed += len(base64.b64decode(m["audio"])) / 2 / 22.05 if m.get("audio") else 0.0
+    assert len(summed_ms) == len(text) and len([m for m in messages if m.get("alignment")]) >= 3
+    assert summed_ms == pytest.approx(on_clock, abs=1.01)
+    assert told == pytest.approx(elapsed, abs=1.01)
