@@ -289,6 +289,33 @@ class TTS(tts.TTS):
             self._conn = None
 
 
+class _Transcript:
+    """A stream's timed strings for LiveKit: each runs from the end of the last one, so the strings
+    put together are the text as sent, spaces and punctuation included."""
+
+    def __init__(self, timer: WordTimer, emitter: tts.AudioEmitter) -> None:
+        self.timer = timer
+        self.emitter = emitter
+        self.covered = 0  # text already handed out
+
+    def emit(self, words: list[TimedWord], tail: bool = False) -> None:
+        """Hand out ``words`` (those not covered yet); ``tail``: the text after the last word too."""
+        text, timed = self.timer.text, []
+        for w in words:
+            if w.char_end <= self.covered:
+                continue
+            timed.append(TimedString(text[self.covered : w.char_end], start_time=w.start, end_time=w.end))
+            self.covered = w.char_end
+        if tail and self.covered < len(text) and timed:
+            last = timed[-1]
+            timed[-1] = TimedString(
+                last + text[self.covered :], start_time=last.start_time, end_time=last.end_time
+            )
+            self.covered = len(text)
+        if timed:
+            self.emitter.push_timed_transcript(timed)
+
+
 class SynthesizeStream(tts.SynthesizeStream):
     """One context on the pooled socket: text in as it is pushed, audio and timed words out."""
 
@@ -296,6 +323,7 @@ class SynthesizeStream(tts.SynthesizeStream):
         super().__init__(tts=tts, conn_options=conn_options)
         self._tts: TTS = tts
         self._opts = tts._opts
+        self._server_ended = False  # done or error: the server has finished with the context
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         context_id = utils.shortuuid()
@@ -307,6 +335,23 @@ class SynthesizeStream(tts.SynthesizeStream):
             stream=True,
         )
         output_emitter.start_segment(segment_id=context_id)
+        conn = await self._connect()
+        inbox = conn.register(context_id)
+        timer = WordTimer()
+        sender = asyncio.create_task(self._send_text(conn, context_id, timer, inbox))
+        try:
+            await self._receive(conn, inbox, _Transcript(timer, output_emitter), output_emitter)
+        finally:
+            await utils.aio.cancel_and_wait(sender)
+            if self._server_ended:
+                conn.unregister(context_id)
+            else:  # closed before its end (an interruption) or failed: stop the server's work
+                conn.cancel(context_id)
+            output_emitter.end_segment()
+
+    async def _connect(self) -> _Connection:
+        """The pooled connection, its failures as LiveKit's API errors (retryable where a retry
+        may succeed)."""
         try:
             conn, self._connection_reused = await asyncio.wait_for(
                 self._tts._connection(), self._conn_options.timeout
@@ -324,95 +369,62 @@ class SynthesizeStream(tts.SynthesizeStream):
             raise APIStatusError(str(e), status_code=e.status, retryable=e.retryable) from e
         except Exception as e:
             raise APIConnectionError("could not connect to the TTS server") from e
+        return conn
 
-        inbox = conn.register(context_id)
-        timer = WordTimer()
-        finished = False
-
-        async def send_text() -> None:
-            try:
-                opened = False
-                async for data in self._input_ch:
-                    if isinstance(data, self._FlushSentinel):
-                        if opened:
-                            await conn.send({"type": "flush", "context_id": context_id})
-                        continue
-                    msg: dict[str, Any] = {"type": "text", "context_id": context_id, "text": data}
-                    if not opened:
-                        msg.update(voice_options(self._opts.voice, self._opts.mode, self._opts.speed))
-                    timer.add_text(data)
-                    await conn.send(msg, opens=not opened)
-                    opened = True
-                    self._mark_started()
-                if opened:
-                    await conn.send({"type": "end", "context_id": context_id})
-                else:  # nothing to say: no context was opened, so none to wait for
-                    inbox.put_nowait({"type": "done", "context_id": context_id, "stats": {"audio_ms": 0.0}})
-            except Exception as e:  # the receiver is waiting on the inbox: tell it
-                lost = APIConnectionError("could not send to the TTS server")
-                lost.__cause__ = e
-                inbox.put_nowait(_Lost(lost))
-
-        async def receive() -> None:
-            nonlocal finished
-            covered = 0  # text already handed out in TimedStrings
-
-            def emit(words: list[TimedWord], tail: bool = False) -> None:
-                nonlocal covered
-                timed = []
-                for w in words:
-                    if w.char_end <= covered:
-                        continue
-                    # each string runs from the end of the last one, so the strings put together
-                    # are the text as sent, spaces and punctuation included
-                    timed.append(
-                        TimedString(timer.text[covered : w.char_end], start_time=w.start, end_time=w.end)
-                    )
-                    covered = w.char_end
-                if tail and covered < len(timer.text) and timed:
-                    timed[-1] = TimedString(
-                        timed[-1] + timer.text[covered:],
-                        start_time=timed[-1].start_time,
-                        end_time=timed[-1].end_time,
-                    )
-                    covered = len(timer.text)
-                if timed:
-                    output_emitter.push_timed_transcript(timed)
-
-            while True:
-                msg = await inbox.get()
-                if isinstance(msg, _Lost):
-                    raise msg.error
-                kind = msg.get("type")
-                if kind == "audio":
-                    output_emitter.push(base64.b64decode(msg["data"]))
-                elif kind == "words":
-                    emit(timer.on_words(msg.get("words", [])))
-                elif kind == "mark" and not conn.ready.words:
-                    emit(timer.on_mark(int(msg["text_offset"]), float(msg["audio_ms"])))
-                elif kind == "done":
-                    final = (
-                        []
-                        if conn.ready.words
-                        else timer.finish(float(msg.get("stats", {}).get("audio_ms", 0.0)))
-                    )
-                    emit(final, tail=True)
-                    finished = True
-                    return
-                elif kind == "error":
-                    finished = True  # the server has ended the context
-                    code = str(msg.get("code"))
-                    raise APIError(
-                        f"{code}: {msg.get('message')}", retryable=code in ("overloaded", "internal")
-                    )
-
-        sender = asyncio.create_task(send_text())
+    async def _send_text(
+        self, conn: _Connection, context_id: str, timer: WordTimer, inbox: asyncio.Queue
+    ) -> None:
+        """The input channel as our messages: the first text opens the context with the voice
+        options, flush and the end of input follow as they come."""
         try:
-            await receive()
-        finally:
-            await utils.aio.cancel_and_wait(sender)
-            if finished:
-                conn.unregister(context_id)
-            else:  # closed before its end (an interruption) or failed: stop the server's work
-                conn.cancel(context_id)
-            output_emitter.end_segment()
+            opened = False
+            async for data in self._input_ch:
+                if isinstance(data, self._FlushSentinel):
+                    if opened:
+                        await conn.send({"type": "flush", "context_id": context_id})
+                    continue
+                msg: dict[str, Any] = {"type": "text", "context_id": context_id, "text": data}
+                if not opened:
+                    msg.update(voice_options(self._opts.voice, self._opts.mode, self._opts.speed))
+                timer.add_text(data)
+                await conn.send(msg, opens=not opened)
+                opened = True
+                self._mark_started()
+            if opened:
+                await conn.send({"type": "end", "context_id": context_id})
+            else:  # nothing to say: no context was opened, so none to wait for
+                inbox.put_nowait({"type": "done", "context_id": context_id, "stats": {"audio_ms": 0.0}})
+        except Exception as e:  # the receiver is waiting on the inbox: tell it
+            lost = APIConnectionError("could not send to the TTS server")
+            lost.__cause__ = e
+            inbox.put_nowait(_Lost(lost))
+
+    async def _receive(
+        self,
+        conn: _Connection,
+        inbox: asyncio.Queue,
+        transcript: _Transcript,
+        output_emitter: tts.AudioEmitter,
+    ) -> None:
+        """The context's messages until its done (returns) or error (raises)."""
+        timer = transcript.timer
+        while True:
+            msg = await inbox.get()
+            if isinstance(msg, _Lost):
+                raise msg.error
+            kind = msg.get("type")
+            if kind == "audio":
+                output_emitter.push(base64.b64decode(msg["data"]))
+            elif kind == "words":
+                transcript.emit(timer.on_words(msg.get("words", [])))
+            elif kind == "mark" and not conn.ready.words:
+                transcript.emit(timer.on_mark(int(msg["text_offset"]), float(msg["audio_ms"])))
+            elif kind == "done":
+                audio_ms = float(msg.get("stats", {}).get("audio_ms", 0.0))
+                transcript.emit([] if conn.ready.words else timer.finish(audio_ms), tail=True)
+                self._server_ended = True
+                return
+            elif kind == "error":
+                self._server_ended = True
+                code = str(msg.get("code"))
+                raise APIError(f"{code}: {msg.get('message')}", retryable=code in ("overloaded", "internal"))
