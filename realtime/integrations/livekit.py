@@ -338,6 +338,7 @@ class SynthesizeStream(tts.SynthesizeStream):
         conn = await self._connect()
         inbox = conn.register(context_id)
         timer = WordTimer()
+        self._server_ended = False  # (a retried attempt starts afresh)
         sender = asyncio.create_task(self._send_text(conn, context_id, timer, inbox))
         try:
             await self._receive(conn, inbox, _Transcript(timer, output_emitter), output_emitter)
