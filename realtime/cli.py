@@ -245,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _say_parser(sub)
+    return p
 
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "serve",
         help="run the service",
@@ -399,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_serve)
 
+
+def _say_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "say",
         help="stream text to a server and save the audio",
@@ -428,7 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-o", "--output", default=None, help="output file (.wav, .ogg, .raw) or - for stdout")
     c.set_defaults(func=cmd_say)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
