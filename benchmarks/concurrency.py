@@ -104,10 +104,14 @@ async def level(url: str, base: str, n: int, args) -> dict:
     before = metrics(base)
     t0 = time.perf_counter()
 
+    # every level speaks every text (fewer sessions speak more utterances each): first audio
+    # depends on the text (how soon the LM has enough of it), so levels that spoke different texts
+    # would not compare
+    utterances = max(args.utterances, -(-len(texts) // n))
+
     async def session(k: int) -> list:
         return [
-            await utterance(url, texts[(k + i) % len(texts)], args.tps, args.voice)
-            for i in range(args.utterances)
+            await utterance(url, texts[(k + i) % len(texts)], args.tps, args.voice) for i in range(utterances)
         ]
 
     results = [r for rs in await asyncio.gather(*(session(k) for k in range(n))) for r in rs]
@@ -169,7 +173,12 @@ def main() -> None:
     p.add_argument(
         "--modes", nargs="+", default=["batched", "per-request"], choices=("batched", "per-request")
     )
-    p.add_argument("--utterances", type=int, default=2, help="utterances per session, one after another")
+    p.add_argument(
+        "--utterances",
+        type=int,
+        default=2,
+        help="utterances per session, one after another (more where fewer sessions than texts)",
+    )
     p.add_argument("--tps", type=float, default=30.0, help="LLM tokens per second (4 characters each)")
     p.add_argument("--short", action="store_true", help="shorter texts (for the REAL size on a CPU)")
     p.add_argument(
