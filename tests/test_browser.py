@@ -231,6 +231,21 @@ def test_server_error_is_shown_and_page_recovers(browser):
     assert result["played_ms"] > 300 and state(page)["last_error"] is None
 
 
+def test_text_the_voice_cannot_speak_is_named_on_the_page(browser):
+    """The default voice speaks English: the Chinese in the middle is skipped, and the page says
+    so (the server's unsupported_language warning) while the English is spoken."""
+    page, _ = browser
+    result = speak(
+        page, "Hello there. 你好，今天天气很好。 See you soon.", format="pcm_s16le", sampleRate=22050
+    )
+    assert result["played_ms"] > 500 and not result["stopped"]
+    warning = state(page)["last_warning"]
+    assert warning["code"] == "unsupported_language" and "你好" in warning["skipped"]
+    assert page.is_visible("#error-banner")
+    assert page.inner_text("#error-code") == "unsupported_language"
+    page.click("#error-dismiss")
+
+
 def test_ui_falls_back_to_pcm_without_webcodecs(browser):
     page, _ = browser
     # A browser without WebCodecs: the page asks the server for PCM instead of Opus by itself.

@@ -212,6 +212,7 @@ function selectTab(name) {
 
 client.addEventListener("change", queueRender);
 client.addEventListener("servererror", (event) => showError(event.detail));
+client.addEventListener("serverwarning", (event) => showError(event.detail));
 client.addEventListener("textsent", (event) => {
   transcript += event.detail;
   queueRender();

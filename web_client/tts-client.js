@@ -42,6 +42,7 @@ function freshState() {
     chars_sent: 0,
     heard_offset: 0, // characters of the sent text spoken by now (from `mark`)
     last_error: null, // {code, message, fatal}
+    last_warning: null, // {code, message, skipped}: text the voice skipped (a language it does not speak)
     last_stats: null, // `done.stats` of the last finished utterance
     cancelled_acks: 0,
     done_acks: 0,
@@ -338,6 +339,11 @@ export class TtsClient extends EventTarget {
         break;
       case "flushed":
         break;
+      case "warning":
+        // the utterance goes on; the page says what was not spoken
+        this.state.last_warning = { code: msg.code, message: msg.message, skipped: msg.skipped ?? null };
+        this.dispatchEvent(new CustomEvent("serverwarning", { detail: this.state.last_warning }));
+        break;
       case "done":
         this.state.done_acks += 1;
         if (!ctx) break;
@@ -418,7 +424,7 @@ export class TtsClient extends EventTarget {
     this.playId = null; // ignore the stopped utterance's last worklet reports
     Object.assign(this.state, { speaking: true, playback: "buffering", ttfa_ms: null, ttfa_play_ms: null,
       buffered_ms: 0, played_ms: 0, underruns: 0, utterance_bytes: 0, received_audio_ms: 0, chars_sent: 0, heard_offset: 0,
-      last_error: null, context_id: null });
+      last_error: null, last_warning: null, context_id: null });
     this.emit();
     const stoppedResult = { ttfa_ms: null, ttfa_play_ms: null, played_ms: 0, underruns: 0, stopped: true, bytes: 0, stats: null };
     let resolved, node;
