@@ -219,6 +219,10 @@ class ElevenLabsSession:
                 return  # the initialising " ": settings only
             ctx = self._open(cid)
         if text and (text.strip() or ctx.text):  # (a context's initialising " " is not text)
+            if ctx.text[-1:] in (".", "!", "?") and text[:1].isupper():
+                # the protocol asks for text that ends in a space; clients that send whole sentences
+                # without one (Pipecat's default) would otherwise glue "today.Tomorrow" together
+                text = " " + text
             ctx.synthesis.push(text)
             ctx.text += text
         if msg.get("flush"):

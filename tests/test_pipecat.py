@@ -21,7 +21,7 @@ from realtime.engines.tone import ToneEngine  # noqa: E402
 from realtime.server import ServerConfig  # noqa: E402
 from tests.framework_util import report  # noqa: E402
 from tests.serving import serve  # noqa: E402
-from tests.test_integrations_pipecat import Timeline  # noqa: E402
+from tests.test_integrations_pipecat import Timeline, streamed_turn  # noqa: E402
 
 TOKEN = "pipecat-key"
 
@@ -51,6 +51,25 @@ async def test_a_spoken_turn_arrives_with_word_timestamps(server):
     times = [w.pts for w in words if w.pts is not None]
     assert times == sorted(times)
     report("Pipecat ElevenLabs", first_audio_ms=timeline.first_audio_ms())
+
+
+async def test_an_llm_turn_streamed_token_by_token_arrives_with_its_words(server):
+    """The reply as an LLM streams it (pieces that cut words), sentence-aggregated by Pipecat as
+    its ElevenLabs service does by default, which sends each sentence without the space the
+    protocol asks for: all of its audio, the words in order ("three." and "Four" stay two)."""
+    tts = service(server)
+    timeline = Timeline(tts)
+    down, _ = await run_test(
+        tts,
+        frames_to_send=[*streamed_turn("One t", "wo thr", "ee. Fo", "ur five."), SleepFrame(3.0)],
+        observers=[timeline],
+    )
+    audio = b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame))
+    words = [f for f in down if isinstance(f, TTSTextFrame)]
+    assert len(audio) == 5 * 4800 * 2  # five 200 ms words
+    assert [w.text.strip(" .") for w in words] == ["One", "two", "three", "Four", "five"]
+    times = [w.pts for w in words if w.pts is not None]
+    assert len(times) == 5 and times == sorted(times)
 
 
 async def test_an_interruption_stops_the_turn(server):
