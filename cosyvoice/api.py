@@ -188,8 +188,7 @@ class CosyVoice2:
         **kwargs: Any,
     ) -> Iterator[dict[str, torch.Tensor]]:
         prompt = self.frontend.prompt_input("sft", speaker=self._speaker(spk_id))
-        for text in self._segments(tts_text, text_frontend):
-            yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
+        yield from self._speak(prompt, tts_text, text_frontend, stream, speed, kwargs)
 
     def inference_zero_shot(
         self,
@@ -205,8 +204,7 @@ class CosyVoice2:
         if not zero_shot_spk_id:
             prompt_text = self.frontend.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
         prompt = self._prompt("zero_shot", prompt_wav, zero_shot_spk_id, prompt_text=prompt_text)
-        for text in self._segments(tts_text, text_frontend):
-            yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
+        yield from self._speak(prompt, tts_text, text_frontend, stream, speed, kwargs)
 
     def inference_cross_lingual(
         self,
@@ -219,8 +217,7 @@ class CosyVoice2:
         **kwargs: Any,
     ) -> Iterator[dict[str, torch.Tensor]]:
         prompt = self._prompt("cross_lingual", prompt_wav, zero_shot_spk_id)
-        for text in self._segments(tts_text, text_frontend):
-            yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
+        yield from self._speak(prompt, tts_text, text_frontend, stream, speed, kwargs)
 
     def inference_instruct2(
         self,
@@ -237,8 +234,7 @@ class CosyVoice2:
         prompt = self._prompt(
             "instruct2", prompt_wav, zero_shot_spk_id, instruct_text=instruct_prompt(instruct_text)
         )
-        for text in self._segments(tts_text, text_frontend):
-            yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
+        yield from self._speak(prompt, tts_text, text_frontend, stream, speed, kwargs)
 
     def inference_instruct(self, *args: Any, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
         """CosyVoice 1's speaker + instruction mode; CosyVoice2 has none (as in the official class)."""
@@ -294,6 +290,19 @@ class CosyVoice2:
         if not text_frontend:  # as official: each chunk tokenized on its own, nothing normalised
             return [_RawIds(self.frontend.tokenizer, tts_text)]
         return [iter(tts_text)]
+
+    def _speak(
+        self,
+        prompt: dict[str, Any],
+        tts_text: Text,
+        text_frontend: bool,
+        stream: bool,
+        speed: float,
+        kwargs: dict[str, Any],
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Every segment of ``tts_text`` with the mode's ``prompt``, one request each (as official)."""
+        for text in self._segments(tts_text, text_frontend):
+            yield from self._run(self._with_text(prompt, text), stream, speed, kwargs)
 
     def _prompt(
         self, mode: str, prompt_wav: PromptWav | None, zero_shot_spk_id: str, **texts: str
