@@ -60,7 +60,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from realtime.auth import check_token
 from realtime.errors import ProtocolError
-from realtime.integrations._client import HandshakeError, auth_headers, handshake, stream_url
+from realtime.integrations.client import HandshakeError, auth_headers, handshake, stream_url
 from realtime.routes.synthesis import read_body
 from realtime.service import error_response
 from realtime.validation import parse_json

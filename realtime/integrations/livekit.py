@@ -45,7 +45,7 @@ except ModuleNotFoundError as e:  # pragma: no cover - exercised where LiveKit i
         "realtime.integrations.livekit needs LiveKit Agents: pip install 'cosyvoice-realtime[livekit]'"
     ) from e
 
-from ._client import (
+from .client import (
     HandshakeError,
     Ready,
     TimedWord,

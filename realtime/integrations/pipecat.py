@@ -46,7 +46,7 @@ except ModuleNotFoundError as e:  # pragma: no cover - exercised where Pipecat i
         "realtime.integrations.pipecat needs Pipecat: pip install 'cosyvoice-realtime[pipecat]'"
     ) from e
 
-from ._client import (
+from .client import (
     HandshakeError,
     Ready,
     TimedWord,

@@ -1,5 +1,5 @@
-"""The part of our WebSocket protocol (docs/protocol.md) both framework integrations share, with no
-framework imported: where to connect and how to authenticate, the ``start``/``ready`` handshake
+"""The client side of our WebSocket protocol (docs/protocol.md) that the framework integrations
+and the Twilio bridge (examples/twilio_bridge.py) share, with no framework imported: where to connect and how to authenticate, the ``start``/``ready`` handshake
 (and what to do when a server is older than the options we ask for), the voice options a context
 opens with, and turning ``words`` or ``mark`` messages into timed words.
 
