@@ -67,6 +67,16 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far; NaN where ``/proc`` is
+    missing.  Over a wall interval it says how many cores the process kept busy."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def server_process(*serve_args: str) -> Iterator[tuple[str, int]]:
     """``realtime serve`` in a subprocess on a free loopback port: yields (``http://…`` base, pid).

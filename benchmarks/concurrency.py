@@ -8,7 +8,8 @@ made.  Per level it prints first audio p50/p95 (first delta sent -> first audio 
 seconds produced per wall second, the median stream's RTF (first to last audio byte over its
 length: below 1 it keeps up) and underruns (a player starting at the first byte runs dry), LM
 calls per second and requests per call, token2wav chunks per flow round (from the server's
-/metrics), then the ratios the batching issue sets targets for.
+/metrics), the cores the server kept busy (its CPU seconds over wall seconds: at the machine's
+core count it is saturated), then the ratios the batching issue sets targets for.
 
     python benchmarks/concurrency.py                              # TINY directory, 1/4/8/16 sessions
     python benchmarks/concurrency.py --size real --sessions 1 8   # REAL-size random weights (2.5 GB, slow on CPU)
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from common import ROOT, Player, percentile, server_process
+from common import ROOT, Player, cpu_seconds, percentile, server_process
 
 TEXTS = [
     "Sure! The quickest way there is the train, every twenty minutes.",
@@ -99,10 +100,10 @@ async def utterance(url: str, text: str, tps: float, voice: str = "sft") -> Utte
     return result
 
 
-async def level(url: str, base: str, n: int, args) -> dict:
+async def level(url: str, base: str, pid: int, n: int, args) -> dict:
     texts = SHORT if args.short else TEXTS
     before = metrics(base)
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
 
     # every level speaks every text (fewer sessions speak more utterances each): first audio
     # depends on the text (how soon the LM has enough of it), so levels that spoke different texts
@@ -116,6 +117,7 @@ async def level(url: str, base: str, n: int, args) -> dict:
 
     results = [r for rs in await asyncio.gather(*(session(k) for k in range(n))) for r in rs]
     wall = time.perf_counter() - t0
+    cores = (cpu_seconds(pid) - cpu0) / wall
     after = metrics(base)
     calls = after.get("cosyvoice_lm_calls_total", 0) - before.get("cosyvoice_lm_calls_total", 0)
     stepped = after.get("cosyvoice_lm_requests_stepped_total", 0) - before.get(
@@ -137,6 +139,7 @@ async def level(url: str, base: str, n: int, args) -> dict:
         "rtf": percentile([r.rtf for r in results], 50),
         "underruns": sum(r.underruns for r in results),
         "errors": sum(1 for r in results if r.error),
+        "cores": cores,
     }
 
 
@@ -199,9 +202,9 @@ def main() -> None:
     )
     print(
         "| lm | sessions | utts | first audio p50 s | p95 s | audio s / wall s | RTF p50 | underruns | LM calls/s "
-        "| requests per call | LM tokens/s | token2wav chunks per round | errors |"
+        "| requests per call | LM tokens/s | token2wav chunks per round | server cores busy | errors |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     table: dict[str, list[dict]] = {}
     for mode in args.modes:
         serve = [
@@ -219,18 +222,20 @@ def main() -> None:
             "warning",
             *args.server_args.split(),
         ]
-        with server_process(*serve) as (base, _pid):
+        with server_process(*serve) as (base, pid):
             url = base.replace("http://", "ws://") + "/v1/tts/stream"
             if args.voice == "clone":
                 register_clone(base)
-            asyncio.run(level(url, base, 1, argparse.Namespace(**{**vars(args), "utterances": 1})))  # warm-up
+            asyncio.run(
+                level(url, base, pid, 1, argparse.Namespace(**{**vars(args), "utterances": 1}))
+            )  # warm-up
             for n in args.sessions:
-                r = asyncio.run(level(url, base, n, args))
+                r = asyncio.run(level(url, base, pid, n, args))
                 table.setdefault(mode, []).append(r)
                 print(
                     f"| {mode} | {n} | {r['utts']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['throughput']:.2f} | "
                     f"{r['rtf']:.2f} | {r['underruns']} | {r['calls_s']:.1f} | {r['per_call']:.2f} | {r['tokens_s']:.1f} | {r['chunks_per_call']:.2f} | "
-                    f"{r['errors']} |",
+                    f"{r['cores']:.2f} | {r['errors']} |",
                     flush=True,
                 )
     print()
