@@ -43,12 +43,14 @@ class KVCache:
         values: list[torch.Tensor],
         growable: bool,
         slot: int | None = None,
+        pool: KVPool | None = None,
     ) -> None:
         self.shape = shape
         self.keys = keys
         self.values = values
         self.growable = growable
         self.slot = slot
+        self.pool = pool  # the pool a slot belongs to (its rows are ``pool.keys[layer][slot]``)
         self.length = 0
 
     @classmethod
@@ -122,6 +124,7 @@ class KVPool:
             [v[slot] for v in self.values],
             growable=False,
             slot=slot,
+            pool=self,
         )
 
     def release(self, cache: KVCache) -> None:

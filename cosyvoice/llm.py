@@ -50,6 +50,73 @@ Trace = Callable[[list[Row], int, int, torch.Tensor], None]
 StopCondition = Callable[[], bool] | threading.Event
 
 
+class _Decoding:
+    """The requests of a backbone call that feed one row each from slots of one KV pool (decode
+    steps): their attention is one call over the slots' keys, gathered up to the longest and
+    masked per request, instead of one call per request (what makes a batch of many decoding
+    requests cost little more than one on a GPU, and is the static shape CUDA graphs need)."""
+
+    def __init__(
+        self,
+        pool,
+        members: list[int],
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        length: int,
+        mask: torch.Tensor,
+    ) -> None:
+        self.pool = pool
+        self.members = set(members)
+        self.rows, self.slots, self.positions = rows, slots, positions  # [B] each
+        self.length = length  # keys read per request: the longest's, new row included
+        self.mask = mask  # [B, 1, 1, length]: each request's own keys
+
+    @classmethod
+    def of(
+        cls,
+        caches: Sequence[KVCache],
+        counts: Sequence[int],
+        starts: Sequence[int],
+        bounds: Sequence[int],
+        device: torch.device,
+    ) -> _Decoding | None:
+        """The decoding requests of a call (None unless at least two share a pool)."""
+        pools: dict[int, list[int]] = {}
+        for r, (cache, n) in enumerate(zip(caches, counts, strict=True)):
+            if n == 1 and cache.pool is not None:
+                pools.setdefault(id(cache.pool), []).append(r)
+        members = max(pools.values(), key=len, default=[])
+        if len(members) < 2:
+            return None
+        ends = torch.tensor([starts[r] + 1 for r in members])
+        length = int(ends.max())
+        mask = (torch.arange(length)[None, :] < ends[:, None]).to(device)[:, None, None, :]
+        return cls(
+            caches[members[0]].pool,
+            members,
+            torch.tensor([bounds[r] for r in members], device=device),
+            torch.tensor([caches[r].slot for r in members], device=device),
+            torch.tensor([starts[r] for r in members], device=device),
+            length,
+            mask,
+        )
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, gqa: bool
+    ) -> None:
+        """Write the members' new keys/values into their slots and their attention into ``out``
+        (q/k/v/out: [1, heads, N, d] over all rows of the call)."""
+        keys, values = self.pool.keys[layer], self.pool.values[layer]  # [slots, max_len, kv, d]
+        keys[self.slots, self.positions] = k[0, :, self.rows].transpose(0, 1)
+        values[self.slots, self.positions] = v[0, :, self.rows].transpose(0, 1)
+        ks = keys[:, : self.length].index_select(0, self.slots).transpose(1, 2)  # [B, kv, L, d]
+        vs = values[:, : self.length].index_select(0, self.slots).transpose(1, 2)
+        qs = q[0, :, self.rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.mask, enable_gqa=gqa)
+        out[0, :, self.rows] = o[:, :, 0].transpose(0, 1)
+
+
 class _CausalLMShell(nn.Module):
     """Stands where the official ``Qwen2ForCausalLM`` stood (key prefix ``llm.model.``), minus lm_head."""
 
@@ -178,6 +245,8 @@ class Qwen2LM(nn.Module):
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts, strict=True)])
         h = xs.unsqueeze(0)
         cos, sin = bb.rotary_emb(h, positions.to(xs.device).unsqueeze(0))
+        decoding = _Decoding.of(caches, counts, starts, bounds, xs.device)
+        alone = [r for r in range(len(caches)) if decoding is None or r not in decoding.members]
         for i, layer in enumerate(bb.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -186,7 +255,10 @@ class Qwen2LM(nn.Module):
             v = attn.v_proj(x).view(1, n_total, n_kv, d).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             out = torch.empty_like(q)
-            for r, cache in enumerate(caches):
+            if decoding is not None:
+                decoding.attend(i, q, k, v, out, n_kv != n_heads)
+            for r in alone:
+                cache = caches[r]
                 a, b, start = bounds[r], bounds[r + 1], starts[r]
                 end = start + b - a
                 cache.keys[i][start:end] = k[0, :, a:b].transpose(0, 1)

@@ -141,6 +141,37 @@ def test_packed_requests_match_each_request_alone(lm):
 
 
 @pytest.mark.parity
+def test_decoding_requests_in_pool_slots_attend_together_and_match_alone(lm):
+    """Requests that each feed one row from a slot of one pool share one masked attention call
+    (over the slots' keys up to the longest); each still gets the reference's hidden state at its
+    own position, beside a multi-row request and one with a cache of its own, and rows beyond a
+    request's length in its slot (stale keys of an earlier request) never reach it."""
+    from cosyvoice.kv_cache import KVPool
+
+    ref = load_npz("lm_forward.npz")
+    xs = torch.from_numpy(ref["lm_input"])
+    hidden = torch.from_numpy(ref["hidden"])
+    n = xs.shape[0]
+    pool = KVPool(lm.kv_shape(), slots=4, max_len=n + 4)
+    for table in pool.keys + pool.values:
+        table.normal_(0, 50)  # what an earlier request may have left behind
+    ends = [n - 1, n // 2, n // 3]  # three decoding requests at different lengths
+    caches = [pool.acquire() for _ in ends]
+    own, multi_from = lm.new_cache(), n // 4
+    with torch.inference_mode():
+        for cache, end in zip(caches, ends, strict=True):
+            lm.forward_rows(xs[:end], [cache], [end])
+        lm.forward_rows(xs[:multi_from], [own], [multi_from])
+        rows = torch.cat([xs[e : e + 1] for e in ends] + [xs[multi_from : multi_from + 3]])
+        packed = lm.forward_rows(rows, [*caches, own], [1, 1, 1, 3])
+    for k, end in enumerate(ends):
+        assert torch.abs(packed[k] - hidden[end]).max() <= 1e-4
+    assert torch.abs(packed[3:] - hidden[multi_from : multi_from + 3]).max() <= 1e-4
+    assert [c.length for c in caches] == [e + 1 for e in ends]
+    assert torch.equal(pool.keys[0][caches[0].slot, n - 1], caches[0].keys[0][n - 1])
+
+
+@pytest.mark.parity
 def test_unistream_inference_matches_reference(lm):
     ref = load_npz("lm_inference.npz")
     masked = []
