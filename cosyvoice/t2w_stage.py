@@ -285,22 +285,40 @@ class T2WStage:
                     done, self._to_vocode = self._to_vocode, []
                 if not done:
                     continue
-                streams = [self._vocoding.pop(id(job)) for job, _ in done]
-                started = time.perf_counter()
-                try:
-                    chunks = self.token2wav.vocode(done)
-                except BaseException as e:  # a broken call fails the streams in it, not the stage
-                    log.exception("vocoder step failed")
-                    for stream in streams:
-                        stream.busy = False
-                        self._fail(stream, e)
-                    continue
-                share = (time.perf_counter() - started) / len(streams)
-                for (job, chunk), stream in zip(chunks, streams, strict=True):
-                    stream.compute_seconds += share
-                    stream.busy = False
-                    self._deliver(stream, job, chunk)
+                self._vocode(done)
                 self.wake()  # the flow's thread may start their next chunks
+
+    def _vocode(self, done: list[tuple[Job, torch.Tensor]]) -> None:
+        """Vocode the chunks whose flow is done, the most urgent first, delivering each vocoder
+        call's audio as soon as it is made (a first chunk does not wait behind others' long hops)."""
+        streams = {id(job): self._vocoding.pop(id(job)) for job, _ in done}
+        now = time.monotonic()
+        done.sort(key=lambda item: streams[id(item[0])].deadline(now))
+        delivered: set[int] = set()
+        started = time.perf_counter()
+
+        def deliver(group: list[tuple[Job, np.ndarray]]) -> None:
+            nonlocal started
+            share = (time.perf_counter() - started) / len(group)
+            for job, chunk in group:
+                streams[id(job)].compute_seconds += share
+                self._deliver(streams[id(job)], job, chunk)
+                delivered.add(id(job))
+            started = time.perf_counter()
+
+        try:
+            chunks = self.token2wav.vocode(done, on_group=deliver)
+        except BaseException as e:  # a broken call fails the streams in it, not the stage
+            log.exception("vocoder step failed")
+            for job, _ in done:
+                streams[id(job)].busy = False
+                if id(job) not in delivered:
+                    self._fail(streams[id(job)], e)
+            return
+        for job, chunk in chunks:  # their locks are released now: the flow may take them again
+            streams[id(job)].busy = False
+            if id(job) not in delivered:  # a final flush with nothing left to say
+                self._deliver(streams[id(job)], job, chunk)
 
     def _loop(self) -> None:
         rounds = self._rounds

@@ -402,14 +402,20 @@ class Token2Wav:
         return [results.get(id(job)) for job in jobs]
 
     @torch.inference_mode()
-    def vocode(self, done: list[tuple[Job, Tensor]]) -> list[tuple[Job, np.ndarray | None]]:
+    def vocode(
+        self,
+        done: list[tuple[Job, Tensor]],
+        on_group: Callable[[list[tuple[Job, np.ndarray]]], None] | None = None,
+    ) -> list[tuple[Job, np.ndarray | None]]:
         """The audio of jobs whose flow is complete (from :meth:`Rounds.advance`, with their
-        stream's lock held): chunks of as many frames in one vocoder call.  Releases the locks; a
-        final flush closes its stream, a failure closes them all."""
+        stream's lock held): chunks of as many frames in one vocoder call, the calls in the order
+        of the jobs' first appearance in ``done``, each call's audio handed to ``on_group`` as soon
+        as it is made (so that the most urgent chunks need not wait for the others).  Releases the
+        locks; a final flush closes its stream, a failure closes them all."""
         jobs = [job for job, _ in done]
         failed = True
         try:
-            chunks = self._vocode_jobs(jobs, {id(job): mel for job, mel in done})
+            chunks = self._vocode_jobs(jobs, {id(job): mel for job, mel in done}, on_group)
             failed = False
         finally:
             for job in jobs:
@@ -419,7 +425,12 @@ class Token2Wav:
                 job.stream.lock.release()
         return [(job, chunks.get(id(job))) for job in jobs]
 
-    def _vocode_jobs(self, jobs: list[Job], mels: dict[int, Tensor]) -> dict[int, np.ndarray]:
+    def _vocode_jobs(
+        self,
+        jobs: list[Job],
+        mels: dict[int, Tensor],
+        on_group: Callable[[list[tuple[Job, np.ndarray]]], None] | None = None,
+    ) -> dict[int, np.ndarray]:
         """Official overlap rule, per stream: prepend the previous 8 mel frames, continue the previous
         source, cross-fade the first 3840 samples with the previous chunk's held-back tail; a
         non-final chunk holds back its own last 3840 samples.  Chunks of as many frames (and alike
@@ -447,6 +458,8 @@ class Token2Wav:
                     stream.speech_cache = speech[:, -SOURCE_CACHE_LEN:].clone()
                     speech = speech[:, :-SOURCE_CACHE_LEN]
                 out[id(job)] = speech[0].float().cpu().numpy().copy()
+            if on_group is not None:
+                on_group([(job, out[id(job)]) for job, _ in group])
         return out
 
     def _vocode_group(self, streams: list[_Stream], mels: list[Tensor]) -> list[tuple[Tensor, Tensor]]:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from cosyvoice.checkpoint import load_state_dict, load_strict
 from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowConfig
 from cosyvoice.hift import HiFTConfig, HiFTGenerator, load_hift_state_dict
-from cosyvoice.token2wav import HopSchedule, Token2Wav, fade_in_out, hamming_window
+from cosyvoice.token2wav import HopSchedule, Rounds, Token2Wav, fade_in_out, hamming_window
 from tests.conftest import load_npz, reference_file, tiny_json
 
 torch.set_num_threads(1)
@@ -460,10 +460,10 @@ class RecordingMels(Token2Wav):
         super().__init__(flow, hift)
         self.mels: dict = {}
 
-    def _vocode_jobs(self, jobs, mels):
+    def _vocode_jobs(self, jobs, mels, on_group=None):
         for job in jobs:
             self.mels.setdefault(job.uuid, []).append(mels[id(job)].clone())
-        return super()._vocode_jobs(jobs, mels)
+        return super()._vocode_jobs(jobs, mels, on_group)
 
 
 def test_jobs_of_several_streams_run_together_equal_each_stream_alone(models, fx):
@@ -505,6 +505,33 @@ def test_jobs_of_several_streams_run_together_equal_each_stream_alone(models, fx
         assert len(batched.mels[uuid]) == len(solo.mels[uuid])
         for a, b in zip(batched.mels[uuid], solo.mels[uuid], strict=True):
             assert maxdiff(a, b) <= ATOL, uuid
+
+
+def test_vocode_hands_out_each_call_in_the_order_given_as_soon_as_it_is_made(models, fx):
+    """Chunks of different sizes are vocoded in one call per size, in the order of their first
+    job: ``on_group`` gets each call's audio before the next call starts (the LM stage's vocoder
+    puts first chunks first, so they need not wait behind other streams' long hops)."""
+    flow, hift = models
+    t2w = Token2Wav(flow, hift)
+    rng = np.random.default_rng(5)
+    for uuid in ("a", "b", "c"):
+        t2w.open(uuid, *prompt(fx), seed=1)
+        t2w.push(uuid, rng.integers(0, 6561, size=160))
+    t2w.run([t2w.next_job("a")])  # "a" is past its first hop: its next chunk is longer
+    jobs = [t2w.next_job(uuid) for uuid in ("b", "a", "c")]
+    rounds = Rounds(t2w)
+    for job in jobs:
+        rounds.add(job)
+    done = []
+    while rounds:
+        done += rounds.advance()
+    done.sort(key=lambda item: ["b", "a", "c"].index(item[0].uuid))
+    calls: list[list[str]] = []
+    out = t2w.vocode(done, on_group=lambda group: calls.append([job.uuid for job, _ in group]))
+    assert calls == [["b", "c"], ["a"]]
+    assert [job.uuid for job, _ in out] == ["b", "a", "c"] and all(len(chunk) for _, chunk in out)
+    for uuid in ("a", "b", "c"):
+        t2w.close(uuid)
 
 
 def test_chunks_vocoded_together_equal_each_alone(models):
