@@ -302,6 +302,8 @@ class T2WStage:
             share = (time.perf_counter() - started) / len(group)
             for job, chunk in group:
                 streams[id(job)].compute_seconds += share
+                if job.hop is None:  # a final chunk: once its stream's state is freed (below)
+                    continue
                 self._deliver(streams[id(job)], job, chunk)
                 delivered.add(id(job))
             started = time.perf_counter()
@@ -317,7 +319,7 @@ class T2WStage:
             return
         for job, chunk in chunks:  # their locks are released now: the flow may take them again
             streams[id(job)].busy = False
-            if id(job) not in delivered:  # a final flush with nothing left to say
+            if id(job) not in delivered:  # final chunks: a reader told DONE finds the stream closed
                 self._deliver(streams[id(job)], job, chunk)
 
     def _loop(self) -> None:
