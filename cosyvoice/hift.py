@@ -92,8 +92,10 @@ class Snake(nn.Module):
         self.alpha = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, C, T]
+        # in place on one temporary: the same operations in the same order as the formula, half
+        # the memory traffic (it runs at the audio rate, a third of a TINY vocoder call)
         alpha = self.alpha[None, :, None]
-        return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
+        return (x * alpha).sin_().square_().mul_(1.0 / (alpha + 1e-9)).add_(x)
 
 
 class ResBlock(nn.Module):
