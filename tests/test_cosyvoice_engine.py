@@ -399,3 +399,24 @@ async def test_done_reports_compute_and_wall_time_apart(server):
     assert stats["compute_ms"] > 0 and stats["wall_ms"] >= stats["ttfa_ms"] > 0
     assert abs(stats["rtf"] - stats["compute_ms"] / stats["audio_ms"]) <= 0.0011  # both rounded
     assert stats["synth_ms"] == stats["wall_ms"]  # the deprecated name
+
+
+def _openmp_threads() -> int | None:
+    """The calling thread's OpenMP thread count (per thread: what torch's CPU ops in it use)."""
+    import ctypes
+    from pathlib import Path
+
+    libs = {
+        line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line
+    }
+    return ctypes.CDLL(sorted(libs)[0]).omp_get_max_threads() if libs else None
+
+
+def test_helper_threads_use_one_core_each_on_a_cpu(engine):
+    """A prompt analysed in a helper thread runs torch with one thread: a new thread's OpenMP
+    default is every core, which would oversubscribe the cores the stages share."""
+    import os
+
+    if _openmp_threads() is None or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs torch on OpenMP (libgomp) and two cores")
+    assert engine.helpers.submit(_openmp_threads).result() == 1

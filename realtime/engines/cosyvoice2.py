@@ -68,6 +68,10 @@ log = logging.getLogger("realtime.engines.cosyvoice2")
 VOICE_ID = re.compile(r"^[\w][\w .\-]{0,63}$")
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
 def _is_zero_shot(entry: dict[str, Any]) -> bool:
     return "flow_prompt_speech_token" in entry
 
@@ -111,12 +115,20 @@ class CosyVoice2Engine(BlockingEngine):
         self.compute_slots = None
         # Off the event loop, bounded: analysing a prompt_audio (speaker embedding and speech
         # tokens) and the whole-utterance token2wav of speed != 1.
-        self.helpers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cosyvoice2-helper")
-        if self.cv.model.llm.speech_embedding.weight.device.type == "cpu":
-            # the two stages share the cores (each sets its own thread count); whatever else runs
-            # torch (the helpers, the per-request path's threads) takes one core's worth each, so
-            # that nothing oversubscribes them
-            torch.set_num_threads(1)
+        # On a CPU the two stages share the cores (each stage thread sets its own intra-op thread
+        # count: under OpenMP the count is per thread, and a thread that never sets it uses every
+        # core).  This thread and the helpers take one core's worth each, so that a prompt being
+        # analysed does not oversubscribe the cores under the stages.  (The per-request path's
+        # stream threads keep torch's default, as they did before batching: one stream alone
+        # uses every core.)
+        on_cpu = self.cv.model.llm.speech_embedding.weight.device.type == "cpu"
+        if on_cpu:
+            _one_thread()
+        self.helpers = ThreadPoolExecutor(
+            max_workers=2,
+            thread_name_prefix="cosyvoice2-helper",
+            initializer=_one_thread if on_cpu else None,
+        )
         # The two stage threads hand the GIL back and forth around every small op; at Python's
         # default 5 ms switch interval a stage that wants it back waits behind the other's Python
         # code (16 sessions on TINY: first audio p95 1.15-1.45 s, 0.94-1.01 s at 0.2 ms).
