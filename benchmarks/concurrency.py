@@ -15,6 +15,7 @@ core count it is saturated), then the ratios the batching issue sets targets for
     python benchmarks/concurrency.py --size real --sessions 1 8   # REAL-size random weights (2.5 GB, slow on CPU)
     python benchmarks/concurrency.py --model-dir DIR --modes batched
     python benchmarks/concurrency.py --voice clone                # a registered zero-shot voice (a 4 s prompt)
+    python benchmarks/concurrency.py --repeat 3                   # medians of 3 runs of every level
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,6 +145,19 @@ async def level(url: str, base: str, pid: int, n: int, args) -> dict:
     }
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One row for repeated runs of a level: counts (utterances, underruns, errors) summed, every
+    other column the median; the runs themselves kept under ``runs``."""
+    row: dict = {"runs": runs}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if key == "n":
+            row[key] = values[0]
+        else:
+            row[key] = sum(values) if key in ("utts", "underruns", "errors") else statistics.median(values)
+    return row
+
+
 def register_clone(base: str) -> None:
     """Register the zero-shot voice --voice clone speaks with: a 4 s prompt (100 speech tokens,
     like a short real recording), so each stream's flow and LM start from a prompt."""
@@ -181,6 +196,13 @@ def main() -> None:
         type=int,
         default=2,
         help="utterances per session, one after another (more where fewer sessions than texts)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every level this many times, levels interleaved; rows are medians (this box's "
+        "throughput at 16 sessions varies by a quarter between identical runs)",
     )
     p.add_argument("--tps", type=float, default=30.0, help="LLM tokens per second (4 characters each)")
     p.add_argument("--short", action="store_true", help="shorter texts (for the REAL size on a CPU)")
@@ -229,8 +251,12 @@ def main() -> None:
             asyncio.run(
                 level(url, base, pid, 1, argparse.Namespace(**{**vars(args), "utterances": 1}))
             )  # warm-up
+            runs: dict[int, list[dict]] = {n: [] for n in args.sessions}
+            for _ in range(args.repeat):  # levels interleaved: a slow spell of the machine hits all
+                for n in args.sessions:
+                    runs[n].append(asyncio.run(level(url, base, pid, n, args)))
             for n in args.sessions:
-                r = asyncio.run(level(url, base, pid, n, args))
+                r = median_row(runs[n])
                 table.setdefault(mode, []).append(r)
                 print(
                     f"| {mode} | {n} | {r['utts']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['throughput']:.2f} | "
@@ -248,6 +274,17 @@ def main() -> None:
             f"audio throughput x{top['throughput'] / one['throughput']:.2f}, LM tokens/s "
             f"x{top['tokens_s'] / one['tokens_s']:.2f}"
         )
+        if args.repeat > 1:
+            spread = [
+                (b["p95"] / a["p95"], b["throughput"] / a["throughput"])
+                for a, b in zip(one["runs"], top["runs"], strict=True)
+            ]
+            print(
+                f"{mode}: per repeat, first audio p95 "
+                + " ".join(f"x{p:.2f}" for p, _ in spread)
+                + "; audio throughput "
+                + " ".join(f"x{t:.2f}" for _, t in spread)
+            )
 
 
 if __name__ == "__main__":
