@@ -3,6 +3,7 @@ its own process.  Not part of the test run (a short run of it is: tests/test_soa
 
     python benchmarks/soak.py --sessions 50 --minutes 3                # default voice, as in the issue
     python benchmarks/soak.py --engine tone --sessions 8 --seconds 20  # a quick look
+    python benchmarks/soak.py --engine cosyvoice2 --model-dir DIR --sessions 16 --minutes 1
 
 Normal sessions cycle: connect, stream an LLM-like answer (4-character deltas at ``--tps``), then
 end it (and check that the audio received is exactly what ``done`` says), cancel it at a random
@@ -568,7 +569,8 @@ def report(args, tally: Tally) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", default="piper", choices=("piper", "tone"))
+    p.add_argument("--engine", default="piper", choices=("piper", "tone", "cosyvoice2"))
+    p.add_argument("--model-dir", default=None, help="the CosyVoice2 directory (--engine cosyvoice2)")
     p.add_argument("--sessions", type=int, default=50, help="normal sessions cycling at once")
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--seconds", type=float, default=None, help="overrides --minutes")
@@ -601,8 +603,11 @@ def main() -> None:
         str(args.max_contexts),
         "--max-sessions",
         str(args.sessions + 8 * args.faulty + args.fuzzers + 20),
+        *(["--model-dir", args.model_dir] if args.model_dir else []),
         *args.server_args.split(),
     ]
+    if args.engine == "cosyvoice2" and not args.model_dir:
+        p.error("--engine cosyvoice2 needs --model-dir (python -m cosyvoice.tiny DIR writes a TINY one)")
     with server_process(*serve) as (base, pid):
         tally = asyncio.run(run(args, base, pid))
     report(args, tally)
