@@ -25,7 +25,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2RotaryEmbe
 
 from .checkpoint import load_state_dict, load_strict
 from .config import LLMConfig, ModelDir, resolve_device, resolve_dtype
-from .kv_cache import KVCache, KVShape
+from .kv_cache import KVCache, KVPool, KVShape
 from .lm_request import ROW_SOS, ROW_SPEECH, ROW_TASK, ROW_TEXT, LMRequest, Row, TokenLimit, feed_text
 from .sampling import RasSampler, Sampler
 
@@ -53,12 +53,13 @@ StopCondition = Callable[[], bool] | threading.Event
 class _Decoding:
     """The requests of a backbone call that feed one row each from slots of one KV pool (decode
     steps): their attention is one call over the slots' keys, gathered up to the longest and
-    masked per request, instead of one call per request (what makes a batch of many decoding
-    requests cost little more than one on a GPU, and is the static shape CUDA graphs need)."""
+    masked per request, instead of one call per request: what makes a batch of many decoding
+    requests cost little more than one on a GPU, and a step towards a decode step with fixed
+    shapes per batch size that a CUDA graph could capture (the key length still varies)."""
 
     def __init__(
         self,
-        pool,
+        pool: KVPool,
         members: list[int],
         rows: torch.Tensor,
         slots: torch.Tensor,
