@@ -312,10 +312,9 @@ class T2WStage:
             chunks = self.token2wav.vocode(done, on_group=deliver)
         except BaseException as e:  # a broken call fails the streams in it, not the stage
             log.exception("vocoder step failed")
-            for job, _ in done:
+            for job, _ in done:  # (those already given a chunk too: their state is closed)
                 streams[id(job)].busy = False
-                if id(job) not in delivered:
-                    self._fail(streams[id(job)], e)
+                self._fail(streams[id(job)], e)
             return
         for job, chunk in chunks:  # their locks are released now: the flow may take them again
             streams[id(job)].busy = False

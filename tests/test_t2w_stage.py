@@ -238,3 +238,50 @@ def test_rounds_refuse_two_jobs_of_one_stream(models, fx):
         rounds.add(Job(uuid, job.stream, job.hop))
     rounds.abort()
     assert t2w.active_streams() == []
+
+
+class _SecondCallFails(Token2Wav):
+    """A vocoder whose second call within one vocode() fails."""
+
+    def _vocode_jobs(self, jobs, mels, on_group=None):
+        self.calls = 0
+        return super()._vocode_jobs(jobs, mels, on_group)
+
+    def _vocode_group(self, streams, mels):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("vocoder broke")
+        return super()._vocode_group(streams, mels)
+
+
+def test_a_vocoder_failure_fails_every_stream_of_the_call_even_one_already_given_a_chunk(models, fx):
+    """Chunks go out call by call; when a later call fails, the streams whose chunk went out
+    earlier fail too (their state is closed with the others'), so no reader waits forever."""
+    from cosyvoice.t2w_stage import T2WStream
+    from tests.test_token2wav import prompt
+
+    t2w = _SecondCallFails(*models)
+    stage = T2WStage(t2w)
+    rng = np.random.default_rng(9)
+    for uuid in ("a", "b"):
+        t2w.open(uuid, *prompt(fx), seed=1)
+        t2w.push(uuid, rng.integers(0, 6561, size=160))
+    t2w.run([t2w.next_job("a")])  # "a" is past its first hop: the two chunks differ in size
+    rounds, streams = Rounds(t2w), {}
+    for uuid in ("b", "a"):
+        job = t2w.next_job(uuid)
+        rounds.add(job)
+        streams[uuid] = T2WStream(stage, uuid, StaticTokens([]), (), None, None, None)
+        streams[uuid].pending_open, streams[uuid].busy = None, True
+        stage._streams[uuid] = stage._vocoding[id(job)] = streams[uuid]
+    done = []
+    while rounds:
+        done += rounds.advance()
+    stage._vocode(done)
+    b, a = streams["b"], streams["a"]
+    assert isinstance(b.poll(), np.ndarray)  # its chunk went out before the failure
+    for stream in (a, b):
+        with pytest.raises(RuntimeError, match="vocoder broke"):
+            stream.poll()
+        assert stream.finished and not stream.busy
+    assert t2w.active_streams() == []
