@@ -173,32 +173,46 @@ class LMRequest:
             self.text_fed.append((fed, len(self.tokens)))
 
     # -- a step ------------------------------------------------------------------------------------
-    def accept(self, logp: torch.Tensor) -> int | None:
+    def drawing(self) -> tuple[bool, bool]:
+        """(whether :meth:`accept` draws a token for the rows being fed, whether eos is masked for
+        that draw): the LM stage masks the log-probabilities of a whole step and computes every
+        drawing request's nucleus at once."""
+        if not self.bistream:
+            return True, len(self.out) < self._min_len
+        if self._phase == _FINAL:
+            return True, False
+        if len(self.out) == self._next_fill:
+            return False, False  # a fill token is forced
+        return True, True
+
+    def accept(
+        self, logp: torch.Tensor, candidates: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> int | None:
         """Log-probabilities [V] of the last row fed (a normal tensor this may mask in place);
-        returns the speech token to yield, if this step produced one."""
+        returns the speech token to yield, if this step produced one.  ``candidates``: the nucleus
+        of the masked ``logp``, computed by the caller for a sampler that takes it."""
         if self.rows() is None:
             raise RuntimeError("accept without rows fed")
         cfg = self.config
-        if not self.bistream:
-            step = len(self.out)
-            if step < self._min_len:
-                logp[cfg.eos_token] = float("-inf")
+        draws, no_eos = self.drawing()
+        if no_eos:
+            logp[cfg.eos_token] = float("-inf")
+        if not draws:
+            token = cfg.fill_token
+        elif candidates is not None:
+            token = int(self.sampler(logp, self.out, candidates))
+        else:
             token = int(self.sampler(logp, self.out))
+        if not self.bistream:
             if token in cfg.stop_token_ids:
                 return self._finish()
             return self._emit(token, max_len=self._max_len)
         if self._phase == _FINAL:
-            token = int(self.sampler(logp, self.out))
             if token == cfg.eos_token:
                 return self._finish()
             if token in cfg.stop_token_ids:
                 return self._fail(ValueError(f"speech LM produced token {token} after the end of the text"))
             return self._emit(token)
-        if len(self.out) == self._next_fill:
-            token = cfg.fill_token
-        else:
-            logp[cfg.eos_token] = float("-inf")
-            token = int(self.sampler(logp, self.out))
         if token == cfg.fill_token:
             self._next_fill = len(self.out) + cfg.mix_ratio[1] + 1
             self.out.append(token)

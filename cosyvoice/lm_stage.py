@@ -26,6 +26,7 @@ from .config import device_stream
 from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, StopCondition, Timings, Trace, stop_fn
 from .lm_request import LMRequest, feed_text
+from .sampling import RasSampler, nucleus_batch
 
 __all__ = ["DONE", "NEEDS_TEXT", "LMHandle", "LMStage"]
 
@@ -243,6 +244,31 @@ class LMStage:
             rows += len(want)
         return batch
 
+    def _nuclei(self, work: list, logps: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The nucleus of every request of a step that draws with the model's own sampler, in one
+        batched computation (the rest draw one at a time in ``accept``); masks ``logps`` as each
+        request's ``accept`` will."""
+        eos = self.lm.config.eos_token
+        rows = []
+        for k, (handle, _, _) in enumerate(work):
+            request = handle.request
+            if handle.cancelled or not isinstance(request.sampler, RasSampler):
+                continue
+            draws, no_eos = request.drawing()
+            if not draws:
+                continue
+            if no_eos:
+                logps[k, eos] = float("-inf")
+            rows.append(k)
+        groups: dict[tuple[float, int], list[int]] = {}
+        for k in rows:
+            sampler = work[k][0].request.sampler
+            groups.setdefault((sampler.top_p, sampler.top_k), []).append(k)
+        nuclei = {}
+        for (top_p, top_k), ks in groups.items():
+            nuclei.update(zip(ks, nucleus_batch(logps[ks], top_p, top_k), strict=True))
+        return nuclei
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         if self.threads:
@@ -274,6 +300,7 @@ class LMStage:
                     handle.compute_seconds += elapsed * len(rows) / total_rows
                 # every request's sampling runs on the host: one transfer (and sync) per step
                 logps = logits.log_softmax(dim=-1).cpu() if logits is not None else None
+                nuclei = self._nuclei(work, logps) if logps is not None else {}
                 for k, (handle, rows, cache_len) in enumerate(work):
                     handle.in_flight = False
                     if error is not None:
@@ -281,7 +308,7 @@ class LMStage:
                     elif not handle.cancelled:
                         if handle.trace is not None:
                             handle.trace(rows, cache_len, len(rows), logits[k])
-                        token = handle.request.accept(logps[k])
+                        token = handle.request.accept(logps[k], nuclei.get(k))
                         if handle.request.error is not None:
                             handle.error = handle.request.error
                         if token is not None:

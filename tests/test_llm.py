@@ -17,7 +17,7 @@ import cosyvoice.llm as llm_mod
 from cosyvoice.checkpoint import CheckpointMismatch, load_state_dict
 from cosyvoice.config import LLMConfig
 from cosyvoice.llm import LM_HEAD_KEY, ROW_SPEECH, ROW_TASK, ROW_TEXT, Qwen2LM
-from cosyvoice.sampling import RasSampler, nucleus_candidates, ras_sampling
+from cosyvoice.sampling import RasSampler, nucleus_batch, nucleus_candidates, ras_sampling
 from tests.conftest import load_npz, reference_file, tiny_json
 
 torch.set_num_threads(1)
@@ -290,6 +290,24 @@ def test_nucleus_from_topk_equals_the_full_sort_with_ties_and_masks():
             ref_probs, ref_ids = _nucleus_by_full_sort(logp, top_p, top_k)
             assert ids.tolist() == ref_ids.tolist(), (trial, top_p, top_k)
             assert torch.equal(probs, ref_probs)
+
+
+def test_nucleus_of_a_batch_equals_each_row_alone_with_ties_and_masks():
+    """The LM stage computes every request's nucleus at once: each row's candidates are exactly the
+    full-sort reference's for that row alone, rows with boundary ties beyond the top k included."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        x = torch.randn(16, 1000, generator=gen) * float(torch.rand(1, generator=gen) * 8)
+        x[1::4] = x[1::4].round()  # ties, at the boundary too
+        x[2::4, :300] = float("-inf")  # masked ids
+        x[3::4, :200] = x[3::4].max()  # more ties at the maximum than top_k
+        logps = x.log_softmax(-1)
+        for top_p, top_k in ((0.8, 25), (0.5, 3)):
+            got = nucleus_batch(logps, top_p, top_k)
+            for row in range(len(x)):
+                ref_probs, ref_ids = _nucleus_by_full_sort(logps[row], top_p, top_k)
+                assert got[row][1].tolist() == ref_ids.tolist(), (trial, row)
+                assert torch.equal(got[row][0], ref_probs)
 
 
 def test_ras_sampling_is_reproducible_with_a_seeded_generator():

@@ -176,6 +176,27 @@ def test_batched_equals_solo_for_requests_joining_leaving_and_waiting_at_differe
     assert stage.free_slots == stage.pool.slots
 
 
+def test_the_models_own_sampler_draws_the_same_tokens_when_a_step_draws_for_all_at_once(lm, stage):
+    """Requests with the model's RAS sampler get their nucleus computed for the whole step in one
+    go (``nucleus_batch``): each request's tokens are those it draws alone, one row at a time."""
+    texts = [list(range(300, 312)), list(range(500, 504)), list(range(700, 720)), list(range(900, 907))]
+
+    def request(k: int) -> LMRequest:
+        sampler = lm.sampler_for(torch.Generator().manual_seed(40 + k))
+        return LMRequest(lm.config, sampler, text=texts[k], max_tokens=50)
+
+    solo = [list(lm.run_alone(request(k))) for k in range(len(texts))]
+    results: list = [None] * len(texts)
+
+    def job(k: int) -> None:
+        time.sleep(0.004 * k)
+        results[k] = consume(stage.submit(request(k)))
+
+    in_threads(*(lambda k=k: job(k) for k in range(len(texts))))
+    assert results == solo and all(len(tokens) > 3 for tokens in solo)
+    assert max(stage.batch_sizes) >= 2
+
+
 def test_cancel_gives_the_slot_back_and_a_full_pool_refuses(lm, stage):
     handles = [stage.submit(LMRequest(lm.config, seeded_sampler(k))) for k in range(stage.pool.slots)]
     assert stage.free_slots == 0
@@ -240,3 +261,24 @@ def test_kv_pool_is_sized_from_a_budget(lm):
     pool.release(a)  # idempotent
     assert pool.free == 9
     assert torch.equal(torch.tensor(b.keys[0].shape), torch.tensor([100, shape.kv_heads, shape.head_dim]))
+
+
+def test_a_steps_nuclei_are_drawn_from_the_masks_accept_applies(lm, stage):
+    """Where ``accept`` masks eos (unistream before its minimum length), the step's batched
+    nucleus is computed from the masked row, even when eos is the most probable token; a request
+    whose next token is a forced fill, or whose sampler is not the model's, gets none."""
+    from types import SimpleNamespace
+
+    eos = lm.config.eos_token
+    ras = lm.sampler_for(torch.Generator().manual_seed(0))
+    masked = LMRequest(lm.config, ras, text=[300, 301, 302])  # eos masked for its first 6 tokens
+    forced = LMRequest(lm.config, ras)  # bistream
+    forced._next_fill = len(forced.out)  # its next token is a forced fill: nothing is drawn
+    custom = LMRequest(lm.config, lambda logp, out: 5, text=[300])
+    work = [(SimpleNamespace(cancelled=False, request=r), [], 0) for r in (masked, forced, custom)]
+    logps = torch.full((3, lm.config.speech_token_size + 3), -20.0)
+    logps[:, eos], logps[:, 7] = 0.0, -1.0
+    nuclei = stage._nuclei(work, logps.log_softmax(-1))
+    assert masked.drawing() == (True, True) and forced.drawing() == (False, False)
+    assert set(nuclei) == {0}
+    assert eos not in nuclei[0][1].tolist() and nuclei[0][1][0] == 7
