@@ -15,15 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 
-from common import http_process, server_process
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+from common import cpu_seconds, http_process, server_process
 
 
 async def open_sessions(url: str, n: int, pid: int) -> tuple[float, float]:
