@@ -249,20 +249,16 @@ class LMStage:
         batched computation (the rest draw one at a time in ``accept``); masks ``logps`` as each
         request's ``accept`` will."""
         eos = self.lm.config.eos_token
-        rows = []
+        groups: dict[tuple[float, int], list[int]] = {}  # (top_p, top_k) -> rows
         for k, (handle, _, _) in enumerate(work):
-            request = handle.request
-            if handle.cancelled or not isinstance(request.sampler, RasSampler):
+            sampler = handle.request.sampler
+            if handle.cancelled or not isinstance(sampler, RasSampler):
                 continue
-            draws, no_eos = request.drawing()
+            draws, no_eos = handle.request.drawing()
             if not draws:
                 continue
             if no_eos:
                 logps[k, eos] = float("-inf")
-            rows.append(k)
-        groups: dict[tuple[float, int], list[int]] = {}
-        for k in rows:
-            sampler = work[k][0].request.sampler
             groups.setdefault((sampler.top_p, sampler.top_k), []).append(k)
         nuclei = {}
         for (top_p, top_k), ks in groups.items():
