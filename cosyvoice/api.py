@@ -59,9 +59,10 @@ class CosyVoice2:
         dtype: str | None = None,
         max_token_ratio: float = 20.0,
         min_tokens: int = 50,
-        left_chunks: int | None = None,
+        left_chunks: int | str | None = None,
         lm: str = "batched",
         prompt_cache_mb: float = 256,
+        t2w_budget_mb: float | str | None = None,
     ):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
             if flag:
@@ -87,6 +88,7 @@ class CosyVoice2:
             cap=TokenCap(ratio=max_token_ratio, floor=min_tokens),
             lm=lm,
             prompt_cache_mb=prompt_cache_mb,
+            t2w_budget_mb=t2w_budget_mb,
         )
         spk2info = self.model_dir.root / "spk2info.pt"
         self.frontend = CosyVoiceFrontEnd(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,22 @@ def device_stream(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.cuda.stream(torch.cuda.Stream(device))
     return contextlib.nullcontext()
+
+
+def memory_bytes(device: torch.device) -> int:
+    """The memory of ``device``: a GPU's own, or for a CPU the machine's, or less where a
+    container's cgroup limit says so (what a pod's memory limit makes it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) is no limit; v1 says no limit with a huge number
+            total = min(total, int(text))
+    return total
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

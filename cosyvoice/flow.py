@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .flow_encoder import EncoderCache, EncoderConfig, UpsampleConformerEncoder
-from .flow_estimator import CacheGroup, CausalConditionalDecoder, EstimatorCache, EstimatorConfig
+from .flow_estimator import (
+    Attention,
+    CacheGroup,
+    CausalConditionalDecoder,
+    CausalConv1d,
+    EstimatorCache,
+    EstimatorConfig,
+)
 
 NOISE_FRAMES = 15000  # 300 s of mel at 50 Hz: the longest utterance the official noise covers
 
@@ -317,8 +324,10 @@ class FlowStream:
         before any token is generated, so the first emit only pays for the rest."""
         chunk, la = self.cfg.chunk_tokens, self.cfg.pre_lookahead_len
         q = (self.n_prompt - la) // chunk * chunk if self.n_prompt >= la else 0
-        if q > 0:
-            self._advance(context_end=q + la, n_tokens=q)
+        # one chunk at a time (equal to one advance over all of them): under a window only the
+        # window's keys are ever held, however long the prompt
+        for context_end, n in self._pieces(q, q + la):
+            self._advance(context_end, n)
 
     def _inputs(self, context_end: int | None, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
         """Tokens [done_tokens, done_tokens + n_tokens) (prompt + generated numbering) through the
@@ -407,6 +416,46 @@ class FlowStream:
         """Mel of every remaining token (streaming-causal, zero lookahead at the end); closes the
         stream's work (caches are freed)."""
         return self.complete_finish([self._advance(c, n) for c, n in self.plan_finish()])
+
+    @staticmethod
+    def max_nbytes(
+        flow: CausalMaskedDiffWithXvec,
+        left_chunks: int | None = None,
+        n_timesteps: int | None = None,
+        kv_dtype: torch.dtype | None = None,
+    ) -> int:
+        """An upper bound of :meth:`nbytes` over the whole life of any stream of ``flow``: what
+        admission reserves per stream.  The keys of every attention layer of every Euler step
+        (two CFG rows each) and of the encoder grow with the frames they attend to: the window's
+        ``left_chunks + 1`` chunks, or without one the longest utterance (300 s, prompt
+        included).  At REAL size that is about 3.8 MiB per mel frame, 190 MiB per second of
+        audio, so an unbounded stream can reach tens of GiB.  Counts the buffers' growth slack
+        (``KVBuffer`` and the encoder's buffer) as they allocate it."""
+        cfg = flow.cfg
+        steps = cfg.n_timesteps if n_timesteps is None else n_timesteps
+        ratio, chunk = cfg.token_mel_ratio, cfg.estimator.static_chunk_size
+        frames = NOISE_FRAMES if left_chunks is None else min((left_chunks + 1) * chunk, NOISE_FRAMES)
+        weight = flow.input_embedding.weight
+        elem = weight.element_size()
+        kv_elem = elem if kv_dtype is None else torch.empty((), dtype=kv_dtype).element_size()
+        rows = 2  # the CFG rows of one stream
+        estimator, encoder = flow.decoder.estimator, flow.encoder
+        key_width = sum(m.to_k.out_features for m in estimator.modules() if isinstance(m, Attention))
+        conv = sum(m.in_channels * m.context for m in estimator.modules() if isinstance(m, CausalConv1d))
+        kv_frames = frames + max(frames // 4, 100)  # KVBuffer's capacity at most
+        per_step = 2 * rows * key_width * kv_elem * kv_frames + rows * conv * elem
+        d = encoder.cfg.output_size
+        enc = (
+            2
+            * d
+            * elem
+            * (
+                len(encoder.encoders) * max(2 * -(-frames // ratio), 64)  # token blocks, doubling buffers
+                + len(encoder.up_encoders) * max(2 * frames, 64)  # frame blocks
+            )
+        )
+        enc += (2 + 2 * encoder.cfg.up_stride) * d * elem  # pre-lookahead and upsampling tails
+        return steps * per_step + enc
 
     def nbytes(self) -> int:
         """Allocated bytes of cached state (encoder + every Euler step's estimator cache)."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_state_dict, load_strict
-from .config import ConfigError, ModelDir, resolve_device
+from .config import ConfigError, ModelDir, memory_bytes, resolve_device
 from .flow import CausalMaskedDiffWithXvec, FlowConfig
 from .hift import HiFTConfig, HiFTGenerator, load_hift_state_dict
 from .kv_cache import KVPool
@@ -36,7 +36,7 @@ from .lm_request import LMRequest, feed_text
 from .lm_stage import LMHandle, LMStage
 from .sampling import Sampler
 from .t2w_stage import DONE, StaticTokens, T2WStage, T2WStream, TokenSource
-from .token2wav import MEL_CACHE_LEN, HopSchedule, Token2Wav
+from .token2wav import MEL_CACHE_LEN, HopSchedule, Token2Wav, Token2WavFull, fit_window, stream_bound
 
 __all__ = [
     "CosyVoice2Model",
@@ -133,35 +133,72 @@ class CosyVoice2Model:
         llm: Qwen2LM,
         flow: CausalMaskedDiffWithXvec,
         hift: HiFTGenerator,
-        left_chunks: int | None = None,
+        left_chunks: int | str | None = None,
         cap: TokenCap | None = None,
         kv_budget_mb: float = 1024,
         kv_max_len: int = 2048,
         kv_max_slots: int = 32,
         lm: str = "batched",
         prompt_cache_mb: float = 256,
+        t2w_budget_mb: float | str | None = None,
     ):
         """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
         per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
         requests the LM stage serves at once.  ``prompt_cache_mb``: memory for the flow state of
         the voices' prompts, each computed once for all streams of a voice (0: not kept).  ``lm="per-request"`` runs each request's LM alone
-        in its caller's thread instead (the pre-batching path, kept for comparison)."""
+        in its caller's thread instead (the pre-batching path, kept for comparison).
+
+        ``t2w_budget_mb``: memory for the streams' token2wav state (None: no limit; "auto": half
+        the flow device's memory, or of the container's limit).  A stream's
+        flow caches grow with the frames its attention reaches (190 MiB per second of audio at
+        REAL size), so the budget bounds how many streams are open at once (:attr:`capacity`).
+        ``left_chunks`` is the flow's window in 25-token chunks of left context (None: unbounded,
+        the official model; "auto": the widest window with which every KV slot's stream fits in
+        the budget, at least 2, unbounded when that fits)."""
         if lm not in LM_MODES:
             raise ValueError(f"lm must be one of {LM_MODES}")
         self.lm_mode = lm
         self.llm = llm
         self.flow = flow.eval()
         self.hift = hift.eval()
-        self.token2wav = Token2Wav(
-            self.flow, self.hift, left_chunks=left_chunks, prompt_cache_bytes=int(prompt_cache_mb * 2**20)
-        )
         self.cap = cap or TokenCap()
         pool = KVPool.for_budget(
             llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots
         )
+        if t2w_budget_mb == "auto":
+            budget = memory_bytes(flow.input_embedding.weight.device) // 2
+        else:
+            budget = None if t2w_budget_mb is None else int(float(t2w_budget_mb) * 2**20)
+        if left_chunks == "auto":
+            left_chunks = None if budget is None else fit_window(self.flow, pool.slots, budget)
+        elif left_chunks is not None and (isinstance(left_chunks, str) or left_chunks < 0):
+            raise ValueError(f"left_chunks must be None, 'auto' or >= 0, got {left_chunks!r}")
+        max_streams = None
+        if budget is not None:
+            max_streams = budget // stream_bound(self.flow, left_chunks)
+            if max_streams < 1:
+                raise ValueError(
+                    f"a token2wav budget of {budget / 2**20:.0f} MiB holds no stream: one may hold "
+                    f"{stream_bound(self.flow, left_chunks) / 2**20:.0f} MiB with a flow window of "
+                    f"{'unbounded' if left_chunks is None else left_chunks} chunks"
+                )
+        self.token2wav = Token2Wav(
+            self.flow,
+            self.hift,
+            left_chunks=left_chunks,
+            prompt_cache_bytes=int(prompt_cache_mb * 2**20),
+            max_streams=max_streams,
+        )
         lm_threads, t2w_threads = stage_threads(llm.speech_embedding.weight.device)
         self.lm_stage = LMStage(llm, pool, threads=lm_threads)
         self.t2w_stage = T2WStage(self.token2wav, threads=t2w_threads)
+
+    @property
+    def capacity(self) -> int:
+        """Streams the model serves at once: its KV slots, or fewer where the token2wav budget
+        holds fewer streams."""
+        streams = self.token2wav.max_streams
+        return self.lm_stage.pool.slots if streams is None else min(self.lm_stage.pool.slots, streams)
 
     def close(self) -> None:
         """Stop the stages' threads (requests in them end)."""
@@ -309,7 +346,8 @@ class CosyVoice2Model:
         """A bistream request driven from outside, without a thread of its own (the service's
         engine streams): ``prompt`` is a frontend model input without its text; text ids are
         pushed as they arrive and audio polled, ``listener`` says when to look.  None when the
-        LM stage has no free KV slot (admission should have prevented that).  Needs the batched
+        LM stage has no free KV slot or the token2wav budget no room for another stream
+        (admission should have prevented that).  Needs the batched
         stages and a hop of whole flow chunks.  Every chunk is ``token_hop_len`` tokens (25 by
         default): unlike the official schedule the hops do not grow, because under load a
         doubled hop waits for twice the tokens while its listener has one hop of audio to play
@@ -321,17 +359,23 @@ class CosyVoice2Model:
                 "open_stream needs lm='batched' and a token_hop_len that is a multiple of the flow chunk"
             )
         seed = secrets.randbits(63) if seed is None else int(seed)
+        if not self.t2w_stage.has_room():
+            return None
         handle = self.open_tokens(prompt, seed=seed, max_tokens=max_tokens, sampler=sampler)
         if handle is None:
             return None
-        t2w = self.t2w_stage.open(
-            uuid if uuid is not None else uuid_lib.uuid4().hex,
-            handle,
-            *flow_prompt(prompt),
-            schedule=schedule,
-            seed=seed,
-            listener=listener,
-        )
+        try:
+            t2w = self.t2w_stage.open(
+                uuid if uuid is not None else uuid_lib.uuid4().hex,
+                handle,
+                *flow_prompt(prompt),
+                schedule=schedule,
+                seed=seed,
+                listener=listener,
+            )
+        except Token2WavFull:  # taken meanwhile
+            handle.cancel()
+            return None
         return SpeechStream(handle, t2w)
 
     def open_tokens(

@@ -31,7 +31,7 @@ import torch
 
 from .config import device_stream
 from .llm import Timings
-from .token2wav import HopSchedule, Job, Rounds, Token2Wav
+from .token2wav import HopSchedule, Job, Rounds, Token2Wav, Token2WavFull
 
 __all__ = ["DONE", "StaticTokens", "T2WStage", "T2WStream", "TokenSource"]
 
@@ -186,6 +186,11 @@ class T2WStage:
         with self.lock:
             if uuid in self._streams:
                 raise ValueError(f"stream {uuid!r} is already open")
+            if not self._has_room():
+                limit = self.token2wav.max_streams
+                raise Token2WavFull(
+                    f"{limit} streams of up to {self.token2wav.max_stream_nbytes() >> 20} MiB each are open"
+                )
             self._streams[uuid] = stream
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="t2w-stage", daemon=True)
@@ -197,6 +202,15 @@ class T2WStage:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def has_room(self) -> bool:
+        """Another stream may open now (the token2wav memory budget, if any, holds it)."""
+        with self.lock:
+            return self._has_room()
+
+    def _has_room(self) -> bool:  # under the lock
+        limit = self.token2wav.max_streams
+        return limit is None or len(self._streams) < limit
 
     def owns(self, stream: T2WStream) -> bool:
         return self._streams.get(stream.uuid) is stream
@@ -403,7 +417,6 @@ class T2WStage:
         with self.lock:
             stream.error = error
             stream.finished = True
-            if self.owns(stream):
-                del self._streams[stream.uuid]
-        self.token2wav.close(stream.uuid)
+        self.token2wav.close(stream.uuid)  # its state first: then its place, which a new stream may take
+        self.forget(stream)
         stream.signal()

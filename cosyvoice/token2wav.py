@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowStream, PromptStates, advance_together
+from cosyvoice.flow import NOISE_FRAMES, CausalMaskedDiffWithXvec, FlowStream, PromptStates, advance_together
 from cosyvoice.hift import HiFTGenerator
 
 MODES = ("cached", "exact", "recompute")
@@ -187,6 +187,36 @@ class Rounds:
             self._finish(plan, free=True)
 
 
+def stream_bound(flow: CausalMaskedDiffWithXvec, left_chunks: int | None) -> int:
+    """An upper bound of the bytes one cached stream holds with this flow window: the flow's
+    caches (see :meth:`FlowStream.max_nbytes`), the vocoder's caches and the token list."""
+    vocoder = 4 * (flow.cfg.output_size * MEL_CACHE_LEN + 2 * SOURCE_CACHE_LEN)
+    tokens = 8 * NOISE_FRAMES // flow.cfg.token_mel_ratio
+    return FlowStream.max_nbytes(flow, left_chunks) + vocoder + tokens
+
+
+def fit_window(flow: CausalMaskedDiffWithXvec, streams: int, budget: int, least: int = 2) -> int | None:
+    """The widest flow window (chunks of left context; None: unbounded, the official model) with
+    which ``streams`` cached streams fit in ``budget`` bytes, but at least ``least`` chunks (a
+    narrower window would cost more in quality than fewer streams cost in capacity)."""
+    if streams * stream_bound(flow, None) <= budget:
+        return None
+    lo, hi = least, NOISE_FRAMES // flow.cfg.estimator.static_chunk_size
+    if streams * stream_bound(flow, lo) > budget:
+        return lo
+    while lo < hi:  # the bound grows with the window
+        mid = (lo + hi + 1) // 2
+        if streams * stream_bound(flow, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class Token2WavFull(RuntimeError):
+    """Every place for a cached stream is taken (see ``Token2Wav(max_streams=)``)."""
+
+
 def hamming_window(n: int = 2 * SOURCE_CACHE_LEN) -> Tensor:
     """numpy's symmetric Hamming window (float64) stored as float32, as the fixtures record it."""
     return torch.from_numpy(np.hamming(n).astype(np.float32))
@@ -274,10 +304,15 @@ class Token2Wav:
         hift: HiFTGenerator,
         left_chunks: int | None = None,
         prompt_cache_bytes: int = 256 << 20,
+        max_streams: int | None = None,
     ):
+        """``left_chunks``: the flow's attention window (None: unbounded, the official model);
+        ``max_streams``: cached streams open at once (None: no limit), each of which may hold
+        :meth:`max_stream_nbytes`; :meth:`open` refuses more with :class:`Token2WavFull`."""
         self.flow = flow
         self.hift = hift
         self.left_chunks = left_chunks
+        self.max_streams = max_streams
         self.lookahead = flow.cfg.pre_lookahead_len
         self.token_mel_ratio = flow.cfg.token_mel_ratio
         self.flow_device = _device(flow)
@@ -313,10 +348,15 @@ class Token2Wav:
                     f"cached mode needs hops that are multiples of the {chunk}-token chunk: {schedule}"
                 )
         generator = self._generator(seed)
+        limited = self.max_streams is not None and mode == "cached"
         stream = _Stream(prompt_token, prompt_feat, embedding, schedule, mode, generator, pad, schedule.first)
         with self._lock:
             if uuid in self._streams:
                 raise ValueError(f"stream {uuid!r} is already open")
+            if limited and self.cached_streams() >= self.max_streams:
+                raise Token2WavFull(
+                    f"{self.max_streams} streams of up to {self.max_stream_nbytes() >> 20} MiB each are open"
+                )
             self._streams[uuid] = stream
         if mode == "cached":
             try:
@@ -500,6 +540,14 @@ class Token2Wav:
     def active_streams(self) -> list[Hashable]:
         with self._lock:
             return list(self._streams)
+
+    def cached_streams(self) -> int:
+        """Open streams that hold flow caches (``mode="cached"``)."""
+        return sum(1 for stream in list(self._streams.values()) if stream.mode == "cached")
+
+    def max_stream_nbytes(self) -> int:
+        """An upper bound of :meth:`stream_nbytes` for a cached stream (see :func:`stream_bound`)."""
+        return stream_bound(self.flow, self.left_chunks)
 
     def stream_nbytes(self, uuid: Hashable) -> int:
         """Bytes held for this stream (tokens, vocoder caches, flow caches)."""

@@ -48,10 +48,22 @@ _positive_float = _number(float, 1e-9, "greater than 0")
 _non_negative_float = _number(float, 0.0, "0 or more")
 
 
+def _or_words(parse, *words: str):
+    """An argparse type: one of ``words`` (None for "none"), or what ``parse`` accepts."""
+
+    def parse_or_word(text: str):
+        if text in words:
+            return None if text == "none" else text
+        return parse(text)
+
+    return parse_or_word
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .engines import create_engine
     from .protocol import Limits
     from .server import DrainingServer, ServerConfig, create_app, uvicorn_config
+    from .service import capacity
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -67,7 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine_kwargs: dict[str, object] = {}
     if engine_name == "cosyvoice2":
         engine_kwargs.update(
-            device=args.device, dtype=args.dtype, lm=args.lm, prompt_cache_mb=args.prompt_cache_mb
+            device=args.device,
+            dtype=args.dtype,
+            lm=args.lm,
+            prompt_cache_mb=args.prompt_cache_mb,
+            left_chunks=args.flow_window,
+            t2w_budget_mb=args.t2w_memory_mb,
         )
     try:
         engine = create_engine(engine_name, args.model_dir, **engine_kwargs)
@@ -109,11 +126,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         voice_aliases=aliases,
     )
     app = create_app(engine, config)
+    streams = capacity(engine, args.max_streams)
+    if args.max_streams and streams < args.max_streams:
+        log.warning(
+            "--max-streams %d: the engine holds at most %d streams (its memory budget), so %d are admitted",
+            args.max_streams,
+            streams,
+            streams,
+        )
     log.info(
         "engine %s (%d Hz), %d streams at once, voices: %s",
         engine.name,
         engine.sample_rate,
-        args.max_streams or engine.capacity,
+        streams,
         ", ".join(v.id for v in engine.voices()),
     )
     server = DrainingServer(
@@ -293,6 +318,23 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=256,
         help="cosyvoice2: memory for the flow state of voices' prompts, computed once per voice and "
         "copied into each stream that speaks with it (0: every stream computes its own)",
+    )
+    s.add_argument(
+        "--t2w-memory-mb",
+        type=_or_words(_positive_float, "auto"),
+        default="auto",
+        help="cosyvoice2: memory for the streams' token2wav (flow) state, which grows with the audio "
+        "a stream's flow attends to (about 190 MiB per second at the real model's size); it bounds "
+        "the streams served at once (auto: half the flow device's memory, or of the container's limit)",
+    )
+    s.add_argument(
+        "--flow-window",
+        type=_or_words(_non_negative_int, "auto", "none"),
+        default="auto",
+        help="cosyvoice2: seconds (25-token chunks) of earlier audio the flow attends to, like the "
+        "official num_decoding_left_chunks (none: all of it, the official model's output, which only "
+        "fits in --t2w-memory-mb for few streams; auto: the widest window with which every KV slot's "
+        "stream fits in --t2w-memory-mb, at least 2, none when that fits)",
     )
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
     s.add_argument(

@@ -69,6 +69,13 @@ def session_info(engine: Engine) -> SessionInfo:
     )
 
 
+def capacity(engine: Engine, max_streams: int | None) -> int:
+    """The streams admitted at once: ``max_streams`` or the engine's own estimate, never more than
+    the engine can hold."""
+    wanted = max_streams or engine.capacity
+    return wanted if engine.max_capacity is None else min(wanted, engine.max_capacity)
+
+
 class Service:
     """What every route shares: the engine, the limits, the session count and the runtime."""
 
@@ -77,7 +84,7 @@ class Service:
         self.config = config
         self.info = session_info(engine)
         self.sessions = 0
-        self.capacity = config.max_streams or engine.capacity
+        self.capacity = capacity(engine, config.max_streams)
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
         self.metrics.watch(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from cosyvoice.tiny import write_model_dir
 from realtime.cli import _deltas, _is_loopback, build_parser
 from tests.serving import free_port, start_cli_server
 
@@ -144,6 +145,9 @@ def test_serve_help_documents_every_option():
         ("--send-timeout", "0", "greater than 0"),
         ("--realtime-batch-ms", "-1", "0 or more"),
         ("--realtime-lead-ms", "soon", "not a number"),
+        ("--flow-window", "-3", "0 or more"),
+        ("--flow-window", "wide", "not a number"),
+        ("--t2w-memory-mb", "0", "greater than 0"),
     ],
 )
 def test_serve_refuses_bad_numbers_with_a_message(flag: str, value: str, needle: str):
@@ -153,6 +157,10 @@ def test_serve_refuses_bad_numbers_with_a_message(flag: str, value: str, needle:
     assert e.value.code == 2
     args = parser.parse_args(["serve", "--realtime-batch-ms", "0", "--realtime-lead-ms", "150"])
     assert (args.realtime_batch_ms, args.realtime_lead_ms) == (0, 150)
+    assert (args.flow_window, args.t2w_memory_mb) == ("auto", "auto")
+    args = parser.parse_args(["serve", "--flow-window", "none", "--t2w-memory-mb", "512.5"])
+    assert (args.flow_window, args.t2w_memory_mb) == (None, 512.5)
+    assert parser.parse_args(["serve", "--flow-window", "4"]).flow_window == 4
 
 
 def test_bad_number_message_names_the_problem(capsys):
@@ -177,6 +185,18 @@ def test_serve_refuses_cosyvoice2_without_model_dir():
         timeout=60,
     )
     assert r.returncode == 2 and "--model-dir" in r.stderr
+
+
+def test_serve_refuses_a_token2wav_budget_that_holds_no_stream(tmp_path):
+    root = write_model_dir(tmp_path / "tiny")
+    r = subprocess.run(
+        [sys.executable, "-m", "realtime.cli", "serve", "--model-dir", str(root), "--port", "1"]
+        + ["--flow-window", "none", "--t2w-memory-mb", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "holds no stream" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_metrics_count_sessions(tone_server, tmp_path):

@@ -33,6 +33,7 @@ from realtime.engines.base import (
     SynthesisOptions,
 )
 from realtime.server import ServerConfig
+from realtime.service import capacity
 from realtime.synthesis import Synthesis
 from tests import serving
 from tests.serving import serve, ws_url
@@ -348,6 +349,52 @@ def test_a_full_kv_pool_fails_the_context_with_overloaded_not_a_hang(engine):
         with engine.cv.model.lm_stage.cond:
             for cache in held:
                 pool.release(cache)
+
+
+def test_the_token2wav_budget_sets_capacity_and_a_full_one_is_overloaded(tmp_path):
+    """A stream's flow caches grow with the audio its flow attends to, so the engine admits only as
+    many streams as ``t2w_budget_mb`` holds at the window's bound; more (here through the Python
+    API, which bypasses admission) get a typed ``overloaded`` at once, and the place comes back."""
+    from cosyvoice.token2wav import stream_bound
+
+    root = write_model_dir(tmp_path / "tiny")
+    probe = create_engine("cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=None)
+    bound = stream_bound(probe.cv.model.flow, 2)
+    assert probe.capacity == probe.cv.model.lm_stage.pool.slots  # no budget: the KV slots
+    probe.close()
+    engine = create_engine("cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=2.5 * bound / 2**20)
+    try:
+        model = engine.cv.model
+        assert engine.capacity == 2 and model.token2wav.max_streams == 2
+        assert capacity(engine, 10) == 2 and capacity(engine, 1) == 1  # --max-streams cannot raise it
+        stats = engine.stats()
+        assert stats["cosyvoice_t2w_streams_max"] == 2 and stats["cosyvoice_flow_window_chunks"] == 2
+        assert stats["cosyvoice_t2w_stream_bound_bytes"] == bound
+        prompt = engine.cv.frontend.frontend_sft("", EN)
+        held = [model.open_stream(prompt, seed=k) for k in range(2)]
+        assert all(held) and model.open_stream(prompt, seed=3) is None
+        assert model.lm_stage.free_slots == model.lm_stage.pool.slots - 2  # no KV slot kept for it
+        sink = QueueSink()
+        stream = engine.open(SynthesisOptions(voice=EN, seed=1), sink)
+        stream.push("Hello there, how are you today?")
+        stream.end()
+        (item,) = list(sink.items(timeout=10))
+        assert isinstance(item, Failed) and item.code == "overloaded"
+        for speech in held:
+            speech.cancel()
+        deadline = time.monotonic() + 10
+        while not model.t2w_stage.has_room():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert model.open_stream(prompt, seed=4) is not None
+    finally:
+        engine.close()
+
+
+def test_a_budget_that_holds_no_stream_is_refused_at_start(tmp_path):
+    root = write_model_dir(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="holds no stream"):
+        create_engine("cosyvoice2", str(root), left_chunks=None, t2w_budget_mb=1)
 
 
 def test_cancel_before_the_prompt_is_analysed_and_mid_speech_frees_everything(engine):

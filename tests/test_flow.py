@@ -567,3 +567,25 @@ def test_our_mish_is_torchs_within_float_rounding_over_the_whole_range():
     finite = x.abs() <= 100
     assert (((ours - ref).abs() / ref.abs().clamp(min=1))[finite]).max() <= 1e-6
     assert torch.isnan(ours[-3]) and ours[-2] == 1e30 and ours[-1] == 0
+
+
+@pytest.mark.parametrize("left_chunks", [None, 0, 2])
+def test_flow_stream_max_nbytes_bounds_every_stream_and_is_tight_under_a_window(flow, left_chunks):
+    """Admission reserves ``max_nbytes`` per stream, so no stream may ever hold more; a long prompt
+    is computed chunk by chunk, so that under a window it never holds more than the window either;
+    and the bound is not loose (a windowed stream reaches nearly all of it)."""
+    tokens, prompt, prompt_feat, emb = _stream_case(330, seed=11, n_prompt=160)
+    bound = FlowStream.max_nbytes(flow, left_chunks)
+    stream = FlowStream(flow, prompt, prompt_feat, emb, left_chunks=left_chunks)
+    peak = stream.nbytes()
+    stream.push(tokens[0])
+    for hop in [15] + [25] * 12:
+        stream.emit(hop)
+        peak = max(peak, stream.nbytes())
+    stream.finish()
+    assert peak <= bound
+    if left_chunks is not None:
+        assert peak >= 0.9 * bound
+    else:  # unbounded: the bound is that of a 300 s utterance, far beyond this one
+        assert bound > 10 * peak
+    assert FlowStream.max_nbytes(flow, 0) < FlowStream.max_nbytes(flow, 2) < FlowStream.max_nbytes(flow, None)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cosyvoice.t2w_stage import DONE, StaticTokens, T2WStage
-from cosyvoice.token2wav import HopSchedule, Job, Rounds, Token2Wav
+from cosyvoice.token2wav import HopSchedule, Job, Rounds, Token2Wav, Token2WavFull, fit_window, stream_bound
 from tests.conftest import load_npz
 from tests.test_cosyvoice_api import assert_same_speech
 from tests.test_token2wav import RecordingMels, maxdiff, prompt_sizes, tiny_models
@@ -285,3 +285,53 @@ def test_a_vocoder_failure_fails_every_stream_of_the_call_even_one_already_given
             stream.poll()
         assert stream.finished and not stream.busy
     assert t2w.active_streams() == []
+
+
+def test_a_token2wav_budget_bounds_the_open_streams_and_a_closed_one_gives_its_place_back(models, fx):
+    """``max_streams`` (what a memory budget holds) is enforced where a stream registers, in the
+    caller's thread: one more is refused with a typed error at once, and a stream that ends or is
+    cancelled gives its place back."""
+    stage = T2WStage(Token2Wav(*models, max_streams=2))
+    try:
+        specs = cases(fx, 3)
+        sources = [Tokens() for _ in specs]
+        opened = [
+            stage.open(uuid, src, *p, seed=seed)
+            for (uuid, p, _, seed), src in zip(specs[:2], sources[:2], strict=True)
+        ]
+        with pytest.raises(Token2WavFull):
+            stage.open(specs[2][0], sources[2], *specs[2][1], seed=specs[2][3])
+        assert not stage.has_room()
+        (_, _, tokens, _), src = specs[0], sources[0]
+        src.add(tokens, done=True)
+        assert len(read_all(opened[0])) > 0  # it ends: its place is free
+        assert stage.has_room()
+        third = stage.open(specs[2][0], sources[2], *specs[2][1], seed=specs[2][3])
+        assert not stage.has_room()
+        third.cancel()
+        deadline = time.monotonic() + WAIT
+        while not stage.has_room():  # the stage lets a cancelled stream go between rounds
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        opened[1].cancel()
+    finally:
+        stage.close()
+
+
+def test_fit_window_is_the_widest_window_whose_streams_fit_the_budget(models):
+    flow = models[0]
+    bound = {w: stream_bound(flow, w) for w in (None, 2, 5, 6)}
+    assert fit_window(flow, 4, 4 * bound[None]) is None  # everything fits: the official model
+    assert fit_window(flow, 4, 4 * bound[5]) == 5
+    assert fit_window(flow, 4, 4 * bound[6] - 1) == 5
+    assert fit_window(flow, 4, 3 * bound[2]) == 2  # never narrower than `least`: fewer streams instead
+    t2w = Token2Wav(*models, left_chunks=5, max_streams=1)
+    assert t2w.max_stream_nbytes() == bound[5]
+    # used directly (the per-request path), the limit holds as well
+    p = (np.zeros(0, dtype=np.int64), np.zeros((0, 80), dtype=np.float32), np.zeros(192, dtype=np.float32))
+    t2w.open("a", *p)
+    with pytest.raises(Token2WavFull):
+        t2w.open("b", *p)
+    t2w.open("exact", *p, mode="exact")  # a recomputing stream keeps no flow caches: not counted
+    t2w.close("a")
+    t2w.open("b", *p)

@@ -347,6 +347,9 @@ class Engine(ABC):
     # How many streams may be speaking at once before those already admitted slow down: what the
     # service admits (``--max-streams`` overrides it).  Engines measure or estimate their own.
     capacity: int = 4
+    # The most streams the engine can hold at all (memory it reserves per stream), which
+    # ``--max-streams`` cannot raise: beyond it a stream could only fail.  None: no such limit.
+    max_capacity: int | None = None
 
     @abstractmethod
     def voices(self) -> list[VoiceInfo]: ...

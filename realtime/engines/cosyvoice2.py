@@ -88,9 +88,10 @@ class CosyVoice2Engine(BlockingEngine):
         dtype: str = "fp32",
         max_token_ratio: float = 20.0,
         min_tokens: int = 50,
-        left_chunks: int | None = None,
+        left_chunks: int | str | None = "auto",
         lm: str = "batched",
         prompt_cache_mb: float = 256,
+        t2w_budget_mb: float | str | None = "auto",
         **kwargs: Any,
     ) -> None:
         from cosyvoice.api import CosyVoice2
@@ -107,11 +108,22 @@ class CosyVoice2Engine(BlockingEngine):
             left_chunks=left_chunks,
             lm=lm,
             prompt_cache_mb=prompt_cache_mb,
+            t2w_budget_mb=t2w_budget_mb,
         )
         # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
-        # token2wav stage, so admission counts the LM's KV slots (lm="per-request": a thread per
-        # stream runs its own LM and token2wav, as before batching).
-        self.capacity = self.cv.model.lm_stage.pool.slots
+        # token2wav stage, so admission counts the LM's KV slots and the streams the token2wav
+        # budget holds (lm="per-request": a thread per stream runs its own LM and token2wav, as
+        # before batching).
+        self.capacity = self.max_capacity = self.cv.model.capacity
+        t2w = self.cv.model.token2wav
+        log.info(
+            "cosyvoice2: flow window %s, up to %d MiB of token2wav state per stream, %d streams at once "
+            "(%d KV slots)",
+            "unbounded" if t2w.left_chunks is None else f"{t2w.left_chunks} chunks",
+            t2w.max_stream_nbytes() >> 20,
+            self.capacity,
+            self.cv.model.lm_stage.pool.slots,
+        )
         self.compute_slots = None
         # Off the event loop, bounded: analysing a prompt_audio (speaker embedding and speech
         # tokens) and the whole-utterance token2wav of speed != 1.
@@ -150,6 +162,11 @@ class CosyVoice2Engine(BlockingEngine):
             "cosyvoice_lm_rows_total": lm.rows,
             "cosyvoice_kv_slots_free": model.lm_stage.free_slots,
             "cosyvoice_kv_slots": model.lm_stage.pool.slots,
+            "cosyvoice_t2w_streams_max": model.capacity,
+            "cosyvoice_t2w_stream_bound_bytes": model.token2wav.max_stream_nbytes(),
+            "cosyvoice_flow_window_chunks": -1
+            if model.token2wav.left_chunks is None
+            else model.token2wav.left_chunks,
             "cosyvoice_t2w_calls_total": sum(t2w.values()),
             "cosyvoice_t2w_chunks_total": sum(size * n for size, n in t2w.items()),
             **self._prompt_cache_stats(),
@@ -606,7 +623,7 @@ class _Stream(EngineStream):
                 listener=self._kick,
             )
         if segment.speech is None:
-            raise EngineError("overloaded", "every KV slot of the model is in use")
+            raise EngineError("overloaded", "the model has no free place (KV slot or token2wav memory)")
 
     def _take_audio(self, segment: _Segment) -> None:
         if segment.speech is None or segment.spoken:
