@@ -61,7 +61,7 @@ class CosyVoice2:
         min_tokens: int = 50,
         left_chunks: int | str | None = None,
         lm: str = "batched",
-        prompt_cache_mb: float = 256,
+        prompt_cache_mb: float | str = 256,
         t2w_budget_mb: float | str | None = None,
     ):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):

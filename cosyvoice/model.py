@@ -36,7 +36,7 @@ from .lm_request import LMRequest, feed_text
 from .lm_stage import LMHandle, LMStage
 from .sampling import Sampler
 from .t2w_stage import DONE, StaticTokens, T2WStage, T2WStream, TokenSource
-from .token2wav import MEL_CACHE_LEN, HopSchedule, Token2Wav, Token2WavFull, fit_window, stream_bound
+from .token2wav import MEL_CACHE_LEN, HopSchedule, Token2Wav, Token2WavFull, plan_memory
 
 __all__ = [
     "CosyVoice2Model",
@@ -139,22 +139,23 @@ class CosyVoice2Model:
         kv_max_len: int = 2048,
         kv_max_slots: int = 32,
         lm: str = "batched",
-        prompt_cache_mb: float = 256,
+        prompt_cache_mb: float | str = 256,
         t2w_budget_mb: float | str | None = None,
     ):
         """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
         per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
-        requests the LM stage serves at once.  ``prompt_cache_mb``: memory for the flow state of
-        the voices' prompts, each computed once for all streams of a voice (0: not kept).  ``lm="per-request"`` runs each request's LM alone
+        requests the LM stage serves at once.  ``lm="per-request"`` runs each request's LM alone
         in its caller's thread instead (the pre-batching path, kept for comparison).
 
-        ``t2w_budget_mb``: memory for the streams' token2wav state (None: no limit; "auto": half
-        the flow device's memory, or of the container's limit).  A stream's
-        flow caches grow with the frames its attention reaches (190 MiB per second of audio at
-        REAL size), so the budget bounds how many streams are open at once (:attr:`capacity`).
+        ``t2w_budget_mb``: memory for token2wav state (None: no limit; "auto": half the flow
+        device's memory, or of the container's limit).  A stream's flow caches grow with the
+        frames its attention reaches (190 MiB per second of audio at REAL size), so the budget
+        bounds how many streams are open at once (:attr:`capacity`).  ``prompt_cache_mb``: the
+        part of it for the flow state of the voices' prompts, each computed once for all streams
+        of a voice (0: not kept; "auto": an eighth of the budget, 256 without one).
         ``left_chunks`` is the flow's window in 25-token chunks of left context (None: unbounded,
         the official model; "auto": the widest window with which every KV slot's stream fits in
-        the budget, at least 2, unbounded when that fits)."""
+        the budget, at least 2, unbounded when that fits).  See :func:`plan_memory`."""
         if lm not in LM_MODES:
             raise ValueError(f"lm must be one of {LM_MODES}")
         self.lm_mode = lm
@@ -169,25 +170,21 @@ class CosyVoice2Model:
             budget = memory_bytes(flow.input_embedding.weight.device) // 2
         else:
             budget = None if t2w_budget_mb is None else int(float(t2w_budget_mb) * 2**20)
-        if left_chunks == "auto":
-            left_chunks = None if budget is None else fit_window(self.flow, pool.slots, budget)
-        elif left_chunks is not None and (isinstance(left_chunks, str) or left_chunks < 0):
+        if not (left_chunks in (None, "auto") or (isinstance(left_chunks, int) and left_chunks >= 0)):
             raise ValueError(f"left_chunks must be None, 'auto' or >= 0, got {left_chunks!r}")
-        max_streams = None
-        if budget is not None:
-            max_streams = budget // stream_bound(self.flow, left_chunks)
-            if max_streams < 1:
-                raise ValueError(
-                    f"a token2wav budget of {budget / 2**20:.0f} MiB holds no stream: one may hold "
-                    f"{stream_bound(self.flow, left_chunks) / 2**20:.0f} MiB with a flow window of "
-                    f"{'unbounded' if left_chunks is None else left_chunks} chunks"
-                )
+        plan = plan_memory(
+            self.flow,
+            pool.slots,
+            budget,
+            left_chunks,
+            None if prompt_cache_mb == "auto" else int(float(prompt_cache_mb) * 2**20),
+        )
         self.token2wav = Token2Wav(
             self.flow,
             self.hift,
-            left_chunks=left_chunks,
-            prompt_cache_bytes=int(prompt_cache_mb * 2**20),
-            max_streams=max_streams,
+            left_chunks=plan.left_chunks,
+            prompt_cache_bytes=plan.prompt_cache_bytes,
+            max_streams=plan.max_streams,
         )
         lm_threads, t2w_threads = stage_threads(llm.speech_embedding.weight.device)
         self.lm_stage = LMStage(llm, pool, threads=lm_threads)

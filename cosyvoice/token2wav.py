@@ -213,6 +213,46 @@ def fit_window(flow: CausalMaskedDiffWithXvec, streams: int, budget: int, least:
     return lo
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a model spends its token2wav memory: the flow window, the voices' prompt states and the
+    streams open at once (None: no limit)."""
+
+    left_chunks: int | None
+    prompt_cache_bytes: int
+    max_streams: int | None
+
+
+def plan_memory(
+    flow: CausalMaskedDiffWithXvec,
+    slots: int,
+    budget: int | None,
+    left_chunks: int | str | None = None,
+    prompt_cache_bytes: int | None = None,
+) -> MemoryPlan:
+    """Spend ``budget`` bytes (None: no limit) on the prompt states of the voices
+    (``prompt_cache_bytes``; None: an eighth of the budget, or 256 MiB without one: at REAL size
+    one voice's 4 s prompt state is about 570 MiB) and on as many streams as fit at the window's
+    bound, at most ``slots`` (the LM's KV slots).  ``left_chunks="auto"``: the widest window with
+    which every slot's stream fits (see :func:`fit_window`); without a budget, unbounded."""
+    if prompt_cache_bytes is None:
+        prompt_cache_bytes = 256 << 20 if budget is None else budget // 8
+    if budget is None:
+        window = None if left_chunks == "auto" else left_chunks
+        return MemoryPlan(window, prompt_cache_bytes, None)
+    streams_budget = budget - prompt_cache_bytes
+    if left_chunks == "auto":
+        left_chunks = fit_window(flow, slots, max(streams_budget, 0))
+    bound = stream_bound(flow, left_chunks)
+    if streams_budget < bound:
+        window = "unbounded" if left_chunks is None else f"{left_chunks} chunks"
+        raise ValueError(
+            f"a token2wav budget of {budget / 2**20:.0f} MiB ({prompt_cache_bytes / 2**20:.0f} MiB of it for "
+            f"voice prompts) holds no stream: one may hold {bound / 2**20:.0f} MiB with a flow window of {window}"
+        )
+    return MemoryPlan(left_chunks, prompt_cache_bytes, min(slots, streams_budget // bound))
+
+
 class Token2WavFull(RuntimeError):
     """Every place for a cached stream is taken (see ``Token2Wav(max_streams=)``)."""
 

@@ -314,10 +314,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--prompt-cache-mb",
-        type=_non_negative_float,
-        default=256,
-        help="cosyvoice2: memory for the flow state of voices' prompts, computed once per voice and "
-        "copied into each stream that speaks with it (0: every stream computes its own)",
+        type=_or_words(_non_negative_float, "auto"),
+        default="auto",
+        help="cosyvoice2: the part of --t2w-memory-mb for the flow state of voices' prompts, computed "
+        "once per voice and copied into each stream that speaks with it (0: every stream computes "
+        "its own; auto: an eighth; at the real model's size a 4 s prompt's state is about 570 MiB)",
     )
     s.add_argument(
         "--t2w-memory-mb",

@@ -13,7 +13,17 @@ import pytest
 import torch
 
 from cosyvoice.t2w_stage import DONE, StaticTokens, T2WStage
-from cosyvoice.token2wav import HopSchedule, Job, Rounds, Token2Wav, Token2WavFull, fit_window, stream_bound
+from cosyvoice.token2wav import (
+    HopSchedule,
+    Job,
+    MemoryPlan,
+    Rounds,
+    Token2Wav,
+    Token2WavFull,
+    fit_window,
+    plan_memory,
+    stream_bound,
+)
 from tests.conftest import load_npz
 from tests.test_cosyvoice_api import assert_same_speech
 from tests.test_token2wav import RecordingMels, maxdiff, prompt_sizes, tiny_models
@@ -318,13 +328,25 @@ def test_a_token2wav_budget_bounds_the_open_streams_and_a_closed_one_gives_its_p
         stage.close()
 
 
-def test_fit_window_is_the_widest_window_whose_streams_fit_the_budget(models):
+def test_the_memory_plan_fits_the_widest_window_and_the_streams_the_budget_holds(models):
     flow = models[0]
     bound = {w: stream_bound(flow, w) for w in (None, 2, 5, 6)}
     assert fit_window(flow, 4, 4 * bound[None]) is None  # everything fits: the official model
     assert fit_window(flow, 4, 4 * bound[5]) == 5
     assert fit_window(flow, 4, 4 * bound[6] - 1) == 5
     assert fit_window(flow, 4, 3 * bound[2]) == 2  # never narrower than `least`: fewer streams instead
+    # the budget pays for the voices' prompt states (an eighth, unless told) and then the streams
+    assert plan_memory(flow, 4, None) == MemoryPlan(None, 256 << 20, None)
+    assert plan_memory(flow, 4, None, "auto") == MemoryPlan(None, 256 << 20, None)
+    assert plan_memory(flow, 4, None, 3, 0) == MemoryPlan(3, 0, None)
+    budget = 8 * bound[5]
+    assert plan_memory(flow, 4, budget, "auto") == MemoryPlan(
+        fit_window(flow, 4, budget - budget // 8), budget // 8, 4
+    )
+    assert plan_memory(flow, 9, 4 * bound[5] + 100, 5, 100) == MemoryPlan(5, 100, 4)
+    assert plan_memory(flow, 2, 4 * bound[5] + 100, 5, 100).max_streams == 2  # never more than the slots
+    with pytest.raises(ValueError, match="holds no stream"):
+        plan_memory(flow, 4, bound[5] + 99, 5, 100)
     t2w = Token2Wav(*models, left_chunks=5, max_streams=1)
     assert t2w.max_stream_nbytes() == bound[5]
     # used directly (the per-request path), the limit holds as well

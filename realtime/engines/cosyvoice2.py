@@ -90,7 +90,7 @@ class CosyVoice2Engine(BlockingEngine):
         min_tokens: int = 50,
         left_chunks: int | str | None = "auto",
         lm: str = "batched",
-        prompt_cache_mb: float = 256,
+        prompt_cache_mb: float | str = "auto",
         t2w_budget_mb: float | str | None = "auto",
         **kwargs: Any,
     ) -> None:
