@@ -63,6 +63,8 @@ class CosyVoice2:
         lm: str = "batched",
         prompt_cache_mb: float | str = 256,
         t2w_budget_mb: float | str | None = None,
+        kv_budget_mb: float = 1024,
+        kv_max_slots: int = 32,
     ):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
             if flag:
@@ -89,6 +91,8 @@ class CosyVoice2:
             lm=lm,
             prompt_cache_mb=prompt_cache_mb,
             t2w_budget_mb=t2w_budget_mb,
+            kv_budget_mb=kv_budget_mb,
+            kv_max_slots=kv_max_slots,
         )
         spk2info = self.model_dir.root / "spk2info.pt"
         self.frontend = CosyVoiceFrontEnd(

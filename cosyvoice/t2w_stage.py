@@ -31,7 +31,7 @@ import torch
 
 from .config import device_stream
 from .llm import Timings
-from .token2wav import HopSchedule, Job, Rounds, Token2Wav, Token2WavFull
+from .token2wav import HopSchedule, Job, Rounds, Token2Wav
 
 __all__ = ["DONE", "StaticTokens", "T2WStage", "T2WStream", "TokenSource"]
 
@@ -187,10 +187,7 @@ class T2WStage:
             if uuid in self._streams:
                 raise ValueError(f"stream {uuid!r} is already open")
             if not self._has_room():
-                limit = self.token2wav.max_streams
-                raise Token2WavFull(
-                    f"{limit} streams of up to {self.token2wav.max_stream_nbytes() >> 20} MiB each are open"
-                )
+                raise self.token2wav.full()
             self._streams[uuid] = stream
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="t2w-stage", daemon=True)

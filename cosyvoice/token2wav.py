@@ -394,9 +394,7 @@ class Token2Wav:
             if uuid in self._streams:
                 raise ValueError(f"stream {uuid!r} is already open")
             if limited and self.cached_streams() >= self.max_streams:
-                raise Token2WavFull(
-                    f"{self.max_streams} streams of up to {self.max_stream_nbytes() >> 20} MiB each are open"
-                )
+                raise self.full()
             self._streams[uuid] = stream
         if mode == "cached":
             try:
@@ -584,6 +582,12 @@ class Token2Wav:
     def cached_streams(self) -> int:
         """Open streams that hold flow caches (``mode="cached"``)."""
         return sum(1 for stream in list(self._streams.values()) if stream.mode == "cached")
+
+    def full(self) -> Token2WavFull:
+        """The error for one stream more than ``max_streams``."""
+        return Token2WavFull(
+            f"{self.max_streams} streams of up to {self.max_stream_nbytes() >> 20} MiB each are open"
+        )
 
     def max_stream_nbytes(self) -> int:
         """An upper bound of :meth:`stream_nbytes` for a cached stream (see :func:`stream_bound`)."""

@@ -85,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             prompt_cache_mb=args.prompt_cache_mb,
             left_chunks=args.flow_window,
             t2w_budget_mb=args.t2w_memory_mb,
+            kv_budget_mb=args.kv_memory_mb,
+            kv_max_slots=args.kv_slots,
         )
     try:
         engine = create_engine(engine_name, args.model_dir, **engine_kwargs)
@@ -319,6 +321,20 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="cosyvoice2: the part of --t2w-memory-mb for the flow state of voices' prompts, computed "
         "once per voice and copied into each stream that speaks with it (0: every stream computes "
         "its own; auto: an eighth; at the real model's size a 4 s prompt's state is about 570 MiB)",
+    )
+    s.add_argument(
+        "--kv-memory-mb",
+        type=_positive_float,
+        default=2048,
+        help="cosyvoice2: memory for the LM's KV pool: one slot of 2048 rows per stream served at once "
+        "(48 MiB at the real model's size)",
+    )
+    s.add_argument(
+        "--kv-slots",
+        type=_positive_int,
+        default=32,
+        help="cosyvoice2: at most this many KV slots (streams the LM serves at once), fewer where "
+        "--kv-memory-mb holds fewer",
     )
     s.add_argument(
         "--t2w-memory-mb",

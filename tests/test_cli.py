@@ -148,6 +148,8 @@ def test_serve_help_documents_every_option():
         ("--flow-window", "-3", "0 or more"),
         ("--flow-window", "wide", "not a number"),
         ("--t2w-memory-mb", "0", "greater than 0"),
+        ("--kv-slots", "0", "at least 1"),
+        ("--kv-memory-mb", "-1", "greater than 0"),
     ],
 )
 def test_serve_refuses_bad_numbers_with_a_message(flag: str, value: str, needle: str):

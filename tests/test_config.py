@@ -334,3 +334,23 @@ def test_load_strict_names_missing_unexpected_and_misshaped_keys():
     assert "extra.11" not in msg
     assert "b.weight (checkpoint (5, 2), model (4, 2))" in msg
     assert isinstance(err.value, ValueError)
+
+
+def test_memory_bytes_is_the_machines_or_the_containers_limit(monkeypatch, tmp_path):
+    import os
+
+    from cosyvoice import config
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < config.memory_bytes(torch.device("cpu")) <= physical
+    limit = tmp_path / "memory.max"
+    real_path = config.Path
+
+    def fake(path):
+        return limit if str(path) == "/sys/fs/cgroup/memory.max" else real_path(path)
+
+    monkeypatch.setattr(config, "Path", fake)
+    limit.write_text("1073741824\n")
+    assert config.memory_bytes(torch.device("cpu")) == min(physical, 1 << 30)
+    limit.write_text("max\n")  # cgroup v2: no limit
+    assert config.memory_bytes(torch.device("cpu")) <= physical

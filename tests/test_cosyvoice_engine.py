@@ -358,9 +358,9 @@ def test_the_token2wav_budget_sets_capacity_and_a_full_one_is_overloaded(tmp_pat
     from cosyvoice.token2wav import stream_bound
 
     root = write_model_dir(tmp_path / "tiny")
-    probe = create_engine("cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=None)
+    probe = create_engine("cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=None, kv_max_slots=3)
     bound = stream_bound(probe.cv.model.flow, 2)
-    assert probe.capacity == probe.cv.model.lm_stage.pool.slots  # no budget: the KV slots
+    assert probe.capacity == probe.cv.model.lm_stage.pool.slots == 3  # no budget: the KV slots
     probe.close()
     engine = create_engine("cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=2.5 * bound / 2**20)
     try:

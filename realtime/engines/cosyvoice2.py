@@ -92,6 +92,8 @@ class CosyVoice2Engine(BlockingEngine):
         lm: str = "batched",
         prompt_cache_mb: float | str = "auto",
         t2w_budget_mb: float | str | None = "auto",
+        kv_budget_mb: float = 2048,
+        kv_max_slots: int = 32,
         **kwargs: Any,
     ) -> None:
         from cosyvoice.api import CosyVoice2
@@ -109,6 +111,8 @@ class CosyVoice2Engine(BlockingEngine):
             lm=lm,
             prompt_cache_mb=prompt_cache_mb,
             t2w_budget_mb=t2w_budget_mb,
+            kv_budget_mb=kv_budget_mb,
+            kv_max_slots=kv_max_slots,
         )
         # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
         # token2wav stage, so admission counts the LM's KV slots and the streams the token2wav
