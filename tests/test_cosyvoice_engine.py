@@ -22,8 +22,10 @@ from websockets.asyncio.client import connect
 from cosyvoice.model import SAMPLES_PER_TOKEN
 from cosyvoice.tiny import SFT_SPEAKERS, prompt_wav, write_model_dir
 from realtime.admission import Admission
+from realtime.engines import cosyvoice2 as cosyvoice2_engine
 from realtime.engines import create_engine
 from realtime.engines.base import (
+    END,
     AudioChunk,
     EngineError,
     Failed,
@@ -395,6 +397,70 @@ def test_a_budget_that_holds_no_stream_is_refused_at_start(tmp_path):
     root = write_model_dir(tmp_path / "tiny")
     with pytest.raises(ValueError, match="holds no stream"):
         create_engine("cosyvoice2", str(root), left_chunks=None, t2w_budget_mb=1)
+
+
+def _speak_unflushed(engine, text: str, monkeypatch) -> tuple[list, list]:
+    """``text`` in 9-character deltas with no flush, then the end: every item the context puts,
+    the LM request of every segment and where (in characters) and how each segment ended."""
+    model, requests = engine.cv.model, []
+    open_stream = model.open_stream
+
+    def recording(*args, **kwargs):
+        speech = open_stream(*args, **kwargs)
+        requests.append(speech.tokens.request)
+        return speech
+
+    monkeypatch.setattr(model, "open_stream", recording)
+    segments = []
+    init = cosyvoice2_engine._Segment.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        segments.append(self)
+
+    monkeypatch.setattr(cosyvoice2_engine._Segment, "__init__", tracked)
+    sink = QueueSink()
+    stream = engine.open(SynthesisOptions(voice=EN, seed=3), sink)
+    for i in range(0, len(text), 9):
+        stream.push(text[i : i + 9])
+    stream.end()
+    items = list(sink.items(timeout=120))
+    return items, requests, [(seg.offset, seg.marker) for seg in segments]
+
+
+@pytest.mark.parametrize(
+    "text,ends",
+    [
+        # sentences: each segment ends after a sentence's end
+        (" ".join(f"Sentence number {k} is here." for k in range(8)), "."),
+        # one long sentence: past the hard limit a segment ends at a pause or word
+        ("and then " * 40 + "the end", " ,"),
+    ],
+)
+def test_a_long_unflushed_context_is_spoken_whole_as_segments_ending_at_sentence_ends(
+    engine, monkeypatch, text, ends
+):
+    """One request's KV slot holds about 70 s of speech: a longer context used to end with its text
+    unspoken while ``done`` said it was all spoken.  The engine now ends segments of its own
+    accord (no ``flushed`` for the client), and every piece of the text goes into some request."""
+    monkeypatch.setattr(engine, "segment_tokens", (8, 40))
+    items, requests, segments = _speak_unflushed(engine, text, monkeypatch)
+    assert isinstance(items[-1], Finished) and not any(isinstance(i, Flushed | Failed) for i in items)
+    marks = [i.text_offset for i in items if isinstance(i, AudioChunk) and i.text_offset is not None]
+    assert marks[-1] == len(text) and marks == sorted(marks)
+    assert len(requests) == len(segments) > 2 and segments[-1] == (len(text), END)
+    for offset, marker in segments[:-1]:  # a break: after a sentence end (or, past the hard limit, a word)
+        assert marker is cosyvoice2_engine.BREAK and offset in marks
+        assert text[offset - 1] in ends or text[offset] in ends, (offset, text[offset - 3 : offset + 3])
+    ids = engine.cv.frontend.text_ids()
+    whole = len(ids.push(text) + ids.end())
+    taken = sum(r.n_text for r in requests)
+    assert abs(taken - whole) <= len(requests)  # all of it (a token may split at a break)
+    for request in requests:
+        assert request.n_text <= 2 * 40 + 9  # a segment never grows past twice the hard limit
+    assert all(r.finished for r in requests)
+    samples = sum(len(i.samples) for i in items if isinstance(i, AudioChunk))
+    assert samples > 0 and samples % SAMPLES_PER_TOKEN == 0
 
 
 def test_cancel_before_the_prompt_is_analysed_and_mid_speech_frees_everything(engine):

@@ -150,6 +150,11 @@ class CosyVoice2Engine(BlockingEngine):
         # code (16 sessions on TINY: first audio p95 1.15-1.45 s, 0.94-1.01 s at 0.2 ms).
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
         self.sample_rate = self.cv.sample_rate
+        # A context's text without flushes is spoken as segments (one request each) that end at the
+        # first sentence end after segment_tokens[0] text tokens, or after segment_tokens[1] at any
+        # pause or word (the official frontend splits its texts at 60-80 tokens): one request
+        # holds about 70 s of speech in its KV slot, and a longer one would leave text unspoken.
+        self.segment_tokens = (80, 120)
         sft = [v.id for v in self.voices() if v.kind == "sft"]
         self.default_voice = sft[0] if sft else None
 
@@ -460,15 +465,45 @@ def _request(segment: _Segment) -> Any:
     return getattr(handle, "request", None)
 
 
+class _Break:
+    """Where the engine ends a segment of its own accord (no ``Flushed`` for the client)."""
+
+
+BREAK = _Break()
+_SENTENCE_ENDS = ".!?;…"  # a sentence ends at one of these followed by whitespace
+_CJK_ENDS = "。！？；"  # or at one of these
+_PAUSES = ",:、，：" + _SENTENCE_ENDS + _CJK_ENDS
+
+
+def _break_at(delta: str, before: str, hard: bool) -> int | None:
+    """Where in ``delta`` (the text after ``before``, its last character) a segment may end: after
+    a sentence's end, or once ``hard``, after any pause or word; None: nowhere in it.  The text
+    before the index stays in the segment."""
+    for i, c in enumerate(delta):
+        prev = delta[i - 1] if i else before
+        if c.isspace() and (prev in _SENTENCE_ENDS or (hard and not prev.isspace())):
+            return i
+        if c in _CJK_ENDS or (hard and c in _PAUSES and c not in _SENTENCE_ENDS):
+            return i + 1
+    return None
+
+
 class _Segment:
-    """A context's text up to a flush or its end: one request (opened at its first token id)."""
+    """A context's text up to a flush, its end or a break: one request (opened at its first token id).
+
+    A long context without flushes is broken into segments at sentence ends, ``segment_tokens``
+    text tokens apart at least (see :class:`CosyVoice2Engine`): one request's KV slot holds 2048
+    rows (prompt, text and speech tokens: about 70 s of speech) and the flow at most 300 s, and a
+    request that outgrew them would end with its text unspoken."""
 
     def __init__(self, engine: CosyVoice2Engine, index: int, start: int = 0, speed: float = 1.0) -> None:
         self.index = index
         self.timing = _WordTiming(start, speed)
         self.text = engine.cv.frontend.text_ids()
+        self.n_ids = 0  # text token ids pushed
+        self.last = " "  # the last character pushed
         self.speech: Any = None  # SpeechStream (streamed) or LMHandle (speed != 1)
-        self.marker: Flush | End | None = None  # how its text ended
+        self.marker: Flush | End | _Break | None = None  # how its text ended
         self.offset = 0  # characters of the context's text up to its end
         self.tokens: list[int] = []  # speed != 1: every token, vocoded at once
         self.whole: Future | None = None  # speed != 1: that vocoding
@@ -585,18 +620,30 @@ class _Stream(EngineStream):
                 self._over = True
                 self.sink.put(Finished())
                 return
-            if not self._put(Flushed()):
+            if isinstance(segment.marker, Flush) and not self._put(Flushed()):
                 return
 
     def _take_text(self, segment: _Segment) -> None:
+        soft, hard = self.engine.segment_tokens
         while segment.marker is None and self._inbox:
             item = self._inbox.popleft()
-            if isinstance(item, str):
+            cut, ids = None, []
+            # tokens so far: the front end holds characters back (a character is a token at most)
+            n = segment.n_ids + segment.text.held
+            if isinstance(item, str) and n >= soft:
+                # past twice the hard limit (no word or pause in sight): before this delta
+                cut = 0 if n >= 2 * hard else _break_at(item, segment.last, n >= hard)
+                if cut is not None and cut < len(item):
+                    self._inbox.appendleft(item[cut:])  # the next segment's
+                    item = item[:cut]
+            if isinstance(item, str) and item:
                 self._offset += len(item)
                 ids = segment.text.push(item)
+                segment.n_ids += len(ids)
+                segment.last = item[-1]
                 segment.timing.pushed(item, len(ids), segment.text.held)
-            else:
-                segment.marker, segment.offset = item, self._offset
+            if not isinstance(item, str) or cut is not None:
+                segment.marker, segment.offset = (item if cut is None else BREAK), self._offset
                 ids = segment.text.end()
                 segment.timing.ended(len(ids))
             if ids:
