@@ -332,6 +332,16 @@ def test_voices_route_refuses_registration_for_engines_without_it():
         assert r.status_code == 404
 
 
+def assert_overloaded_at_once(engine) -> None:
+    """A context opened now gets a typed ``overloaded`` as its only output, without a wait."""
+    sink = QueueSink()
+    stream = engine.open(SynthesisOptions(voice=EN, seed=1), sink)
+    stream.push("Hello there, how are you today?")
+    stream.end()
+    (item,) = list(sink.items(timeout=10))
+    assert isinstance(item, Failed) and item.code == "overloaded"
+
+
 def test_a_full_kv_pool_fails_the_context_with_overloaded_not_a_hang(engine):
     """Admission counts the KV slots, so this only happens when something else holds them (the
     Python API on the same model): the context gets a typed ``overloaded``, at once."""
@@ -341,12 +351,7 @@ def test_a_full_kv_pool_fails_the_context_with_overloaded_not_a_hang(engine):
         while (cache := pool.acquire()) is not None:
             held.append(cache)
     try:
-        sink = QueueSink()
-        stream = engine.open(SynthesisOptions(voice=EN, seed=1), sink)
-        stream.push("Hello there, how are you today?")
-        stream.end()
-        (item,) = list(sink.items(timeout=10))
-        assert isinstance(item, Failed) and item.code == "overloaded"
+        assert_overloaded_at_once(engine)
     finally:
         with engine.cv.model.lm_stage.cond:
             for cache in held:
@@ -376,12 +381,7 @@ def test_the_token2wav_budget_sets_capacity_and_a_full_one_is_overloaded(tmp_pat
         held = [model.open_stream(prompt, seed=k) for k in range(2)]
         assert all(held) and model.open_stream(prompt, seed=3) is None
         assert model.lm_stage.free_slots == model.lm_stage.pool.slots - 2  # no KV slot kept for it
-        sink = QueueSink()
-        stream = engine.open(SynthesisOptions(voice=EN, seed=1), sink)
-        stream.push("Hello there, how are you today?")
-        stream.end()
-        (item,) = list(sink.items(timeout=10))
-        assert isinstance(item, Failed) and item.code == "overloaded"
+        assert_overloaded_at_once(engine)
         for speech in held:
             speech.cancel()
         deadline = time.monotonic() + 10
