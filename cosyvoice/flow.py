@@ -445,16 +445,13 @@ class FlowStream:
         kv_frames = frames + max(frames // 4, 100)  # KVBuffer's capacity at most
         per_step = 2 * rows * key_width * kv_elem * kv_frames + rows * conv * elem
         d = encoder.cfg.output_size
-        enc = (
-            2
-            * d
-            * elem
-            * (
-                len(encoder.encoders) * max(2 * -(-frames // ratio), 64)  # token blocks, doubling buffers
-                + len(encoder.up_encoders) * max(2 * frames, 64)  # frame blocks
-            )
+        enc_rows = (  # the encoder's buffers double as they grow
+            len(encoder.encoders) * max(2 * -(-frames // ratio), 64)  # token blocks
+            + len(encoder.up_encoders) * max(2 * frames, 64)  # frame blocks
+            + 1
+            + encoder.cfg.up_stride  # pre-lookahead and upsampling tails
         )
-        enc += (2 + 2 * encoder.cfg.up_stride) * d * elem  # pre-lookahead and upsampling tails
+        enc = 2 * d * elem * enc_rows
         return steps * per_step + enc
 
     def nbytes(self) -> int:
