@@ -234,6 +234,12 @@ class LMStage:
             if want is None or len(handle.tokens) >= self.max_ahead:
                 continue
             if handle.cache.length + len(want) > handle.cache.capacity:
+                log.warning(
+                    "a request's KV slot is full (%d rows): it ends with %d speech tokens, text it did "
+                    "not take is not spoken (split long texts; the service does so at sentence ends)",
+                    handle.cache.capacity,
+                    len(request.out),
+                )
                 request.cancel()  # its slot is full: it ends as if capped
                 self._retire(handle)
                 handle.notify()

@@ -238,7 +238,7 @@ def test_a_stop_condition_ends_a_request_before_its_next_step(lm, stage):
     assert max(steps) == 10 and stage.free_slots == stage.pool.slots
 
 
-def test_a_request_whose_slot_fills_up_ends_as_if_capped(lm):
+def test_a_request_whose_slot_fills_up_ends_as_if_capped(lm, caplog):
     stage = LMStage(lm, KVPool(lm.kv_shape(), slots=1, max_len=40))
     try:
         handle = stage.submit(
@@ -247,6 +247,7 @@ def test_a_request_whose_slot_fills_up_ends_as_if_capped(lm):
         tokens = consume(handle)
         assert len(tokens) == 40 - 12 + 1  # sos + 10 text + task_id, then one row per token until full
         assert stage.free_slots == 1
+        assert "KV slot is full (40 rows)" in caplog.text  # never silently
     finally:
         stage.close()
 
