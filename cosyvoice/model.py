@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 import uuid as uuid_lib
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
@@ -196,6 +197,25 @@ class CosyVoice2Model:
         holds fewer streams."""
         streams = self.token2wav.max_streams
         return self.lm_stage.pool.slots if streams is None else min(self.lm_stage.pool.slots, streams)
+
+    def warm_up(self, timeout: float = 300.0) -> float:
+        """Speak one short throwaway request through both stages (a zero speaker, arbitrary text
+        ids, one chunk of speech) and return its seconds.  The first request of a process pays
+        for first-call costs (kernels, allocator growth, page faults of the weights: 0.65 s more
+        flow time for the first chunk at REAL size on a CPU) that a server should pay before it
+        says it is ready, not its first user."""
+        t0 = time.perf_counter()
+        prompt = {"flow_embedding": torch.zeros(1, self.flow.cfg.spk_embed_dim)}
+        chunk = self.flow.cfg.chunk_tokens + self.flow.cfg.pre_lookahead_len
+        speech = self.open_stream(prompt, seed=0, max_tokens=chunk + 2)
+        if speech is None:
+            raise RuntimeError("no KV slot for the warm-up request")
+        deadline = t0 + timeout
+        for _ in _read(speech, range(100, 110), lambda: time.perf_counter() > deadline):
+            pass
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"the warm-up request took over {timeout:g} s")
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the stages' threads (requests in them end)."""

@@ -393,6 +393,26 @@ def test_the_token2wav_budget_sets_capacity_and_a_full_one_is_overloaded(tmp_pat
         engine.close()
 
 
+def test_the_engine_warms_up_before_serving_and_gives_everything_back(tmp_path):
+    """The first request of a process pays first-call costs (at REAL size on a CPU its first audio
+    came 1.2 s later than with a warm-up), so the engine speaks one throwaway request at start."""
+    root = write_model_dir(tmp_path / "tiny")
+    cold = create_engine("cosyvoice2", str(root), warmup=False)
+    assert cold.stats()["cosyvoice_lm_calls_total"] == 0
+    cold.close()
+    engine = create_engine("cosyvoice2", str(root))
+    try:
+        model, stats = engine.cv.model, engine.stats()
+        assert stats["cosyvoice_lm_calls_total"] > 0 and stats["cosyvoice_t2w_chunks_total"] > 0
+        deadline = time.monotonic() + 10
+        while model.lm_stage.free_slots != model.lm_stage.pool.slots and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert model.lm_stage.free_slots == model.lm_stage.pool.slots
+        assert model.token2wav.active_streams() == [] and model.t2w_stage.has_room()
+    finally:
+        engine.close()
+
+
 def test_a_budget_that_holds_no_stream_is_refused_at_start(tmp_path):
     root = write_model_dir(tmp_path / "tiny")
     with pytest.raises(ValueError, match="holds no stream"):

@@ -94,6 +94,7 @@ class CosyVoice2Engine(BlockingEngine):
         t2w_budget_mb: float | str | None = "auto",
         kv_budget_mb: float = 2048,
         kv_max_slots: int = 32,
+        warmup: bool = True,
         **kwargs: Any,
     ) -> None:
         from cosyvoice.api import CosyVoice2
@@ -155,6 +156,8 @@ class CosyVoice2Engine(BlockingEngine):
         # pause or word (the official frontend splits its texts at 60-80 tokens): one request
         # holds about 70 s of speech in its KV slot, and a longer one would leave text unspoken.
         self.segment_tokens = (80, 120)
+        if warmup and self.cv.model.lm_mode == "batched":  # before the server says it is ready
+            log.info("cosyvoice2: warm-up request in %.2f s", self.cv.model.warm_up())
         sft = [v.id for v in self.voices() if v.kind == "sft"]
         self.default_voice = sft[0] if sft else None
 
