@@ -234,6 +234,11 @@ class FlowStream:
     equals `inference(..., left_chunks=left_chunks)` (like the official `num_decoding_left_chunks`),
     no longer the default unbounded model. `kv_dtype=torch.float16` halves the estimator cache (the
     bulk of the memory) at a small, measured accuracy cost; the default keeps float32 (exact).
+
+    The prompt's complete chunks are computed at construction (`precompute_prompt=True`), or taken
+    from `prompts` when another stream of the voice computed them; with `"lazy"` a missing prompt
+    state is computed by the first emit's chunks instead (one per advance, so that a batching
+    caller interleaves them with other streams' chunks) and kept in `prompts` when they are done.
     """
 
     def __init__(
@@ -244,7 +249,7 @@ class FlowStream:
         embedding: Tensor,
         left_chunks: int | None = None,
         n_timesteps: int | None = None,
-        precompute_prompt: bool = True,
+        precompute_prompt: bool | str = True,
         kv_dtype: torch.dtype | None = None,
         prompts: PromptStates | None = None,
     ):
@@ -285,11 +290,15 @@ class FlowStream:
             self.t_embs = [self.estimator.time_embedding(t) for t in self.t_ins]
         self.enc_cache = flow.encoder.new_cache(left_chunks)
         self.est_caches = [EstimatorCache(left_chunks, kv_dtype) for _ in range(self.n_timesteps)]
+        self._keep_prompt: tuple[PromptStates, bytes, int] | None = None  # (cache, key, at tokens)
         if precompute_prompt:
             key = None if prompts is None else prompts.key(self, embedding, kv_dtype)
             state = None if key is None else prompts.get(key)
             if state is not None:
                 state.restore(self)
+            elif precompute_prompt == "lazy":  # the first emit's chunks compute it
+                if key is not None:
+                    self._keep_prompt = (prompts, key, self._prompt_chunks())
             else:
                 self._precompute_prompt()
                 if key is not None:
@@ -319,15 +328,28 @@ class FlowStream:
         return self._n_generated - self.emitted >= hop + self.cfg.pre_lookahead_len
 
     # --- incremental work -------------------------------------------------------------------
-    def _precompute_prompt(self) -> None:
-        """Run the prompt's complete chunks (those whose lookahead is still inside the prompt) now,
-        before any token is generated, so the first emit only pays for the rest."""
+    def _prompt_chunks(self) -> int:
+        """Tokens of the prompt's complete chunks: those whose lookahead is still inside it."""
         chunk, la = self.cfg.chunk_tokens, self.cfg.pre_lookahead_len
-        q = (self.n_prompt - la) // chunk * chunk if self.n_prompt >= la else 0
+        return (self.n_prompt - la) // chunk * chunk if self.n_prompt >= la else 0
+
+    def _precompute_prompt(self) -> None:
+        """Run the prompt's complete chunks now, before any token is generated, so the first emit
+        only pays for the rest."""
+        q = self._prompt_chunks()
         # one chunk at a time (equal to one advance over all of them): under a window only the
         # window's keys are ever held, however long the prompt
-        for context_end, n in self._pieces(q, q + la):
+        for context_end, n in self._pieces(q, q + self.cfg.pre_lookahead_len):
             self._advance(context_end, n)
+
+    def _advanced(self) -> None:
+        """After an advance: with ``precompute_prompt="lazy"``, keep the state right after the
+        prompt's chunks for the voice's next streams, as a precompute would have."""
+        if self._keep_prompt is not None and self.done_tokens >= self._keep_prompt[2]:
+            prompts, key, at = self._keep_prompt
+            self._keep_prompt = None
+            if self.done_tokens == at:
+                prompts.put(key, _PromptState.of(self))
 
     def _inputs(self, context_end: int | None, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
         """Tokens [done_tokens, done_tokens + n_tokens) (prompt + generated numbering) through the
@@ -594,4 +616,5 @@ def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Te
             x = x + dt * ((1.0 + rate) * out[:, 0] - rate * out[:, 1])
     for stream, _, count in items:
         stream.done_tokens += count
+        stream._advanced()
     return [x[i : i + 1].float() for i in range(batch)]

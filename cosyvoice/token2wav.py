@@ -405,6 +405,9 @@ class Token2Wav:
                     embedding,
                     left_chunks=self.left_chunks,
                     prompts=self.prompts,
+                    # a new voice's prompt chunks go through the rounds with everyone's chunks,
+                    # instead of holding the caller (the token2wav stage: every stream) meanwhile
+                    precompute_prompt="lazy",
                 )
             except BaseException:
                 self.close(uuid)

@@ -589,3 +589,27 @@ def test_flow_stream_max_nbytes_bounds_every_stream_and_is_tight_under_a_window(
     else:  # unbounded: the bound is that of a 300 s utterance, far beyond this one
         assert bound > 10 * peak
     assert FlowStream.max_nbytes(flow, 0) < FlowStream.max_nbytes(flow, 2) < FlowStream.max_nbytes(flow, None)
+
+
+def test_a_lazy_prompt_is_computed_by_the_first_emit_and_kept_for_the_voice(flow):
+    """``precompute_prompt="lazy"`` computes nothing at construction: the first emit's chunks
+    compute the prompt (so that a batching caller interleaves them with other streams'), with the
+    same result as a precompute, and the state right after the prompt is kept for the voice."""
+    tokens, prompt, prompt_feat, emb = _stream_case(90, seed=5, n_prompt=60)
+    hops, _ = _official_hops(60, 90)
+    _, eager = _run_stream(flow, tokens, prompt, prompt_feat, emb, hops)
+    states = PromptStates()
+    lazy = FlowStream(flow, prompt, prompt_feat, emb, precompute_prompt="lazy", prompts=states)
+    assert lazy.done_tokens == 0 and len(states) == 0
+    lazy.close()
+    for n in (1, 2):  # a miss computes and keeps it; the next stream of the voice restores it
+        _, mels = _run_stream(
+            flow, tokens, prompt, prompt_feat, emb, hops, precompute_prompt="lazy", prompts=states
+        )
+        assert maxdiff(torch.cat(mels, -1), torch.cat(eager, -1)) <= TOL
+        assert (states.misses, states.hits, len(states)) == (2, n - 1, 1)  # (the closed one missed too)
+    # the kept state is what a precompute keeps
+    precomputed = PromptStates()
+    FlowStream(flow, prompt, prompt_feat, emb, prompts=precomputed).close()
+    (kept,), (made,) = states._states.values(), precomputed._states.values()
+    assert kept.done_tokens == made.done_tokens == 50 and kept.nbytes() == made.nbytes()

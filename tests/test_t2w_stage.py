@@ -357,3 +357,47 @@ def test_the_memory_plan_fits_the_widest_window_and_the_streams_the_budget_holds
     t2w.open("exact", *p, mode="exact")  # a recomputing stream keeps no flow caches: not counted
     t2w.close("a")
     t2w.open("b", *p)
+
+
+def test_a_new_voices_prompt_is_computed_in_the_rounds_not_at_open(models, fx):
+    """A stream of a voice not seen before (a 110-token prompt: four flow chunks) used to compute
+    its prompt when the stage opened it, holding every other stream that long.  Now opening
+    computes nothing; its first job carries the prompt's chunks, which advance one per round
+    batched with the other streams' chunks; and both streams still equal their solo audio."""
+    rng = np.random.default_rng(11)
+    long_prompt = (
+        rng.integers(0, 6561, size=110),
+        (rng.standard_normal((220, 80)) - 5).astype(np.float32),
+        fx["embedding"],
+    )
+    (uuid, p, tokens, seed), new_tokens = cases(fx, 1)[0], rng.integers(0, 6561, size=60)
+    t2w = RecordingMels(*models)
+    for key, prompt, toks, s in ((uuid, p, tokens, seed), ("new", long_prompt, new_tokens, 3)):
+        t2w.open(key, *prompt, seed=s)
+        t2w.push(key, toks)
+    assert t2w._get("new").flow_stream.done_tokens == 0 and t2w.prompts.misses == 1
+    rounds = Rounds(t2w)
+    for key in (uuid, "new"):
+        rounds.add(t2w.next_job(key))
+    left = {plan.job.uuid: len(plan.pieces) for plan in rounds.plans}
+    assert left["new"] == 6  # 100 prompt tokens, then its first hop (40 with the pad): 25 per piece
+    first = rounds.advance()
+    assert first == [] and {plan.job.uuid: len(plan.pieces) for plan in rounds.plans} == {
+        key: n - 1 for key, n in left.items()
+    }  # one round advanced both
+    t2w.vocode(first)
+    while True:  # every job of both to the end, as the stage's thread does
+        for key in t2w.active_streams():
+            if not any(plan.job.uuid == key for plan in rounds.plans):
+                job = t2w.next_job(key, finished=True)
+                if job is not None:
+                    rounds.add(job)
+        if not rounds:
+            break
+        t2w.vocode(rounds.advance())
+    assert t2w.active_streams() == [] and len(t2w.prompts) == 1  # the voice's prompt state is kept
+    for key, prompt, toks, s in ((uuid, p, tokens, seed), ("new", long_prompt, new_tokens, 3)):
+        _, mels = solo(models, prompt, toks, s)
+        assert len(t2w.mels[key]) == len(mels), key
+        for a, b in zip(t2w.mels[key], mels, strict=True):
+            assert maxdiff(a, b) <= 1e-4, key
