@@ -250,20 +250,31 @@ def device_stream(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def memory_bytes(device: torch.device) -> int:
-    """The memory of ``device``: a GPU's own, or for a CPU the machine's, or less where a
-    container's cgroup limit says so (what a pod's memory limit makes it)."""
+def memory_available(device: torch.device) -> int:
+    """What ``device`` has free now: a GPU's free memory, or for a CPU the machine's available
+    memory, less where a container's cgroup allows less (its limit less its usage: what a pod's
+    memory limit leaves), so that a budget taken from it after loading the model cannot get the
+    process killed."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        return torch.cuda.mem_get_info(device)[0]
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
-            text = Path(limit).read_text().strip()
+            texts = Path(limit).read_text().strip(), Path(usage).read_text().strip()
         except OSError:
             continue
-        if text.isdigit():  # "max" (v2) is no limit; v1 says no limit with a huge number
-            total = min(total, int(text))
-    return total
+        if all(t.isdigit() for t in texts):  # "max" (v2) is no limit; v1 says none with a huge number
+            free = min(free, int(texts[0]) - int(texts[1]))
+    return max(free, 0)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

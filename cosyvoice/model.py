@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_state_dict, load_strict
-from .config import ConfigError, ModelDir, memory_bytes, resolve_device
+from .config import ConfigError, ModelDir, memory_available, resolve_device
 from .flow import CausalMaskedDiffWithXvec, FlowConfig
 from .hift import HiFTConfig, HiFTGenerator, load_hift_state_dict
 from .kv_cache import KVPool
@@ -148,8 +148,9 @@ class CosyVoice2Model:
         requests the LM stage serves at once.  ``lm="per-request"`` runs each request's LM alone
         in its caller's thread instead (the pre-batching path, kept for comparison).
 
-        ``t2w_budget_mb``: memory for token2wav state (None: no limit; "auto": half the flow
-        device's memory, or of the container's limit).  A stream's flow caches grow with the
+        ``t2w_budget_mb``: memory for token2wav state (None: no limit; "auto": half of what the
+        flow device has free once the weights and the KV pool are loaded, within the
+        container's limit).  A stream's flow caches grow with the
         frames its attention reaches (190 MiB per second of audio at REAL size), so the budget
         bounds how many streams are open at once (:attr:`capacity`).  ``prompt_cache_mb``: the
         part of it for the flow state of the voices' prompts, each computed once for all streams
@@ -167,8 +168,8 @@ class CosyVoice2Model:
         pool = KVPool.for_budget(
             llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots
         )
-        if t2w_budget_mb == "auto":
-            budget = memory_bytes(flow.input_embedding.weight.device) // 2
+        if t2w_budget_mb == "auto":  # the weights and the KV pool are in memory by now
+            budget = memory_available(flow.input_embedding.weight.device) // 2
         else:
             budget = None if t2w_budget_mb is None else int(float(t2w_budget_mb) * 2**20)
         if not (left_chunks in (None, "auto") or (isinstance(left_chunks, int) and left_chunks >= 0)):

@@ -342,7 +342,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="cosyvoice2: memory for the streams' token2wav (flow) state, which grows with the audio "
         "a stream's flow attends to (about 190 MiB per second at the real model's size); it bounds "
-        "the streams served at once (auto: half the flow device's memory, or of the container's limit)",
+        "the streams served at once (auto: half of what the flow device has free once the model is "
+        "loaded, within the container's memory limit)",
     )
     s.add_argument(
         "--flow-window",

@@ -336,21 +336,26 @@ def test_load_strict_names_missing_unexpected_and_misshaped_keys():
     assert isinstance(err.value, ValueError)
 
 
-def test_memory_bytes_is_the_machines_or_the_containers_limit(monkeypatch, tmp_path):
+def test_memory_available_is_the_machines_or_what_the_containers_limit_leaves(monkeypatch, tmp_path):
     import os
 
     from cosyvoice import config
 
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert 0 < config.memory_bytes(torch.device("cpu")) <= physical
-    limit = tmp_path / "memory.max"
+    free = config.memory_available(torch.device("cpu"))
+    assert 0 < free <= physical
+    cgroup = {"memory.max": tmp_path / "max", "memory.current": tmp_path / "current"}
     real_path = config.Path
 
     def fake(path):
-        return limit if str(path) == "/sys/fs/cgroup/memory.max" else real_path(path)
+        name = str(path).removeprefix("/sys/fs/cgroup/")
+        return cgroup.get(name, real_path(path))
 
     monkeypatch.setattr(config, "Path", fake)
-    limit.write_text("1073741824\n")
-    assert config.memory_bytes(torch.device("cpu")) == min(physical, 1 << 30)
-    limit.write_text("max\n")  # cgroup v2: no limit
-    assert config.memory_bytes(torch.device("cpu")) <= physical
+    cgroup["memory.max"].write_text("1073741824\n")
+    cgroup["memory.current"].write_text(str(256 << 20) + "\n")
+    assert config.memory_available(torch.device("cpu")) == min(free, (1 << 30) - (256 << 20))
+    cgroup["memory.current"].write_text(str(2 << 30))  # over its limit already: nothing
+    assert config.memory_available(torch.device("cpu")) == 0
+    cgroup["memory.max"].write_text("max\n")  # cgroup v2: no limit
+    assert config.memory_available(torch.device("cpu")) <= physical
