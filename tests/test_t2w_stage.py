@@ -288,9 +288,11 @@ def test_a_vocoder_failure_fails_every_stream_of_the_call_even_one_already_given
     while rounds:
         done += rounds.advance()
     stage._vocode(done)
-    b, a = streams["b"], streams["a"]
-    assert isinstance(b.poll(), np.ndarray)  # its chunk went out before the failure
-    for stream in (a, b):
+    # the two chunks differ in size: two calls, the first one's chunk went out before the failure
+    # (which stream's comes first depends on the set's prompt: its chunks may be in b's first job)
+    went_out = [stream for stream in streams.values() if stream.out]
+    assert len(went_out) == 1 and isinstance(went_out[0].poll(), np.ndarray)
+    for stream in streams.values():
         with pytest.raises(RuntimeError, match="vocoder broke"):
             stream.poll()
         assert stream.finished and not stream.busy
@@ -372,19 +374,20 @@ def test_a_new_voices_prompt_is_computed_in_the_rounds_not_at_open(models, fx):
     )
     (uuid, p, tokens, seed), new_tokens = cases(fx, 1)[0], rng.integers(0, 6561, size=60)
     t2w = RecordingMels(*models)
-    for key, prompt, toks, s in ((uuid, p, tokens, seed), ("new", long_prompt, new_tokens, 3)):
-        t2w.open(key, *prompt, seed=s)
-        t2w.push(key, toks)
-    assert t2w._get("new").flow_stream.done_tokens == 0 and t2w.prompts.misses == 1
+    t2w.open(uuid, *p, seed=seed)
+    t2w.push(uuid, tokens)
+    misses = t2w.prompts.misses  # (the set's prompt may be long enough to have chunks too)
+    t2w.open("new", *long_prompt, seed=3)
+    t2w.push("new", new_tokens)
+    assert t2w._get("new").flow_stream.done_tokens == 0 and t2w.prompts.misses == misses + 1
     rounds = Rounds(t2w)
     for key in (uuid, "new"):
         rounds.add(t2w.next_job(key))
     left = {plan.job.uuid: len(plan.pieces) for plan in rounds.plans}
     assert left["new"] == 6  # 100 prompt tokens, then its first hop (40 with the pad): 25 per piece
     first = rounds.advance()
-    assert first == [] and {plan.job.uuid: len(plan.pieces) for plan in rounds.plans} == {
-        key: n - 1 for key, n in left.items()
-    }  # one round advanced both
+    after = {plan.job.uuid: len(plan.pieces) for plan in rounds.plans}
+    assert after["new"] == 5 and after.get(uuid, 0) == left[uuid] - 1  # one round advanced both
     t2w.vocode(first)
     while True:  # every job of both to the end, as the stage's thread does
         for key in t2w.active_streams():
@@ -395,7 +398,7 @@ def test_a_new_voices_prompt_is_computed_in_the_rounds_not_at_open(models, fx):
         if not rounds:
             break
         t2w.vocode(rounds.advance())
-    assert t2w.active_streams() == [] and len(t2w.prompts) == 1  # the voice's prompt state is kept
+    assert t2w.active_streams() == [] and len(t2w.prompts) == misses + 1  # the new voice's state is kept
     for key, prompt, toks, s in ((uuid, p, tokens, seed), ("new", long_prompt, new_tokens, 3)):
         _, mels = solo(models, prompt, toks, s)
         assert len(t2w.mels[key]) == len(mels), key
