@@ -246,6 +246,14 @@ def main() -> None:
         ]
         with server_process(*serve) as (base, pid):
             url = base.replace("http://", "ws://") + "/v1/tts/stream"
+            plan = metrics(base)
+            if plan.get("cosyvoice_t2w_streams_max", max(args.sessions)) < max(args.sessions):
+                window = int(plan["cosyvoice_flow_window_chunks"])
+                print(
+                    f"({mode}: the server holds {int(plan['cosyvoice_t2w_streams_max'])} streams at once "
+                    f"in its token2wav memory, flow window {'none' if window < 0 else window}: more "
+                    "sessions queue; --server-args '--t2w-memory-mb N' changes it)"
+                )
             if args.voice == "clone":
                 register_clone(base)
             asyncio.run(

@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     streams = capacity(engine, args.max_streams)
     if args.max_streams and streams < args.max_streams:
         log.warning(
-            "--max-streams %d: the engine holds at most %d streams (its memory budget), so %d are admitted",
+            "--max-streams %d: the engine holds at most %d streams (its KV slots and memory budget), so %d are admitted",
             args.max_streams,
             streams,
             streams,
