@@ -172,8 +172,6 @@ class CosyVoice2Model:
             budget = memory_available(flow.input_embedding.weight.device) // 2
         else:
             budget = None if t2w_budget_mb is None else int(float(t2w_budget_mb) * 2**20)
-        if not (left_chunks in (None, "auto") or (isinstance(left_chunks, int) and left_chunks >= 0)):
-            raise ValueError(f"left_chunks must be None, 'auto' or >= 0, got {left_chunks!r}")
         plan = plan_memory(
             self.flow,
             pool.slots,

@@ -235,6 +235,8 @@ def plan_memory(
     one voice's 4 s prompt state is about 570 MiB) and on as many streams as fit at the window's
     bound, at most ``slots`` (the LM's KV slots).  ``left_chunks="auto"``: the widest window with
     which every slot's stream fits (see :func:`fit_window`); without a budget, unbounded."""
+    if not (left_chunks in (None, "auto") or (isinstance(left_chunks, int) and left_chunks >= 0)):
+        raise ValueError(f"left_chunks must be None, 'auto' or >= 0, got {left_chunks!r}")
     if prompt_cache_bytes is None:
         prompt_cache_bytes = 256 << 20 if budget is None else budget // 8
     if budget is None:

@@ -349,6 +349,9 @@ def test_the_memory_plan_fits_the_widest_window_and_the_streams_the_budget_holds
     assert plan_memory(flow, 2, 4 * bound[5] + 100, 5, 100).max_streams == 2  # never more than the slots
     with pytest.raises(ValueError, match="holds no stream"):
         plan_memory(flow, 4, bound[5] + 99, 5, 100)
+    for bad in (-1, "wide"):
+        with pytest.raises(ValueError, match="left_chunks must be"):
+            plan_memory(flow, 4, None, bad)
     t2w = Token2Wav(*models, left_chunks=5, max_streams=1)
     assert t2w.max_stream_nbytes() == bound[5]
     # used directly (the per-request path), the limit holds as well

@@ -475,7 +475,7 @@ class _Break:
 BREAK = _Break()
 _SENTENCE_ENDS = ".!?;…"  # a sentence ends at one of these followed by whitespace
 _CJK_ENDS = "。！？；"  # or at one of these
-_PAUSES = ",:、，：" + _SENTENCE_ENDS + _CJK_ENDS
+_PAUSES = ",:、，："  # past the hard limit, also after one of these (or at any space after a word)
 
 
 def _break_at(delta: str, before: str, hard: bool) -> int | None:
@@ -486,7 +486,7 @@ def _break_at(delta: str, before: str, hard: bool) -> int | None:
         prev = delta[i - 1] if i else before
         if c.isspace() and (prev in _SENTENCE_ENDS or (hard and not prev.isspace())):
             return i
-        if c in _CJK_ENDS or (hard and c in _PAUSES and c not in _SENTENCE_ENDS):
+        if c in _CJK_ENDS or (hard and c in _PAUSES):
             return i + 1
     return None
 
