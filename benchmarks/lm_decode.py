@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cosyvoice.config import LLMConfig  # noqa: E402
 from cosyvoice.kv_cache import KVPool  # noqa: E402
 from cosyvoice.llm import ROW_SPEECH, ROW_TASK, ROW_TEXT, Qwen2LM, quantize_int8  # noqa: E402
+from cosyvoice.lm_graphs import DecodeGraphs  # noqa: E402
 from cosyvoice.sampling import RasSampler  # noqa: E402
 
 torch.set_num_threads(args.threads)
@@ -161,19 +162,23 @@ def bistream_first_tokens(model: Qwen2LM, n_tokens: int, rate: float, repeats: i
     return statistics.median(results), statistics.median(results_cpu)
 
 
-def batched_decode(model: Qwen2LM, batch: int, steps: int) -> tuple[float, float]:
+def batched_decode(model: Qwen2LM, batch: int, steps: int, fixed: bool = False) -> tuple[float, float]:
     """(ms per step, speech tokens per second) with ``batch`` requests decoding together through
-    ``Qwen2LM.step`` (what the LM stage runs), each at its own position in its own KV slot."""
-    pool = KVPool(model.kv_shape(), batch, 256)
+    ``Qwen2LM.step`` (what the LM stage runs), each at its own position in its own KV slot.
+    ``fixed``: through :class:`DecodeGraphs` (CUDA graphs on a GPU, the same fixed shapes run
+    eagerly elsewhere)."""
+    pool = KVPool(model.kv_shape(), batch, 256, spare=fixed)
+    graphs = DecodeGraphs(model, pool) if fixed else None
     caches = [pool.acquire() for _ in range(batch)]
     prompt = [(0, 0)] + [(ROW_TEXT, 1000 + i) for i in range(20)] + [(ROW_TASK, 1)]
     for k, cache in enumerate(caches):  # prefills of different lengths: positions differ per request
         model.step([(prompt[: len(prompt) - k % 5], cache)])
-    model.step([([(ROW_SPEECH, 7)], cache) for cache in caches])  # warm-up
+    for _ in range(2):  # warm-up (and, on a GPU, the graph's recording)
+        model.step([([(ROW_SPEECH, 7)], cache) for cache in caches], graphs)
     sync()
     t0 = time.perf_counter()
     for i in range(steps):
-        model.step([([(ROW_SPEECH, (37 * i + k) % 6561)], cache) for k, cache in enumerate(caches)])
+        model.step([([(ROW_SPEECH, (37 * i + k) % 6561)], cache) for k, cache in enumerate(caches)], graphs)
     sync()
     per_step = (time.perf_counter() - t0) / steps
     return per_step * 1000, batch / per_step
@@ -205,14 +210,16 @@ def main() -> None:
     ref_logits = teacher_forced_logits(fp32.to(DEVICE), torch.float32)
     batches = []
     if args.batches:
-        print("| batch (fp32) | decode ms per step | speech tokens/s | vs batch 1 |")
-        print("|---|---|---|---|")
+        fixed = "CUDA graphs" if DEVICE.type == "cuda" else "fixed shapes, eager"
+        print(f"| batch (fp32) | decode ms per step | speech tokens/s | vs batch 1 | ms per step, {fixed} |")
+        print("|---|---|---|---|---|")
         base = None
         for b in args.batches:
             ms, tps = batched_decode(fp32, b, n_decode)
+            ms_fixed, _ = batched_decode(fp32, b, n_decode, fixed=True)
             base = base or tps
-            batches.append({"batch": b, "ms_per_step": ms, "tokens_s": tps})
-            print(f"| {b} | {ms:.1f} | {tps:.1f} | x{tps / base:.2f} |", flush=True)
+            batches.append({"batch": b, "ms_per_step": ms, "tokens_s": tps, "ms_per_step_fixed": ms_fixed})
+            print(f"| {b} | {ms:.1f} | {tps:.1f} | x{tps / base:.2f} | {ms_fixed:.1f} |", flush=True)
         print()
 
     rows = []

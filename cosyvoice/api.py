@@ -65,6 +65,7 @@ class CosyVoice2:
         t2w_budget_mb: float | str | None = None,
         kv_budget_mb: float = 1024,
         kv_max_slots: int = 32,
+        cuda_graphs: bool | None = None,
     ):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
             if flag:
@@ -93,6 +94,7 @@ class CosyVoice2:
             t2w_budget_mb=t2w_budget_mb,
             kv_budget_mb=kv_budget_mb,
             kv_max_slots=kv_max_slots,
+            cuda_graphs=cuda_graphs,
         )
         spk2info = self.model_dir.root / "spk2info.pt"
         self.frontend = CosyVoiceFrontEnd(

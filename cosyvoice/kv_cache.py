@@ -85,15 +85,19 @@ class KVCache:
 
 
 class KVPool:
-    """``slots`` caches of ``max_len`` rows each, allocated once.  Thread-safe acquire/release."""
+    """``slots`` caches of ``max_len`` rows each, allocated once.  Thread-safe acquire/release.
 
-    def __init__(self, shape: KVShape, slots: int, max_len: int) -> None:
+    With ``spare``, one more slot that is never handed out (index ``slots``): the padding rows of
+    a fixed-shape decode step write their keys there (:class:`~cosyvoice.lm_graphs.DecodeGraphs`)."""
+
+    def __init__(self, shape: KVShape, slots: int, max_len: int, spare: bool = False) -> None:
         if slots < 1 or max_len < 1:
             raise ValueError("a KV pool needs at least one slot of at least one row")
         self.shape = shape
         self.slots = slots
         self.max_len = max_len
-        size = (slots, max_len, shape.kv_heads, shape.head_dim)
+        self.spare = slots if spare else None
+        size = (slots + spare, max_len, shape.kv_heads, shape.head_dim)
         self.keys = [torch.zeros(size, dtype=shape.dtype, device=shape.device) for _ in range(shape.layers)]
         self.values = [torch.zeros(size, dtype=shape.dtype, device=shape.device) for _ in range(shape.layers)]
         self._free = list(range(slots - 1, -1, -1))
@@ -101,12 +105,18 @@ class KVPool:
 
     @classmethod
     def for_budget(
-        cls, shape: KVShape, budget_bytes: int, max_len: int, min_slots: int = 1, max_slots: int | None = None
+        cls,
+        shape: KVShape,
+        budget_bytes: int,
+        max_len: int,
+        min_slots: int = 1,
+        max_slots: int | None = None,
+        spare: bool = False,
     ) -> KVPool:
-        """As many slots of ``max_len`` rows as ``budget_bytes`` holds, at least ``min_slots`` and
-        at most ``max_slots``."""
-        slots = max(min_slots, budget_bytes // (shape.bytes_per_row() * max_len))
-        return cls(shape, slots if max_slots is None else min(max_slots, slots), max_len)
+        """As many slots of ``max_len`` rows as ``budget_bytes`` holds (the spare included), at
+        least ``min_slots`` and at most ``max_slots``."""
+        slots = max(min_slots, budget_bytes // (shape.bytes_per_row() * max_len) - spare)
+        return cls(shape, slots if max_slots is None else min(max_slots, slots), max_len, spare)
 
     @property
     def free(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from .config import LLMConfig, ModelDir, resolve_device, resolve_dtype
 from .kv_cache import KVCache, KVPool, KVShape
 from .lm_request import ROW_SOS, ROW_SPEECH, ROW_TASK, ROW_TEXT, LMRequest, Row, TokenLimit, feed_text
 from .sampling import RasSampler, Sampler
+
+if TYPE_CHECKING:
+    from .lm_graphs import DecodeGraphs
 
 __all__ = [
     "ROW_SOS",
@@ -48,6 +52,8 @@ LM_HEAD_KEY = "llm.model.lm_head.weight"
 # trace(rows fed, cache length before the call, number of rows, llm_decoder logits of the last row)
 Trace = Callable[[list[Row], int, int, torch.Tensor], None]
 StopCondition = Callable[[], bool] | threading.Event
+# attend(layer, q, k, v, out): a layer's attention over packed rows (see Qwen2LM.layer)
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class _Decoding:
@@ -104,7 +110,7 @@ class _Decoding:
         )
 
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, gqa: bool
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     ) -> None:
         """Write the members' new keys/values into their slots and their attention into ``out``
         (q/k/v/out: [1, heads, N, d] over all rows of the call)."""
@@ -114,7 +120,9 @@ class _Decoding:
         ks = keys[:, : self.length].index_select(0, self.slots).transpose(1, 2)  # [B, kv, L, d]
         vs = values[:, : self.length].index_select(0, self.slots).transpose(1, 2)
         qs = q[0, :, self.rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.mask, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=self.mask, enable_gqa=ks.shape[1] != qs.shape[1]
+        )
         out[0, :, self.rows] = o[:, :, 0].transpose(0, 1)
 
 
@@ -233,10 +241,6 @@ class Qwen2LM(nn.Module):
         extends).  Returns the hidden states [N, D] after the final RMSNorm.  Linear layers see all
         N rows at once; attention runs per request over a view of its cache."""
         bb = self.backbone
-        cfg = bb.config
-        shape = self.kv_shape()
-        n_heads, n_kv, d = cfg.num_attention_heads, shape.kv_heads, shape.head_dim
-        n_total = xs.shape[0]
         starts = [c.length for c in caches]
         for cache, n in zip(caches, counts, strict=True):
             cache.reserve(n)
@@ -248,16 +252,10 @@ class Qwen2LM(nn.Module):
         cos, sin = bb.rotary_emb(h, positions.to(xs.device).unsqueeze(0))
         decoding = _Decoding.of(caches, counts, starts, bounds, xs.device)
         alone = [r for r in range(len(caches)) if decoding is None or r not in decoding.members]
-        for i, layer in enumerate(bb.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, n_total, n_heads, d).transpose(1, 2)
-            k = attn.k_proj(x).view(1, n_total, n_kv, d).transpose(1, 2)
-            v = attn.v_proj(x).view(1, n_total, n_kv, d).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            out = torch.empty_like(q)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
             if decoding is not None:
-                decoding.attend(i, q, k, v, out, n_kv != n_heads)
+                decoding.attend(i, q, k, v, out)
             for r in alone:
                 cache = caches[r]
                 a, b, start = bounds[r], bounds[r + 1], starts[r]
@@ -272,22 +270,49 @@ class Qwen2LM(nn.Module):
                     else torch.ones(b - a, end, dtype=torch.bool, device=xs.device).tril(start)
                 )
                 out[:, :, a:b] = F.scaled_dot_product_attention(
-                    q[:, :, a:b], keys, values, attn_mask=mask, enable_gqa=n_kv != n_heads
+                    q[:, :, a:b], keys, values, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
                 )
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(1, n_total, n_heads * d))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+
+        for i in range(len(bb.layers)):
+            h = self.layer(i, h, cos, sin, attend)
         for cache, n in zip(caches, counts, strict=True):
             cache.length += n
         return bb.norm(h)[0]
 
-    def step(self, batch: Sequence[tuple[Sequence[Row], KVCache]]) -> torch.Tensor:
+    def layer(
+        self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        """Decoder layer ``i`` over packed rows ``h`` [1, N, D] (rotary ``cos``/``sin`` of their
+        positions); ``attend(i, q, k, v, out)`` stores the rows' keys and values where their
+        requests keep them and writes their attention into ``out`` (all [1, heads, N, d])."""
+        layer = self.backbone.layers[i]
+        attn = layer.self_attn
+        n_heads, n_kv = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        n = h.shape[1]
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(1, n, n_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, n, n_kv, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(1, n, n_kv, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        out = torch.empty_like(q)
+        attend(i, q, k, v, out)
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(1, n, n_heads * attn.head_dim))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def step(
+        self, batch: Sequence[tuple[Sequence[Row], KVCache]], graphs: DecodeGraphs | None = None
+    ) -> torch.Tensor:
         """Feed each request's rows through its cache in one backbone call; float32 logits [B, V]
-        of each request's last row."""
+        of each request's last row.  A decode step that ``graphs`` takes runs there (fixed
+        shapes, CUDA graphs on a GPU)."""
         self.stats.count(len(batch), sum(len(rows) for rows, _ in batch))
         with torch.inference_mode():  # entered per call, never across a yield (it is thread-local)
             xs = torch.cat([self.embed_rows(rows)[0] for rows, _ in batch])
             counts = [len(rows) for rows, _ in batch]
-            hidden = self.forward_rows(xs, [cache for _, cache in batch], counts)
+            caches = [cache for _, cache in batch]
+            if graphs is not None and graphs.takes(caches, counts):
+                return graphs(xs, caches)
+            hidden = self.forward_rows(xs, caches, counts)
             last = torch.tensor(counts).cumsum(0) - 1
             return self.llm_decoder(hidden[last.to(hidden.device)]).float()
 

@@ -25,6 +25,7 @@ import torch
 from .config import device_stream
 from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, StopCondition, Timings, Trace, stop_fn
+from .lm_graphs import DecodeGraphs
 from .lm_request import LMRequest, feed_text
 from .sampling import RasSampler, nucleus_batch
 
@@ -159,9 +160,18 @@ class LMStage:
     """Steps all requests of one :class:`Qwen2LM` together; KV caches are slots of ``pool``."""
 
     def __init__(
-        self, lm: Qwen2LM, pool: KVPool, max_rows: int = 4096, max_ahead: int = 64, threads: int | None = None
+        self,
+        lm: Qwen2LM,
+        pool: KVPool,
+        max_rows: int = 4096,
+        max_ahead: int = 64,
+        threads: int | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
+        """``graphs``: fixed-shape decode steps over ``pool`` (CUDA graphs on a GPU), for steps
+        in which every request feeds one row."""
         self.lm = lm
+        self.graphs = graphs
         self.threads = threads  # torch intra-op threads of the stage's thread (None: leave as is)
         self.pool = pool
         self.max_rows = max_rows  # rows in one backbone call (a long prefill goes in a call of its own)
@@ -287,7 +297,7 @@ class LMStage:
                 self.cond.release()
                 t0 = time.perf_counter()
                 try:
-                    logits, error = self.lm.step([(rows, h.cache) for h, rows, _ in work]), None
+                    logits, error = self.lm.step([(rows, h.cache) for h, rows, _ in work], self.graphs), None
                 except Exception as e:  # a broken step fails the requests in it, not the stage
                     log.exception("LM step failed")
                     logits, error = None, e

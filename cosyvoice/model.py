@@ -33,6 +33,7 @@ from .flow import CausalMaskedDiffWithXvec, FlowConfig
 from .hift import HiFTConfig, HiFTGenerator, load_hift_state_dict
 from .kv_cache import KVPool
 from .llm import Qwen2LM, StopCondition, stop_fn
+from .lm_graphs import DecodeGraphs
 from .lm_request import LMRequest, feed_text
 from .lm_stage import LMHandle, LMStage
 from .sampling import Sampler
@@ -142,6 +143,7 @@ class CosyVoice2Model:
         lm: str = "batched",
         prompt_cache_mb: float | str = 256,
         t2w_budget_mb: float | str | None = None,
+        cuda_graphs: bool | None = None,
     ):
         """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
         per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
@@ -157,7 +159,10 @@ class CosyVoice2Model:
         of a voice (0: not kept; "auto": an eighth of the budget, 256 without one).
         ``left_chunks`` is the flow's window in 25-token chunks of left context (None: unbounded,
         the official model; "auto": the widest window with which every KV slot's stream fits in
-        the budget, at least 2, unbounded when that fits).  See :func:`plan_memory`."""
+        the budget, at least 2, unbounded when that fits).  See :func:`plan_memory`.
+
+        ``cuda_graphs``: the LM stage's decode steps as CUDA graphs (:mod:`~cosyvoice.lm_graphs`;
+        default: when the LM is on a CUDA device; the pool then keeps a spare slot)."""
         if lm not in LM_MODES:
             raise ValueError(f"lm must be one of {LM_MODES}")
         self.lm_mode = lm
@@ -165,8 +170,11 @@ class CosyVoice2Model:
         self.flow = flow.eval()
         self.hift = hift.eval()
         self.cap = cap or TokenCap()
+        lm_device = llm.speech_embedding.weight.device
+        if cuda_graphs is None:
+            cuda_graphs = lm_device.type == "cuda" and lm == "batched"
         pool = KVPool.for_budget(
-            llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots
+            llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots, spare=cuda_graphs
         )
         if t2w_budget_mb == "auto":  # the weights and the KV pool are in memory by now
             budget = memory_available(flow.input_embedding.weight.device) // 2
@@ -186,8 +194,9 @@ class CosyVoice2Model:
             prompt_cache_bytes=plan.prompt_cache_bytes,
             max_streams=plan.max_streams,
         )
-        lm_threads, t2w_threads = stage_threads(llm.speech_embedding.weight.device)
-        self.lm_stage = LMStage(llm, pool, threads=lm_threads)
+        lm_threads, t2w_threads = stage_threads(lm_device)
+        graphs = DecodeGraphs(llm, pool, capture=True) if cuda_graphs else None
+        self.lm_stage = LMStage(llm, pool, threads=lm_threads, graphs=graphs)
         self.t2w_stage = T2WStage(self.token2wav, threads=t2w_threads)
 
     @property
@@ -204,6 +213,8 @@ class CosyVoice2Model:
         flow time for the first chunk at REAL size on a CPU) that a server should pay before it
         says it is ready, not its first user."""
         t0 = time.perf_counter()
+        if self.lm_stage.graphs is not None:
+            self.lm_stage.graphs.capture_all()
         prompt = {"flow_embedding": torch.zeros(1, self.flow.cfg.spk_embed_dim)}
         chunk = self.flow.cfg.chunk_tokens + self.flow.cfg.pre_lookahead_len
         speech = self.open_stream(prompt, seed=0, max_tokens=chunk + 2)

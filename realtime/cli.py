@@ -87,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             t2w_budget_mb=args.t2w_memory_mb,
             kv_budget_mb=args.kv_memory_mb,
             kv_max_slots=args.kv_slots,
+            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
         )
     try:
         engine = create_engine(engine_name, args.model_dir, **engine_kwargs)
@@ -353,6 +354,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "official num_decoding_left_chunks (none: all of it, the official model's output, which only "
         "fits in --t2w-memory-mb for few streams; auto: the widest window with which every KV slot's "
         "stream fits in --t2w-memory-mb, at least 2, none when that fits)",
+    )
+    s.add_argument(
+        "--cuda-graphs",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="cosyvoice2: the LM's decode steps as CUDA graphs, one per batch size and key length, "
+        "recorded at start (auto: on with --device cuda and --lm batched)",
     )
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
     s.add_argument(

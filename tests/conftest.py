@@ -50,3 +50,13 @@ def tiny_json() -> dict[str, Any]:
     """``config_tiny.json``: the hyper-parameters every width, depth and streaming constant of the
     TINY models is read from (never assumed)."""
     return load_json("config_tiny.json")
+
+
+def tiny_lm():
+    """The fixture set's TINY speech LM (``tiny_llm.safetensors``), float32 on the CPU."""
+    from cosyvoice.checkpoint import load_state_dict
+    from cosyvoice.config import LLMConfig
+    from cosyvoice.llm import Qwen2LM
+
+    config = LLMConfig.from_tiny_json(tiny_json())
+    return Qwen2LM.from_state_dict(config, load_state_dict(reference_file("tiny_llm.safetensors")))

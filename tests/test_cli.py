@@ -201,6 +201,18 @@ def test_serve_refuses_a_token2wav_budget_that_holds_no_stream(tmp_path):
     assert r.returncode == 2 and "holds no stream" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_serve_refuses_cuda_graphs_without_a_gpu(tmp_path):
+    root = write_model_dir(tmp_path / "tiny")
+    r = subprocess.run(
+        [sys.executable, "-m", "realtime.cli", "serve", "--model-dir", str(root), "--port", "1"]
+        + ["--cuda-graphs", "on"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "CUDA graphs need" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_metrics_count_sessions(tone_server, tmp_path):
     say(tone_server, "one ", "-o", str(tmp_path / "a.wav"))
     text = httpx.get(tone_server + "/metrics").text

@@ -32,7 +32,7 @@ def test_gpu_suite_runs_end_to_end_on_a_cpu():
         "RTF per stream, p50",
         "underruns",
         "decode step ms, eager",
-        "decode step ms, CUDA graphs",
+        "decode step ms, fixed shapes (no CUDA: eager)",  # CUDA graphs on a GPU
         "| bf16 |",
     ):
         assert label in table, table
@@ -40,3 +40,5 @@ def test_gpu_suite_runs_end_to_end_on_a_cpu():
     assert errors == ["0", "0"], table
     p50 = [float(x) for x in re.search(r"^\| first audio p50 ms \| (.*) \|$", table, re.M)[1].split(" | ")]
     assert all(0 < x < 30000 for x in p50), table
+    fixed = re.search(r"^\| decode step ms, fixed shapes.*? \| (.*) \|$", table, re.M)[1].split(" | ")
+    assert len(fixed) == 2 and all(float(x) > 0 for x in fixed), table

@@ -4,7 +4,6 @@ given back, a reader that does not read costing nobody else, and a full pool ref
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -12,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from cosyvoice.checkpoint import load_state_dict
-from cosyvoice.config import LLMConfig
 from cosyvoice.kv_cache import KVPool
 from cosyvoice.llm import Qwen2LM
+from cosyvoice.lm_graphs import DecodeGraphs
 from cosyvoice.lm_request import LMRequest
 from cosyvoice.lm_stage import DONE, NEEDS_TEXT, LMStage
 from cosyvoice.sampling import RasSampler
-from tests.conftest import load_npz, reference_file
+from tests.conftest import load_npz, tiny_lm
 from tests.test_llm import EOS, FILL, UNUSED, Recorder, forced
 
 WAIT = 60.0
@@ -27,13 +25,16 @@ WAIT = 60.0
 
 @pytest.fixture(scope="module")
 def lm() -> Qwen2LM:
-    config = LLMConfig.from_tiny_json(json.loads(reference_file("config_tiny.json").read_text()))
-    return Qwen2LM.from_state_dict(config, load_state_dict(reference_file("tiny_llm.safetensors")))
+    return tiny_lm()
 
 
-@pytest.fixture
-def stage(lm):
-    s = LMStage(lm, KVPool(lm.kv_shape(), slots=6, max_len=1024), max_ahead=8)
+@pytest.fixture(params=["packed", "fixed-shape"])
+def stage(lm, request):
+    """The stage as on a CPU, and with its decode steps at fixed shapes (what CUDA graphs record
+    on a GPU; eager here, keys read in blocks of 64)."""
+    fixed = request.param == "fixed-shape"
+    pool = KVPool(lm.kv_shape(), slots=6, max_len=1024, spare=fixed)
+    s = LMStage(lm, pool, max_ahead=8, graphs=DecodeGraphs(lm, pool, key_block=64) if fixed else None)
     yield s
     s.close()
 
@@ -119,6 +120,7 @@ def test_bistream_fixture_through_the_batched_stage_with_others_in_the_batch(lm,
     assert rec.text == ref["call_text_received"].tolist()
     assert np.abs(np.stack(rec.logits) - ref["step_logits"]).max() <= 1e-4
     assert max(stage.batch_sizes) > 1  # it really shared steps
+    assert stage.graphs is None or stage.graphs.replays > 0
 
 
 @pytest.mark.parity

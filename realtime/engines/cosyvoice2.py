@@ -94,6 +94,7 @@ class CosyVoice2Engine(BlockingEngine):
         t2w_budget_mb: float | str | None = "auto",
         kv_budget_mb: float = 2048,
         kv_max_slots: int = 32,
+        cuda_graphs: bool | None = None,
         warmup: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -114,6 +115,7 @@ class CosyVoice2Engine(BlockingEngine):
             t2w_budget_mb=t2w_budget_mb,
             kv_budget_mb=kv_budget_mb,
             kv_max_slots=kv_max_slots,
+            cuda_graphs=cuda_graphs,
         )
         # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
         # token2wav stage, so admission counts the LM's KV slots and the streams the token2wav
@@ -172,6 +174,9 @@ class CosyVoice2Engine(BlockingEngine):
             "cosyvoice_lm_calls_total": lm.calls,
             "cosyvoice_lm_requests_stepped_total": lm.requests,
             "cosyvoice_lm_rows_total": lm.rows,
+            "cosyvoice_lm_graph_steps_total": 0
+            if model.lm_stage.graphs is None
+            else model.lm_stage.graphs.replays,
             "cosyvoice_kv_slots_free": model.lm_stage.free_slots,
             "cosyvoice_kv_slots": model.lm_stage.pool.slots,
             "cosyvoice_t2w_streams_max": model.capacity,
