@@ -20,6 +20,7 @@ CUDA the same fixed-shape function runs eagerly, which is what the tests compare
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, _Decoding
 
 __all__ = ["DecodeGraphs"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,7 +71,8 @@ class DecodeGraphs:
         }
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.replays = 0  # steps run through here (graphs or not)
+        self.steps = 0  # steps run at fixed shapes
+        self.replays = 0  # of which replayed as CUDA graphs
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -94,7 +98,7 @@ class DecodeGraphs:
         positions = [c.length for c in caches]
         size, keys = self.bucket(n), self.key_length(max(positions) + 1)
         inputs = self._inputs[size]
-        graph = self._graph(size, keys) if self.capture else None
+        graph = self._graph(size, keys) if self.capture else None  # None: recording failed
         pad = size - n
         index = torch.tensor(
             [[c.slot for c in caches] + [self.pool.spare] * pad, positions + [0] * pad], dtype=torch.long
@@ -108,16 +112,18 @@ class DecodeGraphs:
         else:
             graph[0].replay()
             logits = graph[1]
+            self.replays += 1
         for cache in caches:
             cache.length += 1
-        self.replays += 1
+        self.steps += 1
         return logits[:n].clone()
 
     def capture_all(self) -> int:
-        """Record every (bucket, key length) graph now; returns how many exist (0 without CUDA)."""
-        if self.capture:
-            for size in reversed(self.buckets):  # the largest first: the shared pool fits the rest
-                for keys in range(self.key_block, self.pool.max_len + self.key_block, self.key_block):
+        """Record every (bucket, key length) graph now; returns how many exist (0 without CUDA, or
+        when recording failed and the steps run eagerly)."""
+        for size in reversed(self.buckets):  # the largest first: the shared pool fits the rest
+            for keys in range(self.key_block, self.pool.max_len + self.key_block, self.key_block):
+                if self.capture:
                     self._graph(size, min(keys, self.pool.max_len))
         return len(self._graphs)
 
@@ -136,12 +142,23 @@ class DecodeGraphs:
             h = lm.layer(i, h, cos, sin, decoding.attend)
         return lm.llm_decoder(bb.norm(h)[0]).float()
 
-    def _graph(self, size: int, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _graph(self, size: int, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """The graph of (bucket, key length), recorded on first use.  Recording runs the step on
-        the bucket's inputs as padding (every write goes to the spare slot)."""
+        the bucket's inputs as padding (every write goes to the spare slot).  If recording fails
+        (a driver or kernel that cannot be captured), every step from then on runs eagerly: the
+        same numbers, slower, and the log says so."""
         found = self._graphs.get((size, keys))
         if found is not None:
             return found
+        try:
+            return self._record(size, keys)
+        except RuntimeError:
+            log.exception("recording the LM decode step as a CUDA graph failed: decode steps run eagerly")
+            self.capture = False
+            self._graphs.clear()
+            return None
+
+    def _record(self, size: int, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         inputs = self._inputs[size]
         inputs.slots.fill_(self.pool.spare)
         inputs.positions.zero_()

@@ -42,7 +42,7 @@ def test_fixed_shape_decode_matches_the_reference_beside_padding_and_stale_keys(
     assert [c.length for c in caches] == [e + 1 for e in ends]
     assert all(torch.equal(k[idle.slot], before) for k, before in zip(pool.keys, idle_keys, strict=True))
     assert torch.equal(pool.keys[0][caches[0].slot, n - 1], caches[0].keys[0][n - 1])
-    assert graphs.bucket(3) == 4 and graphs.replays == 1
+    assert graphs.bucket(3) == 4 and graphs.steps == 1
 
 
 @pytest.mark.parametrize("slots", [1, 5, 8, 21])
@@ -67,9 +67,9 @@ def test_only_decode_steps_of_its_own_pool_are_taken_and_the_step_says_so(lm):
     assert not graphs.takes([a, other], [1, 1])
     for cache in (a, b):
         lm.step([([(ROW_SPEECH, 3), (ROW_SPEECH, 4)], cache)], graphs)
-    assert graphs.replays == 0
+    assert graphs.steps == 0
     lm.step([([(ROW_SPEECH, 5)], a), ([(ROW_SPEECH, 6)], b)], graphs)
-    assert graphs.replays == 1 and (a.length, b.length) == (3, 3)
+    assert graphs.steps == 1 and (a.length, b.length) == (3, 3)
 
 
 def test_a_full_slot_raises_and_nothing_advances(lm):
@@ -91,3 +91,29 @@ def test_it_needs_a_spare_slot_and_records_graphs_only_on_cuda(lm):
     with pytest.raises(ValueError, match="CUDA"):
         DecodeGraphs(lm, spare, capture=True)
     assert DecodeGraphs(lm, spare).capture_all() == 0  # nothing to record on a CPU
+
+
+def test_a_graph_that_cannot_be_recorded_leaves_the_steps_eager_and_says_so(lm, monkeypatch, caplog):
+    pool = KVPool(lm.kv_shape(), slots=2, max_len=16, spare=True)
+    graphs = DecodeGraphs(lm, pool)
+    eager = [pool.acquire(), pool.acquire()]
+    with torch.inference_mode():
+        for cache in eager:
+            lm.step([([(ROW_SPEECH, 3), (ROW_SPEECH, 4)], cache)])
+        want = lm.step([([(ROW_SPEECH, 5)], eager[0]), ([(ROW_SPEECH, 6)], eager[1])], graphs)
+    for cache in eager:
+        pool.release(cache)
+
+    def fail(size, keys):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs.capture = True  # as on a GPU whose driver cannot record this step
+    monkeypatch.setattr(graphs, "_record", fail)
+    caches = [pool.acquire(), pool.acquire()]
+    with torch.inference_mode():
+        for cache in caches:
+            lm.step([([(ROW_SPEECH, 3), (ROW_SPEECH, 4)], cache)])
+        got = lm.step([([(ROW_SPEECH, 5)], caches[0]), ([(ROW_SPEECH, 6)], caches[1])], graphs)
+    assert torch.equal(got, want)
+    assert not graphs.capture and graphs.replays == 0 and graphs.steps == 2
+    assert "CUDA graph failed" in caplog.text
