@@ -66,6 +66,7 @@ class CosyVoice2:
         kv_budget_mb: float = 1024,
         kv_max_slots: int = 32,
         cuda_graphs: bool | None = None,
+        flow_slots: bool | None = None,
     ):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
             if flag:
@@ -95,6 +96,7 @@ class CosyVoice2:
             kv_budget_mb=kv_budget_mb,
             kv_max_slots=kv_max_slots,
             cuda_graphs=cuda_graphs,
+            flow_slots=flow_slots,
         )
         spk2info = self.model_dir.root / "spk2info.pt"
         self.frontend = CosyVoiceFrontEnd(

@@ -32,6 +32,7 @@ from .flow_estimator import (
     CausalConv1d,
     EstimatorCache,
     EstimatorConfig,
+    EstimatorSlots,
 )
 
 NOISE_FRAMES = 15000  # 300 s of mel at 50 Hz: the longest utterance the official noise covers
@@ -252,6 +253,7 @@ class FlowStream:
         precompute_prompt: bool | str = True,
         kv_dtype: torch.dtype | None = None,
         prompts: PromptStates | None = None,
+        slots: EstimatorSlots | None = None,
     ):
         cfg = flow.cfg
         if prompt_token.dim() != 2 or prompt_token.shape[0] != 1:
@@ -289,7 +291,21 @@ class FlowStream:
             self.t_ins = [t.to(self.device).expand(2) for t, _ in self.schedule]
             self.t_embs = [self.estimator.time_embedding(t) for t in self.t_ins]
         self.enc_cache = flow.encoder.new_cache(left_chunks)
-        self.est_caches = [EstimatorCache(left_chunks, kv_dtype) for _ in range(self.n_timesteps)]
+        # the estimator's state: a cache per Euler step of its own, or a slot of ``slots``
+        self.slots, self.slot, self.est_frames = slots, None, 0
+        if slots is None:
+            self.est_caches = [EstimatorCache(left_chunks, kv_dtype) for _ in range(self.n_timesteps)]
+        else:
+            if (
+                slots.left_chunks != left_chunks
+                or len(slots.keys) != self.n_timesteps
+                or kv_dtype is not None
+            ):
+                raise ValueError("estimator slots are for another window, number of steps or key dtype")
+            self.est_caches = []
+            self.slot = slots.acquire()
+            if self.slot is None:
+                raise RuntimeError(f"every one of the {slots.slots} estimator slots is taken")
         self._keep_prompt: tuple[PromptStates, bytes, int] | None = None  # (cache, key, at tokens)
         if precompute_prompt:
             key = None if prompts is None else prompts.key(self, embedding, kv_dtype)
@@ -476,21 +492,30 @@ class FlowStream:
         enc = 2 * d * elem * enc_rows
         return steps * per_step + enc
 
+    def _slot_nbytes(self) -> int:
+        if self.slot is None:
+            return 0
+        return EstimatorSlots.slot_nbytes(self.estimator, self.n_timesteps, self.left_chunks, self.slots.elem)
+
     def nbytes(self) -> int:
-        """Allocated bytes of cached state (encoder + every Euler step's estimator cache)."""
+        """Allocated bytes of cached state (encoder + every Euler step's estimator cache, or
+        the estimator slot this stream holds)."""
         enc = self.enc_cache.nbytes() if self.enc_cache is not None else 0
-        return enc + sum(c.nbytes() for c in self.est_caches)
+        return enc + sum(c.nbytes() for c in self.est_caches) + self._slot_nbytes()
 
     def live_nbytes(self) -> int:
         """Bytes of cached state in use (allocations grow ahead of it by up to ~25 %)."""
         enc = self.enc_cache.live_nbytes() if self.enc_cache is not None else 0
-        return enc + sum(c.live_nbytes() for c in self.est_caches)
+        return enc + sum(c.live_nbytes() for c in self.est_caches) + self._slot_nbytes()
 
     def close(self) -> None:
-        """Drop every cache (idempotent); the stream can no longer be used."""
+        """Drop every cache and give the slot back (idempotent); the stream can no longer be used."""
         for c in self.est_caches:
             c.clear()
         self.est_caches = []
+        if self.slot is not None:
+            self.slots.release(self.slot)
+            self.slot = None
         self.enc_cache = None
         self.generated = []
         self.closed = True
@@ -506,19 +531,33 @@ class _PromptState:
 
     done_tokens: int
     enc_cache: EncoderCache
-    est_caches: list[EstimatorCache]
+    est_caches: list[EstimatorCache]  # a stream with caches of its own
+    slot_state: list[list[Tensor]] | None = None  # a stream in estimator slots (EstimatorSlots.snapshot)
+    est_frames: int = 0
 
     @classmethod
     def of(cls, stream: FlowStream) -> _PromptState:
+        if stream.slot is not None:
+            snapshot = stream.slots.snapshot(stream.slot)
+            return cls(stream.done_tokens, stream.enc_cache.clone(), [], snapshot, stream.est_frames)
         return cls(stream.done_tokens, stream.enc_cache.clone(), [c.clone() for c in stream.est_caches])
 
     def restore(self, stream: FlowStream) -> None:
+        if (self.slot_state is None) != (stream.slot is None):
+            raise ValueError(
+                "a prompt state kept in estimator slots restores only into a slot, and the reverse"
+            )
         stream.done_tokens = self.done_tokens
         stream.enc_cache = self.enc_cache.clone()
-        stream.est_caches = [c.clone() for c in self.est_caches]
+        if stream.slot is not None:
+            stream.slots.load(stream.slot, self.slot_state)
+            stream.est_frames = self.est_frames
+        else:
+            stream.est_caches = [c.clone() for c in self.est_caches]
 
     def nbytes(self) -> int:
-        return self.enc_cache.nbytes() + sum(c.nbytes() for c in self.est_caches)
+        slot = sum(t.numel() * t.element_size() for step in self.slot_state or [] for t in step)
+        return self.enc_cache.nbytes() + sum(c.nbytes() for c in self.est_caches) + slot
 
 
 class PromptStates:
@@ -604,8 +643,21 @@ def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Te
         cond_in = torch.cat([t for _, _, cond in inputs for t in (cond, zeros)])
         spks_in = torch.cat([s.spks_in for s in streams])
         rate = first.flow.decoder.inference_cfg_rate
+        slotted = [s.slot is not None for s in streams]
+        if any(slotted) and (not all(slotted) or any(s.slots is not first.slots for s in streams)):
+            raise ValueError(
+                "streams advanced together keep their estimator state in the same slots or all apart"
+            )
+        frames = x.shape[2]
+        batch_slots = (
+            first.slots.batch([s.slot for s in streams], [s.est_frames for s in streams], frames)
+            if all(slotted)
+            else None
+        )
         for k, (_, dt) in enumerate(first.schedule):
-            group = CacheGroup([s.est_caches[k] for s in streams])
+            if batch_slots is not None:
+                batch_slots.step = k
+            group = batch_slots or CacheGroup([s.est_caches[k] for s in streams])
             t_in, t_emb = first.t_ins[k], first.t_embs[k]
             if batch > 1:
                 t_in, t_emb = t_in.repeat(batch), t_emb.repeat(batch, 1)
@@ -616,5 +668,6 @@ def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Te
             x = x + dt * ((1.0 + rate) * out[:, 0] - rate * out[:, 1])
     for stream, _, count in items:
         stream.done_tokens += count
+        stream.est_frames += frames
         stream._advanced()
     return [x[i : i + 1].float() for i in range(batch)]

@@ -15,6 +15,7 @@ Two ways to run it:
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, fields
 
 import torch
@@ -187,6 +188,165 @@ def _group(cache: EstimatorCache | CacheGroup) -> CacheGroup:
     return cache if isinstance(cache, CacheGroup) else CacheGroup([cache])
 
 
+class EstimatorSlots:
+    """Every stream's estimator state in tensors allocated once, a slot per stream (and a spare
+    that no stream holds: the padding rows of a fixed-shape round write there).
+
+    For each Euler step: per attention layer a ring of ``left_chunks + 1`` chunks of keys and
+    values, [slots + 1, 2 CFG rows, heads, ring frames, head dim], and per convolution its last
+    inputs, [slots + 1, 2, channels, k - 1].  A stream's chunk ``c`` is written to ring chunk
+    ``c % (left_chunks + 1)``, so the ring holds exactly the chunks the window lets chunk ``c``
+    see.  The estimator's attention has no positional term and, one chunk per call, every key
+    in the window is visible to every query, so attending to the ring in its rotated order, with
+    a mask of what is written, gives the same output as the per-stream buffers (to float
+    round-off).  A round of many streams then reads and writes its state with one gather and one
+    scatter per layer instead of a few small operations per stream: a GPU's launches stop
+    growing with the streams, and the shapes are fixed (what a CUDA graph needs)."""
+
+    def __init__(
+        self,
+        estimator: CausalConditionalDecoder,
+        steps: int,
+        slots: int,
+        left_chunks: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if slots < 1 or left_chunks < 0:
+            raise ValueError("estimator slots need at least one slot and a window of 0 chunks or more")
+        weight = estimator.final_proj.weight
+        dtype, device = dtype or weight.dtype, device or weight.device
+        self.elem = torch.empty((), dtype=dtype).element_size()
+        self.chunk = estimator.cfg.static_chunk_size
+        self.left_chunks = left_chunks
+        self.ring = (left_chunks + 1) * self.chunk
+        self.slots, self.spare = slots, slots
+        attentions = [m for m in estimator.modules() if isinstance(m, Attention)]
+        convs = [m for m in estimator.modules() if isinstance(m, CausalConv1d)]
+
+        def kv(m: Attention) -> Tensor:
+            d = m.to_k.out_features // m.heads
+            return torch.zeros(slots + 1, 2, m.heads, self.ring, d, dtype=dtype, device=device)
+
+        self.keys = [{m: kv(m) for m in attentions} for _ in range(steps)]
+        self.values = [{m: kv(m) for m in attentions} for _ in range(steps)]
+        self.conv = [
+            {
+                m: torch.zeros(slots + 1, 2, m.in_channels, m.context, dtype=weight.dtype, device=device)
+                for m in convs
+            }
+            for _ in range(steps)
+        ]
+        self._free = list(range(slots - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def slot_nbytes(estimator: CausalConditionalDecoder, steps: int, left_chunks: int, elem: int = 4) -> int:
+        """Bytes of one slot (what a stream holds of the estimator's state)."""
+        ring = (left_chunks + 1) * estimator.cfg.static_chunk_size
+        keys = sum(m.to_k.out_features for m in estimator.modules() if isinstance(m, Attention))
+        conv = sum(m.in_channels * m.context for m in estimator.modules() if isinstance(m, CausalConv1d))
+        return steps * 2 * elem * (2 * keys * ring + conv)
+
+    def nbytes(self) -> int:
+        tables = [t for step in self.keys + self.values + self.conv for t in step.values()]
+        return sum(t.numel() * t.element_size() for t in tables)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int | None:
+        """A free slot with cleared convolution state (keys need no clearing: they are masked
+        until written), or None when all are taken."""
+        with self._lock:
+            if not self._free:
+                return None
+            slot = self._free.pop()
+        for step in self.conv:
+            for t in step.values():
+                t[slot].zero_()
+        return slot
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            if slot not in self._free and slot != self.spare:
+                self._free.append(slot)
+
+    def snapshot(self, slot: int) -> list[list[Tensor]]:
+        """A copy of one slot's state (per Euler step: keys, values and convolution tensors)."""
+        return [
+            [t[slot].clone() for t in (*k.values(), *v.values(), *c.values())]
+            for k, v, c in zip(self.keys, self.values, self.conv, strict=True)
+        ]
+
+    def load(self, slot: int, state: list[list[Tensor]]) -> None:
+        """Write a :meth:`snapshot` into ``slot``."""
+        for k, v, c, saved in zip(self.keys, self.values, self.conv, state, strict=True):
+            for t, s in zip((*k.values(), *v.values(), *c.values()), saved, strict=True):
+                t[slot].copy_(s)
+
+    def batch(self, slots: list[int], frames: list[int], n: int, pad_to: int | None = None) -> SlotBatch:
+        """The round of streams in ``slots`` whose estimators have evaluated ``frames`` frames
+        each (on chunk boundaries) and now evaluate ``n`` more (at most a chunk), padded with
+        the spare slot to ``pad_to`` streams."""
+        if not 0 < n <= self.chunk or any(f % self.chunk for f in frames):
+            raise ValueError("a slot round evaluates at most one chunk per stream, from a chunk boundary")
+        rows = max(pad_to or 0, len(slots))
+        slot_of = torch.tensor(list(slots) + [self.spare] * (rows - len(slots)))
+        chunk_of = torch.tensor([f // self.chunk for f in frames] + [0] * (rows - len(slots)))
+        ring_chunks = self.left_chunks + 1
+        at = torch.arange(self.ring)
+        # ring chunk j holds chunk c - ((c - j) mod ring_chunks): visible if that chunk exists and
+        # is in the window (earlier chunks: whole; the current one: its first n frames)
+        back = (chunk_of[:, None] - at[None, :] // self.chunk) % ring_chunks  # [rows, ring]
+        visible = (back <= chunk_of[:, None]) & ((back > 0) | (at[None, :] % self.chunk < n))
+        pos = (chunk_of % ring_chunks)[:, None] * self.chunk + torch.arange(n)[None, :]
+        device = next(iter(self.conv[0].values())).device
+        return SlotBatch(
+            self,
+            slot_of.to(device),
+            pos.to(device),
+            visible.repeat_interleave(2, dim=0)[:, None, None, :].to(device),
+        )
+
+
+class SlotBatch:
+    """The streams of one round in :class:`EstimatorSlots`: their slots [B], the ring positions
+    their new frames are written to [B, n], and what each may attend to [2B, 1, 1, ring].
+    ``step`` selects the Euler step's tables (set before each estimator call)."""
+
+    def __init__(self, store: EstimatorSlots, slots: Tensor, pos: Tensor, visible: Tensor) -> None:
+        self.store, self.slots, self.pos, self.visible = store, slots, pos, visible
+        self.step = 0
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def conv_input(self, module: CausalConv1d, x: Tensor) -> Tensor:
+        """``x`` [2B, C, n] after each stream's last inputs of ``module``, which it replaces."""
+        table = self.store.conv[self.step][module]
+        past = table.index_select(0, self.slots).flatten(0, 1)
+        x = torch.cat([past.to(x.dtype), x], dim=2)
+        table.index_copy_(
+            0, self.slots, x[:, :, x.shape[2] - module.context :].unflatten(0, (-1, 2)).to(table.dtype)
+        )
+        return x
+
+    def attend(self, module: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Write the new keys/values [2B, H, n, d] into the rings, attend to what is visible."""
+        out = []
+        for table, new in (
+            (self.store.keys[self.step][module], k),
+            (self.store.values[self.step][module], v),
+        ):
+            table[self.slots[:, None], :, :, self.pos] = (
+                new.unflatten(0, (-1, 2)).permute(0, 3, 1, 2, 4).to(table.dtype)
+            )
+            out.append(table.index_select(0, self.slots).flatten(0, 1).to(q.dtype))
+        return F.scaled_dot_product_attention(q, out[0], out[1], attn_mask=self.visible)
+
+
 class CausalConv1d(nn.Conv1d):
     """Conv1d that sees only the current and earlier frames (left padding of k-1)."""
 
@@ -197,6 +357,8 @@ class CausalConv1d(nn.Conv1d):
     def forward(self, x: Tensor, cache: EstimatorCache | CacheGroup | None = None) -> Tensor:  # [B, C, T]
         if cache is None:
             return super().forward(F.pad(x, (self.context, 0)))
+        if isinstance(cache, SlotBatch):
+            return super().forward(cache.conv_input(self, x))
         group = _group(cache)
         rows = group.rows(x.shape[0])
         pasts = [c.conv.get(self) for c in group]
@@ -287,6 +449,8 @@ class Attention(nn.Module):
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             return self.to_out[0](out.transpose(1, 2).flatten(2))
+        if isinstance(cache, SlotBatch):
+            return self.to_out[0](cache.attend(self, q, k, v).transpose(1, 2).flatten(2))
         group = _group(cache)
         rows = group.rows(q.shape[0])
         biases = bias if isinstance(bias, list) else [bias] * len(group)
@@ -467,6 +631,27 @@ class CausalConditionalDecoder(nn.Module):
             h = block(h, bias, cache, keep_from)
         return h.transpose(1, 2)
 
+    def _unet(
+        self,
+        h: Tensor,
+        t_emb: Tensor,
+        cache: CacheGroup | SlotBatch,
+        biases: list | None,
+        keeps: list[int] | int,
+    ) -> Tensor:
+        """The network over new frames ``h`` [B, in_channels, n] against ``cache``."""
+        res, blocks, down, up_res, up_blocks_, up = self._stages()
+        h = self._transformers(res(h, None, t_emb, cache), blocks, biases, cache, keeps)
+        skip = h
+        h = down(h, cache)
+        for mid_res, mid_tr in self.mid_blocks:
+            h = self._transformers(mid_res(h, None, t_emb, cache), mid_tr, biases, cache, keeps)
+        h = torch.cat([h, skip], dim=1)
+        h = self._transformers(up_res(h, None, t_emb, cache), up_blocks_, biases, cache, keeps)
+        h = up(h, cache)
+        h = self.final_block(h, None, cache)
+        return self.final_proj(h)
+
     def forward_chunk(
         self,
         x_new: Tensor,
@@ -485,16 +670,18 @@ class CausalConditionalDecoder(nn.Module):
 
         With a :class:`CacheGroup` the call evaluates the same number of new frames for several
         streams at once (their rows in turn), each at its own position against its own cache."""
-        group = _group(cache)
-        if any(c.closed for c in group):
-            raise RuntimeError("this EstimatorCache is closed (its last chunk was partial or it was cleared)")
-        chunk = self.cfg.static_chunk_size
         n = x_new.shape[-1]
         if n == 0:
             return x_new.new_zeros(x_new.shape[0], self.cfg.out_channels, 0)
         if t_emb is None:
             t_emb = self.time_embedding(t)
         h = torch.cat([x_new, mu_new, spks.unsqueeze(-1).expand(-1, -1, n), cond_new], dim=1)
+        if isinstance(cache, SlotBatch):  # the slots' state and visibility are the batch's
+            return self._unet(h, t_emb, cache, None, 0)
+        group = _group(cache)
+        if any(c.closed for c in group):
+            raise RuntimeError("this EstimatorCache is closed (its last chunk was partial or it was cleared)")
+        chunk = self.cfg.static_chunk_size
         biases, keeps = [], []
         for c in group:
             start, end = c.frames, c.frames + n
@@ -509,19 +696,7 @@ class CausalConditionalDecoder(nn.Module):
                 first_needed = max((end // chunk - c.left_chunks) * chunk, 0)
                 keep_from = max(first_needed - c.kv_start, 0)
             keeps.append(keep_from)
-
-        res, blocks, down, up_res, up_blocks_, up = self._stages()
-        h = self._transformers(res(h, None, t_emb, group), blocks, biases, group, keeps)
-        skip = h
-        h = down(h, group)
-        for mid_res, mid_tr in self.mid_blocks:
-            h = self._transformers(mid_res(h, None, t_emb, group), mid_tr, biases, group, keeps)
-        h = torch.cat([h, skip], dim=1)
-        h = self._transformers(up_res(h, None, t_emb, group), up_blocks_, biases, group, keeps)
-        h = up(h, group)
-        h = self.final_block(h, None, group)
-        out = self.final_proj(h)
-
+        out = self._unet(h, t_emb, group, biases, keeps)
         for c, keep_from in zip(group, keeps, strict=True):
             c.frames += n
             c.kv_start += keep_from

@@ -11,16 +11,17 @@ so the step is made static (the gpt-fast recipe, with the pool's slot as the bat
   length, instead of up to the longest request's;
 - the embedding lookup stays outside (rows of any kind), and so does sampling.
 
-One graph per (bucket, key length): 6 x 8 of them for 32 slots of 2048 rows, captured on first
-use or all at once by :meth:`DecodeGraphs.capture_all` (the server does so when it warms up),
-sharing one memory pool (they replay one at a time, in the LM stage's thread).  Where there is no
+One graph per (bucket, key length): 6 x 8 of them for 32 slots of 2048 rows, all recorded by
+:meth:`DecodeGraphs.capture_all` (the model's warm-up, before a server takes requests: recording
+synchronises the device), sharing one memory pool and one stream (they replay one at a time, in
+the LM stage's thread, and each output is copied out at once).  A step with no recorded graph
+runs the same function eagerly.  Where there is no
 CUDA the same fixed-shape function runs eagerly, which is what the tests compare with
 :meth:`~cosyvoice.llm.Qwen2LM.step`.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,9 +30,12 @@ import torch
 from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, _Decoding
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["DecodeGraphs", "GraphCaptureFailed"]
 
-log = logging.getLogger(__name__)
+
+class GraphCaptureFailed(RuntimeError):
+    """A decode step could not be recorded as a CUDA graph (a driver or kernel that cannot be
+    captured): the server should not start with graphs on."""
 
 
 @dataclass
@@ -71,6 +75,7 @@ class DecodeGraphs:
         }
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._stream = torch.cuda.Stream(self.device) if self.capture else None  # every recording's
         self.steps = 0  # steps run at fixed shapes
         self.replays = 0  # of which replayed as CUDA graphs
 
@@ -98,7 +103,7 @@ class DecodeGraphs:
         positions = [c.length for c in caches]
         size, keys = self.bucket(n), self.key_length(max(positions) + 1)
         inputs = self._inputs[size]
-        graph = self._graph(size, keys) if self.capture else None  # None: recording failed
+        graph = self._graphs.get((size, keys))  # None: not recorded (no CUDA): the same step, eager
         pad = size - n
         index = torch.tensor(
             [[c.slot for c in caches] + [self.pool.spare] * pad, positions + [0] * pad], dtype=torch.long
@@ -119,12 +124,27 @@ class DecodeGraphs:
         return logits[:n].clone()
 
     def capture_all(self) -> int:
-        """Record every (bucket, key length) graph now; returns how many exist (0 without CUDA, or
-        when recording failed and the steps run eagerly)."""
-        for size in reversed(self.buckets):  # the largest first: the shared pool fits the rest
-            for keys in range(self.key_block, self.pool.max_len + self.key_block, self.key_block):
-                if self.capture:
-                    self._graph(size, min(keys, self.pool.max_len))
+        """Record every (bucket, key length) graph (the model's warm-up does, before a server
+        takes requests: recording synchronises the device); returns how many exist (0 without
+        CUDA).  Raises :class:`GraphCaptureFailed` when one cannot be recorded."""
+        if not self.capture:
+            return 0
+        lengths = sorted(
+            {
+                min(k, self.pool.max_len)
+                for k in range(self.key_block, self.pool.max_len + self.key_block, self.key_block)
+            }
+        )
+        for size in reversed(self.buckets):  # the largest first: the shared pool then fits the rest
+            for keys in reversed(lengths):
+                if (size, keys) not in self._graphs:
+                    try:
+                        self._record(size, keys)
+                    except RuntimeError as e:
+                        raise GraphCaptureFailed(
+                            f"recording the LM decode step as a CUDA graph failed ({e}); "
+                            "run without CUDA graphs (realtime serve --cuda-graphs off)"
+                        ) from e
         return len(self._graphs)
 
     def _step(self, inputs: _Inputs, keys: int) -> torch.Tensor:
@@ -142,39 +162,21 @@ class DecodeGraphs:
             h = lm.layer(i, h, cos, sin, decoding.attend)
         return lm.llm_decoder(bb.norm(h)[0]).float()
 
-    def _graph(self, size: int, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        """The graph of (bucket, key length), recorded on first use.  Recording runs the step on
-        the bucket's inputs as padding (every write goes to the spare slot).  If recording fails
-        (a driver or kernel that cannot be captured), every step from then on runs eagerly: the
-        same numbers, slower, and the log says so."""
-        found = self._graphs.get((size, keys))
-        if found is not None:
-            return found
-        try:
-            return self._record(size, keys)
-        except RuntimeError:
-            log.exception("recording the LM decode step as a CUDA graph failed: decode steps run eagerly")
-            self.capture = False
-            self._graphs.clear()
-            return None
-
-    def _record(self, size: int, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _record(self, size: int, keys: int) -> None:
+        """Record the graph of (bucket, key length).  Recording runs the step on the bucket's
+        inputs as padding (every write goes to the spare slot), on this object's one stream of
+        the LM's device (a capture on another device's stream would record nothing)."""
         inputs = self._inputs[size]
         inputs.slots.fill_(self.pool.spare)
         inputs.positions.zero_()
         inputs.xs.zero_()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.inference_mode(), torch.cuda.stream(side):
-            for _ in range(2):  # kernels chosen and workspaces allocated before recording
-                self._step(inputs, keys)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the token2wav stage's thread may allocate or sync while this one records
-        with (
-            torch.inference_mode(),
-            torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"),
-        ):
-            logits = self._step(inputs, keys)
+        with torch.cuda.device(self.device), torch.inference_mode():
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                for _ in range(2):  # kernels chosen and workspaces allocated before recording
+                    self._step(inputs, keys)
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool, stream=self._stream):
+                logits = self._step(inputs, keys)
         self._graphs[(size, keys)] = (graph, logits)
-        return graph, logits

@@ -144,6 +144,7 @@ class CosyVoice2Model:
         prompt_cache_mb: float | str = 256,
         t2w_budget_mb: float | str | None = None,
         cuda_graphs: bool | None = None,
+        flow_slots: bool | None = None,
     ):
         """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
         per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
@@ -162,7 +163,10 @@ class CosyVoice2Model:
         the budget, at least 2, unbounded when that fits).  See :func:`plan_memory`.
 
         ``cuda_graphs``: the LM stage's decode steps as CUDA graphs (:mod:`~cosyvoice.lm_graphs`;
-        default: when the LM is on a CUDA device; the pool then keeps a spare slot)."""
+        default: when the LM is on a CUDA device; the pool then keeps a spare slot).
+        ``flow_slots``: the streams' flow estimator state in slots allocated at start
+        (:class:`~cosyvoice.flow_estimator.EstimatorSlots`; needs a window; default: on CUDA with
+        a window)."""
         if lm not in LM_MODES:
             raise ValueError(f"lm must be one of {LM_MODES}")
         self.lm_mode = lm
@@ -187,12 +191,16 @@ class CosyVoice2Model:
             left_chunks,
             None if prompt_cache_mb == "auto" else int(float(prompt_cache_mb) * 2**20),
         )
+        if flow_slots is None:
+            on_gpu = flow.input_embedding.weight.device.type == "cuda"
+            flow_slots = on_gpu and plan.left_chunks is not None and plan.max_streams is not None
         self.token2wav = Token2Wav(
             self.flow,
             self.hift,
             left_chunks=plan.left_chunks,
             prompt_cache_bytes=plan.prompt_cache_bytes,
             max_streams=plan.max_streams,
+            flow_slots=flow_slots,
         )
         lm_threads, t2w_threads = stage_threads(lm_device)
         graphs = DecodeGraphs(llm, pool, capture=True) if cuda_graphs else None

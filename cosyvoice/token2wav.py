@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cosyvoice.flow import NOISE_FRAMES, CausalMaskedDiffWithXvec, FlowStream, PromptStates, advance_together
+from cosyvoice.flow_estimator import EstimatorSlots
 from cosyvoice.hift import HiFTGenerator
 
 MODES = ("cached", "exact", "recompute")
@@ -176,9 +177,9 @@ class Rounds:
 
     def _finish(self, plan: _Plan, free: bool) -> None:
         self.plans.remove(plan)
-        if free:
-            self.t2w._forget(plan.job.uuid, plan.job.stream)
+        if free:  # its state first, then its place
             plan.job.stream.free()
+            self.t2w._forget(plan.job.uuid, plan.job.stream)
         plan.job.stream.lock.release()
 
     def abort(self) -> None:
@@ -347,10 +348,16 @@ class Token2Wav:
         left_chunks: int | None = None,
         prompt_cache_bytes: int = 256 << 20,
         max_streams: int | None = None,
+        flow_slots: bool = False,
     ):
         """``left_chunks``: the flow's attention window (None: unbounded, the official model);
         ``max_streams``: cached streams open at once (None: no limit), each of which may hold
-        :meth:`max_stream_nbytes`; :meth:`open` refuses more with :class:`Token2WavFull`."""
+        :meth:`max_stream_nbytes`; :meth:`open` refuses more with :class:`Token2WavFull`.
+        ``flow_slots``: the streams' estimator state in one :class:`EstimatorSlots` of
+        ``max_streams`` slots, allocated now (needs a window and ``max_streams``): a round's
+        state moves in one operation per layer, not per stream."""
+        if flow_slots and (left_chunks is None or max_streams is None):
+            raise ValueError("estimator slots need a flow window and a number of streams")
         self.flow = flow
         self.hift = hift
         self.left_chunks = left_chunks
@@ -362,6 +369,11 @@ class Token2Wav:
         self.window = hamming_window().to(self.hift_device)
         # each voice's flow prompt state, computed once (0 bytes: every stream computes its own)
         self.prompts = PromptStates(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self.slots = (
+            EstimatorSlots(flow.decoder.estimator, flow.cfg.n_timesteps, max_streams, left_chunks)
+            if flow_slots
+            else None
+        )
         self._streams: dict[Hashable, _Stream] = {}
         self._lock = threading.Lock()
 
@@ -407,6 +419,7 @@ class Token2Wav:
                     embedding,
                     left_chunks=self.left_chunks,
                     prompts=self.prompts,
+                    slots=self.slots,
                     # a new voice's prompt chunks go through the rounds with everyone's chunks,
                     # instead of holding the caller (the token2wav stage: every stream) meanwhile
                     precompute_prompt="lazy",
@@ -502,9 +515,9 @@ class Token2Wav:
             failed = False
         finally:
             for job in jobs:
-                if failed or job.hop is None:
-                    self._forget(job.uuid, job.stream)
+                if failed or job.hop is None:  # its state first, then its place
                     job.stream.free()
+                    self._forget(job.uuid, job.stream)
                 job.stream.lock.release()
         return [(job, chunks.get(id(job))) for job in jobs]
 
@@ -567,13 +580,15 @@ class Token2Wav:
 
     def close(self, uuid: Hashable) -> None:
         """Frees everything of the stream (idempotent; the cancel path). A `pull` running in another
-        thread stops after the chunk it is computing; this call waits for that chunk."""
+        thread stops after the chunk it is computing; this call waits for that chunk, and the
+        stream keeps its place (``max_streams``, its estimator slot) until its state is freed."""
         with self._lock:
-            stream = self._streams.pop(uuid, None)
+            stream = self._streams.get(uuid)
         if stream is not None:
             stream.cancelled = True
             with stream.lock:
                 stream.free()
+            self._forget(uuid, stream)  # its place once its state (and estimator slot) is free
 
     def _forget(self, uuid: Hashable, stream: _Stream) -> None:
         with self._lock:

@@ -88,6 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             kv_budget_mb=args.kv_memory_mb,
             kv_max_slots=args.kv_slots,
             cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+            flow_slots={"auto": None, "on": True, "off": False}[args.flow_slots],
         )
     try:
         engine = create_engine(engine_name, args.model_dir, **engine_kwargs)
@@ -361,6 +362,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="cosyvoice2: the LM's decode steps as CUDA graphs, one per batch size and key length, "
         "recorded at start (auto: on with --device cuda and --lm batched)",
+    )
+    s.add_argument(
+        "--flow-slots",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="cosyvoice2: keep the streams' flow state in slots allocated at start (rings of the "
+        "--flow-window's chunks), so that a token2wav round moves every stream's state in one "
+        "operation per layer instead of several per stream (auto: on with --device cuda and a window)",
     )
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
     s.add_argument(

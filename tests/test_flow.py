@@ -613,3 +613,118 @@ def test_a_lazy_prompt_is_computed_by_the_first_emit_and_kept_for_the_voice(flow
     FlowStream(flow, prompt, prompt_feat, emb, prompts=precomputed).close()
     (kept,), (made,) = states._states.values(), precomputed._states.values()
     assert kept.done_tokens == made.done_tokens == 50 and kept.nbytes() == made.nbytes()
+
+
+@pytest.mark.parametrize("left_chunks", [0, 1, 3])
+def test_estimator_slots_equal_each_streams_own_cache_at_any_position(estimator, left_chunks):
+    """Streams at different chunks (one still in its first window, others past it), their slots
+    in a ring of left_chunks + 1 chunks, one round padded with the spare slot, a slot reused
+    after another stream: each chunk's output equals that stream alone with its own cache, and
+    the last, partial chunk too."""
+    from cosyvoice.flow_estimator import EstimatorSlots
+
+    chunk = estimator.cfg.static_chunk_size
+    lengths = [6 * chunk, 2 * chunk + 14, 4 * chunk + 20]
+    starts = [0, 1, 3]  # round at which each stream joins
+    inputs = [_random_inputs(n, seed=10 + i) for i, n in enumerate(lengths)]
+    store = EstimatorSlots(estimator, 1, slots=3, left_chunks=left_chunks)
+    used = store.acquire()  # a slot someone used before: stale state must not leak
+    with torch.no_grad():
+        x, mu, spks, cond, tt = _random_inputs(2 * chunk, seed=99)
+        stale = store.batch([used], [0], chunk)
+        estimator.forward_chunk(x[..., :chunk], mu[..., :chunk], tt, spks, cond[..., :chunk], stale)
+    store.release(used)
+
+    alone = []
+    with torch.no_grad():
+        for (x, mu, spks, cond, tt), n in zip(inputs, lengths, strict=True):
+            cache, outs = EstimatorCache(left_chunks), []
+            for a in range(0, n, chunk):
+                b = min(a + chunk, n)
+                outs.append(
+                    estimator.forward_chunk(x[..., a:b], mu[..., a:b], tt, spks, cond[..., a:b], cache)
+                )
+            alone.append(torch.cat(outs, -1))
+
+    slots = [store.acquire() for _ in lengths]
+    done = [0] * len(lengths)
+    got: list[list[torch.Tensor]] = [[] for _ in lengths]
+    for r in range(12):  # a round: the joined streams with frames left, grouped by the frames they add
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            if r >= starts[i] and done[i] < n:
+                groups.setdefault(min(chunk, n - done[i]), []).append(i)
+        for size, group in groups.items():
+            batch = store.batch([slots[i] for i in group], [done[i] for i in group], size, pad_to=4)
+            pad = 4 - len(group)  # padding rows: zeros, in the spare slot
+
+            def rows(k: int, group=group, size=size, pad=pad) -> torch.Tensor:
+                parts = [inputs[i][k][..., done[i] : done[i] + size] for i in group]
+                return torch.cat(parts + [torch.zeros_like(parts[0])] * pad)
+
+            spk = torch.cat([inputs[i][2] for i in group] + [torch.zeros_like(inputs[0][2])] * pad)
+            tt = torch.full((2 * (len(group) + pad),), 0.42)
+            with torch.no_grad():
+                out = estimator.forward_chunk(rows(0), rows(1), tt, spk, rows(3), batch)
+            for k, i in enumerate(group):
+                got[i].append(out[2 * k : 2 * k + 2])
+                done[i] += size
+    assert done == lengths
+    for i in range(len(lengths)):
+        assert maxdiff(torch.cat(got[i], -1), alone[i]) <= TOL, i
+    assert store.free == 0 and store.nbytes() == 4 * EstimatorSlots.slot_nbytes(estimator, 1, left_chunks)
+
+
+@pytest.mark.parametrize("left_chunks", [1, 2])
+def test_streams_in_estimator_slots_equal_streams_with_caches_of_their_own(flow, left_chunks):
+    """Streams whose estimator state lives in slots of one EstimatorSlots (rings of the window's
+    chunks), advanced together in rounds, with prompts computed lazily in the rounds, precomputed,
+    or restored from a voice's kept state: each gets its solo mel (own caches, same window), and
+    every slot is free again once the streams end."""
+    from cosyvoice.flow_estimator import EstimatorSlots
+
+    cases = [_stream_case(160, seed=s, n_prompt=p) for s, p in ((11, 10), (12, 35), (13, 60))]
+    cases.append(cases[2])  # the same voice again: its prompt state comes from the kept one
+    hop_lists = [_official_hops(p.shape[1], tok.shape[1])[0] for tok, p, _, _ in cases]
+    solo = [
+        _run_stream(flow, *case, hops, left_chunks=left_chunks)[1]
+        for case, hops in zip(cases, hop_lists, strict=True)
+    ]
+    store = EstimatorSlots(flow.decoder.estimator, flow.cfg.n_timesteps, slots=4, left_chunks=left_chunks)
+    states = PromptStates()
+    modes = [True, "lazy", True, "lazy"]
+    streams = []
+    for (tokens, prompt, feat, emb), mode in zip(cases, modes, strict=True):
+        stream = FlowStream(
+            flow,
+            prompt,
+            feat,
+            emb,
+            left_chunks=left_chunks,
+            slots=store,
+            prompts=states,
+            precompute_prompt=mode,
+        )
+        stream.push(tokens[0])
+        streams.append(stream)
+    assert store.free == 0 and states.hits == 1  # the fourth stream restored the third's prompt
+    got = [[] for _ in streams]
+    for step in range(max(len(h) for h in hop_lists)):
+        active = [(i, hops[step]) for i, hops in enumerate(hop_lists) if step < len(hops)]
+        outs, _ = _together([(streams[i], streams[i].plan_emit(hop)) for i, hop in active])
+        for (i, hop), mels in zip(active, outs, strict=True):
+            got[i].append(streams[i].complete_emit(hop, mels))
+    outs, _ = _together([(stream, stream.plan_finish()) for stream in streams])
+    for i, mels in enumerate(outs):
+        got[i].append(streams[i].complete_finish(mels))
+    for mine, ref in zip(got, solo, strict=True):
+        for a, b in zip(mine, ref, strict=True):
+            assert a.shape == b.shape and maxdiff(a, b) <= TOL
+    assert all(s.closed for s in streams) and store.free == 4
+    with pytest.raises(ValueError, match="another window"):
+        FlowStream(flow, *cases[0][1:], left_chunks=left_chunks + 1, slots=store)
+    held = [FlowStream(flow, *cases[0][1:], left_chunks=left_chunks, slots=store) for _ in range(4)]
+    with pytest.raises(RuntimeError, match="slots is taken"):
+        FlowStream(flow, *cases[0][1:], left_chunks=left_chunks, slots=store)
+    held[0].close()
+    assert store.free == 1

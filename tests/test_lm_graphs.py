@@ -9,7 +9,7 @@ import torch
 
 from cosyvoice.kv_cache import CacheFull, KVPool
 from cosyvoice.llm import ROW_SPEECH, Qwen2LM
-from cosyvoice.lm_graphs import DecodeGraphs
+from cosyvoice.lm_graphs import DecodeGraphs, GraphCaptureFailed
 from tests.conftest import load_npz, tiny_lm
 
 
@@ -93,27 +93,29 @@ def test_it_needs_a_spare_slot_and_records_graphs_only_on_cuda(lm):
     assert DecodeGraphs(lm, spare).capture_all() == 0  # nothing to record on a CPU
 
 
-def test_a_graph_that_cannot_be_recorded_leaves_the_steps_eager_and_says_so(lm, monkeypatch, caplog):
+def test_a_graph_that_cannot_be_recorded_stops_the_start_with_a_way_out(lm, monkeypatch):
     pool = KVPool(lm.kv_shape(), slots=2, max_len=16, spare=True)
-    graphs = DecodeGraphs(lm, pool)
-    eager = [pool.acquire(), pool.acquire()]
-    with torch.inference_mode():
-        for cache in eager:
-            lm.step([([(ROW_SPEECH, 3), (ROW_SPEECH, 4)], cache)])
-        want = lm.step([([(ROW_SPEECH, 5)], eager[0]), ([(ROW_SPEECH, 6)], eager[1])], graphs)
-    for cache in eager:
-        pool.release(cache)
+    graphs = DecodeGraphs(lm, pool, key_block=8)
+    recorded = []
 
-    def fail(size, keys):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def record(size, keys):
+        if len(recorded) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        recorded.append((size, keys))
 
     graphs.capture = True  # as on a GPU whose driver cannot record this step
-    monkeypatch.setattr(graphs, "_record", fail)
-    caches = [pool.acquire(), pool.acquire()]
+    monkeypatch.setattr(graphs, "_record", record)
+    with pytest.raises(GraphCaptureFailed, match="--cuda-graphs off"):
+        graphs.capture_all()
+    assert recorded == [(2, 16), (2, 8)]  # the largest bucket and key length first
+
+
+def test_steps_without_a_recorded_graph_run_the_same_function_eagerly(lm):
+    pool = KVPool(lm.kv_shape(), slots=2, max_len=16, spare=True)
+    graphs = DecodeGraphs(lm, pool)
+    a, b = pool.acquire(), pool.acquire()
     with torch.inference_mode():
-        for cache in caches:
+        for cache in (a, b):
             lm.step([([(ROW_SPEECH, 3), (ROW_SPEECH, 4)], cache)])
-        got = lm.step([([(ROW_SPEECH, 5)], caches[0]), ([(ROW_SPEECH, 6)], caches[1])], graphs)
-    assert torch.equal(got, want)
-    assert not graphs.capture and graphs.replays == 0 and graphs.steps == 2
-    assert "CUDA graph failed" in caplog.text
+        lm.step([([(ROW_SPEECH, 5)], a), ([(ROW_SPEECH, 6)], b)], graphs)
+    assert graphs.capture_all() == 0 and graphs.steps == 1 and graphs.replays == 0

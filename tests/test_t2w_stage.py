@@ -99,11 +99,20 @@ def fx() -> dict[str, np.ndarray]:
     return load_npz("token2wav_stream.npz")
 
 
-@pytest.fixture
-def stage(models):
-    stage = T2WStage(RecordingMels(*models))
+@pytest.fixture(params=["caches", "slots"])
+def stage(models, fx, request):
+    """The stage with every stream's flow state of its own, and in estimator slots (with a
+    window wide enough for every case's whole utterance, so that the mel is the same)."""
+    if request.param == "slots":
+        window = -(-(len(fx["prompt_token"]) + 400) // models[0].cfg.chunk_tokens)
+        t2w = RecordingMels(*models, left_chunks=window, max_streams=8, flow_slots=True)
+    else:
+        t2w = RecordingMels(*models)
+    stage = T2WStage(t2w)
     yield stage
     stage.close()
+    if t2w.slots is not None:
+        assert t2w.slots.free == t2w.slots.slots  # every stream gave its slot back
 
 
 def test_streams_joining_at_different_times_equal_each_alone(models, fx, stage):

@@ -441,14 +441,17 @@ def test_close_during_pull_stops_after_the_current_chunk(models, fx):
     result: dict = {}
     th = _pull_in_thread(t2w, "k", result)
     assert t2w.entered.wait(30)
+    stream = t2w._get("k")
     closer = threading.Thread(target=t2w.close, args=("k",))
     closer.start()
-    while t2w.active_streams():  # close removes the stream at once, then waits for the chunk
+    while not stream.cancelled:  # close cancels at once, then waits for the chunk
         threading.Event().wait(0.01)
+    assert t2w.active_streams() == ["k"]  # its place is held until its state is freed
     t2w.release.set()
     th.join(30)
     closer.join(30)
     assert "error" not in result and len(result["out"]) == 1 and t2w.calls == 1
+    assert t2w.active_streams() == []
     with pytest.raises(KeyError):
         t2w.pull("k")
 
@@ -456,8 +459,8 @@ def test_close_during_pull_stops_after_the_current_chunk(models, fx):
 class RecordingMels(Token2Wav):
     """Records the mel of every job, per stream."""
 
-    def __init__(self, flow, hift):
-        super().__init__(flow, hift)
+    def __init__(self, flow, hift, **kwargs):
+        super().__init__(flow, hift, **kwargs)
         self.mels: dict = {}
 
     def _vocode_jobs(self, jobs, mels, on_group=None):

@@ -95,6 +95,7 @@ class CosyVoice2Engine(BlockingEngine):
         kv_budget_mb: float = 2048,
         kv_max_slots: int = 32,
         cuda_graphs: bool | None = None,
+        flow_slots: bool | None = None,
         warmup: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -116,6 +117,7 @@ class CosyVoice2Engine(BlockingEngine):
             kv_budget_mb=kv_budget_mb,
             kv_max_slots=kv_max_slots,
             cuda_graphs=cuda_graphs,
+            flow_slots=flow_slots,
         )
         # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
         # token2wav stage, so admission counts the LM's KV slots and the streams the token2wav
@@ -159,7 +161,13 @@ class CosyVoice2Engine(BlockingEngine):
         # holds about 70 s of speech in its KV slot, and a longer one would leave text unspoken.
         self.segment_tokens = (80, 120)
         if warmup and self.cv.model.lm_mode == "batched":  # before the server says it is ready
-            log.info("cosyvoice2: warm-up request in %.2f s", self.cv.model.warm_up())
+            from cosyvoice.lm_graphs import GraphCaptureFailed
+
+            try:
+                log.info("cosyvoice2: warm-up request in %.2f s", self.cv.model.warm_up())
+            except GraphCaptureFailed as e:  # a setting this machine cannot run: say which, and stop
+                self.close()
+                raise ValueError(str(e)) from e
         sft = [v.id for v in self.voices() if v.kind == "sft"]
         self.default_voice = sft[0] if sft else None
 
