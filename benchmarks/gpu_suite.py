@@ -2,16 +2,18 @@
 
 It runs, each in its own process: ``concurrency.py`` on a REAL-size directory with random weights
 (sessions 1/4/8/16/32 over the WebSocket, text at 30 tokens/s: first audio, per-stream RTF,
-underruns, audio throughput) and ``lm_decode.py`` (the LM stage's batched decode step per batch
-size; fp16 and bf16 logits against fp32).  Then it prints one table and the GPU goals (first audio
+underruns, audio throughput), ``lm_decode.py`` (the LM stage's batched decode step per batch
+size; fp16 and bf16 logits against fp32) and ``flow_rounds.py`` (a token2wav flow round per
+number of streams).  Then it prints one table and the GPU goals (first audio
 p50 <= 150 ms and p95 <= 300 ms at 8 sessions, no underrun at 16).  Meant to finish in under 8
 minutes on one H100-class GPU.
 
     bash benchmarks/gpu_suite.sh                       # the GPU
     bash benchmarks/gpu_suite.sh --device cpu --quick  # the same pipeline on a CPU: TINY, small levels
 
-The LM step is measured eager and as CUDA graphs (:mod:`cosyvoice.lm_graphs`; on a CPU the same
-fixed shapes run eagerly); the flow step has no CUDA graph yet.
+The LM step is measured eager and as CUDA graphs (:mod:`cosyvoice.lm_graphs`), and a flow round
+of 1-32 streams with per-stream caches, estimator slots and CUDA graphs (``flow_rounds.py``,
+:mod:`cosyvoice.flow_graphs`); on a CPU the same fixed shapes run eagerly.
 """
 
 from __future__ import annotations
@@ -84,7 +86,20 @@ def main() -> None:
         str(out / "lm.json"),
     )
 
+    run(
+        "flow_rounds.py",
+        "--device",
+        args.device,
+        "--size",
+        "reduced" if args.quick else "real",
+        "--batches",
+        *batches,
+        "--json",
+        str(out / "flow.json"),
+    )
+
     levels = json.loads((out / "sessions.json").read_text())["batched"]
+    flow = json.loads((out / "flow.json").read_text())["rounds"]
     lm = json.loads((out / "lm.json").read_text())
     cols = [str(r["n"]) for r in levels]
     print(
@@ -116,6 +131,14 @@ def main() -> None:
         + " |"
     )
     print("| speech tokens/s | " + " | ".join(fmt(b["tokens_s"], 1, 0) for b in lm["batches"]) + " |")
+    print("\n| flow streams per round | " + " | ".join(str(r["batch"]) for r in flow) + " |")
+    print("|---|" + "---|" * len(flow))
+    for label, key in (
+        ("round ms, caches per stream", "caches_ms"),
+        ("round ms, estimator slots", "slots_ms"),
+        (f"round ms, {fixed}", "fixed_ms"),
+    ):
+        print(f"| {label} | " + " | ".join(fmt(r[key], 1, 1) for r in flow) + " |")
     print("\n| LM precision | logit error vs fp32, max / mean | top-1 agreement | decode ms/token |")
     print("|---|---|---|---|")
     for v in lm["variants"]:

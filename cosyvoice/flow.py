@@ -18,6 +18,7 @@ import functools
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -33,6 +34,7 @@ from .flow_estimator import (
     EstimatorCache,
     EstimatorConfig,
     EstimatorSlots,
+    SlotBatch,
 )
 
 NOISE_FRAMES = 15000  # 300 s of mel at 50 Hz: the longest utterance the official noise covers
@@ -220,6 +222,52 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return mel[:, :, n_prompt:].float()
 
 
+@dataclass
+class EulerSteps:
+    """The solver's constants for one stream's two CFG rows: per Euler step its time [2], time
+    embedding [2, D] and step size, and the guidance rate."""
+
+    t_ins: list[Tensor]
+    t_embs: list[Tensor]
+    dts: list[Tensor]
+    rate: float
+
+    @classmethod
+    def of(cls, flow: CausalMaskedDiffWithXvec, n_timesteps: int) -> EulerSteps:
+        device = flow.input_embedding.weight.device
+        estimator = flow.decoder.estimator
+        schedule = euler_schedule(n_timesteps)
+        with torch.no_grad():
+            t_ins = [t.to(device).expand(2) for t, _ in schedule]
+            t_embs = [estimator.time_embedding(t) for t in t_ins]
+        return cls(t_ins, t_embs, [dt for _, dt in schedule], flow.decoder.inference_cfg_rate)
+
+
+def euler_solve(
+    estimator: CausalConditionalDecoder,
+    solver: EulerSteps,
+    x: Tensor,
+    mu_in: Tensor,
+    cond_in: Tensor,
+    spks_in: Tensor,
+    cache_of: Callable[[int], CacheGroup | SlotBatch],
+) -> Tensor:
+    """The Euler steps of one advance of B streams: ``x`` [B, 80, F] from the noise to the mel,
+    each step one estimator call over the streams' CFG rows (``mu_in``, ``cond_in`` [2B, 80, F],
+    ``spks_in`` [2B, 80]) against ``cache_of(step)``."""
+    batch = x.shape[0]
+    for k, dt in enumerate(solver.dts):
+        t_in, t_emb = solver.t_ins[k], solver.t_embs[k]
+        if batch > 1:
+            t_in, t_emb = t_in.repeat(batch), t_emb.repeat(batch, 1)
+        out = estimator.forward_chunk(
+            x.repeat_interleave(2, dim=0), mu_in, t_in, spks_in, cond_in, cache_of(k), t_emb=t_emb
+        )
+        out = out.unflatten(0, (batch, 2))
+        x = x + dt * ((1.0 + solver.rate) * out[:, 0] - solver.rate * out[:, 1])
+    return x
+
+
 class FlowStream:
     """One request's incremental token -> mel stream with constant cost per chunk.
 
@@ -287,9 +335,7 @@ class FlowStream:
         with torch.no_grad():
             spks = flow.speaker(embedding.to(self.device, self.dtype))
             self.spks_in = torch.cat([spks, torch.zeros_like(spks)])  # CFG rows
-            self.schedule = euler_schedule(self.n_timesteps)
-            self.t_ins = [t.to(self.device).expand(2) for t, _ in self.schedule]
-            self.t_embs = [self.estimator.time_embedding(t) for t in self.t_ins]
+            self.solver = EulerSteps.of(flow, self.n_timesteps)
         self.enc_cache = flow.encoder.new_cache(left_chunks)
         # the estimator's state: a cache per Euler step of its own, or a slot of ``slots``
         self.slots, self.slot, self.est_frames = slots, None, 0
@@ -642,30 +688,21 @@ def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Te
         mu_in = torch.cat([t for _, mu, _ in inputs for t in (mu, zeros)])  # each stream's CFG rows in turn
         cond_in = torch.cat([t for _, _, cond in inputs for t in (cond, zeros)])
         spks_in = torch.cat([s.spks_in for s in streams])
-        rate = first.flow.decoder.inference_cfg_rate
         slotted = [s.slot is not None for s in streams]
         if any(slotted) and (not all(slotted) or any(s.slots is not first.slots for s in streams)):
             raise ValueError(
                 "streams advanced together keep their estimator state in the same slots or all apart"
             )
         frames = x.shape[2]
-        batch_slots = (
-            first.slots.batch([s.slot for s in streams], [s.est_frames for s in streams], frames)
-            if all(slotted)
-            else None
-        )
-        for k, (_, dt) in enumerate(first.schedule):
-            if batch_slots is not None:
-                batch_slots.step = k
-            group = batch_slots or CacheGroup([s.est_caches[k] for s in streams])
-            t_in, t_emb = first.t_ins[k], first.t_embs[k]
-            if batch > 1:
-                t_in, t_emb = t_in.repeat(batch), t_emb.repeat(batch, 1)
-            out = first.estimator.forward_chunk(
-                x.repeat_interleave(2, dim=0), mu_in, t_in, spks_in, cond_in, group, t_emb=t_emb
-            )
-            out = out.unflatten(0, (batch, 2))
-            x = x + dt * ((1.0 + rate) * out[:, 0] - rate * out[:, 1])
+        graphs = first.slots.graphs if all(slotted) else None
+        if graphs is not None and graphs.takes(batch, frames):  # fixed shapes (a CUDA graph on a GPU)
+            x = graphs(x, mu_in, cond_in, spks_in, [s.slot for s in streams], [s.est_frames for s in streams])
+        elif all(slotted):
+            slots = first.slots.batch([s.slot for s in streams], [s.est_frames for s in streams], frames)
+            x = euler_solve(first.estimator, first.solver, x, mu_in, cond_in, spks_in, slots.at_step)
+        else:
+            caches = lambda k: CacheGroup([s.est_caches[k] for s in streams])  # noqa: E731
+            x = euler_solve(first.estimator, first.solver, x, mu_in, cond_in, spks_in, caches)
     for stream, _, count in items:
         stream.done_tokens += count
         stream.est_frames += frames

@@ -239,6 +239,7 @@ class EstimatorSlots:
         ]
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
+        self.graphs = None  # a FlowGraphs of these slots, when rounds run at fixed shapes
 
     @staticmethod
     def slot_nbytes(estimator: CausalConditionalDecoder, steps: int, left_chunks: int, elem: int = 4) -> int:
@@ -322,6 +323,11 @@ class SlotBatch:
 
     def __len__(self) -> int:
         return len(self.slots)
+
+    def at_step(self, step: int) -> SlotBatch:
+        """This batch, reading and writing Euler step ``step``'s tables."""
+        self.step = step
+        return self
 
     def conv_input(self, module: CausalConv1d, x: Tensor) -> Tensor:
         """``x`` [2B, C, n] after each stream's last inputs of ``module``, which it replaces."""

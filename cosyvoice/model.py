@@ -163,10 +163,13 @@ class CosyVoice2Model:
         the budget, at least 2, unbounded when that fits).  See :func:`plan_memory`.
 
         ``cuda_graphs``: the LM stage's decode steps as CUDA graphs (:mod:`~cosyvoice.lm_graphs`;
-        default: when the LM is on a CUDA device; the pool then keeps a spare slot).
+        default: when the LM is on a CUDA device; the pool then keeps a spare slot), and with
+        ``flow_slots`` on CUDA the flow's Euler steps too (:mod:`~cosyvoice.flow_graphs`); both
+        are recorded by :meth:`warm_up`.
         ``flow_slots``: the streams' flow estimator state in slots allocated at start
-        (:class:`~cosyvoice.flow_estimator.EstimatorSlots`; needs a window; default: on CUDA with
-        a window)."""
+        (:class:`~cosyvoice.flow_estimator.EstimatorSlots`; needs a window; default: with a window
+        of at most ``SLOT_WINDOW_MAX`` chunks; at REAL size on a CPU a round of 4 streams took
+        3.56 s instead of 3.87 s, ``benchmarks/flow_rounds.py``)."""
         if lm not in LM_MODES:
             raise ValueError(f"lm must be one of {LM_MODES}")
         self.lm_mode = lm
@@ -177,6 +180,7 @@ class CosyVoice2Model:
         lm_device = llm.speech_embedding.weight.device
         if cuda_graphs is None:
             cuda_graphs = lm_device.type == "cuda" and lm == "batched"
+        on_gpu = flow.input_embedding.weight.device.type == "cuda"
         pool = KVPool.for_budget(
             llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots, spare=cuda_graphs
         )
@@ -191,9 +195,9 @@ class CosyVoice2Model:
             left_chunks,
             None if prompt_cache_mb == "auto" else int(float(prompt_cache_mb) * 2**20),
         )
-        if flow_slots is None:
-            on_gpu = flow.input_embedding.weight.device.type == "cuda"
-            flow_slots = on_gpu and plan.left_chunks is not None and plan.max_streams is not None
+        if flow_slots is None:  # a ring is attended whole: wider than this costs a short stream more
+            window = plan.left_chunks
+            flow_slots = window is not None and window <= SLOT_WINDOW_MAX and plan.max_streams is not None
         self.token2wav = Token2Wav(
             self.flow,
             self.hift,
@@ -201,6 +205,7 @@ class CosyVoice2Model:
             prompt_cache_bytes=plan.prompt_cache_bytes,
             max_streams=plan.max_streams,
             flow_slots=flow_slots,
+            cuda_graphs=cuda_graphs and flow_slots and on_gpu,
         )
         lm_threads, t2w_threads = stage_threads(lm_device)
         graphs = DecodeGraphs(llm, pool, capture=True) if cuda_graphs else None
@@ -223,6 +228,7 @@ class CosyVoice2Model:
         t0 = time.perf_counter()
         if self.lm_stage.graphs is not None:
             self.lm_stage.graphs.capture_all()
+        self.token2wav.capture_graphs()
         prompt = {"flow_embedding": torch.zeros(1, self.flow.cfg.spk_embed_dim)}
         chunk = self.flow.cfg.chunk_tokens + self.flow.cfg.pre_lookahead_len
         speech = self.open_stream(prompt, seed=0, max_tokens=chunk + 2)
@@ -484,6 +490,11 @@ class CosyVoice2Model:
         schedule = HopSchedule(first=first, max=max(100, first) if grow else first)
         chunk = self.flow.cfg.chunk_tokens
         return schedule, ("cached" if first % chunk == 0 and schedule.max % chunk == 0 else "exact")
+
+
+# the widest flow window whose streams go in estimator slots by default: a slot's ring is attended
+# whole, which costs a stream still short of the window more than its own keys would
+SLOT_WINDOW_MAX = 16
 
 
 def stage_threads(device: torch.device) -> tuple[int | None, int | None]:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from cosyvoice.flow import NOISE_FRAMES, CausalMaskedDiffWithXvec, FlowStream, PromptStates, advance_together
 from cosyvoice.flow_estimator import EstimatorSlots
+from cosyvoice.flow_graphs import FlowGraphs
 from cosyvoice.hift import HiFTGenerator
 
 MODES = ("cached", "exact", "recompute")
@@ -349,13 +350,19 @@ class Token2Wav:
         prompt_cache_bytes: int = 256 << 20,
         max_streams: int | None = None,
         flow_slots: bool = False,
+        cuda_graphs: bool = False,
     ):
         """``left_chunks``: the flow's attention window (None: unbounded, the official model);
         ``max_streams``: cached streams open at once (None: no limit), each of which may hold
         :meth:`max_stream_nbytes`; :meth:`open` refuses more with :class:`Token2WavFull`.
         ``flow_slots``: the streams' estimator state in one :class:`EstimatorSlots` of
         ``max_streams`` slots, allocated now (needs a window and ``max_streams``): a round's
-        state moves in one operation per layer, not per stream."""
+        state moves in one operation per layer, not per stream.  ``cuda_graphs`` (with
+        ``flow_slots``, the flow on CUDA): rounds of whole chunks replay a CUDA graph of the Euler
+        steps per batch size (:class:`~cosyvoice.flow_graphs.FlowGraphs`, recorded by
+        :meth:`capture_graphs`)."""
+        if cuda_graphs and not flow_slots:
+            raise ValueError("the flow's CUDA graphs need estimator slots")
         if flow_slots and (left_chunks is None or max_streams is None):
             raise ValueError("estimator slots need a flow window and a number of streams")
         self.flow = flow
@@ -374,8 +381,20 @@ class Token2Wav:
             if flow_slots
             else None
         )
+        if cuda_graphs:
+            self.slots.graphs = FlowGraphs(flow, self.slots, capture=True)
         self._streams: dict[Hashable, _Stream] = {}
         self._lock = threading.Lock()
+
+    def graph_rounds(self) -> int:
+        """Flow rounds replayed as CUDA graphs so far."""
+        graphs = None if self.slots is None else self.slots.graphs
+        return 0 if graphs is None else graphs.replays
+
+    def capture_graphs(self) -> int:
+        """Record the flow's CUDA graphs now (see ``cuda_graphs``); how many there are."""
+        graphs = None if self.slots is None else self.slots.graphs
+        return 0 if graphs is None else graphs.capture_all()
 
     # --- per-request lifecycle -----------------------------------------------------------------
     def open(

@@ -360,8 +360,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--cuda-graphs",
         choices=("auto", "on", "off"),
         default="auto",
-        help="cosyvoice2: the LM's decode steps as CUDA graphs, one per batch size and key length, "
-        "recorded at start (auto: on with --device cuda and --lm batched)",
+        help="cosyvoice2: the LM's decode steps (one graph per batch size and key length) and, with "
+        "--flow-slots, the flow's Euler steps for a round of whole chunks (one per batch size) as "
+        "CUDA graphs recorded at start (auto: on with --device cuda and --lm batched)",
     )
     s.add_argument(
         "--flow-slots",
@@ -369,7 +370,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="cosyvoice2: keep the streams' flow state in slots allocated at start (rings of the "
         "--flow-window's chunks), so that a token2wav round moves every stream's state in one "
-        "operation per layer instead of several per stream (auto: on with --device cuda and a window)",
+        "operation per layer instead of several per stream (auto: on with a window of at most 16 "
+        "chunks: a ring is attended whole, so a wider one costs a short stream more than its keys)",
     )
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
     s.add_argument(

@@ -675,13 +675,15 @@ def test_estimator_slots_equal_each_streams_own_cache_at_any_position(estimator,
     assert store.free == 0 and store.nbytes() == 4 * EstimatorSlots.slot_nbytes(estimator, 1, left_chunks)
 
 
-@pytest.mark.parametrize("left_chunks", [1, 2])
-def test_streams_in_estimator_slots_equal_streams_with_caches_of_their_own(flow, left_chunks):
+@pytest.mark.parametrize("left_chunks,fixed", [(1, False), (2, False), (2, True)])
+def test_streams_in_estimator_slots_equal_streams_with_caches_of_their_own(flow, left_chunks, fixed):
     """Streams whose estimator state lives in slots of one EstimatorSlots (rings of the window's
     chunks), advanced together in rounds, with prompts computed lazily in the rounds, precomputed,
     or restored from a voice's kept state: each gets its solo mel (own caches, same window), and
-    every slot is free again once the streams end."""
+    every slot is free again once the streams end.  ``fixed``: rounds of whole chunks run at
+    fixed shapes, padded to a bucket (what a CUDA graph replays; eager here)."""
     from cosyvoice.flow_estimator import EstimatorSlots
+    from cosyvoice.flow_graphs import FlowGraphs
 
     cases = [_stream_case(160, seed=s, n_prompt=p) for s, p in ((11, 10), (12, 35), (13, 60))]
     cases.append(cases[2])  # the same voice again: its prompt state comes from the kept one
@@ -691,6 +693,9 @@ def test_streams_in_estimator_slots_equal_streams_with_caches_of_their_own(flow,
         for case, hops in zip(cases, hop_lists, strict=True)
     ]
     store = EstimatorSlots(flow.decoder.estimator, flow.cfg.n_timesteps, slots=4, left_chunks=left_chunks)
+    if fixed:
+        store.graphs = FlowGraphs(flow, store)
+        assert store.graphs.buckets == [1, 2, 4] and not store.graphs.capture
     states = PromptStates()
     modes = [True, "lazy", True, "lazy"]
     streams = []
@@ -721,6 +726,8 @@ def test_streams_in_estimator_slots_equal_streams_with_caches_of_their_own(flow,
         for a, b in zip(mine, ref, strict=True):
             assert a.shape == b.shape and maxdiff(a, b) <= TOL
     assert all(s.closed for s in streams) and store.free == 4
+    if fixed:  # rounds of 1-4 whole chunks ran at fixed shapes (3 streams: padded to 4)
+        assert store.graphs.rounds > 0 and store.graphs.replays == 0
     with pytest.raises(ValueError, match="another window"):
         FlowStream(flow, *cases[0][1:], left_chunks=left_chunks + 1, slots=store)
     held = [FlowStream(flow, *cases[0][1:], left_chunks=left_chunks, slots=store) for _ in range(4)]

@@ -33,6 +33,9 @@ def test_gpu_suite_runs_end_to_end_on_a_cpu():
         "underruns",
         "decode step ms, eager",
         "decode step ms, fixed shapes (no CUDA: eager)",  # CUDA graphs on a GPU
+        "round ms, caches per stream",
+        "round ms, estimator slots",
+        "round ms, fixed shapes (no CUDA: eager)",
         "| bf16 |",
     ):
         assert label in table, table

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cosyvoice.flow_graphs import FlowGraphs
 from cosyvoice.t2w_stage import DONE, StaticTokens, T2WStage
 from cosyvoice.token2wav import (
     HopSchedule,
@@ -99,20 +100,25 @@ def fx() -> dict[str, np.ndarray]:
     return load_npz("token2wav_stream.npz")
 
 
-@pytest.fixture(params=["caches", "slots"])
+@pytest.fixture(params=["caches", "slots", "fixed-shape rounds"])
 def stage(models, fx, request):
     """The stage with every stream's flow state of its own, and in estimator slots (with a
-    window wide enough for every case's whole utterance, so that the mel is the same)."""
-    if request.param == "slots":
+    window wide enough for every case's whole utterance, so that the mel is the same), and in
+    slots with rounds of whole chunks at fixed shapes (what CUDA graphs replay; eager here)."""
+    if request.param != "caches":
         window = -(-(len(fx["prompt_token"]) + 400) // models[0].cfg.chunk_tokens)
         t2w = RecordingMels(*models, left_chunks=window, max_streams=8, flow_slots=True)
+        if request.param == "fixed-shape rounds":
+            t2w.slots.graphs = FlowGraphs(models[0], t2w.slots)
     else:
         t2w = RecordingMels(*models)
     stage = T2WStage(t2w)
     yield stage
     stage.close()
     if t2w.slots is not None:
-        assert t2w.slots.free == t2w.slots.slots  # every stream gave its slot back
+        flows = [t2w._get(uuid).flow_stream for uuid in t2w.active_streams()]
+        held = sum(1 for flow in flows if flow is not None and flow.slot is not None)
+        assert t2w.slots.free + held == t2w.slots.slots  # every stream that ended gave its slot back
 
 
 def test_streams_joining_at_different_times_equal_each_alone(models, fx, stage):

@@ -185,6 +185,7 @@ class CosyVoice2Engine(BlockingEngine):
             "cosyvoice_lm_graph_steps_total": 0
             if model.lm_stage.graphs is None
             else model.lm_stage.graphs.replays,
+            "cosyvoice_flow_graph_rounds_total": model.token2wav.graph_rounds(),
             "cosyvoice_kv_slots_free": model.lm_stage.free_slots,
             "cosyvoice_kv_slots": model.lm_stage.pool.slots,
             "cosyvoice_t2w_streams_max": model.capacity,
