@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .flow import CausalMaskedDiffWithXvec, EulerSteps, euler_solve
 from .flow_estimator import EstimatorSlots, SlotBatch
-from .lm_graphs import GraphCaptureFailed
+from .lm_graphs import GraphCaptureFailed, buckets, record_graph
 
 __all__ = ["FlowGraphs"]
 
@@ -33,6 +33,12 @@ class _Round:
     cond: Tensor  # [2B, 80, F]
     spks: Tensor  # [2B, 80]
     slots: SlotBatch  # slots [B], ring positions [B, F], visibility [2B, 1, 1, ring]
+
+    def load(self, batch: SlotBatch) -> None:
+        """Copy a round's slots, ring positions and visibility into the static ones."""
+        self.slots.slots.copy_(batch.slots)
+        self.slots.pos.copy_(batch.pos)
+        self.slots.visible.copy_(batch.visible)
 
 
 class FlowGraphs:
@@ -50,7 +56,7 @@ class FlowGraphs:
         self.estimator = flow.decoder.estimator
         self.solver = EulerSteps.of(flow, len(slots.keys))
         self.frames = slots.chunk  # a whole chunk: what every round but a stream's last adds
-        self.buckets = sorted({min(2**i, slots.slots) for i in range(slots.slots.bit_length() + 1)})
+        self.buckets = buckets(slots.slots)
         mels, spk = self.estimator.cfg.out_channels, flow.spk_embed_affine_layer.out_features
         self._rounds = {}
         for b in self.buckets:
@@ -79,14 +85,8 @@ class FlowGraphs:
         streams in ``slots`` whose estimators have evaluated ``frames`` frames each."""
         n = len(slots)
         size = next(b for b in self.buckets if b >= n)
-        batch = self.store.batch(slots, frames, self.frames, pad_to=size)
         inputs = self._rounds[size]
-        for static, given in (
-            (inputs.slots.slots, batch.slots),
-            (inputs.slots.pos, batch.pos),
-            (inputs.slots.visible, batch.visible),
-        ):
-            static.copy_(given)
+        inputs.load(self.store.batch(slots, frames, self.frames, pad_to=size))
         for static, given in ((inputs.x, x), (inputs.mu, mu), (inputs.cond, cond), (inputs.spks, spks)):
             static[: len(given)].copy_(given)
             static[len(given) :].zero_()
@@ -123,25 +123,11 @@ class FlowGraphs:
         )
 
     def _record(self, size: int) -> None:
-        """Record a bucket's graph on this object's stream of the flow's device, its inputs set to
-        padding (every write goes to the spare slot)."""
+        """Record a bucket's graph, its inputs set to padding (every write goes to the spare slot)."""
         inputs = self._rounds[size]
-        padding = self.store.batch([], [], self.frames, pad_to=size)
-        for static, given in (
-            (inputs.slots.slots, padding.slots),
-            (inputs.slots.pos, padding.pos),
-            (inputs.slots.visible, padding.visible),
-        ):
-            static.copy_(given)
+        inputs.load(self.store.batch([], [], self.frames, pad_to=size))
         for static in (inputs.x, inputs.mu, inputs.cond, inputs.spks):
             static.zero_()
-        with torch.cuda.device(self.device), torch.inference_mode():
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                for _ in range(2):  # kernels chosen and workspaces allocated before recording
-                    self._solve(inputs)
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool, stream=self._stream):
-                out = self._solve(inputs)
-        self._graphs[size] = (graph, out)
+        self._graphs[size] = record_graph(
+            lambda: self._solve(inputs), self.device, self._stream, self._mempool
+        )

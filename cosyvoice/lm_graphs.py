@@ -22,7 +22,7 @@ CUDA the same fixed-shape function runs eagerly, which is what the tests compare
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,7 @@ import torch
 from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, _Decoding
 
-__all__ = ["DecodeGraphs", "GraphCaptureFailed"]
+__all__ = ["DecodeGraphs", "GraphCaptureFailed", "buckets", "record_graph"]
 
 
 class GraphCaptureFailed(RuntimeError):
@@ -62,8 +62,7 @@ class DecodeGraphs:
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the LM on a CUDA device")
-        sizes = {min(2**i, pool.slots) for i in range(pool.slots.bit_length() + 1)}
-        self.buckets = sorted(sizes)
+        self.buckets = buckets(pool.slots)
         dim, dtype = lm.speech_embedding.weight.shape[1], lm.speech_embedding.weight.dtype
         self._inputs = {
             b: _Inputs(
@@ -163,20 +162,36 @@ class DecodeGraphs:
         return lm.llm_decoder(bb.norm(h)[0]).float()
 
     def _record(self, size: int, keys: int) -> None:
-        """Record the graph of (bucket, key length).  Recording runs the step on the bucket's
-        inputs as padding (every write goes to the spare slot), on this object's one stream of
-        the LM's device (a capture on another device's stream would record nothing)."""
+        """Record the graph of (bucket, key length), its inputs set to padding (every write goes
+        to the spare slot)."""
         inputs = self._inputs[size]
         inputs.slots.fill_(self.pool.spare)
         inputs.positions.zero_()
         inputs.xs.zero_()
-        with torch.cuda.device(self.device), torch.inference_mode():
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                for _ in range(2):  # kernels chosen and workspaces allocated before recording
-                    self._step(inputs, keys)
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool, stream=self._stream):
-                logits = self._step(inputs, keys)
-        self._graphs[(size, keys)] = (graph, logits)
+        self._graphs[(size, keys)] = record_graph(
+            lambda: self._step(inputs, keys), self.device, self._stream, self._mempool
+        )
+
+
+def buckets(limit: int) -> list[int]:
+    """Batch sizes a fixed-shape step is padded to: powers of two, and ``limit`` itself."""
+    return sorted({min(2**i, limit) for i in range(limit.bit_length() + 1)})
+
+
+def record_graph(
+    fn: Callable[[], torch.Tensor], device: torch.device, stream: torch.cuda.Stream, pool: tuple
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``fn`` recorded as a CUDA graph, and its output (what each replay overwrites).  Two runs
+    first, so that kernels are chosen and workspaces allocated before recording; everything on
+    ``stream``, a stream of ``device`` (a capture on another device's stream would record
+    nothing), in the shared memory ``pool``."""
+    with torch.cuda.device(device), torch.inference_mode():
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = fn()
+    return graph, out
