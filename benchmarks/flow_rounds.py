@@ -6,7 +6,9 @@ window of ``--window`` chunks, streams already two chunks in):
   read and written stream by stream: the launches grow with the streams);
 - slots: the state in EstimatorSlots (one gather and one scatter per layer for the round);
 - fixed: slots, the round padded to a bucket at fixed shapes: a CUDA graph of the ten Euler
-  steps on a GPU (recorded before timing), the same function run eagerly elsewhere.
+  steps on a GPU (recorded before timing), the same function run eagerly elsewhere;
+- with ``--half fp16 bf16``: fixed, the estimator under autocast, and its mel's error against
+  the fp32 round's (the same inputs).
 
     python benchmarks/flow_rounds.py --device cuda                  # REAL size
     python benchmarks/flow_rounds.py --size reduced --batches 1 2   # a quick look on a CPU
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -41,28 +44,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def one_round(streams: list[FlowStream], hop: int) -> None:
+def one_round(streams: list[FlowStream], hop: int) -> Tensor:
+    """Every stream one whole chunk further; their mels [B, 80, 2 hop]."""
     plans = [s.plan_emit(hop) for s in streams]
     assert all(len(p) == 1 for p in plans)  # one whole chunk each
     mels = advance_together([(s, *p[0]) for s, p in zip(streams, plans, strict=True)])
-    for s, mel in zip(streams, mels, strict=True):
-        s.complete_emit(hop, [mel])
+    return torch.cat([s.complete_emit(hop, [mel]) for s, mel in zip(streams, mels, strict=True)])
 
 
-def time_rounds(flow: CausalMaskedDiffWithXvec, mode: str, batch: int, window: int, rounds: int) -> float:
-    """Median seconds of one round of ``batch`` streams (after two warm-up rounds)."""
+def time_rounds(
+    flow: CausalMaskedDiffWithXvec,
+    mode: str,
+    batch: int,
+    window: int,
+    rounds: int,
+    dtype: torch.dtype | None = None,
+) -> tuple[float, Tensor]:
+    """Median seconds of one round of ``batch`` streams (after two warm-up rounds), and the mels
+    of the last round (the same inputs every time: to compare precisions)."""
     device = flow.input_embedding.weight.device
     hop = flow.cfg.chunk_tokens
     slots = None
     if mode != "caches":
         slots = EstimatorSlots(flow.decoder.estimator, flow.cfg.n_timesteps, batch, window)
         if mode == "fixed":
-            slots.graphs = FlowGraphs(flow, slots)
+            slots.graphs = FlowGraphs(flow, slots, compute_dtype=dtype)
             slots.graphs.capture_all()
     streams = []
     for k in range(batch):
         tokens, prompt, prompt_feat, emb = inputs(hop * (rounds + 3) + 3, seed=k)
-        stream = FlowStream(flow, prompt, prompt_feat, emb, left_chunks=window, slots=slots)
+        stream = FlowStream(
+            flow, prompt, prompt_feat, emb, left_chunks=window, slots=slots, compute_dtype=dtype
+        )
         stream.push(tokens[0])
         streams.append(stream)
     times = []
@@ -70,7 +83,7 @@ def time_rounds(flow: CausalMaskedDiffWithXvec, mode: str, batch: int, window: i
         for r in range(rounds + 2):
             sync(device)
             t0 = time.perf_counter()
-            one_round(streams, hop)
+            mels = one_round(streams, hop)
             sync(device)
             if r >= 2:
                 times.append(time.perf_counter() - t0)
@@ -78,7 +91,7 @@ def time_rounds(flow: CausalMaskedDiffWithXvec, mode: str, batch: int, window: i
         stream.close()
     if mode == "fixed":
         assert slots.graphs.rounds >= rounds
-    return statistics.median(times)
+    return statistics.median(times), mels.float().cpu()
 
 
 def main() -> None:
@@ -89,6 +102,13 @@ def main() -> None:
     p.add_argument("--window", type=int, default=2, help="the flow window in chunks (slots need one)")
     p.add_argument("--rounds", type=int, default=3, help="rounds timed per measurement (median)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument(
+        "--half",
+        nargs="*",
+        choices=("fp16", "bf16"),
+        default=[],
+        help="also time fixed-shape rounds with the estimator in these precisions, and their mel error",
+    )
     p.add_argument("--json", default=None, help="also write the rows to this file (the GPU suite reads it)")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -98,14 +118,30 @@ def main() -> None:
     )
     graphs = "CUDA graphs" if device.type == "cuda" else "fixed shapes, eager"
     print(f"flow {args.size} on {device}, window {args.window} chunks, median of {args.rounds} rounds")
-    print(f"| streams | caches ms/round | slots ms/round | {graphs} ms/round | ms per stream chunk, best |")
-    print("|---|---|---|---|---|")
+    half = [(name, {"fp16": torch.float16, "bf16": torch.bfloat16}[name]) for name in args.half]
+    head = "".join(f" {graphs} {name} ms/round (mel error, max / mean) |" for name, _ in half)
+    print(
+        f"| streams | caches ms/round | slots ms/round | {graphs} ms/round |{head} ms per stream chunk, best |"
+    )
+    print("|---|---|---|---|" + "---|" * len(half) + "---|")
     rows = []
     for batch in args.batches:
-        ms = {mode: 1000 * time_rounds(flow, mode, batch, args.window, args.rounds) for mode in args.modes}
-        rows.append({"batch": batch, **{f"{m}_ms": v for m, v in ms.items()}})
-        cells = " | ".join(f"{ms[m]:.1f}" if m in ms else "-" for m in MODES)
-        print(f"| {batch} | {cells} | {min(ms.values()) / batch:.1f} |", flush=True)
+        ms, mels = {}, {}
+        for mode in args.modes:
+            seconds, mels[mode] = time_rounds(flow, mode, batch, args.window, args.rounds)
+            ms[mode] = 1000 * seconds
+        row = {"batch": batch, **{f"{m}_ms": v for m, v in ms.items()}}
+        cells = [f"{ms[m]:.1f}" if m in ms else "-" for m in MODES]
+        for name, dtype in half:
+            seconds, mel = time_rounds(flow, "fixed", batch, args.window, args.rounds, dtype)
+            ref = mels.get("fixed", next(iter(mels.values())))
+            err = (mel - ref).abs()
+            row.update({f"fixed_{name}_ms": 1000 * seconds, f"{name}_err_max": err.max().item()})
+            row[f"{name}_err_mean"] = err.mean().item()
+            cells.append(f"{1000 * seconds:.1f} ({err.max().item():.3g} / {err.mean().item():.3g})")
+        rows.append(row)
+        best = min(v for k, v in row.items() if k.endswith("_ms"))
+        print(f"| {batch} | {' | '.join(cells)} | {best / batch:.1f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "rounds": rows}, indent=1))
 

@@ -94,6 +94,8 @@ def main() -> None:
         "reduced" if args.quick else "real",
         "--batches",
         *batches,
+        "--half",
+        *(["bf16"] if args.device == "cpu" else ["fp16", "bf16"]),
         "--json",
         str(out / "flow.json"),
     )
@@ -139,6 +141,15 @@ def main() -> None:
         (f"round ms, {fixed}", "fixed_ms"),
     ):
         print(f"| {label} | " + " | ".join(fmt(r[key], 1, 1) for r in flow) + " |")
+    for name in ("fp16", "bf16"):
+        if f"fixed_{name}_ms" in flow[0]:
+            print(
+                f"| round ms, {fixed}, {name} | "
+                + " | ".join(fmt(r[f"fixed_{name}_ms"], 1, 1) for r in flow)
+                + " |"
+            )
+            errors = " | ".join(f"{r[f'{name}_err_max']:.3g} / {r[f'{name}_err_mean']:.3g}" for r in flow)
+            print(f"| mel error of {name} vs fp32, max / mean | {errors} |")
     print("\n| LM precision | logit error vs fp32, max / mean | top-1 agreement | decode ms/token |")
     print("|---|---|---|---|")
     for v in lm["variants"]:

@@ -67,6 +67,7 @@ class CosyVoice2:
         kv_max_slots: int = 32,
         cuda_graphs: bool | None = None,
         flow_slots: bool | None = None,
+        flow_dtype: str | None = None,
     ):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
             if flag:
@@ -82,7 +83,8 @@ class CosyVoice2:
         if fp16 and not self.fp16:
             log.warning("fp16=True ignored on %s (half precision is for CUDA)", device)
         self.seed = seed  # default for requests that pass none; None = fresh randomness per request
-        # ``dtype`` (fp32 / fp16 / bf16, the LM's precision) is ours; ``fp16`` is the official switch.
+        # ``dtype`` (fp32 / fp16 / bf16, the LM's precision) and ``flow_dtype`` (the flow
+        # estimator's) are ours; ``fp16`` is the official switch, which sets both.
         dtype = dtype or ("fp16" if self.fp16 else "fp32")
         self.model = CosyVoice2Model.from_model_dir(
             self.model_dir,
@@ -97,6 +99,7 @@ class CosyVoice2:
             kv_max_slots=kv_max_slots,
             cuda_graphs=cuda_graphs,
             flow_slots=flow_slots,
+            flow_dtype=flow_dtype or ("fp16" if self.fp16 else "fp32"),
         )
         spk2info = self.model_dir.root / "spk2info.pt"
         self.frontend = CosyVoiceFrontEnd(

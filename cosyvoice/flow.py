@@ -225,22 +225,28 @@ class CausalMaskedDiffWithXvec(nn.Module):
 @dataclass
 class EulerSteps:
     """The solver's constants for one stream's two CFG rows: per Euler step its time [2], time
-    embedding [2, D] and step size, and the guidance rate."""
+    embedding [2, D] and step size, the guidance rate, and the precision the estimator computes
+    in (None: its weights'; float16/bfloat16: under autocast, the Euler state staying float32)."""
 
     t_ins: list[Tensor]
     t_embs: list[Tensor]
     dts: list[Tensor]
     rate: float
+    compute_dtype: torch.dtype | None = None
 
     @classmethod
-    def of(cls, flow: CausalMaskedDiffWithXvec, n_timesteps: int) -> EulerSteps:
+    def of(
+        cls, flow: CausalMaskedDiffWithXvec, n_timesteps: int, compute_dtype: torch.dtype | None = None
+    ) -> EulerSteps:
         device = flow.input_embedding.weight.device
         estimator = flow.decoder.estimator
         schedule = euler_schedule(n_timesteps)
         with torch.no_grad():
             t_ins = [t.to(device).expand(2) for t, _ in schedule]
             t_embs = [estimator.time_embedding(t) for t in t_ins]
-        return cls(t_ins, t_embs, [dt for _, dt in schedule], flow.decoder.inference_cfg_rate)
+        if compute_dtype == torch.float32:
+            compute_dtype = None
+        return cls(t_ins, t_embs, [dt for _, dt in schedule], flow.decoder.inference_cfg_rate, compute_dtype)
 
 
 def euler_solve(
@@ -256,14 +262,16 @@ def euler_solve(
     each step one estimator call over the streams' CFG rows (``mu_in``, ``cond_in`` [2B, 80, F],
     ``spks_in`` [2B, 80]) against ``cache_of(step)``."""
     batch = x.shape[0]
+    half = solver.compute_dtype
     for k, dt in enumerate(solver.dts):
         t_in, t_emb = solver.t_ins[k], solver.t_embs[k]
         if batch > 1:
             t_in, t_emb = t_in.repeat(batch), t_emb.repeat(batch, 1)
-        out = estimator.forward_chunk(
-            x.repeat_interleave(2, dim=0), mu_in, t_in, spks_in, cond_in, cache_of(k), t_emb=t_emb
-        )
-        out = out.unflatten(0, (batch, 2))
+        with torch.autocast(x.device.type, dtype=half or torch.float32, enabled=half is not None):
+            out = estimator.forward_chunk(
+                x.repeat_interleave(2, dim=0), mu_in, t_in, spks_in, cond_in, cache_of(k), t_emb=t_emb
+            )
+        out = out.float().unflatten(0, (batch, 2))
         x = x + dt * ((1.0 + solver.rate) * out[:, 0] - solver.rate * out[:, 1])
     return x
 
@@ -281,7 +289,8 @@ class FlowStream:
     `left_chunks` bounds encoder and estimator attention to that many chunks (25 tokens / 50
     frames) before the current one: memory and per-chunk cost then stop growing, and the output
     equals `inference(..., left_chunks=left_chunks)` (like the official `num_decoding_left_chunks`),
-    no longer the default unbounded model. `kv_dtype=torch.float16` halves the estimator cache (the
+    no longer the default unbounded model. `compute_dtype` (torch.float16 / torch.bfloat16) runs
+    the estimator under autocast, the Euler state staying float32. `kv_dtype=torch.float16` halves the estimator cache (the
     bulk of the memory) at a small, measured accuracy cost; the default keeps float32 (exact).
 
     The prompt's complete chunks are computed at construction (`precompute_prompt=True`), or taken
@@ -302,6 +311,7 @@ class FlowStream:
         kv_dtype: torch.dtype | None = None,
         prompts: PromptStates | None = None,
         slots: EstimatorSlots | None = None,
+        compute_dtype: torch.dtype | None = None,
     ):
         cfg = flow.cfg
         if prompt_token.dim() != 2 or prompt_token.shape[0] != 1:
@@ -335,7 +345,7 @@ class FlowStream:
         with torch.no_grad():
             spks = flow.speaker(embedding.to(self.device, self.dtype))
             self.spks_in = torch.cat([spks, torch.zeros_like(spks)])  # CFG rows
-            self.solver = EulerSteps.of(flow, self.n_timesteps)
+            self.solver = EulerSteps.of(flow, self.n_timesteps, compute_dtype)
         self.enc_cache = flow.encoder.new_cache(left_chunks)
         # the estimator's state: a cache per Euler step of its own, or a slot of ``slots``
         self.slots, self.slot, self.est_frames = slots, None, 0

@@ -45,8 +45,13 @@ class FlowGraphs:
     """Rounds of whole chunks of streams in ``slots`` at fixed shapes (CUDA graphs on a GPU)."""
 
     def __init__(
-        self, flow: CausalMaskedDiffWithXvec, slots: EstimatorSlots, capture: bool | None = None
+        self,
+        flow: CausalMaskedDiffWithXvec,
+        slots: EstimatorSlots,
+        capture: bool | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
+        """``compute_dtype``: the estimator's precision (see :class:`~cosyvoice.flow.EulerSteps`)."""
         weight = flow.input_embedding.weight
         self.device = weight.device
         self.capture = self.device.type == "cuda" if capture is None else capture
@@ -54,7 +59,7 @@ class FlowGraphs:
             raise ValueError("CUDA graphs need the flow on a CUDA device")
         self.flow, self.store = flow, slots
         self.estimator = flow.decoder.estimator
-        self.solver = EulerSteps.of(flow, len(slots.keys))
+        self.solver = EulerSteps.of(flow, len(slots.keys), compute_dtype)
         self.frames = slots.chunk  # a whole chunk: what every round but a stream's last adds
         self.buckets = buckets(slots.slots)
         mels, spk = self.estimator.cfg.out_channels, flow.spk_embed_affine_layer.out_features

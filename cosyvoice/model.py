@@ -145,6 +145,7 @@ class CosyVoice2Model:
         t2w_budget_mb: float | str | None = None,
         cuda_graphs: bool | None = None,
         flow_slots: bool | None = None,
+        flow_dtype: str | torch.dtype = "fp32",
     ):
         """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
         per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
@@ -166,6 +167,8 @@ class CosyVoice2Model:
         default: when the LM is on a CUDA device; the pool then keeps a spare slot), and with
         ``flow_slots`` on CUDA the flow's Euler steps too (:mod:`~cosyvoice.flow_graphs`); both
         are recorded by :meth:`warm_up`.
+        ``flow_dtype``: the flow estimator's precision (fp16/bf16 under autocast; the Euler
+        state, the flow's encoder and the vocoder stay float32).
         ``flow_slots``: the streams' flow estimator state in slots allocated at start
         (:class:`~cosyvoice.flow_estimator.EstimatorSlots`; needs a window; default: with a window
         of at most ``SLOT_WINDOW_MAX`` chunks; at REAL size on a CPU a round of 4 streams took
@@ -206,6 +209,7 @@ class CosyVoice2Model:
             max_streams=plan.max_streams,
             flow_slots=flow_slots,
             cuda_graphs=cuda_graphs and flow_slots and on_gpu,
+            flow_dtype=flow_dtype,
         )
         lm_threads, t2w_threads = stage_threads(lm_device)
         graphs = DecodeGraphs(llm, pool, capture=True) if cuda_graphs else None
@@ -255,9 +259,9 @@ class CosyVoice2Model:
         **kwargs: Any,
     ) -> CosyVoice2Model:
         """Strict, weights-only loads of llm.pt / flow.pt / hift.pt, every module on ``device``.
-        The LM runs in ``dtype``; flow and HiFT stay float32 (the official runtime's fp16 flow
-        needs TensorRT's accumulation to stay within its error; the vocoder's f0 and source are
-        not fit for half precision)."""
+        The LM runs in ``dtype``; flow and HiFT weights stay float32 (pass ``flow_dtype`` for a
+        half-precision estimator under autocast; the vocoder's f0 and source are not fit for
+        half precision)."""
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
         device = resolve_device(device)
         tree = md.read_yaml()

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cosyvoice.config import resolve_dtype
 from cosyvoice.flow import NOISE_FRAMES, CausalMaskedDiffWithXvec, FlowStream, PromptStates, advance_together
 from cosyvoice.flow_estimator import EstimatorSlots
 from cosyvoice.flow_graphs import FlowGraphs
@@ -351,6 +352,7 @@ class Token2Wav:
         max_streams: int | None = None,
         flow_slots: bool = False,
         cuda_graphs: bool = False,
+        flow_dtype: str | torch.dtype = "fp32",
     ):
         """``left_chunks``: the flow's attention window (None: unbounded, the official model);
         ``max_streams``: cached streams open at once (None: no limit), each of which may hold
@@ -360,7 +362,9 @@ class Token2Wav:
         state moves in one operation per layer, not per stream.  ``cuda_graphs`` (with
         ``flow_slots``, the flow on CUDA): rounds of whole chunks replay a CUDA graph of the Euler
         steps per batch size (:class:`~cosyvoice.flow_graphs.FlowGraphs`, recorded by
-        :meth:`capture_graphs`)."""
+        :meth:`capture_graphs`).  ``flow_dtype``: the precision of the flow's estimator (fp16 /
+        bf16: under autocast, the Euler state, the encoder and the vocoder staying float32)."""
+        self.flow_dtype = resolve_dtype(flow_dtype)
         if cuda_graphs and not flow_slots:
             raise ValueError("the flow's CUDA graphs need estimator slots")
         if flow_slots and (left_chunks is None or max_streams is None):
@@ -382,7 +386,7 @@ class Token2Wav:
             else None
         )
         if cuda_graphs:
-            self.slots.graphs = FlowGraphs(flow, self.slots, capture=True)
+            self.slots.graphs = FlowGraphs(flow, self.slots, capture=True, compute_dtype=self.flow_dtype)
         self._streams: dict[Hashable, _Stream] = {}
         self._lock = threading.Lock()
 
@@ -439,6 +443,7 @@ class Token2Wav:
                     left_chunks=self.left_chunks,
                     prompts=self.prompts,
                     slots=self.slots,
+                    compute_dtype=self.flow_dtype,
                     # a new voice's prompt chunks go through the rounds with everyone's chunks,
                     # instead of holding the caller (the token2wav stage: every stream) meanwhile
                     precompute_prompt="lazy",

@@ -89,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             kv_max_slots=args.kv_slots,
             cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
             flow_slots={"auto": None, "on": True, "off": False}[args.flow_slots],
+            flow_dtype=args.flow_dtype,
         )
     try:
         engine = create_engine(engine_name, args.model_dir, **engine_kwargs)
@@ -307,7 +308,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--device", default="cpu", help="cosyvoice2: cpu or cuda")
     s.add_argument(
-        "--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="cosyvoice2: model precision"
+        "--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="cosyvoice2: the LM's precision"
+    )
+    s.add_argument(
+        "--flow-dtype",
+        default="fp32",
+        choices=("fp32", "fp16", "bf16"),
+        help="cosyvoice2: the flow estimator's precision (fp16/bf16 under autocast, for a GPU's tensor "
+        "cores; the flow's encoder and the vocoder stay fp32)",
     )
     s.add_argument(
         "--lm",

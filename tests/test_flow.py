@@ -735,3 +735,31 @@ def test_streams_in_estimator_slots_equal_streams_with_caches_of_their_own(flow,
         FlowStream(flow, *cases[0][1:], left_chunks=left_chunks, slots=store)
     held[0].close()
     assert store.free == 1
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.02), (torch.float16, 0.005)])
+def test_a_half_precision_estimator_stays_close_to_float32(flow, dtype, bound):
+    """compute_dtype runs the estimator under autocast (the Euler state stays float32): the mel
+    moves, but by a small part of its range (TINY: bf16 0.6 %, fp16 0.08 %), per-stream caches
+    and estimator slots at fixed shapes alike."""
+    from cosyvoice.flow_estimator import EstimatorSlots
+    from cosyvoice.flow_graphs import FlowGraphs
+
+    tokens, prompt, prompt_feat, emb = _stream_case(200, seed=5, n_prompt=60)
+    hops, _ = _official_hops(60, 200)
+    ref = torch.cat(_run_stream(flow, tokens, prompt, prompt_feat, emb, hops, left_chunks=2)[1], -1)
+    half = torch.cat(
+        _run_stream(flow, tokens, prompt, prompt_feat, emb, hops, left_chunks=2, compute_dtype=dtype)[1], -1
+    )
+    store = EstimatorSlots(flow.decoder.estimator, flow.cfg.n_timesteps, slots=1, left_chunks=2)
+    store.graphs = FlowGraphs(flow, store, compute_dtype=dtype)
+    fixed = torch.cat(
+        _run_stream(
+            flow, tokens, prompt, prompt_feat, emb, hops, left_chunks=2, compute_dtype=dtype, slots=store
+        )[1],
+        -1,
+    )
+    assert store.graphs.rounds > 0
+    scale = ref.abs().max().item()
+    for got in (half, fixed):
+        assert half.dtype == torch.float32 and 0 < maxdiff(got, ref) < bound * scale

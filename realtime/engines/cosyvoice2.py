@@ -96,6 +96,7 @@ class CosyVoice2Engine(BlockingEngine):
         kv_max_slots: int = 32,
         cuda_graphs: bool | None = None,
         flow_slots: bool | None = None,
+        flow_dtype: str = "fp32",
         warmup: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -118,6 +119,7 @@ class CosyVoice2Engine(BlockingEngine):
             kv_max_slots=kv_max_slots,
             cuda_graphs=cuda_graphs,
             flow_slots=flow_slots,
+            flow_dtype=flow_dtype,
         )
         # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
         # token2wav stage, so admission counts the LM's KV slots and the streams the token2wav
