@@ -101,6 +101,7 @@ class CosyVoice2:
             flow_slots=flow_slots,
             flow_dtype=flow_dtype or ("fp16" if self.fp16 else "fp32"),
         )
+        self.model.capture_graphs()  # on CUDA: recorded now, before the first request
         spk2info = self.model_dir.root / "spk2info.pt"
         self.frontend = CosyVoiceFrontEnd(
             CosyVoice2Tokenizer(self.model_dir.qwen_dir),

@@ -297,7 +297,11 @@ class EstimatorSlots:
         slot_of = torch.tensor(list(slots) + [self.spare] * (rows - len(slots)))
         chunk_of = torch.tensor([f // self.chunk for f in frames] + [0] * (rows - len(slots)))
         ring_chunks = self.left_chunks + 1
-        at = torch.arange(self.ring)
+        # chunk c is in ring chunk c % ring_chunks: until every stream has filled its ring, only
+        # a prefix holds keys, and an unpadded batch reads just that (a stream's first chunks
+        # then cost what they cost with buffers of its own); a padded one reads the whole ring
+        used = ring_chunks if pad_to is not None else min(int(chunk_of.max()) + 1 if rows else 1, ring_chunks)
+        at = torch.arange(used * self.chunk)
         # ring chunk j holds chunk c - ((c - j) mod ring_chunks): visible if that chunk exists and
         # is in the window (earlier chunks: whole; the current one: its first n frames)
         back = (chunk_of[:, None] - at[None, :] // self.chunk) % ring_chunks  # [rows, ring]
@@ -314,7 +318,8 @@ class EstimatorSlots:
 
 class SlotBatch:
     """The streams of one round in :class:`EstimatorSlots`: their slots [B], the ring positions
-    their new frames are written to [B, n], and what each may attend to [2B, 1, 1, ring].
+    their new frames are written to [B, n], and what each may attend to [2B, 1, 1, ring] (or the
+    prefix of the ring that holds keys yet).
     ``step`` selects the Euler step's tables (set before each estimator call)."""
 
     def __init__(self, store: EstimatorSlots, slots: Tensor, pos: Tensor, visible: Tensor) -> None:
@@ -342,6 +347,7 @@ class SlotBatch:
     def attend(self, module: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Write the new keys/values [2B, H, n, d] into the rings, attend to what is visible."""
         out = []
+        read = self.visible.shape[-1]  # the ring, or the prefix of it that holds keys yet
         for table, new in (
             (self.store.keys[self.step][module], k),
             (self.store.values[self.step][module], v),
@@ -349,7 +355,7 @@ class SlotBatch:
             table[self.slots[:, None], :, :, self.pos] = (
                 new.unflatten(0, (-1, 2)).permute(0, 3, 1, 2, 4).to(table.dtype)
             )
-            out.append(table.index_select(0, self.slots).flatten(0, 1).to(q.dtype))
+            out.append(table[:, :, :, :read].index_select(0, self.slots).flatten(0, 1).to(q.dtype))
         return F.scaled_dot_product_attention(q, out[0], out[1], attn_mask=self.visible)
 
 

@@ -230,9 +230,7 @@ class CosyVoice2Model:
         flow time for the first chunk at REAL size on a CPU) that a server should pay before it
         says it is ready, not its first user."""
         t0 = time.perf_counter()
-        if self.lm_stage.graphs is not None:
-            self.lm_stage.graphs.capture_all()
-        self.token2wav.capture_graphs()
+        self.capture_graphs()
         prompt = {"flow_embedding": torch.zeros(1, self.flow.cfg.spk_embed_dim)}
         chunk = self.flow.cfg.chunk_tokens + self.flow.cfg.pre_lookahead_len
         speech = self.open_stream(prompt, seed=0, max_tokens=chunk + 2)
@@ -244,6 +242,13 @@ class CosyVoice2Model:
         if time.perf_counter() > deadline:
             raise TimeoutError(f"the warm-up request took over {timeout:g} s")
         return time.perf_counter() - t0
+
+    def capture_graphs(self) -> int:
+        """Record the CUDA graphs of the LM's decode steps and the flow's rounds (see
+        ``cuda_graphs``; nothing without CUDA); how many there are.  Recording synchronises the
+        device, so it belongs before requests arrive; until then the same steps run eagerly."""
+        lm = 0 if self.lm_stage.graphs is None else self.lm_stage.graphs.capture_all()
+        return lm + self.token2wav.capture_graphs()
 
     def close(self) -> None:
         """Stop the stages' threads (requests in them end)."""

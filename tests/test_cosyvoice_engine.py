@@ -368,11 +368,13 @@ def test_the_token2wav_budget_sets_capacity_and_a_full_one_is_overloaded(tmp_pat
     probe = create_engine("cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=None, kv_max_slots=3)
     bound = stream_bound(probe.cv.model.flow, 2)
     assert probe.capacity == probe.cv.model.lm_stage.pool.slots == 3  # no budget: the KV slots
+    assert probe.cv.model.token2wav.slots is None  # no budget, no slots allocated ahead
     probe.close()
     engine = create_engine("cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=2.5 * bound / 2**20)
     try:
         model = engine.cv.model
         assert engine.capacity == 2 and model.token2wav.max_streams == 2
+        assert model.token2wav.slots.slots == 2  # a small window: the flow state in estimator slots
         assert capacity(engine, 10) == 2 and capacity(engine, 1) == 1  # --max-streams cannot raise it
         stats = engine.stats()
         assert stats["cosyvoice_t2w_streams_max"] == 2 and stats["cosyvoice_flow_window_chunks"] == 2
