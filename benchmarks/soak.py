@@ -481,6 +481,28 @@ async def watch_health(base: str, pid: int, deadline: float, tally: Tally) -> No
             await asyncio.sleep(0.5)
 
 
+async def scrape_places(base: str) -> dict[str, float]:
+    """What /metrics says of the places the engine hands out (KV slots, estimator slots) and of
+    the contexts still open: once every session has ended, every place should be free again."""
+    import httpx
+
+    names = (
+        "cosyvoice_kv_slots",
+        "cosyvoice_kv_slots_free",
+        "cosyvoice_flow_slots",
+        "cosyvoice_flow_slots_free",
+        "realtime_contexts_active",
+    )
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(base + "/metrics")).text
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            found[name] = float(value)
+    return found
+
+
 async def run(args, base: str, pid: int) -> Tally:
     url = base.replace("http://", "ws://") + "/v1/tts/stream"
     port = int(base.rsplit(":", 1)[1])
@@ -513,6 +535,7 @@ async def run(args, base: str, pid: int) -> Tally:
     await asyncio.gather(*jobs)
     await asyncio.sleep(args.close_timeout + 3)  # let the last sessions end
     tally.start, tally.end = start, proc_status(pid)  # type: ignore[attr-defined]
+    tally.places = await scrape_places(base)  # type: ignore[attr-defined]
     tally.rss.append((time.monotonic() - deadline + seconds, tally.end["VmRSS"]))
     return tally
 
@@ -563,6 +586,15 @@ def report(args, tally: Tally) -> None:
     )
     print(f"| server threads start → end | {s['Threads']} → {e['Threads']} |")
     print(f"| server open sockets start → end | {s['sockets']} → {e['sockets']} |")
+    places = tally.places  # type: ignore[attr-defined]
+    for label, key in (("KV slots", "cosyvoice_kv_slots"), ("estimator slots", "cosyvoice_flow_slots")):
+        if key in places:
+            free, total = places.get(key + "_free", float("nan")), places[key]
+            print(f"| {label} free at the end / all | {free:.0f} / {total:.0f} |")
+            if free != total:
+                tally.problems.append(f"{total - free:.0f} {label} still held after every session ended")
+    if "realtime_contexts_active" in places:
+        print(f"| contexts open at the end | {places['realtime_contexts_active']:.0f} |")
     for p in tally.problems:
         print(f"problem: {p}")
 

@@ -188,6 +188,7 @@ class CosyVoice2Engine(BlockingEngine):
             if model.lm_stage.graphs is None
             else model.lm_stage.graphs.replays,
             "cosyvoice_flow_graph_rounds_total": model.token2wav.graph_rounds(),
+            **self._flow_slot_stats(),
             "cosyvoice_kv_slots_free": model.lm_stage.free_slots,
             "cosyvoice_kv_slots": model.lm_stage.pool.slots,
             "cosyvoice_t2w_streams_max": model.capacity,
@@ -199,6 +200,12 @@ class CosyVoice2Engine(BlockingEngine):
             "cosyvoice_t2w_chunks_total": sum(size * n for size, n in t2w.items()),
             **self._prompt_cache_stats(),
         }
+
+    def _flow_slot_stats(self) -> dict[str, float]:
+        slots = self.cv.model.token2wav.slots
+        if slots is None:
+            return {}
+        return {"cosyvoice_flow_slots": slots.slots, "cosyvoice_flow_slots_free": slots.free}
 
     def _prompt_cache_stats(self) -> dict[str, float]:
         prompts = self.cv.model.token2wav.prompts
