@@ -423,26 +423,26 @@ class FlowStream:
             if self.done_tokens == at:
                 prompts.put(key, _PromptState.of(self))
 
-    def _inputs(self, context_end: int | None, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Tokens [done_tokens, done_tokens + n_tokens) (prompt + generated numbering) through the
-        encoder; context = tokens up to `context_end` (None: end of utterance, zero lookahead).
-        Returns the solver's start x, mu and cond for their frames, each [1, 80, 2 n_tokens]."""
-        flow, cfg = self.flow, self.cfg
+    def _tokens(self, context_end: int | None, n_tokens: int) -> tuple[Tensor, Tensor | None]:
+        """Tokens [done_tokens, done_tokens + n_tokens) (prompt + generated numbering) [1, n] and
+        their context, the tokens up to `context_end` (None: end of utterance, zero lookahead)."""
         a, b = self.done_tokens, self.done_tokens + n_tokens
-        tokens = self._all_tokens()
-        xs = flow.embed_tokens(tokens[:, a:b].to(self.device))
-        ctx = None if context_end is None else flow.embed_tokens(tokens[:, b:context_end].to(self.device))
-        h = flow.encoder.forward_chunk(xs, ctx, self.enc_cache)  # [1, 2n, C]
-        mu = flow.encoder_proj(h).transpose(1, 2)  # [1, 80, 2n]
-        f0, f1 = cfg.token_mel_ratio * a, cfg.token_mel_ratio * b
-        if f1 > NOISE_FRAMES:
+        if self.cfg.token_mel_ratio * b > NOISE_FRAMES:
             raise ValueError(f"utterance exceeds {NOISE_FRAMES} mel frames (300 s)")
+        tokens = self._all_tokens()
+        return tokens[:, a:b], None if context_end is None else tokens[:, b:context_end]
+
+    def _solver_inputs(self, mu: Tensor) -> tuple[Tensor, Tensor]:
+        """The solver's start x and cond [1, 80, F] for the frames of ``mu`` [1, 80, F], which
+        start at this stream's next frame."""
+        f0 = self.cfg.token_mel_ratio * self.done_tokens
+        f1 = f0 + mu.shape[2]
         cond = torch.zeros_like(mu)
         n_pf = self.prompt_feat.shape[2]
         if f0 < n_pf:
             cond[:, :, : min(f1, n_pf) - f0] = self.prompt_feat[:, :, f0 : min(f1, n_pf)]
         x = cfm_noise()[:, :, f0:f1].to(device=mu.device, dtype=mu.dtype)
-        return x, mu, cond
+        return x, cond
 
     def _advance(self, context_end: int | None, n_tokens: int) -> Tensor:
         return advance_together([(self, context_end, n_tokens)])[0]
@@ -680,6 +680,27 @@ class PromptStates:
         return self._bytes
 
 
+def encode_together(items: list[tuple[FlowStream, int | None, int]]) -> Tensor:
+    """The encoder's ``mu`` [B, 80, 2 n] of each stream's next n tokens (items as
+    :func:`advance_together`'s): one encoder call for the streams of one flow window (each
+    attending to its own keys), one per window otherwise."""
+    first = items[0][0]
+    flow, device = first.flow, first.device
+    pieces = [stream._tokens(context_end, count) for stream, context_end, count in items]
+    mus: list[Tensor | None] = [None] * len(items)
+    windows: dict[int | None, list[int]] = {}
+    for i, (stream, _, _) in enumerate(items):
+        windows.setdefault(stream.enc_cache.left_chunks, []).append(i)
+    for rows in windows.values():
+        xs = flow.embed_tokens(torch.cat([pieces[i][0] for i in rows]).to(device))
+        ctxs = [None if pieces[i][1] is None else flow.embed_tokens(pieces[i][1].to(device)) for i in rows]
+        h = flow.encoder.forward_chunks(xs, ctxs, [items[i][0].enc_cache for i in rows])  # [b, 2n, C]
+        mu = flow.encoder_proj(h).transpose(1, 2)
+        for k, i in enumerate(rows):
+            mus[i] = mu[k : k + 1]
+    return torch.cat(mus)
+
+
 def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Tensor]:
     """Advance several streams of one flow by the same number of tokens in one go: each stream's
     encoder runs on its own, then every Euler step is one estimator call over all streams' rows
@@ -692,11 +713,12 @@ def advance_together(items: list[tuple[FlowStream, int | None, int]]) -> list[Te
     streams = [it[0] for it in items]
     batch = len(streams)
     with torch.no_grad():
-        inputs = [stream._inputs(context_end, count) for stream, context_end, count in items]
-        zeros = torch.zeros_like(inputs[0][1])
-        x = torch.cat([x0 for x0, _, _ in inputs])  # [B, 80, F]
-        mu_in = torch.cat([t for _, mu, _ in inputs for t in (mu, zeros)])  # each stream's CFG rows in turn
-        cond_in = torch.cat([t for _, _, cond in inputs for t in (cond, zeros)])
+        mus = encode_together(items)  # [B, 80, F]
+        inputs = [stream._solver_inputs(mus[i : i + 1]) for i, stream in enumerate(streams)]
+        zeros = torch.zeros_like(mus[:1])
+        x = torch.cat([x0 for x0, _ in inputs])  # [B, 80, F]
+        mu_in = torch.cat([t for i in range(batch) for t in (mus[i : i + 1], zeros)])  # CFG rows in turn
+        cond_in = torch.cat([t for _, cond in inputs for t in (cond, zeros)])
         spks_in = torch.cat([s.spks_in for s in streams])
         slotted = [s.slot is not None for s in streams]
         if any(slotted) and (not all(slotted) or any(s.slots is not first.slots for s in streams)):

@@ -383,13 +383,28 @@ class RelPositionMultiHeadedAttention(nn.Module):
         rows = self._pos_rows.rows(self.linear_pos, hi, lo)
         return rows.view(-1, self.h, self.d_k).transpose(0, 1)
 
-    def forward_chunk(self, x: Tensor, kv: _KVBuffer, q_start: int, mask: Tensor) -> Tensor:
-        """x [1, n, C] new positions q_start.. ; their keys are appended to kv first; mask [n, kv.length]."""
-        n = x.size(1)
-        q = self._split(self.linear_q(x))[0]  # [n, H, d_k]
-        kv.append(
-            self._split(self.linear_k(x))[0].transpose(0, 1), self._split(self.linear_v(x))[0].transpose(0, 1)
-        )
+    def forward_chunk(
+        self, x: Tensor, kvs: list[_KVBuffer], q_starts: list[int], masks: list[Tensor]
+    ) -> Tensor:
+        """x [B, n, C]: new positions q_starts[b].. of stream b, whose keys are appended to kvs[b]
+        first; masks[b] [n, kvs[b].length].  The projections run on all B streams at once; the
+        scores, with each stream's own relative positions, one stream at a time."""
+        B, n = x.size(0), x.size(1)
+        q = self._split(self.linear_q(x))  # [B, n, H, d_k]
+        k = self._split(self.linear_k(x)).transpose(1, 2)  # [B, H, n, d_k]
+        v = self._split(self.linear_v(x)).transpose(1, 2)
+        outs = []
+        for b in range(B):
+            outs.append(self._attend_chunk(q[b], k[b], v[b], kvs[b], q_starts[b], masks[b]))
+        out = outs[0] if B == 1 else torch.stack(outs)
+        return self.linear_out(out.transpose(-3, -2).reshape(B, n, self.h * self.d_k))
+
+    def _attend_chunk(
+        self, q: Tensor, k: Tensor, v: Tensor, kv: _KVBuffer, q_start: int, mask: Tensor
+    ) -> Tensor:
+        """One stream: q [n, H, d_k], its new k/v [H, n, d_k] -> attention [H, n, d_k]."""
+        n = q.size(0)
+        kv.append(k, v)
         k, v = kv.keys()  # [H, L, d_k]
         L = k.size(1)
         matrix_ac = torch.matmul((q + self.pos_bias_u).transpose(0, 1), k.transpose(-2, -1))  # [H, n, L]
@@ -403,10 +418,8 @@ class RelPositionMultiHeadedAttention(nn.Module):
         matrix_bd = full_bd.as_strided((self.h, n, L), (n * W, W - 1, 1), full_bd.storage_offset() + n - 1)
         scores = matrix_ac.add_(matrix_bd).div_(math.sqrt(self.d_k))  # in place: no grad in forward_chunk
         if bool(mask.all()):  # one chunk of queries seeing every cached key: nothing to mask
-            out = torch.matmul(torch.softmax(scores, dim=-1), v)
-        else:
-            out = self._attend(scores, mask.unsqueeze(0), v)  # [H, n, d_k]
-        return self.linear_out(out.transpose(0, 1).reshape(1, n, self.h * self.d_k))
+            return torch.matmul(torch.softmax(scores, dim=-1), v)
+        return self._attend(scores, mask.unsqueeze(0), v)  # [H, n, d_k]
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -433,8 +446,10 @@ class ConformerBlock(nn.Module):
         x = x + self.self_attn(self.norm_mha(x), mask, pos_emb)
         return x + self.feed_forward(self.norm_ff(x))
 
-    def forward_chunk(self, x: Tensor, kv: _KVBuffer, q_start: int, mask: Tensor) -> Tensor:
-        x = x + self.self_attn.forward_chunk(self.norm_mha(x), kv, q_start, mask)
+    def forward_chunk(
+        self, x: Tensor, kvs: list[_KVBuffer], q_starts: list[int], masks: list[Tensor]
+    ) -> Tensor:
+        x = x + self.self_attn.forward_chunk(self.norm_mha(x), kvs, q_starts, masks)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -461,7 +476,7 @@ class PreLookaheadLayer(nn.Module):
         return self.conv2(a).transpose(1, 2) + x
 
     def forward_chunk(self, x: Tensor, left_x: Tensor | None, context: Tensor | None) -> Tensor:
-        """x [1, n, C] continuing after `left_x` [1, l<=2, C] (the previous embedded tokens)."""
+        """x [B, n, C] continuing after `left_x` [B, l<=2, C] (the previous embedded tokens)."""
         left = 0 if left_x is None else left_x.size(1)
         inp = x if left == 0 else torch.cat([left_x, x], dim=1)
         a = F.pad(self._lookahead(inp, context), (self.conv2.kernel_size[0] - 1 - left, 0))
@@ -481,7 +496,7 @@ class Upsample1D(nn.Module):
         return self.conv(F.pad(up, (self.stride * 2, 0))), lens * self.stride
 
     def forward_chunk(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """x [1, C, n], state [1, C, 2*stride] (previous upsampled frames) -> ([1, C_out, stride*n], new state)."""
+        """x [B, C, n], state [B, C, 2*stride] (previous upsampled frames) -> ([B, C_out, stride*n], new state)."""
         up = torch.cat([state, F.interpolate(x, scale_factor=float(self.stride), mode="nearest")], dim=2)
         return self.conv(up), up[:, :, up.size(2) - 2 * self.stride :]
 
@@ -579,67 +594,115 @@ class UpsampleConformerEncoder(nn.Module):
         (s = tokens before this chunk) when every non-final chunk has a multiple of static_chunk_size
         tokens and its context is the true next tokens. `context=None` marks the final chunk.
         """
-        cfg = self.cfg
         if xs_chunk.dim() != 3 or xs_chunk.size(0) != 1:
             raise ValueError(f"forward_chunk takes one request [1, n, C], got {tuple(xs_chunk.shape)}")
-        if cache.finished:
-            raise RuntimeError("encoder cache is finished (its last chunk had no context)")
-        n = xs_chunk.size(1)
-        if context is not None and context.size(1) > cfg.pre_lookahead_len:
-            raise ValueError(f"context has {context.size(1)} tokens, at most {cfg.pre_lookahead_len} allowed")
-        if context is not None and n % cfg.static_chunk_size != 0:
-            raise ValueError(
-                f"a non-final chunk must be a multiple of {cfg.static_chunk_size} tokens, got {n} "
-                "(pass context=None for the final chunk)"
-            )
-        if not cache.layers:
-            cache.layers = [_KVBuffer() for _ in self.encoders]
-            cache.up_layers = [_KVBuffer() for _ in self.up_encoders]
-        s, f = cache.tokens_done, cache.frames_done
-        stride = cfg.up_stride
-        d = cfg.output_size
+        return self.forward_chunks(xs_chunk, [context], [cache])
+
+    @torch.no_grad()
+    def forward_chunks(self, xs: Tensor, contexts: list[Tensor | None], caches: list[EncoderCache]) -> Tensor:
+        """:meth:`forward_chunk` for B requests that each encode their next n tokens: xs [B, n,
+        input_size] -> [B, stride*n, output_size].  Every linear layer, convolution and norm runs
+        on all of them at once; only attention (each request's own keys and relative positions)
+        runs request by request.  Streams whose lookahead differs in length (the last chunk, a
+        short context) are encoded in groups of alike ones."""
+        cfg = self.cfg
+        n = xs.size(1)
+        if xs.dim() != 3 or xs.size(0) != len(caches) or len(contexts) != len(caches):
+            raise ValueError(f"forward_chunks takes one row of xs [B, n, C] per cache, got {tuple(xs.shape)}")
+        if len({c.left_chunks for c in caches}) > 1:
+            raise ValueError("requests encoded together must have the same window (left_chunks)")
+        for context, cache in zip(contexts, caches, strict=True):
+            if cache.finished:
+                raise RuntimeError("encoder cache is finished (its last chunk had no context)")
+            if context is not None and context.size(1) > cfg.pre_lookahead_len:
+                raise ValueError(
+                    f"context has {context.size(1)} tokens, at most {cfg.pre_lookahead_len} allowed"
+                )
+            if context is not None and n % cfg.static_chunk_size != 0:
+                raise ValueError(
+                    f"a non-final chunk must be a multiple of {cfg.static_chunk_size} tokens, got {n} "
+                    "(pass context=None for the final chunk)"
+                )
+            if not cache.layers:
+                cache.layers = [_KVBuffer() for _ in self.encoders]
+                cache.up_layers = [_KVBuffer() for _ in self.up_encoders]
+        stride, d = cfg.up_stride, cfg.output_size
         if n == 0:
-            cache.finished = context is None
-            return xs_chunk.new_zeros(1, 0, d)
+            for context, cache in zip(contexts, caches, strict=True):
+                cache.finished = context is None
+            return xs.new_zeros(len(caches), 0, d)
 
-        x = self.embed.embed(xs_chunk)
-        ctx = self.embed.embed(context) if context is not None and context.size(1) > 0 else None
-        left_x = cache.lookahead_x
-        y = self.pre_lookahead_layer.forward_chunk(x, left_x, ctx)
-        cache.lookahead_x = (x if left_x is None else torch.cat([left_x, x], dim=1))[:, -2:]
+        x = self.embed.embed(xs)
+        # the lookahead layer's inputs differ in length from stream to stream at their first and
+        # last chunks: it runs on groups of streams with as much left and right context
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (context, cache) in enumerate(zip(contexts, caches, strict=True)):
+            left = 0 if cache.lookahead_x is None else cache.lookahead_x.size(1)
+            groups.setdefault((left, 0 if context is None else context.size(1)), []).append(i)
+        y = torch.empty_like(x)
+        for (left, right), rows in groups.items():
+            left_x = torch.cat([caches[i].lookahead_x for i in rows]) if left else None
+            ctx = self.embed.embed(torch.cat([contexts[i] for i in rows])) if right else None
+            y[rows] = self.pre_lookahead_layer.forward_chunk(x[rows], left_x, ctx)
+        for i, cache in enumerate(caches):
+            left_x = cache.lookahead_x
+            cache.lookahead_x = (
+                x[i : i + 1] if left_x is None else torch.cat([left_x, x[i : i + 1]], dim=1)
+            )[:, -2:]
 
-        y = self._blocks_chunk(self.encoders, cache.layers, y, s, cfg.static_chunk_size, cache.left_chunks)
-
-        if cache.up_state is None:
-            cache.up_state = y.new_zeros(1, d, 2 * stride)
-        up, cache.up_state = self.up_layer.forward_chunk(y.transpose(1, 2), cache.up_state)
+        starts = [c.tokens_done for c in caches]
+        y = self._blocks_chunk(
+            self.encoders, [c.layers for c in caches], y, starts, cfg.static_chunk_size, caches[0].left_chunks
+        )
+        states = torch.cat(
+            [c.up_state if c.up_state is not None else y.new_zeros(1, d, 2 * stride) for c in caches]
+        )
+        up, states = self.up_layer.forward_chunk(y.transpose(1, 2), states)
         z = self.up_embed.embed(up.transpose(1, 2))
         z = self._blocks_chunk(
-            self.up_encoders, cache.up_layers, z, f, cfg.static_chunk_size * stride, cache.left_chunks
+            self.up_encoders,
+            [c.up_layers for c in caches],
+            z,
+            [c.frames_done for c in caches],
+            cfg.static_chunk_size * stride,
+            caches[0].left_chunks,
         )
-        cache.tokens_done, cache.frames_done = s + n, f + stride * n
-        cache.finished = context is None
+        for i, (context, cache) in enumerate(zip(contexts, caches, strict=True)):
+            cache.up_state = states[i : i + 1].clone()
+            cache.tokens_done += n
+            cache.frames_done += stride * n
+            cache.finished = context is None
         return self.after_norm(z)
 
     @staticmethod
     def _blocks_chunk(
         blocks: nn.ModuleList,
-        kvs: list[_KVBuffer],
+        kvs: list[list[_KVBuffer]],
         x: Tensor,
-        start: int,
+        starts: list[int],
         chunk: int,
         left_chunks: int | None,
     ) -> Tensor:
+        """x [B, n, C] through ``blocks``; stream b's keys are ``kvs[b]`` (one per block) and its
+        queries start at ``starts[b]``."""
         n = x.size(1)
-        kv0 = kvs[0]
-        k_start = kv0.start
-        mask = chunk_mask(
-            n, kv0.length + n, chunk, q_start=start, k_start=k_start, left_chunks=left_chunks, device=x.device
-        )
-        for block, kv in zip(blocks, kvs, strict=True):
-            x = block.forward_chunk(x, kv, start, mask)
+        masks = [
+            chunk_mask(
+                n,
+                mine[0].length + n,
+                chunk,
+                q_start=start,
+                k_start=mine[0].start,
+                left_chunks=left_chunks,
+                device=x.device,
+            )
+            for mine, start in zip(kvs, starts, strict=True)
+        ]
+        for j, block in enumerate(blocks):
+            x = block.forward_chunk(x, [mine[j] for mine in kvs], starts, masks)
         if left_chunks is not None:
-            keep_from = ((start + n) // chunk - left_chunks) * chunk
-            for kv in kvs:
-                kv.drop_before(keep_from)
+            for mine, start in zip(kvs, starts, strict=True):
+                keep_from = ((start + n) // chunk - left_chunks) * chunk
+                for kv in mine:
+                    kv.drop_before(keep_from)
         return x

@@ -394,3 +394,37 @@ def test_forward_chunk_rejects_bad_input():
         enc.forward_chunk(xs[:, 10:35], xs[:, 35:38], cache)
     with pytest.raises(ValueError, match="left_chunks"):
         EncoderCache(left_chunks=-1)
+
+
+@pytest.mark.parametrize("left_chunks", [None, 1])
+def test_requests_encoded_together_equal_each_alone(tiny, left_chunks):
+    """forward_chunks: three requests at different points (one at its first chunk, with no left
+    lookahead yet; others several chunks in, one with a shorter context) encode a chunk each in
+    one call: every request's frames equal its own forward_chunk, and its cache goes on alike."""
+    chunk, la, _ = chunking(tiny)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, 8 * chunk + la, tiny.cfg.input_size, generator=g) for _ in range(3)]
+    done = [0, 2 * chunk, 4 * chunk]  # chunks already encoded
+    contexts = [la, la, la - 1]
+    alone, together = [], []
+    for i in range(3):
+        cache = tiny.new_cache(left_chunks=left_chunks)
+        for a in range(0, done[i], chunk):  # the chunks it encoded before
+            tiny.forward_chunk(xs[i][:, a : a + chunk], xs[i][:, a + chunk : a + chunk + la], cache)
+        together.append(cache.clone())
+        a = done[i]
+        alone.append(
+            tiny.forward_chunk(xs[i][:, a : a + chunk], xs[i][:, a + chunk : a + chunk + contexts[i]], cache)
+        )
+        alone.append(cache)
+    batch = torch.cat([x[:, a : a + chunk] for x, a in zip(xs, done, strict=True)])
+    ctxs = [x[:, a + chunk : a + chunk + c] for x, a, c in zip(xs, done, contexts, strict=True)]
+    out = tiny.forward_chunks(batch, ctxs, together)
+    for i in range(3):
+        assert torch.abs(out[i : i + 1] - alone[2 * i]).max() <= 1e-5
+        mine, ref = together[i], alone[2 * i + 1]
+        assert (mine.tokens_done, mine.frames_done) == (ref.tokens_done, ref.frames_done)
+        assert torch.equal(mine.lookahead_x, ref.lookahead_x) and torch.allclose(mine.up_state, ref.up_state)
+        assert [b.length for b in mine.layers] == [b.length for b in ref.layers]
+    with pytest.raises(ValueError, match="same window"):
+        tiny.forward_chunks(batch[:2], ctxs[:2], [tiny.new_cache(), tiny.new_cache(left_chunks=1)])
