@@ -517,9 +517,11 @@ class FlowStream:
         left_chunks: int | None = None,
         n_timesteps: int | None = None,
         kv_dtype: torch.dtype | None = None,
+        slots: bool = False,
     ) -> int:
         """An upper bound of :meth:`nbytes` over the whole life of any stream of ``flow``: what
-        admission reserves per stream.  The keys of every attention layer of every Euler step
+        admission reserves per stream (``slots``: a stream in :class:`EstimatorSlots`, whose
+        estimator state is exactly a slot).  The keys of every attention layer of every Euler step
         (two CFG rows each) and of the encoder grow with the frames they attend to: the window's
         ``left_chunks + 1`` chunks, or without one the longest utterance (300 s, prompt
         included).  At REAL size that is about 3.8 MiB per mel frame, 190 MiB per second of
@@ -546,6 +548,10 @@ class FlowStream:
             + encoder.cfg.up_stride  # pre-lookahead and upsampling tails
         )
         enc = 2 * d * elem * enc_rows
+        if slots:
+            if left_chunks is None:
+                raise ValueError("estimator slots need a flow window")
+            return EstimatorSlots.slot_nbytes(estimator, steps, left_chunks, kv_elem) + enc
         return steps * per_step + enc
 
     def _slot_nbytes(self) -> int:

@@ -170,9 +170,10 @@ class CosyVoice2Model:
         ``flow_dtype``: the flow estimator's precision (fp16/bf16 under autocast; the Euler
         state, the flow's encoder and the vocoder stay float32).
         ``flow_slots``: the streams' flow estimator state in slots allocated at start
-        (:class:`~cosyvoice.flow_estimator.EstimatorSlots`; needs a window; default: with a window
-        of at most ``SLOT_WINDOW_MAX`` chunks; at REAL size on a CPU a round of 4 streams took
-        3.56 s instead of 3.87 s, ``benchmarks/flow_rounds.py``)."""
+        (:class:`~cosyvoice.flow_estimator.EstimatorSlots`; needs a window; default: with a budget
+        and a window of at most ``SLOT_WINDOW_MAX`` chunks, see :func:`plan_memory`; at REAL size
+        on a CPU a round of 4 streams took 3.56 s instead of 3.87 s, ``benchmarks/flow_rounds.py``,
+        and a stream reserves its slot's exact size instead of its buffers' bound)."""
         if lm not in LM_MODES:
             raise ValueError(f"lm must be one of {LM_MODES}")
         self.lm_mode = lm
@@ -197,10 +198,9 @@ class CosyVoice2Model:
             budget,
             left_chunks,
             None if prompt_cache_mb == "auto" else int(float(prompt_cache_mb) * 2**20),
+            flow_slots,
         )
-        if flow_slots is None:  # a ring is attended whole: wider than this costs a short stream more
-            window = plan.left_chunks
-            flow_slots = window is not None and window <= SLOT_WINDOW_MAX and plan.max_streams is not None
+        flow_slots = plan.flow_slots
         self.token2wav = Token2Wav(
             self.flow,
             self.hift,
@@ -499,11 +499,6 @@ class CosyVoice2Model:
         schedule = HopSchedule(first=first, max=max(100, first) if grow else first)
         chunk = self.flow.cfg.chunk_tokens
         return schedule, ("cached" if first % chunk == 0 and schedule.max % chunk == 0 else "exact")
-
-
-# the widest flow window whose streams go in estimator slots by default: a slot's ring is attended
-# whole, which costs a stream still short of the window more than its own keys would
-SLOT_WINDOW_MAX = 16
 
 
 def stage_threads(device: torch.device) -> tuple[int | None, int | None]:

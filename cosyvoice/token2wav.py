@@ -190,12 +190,18 @@ class Rounds:
             self._finish(plan, free=True)
 
 
-def stream_bound(flow: CausalMaskedDiffWithXvec, left_chunks: int | None) -> int:
+# the widest flow window whose streams go in estimator slots by default: a slot's ring is attended
+# whole once full, which costs more than buffers of its own would for a window this wide
+SLOT_WINDOW_MAX = 16
+
+
+def stream_bound(flow: CausalMaskedDiffWithXvec, left_chunks: int | None, slots: bool = False) -> int:
     """An upper bound of the bytes one cached stream holds with this flow window: the flow's
-    caches (see :meth:`FlowStream.max_nbytes`), the vocoder's caches and the token list."""
+    caches (see :meth:`FlowStream.max_nbytes`; ``slots``: its estimator slot), the vocoder's
+    caches and the token list."""
     vocoder = 4 * (flow.cfg.output_size * MEL_CACHE_LEN + 2 * SOURCE_CACHE_LEN)
     tokens = 8 * NOISE_FRAMES // flow.cfg.token_mel_ratio
-    return FlowStream.max_nbytes(flow, left_chunks) + vocoder + tokens
+    return FlowStream.max_nbytes(flow, left_chunks, slots=slots) + vocoder + tokens
 
 
 def fit_window(flow: CausalMaskedDiffWithXvec, streams: int, budget: int, least: int = 2) -> int | None:
@@ -224,6 +230,7 @@ class MemoryPlan:
     left_chunks: int | None
     prompt_cache_bytes: int
     max_streams: int | None
+    flow_slots: bool = False  # the streams' estimator state in EstimatorSlots
 
 
 def plan_memory(
@@ -232,30 +239,43 @@ def plan_memory(
     budget: int | None,
     left_chunks: int | str | None = None,
     prompt_cache_bytes: int | None = None,
+    flow_slots: bool | None = False,
 ) -> MemoryPlan:
     """Spend ``budget`` bytes (None: no limit) on the prompt states of the voices
     (``prompt_cache_bytes``; None: an eighth of the budget, or 256 MiB without one: at REAL size
     one voice's 4 s prompt state is about 570 MiB) and on as many streams as fit at the window's
     bound, at most ``slots`` (the LM's KV slots).  ``left_chunks="auto"``: the widest window with
-    which every slot's stream fits (see :func:`fit_window`); without a budget, unbounded."""
+    which every slot's stream fits (see :func:`fit_window`); without a budget, unbounded.
+    ``flow_slots`` (None: with a budget and a window of at most ``SLOT_WINDOW_MAX`` chunks): the
+    streams' estimator state in slots allocated at start, each exactly a slot (the spare
+    included in the budget), so that the budget holds more streams than at the buffers' bound."""
     if not (left_chunks in (None, "auto") or (isinstance(left_chunks, int) and left_chunks >= 0)):
         raise ValueError(f"left_chunks must be None, 'auto' or >= 0, got {left_chunks!r}")
     if prompt_cache_bytes is None:
         prompt_cache_bytes = 256 << 20 if budget is None else budget // 8
     if budget is None:
         window = None if left_chunks == "auto" else left_chunks
-        return MemoryPlan(window, prompt_cache_bytes, None)
+        return MemoryPlan(window, prompt_cache_bytes, None, bool(flow_slots))
     streams_budget = budget - prompt_cache_bytes
     if left_chunks == "auto":
         left_chunks = fit_window(flow, slots, max(streams_budget, 0))
-    bound = stream_bound(flow, left_chunks)
+    if flow_slots is None:
+        flow_slots = left_chunks is not None and left_chunks <= SLOT_WINDOW_MAX
+    bound = stream_bound(flow, left_chunks, slots=flow_slots)
+    if flow_slots:  # the spare slot (fixed-shape padding) is allocated too
+        streams_budget -= EstimatorSlots.slot_nbytes(
+            flow.decoder.estimator,
+            flow.cfg.n_timesteps,
+            left_chunks,
+            flow.input_embedding.weight.element_size(),
+        )
     if streams_budget < bound:
         window = "unbounded" if left_chunks is None else f"{left_chunks} chunks"
         raise ValueError(
             f"a token2wav budget of {budget / 2**20:.0f} MiB ({prompt_cache_bytes / 2**20:.0f} MiB of it for "
             f"voice prompts) holds no stream: one may hold {bound / 2**20:.0f} MiB with a flow window of {window}"
         )
-    return MemoryPlan(left_chunks, prompt_cache_bytes, min(slots, streams_budget // bound))
+    return MemoryPlan(left_chunks, prompt_cache_bytes, min(slots, streams_budget // bound), flow_slots)
 
 
 class Token2WavFull(RuntimeError):
@@ -635,7 +655,7 @@ class Token2Wav:
 
     def max_stream_nbytes(self) -> int:
         """An upper bound of :meth:`stream_nbytes` for a cached stream (see :func:`stream_bound`)."""
-        return stream_bound(self.flow, self.left_chunks)
+        return stream_bound(self.flow, self.left_chunks, slots=self.slots is not None)
 
     def stream_nbytes(self, uuid: Hashable) -> int:
         """Bytes held for this stream (tokens, vocoder caches, flow caches)."""

@@ -362,15 +362,22 @@ def test_the_token2wav_budget_sets_capacity_and_a_full_one_is_overloaded(tmp_pat
     """A stream's flow caches grow with the audio its flow attends to, so the engine admits only as
     many streams as ``t2w_budget_mb`` holds at the window's bound; more (here through the Python
     API, which bypasses admission) get a typed ``overloaded`` at once, and the place comes back."""
+    from cosyvoice.flow_estimator import EstimatorSlots
     from cosyvoice.token2wav import stream_bound
 
     root = write_model_dir(tmp_path / "tiny")
     probe = create_engine("cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=None, kv_max_slots=3)
-    bound = stream_bound(probe.cv.model.flow, 2)
+    flow = probe.cv.model.flow
     assert probe.capacity == probe.cv.model.lm_stage.pool.slots == 3  # no budget: the KV slots
     assert probe.cv.model.token2wav.slots is None  # no budget, no slots allocated ahead
     probe.close()
-    engine = create_engine("cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=2.5 * bound / 2**20)
+    # a window this narrow puts the streams' estimator state in slots: each reserves its slot
+    # (and the budget pays for the spare one)
+    bound = stream_bound(flow, 2, slots=True)
+    spare = EstimatorSlots.slot_nbytes(flow.decoder.estimator, flow.cfg.n_timesteps, 2)
+    engine = create_engine(
+        "cosyvoice2", str(root), left_chunks=2, t2w_budget_mb=(2.5 * bound + spare) / 2**20
+    )
     try:
         model = engine.cv.model
         assert engine.capacity == 2 and model.token2wav.max_streams == 2

@@ -367,6 +367,20 @@ def test_the_memory_plan_fits_the_widest_window_and_the_streams_the_budget_holds
     for bad in (-1, "wide"):
         with pytest.raises(ValueError, match="left_chunks must be"):
             plan_memory(flow, 4, None, bad)
+    # estimator slots: a stream reserves exactly its slot (smaller than the buffers' bound), and
+    # the budget pays for the spare slot too
+    from cosyvoice.flow_estimator import EstimatorSlots
+
+    slot = EstimatorSlots.slot_nbytes(flow.decoder.estimator, flow.cfg.n_timesteps, 5)
+    slotted = stream_bound(flow, 5, slots=True)
+    assert slotted < bound[5]
+    budget = slot + 6 * slotted + 100
+    assert plan_memory(flow, 9, budget, 5, 100, flow_slots=True) == MemoryPlan(5, 100, 6, True)
+    assert plan_memory(flow, 9, budget, 5, 100).max_streams < 6  # at the buffers' bound: fewer
+    assert plan_memory(flow, 9, budget, 5, 100, flow_slots=None).flow_slots  # a narrow window: slots
+    assert not plan_memory(flow, 9, 2 * bound[None], None, 100, flow_slots=None).flow_slots  # no window
+    assert not plan_memory(flow, 9, None, 5, 100, flow_slots=None).flow_slots  # nor without a budget
+    assert Token2Wav(*models, left_chunks=5, max_streams=2, flow_slots=True).max_stream_nbytes() == slotted
     t2w = Token2Wav(*models, left_chunks=5, max_streams=1)
     assert t2w.max_stream_nbytes() == bound[5]
     # used directly (the per-request path), the limit holds as well
