@@ -600,7 +600,7 @@ class _PromptState:
     @classmethod
     def of(cls, stream: FlowStream) -> _PromptState:
         if stream.slot is not None:
-            snapshot = stream.slots.snapshot(stream.slot)
+            snapshot = stream.slots.snapshot(stream.slot, stream.est_frames)
             return cls(stream.done_tokens, stream.enc_cache.clone(), [], snapshot, stream.est_frames)
         return cls(stream.done_tokens, stream.enc_cache.clone(), [c.clone() for c in stream.est_caches])
 

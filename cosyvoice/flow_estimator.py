@@ -274,17 +274,23 @@ class EstimatorSlots:
             if slot not in self._free and slot != self.spare:
                 self._free.append(slot)
 
-    def snapshot(self, slot: int) -> list[list[Tensor]]:
-        """A copy of one slot's state (per Euler step: keys, values and convolution tensors)."""
+    def snapshot(self, slot: int, frames: int) -> list[list[Tensor]]:
+        """A copy of one slot's state after ``frames`` frames (per Euler step: keys, values and
+        convolution tensors); of the rings only what holds keys (a short prompt's state is
+        small)."""
+        used = min(-(-frames // self.chunk), self.left_chunks + 1) * self.chunk
         return [
-            [t[slot].clone() for t in (*k.values(), *v.values(), *c.values())]
+            [t[slot, :, :, :used].clone() for t in (*k.values(), *v.values())]
+            + [t[slot].clone() for t in c.values()]
             for k, v, c in zip(self.keys, self.values, self.conv, strict=True)
         ]
 
     def load(self, slot: int, state: list[list[Tensor]]) -> None:
         """Write a :meth:`snapshot` into ``slot``."""
         for k, v, c, saved in zip(self.keys, self.values, self.conv, state, strict=True):
-            for t, s in zip((*k.values(), *v.values(), *c.values()), saved, strict=True):
+            for t, s in zip((*k.values(), *v.values()), saved, strict=False):
+                t[slot, :, :, : s.shape[2]].copy_(s)
+            for t, s in zip(c.values(), saved[2 * len(k) :], strict=True):
                 t[slot].copy_(s)
 
     def batch(self, slots: list[int], frames: list[int], n: int, pad_to: int | None = None) -> SlotBatch:
