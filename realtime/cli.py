@@ -378,8 +378,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="cosyvoice2: keep the streams' flow state in slots allocated at start (rings of the "
         "--flow-window's chunks), so that a token2wav round moves every stream's state in one "
-        "operation per layer instead of several per stream (auto: on with a window of at most 16 "
-        "chunks: a ring is attended whole, so a wider one costs a short stream more than its keys)",
+        "operation per layer instead of several per stream, and a stream reserves its slot's exact "
+        "size (auto: on with a window of at most 16 chunks and a --t2w-memory-mb budget: a full ring "
+        "is attended whole, so a wider one costs more than buffers of its own)",
     )
     s.add_argument("--token", default=None, help="API token required on every route (env REALTIME_TOKEN)")
     s.add_argument(
