@@ -2,7 +2,7 @@
 
 It runs, each in its own process: ``concurrency.py`` on a REAL-size directory with random weights
 (sessions 1/4/8/16/32 over the WebSocket, text at 30 tokens/s: first audio, per-stream RTF,
-underruns, audio throughput), ``lm_decode.py`` (the LM stage's batched decode step per batch
+underruns, audio throughput; 8 sessions again with ``--cuda-graphs off --flow-slots off``), ``lm_decode.py`` (the LM stage's batched decode step per batch
 size; fp16 and bf16 logits against fp32) and ``flow_rounds.py`` (a token2wav flow round per
 number of streams).  Then it prints one table and the GPU goals (first audio
 p50 <= 150 ms and p95 <= 300 ms at 8 sessions, no underrun at 16).  Meant to finish in under 8
@@ -73,6 +73,25 @@ def main() -> None:
         "--json",
         str(out / "sessions.json"),
     )
+    # the same level without CUDA graphs and estimator slots: what they buy, side by side
+    compared = "2" if args.quick else "8"
+    run(
+        "concurrency.py",
+        *size,
+        "--short",
+        "--modes",
+        "batched",
+        "--device",
+        args.device,
+        "--utterances",
+        "1" if args.quick else "2",
+        "--sessions",
+        compared,
+        "--server-args",
+        "--cuda-graphs off --flow-slots off",
+        "--json",
+        str(out / "eager.json"),
+    )
     run(
         "lm_decode.py",
         "--device",
@@ -121,6 +140,12 @@ def main() -> None:
     ]
     for label, key, scale, digits in rows:
         print(f"| {label} | " + " | ".join(fmt(r[key], scale, digits) for r in levels) + " |")
+    eager = json.loads((out / "eager.json").read_text())["batched"][0]
+    default = next(r for r in levels if r["n"] == eager["n"])
+    print(f"\n| {eager['n']} sessions | as served (graphs, slots where on) | eager, per-stream flow caches |")
+    print("|---|---|---|")
+    for label, key, scale, digits in rows[:5]:
+        print(f"| {label} | {fmt(default[key], scale, digits)} | {fmt(eager[key], scale, digits)} |")
     print("\n| LM batch | " + " | ".join(str(b["batch"]) for b in lm["batches"]) + " |")
     print("|---|" + "---|" * len(lm["batches"]))
     print(

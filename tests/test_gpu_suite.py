@@ -37,6 +37,7 @@ def test_gpu_suite_runs_end_to_end_on_a_cpu():
         "round ms, estimator slots",
         "round ms, fixed shapes (no CUDA: eager)",
         "mel error of bf16 vs fp32, max / mean",
+        "| 2 sessions | as served (graphs, slots where on) | eager, per-stream flow caches |",
         "| bf16 |",
     ):
         assert label in table, table
