@@ -250,6 +250,29 @@ def device_stream(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def stream_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event after the calling thread's work on ``device`` so far (None on a CPU), for
+    another stage thread that reads what that work wrote (see :func:`wait_for`)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).record_event()
+
+
+def wait_for(events: list, device: torch.device, tensors: list[torch.Tensor]) -> None:
+    """Order the calling thread's stream on ``device`` after ``events`` (another thread's work:
+    kernels run asynchronously, so a tensor handed over may not be written yet), and mark
+    ``tensors`` as used on it, so that the allocator does not give their memory back to the
+    producing stream before this stream is done with them."""
+    if device.type != "cuda":
+        return
+    stream = torch.cuda.current_stream(device)
+    for event in events:
+        stream.wait_event(event)
+    for tensor in tensors:
+        if tensor.device.type == "cuda":
+            tensor.record_stream(stream)
+
+
 def memory_available(device: torch.device) -> int:
     """What ``device`` has free now: a GPU's free memory, or for a CPU the machine's available
     memory, less where a container's cgroup allows less (its limit less its usage: what a pod's

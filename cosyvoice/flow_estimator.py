@@ -314,11 +314,11 @@ class EstimatorSlots:
         visible = (back <= chunk_of[:, None]) & ((back > 0) | (at[None, :] % self.chunk < n))
         pos = (chunk_of % ring_chunks)[:, None] * self.chunk + torch.arange(n)[None, :]
         device = next(iter(self.conv[0].values())).device
-        return SlotBatch(
+        return SlotBatch(  # no host sync: the stream runs ahead of the host
             self,
-            slot_of.to(device),
-            pos.to(device),
-            visible.repeat_interleave(2, dim=0)[:, None, None, :].to(device),
+            slot_of.to(device, non_blocking=True),
+            pos.to(device, non_blocking=True),
+            visible.repeat_interleave(2, dim=0)[:, None, None, :].to(device, non_blocking=True),
         )
 
 

@@ -12,6 +12,7 @@ eagerly (what the tests compare with the per-stream path).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from .flow import CausalMaskedDiffWithXvec, EulerSteps, euler_solve
 from .flow_estimator import EstimatorSlots, SlotBatch
-from .lm_graphs import GraphCaptureFailed, buckets, record_graph
+from .lm_graphs import GraphCaptureFailed, buckets, fixed_attention, record_graph
 
 __all__ = ["FlowGraphs"]
 
@@ -76,6 +77,7 @@ class FlowGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
         self._stream = torch.cuda.Stream(self.device) if self.capture else None
+        self._lock = threading.Lock()
         self.rounds = 0  # rounds run at fixed shapes
         self.replays = 0  # of which replayed as CUDA graphs
 
@@ -91,19 +93,20 @@ class FlowGraphs:
         n = len(slots)
         size = next(b for b in self.buckets if b >= n)
         inputs = self._rounds[size]
-        inputs.load(self.store.batch(slots, frames, self.frames, pad_to=size))
-        for static, given in ((inputs.x, x), (inputs.mu, mu), (inputs.cond, cond), (inputs.spks, spks)):
-            static[: len(given)].copy_(given)
-            static[len(given) :].zero_()
-        graph = self._graphs.get(size)
-        if graph is None:
-            out = self._solve(inputs)
-        else:
-            graph[0].replay()
-            out = graph[1]
-            self.replays += 1
-        self.rounds += 1
-        return out[:n].clone()
+        with self._lock:  # one round at a time in the static buffers (callers share a stream)
+            inputs.load(self.store.batch(slots, frames, self.frames, pad_to=size))
+            for static, given in ((inputs.x, x), (inputs.mu, mu), (inputs.cond, cond), (inputs.spks, spks)):
+                static[: len(given)].copy_(given)
+                static[len(given) :].zero_()
+            graph = self._graphs.get(size)
+            if graph is None:
+                out = self._solve(inputs)
+            else:
+                graph[0].replay()
+                out = graph[1]
+                self.replays += 1
+            self.rounds += 1
+            return out[:n].clone()
 
     def capture_all(self) -> int:
         """Record every bucket's graph (the model's warm-up does, before a server takes requests);
@@ -123,9 +126,16 @@ class FlowGraphs:
         return len(self._graphs)
 
     def _solve(self, inputs: _Round) -> Tensor:
-        return euler_solve(
-            self.estimator, self.solver, inputs.x, inputs.mu, inputs.cond, inputs.spks, inputs.slots.at_step
-        )
+        with fixed_attention():
+            return euler_solve(
+                self.estimator,
+                self.solver,
+                inputs.x,
+                inputs.mu,
+                inputs.cond,
+                inputs.spks,
+                inputs.slots.at_step,
+            )
 
     def _record(self, size: int) -> None:
         """Record a bucket's graph, its inputs set to padding (every write goes to the spare slot)."""

@@ -22,15 +22,17 @@ CUDA the same fixed-shape function runs eagerly, which is what the tests compare
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, _Decoding
 
-__all__ = ["DecodeGraphs", "GraphCaptureFailed", "buckets", "record_graph"]
+__all__ = ["DecodeGraphs", "GraphCaptureFailed", "buckets", "fixed_attention", "record_graph"]
 
 
 class GraphCaptureFailed(RuntimeError):
@@ -157,8 +159,9 @@ class DecodeGraphs:
         decoding = _Decoding(
             self.pool, [], rows, inputs.slots, inputs.positions, keys, visible[:, None, None, :]
         )
-        for i in range(len(bb.layers)):
-            h = lm.layer(i, h, cos, sin, decoding.attend)
+        with fixed_attention():
+            for i in range(len(bb.layers)):
+                h = lm.layer(i, h, cos, sin, decoding.attend)
         return lm.llm_decoder(bb.norm(h)[0]).float()
 
     def _record(self, size: int, keys: int) -> None:
@@ -171,6 +174,13 @@ class DecodeGraphs:
         self._graphs[(size, keys)] = record_graph(
             lambda: self._step(inputs, keys), self.device, self._stream, self._mempool
         )
+
+
+def fixed_attention() -> contextlib.AbstractContextManager:
+    """The attention kernels a recorded step may use: not cuDNN's, which some torch versions
+    choose first on Hopper GPUs and whose boolean-mask path copied from the host (illegal while
+    recording: pytorch#139450), so that what is recorded does not depend on the version."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def buckets(limit: int) -> list[int]:

@@ -208,7 +208,7 @@ class CosyVoice2Model:
             prompt_cache_bytes=plan.prompt_cache_bytes,
             max_streams=plan.max_streams,
             flow_slots=flow_slots,
-            cuda_graphs=cuda_graphs and flow_slots and on_gpu,
+            cuda_graphs=cuda_graphs and flow_slots and on_gpu and lm == "batched",
             flow_dtype=flow_dtype,
         )
         lm_threads, t2w_threads = stage_threads(lm_device)

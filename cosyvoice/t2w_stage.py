@@ -29,7 +29,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .config import device_stream
+from .config import device_stream, stream_event, wait_for
 from .llm import Timings
 from .token2wav import HopSchedule, Job, Rounds, Token2Wav
 
@@ -163,6 +163,7 @@ class T2WStage:
         self._thread: threading.Thread | None = None
         self._vocoder: threading.Thread | None = None
         self._to_vocode: list[tuple[Job, torch.Tensor]] = []  # flow done, for the vocoder's thread
+        self._flow_events: list = []  # on CUDA: after the flow work that wrote those mels
         self._vocoder_wake = threading.Condition()
         self._closed = False
 
@@ -294,8 +295,10 @@ class T2WStage:
                     while not self._to_vocode and not self._closed:
                         self._vocoder_wake.wait()
                     done, self._to_vocode = self._to_vocode, []
+                    events, self._flow_events = self._flow_events, []
                 if not done:
                     continue
+                wait_for(events, self.token2wav.hift_device, [mel for _, mel in done])
                 self._vocode(done)
                 self.wake()  # the flow's thread may start their next chunks
 
@@ -383,8 +386,11 @@ class T2WStage:
         if done:
             for job, _ in done:
                 self._vocoding[id(job)] = self._jobs.pop(id(job))
+            event = stream_event(self.token2wav.flow_device)  # the mels are written once it is reached
             with self._vocoder_wake:
                 self._to_vocode += done
+                if event is not None:
+                    self._flow_events.append(event)
                 self._vocoder_wake.notify()
         self._release_jobs()
 
