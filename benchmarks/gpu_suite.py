@@ -58,39 +58,29 @@ def main() -> None:
     batches = ["1", "4"] if args.quick else ["1", "4", "8", "16", "32"]
     variants = "fp32,bf16" if args.device == "cpu" else "fp32,fp16,bf16"
     size = ["--model-dir", args.model_dir] if args.model_dir else ["--size", "tiny" if args.quick else "real"]
-    run(
-        "concurrency.py",
-        *size,
-        "--short",
-        "--modes",
-        "batched",
-        "--device",
-        args.device,
-        "--utterances",
-        "1" if args.quick else "2",
-        "--sessions",
-        *sessions,
-        "--json",
-        str(out / "sessions.json"),
-    )
+
+    def sessions_run(levels: list[str], json_name: str, *more: str) -> None:
+        run(
+            "concurrency.py",
+            *size,
+            "--short",
+            "--modes",
+            "batched",
+            "--device",
+            args.device,
+            "--utterances",
+            "1" if args.quick else "2",
+            "--sessions",
+            *levels,
+            *more,
+            "--json",
+            str(out / json_name),
+        )
+
+    sessions_run(sessions, "sessions.json")
     # the same level without CUDA graphs and estimator slots: what they buy, side by side
-    compared = "2" if args.quick else "8"
-    run(
-        "concurrency.py",
-        *size,
-        "--short",
-        "--modes",
-        "batched",
-        "--device",
-        args.device,
-        "--utterances",
-        "1" if args.quick else "2",
-        "--sessions",
-        compared,
-        "--server-args",
-        "--cuda-graphs off --flow-slots off",
-        "--json",
-        str(out / "eager.json"),
+    sessions_run(
+        ["2" if args.quick else "8"], "eager.json", "--server-args", "--cuda-graphs off --flow-slots off"
     )
     run(
         "lm_decode.py",

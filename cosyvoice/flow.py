@@ -27,14 +27,13 @@ from torch import Tensor, nn
 
 from .flow_encoder import EncoderCache, EncoderConfig, UpsampleConformerEncoder
 from .flow_estimator import (
-    Attention,
     CacheGroup,
     CausalConditionalDecoder,
-    CausalConv1d,
     EstimatorCache,
     EstimatorConfig,
     EstimatorSlots,
     SlotBatch,
+    state_widths,
 )
 
 NOISE_FRAMES = 15000  # 300 s of mel at 50 Hz: the longest utterance the official noise covers
@@ -536,8 +535,7 @@ class FlowStream:
         kv_elem = elem if kv_dtype is None else torch.empty((), dtype=kv_dtype).element_size()
         rows = 2  # the CFG rows of one stream
         estimator, encoder = flow.decoder.estimator, flow.encoder
-        key_width = sum(m.to_k.out_features for m in estimator.modules() if isinstance(m, Attention))
-        conv = sum(m.in_channels * m.context for m in estimator.modules() if isinstance(m, CausalConv1d))
+        key_width, conv = state_widths(estimator)
         kv_frames = frames + max(frames // 4, 100)  # KVBuffer's capacity at most
         per_step = 2 * rows * key_width * kv_elem * kv_frames + rows * conv * elem
         d = encoder.cfg.output_size
@@ -555,9 +553,7 @@ class FlowStream:
         return steps * per_step + enc
 
     def _slot_nbytes(self) -> int:
-        if self.slot is None:
-            return 0
-        return EstimatorSlots.slot_nbytes(self.estimator, self.n_timesteps, self.left_chunks, self.slots.elem)
+        return 0 if self.slot is None else self.slots.slot_bytes
 
     def nbytes(self) -> int:
         """Allocated bytes of cached state (encoder + every Euler step's estimator cache, or

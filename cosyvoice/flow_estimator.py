@@ -188,6 +188,15 @@ def _group(cache: EstimatorCache | CacheGroup) -> CacheGroup:
     return cache if isinstance(cache, CacheGroup) else CacheGroup([cache])
 
 
+def state_widths(estimator: CausalConditionalDecoder) -> tuple[int, int]:
+    """What one frame of one CFG row costs the estimator's state per Euler step, in elements:
+    the key width summed over its attention layers (values take as much again), and the
+    convolutions' kept inputs (channels x (kernel - 1), whatever the frames)."""
+    keys = sum(m.to_k.out_features for m in estimator.modules() if isinstance(m, Attention))
+    conv = sum(m.in_channels * m.context for m in estimator.modules() if isinstance(m, CausalConv1d))
+    return keys, conv
+
+
 class EstimatorSlots:
     """Every stream's estimator state in tensors allocated once, a slot per stream (and a spare
     that no stream holds: the padding rows of a fixed-shape round write there).
@@ -237,6 +246,7 @@ class EstimatorSlots:
             }
             for _ in range(steps)
         ]
+        self.slot_bytes = self.slot_nbytes(estimator, steps, left_chunks, self.elem)
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
         self.graphs = None  # a FlowGraphs of these slots, when rounds run at fixed shapes
@@ -245,8 +255,7 @@ class EstimatorSlots:
     def slot_nbytes(estimator: CausalConditionalDecoder, steps: int, left_chunks: int, elem: int = 4) -> int:
         """Bytes of one slot (what a stream holds of the estimator's state)."""
         ring = (left_chunks + 1) * estimator.cfg.static_chunk_size
-        keys = sum(m.to_k.out_features for m in estimator.modules() if isinstance(m, Attention))
-        conv = sum(m.in_channels * m.context for m in estimator.modules() if isinstance(m, CausalConv1d))
+        keys, conv = state_widths(estimator)
         return steps * 2 * elem * (2 * keys * ring + conv)
 
     def nbytes(self) -> int:

@@ -410,15 +410,18 @@ class Token2Wav:
         self._streams: dict[Hashable, _Stream] = {}
         self._lock = threading.Lock()
 
+    @property
+    def graphs(self) -> FlowGraphs | None:
+        """The flow's fixed-shape rounds (see ``cuda_graphs``), if any."""
+        return None if self.slots is None else self.slots.graphs
+
     def graph_rounds(self) -> int:
         """Flow rounds replayed as CUDA graphs so far."""
-        graphs = None if self.slots is None else self.slots.graphs
-        return 0 if graphs is None else graphs.replays
+        return 0 if self.graphs is None else self.graphs.replays
 
     def capture_graphs(self) -> int:
         """Record the flow's CUDA graphs now (see ``cuda_graphs``); how many there are."""
-        graphs = None if self.slots is None else self.slots.graphs
-        return 0 if graphs is None else graphs.capture_all()
+        return 0 if self.graphs is None else self.graphs.capture_all()
 
     # --- per-request lifecycle -----------------------------------------------------------------
     def open(

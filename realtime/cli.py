@@ -46,6 +46,8 @@ _positive_int = _number(int, 1, "at least 1")
 _non_negative_int = _number(int, 0, "0 or more")
 _positive_float = _number(float, 1e-9, "greater than 0")
 _non_negative_float = _number(float, 0.0, "0 or more")
+# a feature that is on where it pays (auto: the engine decides), or forced either way
+_SWITCH = {"auto": None, "on": True, "off": False}
 
 
 def _or_words(parse, *words: str):
@@ -87,8 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             t2w_budget_mb=args.t2w_memory_mb,
             kv_budget_mb=args.kv_memory_mb,
             kv_max_slots=args.kv_slots,
-            cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-            flow_slots={"auto": None, "on": True, "off": False}[args.flow_slots],
+            cuda_graphs=_SWITCH[args.cuda_graphs],
+            flow_slots=_SWITCH[args.flow_slots],
             flow_dtype=args.flow_dtype,
         )
     try:
@@ -366,7 +368,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--cuda-graphs",
-        choices=("auto", "on", "off"),
+        choices=tuple(_SWITCH),
         default="auto",
         help="cosyvoice2: the LM's decode steps (one graph per batch size and key length) and, with "
         "--flow-slots, the flow's Euler steps for a round of whole chunks (one per batch size) as "
@@ -374,7 +376,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--flow-slots",
-        choices=("auto", "on", "off"),
+        choices=tuple(_SWITCH),
         default="auto",
         help="cosyvoice2: keep the streams' flow state in slots allocated at start (rings of the "
         "--flow-window's chunks), so that a token2wav round moves every stream's state in one "
