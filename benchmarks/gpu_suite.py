@@ -2,8 +2,10 @@
 
 It runs, each in its own process: ``concurrency.py`` on a REAL-size directory with random weights
 (sessions 1/4/8/16/32 over the WebSocket, text at 30 tokens/s: first audio, per-stream RTF,
-underruns, audio throughput; 8 sessions again with ``--cuda-graphs off --flow-slots off``), ``lm_decode.py`` (the LM stage's batched decode step per batch
-size; fp16 and bf16 logits against fp32) and ``flow_rounds.py`` (a token2wav flow round per
+underruns, audio throughput; 8 sessions again with ``--cuda-graphs off --flow-slots off
+--lm-overlap off``), ``lm_decode.py`` (the LM's batched decode step per batch size, eager and as
+CUDA graphs; the LM stage's tokens per second with steps taken one at a time and overlapped;
+fp16 and bf16 logits against fp32) and ``flow_rounds.py`` (a token2wav flow round per
 number of streams).  Then it prints one table and the GPU goals (first audio
 p50 <= 150 ms and p95 <= 300 ms at 8 sessions, no underrun at 16).  Meant to finish in under 8
 minutes on one H100-class GPU.
@@ -80,7 +82,10 @@ def main() -> None:
     sessions_run(sessions, "sessions.json")
     # the same level without CUDA graphs and estimator slots: what they buy, side by side
     sessions_run(
-        ["2" if args.quick else "8"], "eager.json", "--server-args", "--cuda-graphs off --flow-slots off"
+        ["2" if args.quick else "8"],
+        "eager.json",
+        "--server-args",
+        "--cuda-graphs off --flow-slots off --lm-overlap off",
     )
     run(
         "lm_decode.py",
@@ -132,7 +137,9 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(fmt(r[key], scale, digits) for r in levels) + " |")
     eager = json.loads((out / "eager.json").read_text())["batched"][0]
     default = next(r for r in levels if r["n"] == eager["n"])
-    print(f"\n| {eager['n']} sessions | as served (graphs, slots where on) | eager, per-stream flow caches |")
+    print(
+        f"\n| {eager['n']} sessions | as served (graphs, slots where on) | eager, per-stream flow caches, LM steps one at a time |"
+    )
     print("|---|---|---|")
     for label, key, scale, digits in rows[:5]:
         print(f"| {label} | {fmt(default[key], scale, digits)} | {fmt(eager[key], scale, digits)} |")
@@ -148,6 +155,11 @@ def main() -> None:
         + " |"
     )
     print("| speech tokens/s | " + " | ".join(fmt(b["tokens_s"], 1, 0) for b in lm["batches"]) + " |")
+    for label, key in (
+        ("LM stage tokens/s, steps one at a time", "stage_tokens_s"),
+        ("LM stage tokens/s, overlapped", "stage_tokens_s_overlap"),
+    ):
+        print(f"| {label} | " + " | ".join(fmt(b[key], 1, 0) for b in lm["batches"]) + " |")
     print("\n| flow streams per round | " + " | ".join(str(r["batch"]) for r in flow) + " |")
     print("|---|" + "---|" * len(flow))
     for label, key in (

@@ -57,6 +57,8 @@ from cosyvoice.config import LLMConfig  # noqa: E402
 from cosyvoice.kv_cache import KVPool  # noqa: E402
 from cosyvoice.llm import ROW_SPEECH, ROW_TASK, ROW_TEXT, Qwen2LM, quantize_int8  # noqa: E402
 from cosyvoice.lm_graphs import DecodeGraphs  # noqa: E402
+from cosyvoice.lm_request import LMRequest  # noqa: E402
+from cosyvoice.lm_stage import LMStage  # noqa: E402
 from cosyvoice.sampling import RasSampler  # noqa: E402
 
 torch.set_num_threads(args.threads)
@@ -184,6 +186,39 @@ def batched_decode(model: Qwen2LM, batch: int, steps: int, fixed: bool = False) 
     return per_step * 1000, batch / per_step
 
 
+def stage_decode(model: Qwen2LM, batch: int, tokens: int, overlap: bool) -> float:
+    """Speech tokens per second of the LM stage itself (what the service runs: steps, draws,
+    tokens handed to readers) with ``batch`` unistream requests of ``tokens`` tokens each, read
+    by threads of their own; with ``overlap``, RAS drawn on the device and each step enqueued
+    before the previous one's tokens reach the host (``--lm-overlap``), else drawn on the host
+    one step at a time.  Fixed-shape steps (CUDA graphs on a GPU) either way."""
+    pool = KVPool(model.kv_shape(), batch, 256, spare=True)
+    graphs = DecodeGraphs(model, pool)
+    graphs.capture_all()
+    stage = LMStage(model, pool, max_ahead=tokens, graphs=graphs, draw_on_device=overlap, overlap=overlap)
+    text = [1000 + i for i in range(tokens // 2)]  # eos is masked for the first 2 x len(text) tokens
+
+    def one(k: int, out: list) -> None:
+        sampler = model.sampler_for(torch.Generator().manual_seed(k))
+        request = LMRequest(model.config, sampler, text=text, max_tokens=tokens)
+        out.append(len(list(stage.submit(request).tokens_from())))
+
+    try:
+        for _ in (1, 2):  # the first: warm-up
+            counts: list[int] = []
+            threads = [threading.Thread(target=one, args=(k, counts)) for k in range(batch)]
+            sync()
+            t0 = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - t0
+    finally:
+        stage.close()
+    return sum(counts) / elapsed
+
+
 def teacher_forced_logits(model: Qwen2LM, dtype: torch.dtype) -> torch.Tensor:
     rows = [(0, 0)] + [(ROW_TEXT, 3000 + i) for i in range(20)] + [(ROW_TASK, 1)]
     rows += [(ROW_SPEECH, (37 * i) % 6561) for i in range(42)]
@@ -211,15 +246,33 @@ def main() -> None:
     batches = []
     if args.batches:
         fixed = "CUDA graphs" if DEVICE.type == "cuda" else "fixed shapes, eager"
-        print(f"| batch (fp32) | decode ms per step | speech tokens/s | vs batch 1 | ms per step, {fixed} |")
-        print("|---|---|---|---|---|")
+        print(
+            f"| batch (fp32) | decode ms per step | speech tokens/s | vs batch 1 | ms per step, {fixed} "
+            "| LM stage tokens/s, steps one at a time | the same, overlapped |"
+        )
+        print("|---|---|---|---|---|---|---|")
         base = None
+        stage_tokens = 2 * n_decode
         for b in args.batches:
             ms, tps = batched_decode(fp32, b, n_decode)
             ms_fixed, _ = batched_decode(fp32, b, n_decode, fixed=True)
+            alone, overlapped = (stage_decode(fp32, b, stage_tokens, overlap) for overlap in (False, True))
             base = base or tps
-            batches.append({"batch": b, "ms_per_step": ms, "tokens_s": tps, "ms_per_step_fixed": ms_fixed})
-            print(f"| {b} | {ms:.1f} | {tps:.1f} | x{tps / base:.2f} | {ms_fixed:.1f} |", flush=True)
+            batches.append(
+                {
+                    "batch": b,
+                    "ms_per_step": ms,
+                    "tokens_s": tps,
+                    "ms_per_step_fixed": ms_fixed,
+                    "stage_tokens_s": alone,
+                    "stage_tokens_s_overlap": overlapped,
+                }
+            )
+            print(
+                f"| {b} | {ms:.1f} | {tps:.1f} | x{tps / base:.2f} | {ms_fixed:.1f} | {alone:.1f} "
+                f"| {overlapped:.1f} |",
+                flush=True,
+            )
         print()
 
     rows = []

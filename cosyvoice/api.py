@@ -68,6 +68,7 @@ class CosyVoice2:
         cuda_graphs: bool | None = None,
         flow_slots: bool | None = None,
         flow_dtype: str | None = None,
+        lm_overlap: bool | None = None,
     ):
         for flag, name in ((load_jit, "load_jit"), (load_trt, "load_trt"), (load_vllm, "load_vllm")):
             if flag:
@@ -100,6 +101,7 @@ class CosyVoice2:
             cuda_graphs=cuda_graphs,
             flow_slots=flow_slots,
             flow_dtype=flow_dtype or ("fp16" if self.fp16 else "fp32"),
+            lm_overlap=lm_overlap,
         )
         self.model.capture_graphs()  # on CUDA: recorded now, before the first request
         spk2info = self.model_dir.root / "spk2info.pt"

@@ -250,6 +250,15 @@ def device_stream(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def to_device(data: Any, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``data`` (a list, or a tensor on the host) on ``device`` without waiting for the work
+    already queued there: a plain copy to a GPU waits for its stream, which would stall the LM
+    stage's overlap of one step with the host's work for the previous one; this copy is
+    ordered on the stream like a kernel (the host's buffer is staged before it returns)."""
+    tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    return tensor.to(device, non_blocking=True)
+
+
 def stream_event(device: torch.device) -> torch.cuda.Event | None:
     """An event after the calling thread's work on ``device`` so far (None on a CPU), for
     another stage thread that reads what that work wrote (see :func:`wait_for`)."""

@@ -25,7 +25,7 @@ from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
 from .checkpoint import load_state_dict, load_strict
-from .config import LLMConfig, ModelDir, resolve_device, resolve_dtype
+from .config import LLMConfig, ModelDir, resolve_device, resolve_dtype, to_device
 from .kv_cache import KVCache, KVPool, KVShape
 from .lm_request import ROW_SOS, ROW_SPEECH, ROW_TASK, ROW_TEXT, LMRequest, Row, TokenLimit, feed_text
 from .sampling import RasSampler, Sampler
@@ -98,13 +98,13 @@ class _Decoding:
             return None
         ends = torch.tensor([starts[r] + 1 for r in members])
         length = int(ends.max())
-        mask = (torch.arange(length)[None, :] < ends[:, None]).to(device)[:, None, None, :]
+        mask = to_device(torch.arange(length)[None, :] < ends[:, None], device)[:, None, None, :]
         return cls(
             caches[members[0]].pool,
             members,
-            torch.tensor([bounds[r] for r in members], device=device),
-            torch.tensor([caches[r].slot for r in members], device=device),
-            torch.tensor([starts[r] for r in members], device=device),
+            to_device([bounds[r] for r in members], device),
+            to_device([caches[r].slot for r in members], device),
+            to_device([starts[r] for r in members], device),
             length,
             mask,
         )
@@ -218,7 +218,7 @@ class Qwen2LM(nn.Module):
         for i in range(1, len(rows) + 1):
             if i == len(rows) or rows[i][0] != rows[start][0]:
                 kind = rows[start][0]
-                ids = torch.tensor([r[1] for r in rows[start:i]], dtype=torch.long, device=device)
+                ids = to_device([r[1] for r in rows[start:i]], device)
                 parts.append(tables[kind](ids))
                 start = i
         return torch.cat(parts, dim=0).unsqueeze(0)
@@ -249,7 +249,7 @@ class Qwen2LM(nn.Module):
             bounds.append(bounds[-1] + n)
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts, strict=True)])
         h = xs.unsqueeze(0)
-        cos, sin = bb.rotary_emb(h, positions.to(xs.device).unsqueeze(0))
+        cos, sin = bb.rotary_emb(h, to_device(positions, xs.device).unsqueeze(0))
         decoding = _Decoding.of(caches, counts, starts, bounds, xs.device)
         alone = [r for r in range(len(caches)) if decoding is None or r not in decoding.members]
 
@@ -300,21 +300,31 @@ class Qwen2LM(nn.Module):
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def step(
-        self, batch: Sequence[tuple[Sequence[Row], KVCache]], graphs: DecodeGraphs | None = None
+        self,
+        batch: Sequence[tuple[Sequence[Row] | torch.Tensor, KVCache]],
+        graphs: DecodeGraphs | None = None,
     ) -> torch.Tensor:
         """Feed each request's rows through its cache in one backbone call; float32 logits [B, V]
-        of each request's last row.  A decode step that ``graphs`` takes runs there (fixed
-        shapes, CUDA graphs on a GPU)."""
+        of each request's last row.  Rows given as a tensor [1] on the LM's device are one speech
+        token not yet known on the host (the LM stage's speculation).  A decode step that
+        ``graphs`` takes runs there (fixed shapes, CUDA graphs on a GPU)."""
         self.stats.count(len(batch), sum(len(rows) for rows, _ in batch))
         with torch.inference_mode():  # entered per call, never across a yield (it is thread-local)
-            xs = torch.cat([self.embed_rows(rows)[0] for rows, _ in batch])
+            xs = torch.cat(
+                [
+                    self.speech_embedding(rows)
+                    if isinstance(rows, torch.Tensor)
+                    else self.embed_rows(rows)[0]
+                    for rows, _ in batch
+                ]
+            )
             counts = [len(rows) for rows, _ in batch]
             caches = [cache for _, cache in batch]
             if graphs is not None and graphs.takes(caches, counts):
                 return graphs(xs, caches)
             hidden = self.forward_rows(xs, caches, counts)
             last = torch.tensor(counts).cumsum(0) - 1
-            return self.llm_decoder(hidden[last.to(hidden.device)]).float()
+            return self.llm_decoder(hidden[to_device(last, hidden.device)]).float()
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [1, n, V] for a full row sequence (causal, no cache)."""

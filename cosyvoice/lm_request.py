@@ -203,6 +203,32 @@ class LMRequest:
             token = int(self.sampler(logp, self.out, candidates))
         else:
             token = int(self.sampler(logp, self.out))
+        return self._advance(token)
+
+    def accept_drawn(self, token: int) -> int | None:
+        """:meth:`accept` for a token the caller drew itself (the LM stage, on the device, with
+        the masks :meth:`drawing` asked for); ignored when this step forces a fill token."""
+        if self.rows() is None:
+            raise RuntimeError("accept without rows fed")
+        return self._advance(token if self.drawing()[0] else self.config.fill_token)
+
+    def after_emit(self) -> tuple[bool, bool] | None:
+        """What :meth:`drawing` will say at the next step if this step's token turns out to be a
+        speech token that does not end the request (its one row is then fed next); None when
+        such a token would end it.  The LM stage feeds that row before it knows the token
+        (speculation, see :mod:`cosyvoice.lm_stage`) and drops the row when the token differs."""
+        n_out, n_tokens = len(self.out) + 1, len(self.tokens) + 1
+        if n_tokens >= self.cap():
+            return None
+        if not self.bistream:
+            return None if n_out >= self._max_len else (True, n_out < self._min_len)
+        if self._phase == _FINAL:
+            return True, False
+        return (False, False) if n_out == self._next_fill else (True, True)
+
+    def _advance(self, token: int) -> int | None:
+        """The state after this step's token: the speech token to yield, if any."""
+        cfg = self.config
         if not self.bistream:
             if token in cfg.stop_token_ids:
                 return self._finish()

@@ -18,16 +18,17 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .config import device_stream
+from .config import device_stream, stream_event, to_device
 from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, StopCondition, Timings, Trace, stop_fn
 from .lm_graphs import DecodeGraphs
-from .lm_request import LMRequest, feed_text
-from .sampling import RasSampler, nucleus_batch
+from .lm_request import ROW_SPEECH, LMRequest, Row, feed_text
+from .sampling import RasSampler, nucleus_batch, ras_batch
 
 __all__ = ["DONE", "NEEDS_TEXT", "LMHandle", "LMStage"]
 
@@ -55,7 +56,7 @@ class LMHandle:
         self.stopped = stop_fn(should_stop)  # looked at by the stage before every step
         self.tokens: deque[int] = deque()  # produced, not yet read
         self.cancelled = False
-        self.in_flight = False  # in the step being computed
+        self.in_flight = 0  # steps it is in that are not taken yet (two with speculation)
         self.retired = False  # its KV slot is back in the pool
         self.compute_seconds = 0.0  # its share of the backbone calls it was in
         self.error: Exception | None = None
@@ -167,10 +168,24 @@ class LMStage:
         max_ahead: int = 64,
         threads: int | None = None,
         graphs: DecodeGraphs | None = None,
+        draw_on_device: bool = False,
+        overlap: bool = False,
     ) -> None:
         """``graphs``: fixed-shape decode steps over ``pool`` (CUDA graphs on a GPU), for steps
-        in which every request feeds one row."""
+        in which every request feeds one row.  ``draw_on_device``: requests with the model's own
+        sampler draw on the LM's device (:func:`~cosyvoice.sampling.ras_batch`, from a generator
+        seeded by theirs), so a step's tokens need no host round trip before the next step.
+        ``overlap`` (needs it): a request's next step is enqueued before its token reaches the
+        host, feeding the token from the device, so the host's work for a step (taking tokens,
+        scheduling, the service's threads) runs while the device computes the next one.  A request
+        whose token turns out to end it, or to be a fill after which it waits for text, has that
+        row dropped: its key row is overwritten later and its draw rewound, so its tokens are the
+        same as without ``overlap``."""
+        if overlap and not draw_on_device:
+            raise ValueError("overlap needs draw_on_device")
         self.lm = lm
+        self.device = lm.speech_embedding.weight.device
+        self.draw_on_device, self.overlap = draw_on_device, overlap
         self.graphs = graphs
         self.threads = threads  # torch intra-op threads of the stage's thread (None: leave as is)
         self.pool = pool
@@ -178,6 +193,8 @@ class LMStage:
         self.max_ahead = max_ahead  # unread tokens after which a request waits for its reader
         self.cond = threading.Condition()
         self.steps = 0  # backbone calls made
+        self.speculated = 0  # rows fed before their token reached the host (``overlap``)
+        self.dropped = 0  # of those, rows whose token ended the request or made it wait for text
         self.batch_sizes: Counter[int] = Counter()  # requests per call -> calls
         self.step_seconds = Timings()  # how long each backbone call took
         self._active: list[LMHandle] = []
@@ -232,6 +249,8 @@ class LMStage:
         batch: list[LMHandle] = []
         rows = 0
         for handle in list(self._active):
+            if handle.in_flight:
+                continue
             request = handle.request
             if not handle.cancelled and handle.stopped():
                 handle.cancelled = True
@@ -260,73 +279,255 @@ class LMStage:
             rows += len(want)
         return batch
 
-    def _nuclei(self, work: list, logps: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The nucleus of every request of a step that draws with the model's own sampler, in one
-        batched computation (the rest draw one at a time in ``accept``); masks ``logps`` as each
-        request's ``accept`` will."""
-        eos = self.lm.config.eos_token
-        groups: dict[tuple[float, int], list[int]] = {}  # (top_p, top_k) -> rows
-        for k, (handle, _, _) in enumerate(work):
-            sampler = handle.request.sampler
-            if handle.cancelled or not isinstance(sampler, RasSampler):
+    def _nuclei(self, step: _Step, logps: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The nucleus of every host-drawn request of a step that draws with the model's own
+        sampler, in one batched computation (the rest draw one at a time in ``accept``);
+        ``logps`` [len(step.host), V] are the host-drawn rows', with their masks applied."""
+        groups: dict[tuple[float, int], list[int]] = {}  # (top_p, top_k) -> rows of logps
+        for i, k in enumerate(step.host):
+            entry = step.entries[k]
+            sampler = entry.handle.request.sampler
+            if entry.handle.cancelled or not entry.draws or not isinstance(sampler, RasSampler):
                 continue
-            draws, no_eos = handle.request.drawing()
-            if not draws:
-                continue
-            if no_eos:
-                logps[k, eos] = float("-inf")
-            groups.setdefault((sampler.top_p, sampler.top_k), []).append(k)
+            groups.setdefault((sampler.top_p, sampler.top_k), []).append(i)
         nuclei = {}
-        for (top_p, top_k), ks in groups.items():
-            nuclei.update(zip(ks, nucleus_batch(logps[ks], top_p, top_k), strict=True))
+        for (top_p, top_k), rows in groups.items():
+            nuclei.update(zip(rows, nucleus_batch(logps[rows], top_p, top_k), strict=True))
         return nuclei
 
+    def _speculate(self, step: _Step | None) -> list[tuple[_Entry, tuple[bool, bool]]]:
+        """The requests of ``step`` (still in flight) whose next row is, most likely, the token
+        it is drawing on the device: what :meth:`LMRequest.after_emit` says would follow, for
+        those that may step again (under the lock)."""
+        if step is None or step.error is not None:
+            return []
+        spec = []
+        for entry in step.entries:
+            handle = entry.handle
+            if not (entry.on_device and entry.draws and entry.valid) or handle.cancelled or handle.stopped():
+                continue
+            if len(handle.tokens) + 1 >= self.max_ahead or handle.cache.length >= handle.cache.capacity:
+                continue
+            following = handle.request.after_emit()
+            if following is not None:
+                spec.append((entry, following))
+        return spec
+
+    def _launch(
+        self, batch: list[LMHandle], spec: list[tuple[_Entry, tuple[bool, bool]]], prev: _Step | None
+    ):
+        """Enqueue one backbone call and its device draws (under the lock, which it releases
+        while it calls the model)."""
+        entries = []
+        for handle in batch:
+            draws, no_eos = handle.request.drawing()
+            on_device = self.draw_on_device and isinstance(handle.request.sampler, RasSampler)
+            entries.append(
+                _Entry(handle, list(handle.request.rows()), handle.cache.length, draws, no_eos, on_device)
+            )
+        self.speculated += len(spec)
+        for before, (draws, no_eos) in spec:
+            entry = _Entry(
+                before.handle, None, before.handle.cache.length, draws, no_eos, True, source=before.index
+            )
+            before.next = entry
+            entries.append(entry)
+        for k, entry in enumerate(entries):
+            entry.index = k
+            entry.handle.in_flight += 1
+        step = _Step(entries, time.perf_counter())
+        self.cond.release()
+        try:
+            fed = [
+                (
+                    entry.rows if entry.rows is not None else prev.tokens[entry.source : entry.source + 1],
+                    entry.handle.cache,
+                )
+                for entry in entries
+            ]
+            step.logits = self.lm.step(fed, self.graphs)
+            self._draw(step, step.logits, prev)
+        except Exception as e:  # a broken step fails the requests in it, not the stage
+            log.exception("LM step failed")
+            step.error = e
+        finally:
+            self.cond.acquire()
+        return step
+
+    def _draw(self, step: _Step, logits: torch.Tensor, prev: _Step | None) -> None:
+        """Mask and draw every row of a step: those with the model's own sampler on the device
+        (``draw_on_device``), the others' log-probabilities to the host for their samplers; one
+        copy to the host for all of it, not waited for here."""
+        entries, device = step.entries, logits.device
+        logps = logits.log_softmax(dim=-1)
+        no_eos = [entry.index for entry in entries if entry.no_eos]
+        if no_eos:
+            logps[to_device(no_eos, device), self.lm.config.eos_token] = float("-inf")
+        tokens = torch.zeros(len(entries), dtype=torch.long, device=device)
+        groups: dict[tuple, list[_Entry]] = {}
+        for entry in entries:
+            if entry.on_device and entry.draws:
+                groups.setdefault(entry.handle.request.sampler.params, []).append(entry)
+        for (top_p, top_k, win_size, tau_r), group in groups.items():
+            windows, spec, generators = [], [], []
+            for row, entry in enumerate(group):
+                out = entry.handle.request.out
+                if entry.rows is None:  # its last token is the one being drawn on the device
+                    recent = (out[len(out) - win_size + 1 :] if win_size > 1 else []) + [-1]
+                    spec.append((row, entry.source))
+                else:
+                    recent = out[len(out) - win_size :] if win_size > 0 else []
+                windows.append([-1] * (win_size - len(recent)) + recent)
+                generator = entry.handle.request.sampler.device_generator(device)
+                if entry.rows is None:
+                    entry.rewind = generator.get_state()  # a draw that may be dropped
+                generators.append(generator)
+            window = to_device(torch.tensor(windows, dtype=torch.long).reshape(len(group), win_size), device)
+            if spec and win_size > 0:
+                spec_rows, sources = (to_device(column, device) for column in zip(*spec, strict=True))
+                window[spec_rows, -1] = prev.tokens[sources]
+            rows = to_device([entry.index for entry in group], device)
+            tokens[rows] = ras_batch(logps[rows], window, generators, top_p, top_k, win_size, tau_r)
+        step.tokens = tokens
+        step.host = [entry.index for entry in entries if not entry.on_device]
+        host_logps = logps[to_device(step.host, device)] if step.host else None
+        step.results = (to_host(tokens), None if host_logps is None else to_host(host_logps))
+        step.ready = stream_event(device)
+
+    def _finish(self, step: _Step) -> None:
+        """Take a step's tokens (waiting for the device without the lock): each request accepts
+        its token, a speculative row that turned out not to be what its request wanted is dropped
+        (its key row and its draw undone), and requests that ended give their slot back."""
+        if step.ready is not None:
+            self.cond.release()
+            try:
+                step.ready.synchronize()
+            except Exception as e:  # an asynchronous device error of this step
+                log.exception("LM step failed")
+                step.error = e
+            finally:
+                self.cond.acquire()
+        entries, error = step.entries, step.error
+        elapsed = time.perf_counter() - step.t0  # from enqueue to tokens on the host
+        self.steps += 1
+        self.batch_sizes[len(entries)] += 1
+        self.step_seconds.observe(elapsed)
+        tokens, logps = step.results if error is None else (None, None)
+        tokens = tokens.tolist() if tokens is not None else None
+        total_rows = sum(1 if e.rows is None else len(e.rows) for e in entries)
+        nuclei = self._nuclei(step, logps) if logps is not None else {}
+        host_row = {k: i for i, k in enumerate(step.host)}
+        for entry in entries:
+            handle = entry.handle
+            handle.in_flight -= 1
+            handle.compute_seconds += elapsed * (1 if entry.rows is None else len(entry.rows)) / total_rows
+            if error is not None:
+                handle.error = error
+            elif entry.rows is None:  # speculative, and not what its request wanted
+                self.dropped += 1
+                handle.cache.length -= 1
+                if entry.rewind is not None:
+                    handle.request.sampler.device_generator(self.device).set_state(entry.rewind)
+            elif not handle.cancelled:
+                if handle.trace is not None:
+                    handle.trace(entry.rows, entry.cache_len, len(entry.rows), step.logits[entry.index])
+                if entry.on_device:
+                    token = handle.request.accept_drawn(tokens[entry.index])
+                else:
+                    i = host_row[entry.index]
+                    token = handle.request.accept(logps[i], nuclei.get(i))
+                if handle.request.error is not None:
+                    handle.error = handle.request.error
+                if token is not None:
+                    handle.tokens.append(token)
+                following = entry.next
+                if (
+                    following is not None
+                    and handle.error is None
+                    and handle.request.rows() == [(ROW_SPEECH, token)]
+                    and handle.request.drawing() == (following.draws, following.no_eos)
+                ):
+                    following.rows = [(ROW_SPEECH, token)]  # it fed what the request wanted
+            if entry.next is not None and entry.next.rows is None:
+                entry.next.valid = False  # for _speculate: no row after a dropped one
+            if handle.in_flight == 0 and (
+                handle.cancelled or handle.error is not None or handle.request.finished
+            ):
+                self._retire(handle)
+        self.cond.notify_all()
+        for entry in entries:
+            entry.handle.notify()
+
     def _run(self) -> None:
+        """Launch a step, then take the previous one's tokens: with ``overlap``, the device
+        computes a step while the host takes the tokens of the one before (and this thread never
+        waits for an idle device); without, each step is taken before the next."""
         torch.set_grad_enabled(False)
         if self.threads:
             torch.set_num_threads(self.threads)  # per thread under OpenMP: the other stage keeps its own
+        pending: _Step | None = None
         with device_stream(self.lm.speech_embedding.weight.device), self.cond:
-            while not self._closed:
-                batch = self._collect()
-                if not batch:
-                    self.cond.wait()
+            while not self._closed or pending is not None:
+                batch = self._collect() if not self._closed else []
+                spec = self._speculate(pending) if self.overlap and not self._closed else []
+                if not batch and not spec:
+                    if pending is not None:
+                        self._finish(pending)
+                        pending = None
+                    else:
+                        self.cond.wait()
                     continue
-                work = [(h, list(h.request.rows()), h.cache.length) for h in batch]
-                for handle in batch:
-                    handle.in_flight = True
-                self.cond.release()
-                t0 = time.perf_counter()
-                try:
-                    logits, error = self.lm.step([(rows, h.cache) for h, rows, _ in work], self.graphs), None
-                except Exception as e:  # a broken step fails the requests in it, not the stage
-                    log.exception("LM step failed")
-                    logits, error = None, e
-                finally:
-                    self.cond.acquire()
-                self.steps += 1
-                self.batch_sizes[len(work)] += 1
-                elapsed = time.perf_counter() - t0
-                self.step_seconds.observe(elapsed)
-                total_rows = sum(len(rows) for _, rows, _ in work)
-                for handle, rows, _ in work:  # the call's time, shared out by rows fed
-                    handle.compute_seconds += elapsed * len(rows) / total_rows
-                # every request's sampling runs on the host: one transfer (and sync) per step
-                logps = logits.log_softmax(dim=-1).cpu() if logits is not None else None
-                nuclei = self._nuclei(work, logps) if logps is not None else {}
-                for k, (handle, rows, cache_len) in enumerate(work):
-                    handle.in_flight = False
-                    if error is not None:
-                        handle.error = error
-                    elif not handle.cancelled:
-                        if handle.trace is not None:
-                            handle.trace(rows, cache_len, len(rows), logits[k])
-                        token = handle.request.accept(logps[k], nuclei.get(k))
-                        if handle.request.error is not None:
-                            handle.error = handle.request.error
-                        if token is not None:
-                            handle.tokens.append(token)
-                    if handle.cancelled or handle.error is not None or handle.request.finished:
-                        self._retire(handle)
-                self.cond.notify_all()
-                for handle, _, _ in work:
-                    handle.notify()
+                if pending is not None and any(not entry.on_device for entry in pending.entries):
+                    # requests drawn on the host cannot be fed ahead: take their tokens first,
+                    # so that they are not left out of every other step
+                    self._finish(pending)
+                    pending = None
+                    continue
+                step = self._launch(batch, spec, pending)
+                if pending is not None:
+                    self._finish(pending)
+                pending = step
+                if not self.overlap:
+                    self._finish(pending)
+                    pending = None
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One request's part in one step."""
+
+    handle: LMHandle
+    rows: list[Row] | None  # None: one speech row fed from the device (the previous step's draw)
+    cache_len: int  # its cache length before the step
+    draws: bool  # this step's token is drawn (else a forced fill)
+    no_eos: bool  # eos is masked for the draw
+    on_device: bool  # drawn by the stage on the device (else by its sampler, on the host)
+    source: int = -1  # a speculative row: its token's index in the previous step
+    index: int = -1  # its row in the step
+    next: _Entry | None = None  # its speculative row in the next step
+    valid: bool = True  # False: a speculative row already known to be dropped
+    rewind: torch.Tensor | None = None  # its device generator's state before a speculative draw
+
+
+@dataclass(eq=False)
+class _Step:
+    """One backbone call, from enqueue to its tokens on the host."""
+
+    entries: list[_Entry]
+    t0: float
+    error: Exception | None = None
+    logits: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None  # [B] drawn on the device (0 for host-drawn rows)
+    host: list[int] = field(default_factory=list)  # rows drawn on the host
+    results: tuple = (None, None)  # (tokens, host rows' log-probabilities), on the host once ready
+    ready: torch.cuda.Event | None = None
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` on the host that is complete once the calling thread's device work
+    so far is (pinned memory, not waited for); the tensor itself on a CPU."""
+    if tensor.device.type != "cuda":
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    out.copy_(tensor, non_blocking=True)
+    return out

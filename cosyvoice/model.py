@@ -146,6 +146,7 @@ class CosyVoice2Model:
         cuda_graphs: bool | None = None,
         flow_slots: bool | None = None,
         flow_dtype: str | torch.dtype = "fp32",
+        lm_overlap: bool | None = None,
     ):
         """``kv_*``: the LM stage's KV pool, ``kv_max_len`` rows (prompt, text and speech tokens)
         per request, as many slots as ``kv_budget_mb`` holds, at most ``kv_max_slots``: how many
@@ -167,6 +168,11 @@ class CosyVoice2Model:
         default: when the LM is on a CUDA device; the pool then keeps a spare slot), and with
         ``flow_slots`` on CUDA the flow's Euler steps too (:mod:`~cosyvoice.flow_graphs`); both
         are recorded by :meth:`warm_up`.
+        ``lm_overlap``: the LM stage draws the model's sampler on the LM's device and enqueues
+        each step before the previous step's tokens reach the host (see
+        :class:`~cosyvoice.lm_stage.LMStage`; default: when the LM is on a CUDA device, where the
+        host's work per step would otherwise leave the device idle; a seeded request's tokens
+        then come from a generator on the device, seeded by its own).
         ``flow_dtype``: the flow estimator's precision (fp16/bf16 under autocast; the Euler
         state, the flow's encoder and the vocoder stay float32).
         ``flow_slots``: the streams' flow estimator state in slots allocated at start
@@ -184,6 +190,8 @@ class CosyVoice2Model:
         lm_device = llm.speech_embedding.weight.device
         if cuda_graphs is None:
             cuda_graphs = lm_device.type == "cuda" and lm == "batched"
+        if lm_overlap is None:
+            lm_overlap = lm_device.type == "cuda" and lm == "batched"
         on_gpu = flow.input_embedding.weight.device.type == "cuda"
         pool = KVPool.for_budget(
             llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots, spare=cuda_graphs
@@ -213,7 +221,9 @@ class CosyVoice2Model:
         )
         lm_threads, t2w_threads = stage_threads(lm_device)
         graphs = DecodeGraphs(llm, pool, capture=True) if cuda_graphs else None
-        self.lm_stage = LMStage(llm, pool, threads=lm_threads, graphs=graphs)
+        self.lm_stage = LMStage(
+            llm, pool, threads=lm_threads, graphs=graphs, draw_on_device=lm_overlap, overlap=lm_overlap
+        )
         self.t2w_stage = T2WStage(self.token2wav, threads=t2w_threads)
 
     @property

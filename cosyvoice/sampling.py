@@ -12,7 +12,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
-__all__ = ["Sampler", "RasSampler", "nucleus_batch", "nucleus_candidates", "ras_sampling", "random_sampling"]
+__all__ = [
+    "Sampler",
+    "RasSampler",
+    "nucleus_batch",
+    "nucleus_candidates",
+    "ras_batch",
+    "ras_sampling",
+    "random_sampling",
+]
 
 
 class Sampler(Protocol):
@@ -109,6 +117,42 @@ def ras_sampling(
     return token
 
 
+def ras_batch(
+    logps: torch.Tensor,
+    windows: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    top_p: float = 0.8,
+    top_k: int = 25,
+    win_size: int = 10,
+    tau_r: float = 0.1,
+) -> torch.Tensor:
+    """:func:`ras_sampling` for every row of ``logps`` [B, V] at once, on their device, with no
+    transfer to the host: the tokens [B] (long, on the device).
+
+    ``windows`` [B, W] (long, -1 where a request has fewer tokens) holds each row's last decoded
+    tokens; ``generators`` are one per row, on the device.  Each draw is the exponential race
+    (``argmax(p / q)``, ``q ~ Exp(1)``) that ``torch.multinomial`` itself runs for one sample,
+    over the nucleus and, for the repetition fallback, over the whole distribution with the
+    nucleus's token banned.  Both are drawn for every row so that neither branch needs the host
+    and every row consumes the same amount of its generator at every step (which is what lets
+    the LM stage rewind a speculative draw).  The nucleus is that of :func:`nucleus_batch`, but
+    equal probabilities are not put in id order: a row's distribution is the same, its tokens are
+    not those of the host sampler (a different generator draws them anyway)."""
+    probs = logps.float().softmax(dim=-1)
+    rows, vocab = probs.shape
+    k = min(top_k, vocab)
+    noise = torch.empty(rows, k + vocab, dtype=probs.dtype, device=probs.device)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    values, ids = probs.topk(k, dim=-1)
+    before = torch.nn.functional.pad(values.cumsum(dim=-1)[:, :-1], (1, 0))  # taken before each
+    race = torch.where(before < top_p, values / noise[:, :k], -1.0)
+    nucleus = ids.gather(1, race.argmax(dim=-1, keepdim=True))  # [B, 1]
+    repeats = (windows == nucleus).sum(dim=-1)
+    fallback = (probs.scatter(1, nucleus, 0.0) / noise[:, k:]).argmax(dim=-1)
+    return torch.where(repeats >= win_size * tau_r, fallback, nucleus[:, 0])
+
+
 class RasSampler:
     """The default :class:`Sampler`: RAS with the model's parameters and a per-request generator."""
 
@@ -122,6 +166,21 @@ class RasSampler:
     ):
         self.generator = generator
         self.top_p, self.top_k, self.win_size, self.tau_r = top_p, top_k, win_size, tau_r
+        self._on_device: torch.Generator | None = None
+
+    @property
+    def params(self) -> tuple[float, int, int, float]:
+        """What a batch of draws must share (:func:`ras_batch`)."""
+        return self.top_p, self.top_k, self.win_size, self.tau_r
+
+    def device_generator(self, device: torch.device) -> torch.Generator:
+        """The generator this request's draws on ``device`` use (:func:`ras_batch`): made once,
+        seeded from this sampler's own generator, so a seeded request is reproducible there."""
+        if self._on_device is None or self._on_device.device != device:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            self._on_device = torch.Generator(device=device)
+            self._on_device.manual_seed(seed)
+        return self._on_device
 
     @classmethod
     def seeded(cls, seed: int, **kwargs) -> RasSampler:

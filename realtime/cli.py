@@ -92,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cuda_graphs=_SWITCH[args.cuda_graphs],
             flow_slots=_SWITCH[args.flow_slots],
             flow_dtype=args.flow_dtype,
+            lm_overlap=_SWITCH[args.lm_overlap],
         )
     try:
         engine = create_engine(engine_name, args.model_dir, **engine_kwargs)
@@ -373,6 +374,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="cosyvoice2: the LM's decode steps (one graph per batch size and key length) and, with "
         "--flow-slots, the flow's Euler steps for a round of whole chunks (one per batch size) as "
         "CUDA graphs recorded at start (auto: on with --device cuda and --lm batched)",
+    )
+    s.add_argument(
+        "--lm-overlap",
+        choices=tuple(_SWITCH),
+        default="auto",
+        help="cosyvoice2: draw speech tokens on the LM's device and enqueue each LM step before the "
+        "previous step's tokens reach the host, feeding them from the device, so the host's work "
+        "per step runs while the device computes (a row whose token turns out to end its request or "
+        "to wait for text is dropped; tokens are those of steps taken one at a time) (auto: on with "
+        "--device cuda and --lm batched)",
     )
     s.add_argument(
         "--flow-slots",

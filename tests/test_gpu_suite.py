@@ -37,7 +37,9 @@ def test_gpu_suite_runs_end_to_end_on_a_cpu():
         "round ms, estimator slots",
         "round ms, fixed shapes (no CUDA: eager)",
         "mel error of bf16 vs fp32, max / mean",
-        "| 2 sessions | as served (graphs, slots where on) | eager, per-stream flow caches |",
+        "| 2 sessions | as served (graphs, slots where on) | eager, per-stream flow caches, LM steps one at a time |",
+        "LM stage tokens/s, steps one at a time",
+        "LM stage tokens/s, overlapped",
         "| bf16 |",
     ):
         assert label in table, table
@@ -47,3 +49,5 @@ def test_gpu_suite_runs_end_to_end_on_a_cpu():
     assert all(0 < x < 30000 for x in p50), table
     fixed = re.search(r"^\| decode step ms, fixed shapes.*? \| (.*) \|$", table, re.M)[1].split(" | ")
     assert len(fixed) == 2 and all(float(x) > 0 for x in fixed), table
+    overlapped = re.search(r"^\| LM stage tokens/s, overlapped \| (.*) \|$", table, re.M)[1].split(" | ")
+    assert len(overlapped) == 2 and all(float(x) > 0 for x in overlapped), table

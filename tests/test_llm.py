@@ -17,7 +17,7 @@ import cosyvoice.llm as llm_mod
 from cosyvoice.checkpoint import CheckpointMismatch, load_state_dict
 from cosyvoice.config import LLMConfig
 from cosyvoice.llm import LM_HEAD_KEY, ROW_SPEECH, ROW_TASK, ROW_TEXT, Qwen2LM
-from cosyvoice.sampling import RasSampler, nucleus_batch, nucleus_candidates, ras_sampling
+from cosyvoice.sampling import RasSampler, nucleus_batch, nucleus_candidates, ras_batch, ras_sampling
 from tests.conftest import load_npz, reference_file, tiny_json
 
 torch.set_num_threads(1)
@@ -336,6 +336,51 @@ def test_ras_repetition_rule_bans_recent_token_and_draws_from_full_distribution(
     # The fallback is the full remaining distribution, not a nucleus: ids beyond the first 25 occur.
     assert max(repeats) >= 25
     assert torch.equal(logp, before)  # the caller's tensor is not modified
+
+
+def _device_draws(logps, windows, seeds, n, **params):
+    """``n`` draws of :func:`ras_batch` for every row, each row from its own seeded generator."""
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return torch.stack([ras_batch(logps, windows, gens, **params) for _ in range(n)], dim=1)
+
+
+def test_device_ras_draws_each_row_from_its_nucleus_in_proportion():
+    """The batched draw on the device samples each row from that row's nucleus (never outside
+    it), in proportion to the candidates' probabilities, as the host sampler does."""
+    gen = torch.Generator().manual_seed(3)
+    logps = (torch.randn(4, 300, generator=gen) * torch.tensor([[1.0], [2.0], [3.0], [0.5]])).log_softmax(-1)
+    logps[2, 5] = float("-inf")  # a masked id (eos before a request's minimum length)
+    draws = _device_draws(logps, torch.full((4, 10), -1), [0, 1, 2, 3], 3000)
+    for row in range(4):
+        probs, ids = nucleus_candidates(logps[row], 0.8, 25)
+        counts = torch.bincount(draws[row], minlength=300).float() / draws.shape[1]
+        assert set(draws[row].tolist()) <= set(ids.tolist())  # nothing outside the nucleus
+        expected = torch.zeros(300)
+        expected[ids] = probs / probs.sum()
+        assert (counts - expected).abs().max() < 0.035, row  # 3000 draws: a standard error below 0.01
+
+
+def test_device_ras_bans_a_recent_token_per_row_and_each_row_draws_alone():
+    logits = torch.zeros(3, 100)
+    logits[:, 7] = 20.0  # every nucleus is just {7}
+    logps = logits.log_softmax(-1)
+    windows = torch.tensor([[1] * 9 + [7], [-1] * 10, [7] + [1] * 9])  # 7 in rows 0 and 2's windows
+    draws = _device_draws(logps, windows, [0, 1, 2], 300)
+    assert 7 not in draws[0].tolist() and 7 not in draws[2].tolist()
+    assert max(draws[0].tolist()) >= 25  # the fallback is the whole remaining distribution
+    assert draws[1].tolist() == [7] * 300
+    # a row's tokens depend on its own generator only, not on the rows drawn beside it
+    alone = _device_draws(logps[:1], windows[:1], [0], 300)
+    assert torch.equal(alone[0], draws[0])
+    assert torch.equal(_device_draws(logps, windows, [0, 1, 2], 50), draws[:, :50])  # reproducible
+
+
+def test_a_samplers_device_generator_is_seeded_from_its_own():
+    a, b, c = RasSampler.seeded(5), RasSampler.seeded(5), RasSampler.seeded(6)
+    cpu = torch.device("cpu")
+    draw = [lambda g=s.device_generator(cpu): torch.rand(4, generator=g).tolist() for s in (a, b, c)]
+    assert draw[0]() == draw[1]() != draw[2]()
+    assert a.device_generator(cpu) is a.device_generator(cpu)  # one per request
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ given back, a reader that does not read costing nobody else, and a full pool ref
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -15,7 +16,7 @@ from cosyvoice.kv_cache import KVPool
 from cosyvoice.llm import Qwen2LM
 from cosyvoice.lm_graphs import DecodeGraphs
 from cosyvoice.lm_request import LMRequest
-from cosyvoice.lm_stage import DONE, NEEDS_TEXT, LMStage
+from cosyvoice.lm_stage import DONE, NEEDS_TEXT, LMStage, _Entry, _Step
 from cosyvoice.sampling import RasSampler
 from tests.conftest import load_npz, tiny_lm
 from tests.test_llm import EOS, FILL, UNUSED, Recorder, forced
@@ -28,15 +29,45 @@ def lm() -> Qwen2LM:
     return tiny_lm()
 
 
-@pytest.fixture(params=["packed", "fixed-shape"])
+def make_stage(lm, fixed: bool = False, overlap: bool = False, on_device: bool = False, slots: int = 6):
+    pool = KVPool(lm.kv_shape(), slots=slots, max_len=1024, spare=fixed)
+    return LMStage(
+        lm,
+        pool,
+        max_ahead=8,
+        graphs=DecodeGraphs(lm, pool, key_block=64) if fixed else None,
+        draw_on_device=on_device or overlap,
+        overlap=overlap,
+    )
+
+
+@pytest.fixture(params=["packed", "fixed-shape", "overlap"])
 def stage(lm, request):
-    """The stage as on a CPU, and with its decode steps at fixed shapes (what CUDA graphs record
-    on a GPU; eager here, keys read in blocks of 64)."""
-    fixed = request.param == "fixed-shape"
-    pool = KVPool(lm.kv_shape(), slots=6, max_len=1024, spare=fixed)
-    s = LMStage(lm, pool, max_ahead=8, graphs=DecodeGraphs(lm, pool, key_block=64) if fixed else None)
+    """The stage as on a CPU; with its decode steps at fixed shapes (what CUDA graphs record on
+    a GPU; eager here, keys read in blocks of 64); and as on a GPU by default, at fixed shapes
+    with the model's sampler drawing on the device and steps overlapped with the host."""
+    s = make_stage(lm, fixed=request.param != "packed", overlap=request.param == "overlap")
     yield s
     s.close()
+
+
+def alone(lm, request: LMRequest, text=(), on_device: bool = False, trace=None) -> list[int]:
+    """``request``'s tokens when it is the only one, one step at a time (drawn where a stage
+    with ``on_device`` draws)."""
+    if not on_device:
+        return list(lm.run_alone(request, text, trace=trace))
+    solo = make_stage(lm, on_device=True, slots=1)
+    try:
+        return consume(solo.submit(request, trace=trace), text)
+    finally:
+        solo.close()
+
+
+def wait_until(condition, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
 
 
 def seeded_sampler(seed: int):
@@ -187,7 +218,7 @@ def test_the_models_own_sampler_draws_the_same_tokens_when_a_step_draws_for_all_
         sampler = lm.sampler_for(torch.Generator().manual_seed(40 + k))
         return LMRequest(lm.config, sampler, text=texts[k], max_tokens=50)
 
-    solo = [list(lm.run_alone(request(k))) for k in range(len(texts))]
+    solo = [alone(lm, request(k), on_device=stage.draw_on_device) for k in range(len(texts))]
     results: list = [None] * len(texts)
 
     def job(k: int) -> None:
@@ -211,7 +242,7 @@ def test_cancel_gives_the_slot_back_and_a_full_pool_refuses(lm, stage):
     assert late is not None
     for h in [*handles[1:], late]:
         h.cancel()
-    assert stage.free_slots == stage.pool.slots
+    assert wait_until(lambda: stage.free_slots == stage.pool.slots)
 
 
 def test_a_reader_that_does_not_read_does_not_slow_the_others(lm, stage):
@@ -278,10 +309,108 @@ def test_a_steps_nuclei_are_drawn_from_the_masks_accept_applies(lm, stage):
     forced = LMRequest(lm.config, ras)  # bistream
     forced._next_fill = len(forced.out)  # its next token is a forced fill: nothing is drawn
     custom = LMRequest(lm.config, lambda logp, out: 5, text=[300])
-    work = [(SimpleNamespace(cancelled=False, request=r), [], 0) for r in (masked, forced, custom)]
-    logps = torch.full((3, lm.config.speech_token_size + 3), -20.0)
-    logps[:, eos], logps[:, 7] = 0.0, -1.0
-    nuclei = stage._nuclei(work, logps.log_softmax(-1))
+    requests = (masked, forced, custom)
+    step = _Step(
+        [
+            _Entry(SimpleNamespace(cancelled=False, request=r), [], 0, *r.drawing(), False, index=k)
+            for k, r in enumerate(requests)
+        ],
+        0.0,
+    )
+    logits = torch.full((3, lm.config.speech_token_size + 3), -20.0)
+    logits[:, eos], logits[:, 7] = 0.0, -1.0
+    stage._draw(step, logits, None)  # on the host: every row's log-probabilities, masked
+    nuclei = stage._nuclei(step, step.results[1])
     assert masked.drawing() == (True, True) and forced.drawing() == (False, False)
     assert set(nuclei) == {0}
     assert eos not in nuclei[0][1].tolist() and nuclei[0][1][0] == 7
+
+
+@pytest.fixture(scope="module")
+def chatty_lm(lm):
+    """The TINY LM with eos and the unused id never drawn and fill tokens drawn now and then:
+    requests end at their caps, and bistream ones stop to wait for text after a drawn fill,
+    which is where a speculative row is dropped."""
+    other = copy.deepcopy(lm)
+    with torch.no_grad():
+        other.llm_decoder.bias[[EOS, UNUSED]] = -1e4
+        other.llm_decoder.bias[FILL] += 20
+    return other
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["packed", "fixed-shape"])
+def test_overlapped_steps_give_each_request_the_rows_and_tokens_it_gets_alone(chatty_lm, fixed):
+    """With ``overlap`` a request's next row is fed from the device before its token reaches the
+    host.  Where that token is a fill (the request then waits for text) the row is dropped and
+    its draw rewound: each request's fed rows and tokens are those it gets alone, one step at a
+    time, also when it shares steps with others that join, wait and are cancelled; every slot
+    comes back."""
+    lm = chatty_lm
+    specs = [  # (prompt text, prompt speech, text, unistream, cap, seconds between items, start, cancel at)
+        ([7, 8, 9], list(range(1, 8)), list(range(300, 340)), False, 70, 0.0, 0.0, None),
+        ([], [], list(range(500, 530)), False, 50, 0.01, 0.01, None),
+        (list(range(60, 70)), list(range(90, 130)), list(range(700, 740)), False, 80, 0.002, 0.005, None),
+        ([5], [11, 12], list(range(900, 930)), False, 60, 0.0, 0.0, 25),
+        ([3], [4, 5], list(range(100, 110)), True, 40, 0.0, 0.02, None),
+    ]
+
+    def request(k: int) -> tuple[LMRequest, list[int]]:
+        prompt, speech, text, unistream, cap, *_ = specs[k]
+        sampler = lm.sampler_for(torch.Generator().manual_seed(70 + k))
+        if unistream:
+            return LMRequest(lm.config, sampler, prompt, speech, text=text, max_tokens=cap), []
+        return LMRequest(lm.config, sampler, prompt, speech, max_tokens=cap), text
+
+    solo = []
+    for k in range(len(specs)):
+        rec = Recorder()
+        solo.append((alone(lm, *request(k), on_device=True, trace=rec), rec))
+
+    stage = make_stage(lm, fixed=fixed, overlap=True)
+    results: list = [None] * len(specs)
+    recs = [Recorder() for _ in specs]
+
+    def job(k: int) -> None:
+        *_, delay, start, cancel_at = specs[k]
+        time.sleep(start)
+        req, text = request(k)
+        tokens = results[k] = []
+        for token in stage.submit(req, trace=recs[k]).tokens_from(iter(text)):
+            time.sleep(delay)
+            tokens.append(token)
+            if len(tokens) == cancel_at:
+                break  # the iteration's end cancels the request
+
+    try:
+        in_threads(*(lambda k=k: job(k) for k in range(len(specs))))
+        for k, (tokens, rec) in enumerate(solo):
+            cancel_at = specs[k][-1]
+            if cancel_at is not None:
+                assert results[k] == tokens[:cancel_at], k
+                continue
+            assert results[k] == tokens, k
+            assert len(tokens) == specs[k][4] or specs[k][3], k  # (a fill ends a unistream request)
+            assert recs[k].rows == rec.rows and recs[k].cache_len == rec.cache_len, k
+            # (eos and the unused id sit at -1e4, where float32 is 1e-3 apart)
+            np.testing.assert_allclose(np.stack(recs[k].logits), np.stack(rec.logits), rtol=1e-6, atol=1e-4)
+        assert stage.speculated > stage.dropped > 0  # rows were fed ahead, and some dropped
+        assert max(stage.batch_sizes) >= 2
+        assert wait_until(lambda: stage.free_slots == stage.pool.slots)
+        assert not fixed or stage.graphs.steps > 0
+    finally:
+        stage.close()
+
+
+def test_an_unread_request_stays_within_max_ahead_when_its_steps_are_overlapped(lm):
+    stage = make_stage(lm, overlap=True)
+    try:
+        ras = [lm.sampler_for(torch.Generator().manual_seed(k)) for k in range(2)]
+        # unistream over 30 text tokens: eos is masked for its first 60 tokens
+        idle = stage.submit(LMRequest(lm.config, ras[0], text=list(range(400, 430)), max_tokens=200))
+        busy = stage.submit(LMRequest(lm.config, ras[1], text=list(range(600, 630)), max_tokens=100))
+        assert len(consume(busy)) >= 60
+        assert len(idle.tokens) == stage.max_ahead  # never more, with a row fed ahead
+        assert len(consume(idle)) >= 60
+        assert stage.speculated > 0
+    finally:
+        stage.close()

@@ -97,6 +97,7 @@ class CosyVoice2Engine(BlockingEngine):
         cuda_graphs: bool | None = None,
         flow_slots: bool | None = None,
         flow_dtype: str = "fp32",
+        lm_overlap: bool | None = None,
         warmup: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -120,6 +121,7 @@ class CosyVoice2Engine(BlockingEngine):
             cuda_graphs=cuda_graphs,
             flow_slots=flow_slots,
             flow_dtype=flow_dtype,
+            lm_overlap=lm_overlap,
         )
         # Every stream's LM runs in the model's batched LM stage and its token2wav in the batched
         # token2wav stage, so admission counts the LM's KV slots and the streams the token2wav
@@ -188,6 +190,8 @@ class CosyVoice2Engine(BlockingEngine):
             if model.lm_stage.graphs is None
             else model.lm_stage.graphs.replays,
             "cosyvoice_flow_graph_rounds_total": model.token2wav.graph_rounds(),
+            "cosyvoice_lm_rows_ahead_total": model.lm_stage.speculated,
+            "cosyvoice_lm_rows_ahead_dropped_total": model.lm_stage.dropped,
             **self._flow_slot_stats(),
             "cosyvoice_kv_slots_free": model.lm_stage.free_slots,
             "cosyvoice_kv_slots": model.lm_stage.pool.slots,
