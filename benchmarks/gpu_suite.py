@@ -160,6 +160,10 @@ def main() -> None:
         ("LM stage tokens/s, overlapped", "stage_tokens_s_overlap"),
     ):
         print(f"| {label} | " + " | ".join(fmt(b[key], 1, 0) for b in lm["batches"]) + " |")
+    syncs = " | ".join(
+        "-" if b["stage_syncs_overlap"] is None else str(b["stage_syncs_overlap"]) for b in lm["batches"]
+    )
+    print(f"| LM stage, overlapped: waits for the device besides each step's tokens | {syncs} |")
     print("\n| flow streams per round | " + " | ".join(str(r["batch"]) for r in flow) + " |")
     print("|---|" + "---|" * len(flow))
     for label, key in (

@@ -186,12 +186,15 @@ def batched_decode(model: Qwen2LM, batch: int, steps: int, fixed: bool = False) 
     return per_step * 1000, batch / per_step
 
 
-def stage_decode(model: Qwen2LM, batch: int, tokens: int, overlap: bool) -> float:
+def stage_decode(model: Qwen2LM, batch: int, tokens: int, overlap: bool) -> tuple[float, int | None]:
     """Speech tokens per second of the LM stage itself (what the service runs: steps, draws,
     tokens handed to readers) with ``batch`` unistream requests of ``tokens`` tokens each, read
     by threads of their own; with ``overlap``, RAS drawn on the device and each step enqueued
     before the previous one's tokens reach the host (``--lm-overlap``), else drawn on the host
-    one step at a time.  Fixed-shape steps (CUDA graphs on a GPU) either way."""
+    one step at a time.  Fixed-shape steps (CUDA graphs on a GPU) either way.  Returns the tokens
+    per second and, on CUDA, how many times the timed round's ops waited for the device (torch's
+    sync debug mode: an overlapped stage should wait only for the tokens of each step, which
+    that mode does not count)."""
     pool = KVPool(model.kv_shape(), batch, 256, spare=True)
     graphs = DecodeGraphs(model, pool)
     graphs.capture_all()
@@ -203,20 +206,28 @@ def stage_decode(model: Qwen2LM, batch: int, tokens: int, overlap: bool) -> floa
         request = LMRequest(model.config, sampler, text=text, max_tokens=tokens)
         out.append(len(list(stage.submit(request).tokens_from())))
 
+    syncs = None
     try:
-        for _ in (1, 2):  # the first: warm-up
+        for timed in (False, True):  # the first: warm-up
             counts: list[int] = []
             threads = [threading.Thread(target=one, args=(k, counts)) for k in range(batch)]
             sync()
-            t0 = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            elapsed = time.perf_counter() - t0
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if timed and DEVICE.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("warn")
+                t0 = time.perf_counter()
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                elapsed = time.perf_counter() - t0
+                if timed and DEVICE.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+                    syncs = sum("synchroniz" in str(w.message) for w in caught)
     finally:
         stage.close()
-    return sum(counts) / elapsed
+    return sum(counts) / elapsed, syncs
 
 
 def teacher_forced_logits(model: Qwen2LM, dtype: torch.dtype) -> torch.Tensor:
@@ -248,15 +259,16 @@ def main() -> None:
         fixed = "CUDA graphs" if DEVICE.type == "cuda" else "fixed shapes, eager"
         print(
             f"| batch (fp32) | decode ms per step | speech tokens/s | vs batch 1 | ms per step, {fixed} "
-            "| LM stage tokens/s, steps one at a time | the same, overlapped |"
+            "| LM stage tokens/s, steps one at a time | the same, overlapped | its waits for the device |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         base = None
         stage_tokens = 2 * n_decode
         for b in args.batches:
             ms, tps = batched_decode(fp32, b, n_decode)
             ms_fixed, _ = batched_decode(fp32, b, n_decode, fixed=True)
-            alone, overlapped = (stage_decode(fp32, b, stage_tokens, overlap) for overlap in (False, True))
+            alone, _ = stage_decode(fp32, b, stage_tokens, overlap=False)
+            overlapped, syncs = stage_decode(fp32, b, stage_tokens, overlap=True)
             base = base or tps
             batches.append(
                 {
@@ -266,11 +278,12 @@ def main() -> None:
                     "ms_per_step_fixed": ms_fixed,
                     "stage_tokens_s": alone,
                     "stage_tokens_s_overlap": overlapped,
+                    "stage_syncs_overlap": syncs,
                 }
             )
             print(
                 f"| {b} | {ms:.1f} | {tps:.1f} | x{tps / base:.2f} | {ms_fixed:.1f} | {alone:.1f} "
-                f"| {overlapped:.1f} |",
+                f"| {overlapped:.1f} | {'-' if syncs is None else syncs} |",
                 flush=True,
             )
         print()

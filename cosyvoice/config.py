@@ -254,8 +254,11 @@ def to_device(data: Any, device: torch.device, dtype: torch.dtype = torch.long) 
     """``data`` (a list, or a tensor on the host) on ``device`` without waiting for the work
     already queued there: a plain copy to a GPU waits for its stream, which would stall the LM
     stage's overlap of one step with the host's work for the previous one; this copy is
-    ordered on the stream like a kernel (the host's buffer is staged before it returns)."""
+    ordered on the stream like a kernel, from pinned memory that the caching host allocator
+    keeps until the copy is done."""
     tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()  # a copy from pageable memory may still wait for the stream
     return tensor.to(device, non_blocking=True)
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import to_device
+
 
 @dataclass
 class EstimatorConfig:
@@ -325,9 +327,9 @@ class EstimatorSlots:
         device = next(iter(self.conv[0].values())).device
         return SlotBatch(  # no host sync: the stream runs ahead of the host
             self,
-            slot_of.to(device, non_blocking=True),
-            pos.to(device, non_blocking=True),
-            visible.repeat_interleave(2, dim=0)[:, None, None, :].to(device, non_blocking=True),
+            to_device(slot_of, device),
+            to_device(pos, device),
+            to_device(visible.repeat_interleave(2, dim=0)[:, None, None, :], device),
         )
 
 

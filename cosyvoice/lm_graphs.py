@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .config import to_device
 from .kv_cache import KVCache, KVPool
 from .llm import Qwen2LM, _Decoding
 
@@ -106,11 +107,11 @@ class DecodeGraphs:
         inputs = self._inputs[size]
         graph = self._graphs.get((size, keys))  # None: not recorded (no CUDA): the same step, eager
         pad = size - n
-        index = torch.tensor(
-            [[c.slot for c in caches] + [self.pool.spare] * pad, positions + [0] * pad], dtype=torch.long
+        index = to_device(
+            [[c.slot for c in caches] + [self.pool.spare] * pad, positions + [0] * pad], self.device
         )
-        inputs.slots.copy_(index[0], non_blocking=True)
-        inputs.positions.copy_(index[1], non_blocking=True)
+        inputs.slots.copy_(index[0])
+        inputs.positions.copy_(index[1])
         inputs.xs[:n].copy_(xs)
         inputs.xs[n:].zero_()
         if graph is None:

@@ -361,8 +361,8 @@ class LMStage:
         entries, device = step.entries, logits.device
         logps = logits.log_softmax(dim=-1)
         no_eos = [entry.index for entry in entries if entry.no_eos]
-        if no_eos:
-            logps[to_device(no_eos, device), self.lm.config.eos_token] = float("-inf")
+        if no_eos:  # (a scalar fill: assigning a Python float by index copies it, and waits, on CUDA)
+            logps.select(1, self.lm.config.eos_token).index_fill_(0, to_device(no_eos, device), float("-inf"))
         tokens = torch.zeros(len(entries), dtype=torch.long, device=device)
         groups: dict[tuple, list[_Entry]] = {}
         for entry in entries:
@@ -373,10 +373,10 @@ class LMStage:
             for row, entry in enumerate(group):
                 out = entry.handle.request.out
                 if entry.rows is None:  # its last token is the one being drawn on the device
-                    recent = (out[len(out) - win_size + 1 :] if win_size > 1 else []) + [-1]
+                    recent = (out[-(win_size - 1) :] if win_size > 1 else []) + [-1]
                     spec.append((row, entry.source))
                 else:
-                    recent = out[len(out) - win_size :] if win_size > 0 else []
+                    recent = out[-win_size:] if win_size > 0 else []
                 windows.append([-1] * (win_size - len(recent)) + recent)
                 generator = entry.handle.request.sampler.device_generator(device)
                 if entry.rows is None:
@@ -421,7 +421,9 @@ class LMStage:
             handle = entry.handle
             handle.in_flight -= 1
             handle.compute_seconds += elapsed * (1 if entry.rows is None else len(entry.rows)) / total_rows
-            if error is not None:
+            if entry.rows is None and (handle.request.finished or handle.cancelled):
+                pass  # a row after the request's end: nothing to undo, nothing to fail
+            elif error is not None:
                 handle.error = error
             elif entry.rows is None:  # speculative, and not what its request wanted
                 self.dropped += 1

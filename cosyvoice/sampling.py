@@ -166,7 +166,7 @@ class RasSampler:
     ):
         self.generator = generator
         self.top_p, self.top_k, self.win_size, self.tau_r = top_p, top_k, win_size, tau_r
-        self._on_device: torch.Generator | None = None
+        self._on_device: tuple[torch.device, torch.Generator] | None = None
 
     @property
     def params(self) -> tuple[float, int, int, float]:
@@ -175,12 +175,14 @@ class RasSampler:
 
     def device_generator(self, device: torch.device) -> torch.Generator:
         """The generator this request's draws on ``device`` use (:func:`ras_batch`): made once,
-        seeded from this sampler's own generator, so a seeded request is reproducible there."""
-        if self._on_device is None or self._on_device.device != device:
+        seeded from this sampler's own generator, so a seeded request is reproducible there.
+        (One sampler per request: the LM stage rewinds a request's generator to undo a draw.)"""
+        if self._on_device is None or self._on_device[0] != device:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            self._on_device = torch.Generator(device=device)
-            self._on_device.manual_seed(seed)
-        return self._on_device
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+            self._on_device = (device, generator)
+        return self._on_device[1]
 
     @classmethod
     def seeded(cls, seed: int, **kwargs) -> RasSampler:

@@ -326,25 +326,79 @@ def test_a_steps_nuclei_are_drawn_from_the_masks_accept_applies(lm, stage):
     assert eos not in nuclei[0][1].tolist() and nuclei[0][1][0] == 7
 
 
-@pytest.fixture(scope="module")
-def chatty_lm(lm):
-    """The TINY LM with eos and the unused id never drawn and fill tokens drawn now and then:
-    requests end at their caps, and bistream ones stop to wait for text after a drawn fill,
-    which is where a speculative row is dropped."""
+def test_device_draws_see_the_recent_tokens_the_host_sampler_sees(lm):
+    """RAS on the device bans a token that occurs among a request's last ``win_size`` tokens,
+    also early in a request (fewer tokens than the window) and for a row fed ahead, whose last
+    token is the previous step's draw, still on the device."""
+    from types import SimpleNamespace
+
+    stage = make_stage(lm, overlap=True)
+    ras = [lm.sampler_for(torch.Generator().manual_seed(k)) for k in range(3)]
+    requests = [LMRequest(lm.config, sampler, text=[300, 301, 302]) for sampler in ras]
+    requests[0].out = [7] + [1] * 7  # 7 is recent: banned
+    requests[1].out = [7] + [1] * 7  # fed ahead (with 5): 7 is recent, banned
+    requests[2].out = [7] + [1] * 10  # 7 left the window: drawn
+    entries = [
+        _Entry(SimpleNamespace(cancelled=False, request=r), [(3, 1)], 0, True, False, True, index=k)
+        for k, r in enumerate(requests)
+    ]
+    entries[1].rows, entries[1].source = None, 0
+    prev = SimpleNamespace(tokens=torch.tensor([5]))
+    logits = torch.full((3, lm.config.speech_token_size + 3), -20.0)
+    logits[:, 7] = 20.0  # every nucleus is just {7}
+    try:
+        for _ in range(20):
+            step = _Step(entries, 0.0)
+            stage._draw(step, logits, prev)
+            assert step.tokens[0] != 7 and step.tokens[1] != 7 and step.tokens[2] == 7
+    finally:
+        stage.close()
+
+
+def biased_lm(lm, fill: float | None):
+    """The TINY LM with eos and the unused id never drawn, and fill tokens drawn now and then
+    (``fill``: their added logit) or never (None)."""
     other = copy.deepcopy(lm)
     with torch.no_grad():
         other.llm_decoder.bias[[EOS, UNUSED]] = -1e4
-        other.llm_decoder.bias[FILL] += 20
+        if fill is None:
+            other.llm_decoder.bias[FILL] = -1e4
+        else:
+            other.llm_decoder.bias[FILL] += fill
     return other
+
+
+@pytest.fixture(scope="module")
+def chatty_lm(lm):
+    """Bistream requests stop to wait for text after a drawn fill, which is where a row fed
+    ahead is dropped (and a fill after the end of the text ends a request with an error)."""
+    return biased_lm(lm, 20)
+
+
+def outcome(
+    handle, text=(), delay: float = 0.0, cancel_at: int | None = None
+) -> tuple[list[int], str | None]:
+    """A request's tokens (read with ``delay`` seconds after each, stopping at ``cancel_at``)
+    and the error it ended with, if any."""
+    tokens: list[int] = []
+    try:
+        for token in handle.tokens_from(iter(text)):
+            time.sleep(delay)
+            tokens.append(token)
+            if len(tokens) == cancel_at:
+                break  # the iteration's end cancels the request
+    except ValueError as e:
+        return tokens, str(e)
+    return tokens, None
 
 
 @pytest.mark.parametrize("fixed", [False, True], ids=["packed", "fixed-shape"])
 def test_overlapped_steps_give_each_request_the_rows_and_tokens_it_gets_alone(chatty_lm, fixed):
     """With ``overlap`` a request's next row is fed from the device before its token reaches the
     host.  Where that token is a fill (the request then waits for text) the row is dropped and
-    its draw rewound: each request's fed rows and tokens are those it gets alone, one step at a
-    time, also when it shares steps with others that join, wait and are cancelled; every slot
-    comes back."""
+    its draw rewound: each request's fed rows, tokens and end are those it gets alone, one step
+    at a time, also when it shares steps with others that join, wait and are cancelled; every
+    slot comes back."""
     lm = chatty_lm
     specs = [  # (prompt text, prompt speech, text, unistream, cap, seconds between items, start, cancel at)
         ([7, 8, 9], list(range(1, 8)), list(range(300, 340)), False, 70, 0.0, 0.0, None),
@@ -363,8 +417,12 @@ def test_overlapped_steps_give_each_request_the_rows_and_tokens_it_gets_alone(ch
 
     solo = []
     for k in range(len(specs)):
-        rec = Recorder()
-        solo.append((alone(lm, *request(k), on_device=True, trace=rec), rec))
+        rec, (req, text) = Recorder(), request(k)
+        one = make_stage(lm, on_device=True, slots=1)
+        try:
+            solo.append((outcome(one.submit(req, trace=rec), text), rec))
+        finally:
+            one.close()
 
     stage = make_stage(lm, fixed=fixed, overlap=True)
     results: list = [None] * len(specs)
@@ -374,22 +432,16 @@ def test_overlapped_steps_give_each_request_the_rows_and_tokens_it_gets_alone(ch
         *_, delay, start, cancel_at = specs[k]
         time.sleep(start)
         req, text = request(k)
-        tokens = results[k] = []
-        for token in stage.submit(req, trace=recs[k]).tokens_from(iter(text)):
-            time.sleep(delay)
-            tokens.append(token)
-            if len(tokens) == cancel_at:
-                break  # the iteration's end cancels the request
+        results[k] = outcome(stage.submit(req, trace=recs[k]), text, delay, cancel_at)
 
     try:
         in_threads(*(lambda k=k: job(k) for k in range(len(specs))))
-        for k, (tokens, rec) in enumerate(solo):
+        for k, ((tokens, error), rec) in enumerate(solo):
             cancel_at = specs[k][-1]
-            if cancel_at is not None:
-                assert results[k] == tokens[:cancel_at], k
+            if cancel_at is not None and len(tokens) >= cancel_at:
+                assert results[k] == (tokens[:cancel_at], None), k
                 continue
-            assert results[k] == tokens, k
-            assert len(tokens) == specs[k][4] or specs[k][3], k  # (a fill ends a unistream request)
+            assert results[k] == (tokens, error), k
             assert recs[k].rows == rec.rows and recs[k].cache_len == rec.cache_len, k
             # (eos and the unused id sit at -1e4, where float32 is 1e-3 apart)
             np.testing.assert_allclose(np.stack(recs[k].logits), np.stack(rec.logits), rtol=1e-6, atol=1e-4)
@@ -402,15 +454,15 @@ def test_overlapped_steps_give_each_request_the_rows_and_tokens_it_gets_alone(ch
 
 
 def test_an_unread_request_stays_within_max_ahead_when_its_steps_are_overlapped(lm):
+    lm = biased_lm(lm, None)  # no stop token: unistream requests run to their caps
     stage = make_stage(lm, overlap=True)
     try:
         ras = [lm.sampler_for(torch.Generator().manual_seed(k)) for k in range(2)]
-        # unistream over 30 text tokens: eos is masked for its first 60 tokens
         idle = stage.submit(LMRequest(lm.config, ras[0], text=list(range(400, 430)), max_tokens=200))
         busy = stage.submit(LMRequest(lm.config, ras[1], text=list(range(600, 630)), max_tokens=100))
-        assert len(consume(busy)) >= 60
+        assert len(consume(busy)) == 100
         assert len(idle.tokens) == stage.max_ahead  # never more, with a row fed ahead
-        assert len(consume(idle)) >= 60
+        assert len(consume(idle)) == 200
         assert stage.speculated > 0
     finally:
         stage.close()
