@@ -329,7 +329,7 @@ def test_a_steps_nuclei_are_drawn_from_the_masks_accept_applies(lm, stage):
 def test_device_draws_see_the_recent_tokens_the_host_sampler_sees(lm):
     """RAS on the device bans a token that occurs among a request's last ``win_size`` tokens,
     also early in a request (fewer tokens than the window) and for a row fed ahead, whose last
-    token is the previous step's draw, still on the device."""
+    token is the previous step's draw, still on the device; eos is never drawn where masked."""
     from types import SimpleNamespace
 
     stage = make_stage(lm, overlap=True)
@@ -338,19 +338,23 @@ def test_device_draws_see_the_recent_tokens_the_host_sampler_sees(lm):
     requests[0].out = [7] + [1] * 7  # 7 is recent: banned
     requests[1].out = [7] + [1] * 7  # fed ahead (with 5): 7 is recent, banned
     requests[2].out = [7] + [1] * 10  # 7 left the window: drawn
+    requests.append(LMRequest(lm.config, lm.sampler_for(torch.Generator().manual_seed(3)), text=[300]))
     entries = [
         _Entry(SimpleNamespace(cancelled=False, request=r), [(3, 1)], 0, True, False, True, index=k)
         for k, r in enumerate(requests)
     ]
     entries[1].rows, entries[1].source = None, 0
+    entries[3].no_eos = True  # eos masked (before a unistream request's minimum length)
     prev = SimpleNamespace(tokens=torch.tensor([5]))
-    logits = torch.full((3, lm.config.speech_token_size + 3), -20.0)
-    logits[:, 7] = 20.0  # every nucleus is just {7}
+    logits = torch.full((4, lm.config.speech_token_size + 3), -20.0)
+    logits[:, 7] = 20.0  # every nucleus is just {7} ...
+    logits[3, EOS] = 40.0  # ... but the last one's, {eos}, which is masked
     try:
         for _ in range(20):
             step = _Step(entries, 0.0)
             stage._draw(step, logits, prev)
             assert step.tokens[0] != 7 and step.tokens[1] != 7 and step.tokens[2] == 7
+            assert step.tokens[3] == 7
     finally:
         stage.close()
 
