@@ -562,3 +562,40 @@ def test_helper_threads_use_one_core_each_on_a_cpu(engine):
     if _openmp_threads() is None or (os.cpu_count() or 1) < 2:
         pytest.skip("needs torch on OpenMP (libgomp) and two cores")
     assert engine.helpers.submit(_openmp_threads).result() == 1
+
+
+async def test_the_overlapped_lm_stage_serves_seeded_sessions_exactly_as_alone(tmp_path):
+    """``lm_overlap`` (the default on CUDA; forced here on a CPU): speech tokens drawn on the
+    LM's device and steps enqueued before the previous tokens reach the host.  Two sessions
+    together hear what each hears alone, a seed still gives the same audio, rows fed ahead and
+    dropped are counted, and every KV slot comes back."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = write_model_dir(tmp_path / "tiny")
+    engine = create_engine("cosyvoice2", str(root), lm_overlap=True)
+    model = engine.cv.model
+    assert model.lm_stage.overlap and model.lm_stage.draw_on_device
+    try:
+        with serve(engine, ServerConfig(send_timeout=5.0)) as base:
+            a = ({"voice": EN, "seed": 31}, words("Overlapped steps, first session speaking here."))
+            b = ({"voice": ZH, "seed": 32}, words("Second session with other words to say now."))
+            together = await asyncio.gather(speak(base, *a, gap=0.02), speak(base, *b, gap=0.02))
+            alone = [await speak(base, *a), await speak(base, *b)]
+            for (audio_t, msgs_t), (audio_a, _) in zip(together, alone, strict=True):
+                assert_speech(audio_t, msgs_t)
+                assert_same_speech(
+                    np.frombuffer(audio_t, "<i2") / 32768, np.frombuffer(audio_a, "<i2") / 32768
+                )
+            again, msgs = await speak(base, *a)
+            assert again == alone[0][0]
+            async with httpx.AsyncClient() as http:
+                text = (await http.get(base + "/metrics")).text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        ahead = families["cosyvoice_lm_rows_ahead"].samples[0].value
+        assert ahead > 0 and families["cosyvoice_lm_rows_ahead_dropped"].samples[0].value < ahead
+        deadline = time.monotonic() + 10
+        while model.lm_stage.free_slots != model.lm_stage.pool.slots and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert model.lm_stage.free_slots == model.lm_stage.pool.slots
+    finally:
+        engine.close()
