@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,6 +45,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def count_syncs(device: torch.device, fn):
+    """``fn()`` and how many times its ops waited for the device (torch's sync debug mode; None
+    without CUDA): a flow round needs none, its mels are read by the vocoder on the device."""
+    if device.type != "cuda":
+        return fn(), None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, sum("synchroniz" in str(w.message) for w in caught)
+
+
 def one_round(streams: list[FlowStream], hop: int) -> Tensor:
     """Every stream one whole chunk further; their mels [B, 80, 2 hop]."""
     plans = [s.plan_emit(hop) for s in streams]
@@ -59,9 +75,10 @@ def time_rounds(
     window: int,
     rounds: int,
     dtype: torch.dtype | None = None,
-) -> tuple[float, Tensor]:
-    """Median seconds of one round of ``batch`` streams (after two warm-up rounds), and the mels
-    of the last round (the same inputs every time: to compare precisions)."""
+) -> tuple[float, Tensor, int | None]:
+    """Median seconds of one round of ``batch`` streams (after two warm-up rounds), the mels of
+    the last round (the same inputs every time: to compare precisions), and how many times that
+    round waited for the device (on CUDA)."""
     device = flow.input_embedding.weight.device
     hop = flow.cfg.chunk_tokens
     slots = None
@@ -83,7 +100,7 @@ def time_rounds(
         for r in range(rounds + 2):
             sync(device)
             t0 = time.perf_counter()
-            mels = one_round(streams, hop)
+            mels, syncs = count_syncs(device, lambda: one_round(streams, hop))
             sync(device)
             if r >= 2:
                 times.append(time.perf_counter() - t0)
@@ -91,7 +108,7 @@ def time_rounds(
         stream.close()
     if mode == "fixed":
         assert slots.graphs.rounds >= rounds
-    return statistics.median(times), mels.float().cpu()
+    return statistics.median(times), mels.float().cpu(), syncs
 
 
 def main() -> None:
@@ -126,14 +143,14 @@ def main() -> None:
     print("|---|---|---|---|" + "---|" * len(half) + "---|")
     rows = []
     for batch in args.batches:
-        ms, mels = {}, {}
+        ms, mels, syncs = {}, {}, {}
         for mode in args.modes:
-            seconds, mels[mode] = time_rounds(flow, mode, batch, args.window, args.rounds)
+            seconds, mels[mode], syncs[mode] = time_rounds(flow, mode, batch, args.window, args.rounds)
             ms[mode] = 1000 * seconds
-        row = {"batch": batch, **{f"{m}_ms": v for m, v in ms.items()}}
+        row = {"batch": batch, **{f"{m}_ms": v for m, v in ms.items()}, "syncs": syncs}
         cells = [f"{ms[m]:.1f}" if m in ms else "-" for m in MODES]
         for name, dtype in half:
-            seconds, mel = time_rounds(flow, "fixed", batch, args.window, args.rounds, dtype)
+            seconds, mel, _ = time_rounds(flow, "fixed", batch, args.window, args.rounds, dtype)
             ref = mels.get("fixed", next(iter(mels.values())))
             err = (mel - ref).abs()
             row.update({f"fixed_{name}_ms": 1000 * seconds, f"{name}_err_max": err.max().item()})
@@ -142,6 +159,10 @@ def main() -> None:
         rows.append(row)
         best = min(v for k, v in row.items() if k.endswith("_ms"))
         print(f"| {batch} | {' | '.join(cells)} | {best / batch:.1f} |", flush=True)
+    if device.type == "cuda":
+        print("\nwaits for the device in one round (torch's sync debug mode; none are needed):")
+        for row in rows:
+            print(f"  {row['batch']} streams: " + ", ".join(f"{m} {n}" for m, n in row["syncs"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "rounds": rows}, indent=1))
 

@@ -172,6 +172,13 @@ def main() -> None:
         (f"round ms, {fixed}", "fixed_ms"),
     ):
         print(f"| {label} | " + " | ".join(fmt(r[key], 1, 1) for r in flow) + " |")
+    if flow[0].get("syncs", {}).get("fixed") is not None:
+        for mode in flow[0]["syncs"]:
+            print(
+                f"| round's waits for the device, {mode} | "
+                + " | ".join(str(r["syncs"][mode]) for r in flow)
+                + " |"
+            )
     for name in ("fp16", "bf16"):
         if f"fixed_{name}_ms" in flow[0]:
             print(

@@ -246,7 +246,11 @@ def device_stream(device: torch.device) -> contextlib.AbstractContextManager:
     """A CUDA stream of its own for the calling thread's work on ``device`` (each stage thread
     enters one, so that the LM steps while the flow and vocoder run); nothing on a CPU."""
     if device.type == "cuda":
-        return torch.cuda.stream(torch.cuda.Stream(device))
+        stream = torch.cuda.Stream(device)  # (not ordered after the default stream by itself)
+        stream.wait_stream(
+            torch.cuda.current_stream(device)
+        )  # what start-up queued there: buffers zeroed, ...
+        return torch.cuda.stream(stream)
     return contextlib.nullcontext()
 
 
@@ -274,8 +278,12 @@ def wait_for(events: list, device: torch.device, tensors: list[torch.Tensor]) ->
     """Order the calling thread's stream on ``device`` after ``events`` (another thread's work:
     kernels run asynchronously, so a tensor handed over may not be written yet), and mark
     ``tensors`` as used on it, so that the allocator does not give their memory back to the
-    producing stream before this stream is done with them."""
+    producing stream before this stream is done with them.  A consumer on the CPU (a vocoder
+    there, the flow on a GPU) waits for the events themselves."""
     if device.type != "cuda":
+        for event in events:
+            if event is not None:
+                event.synchronize()
         return
     stream = torch.cuda.current_stream(device)
     for event in events:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import to_device
 from .flow_encoder import EncoderCache, EncoderConfig, UpsampleConformerEncoder
 from .flow_estimator import (
     CacheGroup,
@@ -46,6 +48,13 @@ def cfm_noise() -> Tensor:
     Shared read-only by every request (callers slice it, never write to it)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     return torch.randn([1, 80, NOISE_FRAMES], generator=gen, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def cfm_noise_on(device: torch.device) -> Tensor:
+    """:func:`cfm_noise` kept on ``device`` (4.8 MB), so that a stream's chunk slices it there
+    instead of copying a slice from the host, which waits for the device's queued work."""
+    return cfm_noise().to(device)
 
 
 def euler_schedule(n_timesteps: int, dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
@@ -128,7 +137,7 @@ class CausalConditionalCFM(nn.Module):
         T = mu.shape[2]
         if T > NOISE_FRAMES:
             raise ValueError(f"{T} mel frames exceed the {NOISE_FRAMES}-frame noise tensor (300 s)")
-        x = cfm_noise()[:, :, :T].to(device=mu.device, dtype=mu.dtype)
+        x = cfm_noise_on(mu.device)[:, :, :T].to(dtype=mu.dtype)
         zeros_like = torch.zeros_like
         mask_in = torch.cat([mask, mask])
         mu_in = torch.cat([mu, zeros_like(mu)])
@@ -238,14 +247,30 @@ class EulerSteps:
         cls, flow: CausalMaskedDiffWithXvec, n_timesteps: int, compute_dtype: torch.dtype | None = None
     ) -> EulerSteps:
         device = flow.input_embedding.weight.device
+        if compute_dtype == torch.float32:
+            compute_dtype = None
+        key = (n_timesteps, compute_dtype, device)
+        with _EULER_LOCK:  # once per flow: a stream's first chunk need not compute and copy them
+            known = _EULER_STEPS.setdefault(flow, {})
+            if key not in known:
+                known[key] = cls._make(flow, n_timesteps, compute_dtype, device)
+            return known[key]
+
+    @classmethod
+    def _make(
+        cls, flow: CausalMaskedDiffWithXvec, n_timesteps: int, compute_dtype: torch.dtype | None, device
+    ) -> EulerSteps:
         estimator = flow.decoder.estimator
         schedule = euler_schedule(n_timesteps)
         with torch.no_grad():
             t_ins = [t.to(device).expand(2) for t, _ in schedule]
             t_embs = [estimator.time_embedding(t) for t in t_ins]
-        if compute_dtype == torch.float32:
-            compute_dtype = None
         return cls(t_ins, t_embs, [dt for _, dt in schedule], flow.decoder.inference_cfg_rate, compute_dtype)
+
+
+# every flow's solver constants (read-only, shared by its streams), dropped with the flow
+_EULER_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EULER_LOCK = threading.Lock()
 
 
 def euler_solve(
@@ -262,16 +287,18 @@ def euler_solve(
     ``spks_in`` [2B, 80]) against ``cache_of(step)``."""
     batch = x.shape[0]
     half = solver.compute_dtype
-    for k, dt in enumerate(solver.dts):
-        t_in, t_emb = solver.t_ins[k], solver.t_embs[k]
-        if batch > 1:
-            t_in, t_emb = t_in.repeat(batch), t_emb.repeat(batch, 1)
-        with torch.autocast(x.device.type, dtype=half or torch.float32, enabled=half is not None):
+    # one autocast region for all steps: leaving one drops its cast weights, which each step
+    # would then cast again (the Euler update is not an autocast op: it stays float32)
+    with torch.autocast(x.device.type, dtype=half or torch.float32, enabled=half is not None):
+        for k, dt in enumerate(solver.dts):
+            t_in, t_emb = solver.t_ins[k], solver.t_embs[k]
+            if batch > 1:
+                t_in, t_emb = t_in.repeat(batch), t_emb.repeat(batch, 1)
             out = estimator.forward_chunk(
                 x.repeat_interleave(2, dim=0), mu_in, t_in, spks_in, cond_in, cache_of(k), t_emb=t_emb
             )
-        out = out.float().unflatten(0, (batch, 2))
-        x = x + dt * ((1.0 + solver.rate) * out[:, 0] - solver.rate * out[:, 1])
+            out = out.float().unflatten(0, (batch, 2))
+            x = x + dt * ((1.0 + solver.rate) * out[:, 0] - solver.rate * out[:, 1])
     return x
 
 
@@ -332,6 +359,7 @@ class FlowStream:
         self.n_timesteps = cfg.n_timesteps if n_timesteps is None else n_timesteps
         self.left_chunks = left_chunks
         self.prompt_token = prompt_token
+        self._prompt_ids = prompt_token.reshape(-1).cpu()  # the encoder's tokens are put together on the host
         weight = flow.input_embedding.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.prompt_feat = prompt_feat.transpose(1, 2).to(self.device, self.dtype)  # [1, 80, F]
@@ -392,7 +420,7 @@ class FlowStream:
         if len(self.generated) > 1:
             self.generated = [torch.cat(self.generated)]
         gen = self.generated[0] if self.generated else torch.zeros(0, dtype=torch.long)
-        return torch.cat([self.prompt_token.reshape(-1).cpu(), gen]).unsqueeze(0)
+        return torch.cat([self._prompt_ids, gen]).unsqueeze(0)
 
     def ready(self, hop: int) -> bool:
         """Enough tokens for `hop` more plus the lookahead."""
@@ -440,7 +468,7 @@ class FlowStream:
         n_pf = self.prompt_feat.shape[2]
         if f0 < n_pf:
             cond[:, :, : min(f1, n_pf) - f0] = self.prompt_feat[:, :, f0 : min(f1, n_pf)]
-        x = cfm_noise()[:, :, f0:f1].to(device=mu.device, dtype=mu.dtype)
+        x = cfm_noise_on(mu.device)[:, :, f0:f1].to(dtype=mu.dtype)
         return x, cond
 
     def _advance(self, context_end: int | None, n_tokens: int) -> Tensor:
@@ -694,8 +722,10 @@ def encode_together(items: list[tuple[FlowStream, int | None, int]]) -> Tensor:
     for i, (stream, _, _) in enumerate(items):
         windows.setdefault(stream.enc_cache.left_chunks, []).append(i)
     for rows in windows.values():
-        xs = flow.embed_tokens(torch.cat([pieces[i][0] for i in rows]).to(device))
-        ctxs = [None if pieces[i][1] is None else flow.embed_tokens(pieces[i][1].to(device)) for i in rows]
+        xs = flow.embed_tokens(to_device(torch.cat([pieces[i][0] for i in rows]), device))
+        ctxs = [
+            None if pieces[i][1] is None else flow.embed_tokens(to_device(pieces[i][1], device)) for i in rows
+        ]
         h = flow.encoder.forward_chunks(xs, ctxs, [items[i][0].enc_cache for i in rows])  # [b, 2n, C]
         mu = flow.encoder_proj(h).transpose(1, 2)
         for k, i in enumerate(rows):

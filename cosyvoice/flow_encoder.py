@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import to_device
+
 __all__ = ["EncoderConfig", "EncoderCache", "UpsampleConformerEncoder", "chunk_mask", "rel_position_table"]
 
 
@@ -384,10 +386,10 @@ class RelPositionMultiHeadedAttention(nn.Module):
         return rows.view(-1, self.h, self.d_k).transpose(0, 1)
 
     def forward_chunk(
-        self, x: Tensor, kvs: list[_KVBuffer], q_starts: list[int], masks: list[Tensor]
+        self, x: Tensor, kvs: list[_KVBuffer], q_starts: list[int], masks: list[Tensor | None]
     ) -> Tensor:
         """x [B, n, C]: new positions q_starts[b].. of stream b, whose keys are appended to kvs[b]
-        first; masks[b] [n, kvs[b].length].  The projections run on all B streams at once; the
+        first; masks[b] [n, kvs[b].length] (None: all visible).  The projections run on all B streams at once; the
         scores, with each stream's own relative positions, one stream at a time."""
         B, n = x.size(0), x.size(1)
         q = self._split(self.linear_q(x))  # [B, n, H, d_k]
@@ -400,7 +402,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         return self.linear_out(out.transpose(-3, -2).reshape(B, n, self.h * self.d_k))
 
     def _attend_chunk(
-        self, q: Tensor, k: Tensor, v: Tensor, kv: _KVBuffer, q_start: int, mask: Tensor
+        self, q: Tensor, k: Tensor, v: Tensor, kv: _KVBuffer, q_start: int, mask: Tensor | None
     ) -> Tensor:
         """One stream: q [n, H, d_k], its new k/v [H, n, d_k] -> attention [H, n, d_k]."""
         n = q.size(0)
@@ -417,7 +419,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         W = full_bd.size(-1)
         matrix_bd = full_bd.as_strided((self.h, n, L), (n * W, W - 1, 1), full_bd.storage_offset() + n - 1)
         scores = matrix_ac.add_(matrix_bd).div_(math.sqrt(self.d_k))  # in place: no grad in forward_chunk
-        if bool(mask.all()):  # one chunk of queries seeing every cached key: nothing to mask
+        if mask is None:  # one chunk of queries seeing every cached key: nothing to mask
             return torch.matmul(torch.softmax(scores, dim=-1), v)
         return self._attend(scores, mask.unsqueeze(0), v)  # [H, n, d_k]
 
@@ -447,7 +449,7 @@ class ConformerBlock(nn.Module):
         return x + self.feed_forward(self.norm_ff(x))
 
     def forward_chunk(
-        self, x: Tensor, kvs: list[_KVBuffer], q_starts: list[int], masks: list[Tensor]
+        self, x: Tensor, kvs: list[_KVBuffer], q_starts: list[int], masks: list[Tensor | None]
     ) -> Tensor:
         x = x + self.self_attn.forward_chunk(self.norm_mha(x), kvs, q_starts, masks)
         return x + self.feed_forward(self.norm_ff(x))
@@ -643,7 +645,13 @@ class UpsampleConformerEncoder(nn.Module):
         for (left, right), rows in groups.items():
             left_x = torch.cat([caches[i].lookahead_x for i in rows]) if left else None
             ctx = self.embed.embed(torch.cat([contexts[i] for i in rows])) if right else None
-            y[rows] = self.pre_lookahead_layer.forward_chunk(x[rows], left_x, ctx)
+            if len(rows) == len(caches):  # one group (the usual case): no indexing
+                y = self.pre_lookahead_layer.forward_chunk(x, left_x, ctx)
+                break
+            index = to_device(rows, x.device)  # (a list index would be copied with a device sync)
+            y.index_copy_(
+                0, index, self.pre_lookahead_layer.forward_chunk(x.index_select(0, index), left_x, ctx)
+            )
         for i, cache in enumerate(caches):
             left_x = cache.lookahead_x
             cache.lookahead_x = (
@@ -686,18 +694,12 @@ class UpsampleConformerEncoder(nn.Module):
         """x [B, n, C] through ``blocks``; stream b's keys are ``kvs[b]`` (one per block) and its
         queries start at ``starts[b]``."""
         n = x.size(1)
-        masks = [
-            chunk_mask(
-                n,
-                mine[0].length + n,
-                chunk,
-                q_start=start,
-                k_start=mine[0].start,
-                left_chunks=left_chunks,
-                device=x.device,
+        masks: list[Tensor | None] = []  # None: the stream's queries see all its keys
+        for mine, start in zip(kvs, starts, strict=True):  # on the host: deciding needs no device sync
+            mask = chunk_mask(
+                n, mine[0].length + n, chunk, q_start=start, k_start=mine[0].start, left_chunks=left_chunks
             )
-            for mine, start in zip(kvs, starts, strict=True)
-        ]
+            masks.append(None if bool(mask.all()) else to_device(mask, x.device))
         for j, block in enumerate(blocks):
             x = block.forward_chunk(x, [mine[j] for mine in kvs], starts, masks)
         if left_chunks is not None:

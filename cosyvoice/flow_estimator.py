@@ -714,11 +714,12 @@ class CausalConditionalDecoder(nn.Module):
         biases, keeps = [], []
         for c in group:
             start, end = c.frames, c.frames + n
-            q_pos = torch.arange(start, end, device=x_new.device)
-            k_pos = torch.arange(c.kv_start, end, device=x_new.device)
-            allowed = chunk_allowed(q_pos, k_pos, chunk, c.left_chunks)  # [n, T_k]
+            # on the host: deciding whether to mask needs no device sync
+            allowed = chunk_allowed(
+                torch.arange(start, end), torch.arange(c.kv_start, end), chunk, c.left_chunks
+            )
             # a one-chunk call sees every cached key: no mask lets SDPA take its faster unmasked path
-            biases.append(None if bool(allowed.all()) else _bias(allowed, h.dtype))
+            biases.append(None if bool(allowed.all()) else _bias(to_device(allowed, x_new.device), h.dtype))
             # keys that no later query can see (sliding window) are dropped after this call
             keep_from = 0
             if c.left_chunks is not None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cosyvoice.config import resolve_dtype
+from cosyvoice.config import resolve_dtype, to_device
 from cosyvoice.flow import NOISE_FRAMES, CausalMaskedDiffWithXvec, FlowStream, PromptStates, advance_together
 from cosyvoice.flow_estimator import EstimatorSlots
 from cosyvoice.flow_graphs import FlowGraphs
@@ -341,7 +341,9 @@ class _Stream:
 
 def _as_batch(x, dims: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
     """Adds the batch dim of 1 if missing ([P] -> [1, P], [F, 80] -> [1, F, 80])."""
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(device=device, dtype=dtype)
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(dtype=dtype)
+    if device is not None and t.device != device:
+        t = to_device(t, device)
     if t.dim() == dims - 1:
         t = t.unsqueeze(0)
     if t.dim() != dims or t.shape[0] != 1:
@@ -591,6 +593,7 @@ class Token2Wav:
         out: dict[int, np.ndarray] = {}
         for group in groups.values():
             results = self._vocode_group([j.stream for j, _ in group], [m for _, m in group])
+            speeches = []
             for (job, mel), (speech, source) in zip(group, results, strict=True):
                 stream = job.stream
                 if stream.speech_cache is not None:
@@ -600,7 +603,12 @@ class Token2Wav:
                     stream.source_cache = source[:, :, -SOURCE_CACHE_LEN:].clone()
                     stream.speech_cache = speech[:, -SOURCE_CACHE_LEN:].clone()
                     speech = speech[:, :-SOURCE_CACHE_LEN]
-                out[id(job)] = speech[0].float().cpu().numpy().copy()
+                speeches.append(speech[0])
+            # the group's audio to the host in one copy (each is a wait for the device)
+            audio = torch.cat(speeches).float().cpu().numpy()
+            ends = np.cumsum([len(s) for s in speeches])
+            for (job, _), chunk in zip(group, np.split(audio, ends[:-1]), strict=True):
+                out[id(job)] = chunk.copy()
             if on_group is not None:
                 on_group([(job, out[id(job)]) for job, _ in group])
         return out
