@@ -315,7 +315,7 @@ class LMStage:
 
     def _launch(
         self, batch: list[LMHandle], spec: list[tuple[_Entry, tuple[bool, bool]]], prev: _Step | None
-    ):
+    ) -> _Step:
         """Enqueue one backbone call and its device draws (under the lock, which it releases
         while it calls the model)."""
         entries = []
