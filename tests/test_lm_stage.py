@@ -470,3 +470,37 @@ def test_an_unread_request_stays_within_max_ahead_when_its_steps_are_overlapped(
         assert stage.speculated > 0
     finally:
         stage.close()
+
+
+def test_a_failed_step_does_not_fail_a_request_that_ended_before_it(chatty_lm):
+    """A unistream request ends at a drawn stop token (a fill, with this LM) while its next row,
+    fed ahead, is in a step that fails: the request ends cleanly with its tokens; the step's
+    failure is the others' business."""
+    lm = chatty_lm
+    stop_ids = set(lm.config.stop_token_ids)
+    real_step = lm.step
+    failed = []
+
+    def step(batch, graphs=None):
+        ahead = [rows for rows, _ in batch if isinstance(rows, torch.Tensor)]
+        if any(int(rows[0]) in stop_ids for rows in ahead):  # a row fed after the request's end
+            failed.append(len(batch))
+            raise RuntimeError("injected: the device failed this step")
+        return real_step(batch, graphs)
+
+    stage = make_stage(lm, overlap=True)
+    stage.lm = copy.copy(lm)
+    stage.lm.step = step
+    try:
+        request = LMRequest(
+            lm.config,
+            lm.sampler_for(torch.Generator().manual_seed(5)),
+            text=list(range(300, 340)),
+            max_tokens=500,
+        )
+        tokens = consume(stage.submit(request))  # would raise the injected error
+        assert failed and request.finished and request.error is None
+        assert tokens == request.tokens and len(tokens) < 500  # it ended at its stop token
+        assert wait_until(lambda: stage.free_slots == stage.pool.slots)
+    finally:
+        stage.close()
