@@ -261,7 +261,7 @@ def to_device(data: Any, device: torch.device, dtype: torch.dtype = torch.long) 
     ordered on the stream like a kernel, from pinned memory that the caching host allocator
     keeps until the copy is done."""
     tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
-    if device.type == "cuda":
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()  # a copy from pageable memory may still wait for the stream
     return tensor.to(device, non_blocking=True)
 

@@ -362,7 +362,7 @@ class FlowStream:
         self._prompt_ids = prompt_token.reshape(-1).cpu()  # the encoder's tokens are put together on the host
         weight = flow.input_embedding.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.prompt_feat = prompt_feat.transpose(1, 2).to(self.device, self.dtype)  # [1, 80, F]
+        self.prompt_feat = to_device(prompt_feat.transpose(1, 2).to(self.dtype), self.device)  # [1, 80, F]
         self.generated: list[Tensor] = []  # pushed token tensors [n]
         self._n_generated = 0
         self.emitted = 0  # generated tokens whose mel has been returned
@@ -370,7 +370,7 @@ class FlowStream:
         self.closed = False
         self.finished = False
         with torch.no_grad():
-            spks = flow.speaker(embedding.to(self.device, self.dtype))
+            spks = flow.speaker(to_device(embedding.to(self.dtype), self.device))
             self.spks_in = torch.cat([spks, torch.zeros_like(spks)])  # CFG rows
             self.solver = EulerSteps.of(flow, self.n_timesteps, compute_dtype)
         self.enc_cache = flow.encoder.new_cache(left_chunks)

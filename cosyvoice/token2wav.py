@@ -441,7 +441,10 @@ class Token2Wav:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         schedule = schedule or HopSchedule()
-        prompt_token, prompt_feat, embedding = self._prompt(prompt_token, prompt_feat, embedding)
+        # the flow stream takes them from the host (its encoder's input and its prompt's key are
+        # made there, and the copies it makes do not wait for the device's queued rounds)
+        on_host = self._prompt(prompt_token, prompt_feat, embedding, None)
+        prompt_token, prompt_feat, embedding = (to_device(t, self.flow_device) for t in on_host)
         pad = schedule.prompt_pad(prompt_token.shape[1])
         if mode == "cached":
             chunk = self.flow.cfg.chunk_tokens
@@ -462,9 +465,7 @@ class Token2Wav:
             try:
                 stream.flow_stream = FlowStream(
                     self.flow,
-                    prompt_token,
-                    prompt_feat,
-                    embedding,
+                    *on_host,
                     left_chunks=self.left_chunks,
                     prompts=self.prompts,
                     slots=self.slots,
@@ -731,12 +732,14 @@ class Token2Wav:
         """HiFT on one chunk; a seam for tests that replay recorded sources."""
         return self.hift.inference(mel, cache_source, generator=stream.generator)
 
-    def _prompt(self, prompt_token, prompt_feat, embedding) -> tuple[Tensor, Tensor, Tensor]:
-        dev = self.flow_device
+    @staticmethod
+    def _prompt(
+        prompt_token, prompt_feat, embedding, device: torch.device | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         return (
-            _as_batch(prompt_token, 2, torch.long, dev),
-            _as_batch(prompt_feat, 3, torch.float32, dev),
-            _as_batch(embedding, 2, torch.float32, dev),
+            _as_batch(prompt_token, 2, torch.long, device),
+            _as_batch(prompt_feat, 3, torch.float32, device),
+            _as_batch(embedding, 2, torch.float32, device),
         )
 
     def _generator(self, seed: int | None) -> torch.Generator:
@@ -755,7 +758,7 @@ class Token2Wav:
             raise ValueError("speed must be positive")
         tokens = [int(t) for t in np.asarray(tokens).reshape(-1)]
         stream = _Stream(
-            *self._prompt(prompt_token, prompt_feat, embedding),
+            *self._prompt(prompt_token, prompt_feat, embedding, self.flow_device),
             HopSchedule(),
             "exact",
             self._generator(seed),
