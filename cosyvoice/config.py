@@ -266,6 +266,14 @@ def to_device(data: Any, device: torch.device, dtype: torch.dtype = torch.long) 
     return tensor.to(device, non_blocking=True)
 
 
+def settle(device: torch.device) -> None:
+    """Wait until the calling thread's work on ``device`` is done: for tensors made once and then
+    read by every stage thread, each on its own stream (which nothing else orders after this
+    one's work)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def stream_event(device: torch.device) -> torch.cuda.Event | None:
     """An event after the calling thread's work on ``device`` so far (None on a CPU), for
     another stage thread that reads what that work wrote (see :func:`wait_for`)."""

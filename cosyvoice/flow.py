@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import to_device
+from .config import settle, to_device
 from .flow_encoder import EncoderCache, EncoderConfig, UpsampleConformerEncoder
 from .flow_estimator import (
     CacheGroup,
@@ -54,7 +54,9 @@ def cfm_noise() -> Tensor:
 def cfm_noise_on(device: torch.device) -> Tensor:
     """:func:`cfm_noise` kept on ``device`` (4.8 MB), so that a stream's chunk slices it there
     instead of copying a slice from the host, which waits for the device's queued work."""
-    return cfm_noise().to(device)
+    noise = cfm_noise().to(device)
+    settle(device)
+    return noise
 
 
 def euler_schedule(n_timesteps: int, dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
@@ -265,6 +267,7 @@ class EulerSteps:
         with torch.no_grad():
             t_ins = [t.to(device).expand(2) for t, _ in schedule]
             t_embs = [estimator.time_embedding(t) for t in t_ins]
+        settle(device)
         return cls(t_ins, t_embs, [dt for _, dt in schedule], flow.decoder.inference_cfg_rate, compute_dtype)
 
 
