@@ -246,10 +246,10 @@ def device_stream(device: torch.device) -> contextlib.AbstractContextManager:
     """A CUDA stream of its own for the calling thread's work on ``device`` (each stage thread
     enters one, so that the LM steps while the flow and vocoder run); nothing on a CPU."""
     if device.type == "cuda":
-        stream = torch.cuda.Stream(device)  # (not ordered after the default stream by itself)
-        stream.wait_stream(
-            torch.cuda.current_stream(device)
-        )  # what start-up queued there: buffers zeroed, ...
+        # a pool stream is not ordered after the default stream: wait for what start-up queued
+        # there (buffers zeroed, tables filled) before this thread's first kernels
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         return torch.cuda.stream(stream)
     return contextlib.nullcontext()
 

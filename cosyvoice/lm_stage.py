@@ -304,7 +304,8 @@ class LMStage:
         spec = []
         for entry in step.entries:
             handle = entry.handle
-            if not (entry.on_device and entry.draws and entry.valid) or handle.cancelled or handle.stopped():
+            fed = entry.rows is not None  # (a row fed ahead is checked by now: None, it was dropped)
+            if not (entry.on_device and entry.draws and fed) or handle.cancelled or handle.stopped():
                 continue
             if len(handle.tokens) + 1 >= self.max_ahead or handle.cache.length >= handle.cache.capacity:
                 continue
@@ -450,8 +451,6 @@ class LMStage:
                     and handle.request.drawing() == (following.draws, following.no_eos)
                 ):
                     following.rows = [(ROW_SPEECH, token)]  # it fed what the request wanted
-            if entry.next is not None and entry.next.rows is None:
-                entry.next.valid = False  # for _speculate: no row after a dropped one
             if handle.in_flight == 0 and (
                 handle.cancelled or handle.error is not None or handle.request.finished
             ):
@@ -507,7 +506,6 @@ class _Entry:
     source: int = -1  # a speculative row: its token's index in the previous step
     index: int = -1  # its row in the step
     next: _Entry | None = None  # its speculative row in the next step
-    valid: bool = True  # False: a speculative row already known to be dropped
     rewind: torch.Tensor | None = None  # its device generator's state before a speculative draw
 
 
