@@ -14,16 +14,20 @@ import pytest
 from tests.conftest import REPO
 
 
-@pytest.mark.slow
-def test_gpu_suite_runs_end_to_end_on_a_cpu():
-    r = subprocess.run(
-        ["bash", "benchmarks/gpu_suite.sh", "--device", "cpu", "--quick"],
+def quick_suite(device: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "--device", device, "--quick"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "PYTHON": sys.executable},
     )
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_end_to_end_on_a_cpu():
+    r = quick_suite("cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     table = r.stdout[r.stdout.index("GPU suite on cpu") :]
     for label in (
@@ -61,14 +65,7 @@ def test_a_part_that_fails_is_reported_and_the_suite_goes_on():
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    r = subprocess.run(
-        ["bash", "benchmarks/gpu_suite.sh", "--device", "cuda", "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
+    r = quick_suite("cuda")
     assert r.returncode == 1
     for part in ("concurrency.py", "lm_decode.py", "flow_rounds.py"):
         assert f"!! {part} failed" in r.stdout, r.stdout[-3000:]
