@@ -17,6 +17,26 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def count_syncs(device, fn: Callable):
+    """``fn()`` and how many times its ops (in any thread) waited for the device, by torch's sync
+    debug mode; None without CUDA.  A flow round and an overlapped LM step need none: what they
+    hand on is read on the device (the wait for each step's tokens is an event, not counted)."""
+    if device.type != "cuda":
+        return fn(), None
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, sum("synchroniz" in str(w.message) for w in caught)
+
+
 # LLM-style answers the latency and soak benchmarks stream, 4 characters per token
 ANSWERS = [
     "Sure! The quickest way to get there is by train, which leaves every twenty minutes from the central station.",

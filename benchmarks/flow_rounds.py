@@ -21,7 +21,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from common import count_syncs  # noqa: E402
 from flow_chunk_cost import inputs, reduced_config  # noqa: E402
 
 from cosyvoice.flow import CausalMaskedDiffWithXvec, FlowConfig, FlowStream, advance_together  # noqa: E402
@@ -43,21 +43,6 @@ MODES = ("caches", "slots", "fixed")
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def count_syncs(device: torch.device, fn):
-    """``fn()`` and how many times its ops waited for the device (torch's sync debug mode; None
-    without CUDA): a flow round needs none, its mels are read by the vocoder on the device."""
-    if device.type != "cuda":
-        return fn(), None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return out, sum("synchroniz" in str(w.message) for w in caught)
 
 
 def one_round(streams: list[FlowStream], hop: int) -> Tensor:

@@ -53,6 +53,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import count_syncs  # noqa: E402
+
 from cosyvoice.config import LLMConfig  # noqa: E402
 from cosyvoice.kv_cache import KVPool  # noqa: E402
 from cosyvoice.llm import ROW_SPEECH, ROW_TASK, ROW_TEXT, Qwen2LM, quantize_int8  # noqa: E402
@@ -206,25 +209,20 @@ def stage_decode(model: Qwen2LM, batch: int, tokens: int, overlap: bool) -> tupl
         request = LMRequest(model.config, sampler, text=text, max_tokens=tokens)
         out.append(len(list(stage.submit(request).tokens_from())))
 
-    syncs = None
+    def all_requests() -> None:
+        threads = [threading.Thread(target=one, args=(k, counts)) for k in range(batch)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
     try:
         for timed in (False, True):  # the first: warm-up
             counts: list[int] = []
-            threads = [threading.Thread(target=one, args=(k, counts)) for k in range(batch)]
             sync()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if timed and DEVICE.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("warn")
-                t0 = time.perf_counter()
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-                elapsed = time.perf_counter() - t0
-                if timed and DEVICE.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("default")
-                    syncs = sum("synchroniz" in str(w.message) for w in caught)
+            t0 = time.perf_counter()
+            _, syncs = count_syncs(DEVICE, all_requests) if timed else (all_requests(), None)
+            elapsed = time.perf_counter() - t0
     finally:
         stage.close()
     return sum(counts) / elapsed, syncs
