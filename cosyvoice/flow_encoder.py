@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import to_device
+from .flow_estimator import chunk_allowed
 
 __all__ = ["EncoderConfig", "EncoderCache", "UpsampleConformerEncoder", "chunk_mask", "rel_position_table"]
 
@@ -143,14 +144,10 @@ def chunk_mask(
     device: torch.device | None = None,
 ) -> Tensor:
     """Block-causal mask [n_query, n_key] over absolute positions: a query sees every key of its own
-    chunk and of earlier chunks (the last `left_chunks` of them when set)."""
+    chunk and of earlier chunks (the last `left_chunks` of them when set); the estimator's rule
+    (:func:`~cosyvoice.flow_estimator.chunk_allowed`) over position ranges."""
     q = torch.arange(q_start, q_start + n_query, device=device)
-    k = torch.arange(k_start, k_start + n_key, device=device)
-    block = torch.div(q, chunk, rounding_mode="floor")
-    mask = k.unsqueeze(0) < ((block + 1) * chunk).unsqueeze(1)
-    if left_chunks is not None:
-        mask &= k.unsqueeze(0) >= ((block - left_chunks) * chunk).unsqueeze(1)
-    return mask
+    return chunk_allowed(q, torch.arange(k_start, k_start + n_key, device=device), chunk, left_chunks)
 
 
 class LinearEmbed(nn.Module):
