@@ -342,8 +342,8 @@ class _Stream:
 def _as_batch(x, dims: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
     """Adds the batch dim of 1 if missing ([P] -> [1, P], [F, 80] -> [1, F, 80])."""
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(dtype=dtype)
-    if device is not None and t.device != device:
-        t = to_device(t, device)
+    if device is not None:
+        t = to_device(t, device)  # (a tensor already there stays as it is)
     if t.dim() == dims - 1:
         t = t.unsqueeze(0)
     if t.dim() != dims or t.shape[0] != 1:
