@@ -188,10 +188,9 @@ class CosyVoice2Model:
         self.hift = hift.eval()
         self.cap = cap or TokenCap()
         lm_device = llm.speech_embedding.weight.device
-        if cuda_graphs is None:
-            cuda_graphs = lm_device.type == "cuda" and lm == "batched"
-        if lm_overlap is None:
-            lm_overlap = lm_device.type == "cuda" and lm == "batched"
+        batched_on_gpu = lm_device.type == "cuda" and lm == "batched"  # the default of both
+        cuda_graphs = batched_on_gpu if cuda_graphs is None else cuda_graphs
+        lm_overlap = batched_on_gpu if lm_overlap is None else lm_overlap
         on_gpu = flow.input_embedding.weight.device.type == "cuda"
         pool = KVPool.for_budget(
             llm.kv_shape(), int(kv_budget_mb * 2**20), kv_max_len, max_slots=kv_max_slots, spare=cuda_graphs
